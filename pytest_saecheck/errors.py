@@ -1,0 +1,45 @@
+"""Exceptions raised by pytest-saecheck. Every one names the problem and the fix.
+
+This module imports nothing heavy: the pytest plugin imports it at start-up.
+"""
+
+from __future__ import annotations
+
+
+class SAECheckError(Exception):
+    """Base class of every error pytest-saecheck raises on bad input or bad state."""
+
+
+class ConfigError(SAECheckError, ValueError):
+    """A setting (marker key, option, ini value, SAE config) is malformed or unknown."""
+
+
+class HookNotFoundError(SAECheckError, KeyError):
+    """The SAE's hook name does not exist in the model."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeMismatchError(SAECheckError, ValueError):
+    """A width or shape disagrees (SAE d_in vs. the hook's width, tokens not 2-D, ...)."""
+
+
+class EmptyTokenSetError(SAECheckError, ValueError):
+    """No token position is left to evaluate after the token policy is applied."""
+
+
+class NonFiniteError(SAECheckError, FloatingPointError):
+    """NaN or inf where a finite number is required (SAE weights, SAE output, a metric)."""
+
+
+class DegenerateActivationsError(SAECheckError, ValueError):
+    """The activations have zero variance, so variance-normalised metrics are undefined."""
+
+
+class LoadError(SAECheckError, RuntimeError):
+    """A model, SAE or token source could not be loaded (not found, not available offline, ...)."""
+
+
+class TrainingCheckError(SAECheckError, RuntimeError):
+    """A training implementation could not be checked (unsupported class, missing adapter, ...)."""
