@@ -1,0 +1,48 @@
+"""Extension points of pytest-saecheck, added to pytest's plugin manager through ``pytest_addhooks``.
+
+Implement any of these in a ``conftest.py`` or a plugin. Loader hooks are ``firstresult``: return ``None`` to
+let the next implementation (and finally the built-in loaders) handle the spec.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+_active_hook: Any = None
+
+
+def set_active_hook(hook_relay: Any) -> None:
+    """Remember the running pytest session's hook relay (set by the plugin in ``pytest_configure``)."""
+    global _active_hook
+    _active_hook = hook_relay
+
+
+def active_hook() -> Any:
+    """The hook relay of the running pytest session, or ``None`` outside pytest (plain Python use)."""
+    return _active_hook
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_saecheck_load_model(spec: str, device: str, dtype: str | None) -> Any:
+    """Return a TransformerLens ``HookedTransformer`` for ``spec``, or ``None`` to decline."""
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_saecheck_load_sae(spec: str, device: str, dtype: str | None) -> Any:
+    """Return an SAE Lens ``SAE`` for ``spec``, or ``None`` to decline."""
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_saecheck_load_tokens(
+    spec: str, model: Any, sae: Any, n_tokens: int, context_size: int, seed: int
+) -> Any:
+    """Return a 2-D integer tensor of token ids ``[n_sequences, context_size]`` for ``spec``, or ``None``."""
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_saecheck_training_adapter(training_sae: Any) -> Any:
+    """Return an adapter (see ``pytest_saecheck.training.AuxLossAdapter``) for a training SAE, or ``None``."""
