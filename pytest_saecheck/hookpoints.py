@@ -1,0 +1,85 @@
+"""Where an SAE reads and writes in a TransformerLens model, and how SAE Lens shapes that activation."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pytest_saecheck.errors import ConfigError, HookNotFoundError
+
+if TYPE_CHECKING:
+    import torch
+
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_HEAD_DIM_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z")
+
+
+@dataclass(frozen=True)
+class HookSite:
+    """A parsed hook point.
+
+    ``resid_layer`` is set when the hook is a residual-stream boundary (``hook_resid_pre`` of layer L, or
+    ``hook_resid_post`` of layer L-1): the model can then be cut at block L with ``start_at_layer`` /
+    ``stop_at_layer``. Otherwise the hook lies inside block ``layer``.
+    """
+
+    hook_name: str
+    layer: int
+    resid_layer: int | None
+    head_index: int | None
+    has_head_dim: bool
+
+    @property
+    def is_residual(self) -> bool:
+        return self.resid_layer is not None
+
+    def select(self, activation: torch.Tensor) -> torch.Tensor:
+        """The activation as SAE Lens feeds it to the SAE (one head, or all heads flattened)."""
+        if self.head_index is not None:
+            return activation[:, :, self.head_index]
+        if self.has_head_dim:
+            return activation.flatten(-2, -1)
+        return activation
+
+    def write_back(self, activation: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
+        """``activation`` with the SAE-facing part replaced by ``replacement`` (inverse of ``select``)."""
+        if self.head_index is not None:
+            out = activation.clone()
+            out[:, :, self.head_index] = replacement
+            return out
+        if self.has_head_dim:
+            return replacement.reshape(activation.shape)
+        return replacement
+
+
+def resolve_hook(hook_name: str, head_index: int | None, n_layers: int, hook_names: list[str]) -> HookSite:
+    """Parse and validate ``hook_name`` against the model's hook points."""
+    if hook_name not in hook_names:
+        close = difflib.get_close_matches(hook_name, hook_names, n=3, cutoff=0.6)
+        hint = f" Closest hook names: {', '.join(close)}." if close else ""
+        raise HookNotFoundError(
+            f"The SAE reads from hook {hook_name!r}, which this model does not have "
+            f"({n_layers} layers).{hint} Check the SAE config's hook_name (metadata.hook_name) or load the "
+            "model the SAE was trained on."
+        )
+    match = _BLOCK_HOOK.match(hook_name)
+    if match is None:
+        raise ConfigError(
+            f"Hook {hook_name!r} is outside the transformer blocks; pytest-saecheck evaluates SAEs on "
+            "blocks.<L>.* hooks (residual stream, attention, MLP)."
+        )
+    layer, rest = int(match.group(1)), match.group(2)
+    resid_layer: int | None = None
+    if rest == "hook_resid_pre":
+        resid_layer = layer
+    elif rest == "hook_resid_post":
+        resid_layer = layer + 1
+    has_head_dim = any(rest.endswith(name) for name in _HEAD_DIM_HOOKS)
+    if head_index is not None and not has_head_dim:
+        raise ConfigError(
+            f"The SAE sets hook_head_index={head_index}, but {hook_name!r} has no head dimension; "
+            "hook_head_index applies to attention hooks (hook_q/k/v/z) only."
+        )
+    return HookSite(hook_name, layer, resid_layer, head_index, has_head_dim)

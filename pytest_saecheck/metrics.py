@@ -1,0 +1,194 @@
+"""Metric definitions: every headline number as a function of additive per-sequence sums.
+
+Keeping each metric a function of sums lets the same code give the point estimate (sums over all
+sequences) and every bootstrap replicate (sums over resampled sequences), so the two cannot drift apart.
+All arrays may carry leading batch dimensions (bootstrap replicates); the last axis of ``sum_x_centered`` is
+the activation dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+# Chinchilla (Hoffmann et al. 2022, approach 3): L(N, D) = 1.69 + 406.4 / N^0.34 + 410.7 / D^0.28. Along the
+# compute-optimal frontier both terms fall as C^(-alpha*beta/(alpha+beta)) = C^(-0.1535).
+CHINCHILLA_SCALING_LAW: tuple[float, float] = (1.69, 0.34 * 0.28 / (0.34 + 0.28))
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    name: str
+    formula: str
+    scale: str
+    higher_is_better: bool
+    upper_bound: float | None = None
+    lower_bound: float | None = None
+
+
+METRICS: dict[str, MetricInfo] = {
+    info.name: info
+    for info in (
+        MetricInfo("ce_orig", "L_orig", "nats/token; the unmodified model", False, lower_bound=0.0),
+        MetricInfo("ce_sae", "L_sae", "nats/token; SAE reconstruction spliced in", False, lower_bound=0.0),
+        MetricInfo("ce_zero", "L_zero", "nats/token; hook activation set to zero", False, lower_bound=0.0),
+        MetricInfo(
+            "ce_mean", "L_mean", "nats/token; hook activation set to its mean", False, lower_bound=0.0
+        ),
+        MetricInfo("delta_ce", "L_sae − L_orig", "nats/token added by the splice; 0 is perfect", False),
+        MetricInfo(
+            "ce_loss_score",
+            "(L_zero − L_sae) / (L_zero − L_orig)",
+            "share of the zero-ablation loss gap recovered; inflated by the huge zero-ablation gap",
+            True,
+            upper_bound=1.0,
+        ),
+        MetricInfo(
+            "ce_loss_score_mean_ablation",
+            "(L_mean − L_sae) / (L_mean − L_orig)",
+            "share of the mean-ablation loss gap recovered; a stricter baseline than zero ablation",
+            True,
+            upper_bound=1.0,
+        ),
+        MetricInfo(
+            "ce_rec",
+            "2 − L_sae / L_orig",
+            "1 perfect, 0 means the splice doubled the loss",
+            True,
+            upper_bound=1.0,
+        ),
+        MetricInfo("kl_sae", "mean KL(p_orig ‖ p_sae)", "nats/token; 0 is perfect", False, lower_bound=0.0),
+        MetricInfo(
+            "kl_zero",
+            "mean KL(p_orig ‖ p_zero)",
+            "nats/token; the zero-ablation baseline",
+            False,
+            lower_bound=0.0,
+        ),
+        MetricInfo(
+            "kl_div_score",
+            "(KL_zero − KL_sae) / KL_zero",
+            "share of the zero-ablation KL recovered",
+            True,
+            upper_bound=1.0,
+        ),
+        MetricInfo(
+            "compute_fraction",
+            "((L_sae − E) / (L_orig − E))^(−1/γ)",
+            "fraction of the model's training compute that would reach L_sae on its scaling curve; 1 is perfect",
+            True,
+            upper_bound=None,
+            lower_bound=0.0,
+        ),
+        MetricInfo(
+            "explained_variance",
+            "1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²",
+            "R² about the mean of all evaluated tokens; dominated by high-variance directions",
+            True,
+            upper_bound=1.0,
+        ),
+        MetricInfo(
+            "explained_variance_legacy",
+            "mean_t [1 − ‖x − x̂‖² / ‖x − x̄_batch‖²]",
+            "SAE Lens' legacy per-token formula; depends on batch composition",
+            True,
+            upper_bound=1.0,
+        ),
+        MetricInfo(
+            "explained_variance_about_zero",
+            "1 − Σ‖x − x̂‖² / Σ‖x‖²",
+            "diagnostic only: what the about-zero bug reports; inflated when activations have a large mean",
+            True,
+            upper_bound=1.0,
+        ),
+        MetricInfo(
+            "mse",
+            "mean ‖x − x̂‖²",
+            "squared activation units per token (summed over dimensions)",
+            False,
+            lower_bound=0.0,
+        ),
+        MetricInfo(
+            "cosine_sim", "mean cos(x, x̂)", "1 perfect; not variance-normalised", True, upper_bound=1.0
+        ),
+        MetricInfo(
+            "relative_error_norm",
+            "mean ‖x − x̂‖ / ‖x‖",
+            "0 perfect; not variance-normalised",
+            False,
+            lower_bound=0.0,
+        ),
+        MetricInfo("l2_ratio", "mean ‖x̂‖ / ‖x‖", "1 means no shrinkage", True, lower_bound=0.0),
+        MetricInfo("l0", "mean #{i : z_i ≠ 0}", "active latents per token", False, lower_bound=0.0),
+        MetricInfo("l1", "mean Σ|z_i|", "latent activation mass per token", False, lower_bound=0.0),
+        MetricInfo(
+            "alive_fraction",
+            "share of latents with z_i ≠ 0 on some evaluated token",
+            "1 means no dead latents on this token set",
+            True,
+            upper_bound=1.0,
+            lower_bound=0.0,
+        ),
+    )
+}
+
+METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
+
+# Metrics computed from per-sequence sums, so they carry bootstrap intervals.
+BOOTSTRAPPABLE: frozenset[str] = frozenset(set(METRIC_NAMES) - {"alive_fraction"})
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator != 0, numerator / np.where(denominator != 0, denominator, 1.0), np.nan)
+
+
+def metrics_from_sums(
+    sums: Mapping[str, np.ndarray], scaling_law: tuple[float, float] | None = CHINCHILLA_SCALING_LAW
+) -> dict[str, np.ndarray]:
+    """Every bootstrappable metric from (possibly resampled) sums; undefined values come back as NaN."""
+    n_ce, n_kl, n_rec = sums["n_ce"], sums["n_kl"], sums["n_rec"]
+    out: dict[str, np.ndarray] = {}
+    for variant in ("orig", "sae", "zero", "mean"):
+        key = f"ce_sum_{variant}"
+        if key in sums:
+            out[f"ce_{variant}"] = _ratio(sums[key], n_ce)
+    ce_orig, ce_sae = out["ce_orig"], out["ce_sae"]
+    out["delta_ce"] = ce_sae - ce_orig
+    if "ce_zero" in out:
+        out["ce_loss_score"] = _ratio(out["ce_zero"] - ce_sae, out["ce_zero"] - ce_orig)
+    if "ce_mean" in out:
+        out["ce_loss_score_mean_ablation"] = _ratio(out["ce_mean"] - ce_sae, out["ce_mean"] - ce_orig)
+    out["ce_rec"] = 2.0 - _ratio(ce_sae, ce_orig)
+    out["kl_sae"] = _ratio(sums["kl_sum_sae"], n_kl)
+    if "kl_sum_zero" in sums:
+        out["kl_zero"] = _ratio(sums["kl_sum_zero"], n_kl)
+        out["kl_div_score"] = _ratio(out["kl_zero"] - out["kl_sae"], out["kl_zero"])
+    if scaling_law is not None:
+        irreducible, gamma = scaling_law
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            reducible_ratio = _ratio(ce_sae - irreducible, ce_orig - irreducible)
+            valid = (ce_orig > irreducible) & (ce_sae > irreducible)
+            out["compute_fraction"] = np.where(valid, np.power(np.abs(reducible_ratio), -1.0 / gamma), np.nan)
+
+    sse = sums["sse"]
+    # Variance about the mean from sums centred on a reference vector c: Σ‖x − x̄‖² = Σ‖x − c‖² − ‖Σ(x − c)‖²/n.
+    centered = sums["sum_x_centered"]
+    sst = sums["sum_sq_centered"] - _ratio(np.sum(centered * centered, axis=-1), n_rec)
+    out["explained_variance"] = 1.0 - _ratio(sse, sst)
+    out["explained_variance_about_zero"] = 1.0 - _ratio(sse, sums["sum_sq_norm"])
+    out["explained_variance_legacy"] = _ratio(sums["ev_legacy_sum"], n_rec)
+    out["mse"] = _ratio(sse, n_rec)
+    out["cosine_sim"] = _ratio(sums["cos_sum"], n_rec)
+    out["relative_error_norm"] = _ratio(sums["rel_err_sum"], n_rec)
+    out["l2_ratio"] = _ratio(sums["l2_ratio_sum"], n_rec)
+    out["l0"] = _ratio(sums["l0_sum"], n_rec)
+    out["l1"] = _ratio(sums["l1_sum"], n_rec)
+    return out
+
+
+def total_variance(sums: Mapping[str, np.ndarray]) -> float:
+    centered = sums["sum_x_centered"]
+    return float(sums["sum_sq_centered"] - np.dot(centered, centered) / sums["n_rec"])

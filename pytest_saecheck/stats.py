@@ -1,0 +1,52 @@
+"""Bootstrap confidence intervals over sequences, paired across variants."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from pytest_saecheck.errors import ConfigError
+
+DEFAULT_RESAMPLES = 2000
+_CHUNK = 250  # resamples per matrix product: bounds memory for the [resamples, sequences] weight matrix
+
+
+def bootstrap_interval(
+    per_sequence: Mapping[str, np.ndarray],
+    statistic: Callable[[Mapping[str, np.ndarray]], np.ndarray],
+    *,
+    level: float = 0.95,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile interval of ``statistic`` over sequences resampled with replacement.
+
+    ``per_sequence`` maps each additive quantity to an array whose first axis is the sequence; one resample
+    draws the same sequences for every quantity, so variants stay paired (the interval of ΔCE is the
+    interval of a paired difference, not of two independent means). ``statistic`` maps summed quantities
+    (with a leading resample axis) to values.
+    """
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"confidence level must lie strictly between 0 and 1, got {level!r}")
+    n_sequences = len(next(iter(per_sequence.values())))
+    if n_sequences < 2:
+        raise ConfigError(
+            f"a bootstrap interval over sequences needs at least 2 sequences, got {n_sequences}; "
+            "evaluate more sequences (n_tokens / context_size)"
+        )
+    rng = np.random.default_rng(seed)
+    values: list[np.ndarray] = []
+    uniform = np.full(n_sequences, 1.0 / n_sequences)
+    for start in range(0, n_resamples, _CHUNK):
+        size = min(_CHUNK, n_resamples - start)
+        weights = rng.multinomial(n_sequences, uniform, size=size).astype(np.float64)
+        summed = {key: np.tensordot(weights, array, axes=(1, 0)) for key, array in per_sequence.items()}
+        values.append(np.asarray(statistic(summed), dtype=np.float64))
+    replicates = np.concatenate(values)
+    if np.isnan(replicates).any():
+        # A replicate where the metric is undefined (e.g. a zero denominator) makes the interval undefined.
+        return (float("nan"), float("nan"))
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(replicates, [tail, 1.0 - tail])
+    return (float(low), float(high))
