@@ -1,0 +1,495 @@
+"""The evaluation engine against SAE Lens' own functions, independent computations and metric properties."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig
+from sae_lens.evals import get_recons_loss, get_sparsity_and_variance_metrics
+from sae_lens.training.activation_scaler import ActivationScaler
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from pytest_saecheck import (
+    DegenerateActivationsError,
+    EmptyTokenSetError,
+    HookNotFoundError,
+    NonFiniteError,
+    SAECheckError,
+    ShapeMismatchError,
+    evaluate,
+)
+from pytest_saecheck.engine import _Runner
+
+D_MODEL, N_CTX, D_VOCAB, N_HEADS = 32, 16, 61, 4
+HOOKS = [
+    ("blocks.1.hook_resid_pre", None),
+    ("blocks.1.hook_mlp_out", None),
+    ("blocks.1.attn.hook_z", None),
+    ("blocks.1.attn.hook_z", 2),
+]
+
+
+def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> HookedTransformer:
+    torch.manual_seed(seed)
+    cfg = HookedTransformerConfig(
+        n_layers=3,
+        d_model=D_MODEL,
+        n_ctx=N_CTX,
+        d_head=D_MODEL // N_HEADS,
+        n_heads=N_HEADS,
+        d_mlp=4 * D_MODEL,
+        d_vocab=D_VOCAB,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=seed,
+    )
+    model = HookedTransformer(cfg)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def make_sae(
+    hook: str, head: int | None = None, *, d_sae: int = 64, seed: int = 1, **cfg_kwargs
+) -> StandardSAE:
+    d_in = D_MODEL // N_HEADS if head is not None else D_MODEL
+    cfg = StandardSAEConfig(d_in=d_in, d_sae=d_sae, **cfg_kwargs)
+    cfg.metadata.hook_name = hook
+    cfg.metadata.hook_head_index = head
+    if hook.endswith("hook_z") and head is None:
+        cfg.reshape_activations = "hook_z"
+    sae = StandardSAE(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return sae
+
+
+def identity_sae(hook: str, d_in: int = D_MODEL, **cfg_kwargs) -> StandardSAE:
+    """ReLU(x) − ReLU(−x) = x: latent pairs (e_i, −e_i) reconstruct every input exactly."""
+    cfg = StandardSAEConfig(d_in=d_in, d_sae=2 * d_in, apply_b_dec_to_input=False, **cfg_kwargs)
+    cfg.metadata.hook_name = hook
+    sae = StandardSAE(cfg)
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def make_tokens(n: int = 12, seq_len: int = N_CTX, seed: int = 2, bos: int | None = 0) -> torch.Tensor:
+    tokens = torch.randint(1, D_VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+    if bos is not None:
+        tokens[:, 0] = bos
+    return tokens
+
+
+class _Store:
+    """The slice of SAE Lens' ActivationsStore that its eval functions use."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.tokens, self.row = tokens, 0
+
+    def get_batch_tokens(self, n: int) -> torch.Tensor:
+        batch = self.tokens[self.row : self.row + n]
+        self.row += n
+        return batch
+
+
+def sae_lens_reference(model, sae, tokens, batch_size, ignore_tokens=None):
+    if sae.cfg.metadata.hook_name.endswith("hook_z"):
+        sae.turn_off_forward_pass_hook_z_reshaping()
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start : start + batch_size]
+        values = get_recons_loss(
+            sae,
+            model,
+            ActivationScaler(),
+            batch,
+            compute_kl=True,
+            compute_ce_loss=True,
+            ignore_tokens=ignore_tokens,
+        )
+        for name, value in values.items():
+            if ignore_tokens:
+                mask = ~torch.isin(batch, torch.tensor(ignore_tokens))
+                value = value[mask[:, : value.shape[1]]]
+            parts.setdefault(name, []).append(value.flatten())
+    ref = {name: torch.cat(values).mean().item() for name, values in parts.items()}
+    sparsity, _ = get_sparsity_and_variance_metrics(
+        sae,
+        model,
+        _Store(tokens),
+        ActivationScaler(),
+        n_batches=math.ceil(len(tokens) / batch_size),
+        compute_l2_norms=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+        compute_featurewise_density_statistics=False,
+        eval_batch_size_prompts=batch_size,
+        model_kwargs={},
+        ignore_tokens=ignore_tokens,
+    )
+    ref.update(sparsity)
+    ref["kl_div_score"] = (ref["kl_div_with_ablation"] - ref["kl_div_with_sae"]) / ref["kl_div_with_ablation"]
+    ref["ce_loss_score"] = (ref["ce_loss_with_ablation"] - ref["ce_loss_with_sae"]) / (
+        ref["ce_loss_with_ablation"] - ref["ce_loss_without_sae"]
+    )
+    return ref
+
+
+@pytest.fixture(scope="module")
+def model() -> HookedTransformer:
+    return make_model()
+
+
+@pytest.mark.parametrize(("hook", "head"), HOOKS, ids=[f"{h}-head{i}" for h, i in HOOKS])
+def test_agrees_with_sae_lens(model, hook, head):
+    sae = make_sae(hook, head)
+    tokens = make_tokens(12)
+    ours = evaluate(model, sae, tokens, batch_size=4, exclude_bos=False, progress=False).metrics
+    ref = sae_lens_reference(model, sae, tokens, batch_size=4)
+    pairs = {
+        "ce_orig": "ce_loss_without_sae",
+        "ce_sae": "ce_loss_with_sae",
+        "ce_zero": "ce_loss_with_ablation",
+        "kl_sae": "kl_div_with_sae",
+        "kl_zero": "kl_div_with_ablation",
+        "kl_div_score": "kl_div_score",
+        "ce_loss_score": "ce_loss_score",
+        "explained_variance": "explained_variance",
+        "explained_variance_legacy": "explained_variance_legacy",
+        "mse": "mse",
+        "cosine_sim": "cossim",
+        "l2_ratio": "l2_ratio",
+        "l0": "l0",
+        "l1": "l1",
+    }
+    for ours_name, ref_name in pairs.items():
+        # On a random model the zero-ablation gap can be tiny, so the ratio scores amplify float32 noise in
+        # the CEs: they get a relative tolerance too. (On the demo model they agree to 1e-4 absolute.)
+        assert ours[ours_name] == pytest.approx(ref[ref_name], abs=1e-4, rel=1e-4), ours_name
+
+
+def test_splice_agrees_with_sae_lens_ignore_tokens(model):
+    """With excluded tokens, the splice and the averages match SAE Lens' ignore_tokens.
+
+    (SAE Lens zero-ablates every position, excluded or not; our token policy leaves excluded positions
+    untouched in the ablations too, so ce_zero is deliberately not compared here.)
+    """
+    sae = make_sae("blocks.1.hook_resid_pre")
+    tokens = make_tokens(8)
+    tokens[:, 7] = 5
+    ours = evaluate(
+        model, sae, tokens, batch_size=4, exclude_bos=False, exclude_token_ids=[0, 5], progress=False
+    )
+    ref = sae_lens_reference(model, sae, tokens, batch_size=4, ignore_tokens=[0, 5])
+    assert ours.metrics["ce_orig"] == pytest.approx(ref["ce_loss_without_sae"], abs=1e-5)
+    assert ours.metrics["ce_sae"] == pytest.approx(ref["ce_loss_with_sae"], abs=1e-5)
+    assert ours.metrics["kl_sae"] == pytest.approx(ref["kl_div_with_sae"], abs=1e-5)
+    assert ours.metrics["explained_variance"] == pytest.approx(ref["explained_variance"], abs=1e-5)
+    assert ours.metrics["l0"] == pytest.approx(ref["l0"], abs=1e-6)
+    assert ours.n_tokens == int((~torch.isin(tokens, torch.tensor([0, 5]))).sum())
+
+
+def independent_metrics(model, sae, tokens, hook):
+    """Plain float64 recomputation from run_with_cache / run_with_hooks, BOS excluded, no engine code."""
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    keep[:, 0] = False
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=[hook])
+        x = cache[hook]
+        x_hat = sae.decode(sae.encode(x))
+        spliced = torch.where(keep[..., None], x_hat, x)
+        sae_logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda a, hook: spliced)])
+        zeroed = torch.where(keep[..., None], torch.zeros_like(x), x)
+        zero_logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda a, hook: zeroed)])
+    keep_ce = keep[:, :-1]
+
+    def ce(lg):
+        lp = torch.log_softmax(lg.double(), -1)[:, :-1]
+        return -(lp.gather(-1, tokens[:, 1:, None]).squeeze(-1))[keep_ce].mean().item()
+
+    def kl(lg):
+        p = torch.log_softmax(logits.double(), -1)
+        q = torch.log_softmax(lg.double(), -1)
+        return (p.exp() * (p - q)).sum(-1)[keep].mean().item()
+
+    xs, xh = x[keep].double(), x_hat[keep].double()
+    sse = ((xs - xh) ** 2).sum()
+    sst = ((xs - xs.mean(0)) ** 2).sum()
+    return {
+        "ce_orig": ce(logits),
+        "ce_sae": ce(sae_logits),
+        "ce_zero": ce(zero_logits),
+        "kl_sae": kl(sae_logits),
+        "kl_zero": kl(zero_logits),
+        "explained_variance": (1 - sse / sst).item(),
+        "explained_variance_about_zero": (1 - sse / (xs**2).sum()).item(),
+        "mse": (sse / len(xs)).item(),
+        "relative_error_norm": ((xs - xh).norm(dim=-1) / xs.norm(dim=-1)).mean().item(),
+    }
+
+
+@pytest.mark.parametrize(
+    "hook", ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.0.hook_attn_out"]
+)
+def test_matches_independent_computation_with_bos_excluded(model, hook):
+    sae = make_sae(hook)
+    tokens = make_tokens(10)
+    ours = evaluate(model, sae, tokens, batch_size=3, progress=False).metrics
+    ref = independent_metrics(model, sae, tokens, hook)
+    for name, value in ref.items():
+        assert ours[name] == pytest.approx(value, abs=2e-5), name
+    assert ours["delta_ce"] == pytest.approx(ref["ce_sae"] - ref["ce_orig"], abs=2e-5)
+    assert ours["ce_rec"] == pytest.approx(2 - ref["ce_sae"] / ref["ce_orig"], abs=2e-5)
+
+
+def test_token_independent_ablation_shortcut_equals_full_computation(model, monkeypatch):
+    sae = make_sae("blocks.1.hook_resid_pre")
+    tokens = make_tokens(9)
+    fast = evaluate(model, sae, tokens, batch_size=4, progress=False)
+    monkeypatch.setattr(_Runner, "_ablation_is_token_independent", lambda self, tokens, kept: False)
+    full = evaluate(model, sae, tokens, batch_size=4, progress=False)
+    for name in (
+        "ce_zero",
+        "ce_mean",
+        "kl_zero",
+        "ce_loss_score",
+        "ce_loss_score_mean_ablation",
+        "kl_div_score",
+    ):
+        assert fast.metrics[name] == pytest.approx(full.metrics[name], abs=1e-5), name
+    for name in ("ce_sum_zero", "ce_sum_mean", "kl_sum_zero"):
+        np.testing.assert_allclose(fast.per_sequence[name], full.per_sequence[name], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "hook", ["blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out", "blocks.2.hook_resid_post"]
+)
+@pytest.mark.parametrize("normalize", ["none", "constant_norm_rescale", "layer_norm"])
+def test_identity_sae_is_lossless(model, hook, normalize):
+    sae = identity_sae(hook, normalize_activations=normalize)
+    result = evaluate(model, sae, make_tokens(8), batch_size=4, progress=False)
+    m = result.metrics
+    # SAE Lens' layer_norm normalisation divides by (std + 1e-5) and multiplies back by std: not an exact
+    # round trip, by a relative 1e-5/std.
+    norm_tol = 1e-4 if normalize == "layer_norm" else 1e-5
+    assert m["ce_sae"] == pytest.approx(m["ce_orig"], abs=1e-5)
+    assert m["kl_sae"] == pytest.approx(0.0, abs=1e-6)
+    assert m["explained_variance"] == pytest.approx(1.0, abs=1e-5)
+    assert m["cosine_sim"] == pytest.approx(1.0, abs=1e-5)
+    assert m["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
+    assert m["l2_ratio"] == pytest.approx(1.0, abs=norm_tol)
+    assert m["relative_error_norm"] == pytest.approx(0.0, abs=norm_tol)
+    assert m["compute_fraction"] == pytest.approx(1.0, abs=1e-3)
+    low, high = result.confidence_interval("delta_ce")
+    assert low <= 1e-5 and high >= -1e-5
+
+
+def test_mean_predictor_has_zero_r2_and_equals_mean_ablation(model):
+    hook = "blocks.1.hook_resid_pre"
+    tokens = make_tokens(10)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[hook])
+    mean = cache[hook][:, 1:].reshape(-1, D_MODEL).double().mean(0)
+    cfg = StandardSAEConfig(d_in=D_MODEL, d_sae=8)
+    cfg.metadata.hook_name = hook
+    sae = StandardSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.fill_(-1.0)
+        sae.b_dec.copy_(mean.float())
+    m = evaluate(model, sae, tokens, batch_size=5, progress=False).metrics
+    assert m["explained_variance"] == pytest.approx(0.0, abs=1e-6)
+    assert m["ce_sae"] == pytest.approx(m["ce_mean"], abs=1e-5)
+    assert m["ce_loss_score_mean_ablation"] == pytest.approx(0.0, abs=1e-3)
+    assert m["l0"] == 0.0
+    assert m["alive_fraction"] == 0.0
+
+
+def test_supplied_mean_activation_is_used(model):
+    sae = make_sae("blocks.1.hook_mlp_out")
+    tokens = make_tokens(6)
+    default = evaluate(model, sae, tokens, progress=False)
+    zero_mean = evaluate(model, sae, tokens, mean_activation=torch.zeros(D_MODEL), progress=False)
+    assert zero_mean.metrics["ce_mean"] == pytest.approx(zero_mean.metrics["ce_zero"], abs=1e-6)
+    assert default.metrics["ce_mean"] != pytest.approx(default.metrics["ce_zero"], abs=1e-3)
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_z"])
+def test_batch_size_invariance(model, hook):
+    sae = make_sae(hook)
+    tokens = make_tokens(12)
+    one = evaluate(model, sae, tokens, batch_size=12, progress=False).metrics
+    other = evaluate(model, sae, tokens, batch_size=5, progress=False).metrics
+    for name, value in one.items():
+        if name == "explained_variance_legacy":
+            continue  # the legacy formula centres on each batch's mean, so it depends on batch size by design
+        assert other[name] == pytest.approx(value, abs=1e-6, rel=1e-6), name
+
+
+def test_bf16_model_within_tolerance():
+    """A bf16 model changes CE metrics by bf16 rounding only: within 0.02 nats / 0.02 score on this model."""
+    sae = make_sae("blocks.1.hook_resid_pre")
+    tokens = make_tokens(12)
+    full = evaluate(make_model(), sae, tokens, progress=False).metrics
+    half = evaluate(make_model(torch.bfloat16), sae, tokens, progress=False)
+    assert half.model_dtype == "bfloat16"
+    for name in (
+        "ce_orig",
+        "ce_sae",
+        "ce_zero",
+        "ce_loss_score",
+        "kl_sae",
+        "explained_variance",
+        "cosine_sim",
+    ):
+        assert half.metrics[name] == pytest.approx(full[name], abs=2e-2), name
+
+
+def test_explained_variance_about_mean_not_zero():
+    """Regression test for the explained-variance-about-zero bug (seeds/000): a large mean inflates it."""
+    model = make_model(seed=3)
+    with torch.no_grad():
+        model.W_pos.add_(40.0)  # every residual gets a large common offset
+    hook = "blocks.1.hook_resid_pre"
+    tokens = make_tokens(10)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=[hook])
+    x = cache[hook][:, 1:].reshape(-1, D_MODEL).double()
+    mean = x.mean(0)
+    # An SAE that gets the mean right and the deviations from it only half right.
+    sae = identity_sae(hook)
+    with torch.no_grad():
+        sae.W_dec.mul_(0.5)
+        sae.b_dec.copy_((0.5 * mean).float())
+    m = evaluate(model, sae, tokens, progress=False).metrics
+    sse = ((0.5 * (x - mean)) ** 2).sum()
+    expected_about_mean = 1 - sse / ((x - mean) ** 2).sum()
+    expected_about_zero = 1 - sse / (x**2).sum()
+    assert m["explained_variance"] == pytest.approx(expected_about_mean.item(), abs=1e-5)
+    assert m["explained_variance"] == pytest.approx(0.75, abs=1e-5)
+    assert m["explained_variance_about_zero"] == pytest.approx(expected_about_zero.item(), abs=1e-5)
+    assert m["explained_variance_about_zero"] > 0.99 > m["explained_variance"]
+
+
+def test_kl_is_finite_on_saturated_logits():
+    model = make_model()
+    with torch.no_grad():
+        model.W_U.mul_(1e4)
+    m = evaluate(model, make_sae("blocks.1.hook_resid_pre"), make_tokens(4), progress=False).metrics
+    assert math.isfinite(m["kl_sae"]) and math.isfinite(m["kl_zero"])
+
+
+def test_confidence_interval_matches_scipy_percentile_bootstrap(model):
+    from scipy.stats import bootstrap
+
+    result = evaluate(model, make_sae("blocks.1.hook_resid_pre"), make_tokens(40, seed=7), progress=False)
+    low, high = result.confidence_interval("delta_ce", 0.9, n_resamples=4000)
+    seq = result.per_sequence
+    per_seq_delta = (seq["ce_sum_sae"] - seq["ce_sum_orig"]) / seq["n_ce"]  # equal counts per sequence
+    ref = bootstrap(
+        (per_seq_delta,), np.mean, confidence_level=0.9, n_resamples=4000, method="percentile", random_state=0
+    ).confidence_interval
+    width = ref.high - ref.low
+    assert low == pytest.approx(ref.low, abs=0.1 * width)
+    assert high == pytest.approx(ref.high, abs=0.1 * width)
+    assert low <= result.metrics["delta_ce"] <= high
+    assert result.confidence_interval("delta_ce", 0.9, n_resamples=4000) == (low, high)  # cached and seeded
+
+
+def test_per_position_curves_and_density(model):
+    sae = make_sae("blocks.1.hook_resid_pre")
+    result = evaluate(model, sae, make_tokens(6), progress=False)
+    assert len(result.delta_ce_by_position) == N_CTX - 1
+    assert result.delta_ce_by_position[0] is None  # BOS excluded
+    assert len(result.kl_by_position) == N_CTX and result.kl_by_position[0] is None
+    curve = np.array(result.delta_ce_by_position[1:], dtype=float)
+    assert np.mean(curve) == pytest.approx(result.metrics["delta_ce"], abs=1e-6)  # equal counts per position
+    assert len(result.latent_density) == 64
+    assert result.metrics["alive_fraction"] == pytest.approx(np.mean(np.array(result.latent_density) > 0))
+    assert result.metrics["l0"] == pytest.approx(sum(result.latent_density), rel=1e-9)
+    as_dict = result.to_dict()
+    assert as_dict["token_policy"] == {"exclude_bos": True, "exclude_token_ids": [], "pad_token_id": None}
+    assert all(isinstance(v, float) for v in as_dict["metrics"].values())
+
+
+def test_undefined_metric_is_absent_not_nan(model):
+    sae = make_sae("blocks.1.hook_resid_pre")
+    result = evaluate(model, sae, make_tokens(4), scaling_law=(100.0, 0.15), progress=False)
+    assert "compute_fraction" not in result.metrics
+    assert "irreducible loss" in result.undefined["compute_fraction"]
+    assert not any(math.isnan(v) for v in result.metrics.values())
+    with pytest.raises(SAECheckError, match="undefined"):
+        result.confidence_interval("compute_fraction")
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_hook_names_closest(model):
+    sae = make_sae("blocks.1.hook_resid_pree")
+    with pytest.raises(HookNotFoundError, match=r"blocks\.1\.hook_resid_pre"):
+        evaluate(model, sae, make_tokens(2), progress=False)
+
+
+def test_width_mismatch(model):
+    cfg = StandardSAEConfig(d_in=D_MODEL + 1, d_sae=8)
+    cfg.metadata.hook_name = "blocks.1.hook_resid_pre"
+    with pytest.raises(ShapeMismatchError, match=r"d_in=33 .* width 32"):
+        evaluate(model, StandardSAE(cfg), make_tokens(2), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "error", "message"),
+    [
+        (torch.zeros(8, dtype=torch.long), ShapeMismatchError, "2-D"),
+        (torch.zeros(2, 1, dtype=torch.long), ShapeMismatchError, "at least 2 positions"),
+        (torch.zeros(2, 4), ShapeMismatchError, "integer"),
+        (torch.full((2, 4), D_VOCAB), ShapeMismatchError, "token ids must lie"),
+        (torch.zeros(2, N_CTX + 1, dtype=torch.long), ShapeMismatchError, "n_ctx"),
+        (torch.zeros(3, 2, dtype=torch.long), EmptyTokenSetError, "no position is left"),
+    ],
+)
+def test_bad_tokens(model, tokens, error, message):
+    with pytest.raises(error, match=message):
+        evaluate(model, make_sae("blocks.1.hook_resid_pre"), tokens, progress=False)
+
+
+def test_all_tokens_excluded(model):
+    tokens = torch.full((3, 6), 7)
+    with pytest.raises(EmptyTokenSetError):
+        evaluate(model, make_sae("blocks.1.hook_resid_pre"), tokens, exclude_token_ids=[7], progress=False)
+
+
+def test_nan_weights(model):
+    sae = make_sae("blocks.1.hook_resid_pre")
+    with torch.no_grad():
+        sae.W_dec[3, 4] = float("nan")
+    with pytest.raises(NonFiniteError, match="W_dec"):
+        evaluate(model, sae, make_tokens(2), progress=False)
+
+
+def test_non_finite_output(model):
+    sae = make_sae("blocks.1.hook_resid_pre")
+    with torch.no_grad():
+        sae.W_dec.fill_(3e38)
+    with pytest.raises(NonFiniteError, match="reconstruction"):
+        evaluate(model, sae, make_tokens(2), progress=False)
+
+
+def test_zero_variance_activations():
+    model = make_model()
+    with torch.no_grad():
+        model.W_pos.zero_()
+    tokens = torch.full((4, 8), 3)
+    with pytest.raises(DegenerateActivationsError, match="zero variance"):
+        evaluate(model, identity_sae("blocks.0.hook_resid_pre"), tokens, progress=False)

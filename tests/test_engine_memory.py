@@ -1,0 +1,73 @@
+"""Streaming: the peak memory of an evaluation does not grow with the number of tokens.
+
+RSS is too noisy on a shared 2-core machine (allocator arenas, other processes), so this counts the bytes of
+live tensor storages created during the evaluation, exactly, with a dispatch mode that sees every op.
+"""
+
+from __future__ import annotations
+
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from pytest_saecheck import evaluate
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak of the summed sizes of tensor storages produced by ops and still referenced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracked: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.live = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.tracked.items() if ref.expired()]:
+            self.live -= self.tracked.pop(key)[1]
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.tracked:
+                    self.tracked[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def peak_bytes(n_sequences: int) -> int:
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_ctx=32,
+        d_head=8,
+        n_heads=4,
+        d_mlp=128,
+        d_vocab=2000,
+        act_fn="gelu",
+        normalization_type="LN",
+    )
+    model = HookedTransformer(cfg).eval()
+    sae_cfg = StandardSAEConfig(d_in=32, d_sae=128)
+    sae_cfg.metadata.hook_name = "blocks.1.hook_resid_pre"
+    sae = StandardSAE(sae_cfg)
+    tokens = torch.randint(0, 2000, (n_sequences, 32), generator=torch.Generator().manual_seed(1))
+    tracker = LiveTensorBytes()
+    with tracker:
+        result = evaluate(model, sae, tokens, batch_size=8, progress=False)
+    assert result.n_tokens == n_sequences * 31
+    return tracker.peak
+
+
+def test_peak_memory_does_not_grow_with_tokens():
+    short, long = peak_bytes(16), peak_bytes(64)
+    # One batch of log-probs is 8 x 32 x 2000 x 4 B = 2 MB; holding every sequence's logits would add 6 MB
+    # for the 4x longer run. What may grow is the per-sequence sums: O(n_sequences x d_in) float64, 12 KB here.
+    assert long - short < 256 * 1024, (short, long)
+    assert short > 2 * 8 * 32 * 2000 * 4  # the tracker does see the per-batch log-probs
