@@ -1,0 +1,612 @@
+"""Assertion helpers: ``assert_ce_recovery`` and ``assert_r2_matches_legacy``.
+
+They behave like pytest's own assertions: ``__tracebackhide__`` hides their frames, a failure raises a plain
+``AssertionError`` whose message tabulates the numbers, no tensor (or model) is reachable from the exception,
+bad thresholds raise :class:`~pytest_saecheck.errors.ConfigError`, and NaN never passes. Each call records its
+metric, threshold, interval and outcome on the running test's report (``report.saecheck_records``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_saecheck import records
+from pytest_saecheck.errors import ConfigError, SAECheckError
+
+CE_METRICS: tuple[str, ...] = (
+    "ce_loss_score",
+    "ce_loss_score_mean_ablation",
+    "ce_rec",
+    "delta_ce",
+    "kl_div_score",
+    "kl_sae",
+    "compute_fraction",
+)
+LOSS_ROWS = ("ce_orig", "ce_sae", "ce_zero", "ce_mean")
+DISPLAY_LEVEL = 0.95
+
+#: Default ``tol`` of :func:`assert_r2_matches_legacy`. The pooled R² (about the mean of all tokens) and SAE
+#: Lens' legacy per-token R² are different estimators and do not agree exactly on correct code. On the demo
+#: SAEs they differed by at most 0.03 (see the README for the measurements), while the explained-variance-
+#: about-zero bug moved R² by 0.2 (0.78 → 0.98 in the bug report). 0.05 passes every correct computation
+#: we measured with margin and still catches the bug by a factor of four.
+DEFAULT_R2_TOL = 0.05
+
+_EV_KEYS = ("explained_variance", "variance_explained", "r2", "r_squared")
+_LEGACY_KEYS = ("explained_variance_legacy", "variance_explained_legacy")
+
+
+# --------------------------------------------------------------------------------------------------------
+# shared plumbing
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """Plain facts about what was evaluated (no tensors, no model)."""
+
+    label: str | None
+    metrics: dict[str, float]
+    undefined: dict[str, str]
+    n_tokens: int | None
+    n_sequences: int | None
+    seq_len: int | None
+    exclude_bos: bool | None
+    subject: dict[str, Any]
+
+
+def _unwrap(check: Any) -> tuple[Any, _Subject]:
+    """(evaluation, facts) from a ``saecheck`` bundle or an engine ``Evaluation``."""
+    evaluation = check.evaluation if hasattr(check, "evaluation") and hasattr(check, "settings") else check
+    if not hasattr(evaluation, "metrics") or not hasattr(evaluation, "confidence_interval"):
+        raise ConfigError(
+            f"expected the saecheck fixture or an Evaluation from pytest_saecheck.evaluate(), "
+            f"got {type(check).__name__}"
+        )
+    subject = check.subject() if hasattr(check, "subject") else {}
+    policy = getattr(evaluation, "token_policy", None)
+    facts = _Subject(
+        label=subject.get("label") or f"SAE at {getattr(evaluation, 'hook_name', '?')}",
+        metrics={key: float(value) for key, value in evaluation.metrics.items()},
+        undefined=dict(getattr(evaluation, "undefined", {}) or {}),
+        n_tokens=getattr(evaluation, "n_tokens", None),
+        n_sequences=getattr(evaluation, "n_sequences", None),
+        seq_len=getattr(evaluation, "seq_len", None),
+        exclude_bos=getattr(policy, "exclude_bos", None),
+        subject=subject,
+    )
+    return evaluation, facts
+
+
+def _finite_number(name: str, value: Any) -> float:
+    if isinstance(value, (bool, str)):
+        raise ConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name} must be a finite number, got {number!r}")
+    return number
+
+
+def _interval(evaluation: Any, metric: str, level: float) -> tuple[float, float] | None:
+    try:
+        low, high = evaluation.confidence_interval(metric, level)
+    except SAECheckError:
+        return None
+    return float(low), float(high)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if math.isnan(value):
+        return "nan"
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
+
+
+def _tokens_line(facts: _Subject) -> str:
+    if facts.n_tokens is None:
+        return "tokens: unknown"
+    bos = {True: ", position 0 (BOS) excluded", False: ", position 0 included", None: ""}[facts.exclude_bos]
+    shape = f" ({facts.n_sequences} sequences × {facts.seq_len})" if facts.n_sequences is not None else ""
+    return f"tokens: {facts.n_tokens:,} evaluated{shape}{bos}"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def _metric_info(name: str) -> Any:
+    from pytest_saecheck.metrics import METRICS
+
+    return METRICS.get(name)
+
+
+# --------------------------------------------------------------------------------------------------------
+# assert_ce_recovery
+
+
+def _validate_ce_thresholds(
+    metric: str, min_score: Any, max_value: Any, confidence: Any
+) -> tuple[float | None, float | None, float | None]:
+    if metric not in CE_METRICS:
+        raise ConfigError(
+            f"assert_ce_recovery: unknown metric {metric!r}; choose one of {', '.join(CE_METRICS)}"
+        )
+    if min_score is None and max_value is None:
+        raise ConfigError(
+            f"assert_ce_recovery: give a threshold: min_score= (the {metric} must be at least this) "
+            "or max_value= (at most this)"
+        )
+    info = _metric_info(metric)
+    low = None if min_score is None else _finite_number("min_score", min_score)
+    high = None if max_value is None else _finite_number("max_value", max_value)
+    if low is not None and info is not None and not info.higher_is_better:
+        raise ConfigError(
+            f"assert_ce_recovery: {metric} is lower-is-better ({info.scale}); bound it with max_value=, not min_score="
+        )
+    if low is not None and info is not None and info.upper_bound is not None and low > info.upper_bound:
+        raise ConfigError(
+            f"assert_ce_recovery: min_score={low} can never pass: {metric} is at most {info.upper_bound} "
+            f"({info.formula})"
+        )
+    if high is not None and info is not None and info.lower_bound is not None and high < info.lower_bound:
+        raise ConfigError(
+            f"assert_ce_recovery: max_value={high} can never pass: {metric} is at least {info.lower_bound} "
+            f"({info.formula})"
+        )
+    if low is not None and high is not None and low > high:
+        raise ConfigError(f"assert_ce_recovery: min_score={low} is above max_value={high}")
+    level = None
+    if confidence is not None:
+        level = _finite_number("confidence", confidence)
+        if not 0.0 < level < 1.0:
+            raise ConfigError(
+                f"assert_ce_recovery: confidence must lie strictly between 0 and 1 (e.g. 0.95), got {level}"
+            )
+    return low, high, level
+
+
+def assert_ce_recovery(
+    check: Any,
+    *,
+    metric: str = "ce_loss_score",
+    min_score: float | None = None,
+    max_value: float | None = None,
+    confidence: float | None = None,
+) -> None:
+    """Assert that a cross-entropy metric of the spliced model meets a threshold.
+
+    ``check`` is the ``saecheck`` fixture (or an ``Evaluation``). ``metric`` is one of :data:`CE_METRICS`.
+    ``min_score`` bounds it from below, ``max_value`` from above. With ``confidence`` (e.g. 0.95) the gate is the
+    bootstrap interval over sequences: its lower bound must reach ``min_score``, its upper bound must stay
+    under ``max_value``. Without it, the point estimate is gated. An undefined or NaN metric fails.
+    """
+    __tracebackhide__ = True
+    low, high, level = _validate_ce_thresholds(metric, min_score, max_value, confidence)
+    evaluation, facts = _unwrap(check)
+    value = facts.metrics.get(metric)
+    shown_level = level if level is not None else DISPLAY_LEVEL
+    interval = _interval(evaluation, metric, shown_level) if value is not None else None
+    if level is not None and value is not None and interval is None:
+        # the caller asked for an interval: let the engine's error say why there is none
+        evaluation.confidence_interval(metric, level)
+    del evaluation, check  # nothing below (nor the exception) may keep tensors or the model alive
+
+    failures = _ce_failures(metric, value, interval, low, high, level, facts)
+    passed = not failures
+    message = (
+        None
+        if passed
+        else _ce_message(metric, value, interval, shown_level, low, high, level, facts, failures)
+    )
+    records.record(
+        {
+            "kind": "assertion",
+            "assertion": "assert_ce_recovery",
+            **facts.subject,
+            "label": facts.label,
+            "metric": metric,
+            "value": value,
+            "interval": list(interval) if interval is not None else None,
+            "interval_level": shown_level,
+            "confidence": level,
+            "min_score": low,
+            "max_value": high,
+            "gate": "point estimate" if level is None else "interval bound",
+            "n_tokens": facts.n_tokens,
+            "passed": passed,
+            "message": message,
+        }
+    )
+    if message is not None:
+        raise AssertionError(message)
+
+
+def _ce_failures(
+    metric: str,
+    value: float | None,
+    interval: tuple[float, float] | None,
+    low: float | None,
+    high: float | None,
+    level: float | None,
+    facts: _Subject,
+) -> list[str]:
+    if value is None:
+        reason = facts.undefined.get(metric, "the evaluation did not compute it")
+        return [f"{metric} is undefined for this SAE: {reason}"]
+    if math.isnan(value):
+        return [f"{metric} is NaN"]
+    failures: list[str] = []
+    if low is not None:
+        gated = value if level is None else (interval[0] if interval else math.nan)
+        what = metric if level is None else f"the lower bound of the {level:.0%} interval of {metric}"
+        if not gated >= low:  # NaN fails
+            failures.append(f"{what} = {_fmt(gated)} is below min_score {_fmt(low)}")
+    if high is not None:
+        gated = value if level is None else (interval[1] if interval else math.nan)
+        what = metric if level is None else f"the upper bound of the {level:.0%} interval of {metric}"
+        if not gated <= high:
+            failures.append(f"{what} = {_fmt(gated)} is above max_value {_fmt(high)}")
+    return failures
+
+
+def _ce_message(
+    metric: str,
+    value: float | None,
+    interval: tuple[float, float] | None,
+    shown_level: float,
+    low: float | None,
+    high: float | None,
+    level: float | None,
+    facts: _Subject,
+    failures: list[str],
+) -> str:
+    info = _metric_info(metric)
+    threshold = " and ".join(
+        part
+        for part in (
+            f"≥ {_fmt(low)}" if low is not None else "",
+            f"≤ {_fmt(high)}" if high is not None else "",
+        )
+        if part
+    )
+    rows: list[tuple[str, ...]] = [("", "value", f"{shown_level:.0%} interval", "threshold")]
+    for name in LOSS_ROWS:
+        loss = facts.metrics.get(name)
+        rows.append(
+            (name, _fmt(loss), "", "" if loss is not None else facts.undefined.get(name, "not computed"))
+        )
+    shown_interval = f"[{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval is not None else "—"
+    gate = "point estimate" if level is None else ("lower bound" if low is not None else "upper bound")
+    rows.append((metric, _fmt(value), shown_interval, f"{threshold} (gated on the {gate})"))
+    lines = [f"assert_ce_recovery failed for {facts.label}: " + "; ".join(failures)]
+    lines += _table(rows)
+    lines.append("  " + _tokens_line(facts))
+    if info is not None:
+        lines.append(f"  scale: {metric} = {info.formula}: {info.scale}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# assert_r2_matches_legacy
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}/{key}" if prefix else str(key)))
+    elif prefix:
+        flat[prefix] = value
+    return flat
+
+
+def _last_segment(key: str) -> str:
+    return key.replace(".", "/").rsplit("/", 1)[-1].lower()
+
+
+def _find_reported(metrics: Mapping[str, Any], names: tuple[str, ...], what: str) -> tuple[str, float] | None:
+    flat = _flatten(metrics)
+    found = {key: value for key, value in flat.items() if _last_segment(key) in names}
+    if not found:
+        return None
+    values: dict[str, float] = {}
+    for key, value in found.items():
+        if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0):
+            raise ConfigError(
+                f"reported {what} at {key!r} is a sequence, not one number; pass the aggregated value"
+            )
+        try:
+            values[key] = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"reported {what} at {key!r} is not a number: {value!r}") from None
+    distinct = {round(v, 12) for v in values.values() if not math.isnan(v)}
+    if len(distinct) > 1:
+        raise ConfigError(
+            f"the reported metrics hold several different {what} values ({values}); pass the mapping of one SAE"
+        )
+    key = next(iter(values))
+    return key, values[key]
+
+
+def _reported_mapping(metrics: Any) -> Mapping[str, Any]:
+    # SAE Lens run_evals returns (metrics, feature_metrics); accept that tuple as is
+    if isinstance(metrics, tuple) and metrics and isinstance(metrics[0], Mapping):
+        return metrics[0]
+    return metrics
+
+
+def _check_r2_value(name: str, value: float, source: str) -> str | None:
+    if math.isnan(value):
+        return f"{name} ({source}) is NaN"
+    if value > 1.0 + 1e-9:
+        return f"{name} ({source}) = {_fmt(value)} is above 1, which no R² can be: it is not a variance-explained number"
+    return None
+
+
+ABOUT_ZERO_CAUSE = (
+    "reported R² equals 1 − MSE/E‖x‖²: variance was computed about zero, not the mean (the bug of the "
+    "explained_variance added in SAE Lens PR #443 and copied from SAEBench PR #61: E[x_d²] squared where E[x_d] "
+    "was meant, and torch.cat where torch.stack was meant); it is inflated whenever activations have a large mean"
+)
+
+
+def assert_r2_matches_legacy(
+    check_or_metrics: Any, *, tol: float = DEFAULT_R2_TOL, reported: Any = None
+) -> None:
+    """Assert that explained variance (R²) agrees with the legacy formula, and say which number is wrong if not.
+
+    * ``assert_r2_matches_legacy(saecheck)``: our pooled ``explained_variance`` against our
+      ``explained_variance_legacy`` (SAE Lens' per-token formula) on the same tokens.
+    * ``assert_r2_matches_legacy(reported_metrics)``: a mapping of reported metrics (SAE Lens ``run_evals``
+      output, nested or flat; an SAEBench core result; a plain dict): its explained variance against its
+      legacy explained variance.
+    * ``assert_r2_matches_legacy(saecheck, reported=0.98)`` (or ``reported=<mapping>``): a reported R² against
+      our own computation on the same SAE.
+
+    ``tol`` is the largest absolute difference that passes (default :data:`DEFAULT_R2_TOL`).
+    """
+    __tracebackhide__ = True
+    tol = _finite_number("tol", tol)
+    if tol < 0:
+        raise ConfigError(f"assert_r2_matches_legacy: tol must not be negative, got {tol}")
+    is_mapping = isinstance(_reported_mapping(check_or_metrics), Mapping)
+    if is_mapping and reported is not None:
+        raise ConfigError(
+            "assert_r2_matches_legacy: reported= compares a reported number with our own computation, so the "
+            "first argument must be the saecheck fixture (or an Evaluation), not a mapping"
+        )
+    if is_mapping:
+        outcome = _r2_reported_vs_reported(_reported_mapping(check_or_metrics), tol)
+    else:
+        evaluation, facts = _unwrap(check_or_metrics)
+        del evaluation, check_or_metrics
+        outcome = _r2_ours(facts, tol) if reported is None else _r2_reported_vs_ours(facts, reported, tol)
+    record, message = outcome
+    records.record(
+        {
+            "kind": "assertion",
+            "assertion": "assert_r2_matches_legacy",
+            "tol": tol,
+            **record,
+            "message": message,
+            "passed": message is None,
+        }
+    )
+    if message is not None:
+        raise AssertionError(message)
+
+
+def _r2_ours(facts: _Subject, tol: float) -> tuple[dict[str, Any], str | None]:
+    ours = facts.metrics.get("explained_variance")
+    legacy = facts.metrics.get("explained_variance_legacy")
+    about_zero = facts.metrics.get("explained_variance_about_zero")
+    record = {
+        **facts.subject,
+        "label": facts.label,
+        "mode": "ours",
+        "metric": "explained_variance",
+        "value": ours,
+        "legacy": legacy,
+        "about_zero": about_zero,
+        "n_tokens": facts.n_tokens,
+    }
+    if ours is None or legacy is None:
+        missing = "explained_variance" if ours is None else "explained_variance_legacy"
+        reason = facts.undefined.get(missing, "not computed")
+        return record, f"assert_r2_matches_legacy failed for {facts.label}: {missing} is undefined: {reason}"
+    problem = _check_r2_value("explained_variance", ours, "ours") or _check_r2_value(
+        "explained_variance_legacy", legacy, "ours"
+    )
+    difference = ours - legacy
+    if problem is None and abs(difference) <= tol:
+        return record, None
+    lines = [
+        f"assert_r2_matches_legacy failed for {facts.label}: "
+        + (
+            problem
+            or f"explained_variance and explained_variance_legacy differ by {_fmt(abs(difference))} > tol {_fmt(tol)}"
+        ),
+        *_table(
+            [
+                ("explained_variance", _fmt(ours), "1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² over all tokens (correct R²)"),
+                (
+                    "explained_variance_legacy",
+                    _fmt(legacy),
+                    "mean over tokens of 1 − ‖x − x̂‖² / ‖x − x̄_batch‖² (SAE Lens legacy)",
+                ),
+                (
+                    "explained_variance_about_zero",
+                    _fmt(about_zero),
+                    "1 − Σ‖x − x̂‖² / Σ‖x‖² (what the about-zero bug reports)",
+                ),
+            ]
+        ),
+        "  " + _tokens_line(facts),
+        "  Both numbers come from one pass of our engine over the same tokens, so neither is a computation bug: "
+        "the two estimators disagree on this SAE. "
+        + (
+            "The per-token legacy mean is pulled down by tokens whose activation lies close to the batch mean "
+            "(tiny denominators), so the pooled R² looks better than the typical token's reconstruction."
+            if difference > 0
+            else "The pooled R² is pulled down by a few high-variance tokens or directions the SAE reconstructs "
+            "badly, while most tokens are reconstructed well."
+        )
+        + " A reported R² for this SAE is not trustworthy on its own: gate on assert_ce_recovery instead, or "
+        "raise tol after checking which tokens dominate.",
+    ]
+    return record, "\n".join(lines)
+
+
+def _r2_reported_vs_reported(metrics: Mapping[str, Any], tol: float) -> tuple[dict[str, Any], str | None]:
+    ev = _find_reported(metrics, _EV_KEYS, "explained variance")
+    legacy = _find_reported(metrics, _LEGACY_KEYS, "legacy explained variance")
+    if ev is None or legacy is None:
+        missing = "explained_variance" if ev is None else "explained_variance_legacy"
+        keys = sorted(_flatten(metrics))
+        raise ConfigError(
+            f"assert_r2_matches_legacy: the reported metrics hold no {missing} (keys found: {keys[:20]}); pass SAE "
+            "Lens run_evals output, an SAEBench core result, or a dict with both explained_variance and "
+            "explained_variance_legacy"
+        )
+    (ev_key, ev_value), (legacy_key, legacy_value) = ev, legacy
+    record = {
+        "label": None,
+        "mode": "reported",
+        "metric": "explained_variance",
+        "value": ev_value,
+        "legacy": legacy_value,
+        "keys": [ev_key, legacy_key],
+    }
+    problem = _check_r2_value(ev_key, ev_value, "reported") or _check_r2_value(
+        legacy_key, legacy_value, "reported"
+    )
+    difference = ev_value - legacy_value
+    if problem is None and abs(difference) <= tol:
+        return record, None
+    rows = _table(
+        [
+            (ev_key, _fmt(ev_value), "reported explained variance (R²)"),
+            (legacy_key, _fmt(legacy_value), "reported legacy explained variance (per-token formula)"),
+            ("difference", _fmt(difference), f"tol {_fmt(tol)}"),
+        ]
+    )
+    if problem is not None:
+        verdict = f"{problem}."
+    elif difference > 0:
+        verdict = (
+            f"{ev_key} is the wrong number: it exceeds the legacy value by {_fmt(difference)}, and a correct pooled "
+            f"R² stays within {_fmt(tol)} of the legacy one. Likely cause: {ABOUT_ZERO_CAUSE}. Fix the metric code "
+            "(or upgrade it) and recompute; confirm with assert_r2_matches_legacy(saecheck, reported=...)."
+        )
+    else:
+        verdict = (
+            f"{legacy_key} exceeds {ev_key} by {_fmt(-difference)}. The about-zero bug inflates the pooled number, so "
+            "this direction points elsewhere: the two were likely computed on different tokens (BOS / position 0 "
+            "or padding included in one only), with activation normalisation applied to one, or the legacy mean was "
+            "taken over very small batches. Recompute both on the same tokens with "
+            "assert_r2_matches_legacy(saecheck, reported=...)."
+        )
+    headline = problem or (
+        f"reported {ev_key} = {_fmt(ev_value)} and {legacy_key} = {_fmt(legacy_value)} differ by "
+        f"{_fmt(abs(difference))} > tol {_fmt(tol)}"
+    )
+    message = "\n".join(
+        [f"assert_r2_matches_legacy failed on the reported metrics: {headline}", *rows, "  " + verdict]
+    )
+    return record, message
+
+
+def _r2_reported_vs_ours(facts: _Subject, reported: Any, tol: float) -> tuple[dict[str, Any], str | None]:
+    source = "reported"
+    if isinstance(_reported_mapping(reported), Mapping):
+        found = _find_reported(_reported_mapping(reported), _EV_KEYS, "explained variance")
+        if found is None:
+            raise ConfigError(
+                "assert_r2_matches_legacy: reported= is a mapping without explained_variance; pass the number or "
+                "the metrics mapping that holds it"
+            )
+        source, reported = found
+    value = _finite_or_nan("reported", reported)
+    ours = facts.metrics.get("explained_variance")
+    legacy = facts.metrics.get("explained_variance_legacy")
+    about_zero = facts.metrics.get("explained_variance_about_zero")
+    record = {
+        **facts.subject,
+        "label": facts.label,
+        "mode": "reported_vs_ours",
+        "metric": "explained_variance",
+        "reported": value,
+        "value": ours,
+        "legacy": legacy,
+        "about_zero": about_zero,
+        "n_tokens": facts.n_tokens,
+    }
+    if ours is None:
+        reason = facts.undefined.get("explained_variance", "not computed")
+        return (
+            record,
+            f"assert_r2_matches_legacy failed for {facts.label}: our explained_variance is undefined: {reason}",
+        )
+    problem = _check_r2_value(source, value, "reported")
+    if problem is None and abs(value - ours) <= tol:
+        return record, None
+    rows = _table(
+        [
+            (f"reported ({source})" if source != "reported" else "reported", _fmt(value), ""),
+            ("explained_variance (ours)", _fmt(ours), "1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ over all tokens"),
+            (
+                "explained_variance_legacy (ours)",
+                _fmt(legacy),
+                "mean over tokens of 1 − ‖x − x̂‖² / ‖x − x̄_batch‖²",
+            ),
+            ("explained_variance_about_zero (ours)", _fmt(about_zero), "1 − Σ‖x − x̂‖² / Σ‖x‖²"),
+        ]
+    )
+    if problem is not None:
+        verdict = f"the reported number is wrong: {problem}."
+    elif (
+        about_zero is not None
+        and abs(value - about_zero) <= tol
+        and abs(value - about_zero) < abs(value - ours)
+    ):
+        verdict = f"the reported number is wrong: {ABOUT_ZERO_CAUSE}."
+    elif legacy is not None and abs(value - legacy) <= tol:
+        verdict = (
+            "the reported number is the legacy per-token formula (mean of 1 − ‖x − x̂‖²/‖x − x̄_batch‖²), not the "
+            "pooled R²; label it explained_variance_legacy, or report 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²."
+        )
+    else:
+        verdict = (
+            "the reported number matches none of the formulas computed here. Likely causes: it was computed on other "
+            "tokens (another dataset, context size, or with BOS / position 0 included), with activation "
+            "normalisation (normalize_activations) applied on one side only, or for another SAE checkpoint."
+        )
+    message = "\n".join(
+        [
+            f"assert_r2_matches_legacy failed for {facts.label}: reported R² {_fmt(value)} differs from ours "
+            f"{_fmt(ours)} by {_fmt(abs(value - ours))} > tol {_fmt(tol)}",
+            *rows,
+            "  " + _tokens_line(facts),
+            "  " + verdict,
+        ]
+    )
+    return record, message
+
+
+def _finite_or_nan(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None

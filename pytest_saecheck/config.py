@@ -1,0 +1,342 @@
+"""Settings of the saecheck fixtures: one table, read from markers, the command line and ini files.
+
+Every setting ``NAME`` can be given three ways, and the first that is present wins:
+
+1. the ``@pytest.mark.saecheck(NAME=...)`` marker closest to the test (the test itself, a ``pytest.param``'s
+   marks, its class, then the module's ``pytestmark``); markers further out fill in the keys closer ones omit;
+2. the command-line option ``--saecheck-NAME`` (underscores become dashes);
+3. the ini key ``saecheck_NAME``;
+
+and otherwise the default in :data:`SETTINGS`. This module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import pytest
+
+from pytest_saecheck.errors import ConfigError
+
+MARKER = "saecheck"
+_UNSET = object()
+
+
+class SettingsUsageError(ConfigError, pytest.UsageError):
+    """A malformed ``--saecheck-*`` option or ``saecheck_*`` ini value: pytest reports it as a usage error."""
+
+
+def _text(name: str, value: Any) -> str | None:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"saecheck setting {name!r} must be a string, got {type(value).__name__} {value!r}; "
+            f'write it as {name}="..."'
+        )
+    value = value.strip()
+    return value or None
+
+
+def _positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"saecheck setting {name!r} must be an integer, got the boolean {value!r}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d[\d_]*\s*", value):
+        number = int(value.strip().replace("_", ""))
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    else:
+        raise ConfigError(
+            f"saecheck setting {name!r} must be an integer, got {value!r}; "
+            f"write it as a whole number, e.g. {name}=1024 (underscores allowed: 200_000)"
+        )
+    if number < minimum:
+        raise ConfigError(f"saecheck setting {name!r} must be at least {minimum}, got {number}")
+    return number
+
+
+def _optional_positive_int(name: str, value: Any) -> int | None:
+    if isinstance(value, str) and value.strip().lower() in ("", "auto", "none"):
+        return None
+    return _positive_int(name, value)
+
+
+def _seed(name: str, value: Any) -> int:
+    return _positive_int(name, value, minimum=0)
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(
+        f"saecheck setting {name!r} must be a boolean, got {value!r}; use true/false (or 1/0, yes/no, on/off)"
+    )
+
+
+_DEVICE = re.compile(r"[a-z][a-z0-9_]*(:\d+)?")
+
+
+def _device(name: str, value: Any) -> str | None:
+    text = _text(name, value)
+    if text is None or text.lower() == "auto":
+        return None
+    if not _DEVICE.fullmatch(text):
+        raise ConfigError(
+            f"saecheck setting {name!r} is not a device: {text!r}; use 'auto', 'cpu', 'cuda', 'cuda:1', 'mps', ..."
+        )
+    return text
+
+
+DTYPES: Mapping[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float64": "float64",
+    "fp64": "float64",
+    "double": "float64",
+}
+
+
+def _dtype(name: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str) and str(value).startswith("torch."):
+        value = str(value)  # a torch.dtype object
+    text = _text(name, value)
+    if text is None or text.lower() == "auto":
+        return None
+    key = text.lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ConfigError(
+            f"saecheck setting {name!r} is not a dtype: {text!r}; use one of float32, float16, bfloat16, float64"
+        )
+    return DTYPES[key]
+
+
+UNAVAILABLE_POLICIES = ("skip", "error")
+
+
+def _unavailable(name: str, value: Any) -> str:
+    text = (_text(name, value) or "").lower()
+    if text not in UNAVAILABLE_POLICIES:
+        raise ConfigError(f"saecheck setting {name!r} must be 'skip' or 'error', got {value!r}")
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One configurable value: its name, parser, default and help text."""
+
+    name: str
+    parse: Callable[[str, Any], Any]
+    default: Any
+    help: str
+    metavar: str
+
+    @property
+    def option(self) -> str:
+        return "--saecheck-" + self.name.replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return "saecheck_" + self.name
+
+    @property
+    def ini(self) -> str:
+        return "saecheck_" + self.name
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "model",
+        _text,
+        None,
+        'model under test: a TransformerLens name ("gpt2"), a local Hugging Face model directory, or "demo". '
+        "Default: the model named in the SAE's config",
+        "SPEC",
+    ),
+    Setting(
+        "sae",
+        _text,
+        None,
+        'SAE under test: an SAE Lens "release/id", a local SAE Lens directory, or "demo/<name>"',
+        "SPEC",
+    ),
+    Setting(
+        "tokens",
+        _text,
+        None,
+        'evaluation tokens: a .txt/.jsonl/.parquet/.npy/.pt file, a saved datasets directory, "hf:<dataset>", '
+        'or "demo". Default: the SAE\'s training dataset (the demo corpus for demo SAEs)',
+        "SOURCE",
+    ),
+    Setting("n_tokens", _positive_int, 16_384, "number of tokens to evaluate (default 16384)", "N"),
+    Setting(
+        "context_size",
+        _optional_positive_int,
+        None,
+        "tokens per sequence. Default: the SAE's training context size, else 128",
+        "N",
+    ),
+    Setting("batch_size", _positive_int, 16, "sequences per forward pass (default 16)", "N"),
+    Setting(
+        "device", _device, None, "device for model and SAE (default: cuda when available, else cpu)", "DEVICE"
+    ),
+    Setting("dtype", _dtype, None, "dtype for model and SAE (default: float32)", "DTYPE"),
+    Setting(
+        "exclude_bos", _boolean, True, "leave position 0 (BOS) out of every metric (default true)", "BOOL"
+    ),
+    Setting(
+        "seed", _seed, 0, "seed for token sampling by the demo corpus and custom loaders (default 0)", "N"
+    ),
+    Setting(
+        "unavailable",
+        _unavailable,
+        "skip",
+        "what a test does when weights or data are not available offline: skip (default) or error",
+        "skip|error",
+    ),
+)
+
+SETTINGS_BY_NAME: Mapping[str, Setting] = {setting.name: setting for setting in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class SAECheckSettings:
+    """The resolved settings of one test. Hashable; ``sources`` says where each value came from."""
+
+    model: str | None = None
+    sae: str | None = None
+    tokens: str | None = None
+    n_tokens: int = 16_384
+    context_size: int | None = None
+    batch_size: int = 16
+    device: str | None = None
+    dtype: str | None = None
+    exclude_bos: bool = True
+    seed: int = 0
+    unavailable: str = "skip"
+    sources: Mapping[str, str] = dataclasses.field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {setting.name: getattr(self, setting.name) for setting in SETTINGS}
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register ``--saecheck-*`` options and ``saecheck_*`` ini keys (called from ``pytest_addoption``)."""
+    group = parser.getgroup("saecheck", "sparse autoencoder acceptance tests (pytest-saecheck)")
+    for setting in SETTINGS:
+        group.addoption(
+            setting.option, dest=setting.dest, default=None, metavar=setting.metavar, help=setting.help
+        )
+        parser.addini(setting.ini, help=setting.help, default=None)
+
+
+def _raw_option(config: pytest.Config, setting: Setting) -> Any:
+    return config.getoption(setting.dest, default=None)
+
+
+def _raw_ini(config: pytest.Config, setting: Setting) -> Any:
+    try:
+        value = config.getini(setting.ini)
+    except ValueError:  # the ini key was not registered (plugin loaded late)
+        return None
+    if isinstance(value, list):  # pytest returns [] for unset keys of some types
+        value = " ".join(value) if value else None
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
+
+
+def validate_command_line(config: pytest.Config) -> None:
+    """Parse every option and ini value once at start-up so that a typo fails the run, not each test."""
+    for setting in SETTINGS:
+        for raw, where in (
+            (_raw_option(config, setting), setting.option),
+            (_raw_ini(config, setting), setting.ini),
+        ):
+            if raw is None:
+                continue
+            try:
+                setting.parse(setting.name, raw)
+            except ConfigError as error:
+                raise SettingsUsageError(f"{where}: {error}") from None
+
+
+def marker_kwargs(markers: Iterable[pytest.Mark]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Merge ``saecheck`` markers, closest first, into one dict; also return where each key came from.
+
+    A key given as ``None`` counts as not given at that level.
+
+    Positional arguments and unknown keys raise :class:`ConfigError` naming the known keys.
+    """
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for mark in markers:
+        if mark.args:
+            raise ConfigError(
+                f"@pytest.mark.saecheck takes keyword arguments only, got positional {mark.args!r}; "
+                f'write e.g. @pytest.mark.saecheck(sae="demo/good")'
+            )
+        for key, value in mark.kwargs.items():
+            if key not in SETTINGS_BY_NAME:
+                close = difflib.get_close_matches(key, list(SETTINGS_BY_NAME), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(
+                    f"unknown key {key!r} in @pytest.mark.saecheck{hint}; "
+                    f"known keys: {', '.join(SETTINGS_BY_NAME)}"
+                )
+            if key not in merged and value is not None:  # None: not set at this level
+                merged[key] = value
+                origin[key] = "marker"
+    return merged, origin
+
+
+def resolve(config: pytest.Config, markers: Iterable[pytest.Mark] = ()) -> SAECheckSettings:
+    """Resolve every setting: marker > command line > ini > default."""
+    from_markers, _ = marker_kwargs(markers)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for setting in SETTINGS:
+        for raw, where, label in (
+            (from_markers.get(setting.name, _UNSET), "@pytest.mark.saecheck", "marker"),
+            (_raw_option(config, setting), setting.option, "command line"),
+            (_raw_ini(config, setting), setting.ini, "ini"),
+        ):
+            if raw is _UNSET or raw is None:
+                continue
+            try:
+                values[setting.name] = setting.parse(setting.name, raw)
+            except ConfigError as error:
+                raise ConfigError(f"{where}: {error}") from None
+            sources[setting.name] = label
+            break
+        else:
+            values[setting.name] = setting.default
+            sources[setting.name] = "default"
+        if values[setting.name] is None and setting.default is not None:
+            values[setting.name] = setting.default
+    return SAECheckSettings(**values, sources=sources)
+
+
+def resolve_for_item(item: pytest.Item) -> SAECheckSettings:
+    """The settings of one collected test, from its markers and the run's options."""
+    return resolve(item.config, item.iter_markers(MARKER))

@@ -1,0 +1,138 @@
+"""The session cache: models, SAEs, tokens and evaluations shared by the tests of one pytest run.
+
+At most one model is held at a time. Before a different model is loaded, the previous one (and the SAEs and
+token sets loaded alongside it) are dropped and memory is freed (``gc.collect`` and the accelerator's
+``empty_cache``), so a file testing SAEs on three models never holds three models at once. Evaluations are
+plain numbers and are kept for the whole run. A load that failed is remembered and fails the same way
+again, without a second slow download attempt.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+from pytest_saecheck.errors import SAECheckError
+
+T = TypeVar("T")
+
+MAX_SAES = 4
+MAX_TOKEN_SETS = 8
+
+
+def free_accelerator_memory() -> None:
+    """Collect garbage and return cached accelerator memory to the driver (no-op when torch is not loaded)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    try:
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - a broken CUDA setup must not fail the test run
+        pass
+    mps = getattr(torch, "mps", None)
+    backend = getattr(getattr(torch, "backends", None), "mps", None)
+    try:
+        if mps is not None and backend is not None and backend.is_available():
+            mps.empty_cache()
+    except Exception:  # pragma: no cover
+        pass
+
+
+class SessionCache:
+    """Per-run store of loaded objects; one instance lives on ``config.stash``."""
+
+    def __init__(self, *, max_saes: int = MAX_SAES, max_token_sets: int = MAX_TOKEN_SETS) -> None:
+        self.max_saes = max_saes
+        self.max_token_sets = max_token_sets
+        self._model_key: Hashable | None = None
+        self._model: Any = None
+        self._saes: OrderedDict[Hashable, Any] = OrderedDict()
+        self._tokens: OrderedDict[Hashable, Any] = OrderedDict()
+        self._evaluations: dict[Hashable, Any] = {}
+        self._failures: dict[Hashable, tuple[type[SAECheckError], str]] = {}
+        self.loads: dict[str, int] = {"model": 0, "sae": 0, "tokens": 0, "evaluation": 0}
+        self.frees = 0
+
+    # -- models -------------------------------------------------------------------------------------------
+
+    @property
+    def model_key(self) -> Hashable | None:
+        return self._model_key
+
+    def model(self, key: Hashable, load: Callable[[], T]) -> T:
+        """The model for ``key``; a different key releases the held model (and its SAEs and tokens) first."""
+        if key == self._model_key and self._model is not None:
+            return self._model
+        self._raise_remembered(("model", key))
+        if self._model_key is not None:
+            self.release_model()
+        model = self._load(("model", key), load, "model")
+        self._model_key, self._model = key, model
+        return model
+
+    def release_model(self) -> None:
+        """Drop the held model, SAEs and token sets, and free their memory."""
+        self._model_key = None
+        self._model = None
+        self._saes.clear()
+        self._tokens.clear()
+        free_accelerator_memory()
+        self.frees += 1
+
+    # -- SAEs, tokens, evaluations -------------------------------------------------------------------------
+
+    def sae(self, key: Hashable, load: Callable[[], T]) -> T:
+        return self._lru(self._saes, key, load, "sae", self.max_saes)
+
+    def tokens(self, key: Hashable, load: Callable[[], T]) -> T:
+        return self._lru(self._tokens, key, load, "tokens", self.max_token_sets)
+
+    def evaluation(self, key: Hashable, compute: Callable[[], T]) -> T:
+        if key not in self._evaluations:
+            self._raise_remembered(("evaluation", key))
+            self._evaluations[key] = self._load(("evaluation", key), compute, "evaluation")
+        return self._evaluations[key]
+
+    def has_evaluation(self, key: Hashable) -> bool:
+        return key in self._evaluations
+
+    def clear(self) -> None:
+        """Drop everything (end of the run)."""
+        self._evaluations.clear()
+        self._failures.clear()
+        self.release_model()
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _lru(
+        self, store: OrderedDict[Hashable, Any], key: Hashable, load: Callable[[], T], kind: str, size: int
+    ) -> T:
+        if key in store:
+            store.move_to_end(key)
+            return store[key]
+        self._raise_remembered((kind, key))
+        value = self._load((kind, key), load, kind)
+        store[key] = value
+        while len(store) > size:
+            store.popitem(last=False)
+        return value
+
+    def _load(self, failure_key: Hashable, load: Callable[[], T], kind: str) -> T:
+        try:
+            value = load()
+        except SAECheckError as error:
+            self._failures[failure_key] = (type(error), str(error))
+            raise
+        self.loads[kind] += 1
+        return value
+
+    def _raise_remembered(self, failure_key: Hashable) -> None:
+        remembered = self._failures.get(failure_key)
+        if remembered is not None:
+            error_type, message = remembered
+            raise error_type(message)

@@ -1,0 +1,152 @@
+"""Terminal output: the header line and the end-of-run table of every SAE checked.
+
+The table is built from ``report.saecheck_records`` as reports arrive (on the xdist controller too, since the
+records are plain values). Imports no torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pytest
+
+from pytest_saecheck.config import SETTINGS, resolve
+
+HEADLINE = (
+    ("ce_loss_score", "CE score"),
+    ("delta_ce", "ΔCE"),
+    ("kl_div_score", "KL score"),
+    ("explained_variance", "R²"),
+    ("l0", "L0"),
+)
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def header_lines(config: pytest.Config) -> list[str]:
+    """``saecheck: device=..., versions, defaults``, resolved from the command line and ini (markers excluded)."""
+    settings = resolve(config)
+    if settings.device is not None:
+        device = f"{settings.device} ({settings.sources.get('device')})"
+    elif "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        device = ("cuda" if torch.cuda.is_available() else "cpu") + " (auto)"
+    else:
+        device = "auto: cuda when available, else cpu"
+    versions = ", ".join(
+        f"{name} {_version(name)}" for name in ("pytest-saecheck", "torch", "transformer-lens", "sae-lens")
+    )
+    defaults = ", ".join(
+        f"{setting.name}={_show(getattr(settings, setting.name), setting.name)}"
+        for setting in SETTINGS
+        if setting.name != "device"
+    )
+    return [f"saecheck: device={device}; {versions}", f"saecheck defaults: {defaults}"]
+
+
+def _show(value: Any, name: str) -> str:
+    if value is None:
+        return {"context_size": "from SAE", "dtype": "float32", "tokens": "SAE's dataset"}.get(name, "-")
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+@dataclass
+class SubjectRow:
+    label: str
+    device: str | None = None
+    model: str | None = None
+    tokens: str | None = None
+    n_tokens: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    outcomes: dict[str, str] = field(default_factory=dict)  # nodeid -> outcome
+
+
+class Summary:
+    """Gathers records from test reports; renders one row per SAE checked."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, SubjectRow] = {}
+        self._subjects_by_node: dict[str, set[str]] = {}
+
+    def add_report(self, report: pytest.TestReport) -> None:
+        for entry in getattr(report, "saecheck_records", None) or ():
+            if entry.get("label") is None:  # e.g. reported metrics checked without an SAE under test
+                continue
+            label = str(entry["label"])
+            row = self.rows.setdefault(label, SubjectRow(label))
+            row.device = entry.get("device") or row.device
+            self._subjects_by_node.setdefault(report.nodeid, set()).add(label)
+            if entry.get("kind") == "evaluation":
+                row.model = entry.get("resolved_model") or row.model
+                row.tokens = entry.get("resolved_tokens") or row.tokens
+                row.n_tokens = entry.get("n_tokens")
+                row.metrics = dict(entry.get("metrics") or {})
+        outcome = _outcome(report)
+        if outcome is None:
+            return
+        for label in self._subjects_by_node.get(report.nodeid, ()):
+            previous = self.rows[label].outcomes.get(report.nodeid)
+            if previous in (None, "passed") or outcome == "error":
+                self.rows[label].outcomes[report.nodeid] = outcome
+
+    def lines(self) -> list[str]:
+        if not self.rows:
+            return []
+        header = ["SAE", "model", "tokens", "n_tokens", *(title for _, title in HEADLINE), "tests"]
+        table = [header]
+        for row in self.rows.values():
+            cells = [row.label, row.model or "-", row.tokens or "-", str(row.n_tokens or "-")]
+            cells += [_number(row.metrics.get(name)) for name, _ in HEADLINE]
+            cells.append(_counts(row.outcomes.values()))
+            table.append(cells)
+        return _render(table)
+
+
+def _outcome(report: pytest.TestReport) -> str | None:
+    if report.when == "call":
+        if hasattr(report, "wasxfail"):
+            return "xfailed" if report.skipped else "xpassed"
+        return report.outcome
+    if report.failed:
+        return "error"
+    if report.when == "setup" and report.skipped:
+        return "skipped"
+    return None
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "-"
+    number = float(value)
+    if abs(number) >= 100:
+        return f"{number:.1f}"
+    return f"{number:.4f}" if abs(number) < 10 else f"{number:.3f}"
+
+
+def _counts(outcomes: Iterable[str]) -> str:
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome] = counts.get(outcome, 0) + 1
+    order = ("failed", "error", "passed", "xfailed", "xpassed", "skipped")
+    return ", ".join(f"{counts[name]} {name}" for name in order if counts.get(name)) or "-"
+
+
+def _render(table: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = []
+    for number, row in enumerate(table):
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        if number == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return lines
