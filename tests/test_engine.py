@@ -493,3 +493,13 @@ def test_zero_variance_activations():
     tokens = torch.full((4, 8), 3)
     with pytest.raises(DegenerateActivationsError, match="zero variance"):
         evaluate(model, identity_sae("blocks.0.hook_resid_pre"), tokens, progress=False)
+
+
+def test_sae_dtype_invariance(model):
+    """A float64 copy of the SAE gives the float32 SAE's metrics up to float32 rounding."""
+    sae = make_sae("blocks.1.hook_resid_pre")
+    tokens = make_tokens(8)
+    single = evaluate(model, sae, tokens, progress=False).metrics
+    double = evaluate(model, sae.to(torch.float64), tokens, progress=False).metrics
+    for name, value in single.items():
+        assert double[name] == pytest.approx(value, abs=1e-4, rel=1e-4), name

@@ -1,0 +1,119 @@
+"""Metric formulas and the bootstrap, on synthetic per-sequence sums."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pytest_saecheck import ConfigError
+from pytest_saecheck.metrics import (
+    BOOTSTRAPPABLE,
+    CHINCHILLA_SCALING_LAW,
+    METRIC_NAMES,
+    METRICS,
+    metrics_from_sums,
+)
+from pytest_saecheck.stats import bootstrap_interval
+
+
+def sums_from_tokens(
+    x: np.ndarray, x_hat: np.ndarray, ce: dict[str, np.ndarray], reference: np.ndarray
+) -> dict:
+    """Build one sequence's sums the way the engine does, from explicit per-token values."""
+    err = ((x - x_hat) ** 2).sum(-1)
+    centered = x - reference
+    return {
+        "n_ce": np.float64(len(x)),
+        "n_kl": np.float64(len(x)),
+        "n_rec": np.float64(len(x)),
+        **{f"ce_sum_{v}": values.sum() for v, values in ce.items()},
+        "kl_sum_sae": np.float64(0.1 * len(x)),
+        "kl_sum_zero": np.float64(2.0 * len(x)),
+        "sse": err.sum(),
+        "sum_sq_norm": (x**2).sum(),
+        "sum_sq_centered": (centered**2).sum(),
+        "sum_x_centered": centered.sum(0),
+        "cos_sum": np.float64(0.0),
+        "rel_err_sum": np.float64(0.0),
+        "l2_ratio_sum": np.float64(0.0),
+        "ev_legacy_sum": np.float64(0.0),
+        "l0_sum": np.float64(0.0),
+        "l1_sum": np.float64(0.0),
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    offset=st.floats(-1e3, 1e3),
+    scale=st.floats(1e-2, 1e2),
+    noise=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_explained_variance_is_centring_invariant(offset, scale, noise, seed):
+    """R² about the mean does not depend on the reference the sums are centred on, nor on a common offset."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(50, 6)) * scale + offset
+    x_hat = x + noise * scale * rng.normal(size=x.shape)
+    ce = {"orig": np.ones(50), "sae": np.ones(50) * 1.5, "zero": np.ones(50) * 4}
+    direct = 1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    for reference in (np.zeros(6), x[:5].mean(0), x.mean(0) + 3.0):
+        value = metrics_from_sums(sums_from_tokens(x, x_hat, ce, reference))["explained_variance"]
+        assert value == pytest.approx(direct, rel=1e-9, abs=1e-9)
+
+
+def test_ce_scores_from_sums():
+    x = np.arange(12.0).reshape(4, 3)
+    ce = {"orig": np.full(4, 2.0), "sae": np.full(4, 2.5), "zero": np.full(4, 7.0), "mean": np.full(4, 4.0)}
+    m = metrics_from_sums(sums_from_tokens(x, x, ce, np.zeros(3)))
+    assert m["delta_ce"] == pytest.approx(0.5)
+    assert m["ce_loss_score"] == pytest.approx((7.0 - 2.5) / (7.0 - 2.0))
+    assert m["ce_loss_score_mean_ablation"] == pytest.approx((4.0 - 2.5) / (4.0 - 2.0))
+    assert m["ce_rec"] == pytest.approx(2 - 2.5 / 2.0)
+    assert m["kl_div_score"] == pytest.approx((2.0 - 0.1) / 2.0)
+    irreducible, gamma = CHINCHILLA_SCALING_LAW
+    assert gamma == pytest.approx(0.34 * 0.28 / 0.62)
+    assert m["compute_fraction"] == pytest.approx(((2.5 - irreducible) / (2.0 - irreducible)) ** (-1 / gamma))
+    assert m["explained_variance"] == pytest.approx(1.0)
+
+
+def test_undefined_scores_are_nan_not_inf():
+    x = np.arange(12.0).reshape(4, 3)
+    ce = {"orig": np.full(4, 2.0), "sae": np.full(4, 2.5), "zero": np.full(4, 2.0)}
+    m = metrics_from_sums(sums_from_tokens(x, x, ce, np.zeros(3)), scaling_law=(3.0, 0.15))
+    assert np.isnan(m["ce_loss_score"])
+    assert np.isnan(m["compute_fraction"])
+
+
+def test_every_metric_is_documented():
+    assert set(METRIC_NAMES) == set(METRICS)
+    assert BOOTSTRAPPABLE == set(METRIC_NAMES) - {"alive_fraction"}
+    for info in METRICS.values():
+        assert info.formula and info.scale
+
+
+def test_bootstrap_of_constant_data_has_zero_width():
+    per_sequence = {"a": np.full(10, 3.0), "n": np.ones(10)}
+    low, high = bootstrap_interval(per_sequence, lambda s: s["a"] / s["n"], n_resamples=300)
+    assert low == pytest.approx(3.0) and high == pytest.approx(3.0)
+
+
+def test_bootstrap_is_paired():
+    """Two variants with noisy but identical per-sequence losses: the paired difference has zero width."""
+    rng = np.random.default_rng(0)
+    losses = rng.normal(3.0, 1.0, size=30)
+    per_sequence = {"orig": losses, "sae": losses + 0.25, "n": np.ones(30)}
+    low, high = bootstrap_interval(per_sequence, lambda s: (s["sae"] - s["orig"]) / s["n"], n_resamples=500)
+    assert low == pytest.approx(0.25) and high == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("level", [0.0, 1.0, 1.5])
+def test_bootstrap_rejects_bad_level(level):
+    with pytest.raises(ConfigError, match="level"):
+        bootstrap_interval({"a": np.ones(3)}, lambda s: s["a"], level=level)
+
+
+def test_bootstrap_needs_two_sequences():
+    with pytest.raises(ConfigError, match="at least 2 sequences"):
+        bootstrap_interval({"a": np.ones(1)}, lambda s: s["a"])
