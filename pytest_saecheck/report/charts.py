@@ -1,0 +1,271 @@
+"""Small dependency-free SVG charts for the HTML report.
+
+Every function returns an SVG fragment as :class:`markupsafe.Markup`; every piece of text in it is escaped
+here, so callers may pass untrusted labels. Charts are plain shapes with presentation attributes: no script,
+no external reference, no font download.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from html import escape
+
+from markupsafe import Markup
+
+PALETTE = {
+    "axis": "#555",
+    "grid": "#e3e3e3",
+    "text": "#222",
+    "primary": "#1f5fa8",
+    "secondary": "#c46210",
+    "bar": "#5b8fc7",
+    "dead": "#b03030",
+    "zero": "#888",
+}
+FONT = 'font-family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif" font-size="11"'
+
+
+def _fmt(value: float) -> str:
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude >= 1000 or magnitude < 0.001:
+        return f"{value:.1e}"
+    if magnitude >= 10:
+        return f"{value:.0f}" if value == round(value) else f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values covering [low, high] (about ``count`` of them)."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return [0.0]
+    if high < low:
+        low, high = high, low
+    if high == low:
+        spread = abs(low) * 0.1 or 1.0
+        low, high = low - spread, high + spread
+    raw = (high - low) / max(1, count)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    start = math.floor(low / step + 1e-9) * step
+    ticks = []
+    value = start
+    while value <= high + step * 0.5 and len(ticks) < 50:
+        ticks.append(round(value, 12))
+        value += step
+    if ticks[-1] < high:
+        ticks.append(round(ticks[-1] + step, 12))
+    return ticks
+
+
+def _svg(width: int, height: int, title: str, body: list[str]) -> Markup:
+    return Markup(
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" viewBox="0 0 {width} {height}" '
+        f'width="{width}" height="{height}" {FONT}><title>{escape(title)}</title>' + "".join(body) + "</svg>"
+    )
+
+
+def _empty(width: int, height: int, title: str, message: str) -> Markup:
+    return _svg(
+        width,
+        height,
+        title,
+        [
+            f'<rect x="0.5" y="0.5" width="{width - 1}" height="{height - 1}" fill="#fafafa" stroke="{PALETTE["grid"]}"/>',
+            f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" fill="{PALETTE["axis"]}">{escape(message)}</text>',
+        ],
+    )
+
+
+def line_chart(
+    series: Sequence[tuple[str, Sequence[float | None], str]],
+    *,
+    title: str,
+    x_label: str,
+    y_label: str,
+    width: int = 640,
+    height: int = 240,
+) -> Markup:
+    """Lines over integer x = 0, 1, 2, ...; ``None`` values leave gaps. ``series``: (name, values, colour)."""
+    points = [(x, y) for _, values, _ in series for x, y in enumerate(values) if y is not None]
+    if not points:
+        return _empty(width, height, title, "no data")
+    left, right, top, bottom = 58, 16, 26, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    n = max(len(values) for _, values, _ in series)
+    y_values = [y for _, y in points]
+    y_ticks = nice_ticks(min(0.0, min(y_values)), max(0.0, max(y_values)))
+    y_low, y_high = y_ticks[0], y_ticks[-1]
+    x_ticks = [t for t in nice_ticks(0, max(1, n - 1), 8) if 0 <= t <= n - 1 and t == int(t)]
+
+    def sx(x: float) -> float:
+        return left + (x / max(1, n - 1)) * plot_w
+
+    def sy(y: float) -> float:
+        return top + (1 - (y - y_low) / (y_high - y_low)) * plot_h
+
+    body: list[str] = []
+    for tick in y_ticks:
+        y = sy(tick)
+        colour = PALETTE["zero"] if tick == 0 else PALETTE["grid"]
+        body.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="{colour}"/>')
+        body.append(
+            f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="{PALETTE["axis"]}">{escape(_fmt(tick))}</text>'
+        )
+    for tick in x_ticks:
+        x = sx(tick)
+        body.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" stroke="{PALETTE["axis"]}"/>'
+        )
+        body.append(
+            f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle" fill="{PALETTE["axis"]}">{int(tick)}</text>'
+        )
+    body.append(
+        f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="{PALETTE["axis"]}"/>'
+        f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="{PALETTE["axis"]}"/>'
+        f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle" fill="{PALETTE["axis"]}">{escape(x_label)}</text>'
+        f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" text-anchor="middle" fill="{PALETTE["axis"]}">'
+        f"{escape(y_label)}</text>"
+    )
+    legend_x = left + plot_w
+    for name, values, colour in series:
+        runs: list[list[str]] = [[]]
+        for x, y in enumerate(values):
+            if y is None:
+                runs.append([])
+            else:
+                runs[-1].append(f"{sx(x):.1f},{sy(y):.1f}")
+        for run in runs:
+            if len(run) > 1:
+                body.append(
+                    f'<polyline fill="none" stroke="{colour}" stroke-width="1.8" points="{" ".join(run)}"/>'
+                )
+            elif len(run) == 1:
+                cx, cy = run[0].split(",")
+                body.append(f'<circle cx="{cx}" cy="{cy}" r="2" fill="{colour}"/>')
+        y = 14
+        legend_x -= 8 + 7 * len(name) + 16
+        body.append(
+            f'<line x1="{legend_x}" x2="{legend_x + 14}" y1="{y - 4}" y2="{y - 4}" stroke="{colour}" stroke-width="2"/>'
+            f'<text x="{legend_x + 18}" y="{y}" fill="{PALETTE["text"]}">{escape(name)}</text>'
+        )
+    return _svg(width, height, title, body)
+
+
+def density_histogram(
+    histogram: dict | None, *, title: str = "Latent firing density", width: int = 640, height: int = 240
+) -> Markup:
+    """Bars of latent counts over log10(firing density) bins, with a separate bar for dead latents."""
+    if not histogram or not histogram.get("counts"):
+        return _empty(width, height, title, "no latent density recorded")
+    edges: list[float] = list(histogram["log10_edges"])
+    counts: list[int] = list(histogram["counts"])
+    dead = int(histogram.get("dead", 0))
+    left, right, top, bottom = 58, 16, 26, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    slots = len(counts) + 2  # a gap, then the dead bar on the left
+    slot_w = plot_w / slots
+    y_ticks = nice_ticks(0, max([*counts, dead, 1]), 4)
+    y_high = y_ticks[-1]
+
+    def sy(value: float) -> float:
+        return top + (1 - value / y_high) * plot_h
+
+    body: list[str] = []
+    for tick in y_ticks:
+        y = sy(tick)
+        body.append(
+            f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="{PALETTE["grid"]}"/>'
+        )
+        body.append(
+            f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="{PALETTE["axis"]}">{escape(_fmt(tick))}</text>'
+        )
+    bars = [("dead", dead, PALETTE["dead"], 0)] + [
+        (f"10^{edges[i]:g} to 10^{edges[i + 1]:g}", c, PALETTE["bar"], i + 2) for i, c in enumerate(counts)
+    ]
+    for label, value, colour, slot in bars:
+        x = left + slot * slot_w + 1
+        y = sy(value)
+        body.append(
+            f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(1.0, slot_w - 2):.1f}" height="{top + plot_h - y:.1f}" '
+            f'fill="{colour}"><title>{escape(label)}: {value} latents</title></rect>'
+        )
+    body.append(
+        f'<text x="{left + 1.5 * slot_w:.1f}" y="{top + plot_h + 16}" text-anchor="end" fill="{PALETTE["dead"]}">dead</text>'
+    )
+    for index, edge in enumerate(edges):
+        if edge != int(edge):
+            continue
+        x = left + (index + 2) * slot_w
+        body.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" stroke="{PALETTE["axis"]}"/>'
+        )
+        body.append(
+            f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle" fill="{PALETTE["axis"]}">{"1" if edge == 0 else f"1e{int(edge)}"}</text>'
+        )
+    body.append(
+        f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="{PALETTE["axis"]}"/>'
+        f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle" fill="{PALETTE["axis"]}">'
+        "fraction of tokens on which a latent fires (log scale)</text>"
+        f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" text-anchor="middle" fill="{PALETTE["axis"]}">'
+        "latents</text>"
+    )
+    return _svg(width, height, title, body)
+
+
+def loss_scale(metrics: dict[str, float], *, width: int = 640, height: int = 92) -> Markup:
+    """The four cross-entropies on one axis in nats, so the spliced model's loss is seen on an honest scale."""
+    marks = [
+        ("original", metrics.get("ce_orig"), PALETTE["text"]),
+        ("SAE spliced", metrics.get("ce_sae"), PALETTE["primary"]),
+        ("mean-ablated", metrics.get("ce_mean"), PALETTE["secondary"]),
+        ("zero-ablated", metrics.get("ce_zero"), PALETTE["dead"]),
+    ]
+    known = [(name, value, colour) for name, value, colour in marks if value is not None]
+    title = "Cross-entropy (nats/token) of the original, spliced and ablated model"
+    if not known:
+        return _empty(width, height, title, "no cross-entropy recorded")
+    left, right = 20, 20
+    ticks = nice_ticks(min(0.0, *(v for _, v, _ in known)), max(v for _, v, _ in known), 8)
+    low, high = ticks[0], ticks[-1]
+    axis_y = 58
+
+    def sx(value: float) -> float:
+        return left + (value - low) / (high - low) * (width - left - right)
+
+    body = [
+        f'<line x1="{left}" x2="{width - right}" y1="{axis_y}" y2="{axis_y}" stroke="{PALETTE["axis"]}"/>'
+    ]
+    for tick in ticks:
+        x = sx(tick)
+        body.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{axis_y}" y2="{axis_y + 4}" stroke="{PALETTE["axis"]}"/>'
+        )
+        body.append(
+            f'<text x="{x:.1f}" y="{axis_y + 16}" text-anchor="middle" fill="{PALETTE["axis"]}">{escape(_fmt(tick))}</text>'
+        )
+    orig, sae = metrics.get("ce_orig"), metrics.get("ce_sae")
+    if orig is not None and sae is not None:
+        x0, x1 = sorted((sx(orig), sx(sae)))
+        body.append(
+            f'<rect x="{x0:.1f}" y="{axis_y - 10}" width="{max(1.0, x1 - x0):.1f}" height="10" fill="{PALETTE["primary"]}" '
+            f'opacity="0.25"><title>ΔCE = {escape(_fmt(sae - orig))} nats</title></rect>'
+        )
+    placed: list[float] = []
+    for name, value, colour in sorted(known, key=lambda mark: mark[1]):
+        x = sx(value)
+        row = sum(1 for other in placed if abs(other - x) < 90) % 3
+        placed.append(x)
+        label_y = 14 + 13 * row
+        body.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{label_y + 3}" y2="{axis_y}" stroke="{colour}" stroke-width="2"/>'
+            f'<circle cx="{x:.1f}" cy="{axis_y}" r="3.5" fill="{colour}"/>'
+            f'<text x="{x + 4 if x < width * 0.7 else x - 4:.1f}" y="{label_y}" fill="{colour}" '
+            f'text-anchor="{"start" if x < width * 0.7 else "end"}">{escape(name)} {escape(_fmt(value))}</text>'
+        )
+    body.append(
+        f'<text x="{width / 2}" y="{height - 4}" text-anchor="middle" fill="{PALETTE["axis"]}">nats per token</text>'
+    )
+    return _svg(width, height, title, body)

@@ -1,0 +1,241 @@
+"""Render a result document as one self-contained HTML page.
+
+jinja2 with autoescape on; CSS inline; charts inline SVG (:mod:`~pytest_saecheck.report.charts`); no script.
+The page carries a Content-Security-Policy that forbids every network fetch, scripts included, so it opens
+offline and cannot phone home even if an extension section misbehaves. The page is a function of the document
+alone: a merged document renders exactly like a single run's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jinja2
+from markupsafe import Markup
+
+from pytest_saecheck.report import charts
+from pytest_saecheck.report.schema import STATUSES
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
+)
+
+LOSS_ROWS = (
+    ("ce_orig", "original model"),
+    ("ce_sae", "SAE spliced in"),
+    ("ce_mean", "mean-ablated"),
+    ("ce_zero", "zero-ablated"),
+)
+SCORE_ROWS = (
+    ("delta_ce", "ΔCE"),
+    ("ce_loss_score", "loss recovered vs zero ablation"),
+    ("ce_loss_score_mean_ablation", "loss recovered vs mean ablation"),
+    ("ce_rec", "patched loss score"),
+    ("compute_fraction", "compute fraction"),
+    ("kl_sae", "KL, SAE spliced"),
+    ("kl_zero", "KL, zero-ablated"),
+    ("kl_div_score", "KL recovered vs zero ablation"),
+)
+R2_ROWS = (
+    ("explained_variance", "R² about the mean (correct)"),
+    ("explained_variance_legacy", "legacy per-token R² (SAE Lens)"),
+    ("explained_variance_about_zero", "R² about zero (diagnostic: the bug)"),
+)
+OTHER_ROWS = (
+    ("l0", "L0"),
+    ("l1", "L1"),
+    ("alive_fraction", "alive latents"),
+    ("mse", "MSE"),
+    ("cosine_sim", "cosine similarity"),
+    ("relative_error_norm", "relative error norm"),
+    ("l2_ratio", "L2 ratio"),
+)
+# (metric, heading) of the overview table
+OVERVIEW = (
+    ("ce_orig", "CE orig"),
+    ("ce_sae", "CE SAE"),
+    ("delta_ce", "ΔCE"),
+    ("ce_loss_score", "CE score (zero)"),
+    ("ce_loss_score_mean_ablation", "CE score (mean)"),
+    ("kl_div_score", "KL score"),
+    ("compute_fraction", "compute fraction"),
+    ("explained_variance", "R²"),
+    ("l0", "L0"),
+)
+# the ratio each normalised score is made of, shown in nats beside it
+_DERIVATIONS = {
+    "ce_loss_score": ("ce_zero", "ce_sae", "ce_zero", "ce_orig"),
+    "ce_loss_score_mean_ablation": ("ce_mean", "ce_sae", "ce_mean", "ce_orig"),
+    "kl_div_score": ("kl_zero", "kl_sae", "kl_zero", None),
+}
+
+
+def _metric_info() -> Mapping[str, Any]:
+    try:
+        from pytest_saecheck.metrics import METRICS
+    except Exception:  # the report renders without the engine's dependencies (e.g. merging on a CI box)
+        return {}
+    return METRICS
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number for people: ``n/a`` when missing, 4 significant decimals, no spurious precision."""
+    if value is None or isinstance(value, bool):
+        return "n/a"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number):
+        return "n/a"
+    if number == int(number) and abs(number) < 1e15 and isinstance(value, int):
+        return f"{int(number):,}"
+    magnitude = abs(number)
+    if magnitude != 0 and (magnitude < 1e-3 or magnitude >= 1e5):
+        return f"{number:.{digits - 1}e}"
+    return f"{number:.{digits}f}" if magnitude < 10 else f"{number:.{max(1, digits - 2)}f}"
+
+
+def fmt_interval(interval: Any) -> str:
+    if not interval or not isinstance(interval, (list, tuple)) or len(interval) != 2:
+        return "n/a"
+    return f"[{fmt(interval[0])}, {fmt(interval[1])}]"
+
+
+def fmt_threshold(threshold: Mapping[str, Any] | None) -> str:
+    if not threshold:
+        return "n/a"
+    parts = []
+    if threshold.get("min") is not None:
+        parts.append(f"≥ {fmt(threshold['min'])}")
+    if threshold.get("max") is not None:
+        parts.append(f"≤ {fmt(threshold['max'])}")
+    if threshold.get("tol") is not None:
+        parts.append(f"|difference| ≤ {fmt(threshold['tol'])}")
+    return " and ".join(parts) or "n/a"
+
+
+def _rows(sae: Mapping[str, Any], names: Any, info: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    metrics, intervals, undefined = sae.get("metrics", {}), sae.get("intervals", {}), sae.get("undefined", {})
+    for name, title in names:
+        meta = info.get(name)
+        derivation = None
+        if name in _DERIVATIONS and name in metrics:
+            a, b, c, d = _DERIVATIONS[name]
+            values = [metrics.get(key) for key in (a, b, c)] + [metrics.get(d) if d else 0.0]
+            if all(value is not None for value in values):
+                if d:
+                    derivation = (
+                        f"({fmt(values[0])} − {fmt(values[1])}) / ({fmt(values[2])} − {fmt(values[3])})"
+                    )
+                else:
+                    derivation = f"({fmt(values[0])} − {fmt(values[1])}) / {fmt(values[2])}"
+        elif name == "delta_ce" and name in metrics and "ce_orig" in metrics and "ce_sae" in metrics:
+            derivation = f"{fmt(metrics['ce_sae'])} − {fmt(metrics['ce_orig'])} nats"
+        elif name == "ce_rec" and name in metrics and "ce_orig" in metrics and "ce_sae" in metrics:
+            derivation = f"2 − {fmt(metrics['ce_sae'])} / {fmt(metrics['ce_orig'])}"
+        rows.append(
+            {
+                "name": name,
+                "title": title,
+                "value": metrics.get(name),
+                "interval": intervals.get(name),
+                "undefined": undefined.get(name),
+                "formula": getattr(meta, "formula", None),
+                "scale": getattr(meta, "scale", None),
+                "derivation": derivation,
+            }
+        )
+    return rows
+
+
+def _sort_key(sae: Mapping[str, Any]) -> tuple[Any, ...]:
+    delta = sae.get("metrics", {}).get("delta_ce")
+    failed = sum(1 for a in sae.get("assertions", ()) if a.get("outcome") == "failed")
+    return (
+        STATUSES.index(sae["status"]) if sae.get("status") in STATUSES else len(STATUSES),
+        -failed,
+        -(delta if delta is not None else -math.inf),
+        sae.get("label", ""),
+        sae.get("id", ""),
+    )
+
+
+def worst_first(saes: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Failed first, then errors, passed, skipped, not run; within a status the largest ΔCE first."""
+    return sorted(saes, key=_sort_key)
+
+
+def _view(
+    sae: Mapping[str, Any], info: Mapping[str, Any], sections: list[Mapping[str, Any]]
+) -> dict[str, Any]:
+    known = {name for rows in (LOSS_ROWS, SCORE_ROWS, R2_ROWS, OTHER_ROWS) for name, _ in rows}
+    extra = sorted(set(sae.get("metrics", {})) - known)
+    metrics = sae.get("metrics", {})
+    r2 = metrics.get("explained_variance")
+    series = []
+    if sae.get("delta_ce_by_position"):
+        series.append(("ΔCE", sae["delta_ce_by_position"], charts.PALETTE["primary"]))
+    if sae.get("kl_by_position"):
+        series.append(("KL(orig ‖ SAE)", sae["kl_by_position"], charts.PALETTE["secondary"]))
+    passed = sum(1 for a in sae.get("assertions", ()) if a.get("outcome") == "passed")
+    return {
+        "sae": sae,
+        "loss_rows": _rows(sae, LOSS_ROWS, info),
+        "score_rows": _rows(sae, SCORE_ROWS, info),
+        "r2_rows": _rows(sae, R2_ROWS, info),
+        "other_rows": _rows(sae, OTHER_ROWS + tuple((name, name) for name in extra), info),
+        "r2_gaps": {
+            name: (metrics[name] - r2) if r2 is not None and name in metrics else None for name, _ in R2_ROWS
+        },
+        "loss_chart": charts.loss_scale(metrics),
+        "position_chart": charts.line_chart(
+            series,
+            title="ΔCE and KL by token position",
+            x_label="token position",
+            y_label="nats per token",
+        )
+        if series
+        else None,
+        "density_chart": charts.density_histogram(sae.get("latent_density_histogram")),
+        "assertions_passed": passed,
+        "assertions_total": len(sae.get("assertions", ())),
+        "sections": [section for section in sections if section.get("sae") == sae.get("id")],
+    }
+
+
+def _environment() -> jinja2.Environment:
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("pytest_saecheck.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters["num"] = fmt
+    environment.filters["interval"] = fmt_interval
+    environment.filters["threshold"] = fmt_threshold
+    return environment
+
+
+def render_html(document: Mapping[str, Any]) -> str:
+    """The report page of a (validated) result document."""
+    info = _metric_info()
+    prepared = [  # an extension's html is trusted markup (the page's CSP still blocks scripts and fetches)
+        {**section, "html": Markup(section["html"]) if section.get("html") is not None else None}
+        for section in document.get("report_sections", [])
+    ]
+    saes = worst_first(list(document.get("saes", [])))
+    known_ids = {sae.get("id") for sae in saes}
+    template = _environment().get_template("report.html.j2")
+    return template.render(
+        doc=document,
+        csp=CONTENT_SECURITY_POLICY,
+        views=[_view(sae, info, prepared) for sae in saes],
+        overview_columns=OVERVIEW,
+        general_sections=[s for s in prepared if s.get("sae") not in known_ids],
+        packages=sorted((document.get("environment", {}).get("packages") or {}).items()),
+    )

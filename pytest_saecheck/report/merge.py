@@ -1,0 +1,124 @@
+"""Merge the result documents of sharded runs into one, as if it had been one run.
+
+CI that shards SAEs (or tests) across machines runs ``pytest ... --saecheck-json shard-K.json`` on each and
+then ``python -m pytest_saecheck.report merge shard-*.json --html report.html --json report.json``.
+
+Rules: tests are united by node id (a test present in several shards keeps its worst outcome); SAEs are united
+by id, their numbers taken from the first shard (in argument order) that evaluated them, their assertions and
+tests united; derived fields are recomputed as for a single run (:func:`~pytest_saecheck.report.schema.finalise`).
+The merged run started when the first shard started and finished when the last finished; it is interrupted if
+any shard was, complete if every shard was. Extension fields are merged key by key (first shard wins).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pytest_saecheck.report.collect import now_iso
+from pytest_saecheck.report.schema import OUTCOMES, SCHEMA_ID, SCHEMA_VERSION, finalise, validate
+
+_NO_TESTS = 5  # pytest.ExitCode.NO_TESTS_COLLECTED
+
+
+def _exit_status(statuses: list[int | None]) -> int | None:
+    known = [status for status in statuses if status is not None]
+    if not known:
+        return None
+    meaningful = [status for status in known if status != _NO_TESTS]
+    return max(meaningful) if meaningful else _NO_TESTS
+
+
+def _merge_sae(target: dict[str, Any], other: Mapping[str, Any]) -> None:
+    assertions = {(a["test_id"], a["index"]): a for a in target["assertions"]}
+    for assertion in other.get("assertions", []):
+        assertions.setdefault((assertion["test_id"], assertion["index"]), copy.deepcopy(assertion))
+    tests = set(target["tests"]) | set(other.get("tests", []))
+    if not target.get("evaluated") and other.get("evaluated"):  # the numbers come from an evaluated shard
+        target.clear()
+        target.update(copy.deepcopy(dict(other)))
+    else:
+        # intervals a shard found through its assertions
+        for key, value in other.get("intervals", {}).items():
+            if key in target.get("metrics", {}):
+                target["intervals"].setdefault(key, copy.deepcopy(value))
+    target["assertions"] = list(assertions.values())
+    target["tests"] = sorted(tests)
+
+
+def _merge_extensions(target: dict[str, Any], other: Mapping[str, Any]) -> None:
+    for key, value in other.items():
+        if key not in target:
+            target[key] = copy.deepcopy(value)
+        elif isinstance(target[key], dict) and isinstance(value, Mapping):
+            _merge_extensions(target[key], value)
+
+
+def merge_documents(documents: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """One document from the documents of several shards (each validated first)."""
+    documents = list(documents)
+    if not documents:
+        raise ValueError("nothing to merge: give at least one result document")
+    for document in documents:
+        validate(document)
+    saes: dict[str, dict[str, Any]] = {}
+    tests: dict[str, dict[str, Any]] = {}
+    unattached: dict[tuple[str, int], dict[str, Any]] = {}
+    extensions: dict[str, Any] = {}
+    sections: list[dict[str, Any]] = []
+    for document in documents:
+        for sae in document["saes"]:
+            if sae["id"] in saes:
+                _merge_sae(saes[sae["id"]], sae)
+            else:
+                saes[sae["id"]] = copy.deepcopy(sae)
+        for test in document["tests"]:
+            known = tests.get(test["id"])
+            if known is None:
+                tests[test["id"]] = copy.deepcopy(test)
+            else:
+                known["saes"] = sorted(set(known["saes"]) | set(test["saes"]))
+                if OUTCOMES.index(test["outcome"]) < OUTCOMES.index(known["outcome"]):
+                    known.update(outcome=test["outcome"], message=test.get("message"))
+        for assertion in document.get("unattached_assertions", []):
+            unattached.setdefault((assertion["test_id"], assertion["index"]), copy.deepcopy(assertion))
+        _merge_extensions(extensions, document.get("extensions", {}))
+        for section in document.get("report_sections", []):
+            if section not in sections:
+                sections.append(copy.deepcopy(section))
+    runs = [document["run"] for document in documents]
+    started = [run["started"] for run in runs if run.get("started")]
+    finished = [run["finished"] for run in runs if run.get("finished")]
+    durations = [run["duration_s"] for run in runs if run.get("duration_s") is not None]
+    environment = copy.deepcopy(documents[0]["environment"])
+    others = [
+        doc["environment"] for doc in documents[1:] if doc["environment"] != documents[0]["environment"]
+    ]
+    if others:
+        environment["shards"] = [copy.deepcopy(doc["environment"]) for doc in documents]
+    merged = {
+        "schema": SCHEMA_ID,
+        "schema_version": SCHEMA_VERSION,
+        "generator": copy.deepcopy(documents[0].get("generator", {})),
+        "created": now_iso(),
+        "run": {
+            "started": min(started) if started else None,
+            "finished": max(finished) if finished else None,
+            "duration_s": max(durations) if durations else None,
+            "exit_status": _exit_status([run.get("exit_status") for run in runs]),
+            "interrupted": any(run.get("interrupted") for run in runs),
+            "complete": all(run.get("complete", True) for run in runs),
+            "workers": None,
+            "shards": sum(run.get("shards", 1) for run in runs),
+        },
+        "environment": environment,
+        "saes": list(saes.values()),
+        "tests": list(tests.values()),
+        "unattached_assertions": list(unattached.values()),
+        "extensions": extensions,
+        "report_sections": sections,
+    }
+    finalise(merged)
+    validate(merged)
+    return merged
