@@ -1,0 +1,278 @@
+"""Settings: marker, command-line options and ini keys, their precedence, validation and the marker's registration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pytest_saecheck.config import SETTINGS, SAECheckSettings, SettingsUsageError, marker_kwargs
+from pytest_saecheck.errors import ConfigError, SAECheckError
+
+SHOW_SETTINGS = """
+import json
+def test_show(saecheck_settings):
+    print("SETTINGS=" + json.dumps(saecheck_settings.to_dict()))
+    print("SOURCES=" + json.dumps(dict(saecheck_settings.sources)))
+"""
+
+
+def _settings(result: pytest.RunResult) -> tuple[dict, dict]:
+    import json
+
+    out = result.stdout.str()
+    settings = json.loads(out.split("SETTINGS=", 1)[1].splitlines()[0])
+    sources = json.loads(out.split("SOURCES=", 1)[1].splitlines()[0])
+    return settings, sources
+
+
+def test_plugin_import_does_not_import_torch() -> None:
+    code = "import sys, pytest_saecheck.plugin; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_defaults_when_nothing_is_configured(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(SHOW_SETTINGS)
+    result = pytester.runpytest_inprocess("-s")
+    result.assert_outcomes(passed=1)
+    settings, sources = _settings(result)
+    assert settings == {setting.name: setting.default for setting in SETTINGS}
+    assert set(sources.values()) == {"default"}
+
+
+@pytest.mark.parametrize("setting", [s for s in SETTINGS], ids=lambda s: s.name)
+def test_every_setting_has_an_option_an_ini_key_and_a_marker_key(pytester: pytest.Pytester, setting) -> None:
+    example = {
+        "model": "tiny",
+        "sae": "some-release/some-id",
+        "tokens": "hf:owner/data",
+        "n_tokens": "2048",
+        "context_size": "32",
+        "batch_size": "3",
+        "device": "cpu",
+        "dtype": "bfloat16",
+        "exclude_bos": "false",
+        "seed": "7",
+        "unavailable": "error",
+    }[setting.name]
+    parsed = setting.parse(setting.name, example)
+    pytester.makepyfile(SHOW_SETTINGS)
+    result = pytester.runpytest_inprocess("-s", f"{setting.option}={example}")
+    assert _settings(result)[0][setting.name] == parsed
+    assert _settings(result)[1][setting.name] == "command line"
+
+    pytester.makeini(f"[pytest]\n{setting.ini} = {example}\n")
+    result = pytester.runpytest_inprocess("-s")
+    assert _settings(result)[0][setting.name] == parsed
+    assert _settings(result)[1][setting.name] == "ini"
+
+    pytester.makepyfile(
+        f"import pytest\npytestmark = pytest.mark.saecheck({setting.name}={parsed!r})\n" + SHOW_SETTINGS
+    )
+    result = pytester.runpytest_inprocess("-s")
+    assert _settings(result)[0][setting.name] == parsed
+    assert _settings(result)[1][setting.name] == "marker"
+
+
+def test_precedence_marker_over_command_line_over_ini(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nsaecheck_n_tokens = 100\nsaecheck_batch_size = 2\nsaecheck_seed = 3\n")
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.saecheck(n_tokens=300)
+        def test_marker_wins(saecheck_settings):
+            assert saecheck_settings.n_tokens == 300
+            assert saecheck_settings.sources["n_tokens"] == "marker"
+            assert saecheck_settings.batch_size == 5        # command line beats ini
+            assert saecheck_settings.sources["batch_size"] == "command line"
+            assert saecheck_settings.seed == 3              # ini beats default
+            assert saecheck_settings.sources["seed"] == "ini"
+        """
+    )
+    result = pytester.runpytest_inprocess("--saecheck-n-tokens=200", "--saecheck-batch-size=5")
+    result.assert_outcomes(passed=1)
+
+
+def test_closest_marker_wins_per_key_and_outer_markers_fill_in(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        pytestmark = pytest.mark.saecheck(model="module-model", sae="module/sae", n_tokens=111)
+
+        @pytest.mark.saecheck(sae="class/sae", batch_size=4)
+        class TestGroup:
+            @pytest.mark.saecheck(n_tokens=222)
+            def test_method(self, saecheck_settings):
+                assert saecheck_settings.model == "module-model"
+                assert saecheck_settings.sae == "class/sae"
+                assert saecheck_settings.n_tokens == 222
+                assert saecheck_settings.batch_size == 4
+
+        @pytest.mark.parametrize("x", [pytest.param(1, marks=pytest.mark.saecheck(sae="param/sae"), id="p")])
+        def test_param_marks(saecheck_settings, x):
+            assert saecheck_settings.sae == "param/sae"
+            assert saecheck_settings.n_tokens == 111
+
+        @pytest.mark.saecheck(model=None)
+        def test_none_means_not_set_here(saecheck_settings):
+            assert saecheck_settings.model == "module-model"
+        """
+    )
+    pytester.runpytest_inprocess().assert_outcomes(passed=3)
+
+
+def test_unknown_marker_key_errors_the_test_with_a_suggestion(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.saecheck(n_token=5)
+        def test_typo():
+            pass
+        """
+    )
+    result = pytester.runpytest_inprocess()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*ConfigError: unknown key 'n_token' in @pytest.mark.saecheck (did you mean 'n_tokens'?)*"]
+    )
+
+
+def test_positional_marker_arguments_are_an_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.saecheck("demo/good")
+        def test_positional():
+            pass
+        """
+    )
+    result = pytester.runpytest_inprocess()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*keyword arguments only*"])
+
+
+def test_malformed_marker_value_errors_the_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.saecheck(n_tokens="many")
+        def test_bad(saecheck_settings):
+            pass
+        """
+    )
+    result = pytester.runpytest_inprocess()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*@pytest.mark.saecheck: saecheck setting 'n_tokens' must be an integer*"])
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--saecheck-n-tokens=lots", "*--saecheck-n-tokens: saecheck setting 'n_tokens' must be an integer*"),
+        ("--saecheck-batch-size=0", "*'batch_size' must be at least 1*"),
+        ("--saecheck-dtype=int8", "*is not a dtype: 'int8'*"),
+        ("--saecheck-device=gpu please", "*is not a device*"),
+        ("--saecheck-exclude-bos=maybe", "*must be a boolean*"),
+        ("--saecheck-unavailable=ignore", "*must be 'skip' or 'error'*"),
+    ],
+)
+def test_malformed_option_is_a_usage_error(pytester: pytest.Pytester, option: str, message: str) -> None:
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest_inprocess(option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_malformed_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nsaecheck_context_size = -4\n")
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest_inprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*saecheck_context_size: saecheck setting 'context_size' must be an integer*"]
+    )
+
+
+def test_usage_error_is_an_saecheck_error() -> None:
+    assert issubclass(SettingsUsageError, ConfigError)
+    assert issubclass(SettingsUsageError, SAECheckError)
+    assert issubclass(SettingsUsageError, pytest.UsageError)
+
+
+def test_marker_is_registered_for_strict_markers(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.saecheck(n_tokens=64)
+        def test_marked():
+            pass
+        """
+    )
+    pytester.runpytest_inprocess("--strict-markers").assert_outcomes(passed=1)
+    result = pytester.runpytest_inprocess("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.saecheck(model=..., sae=..., tokens=*"])
+
+
+def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_uses(saecheck_settings): pass")
+    result = pytester.runpytest_inprocess("-p", "no:saecheck")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'saecheck_settings' not found*"])
+
+
+def test_help_lists_every_option_and_ini_key(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_inprocess("--help")
+    text = result.stdout.str()
+    for setting in SETTINGS:
+        assert setting.option in text
+        assert setting.ini in text
+
+
+def test_header_names_device_versions_and_defaults(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest_inprocess("--saecheck-device=cpu", "--saecheck-n-tokens=4096")
+    result.stdout.fnmatch_lines(
+        [
+            "saecheck: device=cpu (command line); pytest-saecheck *, torch *, transformer-lens *, sae-lens *",
+            "saecheck defaults: model=-, sae=-, tokens=SAE's dataset, n_tokens=4096, context_size=from SAE, "
+            "batch_size=16, dtype=float32, exclude_bos=true, seed=0, unavailable=skip",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1_000", 1000), (12, 12), ("  64 ", 64), (3.0, 3)],
+)
+def test_integer_settings_accept_readable_forms(value, expected) -> None:
+    setting = next(s for s in SETTINGS if s.name == "n_tokens")
+    assert setting.parse("n_tokens", value) == expected
+
+
+@pytest.mark.parametrize("value", [True, "1e4", 2.5, "-3", None])
+def test_integer_settings_reject_everything_else(value) -> None:
+    setting = next(s for s in SETTINGS if s.name == "n_tokens")
+    with pytest.raises(ConfigError, match="n_tokens"):
+        setting.parse("n_tokens", value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("bf16", "bfloat16"), ("torch.float16", "float16"), ("auto", None)]
+)
+def test_dtype_aliases(value, expected) -> None:
+    setting = next(s for s in SETTINGS if s.name == "dtype")
+    assert setting.parse("dtype", value) == expected
+
+
+def test_marker_kwargs_merges_closest_first() -> None:
+    near, far = pytest.mark.saecheck(sae="near").mark, pytest.mark.saecheck(sae="far", model="m").mark
+    merged, origin = marker_kwargs([near, far])
+    assert merged == {"sae": "near", "model": "m"}
+    assert origin == {"sae": "marker", "model": "marker"}
+
+
+def test_settings_are_hashable_and_ignore_sources_in_equality() -> None:
+    a = SAECheckSettings(sae="x", sources={"sae": "marker"})
+    b = SAECheckSettings(sae="x", sources={"sae": "ini"})
+    assert a == b and hash(a) == hash(b)

@@ -1,0 +1,314 @@
+"""The saecheck fixtures end to end (pytester, tiny model served by a hook, local SAE and token files)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pytest_saecheck.terminal import Summary
+
+MARK = 'pytest.mark.saecheck(model="tiny", sae="sae_identity", tokens="tokens.npy", n_tokens=160)'
+
+
+def test_fixtures_load_model_sae_and_tokens(tiny_pytester: pytest.Pytester) -> None:
+    tiny_pytester.makepyfile(
+        f"""
+        import pytest, torch
+        pytestmark = {MARK}
+
+        def test_objects(saecheck_model, saecheck_sae, saecheck_tokens, saecheck_device, saecheck):
+            assert type(saecheck_model).__name__ == "HookedTransformer"
+            assert saecheck_sae.cfg.d_in == saecheck_model.cfg.d_model
+            assert saecheck_tokens.dtype == torch.long
+            assert tuple(saecheck_tokens.shape) == (10, 16)   # 160 tokens / context_size 16 from the SAE config
+            assert bool((saecheck_tokens[:, 0] == 0).all())    # BOS at position 0
+            assert saecheck_device in ("cpu", "cuda")
+            assert saecheck.device == saecheck_device
+            assert str(next(saecheck_model.parameters()).device).startswith(saecheck_device)
+        """
+    )
+    tiny_pytester.runpytest_inprocess().assert_outcomes(passed=1)
+
+
+def test_evaluation_is_computed_once_and_shared(tiny_pytester: pytest.Pytester) -> None:
+    tiny_pytester.makepyfile(
+        f"""
+        import pytest
+        import conftest
+        from pytest_saecheck.fixtures import session_cache
+        pytestmark = {MARK}
+
+        def test_first(saecheck):
+            assert saecheck.metrics["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+
+        def test_second(saecheck):
+            assert saecheck.evaluation is saecheck.evaluation
+            assert saecheck.metrics["delta_ce"] == pytest.approx(0.0, abs=1e-5)
+
+        @pytest.mark.saecheck(batch_size=3)   # another batch size is another evaluation
+        def test_third(saecheck, request):
+            saecheck.evaluation
+            cache = session_cache(request.config)
+            assert cache.loads == {{"model": 1, "sae": 1, "tokens": 1, "evaluation": 2}}
+            assert conftest.LOADS == ["tiny"]
+        """
+    )
+    tiny_pytester.runpytest_inprocess().assert_outcomes(passed=3)
+
+
+def test_cached_evaluation_needs_no_model(tiny_pytester: pytest.Pytester) -> None:
+    """Going back to an SAE whose evaluation is cached must not reload its model."""
+    tiny_pytester.makepyfile(
+        """
+        import pytest
+        import conftest
+
+        @pytest.mark.saecheck(model="tiny")
+        def test_a(saecheck):
+            saecheck.evaluation
+
+        @pytest.mark.saecheck(model="tiny1")
+        def test_b(saecheck):
+            saecheck.evaluation
+
+        @pytest.mark.saecheck(model="tiny")
+        def test_c(saecheck):
+            saecheck.evaluation
+            assert conftest.LOADS == ["tiny", "tiny1"]
+        """
+    )
+    result = tiny_pytester.runpytest_inprocess(
+        "--saecheck-sae=sae_random", "--saecheck-tokens=tokens.npy", "--saecheck-n-tokens=64"
+    )
+    result.assert_outcomes(passed=3)
+
+
+def test_model_defaults_to_the_one_named_in_the_sae_config(tiny_pytester: pytest.Pytester) -> None:
+    tiny_pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.saecheck(sae="sae_identity", tokens="tokens.npy", n_tokens=32)
+        def test_model_from_sae(saecheck):
+            assert saecheck.model_spec == "tiny"
+            assert saecheck.context_size == 16
+            saecheck.model
+        """
+    )
+    tiny_pytester.runpytest_inprocess().assert_outcomes(passed=1)
+
+
+def test_missing_sae_setting_errors_with_the_fix(tiny_pytester: pytest.Pytester) -> None:
+    tiny_pytester.makepyfile(
+        """
+        def test_no_sae(saecheck_sae):
+            pass
+        """
+    )
+    result = tiny_pytester.runpytest_inprocess()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*ConfigError: no SAE is configured for this test; add @pytest.mark.saecheck(sae=...)*"]
+    )
+
+
+def test_device_option_marker_and_fixture_override(tiny_pytester: pytest.Pytester) -> None:
+    tiny_pytester.makepyfile(
+        """
+        import pytest
+        def test_option(saecheck_device):
+            assert saecheck_device == "cpu"
+
+        @pytest.mark.saecheck(device="meta")
+        def test_marker(saecheck_device, saecheck):
+            assert saecheck_device == "meta"
+            assert saecheck.device == "meta"
+        """
+    )
+    tiny_pytester.runpytest_inprocess("--saecheck-device=cpu").assert_outcomes(passed=2)
+
+    tiny_pytester.makeconftest(
+        "import pytest\n@pytest.fixture\ndef saecheck_device():\n    return 'cpu:override'\n"
+    )
+    tiny_pytester.makepyfile(
+        """
+        def test_fixture_override(saecheck):
+            assert saecheck.device == "cpu:override"
+        """
+    )
+    tiny_pytester.runpytest_inprocess().assert_outcomes(passed=1)
+
+
+def test_auto_device_is_cuda_only_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from pytest_saecheck.fixtures import auto_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert auto_device() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert auto_device() == "cpu"
+
+
+UNAVAILABLE_CONFTEST = """
+from pytest_saecheck.loading import WeightsUnavailableError
+
+def pytest_saecheck_load_sae(spec, device, dtype):
+    if spec == "remote/sae":
+        raise WeightsUnavailableError("SAE remote/sae is not available on this machine; download it with X")
+"""
+
+
+def test_unavailable_weights_skip_with_the_download_hint(tiny_pytester: pytest.Pytester) -> None:
+    tiny_pytester.makeconftest(UNAVAILABLE_CONFTEST)
+    tiny_pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.saecheck(sae="remote/sae")
+        def test_remote(saecheck_sae):
+            pass
+        """
+    )
+    result = tiny_pytester.runpytest_inprocess("-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(
+        ["*saecheck: SAE remote/sae is not available on this machine; download it with X*"]
+    )
+
+    result = tiny_pytester.runpytest_inprocess("--saecheck-unavailable=error")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*WeightsUnavailableError: SAE remote/sae is not available*"])
+
+
+def test_a_failed_load_is_not_retried(tiny_pytester: pytest.Pytester) -> None:
+    tiny_pytester.makeconftest(
+        """
+        from pytest_saecheck.errors import LoadError
+        CALLS = []
+        def pytest_saecheck_load_sae(spec, device, dtype):
+            CALLS.append(spec)
+            raise LoadError("broken SAE")
+        """
+    )
+    tiny_pytester.makepyfile(
+        """
+        import pytest
+        import conftest
+        pytestmark = pytest.mark.saecheck(sae="x/y")
+        def test_1(saecheck_sae): pass
+        def test_2(saecheck_sae): pass
+        def test_calls():
+            assert conftest.CALLS == ["x/y"]
+        """
+    )
+    result = tiny_pytester.runpytest_inprocess()
+    result.assert_outcomes(errors=2, passed=1)
+    result.stdout.fnmatch_lines(["*LoadError: broken SAE*"])
+
+
+def test_records_ride_on_reports_as_plain_values(tiny_pytester: pytest.Pytester) -> None:
+    tiny_pytester.makepyfile(
+        f"""
+        import pytest
+        from pytest_saecheck.assertions import assert_ce_recovery
+        pytestmark = {MARK}
+
+        def test_gate(saecheck):
+            assert_ce_recovery(saecheck, min_score=0.9, confidence=0.9)
+        """
+    )
+    reprec = tiny_pytester.inline_run()
+    reprec.assertoutcome(passed=1)
+    setup, call = (
+        report for report in reprec.getreports("pytest_runtest_logreport") if report.when in ("setup", "call")
+    )
+    assert [entry["kind"] for entry in setup.saecheck_records] == ["subject"]
+    kinds = [entry["kind"] for entry in call.saecheck_records]
+    assert kinds == ["evaluation", "assertion"]
+    assertion = call.saecheck_records[1]
+    assert assertion["metric"] == "ce_loss_score" and assertion["passed"] is True
+    assert assertion["min_score"] == 0.9 and assertion["confidence"] == 0.9
+    assert len(assertion["interval"]) == 2
+    # plain Python types only: survives JSON (and therefore xdist's execnet serialisation)
+    json.dumps(call.saecheck_records)
+    assert call._to_json()["saecheck_records"] == call.saecheck_records
+
+
+def test_summary_table_lists_each_sae_with_metrics_and_outcomes(tiny_pytester: pytest.Pytester) -> None:
+    tiny_pytester.makepyfile(
+        """
+        import pytest
+        from pytest_saecheck.assertions import assert_ce_recovery
+
+        @pytest.mark.parametrize("min_score", [
+            pytest.param(0.99, marks=pytest.mark.saecheck(sae="sae_identity"), id="identity"),
+            pytest.param(0.99, marks=pytest.mark.saecheck(sae="sae_random"), id="random"),
+        ])
+        def test_gate(saecheck, min_score):
+            assert_ce_recovery(saecheck, metric="kl_div_score", min_score=min_score)
+        """
+    )
+    result = tiny_pytester.runpytest_inprocess("--saecheck-tokens=tokens.npy", "--saecheck-n-tokens=64")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*= saecheck summary =*",
+            "SAE*model*tokens*n_tokens*CE score*ΔCE*KL score*R²*L0*tests",
+            "sae_identity*tiny*tokens.npy*60*1.0000*0.0000*1.0000*1.0000*1 passed",
+            "sae_random*tiny*tokens.npy*60*1 failed",
+        ]
+    )
+
+
+def test_summary_counts_setup_errors_and_skips() -> None:
+    from types import SimpleNamespace
+
+    from pytest_saecheck.terminal import Summary
+
+    summary = Summary()
+    subject = [{"kind": "subject", "label": "a/b", "device": "cpu"}]
+    summary.add_report(
+        SimpleNamespace(
+            nodeid="t1", when="setup", outcome="failed", failed=True, skipped=False, saecheck_records=subject
+        )
+    )
+    summary.add_report(
+        SimpleNamespace(
+            nodeid="t2", when="setup", outcome="skipped", failed=False, skipped=True, saecheck_records=subject
+        )
+    )
+    assert summary.lines()[-1].split()[-4:] == ["1", "error,", "1", "skipped"]
+
+
+def test_records_survive_report_serialisation_and_build_the_table(tiny_pytester: pytest.Pytester) -> None:
+    """xdist ships reports through pytest_report_to_serializable; the records and the table must survive it."""
+    tiny_pytester.makepyfile(
+        f"""
+        import pytest
+        pytestmark = {MARK}
+        def test_metrics(saecheck):
+            assert saecheck.metrics["explained_variance"] > 0.99
+        """
+    )
+    reprec = tiny_pytester.inline_run()
+    config = reprec.getcalls("pytest_sessionstart")[0].session.config
+    summary = Summary()
+    for report in reprec.getreports("pytest_runtest_logreport"):
+        data = json.loads(json.dumps(config.hook.pytest_report_to_serializable(config=config, report=report)))
+        restored = config.hook.pytest_report_from_serializable(config=config, data=data)
+        assert getattr(restored, "saecheck_records", None) == getattr(report, "saecheck_records", None)
+        summary.add_report(restored)
+    lines = summary.lines()
+    assert lines[2].startswith("sae_identity @ tiny") and lines[2].endswith("1 passed")
+
+
+def test_summary_reporter_is_registered_per_run(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        from pytest_saecheck.plugin import SummaryReporter
+        def test_registered(request):
+            reporter = request.config.pluginmanager.get_plugin("saecheck-summary")
+            assert isinstance(reporter, SummaryReporter) and reporter.config is request.config
+        """
+    )
+    pytester.runpytest_inprocess().assert_outcomes(passed=1)
