@@ -14,7 +14,7 @@ import pytest
 
 from pytest_saecheck import loading, records
 from pytest_saecheck.config import SAECheckSettings, resolve_for_item
-from pytest_saecheck.errors import ConfigError
+from pytest_saecheck.errors import ConfigError, SAECheckError
 from pytest_saecheck.session_cache import SessionCache
 
 if TYPE_CHECKING:
@@ -22,6 +22,20 @@ if TYPE_CHECKING:
 
 CACHE_KEY = pytest.StashKey[SessionCache]()
 HEADLINE_METRICS = ("ce_loss_score", "delta_ce", "kl_div_score", "explained_variance", "l0")
+#: Metrics whose bootstrap interval goes on the evaluation record (computed once per evaluation).
+INTERVAL_METRICS = (
+    "ce_loss_score",
+    "ce_loss_score_mean_ablation",
+    "ce_rec",
+    "delta_ce",
+    "kl_sae",
+    "kl_div_score",
+    "compute_fraction",
+    "explained_variance",
+    "cosine_sim",
+    "l0",
+)
+INTERVAL_LEVEL = 0.95
 
 
 def session_cache(config: pytest.Config) -> SessionCache:
@@ -197,19 +211,19 @@ class SAECheck:
         }
 
     def _evaluation_record(self, evaluation: Evaluation) -> dict[str, Any]:
+        data = evaluation.to_dict()
+        density = data.pop("latent_density", None)
+        data.pop("device", None)  # the subject's device names the same thing
         return {
             "kind": "evaluation",
             **self.subject(),
             "resolved_model": self.model_spec,
             "resolved_tokens": self.token_source,
             "settings": self.settings.to_dict(),
-            "metrics": dict(evaluation.metrics),
-            "undefined": dict(getattr(evaluation, "undefined", {}) or {}),
-            "n_tokens": evaluation.n_tokens,
-            "n_sequences": evaluation.n_sequences,
-            "seq_len": evaluation.seq_len,
-            "hook_name": evaluation.hook_name,
-            "token_policy": evaluation.token_policy.to_dict(),
+            **data,
+            "latent_density_histogram": _density_histogram(density),
+            "interval_level": INTERVAL_LEVEL,
+            "intervals": _intervals(evaluation),
         }
 
     def _guard(self, load: Any) -> Any:
@@ -222,6 +236,31 @@ class SAECheck:
 
     def __repr__(self) -> str:
         return f"<SAECheck {self.label} on {self.device}>"
+
+
+def _intervals(evaluation: Evaluation) -> dict[str, list[float]]:
+    """95% bootstrap intervals of the headline metrics (the evaluation caches them)."""
+    intervals: dict[str, list[float]] = {}
+    for name in INTERVAL_METRICS:
+        if name not in evaluation.metrics:
+            continue
+        try:
+            low, high = evaluation.confidence_interval(name, INTERVAL_LEVEL)
+        except SAECheckError:  # e.g. a single sequence: no interval
+            continue
+        intervals[name] = [float(low), float(high)]
+    return intervals
+
+
+def _density_histogram(density: Any) -> Any:
+    """The report's histogram of latent firing densities (small), rather than one number per latent."""
+    if density is None:
+        return None
+    try:
+        from pytest_saecheck.report.collect import latent_density_histogram
+    except ImportError:  # pragma: no cover - the report package ships with the plugin
+        return None
+    return latent_density_histogram(list(density))
 
 
 def _skip(message: str) -> NoReturn:
