@@ -215,7 +215,7 @@ def density_histogram(
     return _svg(width, height, title, body)
 
 
-def loss_scale(metrics: dict[str, float], *, width: int = 640, height: int = 92) -> Markup:
+def loss_scale(metrics: dict[str, float], *, width: int = 640, height: int = 106) -> Markup:
     """The four cross-entropies on one axis in nats, so the spliced model's loss is seen on an honest scale."""
     marks = [
         ("original", metrics.get("ce_orig"), PALETTE["text"]),
@@ -230,7 +230,7 @@ def loss_scale(metrics: dict[str, float], *, width: int = 640, height: int = 92)
     left, right = 20, 20
     ticks = nice_ticks(min(0.0, *(v for _, v, _ in known)), max(v for _, v, _ in known), 8)
     low, high = ticks[0], ticks[-1]
-    axis_y = 58
+    axis_y = 72
 
     def sx(value: float) -> float:
         return left + (value - low) / (high - low) * (width - left - right)
@@ -253,17 +253,24 @@ def loss_scale(metrics: dict[str, float], *, width: int = 640, height: int = 92)
             f'<rect x="{x0:.1f}" y="{axis_y - 10}" width="{max(1.0, x1 - x0):.1f}" height="10" fill="{PALETTE["primary"]}" '
             f'opacity="0.25"><title>ΔCE = {escape(_fmt(sae - orig))} nats</title></rect>'
         )
-    placed: list[float] = []
+    rows: list[list[tuple[float, float]]] = [[] for _ in marks]  # occupied label extents per row
     for name, value, colour in sorted(known, key=lambda mark: mark[1]):
         x = sx(value)
-        row = sum(1 for other in placed if abs(other - x) < 90) % 3
-        placed.append(x)
+        text = f"{name} {_fmt(value)}"
+        extent = 6.5 * len(text) + 8
+        right_side = x < width * 0.6
+        span = (x, x + extent) if right_side else (x - extent, x)
+        row = next(
+            (n for n, taken in enumerate(rows) if all(span[1] < a or span[0] > b for a, b in taken)),
+            len(rows) - 1,
+        )
+        rows[row].append(span)
         label_y = 14 + 13 * row
         body.append(
             f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{label_y + 3}" y2="{axis_y}" stroke="{colour}" stroke-width="2"/>'
             f'<circle cx="{x:.1f}" cy="{axis_y}" r="3.5" fill="{colour}"/>'
-            f'<text x="{x + 4 if x < width * 0.7 else x - 4:.1f}" y="{label_y}" fill="{colour}" '
-            f'text-anchor="{"start" if x < width * 0.7 else "end"}">{escape(name)} {escape(_fmt(value))}</text>'
+            f'<text x="{x + 4 if right_side else x - 4:.1f}" y="{label_y}" fill="{colour}" '
+            f'text-anchor="{"start" if right_side else "end"}">{escape(text)}</text>'
         )
     body.append(
         f'<text x="{width / 2}" y="{height - 4}" text-anchor="middle" fill="{PALETTE["axis"]}">nats per token</text>'

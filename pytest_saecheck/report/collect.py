@@ -294,7 +294,7 @@ class Collector:
         when = getattr(report, "when", None)
         outcome = str(getattr(report, "outcome", "passed"))
         records = [dict(r) for r in getattr(report, RECORDS_ATTRIBUTE, None) or () if isinstance(r, Mapping)]
-        if when is None:  # a CollectReport: only its failures are test results
+        if when is None or when == "collect":  # a CollectReport: only its failures are test results
             if outcome != "failed":
                 return
             phase = _Phase("collect", "error", 0.0, _short_message(report), [])
