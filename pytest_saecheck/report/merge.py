@@ -13,6 +13,7 @@ any shard was, complete if every shard was. Extension fields are merged key by k
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -45,6 +46,11 @@ def _merge_sae(target: dict[str, Any], other: Mapping[str, Any]) -> None:
                 target["intervals"].setdefault(key, copy.deepcopy(value))
     target["assertions"] = list(assertions.values())
     target["tests"] = sorted(tests)
+
+
+def _machine(environment: Mapping[str, Any]) -> dict[str, Any]:
+    """An environment without the fields derived from the SAEs (recomputed after the merge)."""
+    return {key: value for key, value in environment.items() if key not in ("devices", "dtypes", "shards")}
 
 
 def _merge_extensions(target: dict[str, Any], other: Mapping[str, Any]) -> None:
@@ -92,10 +98,7 @@ def merge_documents(documents: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     finished = [run["finished"] for run in runs if run.get("finished")]
     durations = [run["duration_s"] for run in runs if run.get("duration_s") is not None]
     environment = copy.deepcopy(documents[0]["environment"])
-    others = [
-        doc["environment"] for doc in documents[1:] if doc["environment"] != documents[0]["environment"]
-    ]
-    if others:
+    if len({json.dumps(_machine(doc["environment"]), sort_keys=True) for doc in documents}) > 1:
         environment["shards"] = [copy.deepcopy(doc["environment"]) for doc in documents]
     merged = {
         "schema": SCHEMA_ID,
