@@ -604,7 +604,7 @@ def _r2_reported_vs_ours(facts: _Subject, reported: Any, tol: float) -> tuple[di
 
 
 def _finite_or_nan(name: str, value: Any) -> float:
-    if isinstance(value, bool):
+    if isinstance(value, (bool, str)):
         raise ConfigError(f"{name} must be a number, got {value!r}")
     try:
         return float(value)

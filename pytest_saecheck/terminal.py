@@ -84,6 +84,8 @@ class Summary:
             if entry.get("label") is None:  # e.g. reported metrics checked without an SAE under test
                 continue
             label = str(entry["label"])
+            if label not in self.rows and entry.get("kind") not in ("subject", "evaluation"):
+                continue  # rows are the SAEs of the saecheck fixture; bare assertions only add outcomes
             row = self.rows.setdefault(label, SubjectRow(label))
             row.device = entry.get("device") or row.device
             self._subjects_by_node.setdefault(report.nodeid, set()).add(label)
