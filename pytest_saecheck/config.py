@@ -340,3 +340,29 @@ def resolve(config: pytest.Config, markers: Iterable[pytest.Mark] = ()) -> SAECh
 def resolve_for_item(item: pytest.Item) -> SAECheckSettings:
     """The settings of one collected test, from its markers and the run's options."""
     return resolve(item.config, item.iter_markers(MARKER))
+
+
+def saecheck_param(sae: str | os.PathLike[str], *values: Any, id: str | None = None, **settings: Any) -> Any:
+    """One case of a test parametrised over several SAEs: ``pytest.param(*values)`` marked with the SAE.
+
+    ``values`` are the test's own parameters for this SAE (its thresholds); ``settings`` are any other marker
+    keys (``model=``, ``tokens=``, ...). The test id defaults to the SAE spec (a local directory's name)::
+
+        @pytest.mark.parametrize("min_score", [
+            saecheck_param("demo/good", 0.9),
+            saecheck_param("demo/dead", 0.5, id="dead"),
+        ])
+        def test_ce(saecheck, min_score):
+            assert_ce_recovery(saecheck, min_score=min_score)
+    """
+    spec = _text("sae", sae)
+    if spec is None:
+        raise ConfigError("saecheck_param needs an SAE spec as its first argument")
+    settings["sae"] = spec
+    marker_kwargs([pytest.mark.saecheck(**settings).mark])  # unknown keys fail at collection, not per test
+    for key, value in settings.items():
+        SETTINGS_BY_NAME[key].parse(key, value)
+    if id is None:
+        path = os.path.expanduser(spec)
+        id = os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else spec
+    return pytest.param(*values, marks=pytest.mark.saecheck(**settings), id=id)

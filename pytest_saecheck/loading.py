@@ -30,6 +30,7 @@ from pytest_saecheck import hookspecs
 from pytest_saecheck.errors import ConfigError, LoadError, ShapeMismatchError
 
 DEMO = "demo"
+DEMO_MODEL_NAME = "saecheck-demo"  # model_name and dataset_path in the demo SAEs' configs
 DEFAULT_CONTEXT_SIZE = 128
 TEXT_COLUMNS = ("text", "content", "document", "story")
 TOKEN_COLUMNS = ("input_ids", "tokens", "token_ids")
@@ -369,6 +370,8 @@ def default_model_spec(sae_spec: str, sae: Any) -> str:
     if demo_sae_name(sae_spec) is not None:
         return DEMO
     name = sae_metadata(sae, "model_name")
+    if name == DEMO_MODEL_NAME:  # a demo SAE loaded from its directory rather than as demo/<name>
+        return DEMO
     if not name:
         raise ConfigError(
             f"no model is configured and the SAE {sae_spec!r} does not name its model; "
@@ -382,6 +385,8 @@ def default_token_source(sae_spec: str | None, sae: Any) -> str:
     if sae_spec is not None and demo_sae_name(sae_spec) is not None:
         return DEMO
     dataset = sae_metadata(sae, "dataset_path")
+    if dataset == DEMO_MODEL_NAME:
+        return DEMO
     if not dataset:
         raise ConfigError(
             f"no tokens are configured and the SAE {sae_spec!r} does not name its training dataset; "

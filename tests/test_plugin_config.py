@@ -276,3 +276,39 @@ def test_settings_are_hashable_and_ignore_sources_in_equality() -> None:
     a = SAECheckSettings(sae="x", sources={"sae": "marker"})
     b = SAECheckSettings(sae="x", sources={"sae": "ini"})
     assert a == b and hash(a) == hash(b)
+
+
+def test_saecheck_param_runs_one_case_per_sae_with_readable_ids(pytester: pytest.Pytester) -> None:
+    (pytester.path / "local_sae").mkdir()
+    pytester.makepyfile(
+        """
+        import pytest
+        from pytest_saecheck.config import saecheck_param
+
+        @pytest.mark.parametrize(("min_score", "max_delta"), [
+            saecheck_param("release/id", 0.9, 0.1),
+            saecheck_param("local_sae", 0.5, 0.2, n_tokens=64),
+            saecheck_param("demo/dead", 0.1, 0.9, id="dead"),
+        ])
+        def test_case(saecheck_settings, min_score, max_delta):
+            print(f"CASE {saecheck_settings.sae} {saecheck_settings.n_tokens} {min_score} {max_delta}")
+        """
+    )
+    result = pytester.runpytest_inprocess("-s")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(
+        ["*CASE release/id 16384 0.9 0.1", "*CASE local_sae 64 0.5 0.2", "*CASE demo/dead 16384 0.1 0.9"]
+    )
+    ids = pytester.runpytest_inprocess("--collect-only", "-q")
+    ids.stdout.fnmatch_lines(
+        ["*::test_case[[]release/id[]]", "*::test_case[[]local_sae[]]", "*::test_case[[]dead[]]"]
+    )
+
+
+def test_saecheck_param_rejects_bad_keys_at_collection() -> None:
+    from pytest_saecheck.config import saecheck_param
+
+    with pytest.raises(ConfigError, match="unknown key 'tokenz'"):
+        saecheck_param("demo/good", 0.9, tokenz="demo")
+    with pytest.raises(ConfigError, match="'n_tokens' must be an integer"):
+        saecheck_param("demo/good", 0.9, n_tokens="all")
