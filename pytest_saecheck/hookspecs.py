@@ -28,19 +28,33 @@ def active_hook() -> Any:
 
 @pytest.hookspec(firstresult=True)
 def pytest_saecheck_load_model(spec: str, device: str, dtype: str | None) -> Any:
-    """Return a TransformerLens ``HookedTransformer`` for ``spec``, or ``None`` to decline."""
+    """Return a TransformerLens ``HookedTransformer`` for ``spec``, or ``None`` to decline.
+
+    ``spec`` is the ``model`` setting as written (or the model named in the SAE's config); ``device`` is the
+    resolved device (``"cuda"``, ``"cpu"``, ...); ``dtype`` is ``"float32"``, ``"float16"``, ``"bfloat16"``,
+    ``"float64"`` or ``None`` (the loader's default). Raise ``pytest_saecheck.loading.WeightsUnavailableError``
+    when the weights are not on this machine, so the test is skipped (or errors) with your message.
+    """
 
 
 @pytest.hookspec(firstresult=True)
 def pytest_saecheck_load_sae(spec: str, device: str, dtype: str | None) -> Any:
-    """Return an SAE Lens ``SAE`` for ``spec``, or ``None`` to decline."""
+    """Return an SAE Lens ``SAE`` (or an object with the same ``encode``/``decode``/``cfg``) for ``spec``, or ``None``.
+
+    Arguments as for :func:`pytest_saecheck_load_model`.
+    """
 
 
 @pytest.hookspec(firstresult=True)
 def pytest_saecheck_load_tokens(
     spec: str, model: Any, sae: Any, n_tokens: int, context_size: int, seed: int
 ) -> Any:
-    """Return a 2-D integer tensor of token ids ``[n_sequences, context_size]`` for ``spec``, or ``None``."""
+    """Return a 2-D integer tensor of token ids ``[n_sequences, context_size]`` for ``spec``, or ``None``.
+
+    ``spec`` is the ``tokens`` setting, or the default source already resolved (``"hf:<the SAE's dataset>"`` or
+    ``"demo"``); ``sae`` is ``None`` when no SAE is configured. Return about ``n_tokens / context_size`` rows,
+    each starting with BOS when the SAE was trained with ``prepend_bos`` (SAE Lens' default).
+    """
 
 
 @pytest.hookspec(firstresult=True)
