@@ -455,7 +455,7 @@ def builtin_load_tokens(spec: str, model: Any, sae: Any, n_tokens: int, context_
     if path is None and spec == DEMO:
         from pytest_saecheck import demo
 
-        return demo.load_tokens(n_sequences=n_sequences, seq_len=context_size, seed=seed)
+        return demo.load_tokens(n_sequences=n_sequences, seq_len=context_size, seed=seed, device="cpu")
     if path is None and spec.startswith("hf:"):
         documents = hf_documents(spec)
     elif path is not None:
