@@ -554,17 +554,32 @@ def hf_documents(spec: str) -> Iterator[Any]:
         kwargs["data_dir"] = options["data_dir"]
     try:
         dataset = datasets.load_dataset(name, **kwargs)
-        return _iter_rows(iter(dataset), spec, options.get("column"))
     except Exception as error:
         if is_unavailable_error(error) or _offline() or isinstance(error, FileNotFoundError):
-            raise WeightsUnavailableError(
-                f"dataset {name!r} (split {split!r}) is not available on this machine ({offline_state()}). "
-                f"Download it once with network access: python -c \"import datasets; datasets.load_dataset('{name}', "
-                f"split='{split}').save_to_disk('{name.replace('/', '_')}')\" and set tokens= to that directory, "
-                "or run with network access and the same HF_HOME. Original error: "
-                f"{type(error).__name__}: {error}"
-            ) from None
+            raise _dataset_unavailable(name, split, error) from None
         raise
+    return _stream_rows(dataset, spec, name, split, options.get("column"))
+
+
+def _stream_rows(dataset: Any, spec: str, name: str, split: str, column: str | None) -> Iterator[Any]:
+    """Rows of a streaming dataset; a network failure while streaming becomes the same clear error."""
+    try:
+        yield from _iter_rows(iter(dataset), spec, column)
+    except LoadError:
+        raise
+    except Exception as error:
+        if is_unavailable_error(error):
+            raise _dataset_unavailable(name, split, error) from None
+        raise
+
+
+def _dataset_unavailable(name: str, split: str, error: BaseException) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"dataset {name!r} (split {split!r}) is not available on this machine ({offline_state()}). "
+        f"Download it once with network access: python -c \"import datasets; datasets.load_dataset('{name}', "
+        f"split='{split}').save_to_disk('{name.replace('/', '_')}')\" and set tokens= to that directory, "
+        f"or run with network access and the same HF_HOME. Original error: {type(error).__name__}: {error}"
+    )
 
 
 def _offline() -> bool:

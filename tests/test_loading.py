@@ -415,3 +415,20 @@ def pytest_saecheck_load_tokens(spec, model, sae, n_tokens, context_size, seed):
     result = tiny_pytester.runpytest_inprocess()
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*ShapeMismatchError: token source 'anything' gave shape (32,)*"])
+
+
+def test_hf_source_streams_a_dataset_through_datasets(tmp_path: Path, text_model: Any) -> None:
+    """The hf: path for real, offline: datasets streams a local data directory like a hub repository."""
+    data = tmp_path / "my_dataset"
+    data.mkdir()
+    rows = [{"text": text} for text in CORPUS * 10]
+    (data / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
+    (tmp_path / "local.jsonl").write_text((data / "train.jsonl").read_text(), encoding="utf-8")
+    sae = make_identity_sae()
+    streamed = loading.load_tokens(
+        f"hf:{data}?split=train", text_model, sae, n_tokens=64, context_size=16, seed=0
+    )
+    local = loading.load_tokens(
+        str(tmp_path / "local.jsonl"), text_model, sae, n_tokens=64, context_size=16, seed=0
+    )
+    assert torch.equal(streamed, local)
