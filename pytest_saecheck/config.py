@@ -345,8 +345,9 @@ def resolve_for_item(item: pytest.Item) -> SAECheckSettings:
 def saecheck_param(sae: str | os.PathLike[str], *values: Any, id: str | None = None, **settings: Any) -> Any:
     """One case of a test parametrised over several SAEs: ``pytest.param(*values)`` marked with the SAE.
 
-    ``values`` are the test's own parameters for this SAE (its thresholds); ``settings`` are any other marker
-    keys (``model=``, ``tokens=``, ...). The test id defaults to the SAE spec (a local directory's name)::
+    ``values`` are the test's own parameters for this SAE (its thresholds); without any, the one value is the
+    SAE spec itself (for ``@pytest.mark.parametrize("sae", [...])``). ``settings`` are any other marker keys
+    (``model=``, ``tokens=``, ...). The test id defaults to the SAE spec (a local directory's name)::
 
         @pytest.mark.parametrize("min_score", [
             saecheck_param("demo/good", 0.9),
@@ -365,4 +366,4 @@ def saecheck_param(sae: str | os.PathLike[str], *values: Any, id: str | None = N
     if id is None:
         path = os.path.expanduser(spec)
         id = os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else spec
-    return pytest.param(*values, marks=pytest.mark.saecheck(**settings), id=id)
+    return pytest.param(*(values or (spec,)), marks=pytest.mark.saecheck(**settings), id=id)

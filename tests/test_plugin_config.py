@@ -308,6 +308,8 @@ def test_saecheck_param_runs_one_case_per_sae_with_readable_ids(pytester: pytest
 def test_saecheck_param_rejects_bad_keys_at_collection() -> None:
     from pytest_saecheck.config import saecheck_param
 
+    assert saecheck_param("demo/good").values == ("demo/good",)  # no thresholds: the value is the spec
+    assert saecheck_param("demo/good", 0.9, 0.1).values == (0.9, 0.1)
     with pytest.raises(ConfigError, match="unknown key 'tokenz'"):
         saecheck_param("demo/good", 0.9, tokenz="demo")
     with pytest.raises(ConfigError, match="'n_tokens' must be an integer"):
