@@ -312,3 +312,31 @@ def test_summary_reporter_is_registered_per_run(pytester: pytest.Pytester) -> No
         """
     )
     pytester.runpytest_inprocess().assert_outcomes(passed=1)
+
+
+def test_failure_output_shows_the_table_and_hides_helper_frames(tiny_pytester: pytest.Pytester) -> None:
+    tiny_pytester.makepyfile(
+        """
+        import pytest
+        from pytest_saecheck.assertions import assert_ce_recovery
+        pytestmark = pytest.mark.saecheck(model="tiny", sae="sae_random", tokens="tokens.npy", n_tokens=64)
+
+        def test_gate(saecheck):
+            assert_ce_recovery(saecheck, metric="kl_div_score", min_score=0.9, confidence=0.95)
+        """
+    )
+    result = tiny_pytester.runpytest_inprocess()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            '>       assert_ce_recovery(saecheck, metric="kl_div_score", min_score=0.9, confidence=0.95)',
+            "E       AssertionError: assert_ce_recovery failed for sae_random @ tiny: the lower bound of the 95% "
+            "interval of kl_div_score = * is below min_score 0.9000",
+            "E * value * 95% interval * threshold",
+            "E * ce_orig *",
+            "E * kl_div_score * [[]*, *[]] * ≥ 0.9000 (gated on the lower bound)",
+            "E * tokens: 60 evaluated (4 sequences × 16), position 0 (BOS) excluded",
+            "E * scale: kl_div_score = (KL_zero − KL_sae) / KL_zero*",
+        ]
+    )
+    assert "pytest_saecheck/assertions.py" not in result.stdout.str()  # __tracebackhide__
