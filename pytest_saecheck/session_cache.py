@@ -2,8 +2,8 @@
 
 At most one model is held at a time. Before a different model is loaded, the previous one (and the SAEs and
 token sets loaded alongside it) are dropped and memory is freed (``gc.collect`` and the accelerator's
-``empty_cache``), so a file testing SAEs on three models never holds three models at once. Evaluations are
-plain numbers and are kept for the whole run. A load that failed is remembered and fails the same way
+``empty_cache``), so a file testing SAEs on three models never holds three models at once. Evaluations hold
+no tensors and survive a model change (the most recent :data:`MAX_EVALUATIONS` of them). A load that failed is remembered and fails the same way
 again, without a second slow download attempt.
 """
 
@@ -21,6 +21,9 @@ T = TypeVar("T")
 
 MAX_SAES = 4
 MAX_TOKEN_SETS = 8
+# An evaluation keeps per-sequence sums for its bootstrap intervals, [n_sequences, d_model] float64 among them
+# (tens of MB for a large model), so a run over hundreds of SAEs keeps only the most recent ones.
+MAX_EVALUATIONS = 32
 
 
 def free_accelerator_memory() -> None:
@@ -46,14 +49,21 @@ def free_accelerator_memory() -> None:
 class SessionCache:
     """Per-run store of loaded objects; one instance lives on ``config.stash``."""
 
-    def __init__(self, *, max_saes: int = MAX_SAES, max_token_sets: int = MAX_TOKEN_SETS) -> None:
+    def __init__(
+        self,
+        *,
+        max_saes: int = MAX_SAES,
+        max_token_sets: int = MAX_TOKEN_SETS,
+        max_evaluations: int = MAX_EVALUATIONS,
+    ) -> None:
         self.max_saes = max_saes
         self.max_token_sets = max_token_sets
+        self.max_evaluations = max_evaluations
         self._model_key: Hashable | None = None
         self._model: Any = None
         self._saes: OrderedDict[Hashable, Any] = OrderedDict()
         self._tokens: OrderedDict[Hashable, Any] = OrderedDict()
-        self._evaluations: dict[Hashable, Any] = {}
+        self._evaluations: OrderedDict[Hashable, Any] = OrderedDict()
         self._failures: dict[Hashable, tuple[type[SAECheckError], str]] = {}
         self.loads: dict[str, int] = {"model": 0, "sae": 0, "tokens": 0, "evaluation": 0}
         self.frees = 0
@@ -93,10 +103,7 @@ class SessionCache:
         return self._lru(self._tokens, key, load, "tokens", self.max_token_sets)
 
     def evaluation(self, key: Hashable, compute: Callable[[], T]) -> T:
-        if key not in self._evaluations:
-            self._raise_remembered(("evaluation", key))
-            self._evaluations[key] = self._load(("evaluation", key), compute, "evaluation")
-        return self._evaluations[key]
+        return self._lru(self._evaluations, key, compute, "evaluation", self.max_evaluations)
 
     def has_evaluation(self, key: Hashable) -> bool:
         return key in self._evaluations

@@ -79,6 +79,15 @@ def test_sae_and_token_caches_are_bounded() -> None:
     assert cache.loads["tokens"] == 3
 
 
+def test_evaluations_are_bounded_least_recently_used_first() -> None:
+    cache = SessionCache(max_evaluations=2)
+    cache.evaluation("a", dict)
+    cache.evaluation("b", dict)
+    cache.evaluation("a", lambda: pytest.fail("recomputed"))  # "a" is now the most recent
+    cache.evaluation("c", dict)
+    assert cache.has_evaluation("a") and cache.has_evaluation("c") and not cache.has_evaluation("b")
+
+
 def test_evaluations_survive_a_model_change() -> None:
     cache = SessionCache()
     cache.model("a", object)
