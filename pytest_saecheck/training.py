@@ -417,58 +417,82 @@ def _groups(adapter: Any, x: torch.Tensor, setup: _Setup) -> Sequence[tuple[int,
     return list(groups)
 
 
+@dataclass
+class _RefInputs:
+    """What the reference reads from the implementation for one batch and one ``b_dec`` value."""
+
+    pre: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor
+    x: torch.Tensor
+    groups: list[tuple[int, int, torch.Tensor]]
+
+
+def _reference_inputs(
+    adapter: Any, x: torch.Tensor, setup: _Setup, *, differentiable: bool = False
+) -> _RefInputs:
+    """Pre-activations, decoder rows, ``b_dec`` and reconstructions; float64 without a graph unless
+    ``differentiable`` (then the implementation's dtype, with the graph)."""
+    ctx = contextlib.nullcontext() if differentiable else torch.no_grad()
+    with ctx:
+        pre = adapter.aux_pre_activations(x)
+        w = adapter.decoder_weight()
+        b = adapter.decoder_bias()
+        groups = [(int(a), int(z), x_hat) for a, z, x_hat in _groups(adapter, x, setup)]
+    if pre.shape != (x.shape[0], setup.d_sae):
+        raise TrainingCheckError(
+            f"{_adapter_name(adapter)}: aux_pre_activations(x) must be [batch, d_sae] = "
+            f"{[x.shape[0], setup.d_sae]}, got {list(pre.shape)}."
+        )
+    if differentiable:
+        return _RefInputs(pre, w, b, x, groups)
+    with torch.no_grad():
+        return _RefInputs(
+            pre.double(), w.double(), b.double(), x.double(), [(a, z, h.double()) for a, z, h in groups]
+        )
+
+
 def _reference_loss(
     adapter: Any,
-    x: torch.Tensor,
+    inputs: _RefInputs,
     dead_mask: torch.Tensor,
     setup: _Setup,
     *,
     double_count: bool = False,
     detach: bool = True,
-    differentiable: bool = False,
     scale_override: float | None = None,
     k_dim: int | None = None,
 ) -> torch.Tensor:
     """The AuxK loss computed from the implementation's pre-activations and decoder rows.
 
     ``double_count`` adds ``b_dec`` to the aux reconstruction (the bug); ``detach=False`` lets gradient flow
-    into the residual (the other bug); ``differentiable=False`` computes in float64 without a graph.
-    ``scale_override`` and ``k_dim`` evaluate alternative k_aux/scale formulas.
+    into the residual (the other bug). ``scale_override`` and ``k_dim`` evaluate alternative k_aux/scale
+    formulas.
     """
-    ctx = contextlib.nullcontext() if differentiable else torch.no_grad()
-    with ctx:
-        pre = adapter.aux_pre_activations(x)
-        w = adapter.decoder_weight()
-        b = adapter.decoder_bias()
-        groups = _groups(adapter, x, setup)
-        xx = x
-        if not differentiable:
-            pre, w, b, xx = pre.double(), w.double(), b.double(), x.double()
-        selection = getattr(adapter, "selection", "value")
-        total = xx.new_zeros(())
-        for start, stop, x_hat in groups:
-            mask = dead_mask[start:stop]
-            num_dead = int(mask.sum())
-            if num_dead == 0:
-                continue
-            k_aux, scale = _k_aux_and_scale(adapter, num_dead, setup.d_in if k_dim is None else k_dim)
-            k_aux = min(k_aux, num_dead)
-            if scale_override is not None:
-                scale = scale_override
-            p = pre[:, start:stop]
-            key = p.abs() if selection == "magnitude" else p
-            key = key.detach().masked_fill(~mask[None, :], -math.inf)
-            idx = key.topk(k_aux, dim=-1).indices
-            z = torch.zeros_like(p).scatter(-1, idx, p.gather(-1, idx))
-            e_hat = z @ w[start:stop]
-            if double_count:
-                e_hat = e_hat + b
-            x_hat = x_hat if differentiable else x_hat.double()
-            e = xx - x_hat
-            if detach:
-                e = e.detach()
-            total = total + scale * adapter.reduce_aux_error((e_hat - e).pow(2), xx)
-        return total
+    selection = getattr(adapter, "selection", "value")
+    total = inputs.x.new_zeros(())
+    for start, stop, x_hat in inputs.groups:
+        mask = dead_mask[start:stop]
+        num_dead = int(mask.sum())
+        if num_dead == 0:
+            continue
+        k_aux, scale = _k_aux_and_scale(adapter, num_dead, setup.d_in if k_dim is None else k_dim)
+        k_aux = min(k_aux, num_dead)
+        if scale_override is not None:
+            scale = scale_override
+        p = inputs.pre[:, start:stop]
+        key = p.abs() if selection == "magnitude" else p
+        key = key.detach().masked_fill(~mask[None, :], -math.inf)
+        idx = key.topk(k_aux, dim=-1).indices
+        # ê = Σ over the chosen dead latents of value × decoder row: the decoder weights alone
+        e_hat = torch.einsum("bk,bkd->bd", p.gather(-1, idx), inputs.w[start:stop][idx])
+        if double_count:
+            e_hat = e_hat + inputs.b
+        e = inputs.x - x_hat
+        if detach:
+            e = e.detach()
+        total = total + scale * adapter.reduce_aux_error((e_hat - e).pow(2), inputs.x)
+    return total
 
 
 def _impl_loss(adapter: Any, x: torch.Tensor, dead_mask: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
@@ -503,6 +527,28 @@ def _table(rows: Sequence[Sequence[str]], indent: str = "  ") -> str:
     )
 
 
+def _record(
+    assertion: str, adapter: Any, metric: str, value: float, tol: float, message: str | None, **details: Any
+) -> None:
+    """Attach a plain record of this check to the running test (for --saecheck-json / the HTML report)."""
+    from pytest_saecheck import records
+
+    records.record(
+        {
+            "kind": "assertion",
+            "assertion": assertion,
+            "label": None,
+            "implementation": _adapter_name(adapter),
+            "metric": metric,
+            "value": value,
+            "tol": tol,
+            "passed": message is None,
+            "message": message,
+            **details,
+        }
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------------------------------
@@ -520,8 +566,10 @@ def _separating_probe(
     for i, scale in enumerate(_PROBE_SCALES):
         probe = _probe_vector(setup, x, seed + 1 + i, scale=scale)
         _set_bias(adapter, probe)
-        ref = float(_reference_loss(adapter, x, dead, setup))
-        dbl = float(_reference_loss(adapter, x, dead, setup, double_count=True))
+        inputs = _reference_inputs(adapter, x, setup)
+        ref = float(_reference_loss(adapter, inputs, dead, setup))
+        dbl = float(_reference_loss(adapter, inputs, dead, setup, double_count=True))
+        del inputs
         denom = max(abs(ref), abs(dbl), 1e-300)
         separation = abs(dbl - ref) / denom if math.isfinite(ref) and math.isfinite(dbl) else -1.0
         if best is None or separation > best[0]:
@@ -577,7 +625,9 @@ def assert_no_aux_bias_double_count(
     matches_ref = _close(impl, ref, atol, rtol)
     matches_dbl = _close(impl, dbl, atol, rtol)
     shift_ok = shifted is None or _close(shifted, impl, atol, rtol)
+    details = {"reference": ref, "double_counting": dbl, "shifted": shifted, "atol": atol}
     if matches_ref and shift_ok:
+        _record("assert_no_aux_bias_double_count", ad, "aux_loss", impl, rtol, None, **details)
         return
     matched = (
         "reference (b_dec excluded)"
@@ -610,20 +660,33 @@ def assert_no_aux_bias_double_count(
             "  x̂ already contains b_dec, so the aux latents must be decoded with the decoder weights alone; "
             "decoding them through a decode() that adds b_dec pulls dead latents toward e - b_dec."
         )
-    raise AssertionError("\n".join(lines))
+    message = "\n".join(lines)
+    _record(
+        "assert_no_aux_bias_double_count", ad, "aux_loss", impl, rtol, message, matched=matched, **details
+    )
+    raise AssertionError(message)
 
 
-def _grad_vector(loss: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def _grads(
+    loss: torch.Tensor, tensors: Mapping[str, torch.Tensor], *, retain_graph: bool = False
+) -> list[torch.Tensor]:
+    """Gradients of ``loss`` with respect to ``tensors`` (zeros where unused), detached, in their own dtype."""
     items = list(tensors.values())
     if not loss.requires_grad:
-        return torch.cat([t.detach().reshape(-1).double() * 0 for t in items])
-    grads = torch.autograd.grad(loss, items, allow_unused=True, retain_graph=False)
-    return torch.cat(
-        [
-            (g if g is not None else torch.zeros_like(t)).detach().reshape(-1).double()
-            for g, t in zip(grads, items, strict=True)
-        ]
-    )
+        return [torch.zeros_like(t).detach() for t in items]
+    grads = torch.autograd.grad(loss, items, allow_unused=True, retain_graph=retain_graph)
+    return [(g if g is not None else torch.zeros_like(t)).detach() for g, t in zip(grads, items, strict=True)]
+
+
+def _norm(grads: Sequence[torch.Tensor], minus: Sequence[torch.Tensor] | None = None) -> float:
+    """‖grads‖ or ‖grads - minus‖ over all tensors (at least float32; relative precision far below rtol)."""
+    total = 0.0
+    for i, g in enumerate(grads):
+        d = g if minus is None else g - minus[i]
+        if d.dtype in (torch.float16, torch.bfloat16):
+            d = d.float()
+        total += float(torch.linalg.vector_norm(d)) ** 2
+    return math.sqrt(total)
 
 
 def assert_aux_residual_detached(
@@ -666,31 +729,32 @@ def assert_aux_residual_detached(
                     f"{_adapter_name(ad)}: the aux loss carries no autograd graph to any of "
                     f"{', '.join(tensors)}; it would train nothing."
                 )
-            g_impl = _grad_vector(impl_loss, tensors)
-            cands: dict[tuple[bool, bool], torch.Tensor] = {}
+            g_impl = _grads(impl_loss, tensors)
+            inputs = _reference_inputs(ad, x, setup, differentiable=True)
+            cands: dict[tuple[bool, bool], list[torch.Tensor]] = {}
             for detach in (True, False):
                 for dbl in (False, True):
-                    ref = _reference_loss(
-                        ad, x, dead, setup, double_count=dbl, detach=detach, differentiable=True
-                    )
-                    cands[(detach, dbl)] = _grad_vector(ref, tensors)
+                    ref = _reference_loss(ad, inputs, dead, setup, double_count=dbl, detach=detach)
+                    cands[(detach, dbl)] = _grads(ref, tensors, retain_graph=True)
+            del inputs
         names = ", ".join(tensors)
 
-    def dist(g: torch.Tensor) -> float:
-        denom = max(float(g.norm()), float(g_impl.norm()), 1e-300)
-        return float((g_impl - g).norm()) / denom
-
-    dists = {key: dist(g) for key, g in cands.items()}
-    sep = float((cands[(True, False)] - cands[(False, False)]).norm()) / max(
-        float(cands[(True, False)].norm()), 1e-300
-    )
+    impl_norm = _norm(g_impl)
+    dists: dict[tuple[bool, bool], float] = {}
+    abs_dists: dict[tuple[bool, bool], float] = {}
+    for key, g in cands.items():
+        abs_dists[key] = _norm(g_impl, g)
+        dists[key] = abs_dists[key] / max(_norm(g), impl_norm, 1e-300)
+    sep = _norm(cands[(True, False)], cands[(False, False)]) / max(_norm(cands[(True, False)]), 1e-300)
     if sep <= 10 * rtol:
         raise TrainingCheckError(
             f"{_adapter_name(ad)}: the detached and undetached reference gradients are indistinguishable "
             f"(relative difference {sep:.3g}); cannot decide."
         )
-    ok = [key for key, d in dists.items() if d <= rtol or float((g_impl - cands[key]).norm()) <= atol]
+    ok = [key for key, d in dists.items() if d <= rtol or abs_dists[key] <= atol]
+    correct = dists[(True, False)]
     if any(detach for detach, _ in ok):
+        _record("assert_aux_residual_detached", ad, "relative_gradient_distance", correct, rtol, None)
         return
     labels = {
         (True, False): "residual detached, b_dec excluded (correct)",
@@ -701,20 +765,28 @@ def assert_aux_residual_detached(
     rows = [["formula", "relative gradient distance"]]
     rows += [[labels[k], f"{dists[k]:.3g}"] for k in labels]
     matched = ", ".join(labels[k] for k in ok) or "none"
-    raise AssertionError(
-        "\n".join(
-            [
-                f"AuxK loss of {_adapter_name(ad)} sends gradient into the main reconstruction through the "
-                "residual target e (e is not detached)",
-                f"  gradients of the aux loss with respect to {names}, all {setup.d_sae} latents dead, "
-                f"batch of {x.shape[0]}:",
-                _table(rows, indent="    "),
-                f"  ‖g_impl‖ = {float(g_impl.norm()):.6g}; matched: {matched}; tolerance rtol={rtol:g}",
-                "  Use e = (x - x̂).detach() as the aux target; otherwise the aux loss pulls the live latents "
-                "toward the dead latents' reconstruction and fights the main loss.",
-            ]
-        )
+    message = "\n".join(
+        [
+            f"AuxK loss of {_adapter_name(ad)} sends gradient into the main reconstruction through the "
+            "residual target e (e is not detached)",
+            f"  gradients of the aux loss with respect to {names}, all {setup.d_sae} latents dead, "
+            f"batch of {x.shape[0]}:",
+            _table(rows, indent="    "),
+            f"  ‖g_impl‖ = {impl_norm:.6g}; matched: {matched}; tolerance rtol={rtol:g}",
+            "  Use e = (x - x̂).detach() as the aux target; otherwise the aux loss pulls the live latents "
+            "toward the dead latents' reconstruction and fights the main loss.",
+        ]
     )
+    _record(
+        "assert_aux_residual_detached",
+        ad,
+        "relative_gradient_distance",
+        correct,
+        rtol,
+        message,
+        matched=matched,
+    )
+    raise AssertionError(message)
 
 
 def _dead_counts(setup: _Setup, adapter: Any) -> list[int]:
@@ -755,14 +827,15 @@ def assert_aux_k_scaling(
         for n in counts:
             if not 1 <= n <= setup.d_sae:
                 raise ConfigError(f"dead_counts must lie in [1, d_sae={setup.d_sae}], got {n}.")
+        inputs = _reference_inputs(ad, x, setup)
         for i, n in enumerate(counts):
             dead = _dead_mask(setup, n, seed + 10 + i)
             impl = float(_impl_loss(ad, x, dead))
-            ref = float(_reference_loss(ad, x, dead, setup))
+            ref = float(_reference_loss(ad, inputs, dead, setup))
             alternatives = {
-                "no scale (scale = 1)": float(_reference_loss(ad, x, dead, setup, scale_override=1.0)),
+                "no scale (scale = 1)": float(_reference_loss(ad, inputs, dead, setup, scale_override=1.0)),
                 "k_aux from d_sae instead of d_in": float(
-                    _reference_loss(ad, x, dead, setup, k_dim=setup.d_sae)
+                    _reference_loss(ad, inputs, dead, setup, k_dim=setup.d_sae)
                 ),
             }
             k_aux, scale = _k_aux_and_scale(ad, n, setup.d_in)
@@ -781,21 +854,23 @@ def assert_aux_k_scaling(
                 )
             ratio = impl / ref if ref != 0 else math.nan
             rows.append([str(n), str(k_aux), f"{scale:.4g}", _fmt(impl), _fmt(ref), f"{ratio:.4g}", match])
+    worst = max((abs(float(r[5]) - 1.0) for r in rows if r[5] != "nan"), default=0.0)
     if not failed:
+        _record("assert_aux_k_scaling", ad, "max_relative_deviation", worst, rtol, None)
         return
     header = ["dead", "k_aux", "scale", "implementation", "reference", "impl/ref", "matched"]
-    raise AssertionError(
-        "\n".join(
-            [
-                f"AuxK loss of {_adapter_name(ad)} does not follow the documented k_aux / dead-latent scaling",
-                f"  d_in={setup.d_in}, d_sae={setup.d_sae}, b_dec zeroed, batch of {x.shape[0]}; reference: k_aux = "
-                "d_in // 2 capped at the number dead, scale = min(num_dead / (d_in // 2), 1) (or the adapter's "
-                "k_aux_and_scale):",
-                _table([header, *rows], indent="    "),
-                f"  tolerance: atol={atol:g}, rtol={rtol:g}",
-            ]
-        )
+    message = "\n".join(
+        [
+            f"AuxK loss of {_adapter_name(ad)} does not follow the documented k_aux / dead-latent scaling",
+            f"  d_in={setup.d_in}, d_sae={setup.d_sae}, b_dec zeroed, batch of {x.shape[0]}; reference: k_aux = "
+            "d_in // 2 capped at the number dead, scale = min(num_dead / (d_in // 2), 1) (or the adapter's "
+            "k_aux_and_scale):",
+            _table([header, *rows], indent="    "),
+            f"  tolerance: atol={atol:g}, rtol={rtol:g}",
+        ]
     )
+    _record("assert_aux_k_scaling", ad, "max_relative_deviation", worst, rtol, message)
+    raise AssertionError(message)
 
 
 def assert_aux_loss_zero_without_dead(
@@ -818,16 +893,17 @@ def assert_aux_loss_zero_without_dead(
         _set_bias(ad, _probe_vector(setup, x, seed + 1))
         impl = float(_impl_loss(ad, x, _dead_mask(setup, 0, seed)))
     if math.isfinite(impl) and abs(impl) <= atol:
+        _record("assert_aux_loss_zero_without_dead", ad, "aux_loss", impl, atol, None)
         return
-    raise AssertionError(
-        "\n".join(
-            [
-                f"AuxK loss of {_adapter_name(ad)} is not zero when no latent is dead",
-                _table([["implementation aux loss", _fmt(impl)], ["expected", "0"]], indent="    "),
-                f"  tolerance: atol={atol:g}; d_sae={setup.d_sae}, b_dec set to a nonzero probe, batch of {x.shape[0]}",
-            ]
-        )
+    message = "\n".join(
+        [
+            f"AuxK loss of {_adapter_name(ad)} is not zero when no latent is dead",
+            _table([["implementation aux loss", _fmt(impl)], ["expected", "0"]], indent="    "),
+            f"  tolerance: atol={atol:g}; d_sae={setup.d_sae}, b_dec set to a nonzero probe, batch of {x.shape[0]}",
+        ]
     )
+    _record("assert_aux_loss_zero_without_dead", ad, "aux_loss", impl, atol, message)
+    raise AssertionError(message)
 
 
 def assert_training_objective(training_sae: Any, *, adapter: Any = None, **kwargs: Any) -> None:

@@ -508,6 +508,11 @@ def test_hook_in_conftest_supplies_adapter(pytester):
             if isinstance(training_sae, ToyTopKSAE):
                 return ToyAdapter(training_sae)
             return None
+
+        def pytest_runtest_logreport(report):
+            if report.when == "call":
+                for r in getattr(report, "saecheck_records", None) or ():
+                    print("RECORD", report.nodeid, r["assertion"], r["passed"], r["matched"] if "matched" in r else "-")
         """
     )
     pytester.makepyfile(
@@ -528,6 +533,14 @@ def test_hook_in_conftest_supplies_adapter(pytester):
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=2)
     result.stdout.fnmatch_lines(["*matched: double-counting formula*", "*e is not detached*"])
+    # every check leaves a plain record on the test report (for --saecheck-json and the HTML report)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*RECORD test_aux.py::test_correct assert_no_aux_bias_double_count True -",
+            "*RECORD test_aux.py::test_double_count assert_no_aux_bias_double_count False double-counting formula*",
+            "*RECORD test_aux.py::test_no_detach assert_aux_residual_detached False residual NOT detached*",
+        ]
+    )
     # __tracebackhide__ keeps the check's own frames out of the report
     assert "_reference_loss" not in result.stdout.str()
 
@@ -773,3 +786,52 @@ def test_sae_lens_inference_sae_is_rejected():
     sae = topk_mod.TopKSAE(topk_mod.TopKSAEConfig(d_in=8, d_sae=16, k=2))
     with pytest.raises(TrainingCheckError, match="inference SAE"):
         assert_no_aux_bias_double_count(sae)
+
+
+def _buggy_matryoshka_aux_class(bug: str):
+    """A Matryoshka subclass whose per-level aux loss (use_matryoshka_aux_loss) has one known bug."""
+    base = _MATRYOSHKA[0]
+
+    def aux(self, sae_in, sae_out, feature_acts, hidden_pre, dead_neuron_mask):
+        if dead_neuron_mask is None or int(dead_neuron_mask.sum()) == 0:
+            return sae_out.new_tensor(0.0)
+        w = self.W_dec
+        if self.cfg.rescale_acts_by_decoder_norm:
+            w = w / w.norm(dim=-1, keepdim=True)
+        k_aux = sae_in.shape[-1] // 2
+        partial, prev, total = self.b_dec, 0, sae_out.new_tensor(0.0)
+        for width in self.cfg.matryoshka_widths:
+            partial = partial + feature_acts[:, prev:width] @ w[prev:width]
+            mask = dead_neuron_mask[prev:width]
+            if (num_dead := int(mask.sum())) > 0:
+                residual = sae_in - partial
+                if bug != "no_detach":
+                    residual = residual.detach()
+                acts = _aux_acts(hidden_pre[:, prev:width], mask, min(k_aux, num_dead), False)
+                recons = acts @ w[prev:width]
+                if bug == "double_count":
+                    recons = recons + self.b_dec
+                total = total + min(num_dead / k_aux, 1.0) * (recons - residual).pow(2).sum(-1).mean()
+            prev = width
+        return self.cfg.aux_loss_coefficient * total
+
+    return type(f"{bug.title().replace('_', '')}Matryoshka", (base,), {"calculate_matryoshka_aux_loss": aux})
+
+
+@pytest.mark.parametrize("bug", ["none", "double_count", "no_detach"])
+def test_sae_lens_matryoshka_level_aux_subclass(bug):
+    if _MATRYOSHKA is None or "use_matryoshka_aux_loss" not in _cfg_fields(_MATRYOSHKA[1]):
+        pytest.skip("no Matryoshka per-level aux loss in this sae-lens")
+    _, cfg = _base_and_cfg("matryoshka_aux")
+    torch.manual_seed(0)
+    sae = _buggy_matryoshka_aux_class(bug)(cfg)
+    if bug == "double_count":
+        with pytest.raises(AssertionError, match="matched: double-counting formula"):
+            assert_no_aux_bias_double_count(sae)
+        assert_aux_residual_detached(sae)
+    elif bug == "no_detach":
+        with pytest.raises(AssertionError, match="matched: residual NOT detached, b_dec excluded"):
+            assert_aux_residual_detached(sae)
+        assert_no_aux_bias_double_count(sae)
+    else:
+        assert_training_objective(sae)
