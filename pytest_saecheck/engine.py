@@ -357,7 +357,12 @@ class _Runner:
         self, tokens: torch.Tensor, kept: torch.Tensor, name: str, mean: Any
     ) -> torch.Tensor:
         """``[seq_len, vocab]`` log-probs of an ablated continuation that is the same for every sequence."""
-        resid = self._prefix(tokens[:1])
+        if bool(kept[:1].all()):
+            # Every position is replaced, so the prefix's output would be discarded: skip running it.
+            d_model = int(self.model.cfg.d_model)
+            resid = torch.zeros((1, tokens.shape[1], d_model), device=self.device, dtype=self.model.cfg.dtype)
+        else:
+            resid = self._prefix(tokens[:1])
         (variant,) = self._variant_activations(resid, kept[:1], [name], None, mean)
         return self._log_probs(self._to_final(variant, self._cut))[0]
 
@@ -433,12 +438,16 @@ class _Runner:
                 finals = self._continue(resid, block_state, variants)
                 log_probs_orig = self._log_probs(finals[0])
                 acc.add_original(log_probs_orig, batch, kept)
+                probs_orig = log_probs_orig.exp()  # shared by every variant's KL
                 for name, final in zip(per_batch_variants, finals[1:], strict=True):
-                    acc.add_variant(name, log_probs_orig, self._log_probs(final), batch, kept)
+                    acc.add_variant(name, log_probs_orig, self._log_probs(final), batch, kept, probs_orig)
                 if zero_template is not None:
-                    acc.add_variant("zero", log_probs_orig, zero_template.unsqueeze(0), batch, kept)
+                    acc.add_variant(
+                        "zero", log_probs_orig, zero_template.unsqueeze(0), batch, kept, probs_orig
+                    )
                 if mean_template is not None:
                     acc.add_variant("mean", None, mean_template.unsqueeze(0), batch, kept)
+                del probs_orig
                 acc.end_batch()
                 bar.update(int(kept.sum()))
         finally:
@@ -545,9 +554,16 @@ class _Accumulator:
     ) -> None:
         kept_r = kept.to(recon.device)
         seq_index = torch.arange(kept.shape[0], device=recon.device).unsqueeze(1).expand_as(kept_r)[kept_r]
-        xs = x.to(recon.device)[kept_r].double()
-        xh = recon[kept_r].double()
-        z = latents[kept_r]
+        if bool(kept_r.all()):
+            # Nothing excluded: flatten instead of boolean indexing, which would copy the [tokens, d_sae] latents.
+            xs = x.to(recon.device).reshape(-1, x.shape[-1]).double()
+            xh = recon.reshape(-1, recon.shape[-1]).double()
+            z = latents.reshape(-1, latents.shape[-1])
+        else:
+            xs = x.to(recon.device)[kept_r].double()
+            xh = recon[kept_r].double()
+            z = latents[kept_r]
+        active = z != 0
         if self.reference is None:
             # Sums are centred on the first batch's mean so Σ‖x − x̄‖² does not cancel catastrophically.
             self.reference = xs.mean(0)
@@ -575,10 +591,10 @@ class _Accumulator:
             rel_err_sum=per_seq(sse.sqrt() / norm_x_safe),
             l2_ratio_sum=per_seq(xh.norm(dim=-1) / norm_x_safe),
             ev_legacy_sum=per_seq(1.0 - sse / batch_centered.pow(2).sum(-1)),
-            l0_sum=per_seq((z != 0).sum(-1).double()),
+            l0_sum=per_seq(active.sum(-1).double()),
             l1_sum=per_seq(z.abs().sum(-1).double()),
         )
-        self.firing += (z != 0).sum(0).double()
+        self.firing += active.sum(0).double()
 
     def add_original(self, log_probs: torch.Tensor, tokens: torch.Tensor, kept: torch.Tensor) -> None:
         ce, kept_ce = _token_ce(log_probs, tokens, kept)
@@ -597,13 +613,17 @@ class _Accumulator:
         log_probs: torch.Tensor,
         tokens: torch.Tensor,
         kept: torch.Tensor,
+        probs_orig: torch.Tensor | None = None,
     ) -> None:
         ce, kept_ce = _token_ce(log_probs.expand(tokens.shape[0], -1, -1), tokens, kept)
         self.current[f"ce_sum_{name}"] = (ce * kept_ce).double().sum(1)
         if name == "sae":
             self.position["ce_sae"] += (ce * kept_ce).double().sum(0)
         if log_probs_orig is not None and name in ("sae", "zero"):
-            kl = (log_probs_orig.exp() * (log_probs_orig - log_probs)).sum(-1)
+            if probs_orig is None:
+                probs_orig = log_probs_orig.exp()
+            # KL(p_orig || p) = sum p_orig (log p_orig - log p), with one [batch, pos, vocab] temporary.
+            kl = torch.sub(log_probs_orig, log_probs).mul_(probs_orig).sum(-1)
             self.current[f"kl_sum_{name}"] = (kl * kept).double().sum(1)
             if name == "sae":
                 self.position["kl_sae"] += (kl * kept).double().sum(0)
