@@ -27,10 +27,31 @@ _LAZY: dict[str, str] = {
     "evaluate": "pytest_saecheck.engine",
     "Evaluation": "pytest_saecheck.engine",
     "TokenPolicy": "pytest_saecheck.engine",
+    "assert_no_aux_bias_double_count": "pytest_saecheck.training",
+    "assert_aux_residual_detached": "pytest_saecheck.training",
+    "assert_aux_k_scaling": "pytest_saecheck.training",
+    "assert_aux_loss_zero_without_dead": "pytest_saecheck.training",
+    "assert_training_objective": "pytest_saecheck.training",
+    "AuxLossAdapter": "pytest_saecheck.training",
+    "AuxLossAdapterBase": "pytest_saecheck.training",
+    "resolve_training_adapter": "pytest_saecheck.training",
+    "SAELensTopKAdapter": "pytest_saecheck.training_adapters",
+    "SparsifyAdapter": "pytest_saecheck.training_adapters",
 }
 
 if TYPE_CHECKING:
     from pytest_saecheck.engine import Evaluation, TokenPolicy, evaluate
+    from pytest_saecheck.training import (
+        AuxLossAdapter,
+        AuxLossAdapterBase,
+        assert_aux_k_scaling,
+        assert_aux_loss_zero_without_dead,
+        assert_aux_residual_detached,
+        assert_no_aux_bias_double_count,
+        assert_training_objective,
+        resolve_training_adapter,
+    )
+    from pytest_saecheck.training_adapters import SAELensTopKAdapter, SparsifyAdapter
 
 
 def __getattr__(name: str) -> Any:
@@ -47,6 +68,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AuxLossAdapter",
+    "AuxLossAdapterBase",
     "ConfigError",
     "DegenerateActivationsError",
     "EmptyTokenSetError",
@@ -55,9 +78,17 @@ __all__ = [
     "LoadError",
     "NonFiniteError",
     "SAECheckError",
+    "SAELensTopKAdapter",
     "ShapeMismatchError",
+    "SparsifyAdapter",
     "TokenPolicy",
     "TrainingCheckError",
     "__version__",
+    "assert_aux_k_scaling",
+    "assert_aux_loss_zero_without_dead",
+    "assert_aux_residual_detached",
+    "assert_no_aux_bias_double_count",
+    "assert_training_objective",
     "evaluate",
+    "resolve_training_adapter",
 ]
