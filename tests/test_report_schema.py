@@ -100,6 +100,16 @@ def test_each_worker_reports_its_own_evaluation_and_the_first_in_node_order_wins
     assert forward["saes"][0]["evaluation_duration_s"] == backward["saes"][0]["evaluation_duration_s"] != 99.0
 
 
+def test_loadgroup_suffix_is_removed_from_node_ids() -> None:
+    from pytest_saecheck.report.collect import Collector
+
+    collector = Collector(strip_xdist_group=True)
+    for nodeid in ("t.py::TestA::test_x@sae_a", "t.py::test_p[a@b]@grp", "t@x.py::test_y", "t.py::test_z[1]"):
+        collector.add_report(FakeReport(nodeid, "call"))
+    ids = [test["id"] for test in collector.document()["tests"]]
+    assert ids == ["t.py::TestA::test_x", "t.py::test_p[a@b]", "t.py::test_z[1]", "t@x.py::test_y"]
+
+
 def test_missing_fields_are_none_and_render_as_na() -> None:
     """A minimal evaluation record (no intervals, no curves, no density) still gives a valid document."""
     record = {"kind": "evaluation", "label": "bare", "metrics": {"ce_orig": 2.0, "ce_sae": float("nan")}}

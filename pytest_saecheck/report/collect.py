@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -282,15 +283,26 @@ class _Test:
     phases: list[_Phase] = field(default_factory=list)
 
 
-class Collector:
-    """Gathers outcomes and saecheck records from test and collection reports, on the xdist controller."""
+_XDIST_GROUP_SUFFIX = re.compile(r"@[^\[\]@:/]+$")
 
-    def __init__(self) -> None:
+
+class Collector:
+    """Gathers outcomes and saecheck records from test and collection reports, on the xdist controller.
+
+    ``strip_xdist_group``: under ``--dist loadgroup`` pytest-xdist appends ``@<group>`` to the node id of every
+    test marked ``xdist_group``; with this flag the suffix is removed, so the document names tests as a serial
+    run does.
+    """
+
+    def __init__(self, *, strip_xdist_group: bool = False) -> None:
         self.tests: dict[str, _Test] = {}
+        self.strip_xdist_group = strip_xdist_group
 
     def add_report(self, report: Any) -> None:
         """Take a ``TestReport`` (any phase) or a failed ``CollectReport``."""
         nodeid = str(getattr(report, "nodeid", "") or "")
+        if self.strip_xdist_group:
+            nodeid = _XDIST_GROUP_SUFFIX.sub("", nodeid)
         when = getattr(report, "when", None)
         outcome = str(getattr(report, "outcome", "passed"))
         records = [dict(r) for r in getattr(report, RECORDS_ATTRIBUTE, None) or () if isinstance(r, Mapping)]

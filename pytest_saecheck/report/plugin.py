@@ -115,6 +115,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         config.pluginmanager.unregister(writer, WRITER_NAME)
 
 
+def _option(config: pytest.Config, name: str) -> Any:
+    try:
+        return config.getoption(name, default=None)
+    except ValueError:
+        return None
+
+
 def _workers(config: pytest.Config) -> int | None:
     try:
         value = config.getoption("numprocesses", default=None)
@@ -135,7 +142,7 @@ class ReportWriter:
         self.config = config
         self.json_path = json_path
         self.html_path = html_path
-        self.collector = Collector()
+        self.collector = Collector(strip_xdist_group=_option(config, "dist") == "loadgroup")
         self.started = now_iso()
         self.started_clock = time.perf_counter()
         self.interrupted = False
