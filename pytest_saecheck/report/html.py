@@ -57,10 +57,10 @@ OVERVIEW = (
     ("ce_orig", "CE orig"),
     ("ce_sae", "CE SAE"),
     ("delta_ce", "ΔCE"),
-    ("ce_loss_score", "CE score (zero)"),
-    ("ce_loss_score_mean_ablation", "CE score (mean)"),
+    ("ce_loss_score", "score vs zero"),
+    ("ce_loss_score_mean_ablation", "score vs mean"),
     ("kl_div_score", "KL score"),
-    ("compute_fraction", "compute fraction"),
+    ("compute_fraction", "compute frac."),
     ("explained_variance", "R²"),
     ("l0", "L0"),
 )

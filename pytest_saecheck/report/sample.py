@@ -110,7 +110,7 @@ def evaluation_record(
     if with_intervals:
         record["interval_level"] = 0.95
         record["intervals"] = {
-            name: [value - 0.02 * (abs(value) + 0.1), value + 0.02 * (abs(value) + 0.1)]
+            name: [value - 0.02 * abs(value), value + 0.02 * abs(value)]
             for name, value in metrics.items()
             if name != "alive_fraction"
         }
