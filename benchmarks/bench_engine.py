@@ -1,0 +1,597 @@
+"""Benchmark: pytest-saecheck's engine against SAE Lens' own evaluation, on the same tokens, in one process.
+
+Usage::
+
+    python benchmarks/bench_engine.py                      # configurations 1, 2, 3 (about 5-8 min on 2 CPU cores)
+    python benchmarks/bench_engine.py --quick              # smoke run: few tokens, 2 repetitions
+    python benchmarks/bench_engine.py --configs 1,3 --n-tokens 4096 --repeats 5 --device cuda
+
+Three implementations are timed on identical token batches:
+
+``ours``    ``pytest_saecheck.evaluate(..., exclude_bos=False, mean_ablation=False)``: CE (original, spliced,
+            zero-ablated), KL, explained variance (both formulas), MSE, cosine, L2 ratio, L0, L1, latent density.
+``anchor``  SAE Lens' ``run_evals`` with the equivalent ``EvalConfig`` (KL, CE, L2 norms, sparsity, variance,
+            featurewise density), ``exclude_special_tokens=False``, fed the same batches by a minimal stand-in for
+            the ActivationsStore. Every position is spliced, ablated and scored by both.
+``floor``   one plain forward pass of the model (logits) over the same batches.
+
+Method: one warm-up batch of each, then ``--repeats`` interleaved repetitions (the order rotates every
+repetition); medians and min-max of each; the speedup (anchor / ours) and the forward-pass count (ours / floor)
+are taken repetition by repetition, so slow drifts of a shared machine cancel. Peak memory is the peak of live
+tensor bytes created during one evaluation, counted exactly by a TorchDispatchMode on CPU (RSS is too noisy on a
+shared machine), or ``torch.cuda.max_memory_allocated`` above the baseline on CUDA. The last line of the output
+is one JSON object keyed by configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# (ours, SAE Lens group, SAE Lens name): every metric both sides compute.
+SHARED_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("ce_orig", "model_performance_preservation", "ce_loss_without_sae"),
+    ("ce_sae", "model_performance_preservation", "ce_loss_with_sae"),
+    ("ce_zero", "model_performance_preservation", "ce_loss_with_ablation"),
+    ("ce_loss_score", "model_performance_preservation", "ce_loss_score"),
+    ("kl_sae", "model_behavior_preservation", "kl_div_with_sae"),
+    ("kl_zero", "model_behavior_preservation", "kl_div_with_ablation"),
+    ("kl_div_score", "model_behavior_preservation", "kl_div_score"),
+    ("explained_variance", "reconstruction_quality", "explained_variance"),
+    ("explained_variance_legacy", "reconstruction_quality", "explained_variance_legacy"),
+    ("mse", "reconstruction_quality", "mse"),
+    ("cosine_sim", "reconstruction_quality", "cossim"),
+    ("l2_ratio", "shrinkage", "l2_ratio"),
+    ("l0", "sparsity", "l0"),
+    ("l1", "sparsity", "l1"),
+)
+DENSITY_ROW = "latent_density (worst latent)"
+
+GPT2_SHAPE = {
+    "n_layers": 12,
+    "d_model": 768,
+    "n_heads": 12,
+    "d_head": 64,
+    "d_mlp": 3072,
+    "d_vocab": 50257,
+    "n_ctx": 128,
+    "act_fn": "gelu_new",
+    "normalization_type": "LN",
+}
+
+
+@dataclass
+class Case:
+    key: str
+    title: str
+    model: Any
+    sae: Any
+    tokens: Any  # [n_sequences, seq_len] token ids, on CPU
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds (the measurement) and process CPU seconds (a cross-check on a shared machine)."""
+
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    cpu_seconds: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, wall: float, cpu: float = math.nan) -> None:
+        self.seconds.setdefault(name, []).append(wall)
+        self.cpu_seconds.setdefault(name, []).append(cpu)
+
+
+# --- pure helpers (tested in tests/test_benchmarks.py) ------------------------------------------------------
+
+
+def parse_configs(text: str) -> list[str]:
+    """``"1,3"`` -> ``["1", "3"]``; only 1, 2 and 3 exist."""
+    keys = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [key for key in keys if key not in ("1", "2", "3")]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(f"--configs takes a comma-separated subset of 1,2,3, got {text!r}")
+    return list(dict.fromkeys(keys))
+
+
+def n_sequences_for(n_tokens: int, seq_len: int, batch_size: int) -> int:
+    """Whole batches of whole sequences, at least one batch (run_evals only takes full batches)."""
+    n_batches = max(1, round(n_tokens / (seq_len * batch_size)))
+    return n_batches * batch_size
+
+
+def spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    return statistics.median(values), min(values), max(values)
+
+
+def pairwise_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
+    if len(numerators) != len(denominators):
+        raise ValueError("ratios are taken repetition by repetition: both lists need the same length")
+    return [n / d for n, d in zip(numerators, denominators, strict=True)]
+
+
+def anchor_flat(all_metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {name: float(all_metrics[group][name]) for _, group, name in SHARED_METRICS}
+
+
+def compare_metrics(
+    ours: dict[str, float],
+    anchor: dict[str, float],
+    ours_density: Sequence[float],
+    anchor_density: Sequence[float],
+) -> tuple[list[tuple[str, float, float, float]], float]:
+    """Rows (ours name, ours, anchor, |diff|) of every shared metric and the largest |diff| among them."""
+    rows = []
+    for ours_name, _, anchor_name in SHARED_METRICS:
+        a, b = float(ours[ours_name]), float(anchor[anchor_name])
+        rows.append((ours_name, a, b, abs(a - b)))
+    if len(ours_density) != len(anchor_density) or not len(ours_density):
+        raise ValueError("latent density vectors are empty or differ in length")
+    density = [
+        (abs(float(a) - float(b)), float(a), float(b))
+        for a, b in zip(ours_density, anchor_density, strict=True)
+    ]
+    diff, a, b = max(density)
+    rows.append((DENSITY_ROW, a, b, diff))
+    worst = max(row[3] for row in rows)
+    return rows, worst
+
+
+def float32_ulps(value: float, reference: float) -> float:
+    """|value - reference| in units in the last place of ``reference`` stored as float32 (SAE Lens' dtype)."""
+    import numpy as np
+
+    ulp = (
+        float(np.spacing(np.float32(abs(reference)))) if reference != 0 else float(np.spacing(np.float32(0)))
+    )
+    return abs(value - reference) / ulp
+
+
+def fmt_bytes(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def summary_record(
+    timings: Timings, worst_diff: float, peak: dict[str, float | None], rows: Sequence[tuple] = ()
+) -> dict[str, Any]:
+    s = timings.seconds
+    speed = pairwise_ratios(s["anchor"], s["ours"])
+    passes = pairwise_ratios(s["ours"], s["floor"])
+    anchor_passes = pairwise_ratios(s["anchor"], s["floor"])
+    c = timings.cpu_seconds
+    cpu_speed = [v for v in pairwise_ratios(c["anchor"], c["ours"]) if math.isfinite(v)]
+    return {
+        "speedup": round(statistics.median(speed), 3),
+        "speedup_min": round(min(speed), 3),
+        "speedup_max": round(max(speed), 3),
+        "forward_passes": round(statistics.median(passes), 3),
+        "anchor_forward_passes": round(statistics.median(anchor_passes), 3),
+        "speedup_cpu_time": round(statistics.median(cpu_speed), 3) if cpu_speed else None,
+        "max_abs_diff": float(f"{worst_diff:.3g}"),
+        "peak_bytes_ours": peak.get("ours"),
+        "peak_bytes_anchor": peak.get("anchor"),
+        "peak_bytes_floor": peak.get("floor"),
+        "seconds_ours": round(statistics.median(s["ours"]), 3),
+        "seconds_anchor": round(statistics.median(s["anchor"]), 3),
+        "seconds_floor": round(statistics.median(s["floor"]), 3),
+        **worst_metric(rows),
+    }
+
+
+def worst_metric(rows: Sequence[tuple]) -> dict[str, Any]:
+    """Which metric has the largest |diff|, and the largest difference in float32 ulps of SAE Lens' value."""
+    if not rows:
+        return {}
+    name = max(rows, key=lambda row: row[3])[0]
+    ulps = max(float32_ulps(a, b) for _, a, b, _ in rows)
+    return {"max_abs_diff_metric": name, "max_float32_ulps": round(ulps, 2)}
+
+
+# --- the three implementations -------------------------------------------------------------------------------
+
+
+class TokenStore:
+    """The slice of SAE Lens' ActivationsStore that ``run_evals`` uses, serving fixed token batches in order."""
+
+    def __init__(self, tokens: Any, batch_size: int) -> None:
+        self.tokens = tokens
+        self.store_batch_size_prompts = batch_size
+        self.context_size = int(tokens.shape[1])
+        self.row = 0
+
+    def get_batch_tokens(self, batch_size: int | None = None, raise_at_epoch_end: bool = False) -> Any:
+        n = batch_size or self.store_batch_size_prompts
+        if self.row + n > self.tokens.shape[0]:
+            raise RuntimeError("TokenStore ran out of tokens: n_batches x batch_size exceeds the token set")
+        batch = self.tokens[self.row : self.row + n]
+        self.row += n
+        return batch
+
+    def reset_input_dataset(self) -> None:
+        self.row = 0
+
+
+def run_ours(model: Any, sae: Any, tokens: Any, batch_size: int) -> Any:
+    from pytest_saecheck import evaluate
+
+    return evaluate(
+        model, sae, tokens, batch_size=batch_size, exclude_bos=False, mean_ablation=False, progress=False
+    )
+
+
+def anchor_config(batch_size: int, n_batches: int) -> Any:
+    from sae_lens.evals import EvalConfig
+
+    return EvalConfig(
+        batch_size_prompts=batch_size,
+        n_eval_reconstruction_batches=n_batches,
+        compute_kl=True,
+        compute_ce_loss=True,
+        n_eval_sparsity_variance_batches=n_batches,
+        compute_l2_norms=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
+        compute_featurewise_weight_based_metrics=False,
+        library_version="benchmark",
+        git_hash="benchmark",
+    )
+
+
+def run_anchor(model: Any, sae: Any, tokens: Any, batch_size: int, eval_config: Any) -> Any:
+    from sae_lens.evals import run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    return run_evals(
+        sae,
+        TokenStore(tokens, batch_size),  # type: ignore[arg-type]
+        model,
+        ActivationScaler(),
+        eval_config,
+        exclude_special_tokens=False,
+    )
+
+
+def run_floor(model: Any, tokens: Any, batch_size: int) -> None:
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, tokens.shape[0], batch_size):
+            model(tokens[start : start + batch_size].to(device))
+
+
+# --- measurement -------------------------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str) -> tuple[float, float, Any]:
+    """(wall seconds, process CPU seconds, result)."""
+    gc.collect()
+    _sync(device)
+    cpu, start = time.process_time(), time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, time.process_time() - cpu, out
+
+
+def live_tensor_peak(fn: Callable[[], Any], device: str) -> float:
+    """Peak bytes of tensors created by ``fn`` and alive at the same time."""
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    tracker = _live_tensor_bytes()
+    with tracker:
+        fn()
+    return float(tracker.peak)
+
+
+def _live_tensor_bytes() -> Any:
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LiveTensorBytes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tracked: dict[int, tuple[Any, int]] = {}
+            self.live = 0
+            self.peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            for key in [k for k, (ref, _) in self.tracked.items() if ref.expired()]:
+                self.live -= self.tracked.pop(key)[1]
+            for tensor in tree_leaves(out):
+                if isinstance(tensor, torch.Tensor) and not tensor.is_sparse:
+                    storage = tensor.untyped_storage()
+                    key = storage.data_ptr()
+                    if key and key not in self.tracked:
+                        self.tracked[key] = (StorageWeakRef(storage), storage.nbytes())
+                        self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            return out
+
+    return LiveTensorBytes()
+
+
+def measure_case(
+    case: Case, batch_size: int, repeats: int, device: str, memory: bool, log: Callable[[str], None]
+) -> tuple[Timings, dict[str, Any], Any, dict[str, float | None]]:
+    tokens = case.tokens
+    n_batches = tokens.shape[0] // batch_size
+    eval_config = anchor_config(batch_size, n_batches)
+    warm_tokens = tokens[:batch_size]
+    warm_config = anchor_config(batch_size, 1)
+    impls: dict[str, Callable[[], Any]] = {
+        "ours": lambda: run_ours(case.model, case.sae, tokens, batch_size),
+        "anchor": lambda: run_anchor(case.model, case.sae, tokens, batch_size, eval_config),
+        "floor": lambda: run_floor(case.model, tokens, batch_size),
+    }
+    log("  warm-up (one batch each)")
+    run_ours(case.model, case.sae, warm_tokens, batch_size)
+    run_anchor(case.model, case.sae, warm_tokens, batch_size, warm_config)
+    run_floor(case.model, warm_tokens, batch_size)
+
+    timings = Timings()
+    results: dict[str, Any] = {}
+    order = ["ours", "anchor", "floor"]
+    for rep in range(repeats):
+        rotated = order[rep % 3 :] + order[: rep % 3]
+        line = []
+        for name in rotated:
+            seconds, cpu, out = timed(impls[name], device)
+            timings.add(name, seconds, cpu)
+            results.setdefault(name, out)
+            line.append(f"{name} {seconds:6.2f} s")
+        log(f"  repetition {rep + 1}/{repeats}: " + ", ".join(line))
+
+    peak: dict[str, float | None] = {"ours": None, "anchor": None, "floor": None}
+    if memory:
+        # All three stream batch by batch, so the peak is reached within a batch: measure on the first one.
+        one_batch = {
+            "ours": lambda: run_ours(case.model, case.sae, warm_tokens, batch_size),
+            "anchor": lambda: run_anchor(case.model, case.sae, warm_tokens, batch_size, warm_config),
+            "floor": lambda: run_floor(case.model, warm_tokens, batch_size),
+        }
+        for name, fn in one_batch.items():
+            peak[name] = live_tensor_peak(fn, device)
+        log("  peak memory: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in peak.items()))
+    return timings, results["ours"], results["anchor"], peak
+
+
+# --- configurations -----------------------------------------------------------------------------------------------
+
+
+def gpt2_shaped_model(device: str) -> Any:
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(**GPT2_SHAPE, seed=0, device=device)
+    return HookedTransformer(cfg).eval()
+
+
+def topk_sae(hook: str, d_in: int, device: str, *, expansion: int = 16, k: int = 32, seed: int = 1) -> Any:
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(seed)
+    cfg = TopKSAEConfig(d_in=d_in, d_sae=expansion * d_in, k=k, device=device)
+    cfg.metadata.hook_name = hook
+    sae = TopKSAE(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # random encoder and biases too (SAE Lens initialises b_enc/b_dec to zero)
+        sae.b_enc.copy_(0.01 * torch.randn(sae.b_enc.shape, generator=generator))
+        sae.b_dec.copy_(0.01 * torch.randn(sae.b_dec.shape, generator=generator))
+    return sae.eval()
+
+
+def random_tokens(n_sequences: int, seq_len: int, vocab: int, seed: int = 2) -> Any:
+    import torch
+
+    return torch.randint(0, vocab, (n_sequences, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def build_cases(
+    keys: list[str], n_tokens: int | None, batch_size: int, device: str, log: Callable[[str], None]
+) -> tuple[list[Case], dict[str, str]]:
+    cases: list[Case] = []
+    skipped: dict[str, str] = {}
+    gpt2 = None
+    if "1" in keys or "2" in keys:
+        log("building the GPT-2-small-shaped model (random weights, seed 0)")
+        gpt2 = gpt2_shaped_model(device)
+        seq_len = GPT2_SHAPE["n_ctx"]
+        n_seq = n_sequences_for(n_tokens or 2048, seq_len, batch_size)
+        tokens = random_tokens(n_seq, seq_len, GPT2_SHAPE["d_vocab"])
+        shape = "GPT-2-small-shaped random model (12 layers, d_model 768, vocab 50257, context 128)"
+        sae_desc = "TopK SAE (k 32, d_sae 12288 = 16 x 768, random weights)"
+        hooks = []
+        if "1" in keys:
+            hooks.append(("1", "blocks.6.hook_resid_pre"))
+        if "2" in keys:
+            hooks += [("2a", "blocks.10.hook_resid_pre"), ("2b", "blocks.6.hook_mlp_out")]
+        for key, hook in hooks:
+            cases.append(
+                Case(key, f"{shape} + {sae_desc} at {hook}", gpt2, topk_sae(hook, 768, device), tokens)
+            )
+    if "3" in keys:
+        try:
+            cases.append(demo_case(n_tokens, batch_size, device))
+        except Exception as exc:  # the demo package or its built assets may be missing
+            skipped["3"] = f"the demo model could not be loaded ({type(exc).__name__}: {exc})"
+            log(f"SKIPPED configuration 3: {skipped['3']}")
+    return cases, skipped
+
+
+def demo_case(n_tokens: int | None, batch_size: int, device: str) -> Case:
+    from pytest_saecheck.demo import load_model, load_sae, load_tokens
+
+    model = load_model(device=device)
+    sae = load_sae("good", device=device)
+    seq_len = int(model.cfg.n_ctx)
+    n_seq = n_sequences_for(n_tokens or 64 * seq_len, seq_len, batch_size)
+    tokens = load_tokens(n_sequences=n_seq, device="cpu")
+    hook = sae.cfg.metadata.hook_name
+    title = (
+        f"demo model ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}, vocab {model.cfg.d_vocab}, "
+        f"context {seq_len}) + its 'good' SAE ({sae.cfg.architecture()}, d_sae {sae.cfg.d_sae}) at {hook}"
+    )
+    return Case("3", title, model.eval(), sae.eval(), tokens)
+
+
+# --- report --------------------------------------------------------------------------------------------------------
+
+
+def describe_machine(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    return (
+        f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} with {torch.get_num_threads()} "
+        f"threads{load}"
+    )
+
+
+def case_report(
+    case: Case,
+    timings: Timings,
+    ours: Any,
+    anchor: Any,
+    peak: dict[str, float | None],
+    batch_size: int,
+) -> tuple[list[str], dict[str, Any]]:
+    all_metrics, feature_metrics = anchor
+    rows, worst = compare_metrics(
+        ours.metrics, anchor_flat(all_metrics), ours.latent_density, feature_metrics["feature_density"]
+    )
+    record = summary_record(timings, worst, peak, rows)
+    n_seq, seq_len = case.tokens.shape
+    out = [
+        "",
+        f"Configuration {case.key}: {case.title}",
+        f"  {n_seq * seq_len} tokens ({n_seq} sequences x {seq_len}), batch {batch_size}, "
+        f"{len(timings.seconds['ours'])} repetitions",
+        f"  {'':24}{'median':>10}{'min':>10}{'max':>10}{'peak memory':>14}{'forward passes':>16}",
+    ]
+    floor = timings.seconds["floor"]
+    for name, label in (
+        ("floor", "floor (1 forward pass)"),
+        ("ours", "ours (pytest-saecheck)"),
+        ("anchor", "anchor (SAE Lens)"),
+    ):
+        med, lo, hi = spread(timings.seconds[name])
+        passes = statistics.median(pairwise_ratios(timings.seconds[name], floor))
+        out.append(
+            f"  {label:24}{med:9.2f}s{lo:9.2f}s{hi:9.2f}s{fmt_bytes(peak.get(name)):>14}{passes:>16.2f}"
+        )
+    speed = pairwise_ratios(timings.seconds["anchor"], timings.seconds["ours"])
+    med, lo, hi = spread(speed)
+    out.append(f"  speedup anchor/ours, pair by pair: median {med:.2f}x (min {lo:.2f}x, max {hi:.2f}x)")
+    if record.get("speedup_cpu_time"):
+        out.append(f"  (same ratio in process CPU time: {record['speedup_cpu_time']:.2f}x)")
+    out.append(f"  {'metric':32}{'ours':>16}{'SAE Lens':>16}{'|diff|':>10}{'f32 ulps':>10}")
+    for name, a, b, d in rows:
+        out.append(f"  {name:32}{a:16.8g}{b:16.8g}{d:10.2g}{float32_ulps(a, b):10.1f}")
+    out.append(
+        f"  max |diff| over shared metrics: {worst:.2g} ({record['max_abs_diff_metric']}); "
+        f"at most {record['max_float32_ulps']:.1f} float32 ulps of SAE Lens' value"
+    )
+    return out, record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", type=parse_configs, default=["1", "2", "3"], help="subset of 1,2,3")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 batch, 2 repetitions")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument(
+        "--n-tokens",
+        type=int,
+        default=None,
+        help="tokens per configuration (default 2048; demo 64 sequences)",
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3, --quick 2)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch for both (default 8)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    repeats = args.repeats or (2 if args.quick else 3)
+    n_tokens = args.n_tokens or (args.batch_size * 128 if args.quick else None)
+    if repeats < 1:
+        parser.error("--repeats must be at least 1")
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    started = time.perf_counter()
+    cases, skipped = build_cases(args.configs, n_tokens, args.batch_size, device, log)
+    lines = [
+        f"pytest-saecheck engine vs SAE Lens evaluation ({describe_machine(device)}, device {device})",
+        "Both compute the same metric set on the same positions: every position spliced, zero-ablated and scored",
+        "(ours: exclude_bos=False, mean_ablation=False; SAE Lens: run_evals, exclude_special_tokens=False);",
+        "the same SAE object serves both. Times are per evaluation of the whole token set.",
+    ]
+    records: dict[str, Any] = {}
+    for case in cases:
+        log(f"configuration {case.key}: {case.title}")
+        timings, ours, anchor, peak = measure_case(
+            case, args.batch_size, repeats, device, not args.no_memory, log
+        )
+        text, records[case.key] = case_report(case, timings, ours, anchor, peak, args.batch_size)
+        lines += text
+    for key, reason in skipped.items():
+        lines.append(f"\nConfiguration {key}: SKIPPED - {reason}")
+        records[key] = {"skipped": reason}
+    lines.append(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
+    print("\n".join(lines))
+    print(json.dumps(records, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Smoke tests of benchmarks/bench_engine.py: its pure helpers, and one tiny end-to-end comparison."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_engine", BENCH_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_engine"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_engine", None)
+
+
+def test_parse_configs(bench):
+    assert bench.parse_configs("1,3") == ["1", "3"]
+    assert bench.parse_configs(" 2 , 2,1") == ["2", "1"]
+    for bad in ("", "4", "1,x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_configs(bad)
+
+
+def test_whole_batches(bench):
+    assert bench.n_sequences_for(2048, 128, 8) == 16
+    assert bench.n_sequences_for(100, 128, 8) == 8  # at least one batch
+    assert bench.n_sequences_for(3000, 128, 8) == 24  # rounded to whole batches
+
+
+def test_ratios_are_pair_by_pair(bench):
+    assert bench.pairwise_ratios([4.0, 9.0], [2.0, 3.0]) == [2.0, 3.0]
+    assert bench.spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+    with pytest.raises(ValueError):
+        bench.pairwise_ratios([1.0], [1.0, 2.0])
+
+
+def test_compare_metrics_reports_worst_difference(bench):
+    ours = {name: 1.0 for name, _, _ in bench.SHARED_METRICS}
+    anchor = {name: 1.0 for _, _, name in bench.SHARED_METRICS}
+    anchor["mse"] = 1.5
+    rows, worst = bench.compare_metrics(ours, anchor, [0.1, 0.2], [0.1, 0.25])
+    assert worst == pytest.approx(0.5)
+    assert rows[-1][0] == bench.DENSITY_ROW and rows[-1][3] == pytest.approx(0.05)
+    assert len(rows) == len(bench.SHARED_METRICS) + 1
+    assert bench.worst_metric(rows)["max_abs_diff_metric"] == "mse"
+
+
+def test_float32_ulps(bench):
+    assert bench.float32_ulps(1.0, 1.0) == 0.0
+    assert bench.float32_ulps(1.0 + 2**-23, 1.0) == pytest.approx(1.0)
+    assert math.isfinite(bench.float32_ulps(1e-9, 0.0))
+
+
+def test_token_store_serves_batches_in_order(bench):
+    tokens = torch.arange(12).reshape(6, 2)
+    store = bench.TokenStore(tokens, 2)
+    assert store.context_size == 2 and store.store_batch_size_prompts == 2
+    assert store.get_batch_tokens(2).tolist() == [[0, 1], [2, 3]]
+    assert store.get_batch_tokens(4).tolist() == [[4, 5], [6, 7], [8, 9], [10, 11]]
+    with pytest.raises(RuntimeError):
+        store.get_batch_tokens(2)
+    store.reset_input_dataset()
+    assert store.get_batch_tokens(2).tolist() == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out"])
+def test_tiny_case_end_to_end(bench, hook):
+    """The benchmark's comparison on a tiny model: both implementations agree, the record is complete."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=32, n_ctx=16, d_head=8, n_heads=4, d_mlp=128, d_vocab=61, act_fn="gelu"
+    )
+    model = HookedTransformer(cfg).eval()
+    sae = bench.topk_sae(hook, 32, "cpu", expansion=4, k=8)
+    tokens = bench.random_tokens(8, 16, 61)
+    case = bench.Case("t", "tiny", model, sae, tokens)
+    timings, ours, anchor, peak = bench.measure_case(case, 4, 2, "cpu", True, lambda message: None)
+    lines, record = bench.case_report(case, timings, ours, anchor, peak, 4)
+    assert record["max_abs_diff"] <= 1e-4, "\n".join(lines)
+    assert record["speedup"] > 0 and record["forward_passes"] > 0
+    assert all(peak[name] > 0 for name in ("ours", "anchor", "floor"))
+    json.dumps(record)  # the JSON line must serialise
