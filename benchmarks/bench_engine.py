@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_engine.py                      # configurations 1, 2, 3 (about 5-8 min on 2 CPU cores)
+    python benchmarks/bench_engine.py                      # configurations 1, 2, 3 (minutes on 2 CPU cores)
     python benchmarks/bench_engine.py --quick              # smoke run: few tokens, 2 repetitions
     python benchmarks/bench_engine.py --configs 1,3 --n-tokens 4096 --repeats 5 --device cuda
 
@@ -326,11 +326,17 @@ def _live_tensor_bytes() -> Any:
             out = func(*args, **(kwargs or {}))
             for key in [k for k, (ref, _) in self.tracked.items() if ref.expired()]:
                 self.live -= self.tracked.pop(key)[1]
+            # Views and in-place results alias an input (e.g. W_U.T of a parameter): they allocate nothing.
+            inputs = {
+                t.untyped_storage().data_ptr()
+                for t in tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor) and not t.is_sparse
+            }
             for tensor in tree_leaves(out):
                 if isinstance(tensor, torch.Tensor) and not tensor.is_sparse:
                     storage = tensor.untyped_storage()
                     key = storage.data_ptr()
-                    if key and key not in self.tracked:
+                    if key and key not in self.tracked and key not in inputs:
                         self.tracked[key] = (StorageWeakRef(storage), storage.nbytes())
                         self.live += storage.nbytes()
             self.peak = max(self.peak, self.live)
@@ -352,10 +358,23 @@ def measure_case(
         "anchor": lambda: run_anchor(case.model, case.sae, tokens, batch_size, eval_config),
         "floor": lambda: run_floor(case.model, tokens, batch_size),
     }
-    log("  warm-up (one batch each)")
-    run_ours(case.model, case.sae, warm_tokens, batch_size)
-    run_anchor(case.model, case.sae, warm_tokens, batch_size, warm_config)
-    run_floor(case.model, warm_tokens, batch_size)
+    one_batch: dict[str, Callable[[], Any]] = {
+        "ours": lambda: run_ours(case.model, case.sae, warm_tokens, batch_size),
+        "anchor": lambda: run_anchor(case.model, case.sae, warm_tokens, batch_size, warm_config),
+        "floor": lambda: run_floor(case.model, warm_tokens, batch_size),
+    }
+    peak: dict[str, float | None] = {"ours": None, "anchor": None, "floor": None}
+    if memory:
+        # All three stream batch by batch, so the peak is reached within a batch: it is measured on the first
+        # batch, and these runs double as the warm-up.
+        log("  warm-up and peak memory (first batch of each)")
+        for name, fn in one_batch.items():
+            peak[name] = live_tensor_peak(fn, device)
+        log("  peak memory: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in peak.items()))
+    else:
+        log("  warm-up (first batch of each)")
+        for fn in one_batch.values():
+            fn()
 
     timings = Timings()
     results: dict[str, Any] = {}
@@ -369,18 +388,6 @@ def measure_case(
             results.setdefault(name, out)
             line.append(f"{name} {seconds:6.2f} s")
         log(f"  repetition {rep + 1}/{repeats}: " + ", ".join(line))
-
-    peak: dict[str, float | None] = {"ours": None, "anchor": None, "floor": None}
-    if memory:
-        # All three stream batch by batch, so the peak is reached within a batch: measure on the first one.
-        one_batch = {
-            "ours": lambda: run_ours(case.model, case.sae, warm_tokens, batch_size),
-            "anchor": lambda: run_anchor(case.model, case.sae, warm_tokens, batch_size, warm_config),
-            "floor": lambda: run_floor(case.model, warm_tokens, batch_size),
-        }
-        for name, fn in one_batch.items():
-            peak[name] = live_tensor_peak(fn, device)
-        log("  peak memory: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in peak.items()))
     return timings, results["ours"], results["anchor"], peak
 
 
@@ -418,7 +425,12 @@ def random_tokens(n_sequences: int, seq_len: int, vocab: int, seed: int = 2) -> 
 
 
 def build_cases(
-    keys: list[str], n_tokens: int | None, batch_size: int, device: str, log: Callable[[str], None]
+    keys: list[str],
+    n_tokens: int | None,
+    batch_size: int,
+    device: str,
+    log: Callable[[str], None],
+    seq_len: int | None = None,
 ) -> tuple[list[Case], dict[str, str]]:
     cases: list[Case] = []
     skipped: dict[str, str] = {}
@@ -426,9 +438,9 @@ def build_cases(
     if "1" in keys or "2" in keys:
         log("building the GPT-2-small-shaped model (random weights, seed 0)")
         gpt2 = gpt2_shaped_model(device)
-        seq_len = GPT2_SHAPE["n_ctx"]
-        n_seq = n_sequences_for(n_tokens or 2048, seq_len, batch_size)
-        tokens = random_tokens(n_seq, seq_len, GPT2_SHAPE["d_vocab"])
+        gpt2_len = min(seq_len or GPT2_SHAPE["n_ctx"], GPT2_SHAPE["n_ctx"])
+        n_seq = n_sequences_for(n_tokens or 1024, gpt2_len, batch_size)
+        tokens = random_tokens(n_seq, gpt2_len, GPT2_SHAPE["d_vocab"])
         shape = "GPT-2-small-shaped random model (12 layers, d_model 768, vocab 50257, context 128)"
         sae_desc = "TopK SAE (k 32, d_sae 12288 = 16 x 768, random weights)"
         hooks = []
@@ -442,21 +454,21 @@ def build_cases(
             )
     if "3" in keys:
         try:
-            cases.append(demo_case(n_tokens, batch_size, device))
+            cases.append(demo_case(n_tokens, batch_size, device, seq_len))
         except Exception as exc:  # the demo package or its built assets may be missing
             skipped["3"] = f"the demo model could not be loaded ({type(exc).__name__}: {exc})"
             log(f"SKIPPED configuration 3: {skipped['3']}")
     return cases, skipped
 
 
-def demo_case(n_tokens: int | None, batch_size: int, device: str) -> Case:
+def demo_case(n_tokens: int | None, batch_size: int, device: str, seq_len: int | None = None) -> Case:
     from pytest_saecheck.demo import load_model, load_sae, load_tokens
 
     model = load_model(device=device)
     sae = load_sae("good", device=device)
-    seq_len = int(model.cfg.n_ctx)
+    seq_len = min(seq_len or int(model.cfg.n_ctx), int(model.cfg.n_ctx))
     n_seq = n_sequences_for(n_tokens or 64 * seq_len, seq_len, batch_size)
-    tokens = load_tokens(n_sequences=n_seq, device="cpu")
+    tokens = load_tokens(n_sequences=n_seq, seq_len=seq_len, device="cpu")
     hook = sae.cfg.metadata.hook_name
     title = (
         f"demo model ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}, vocab {model.cfg.d_vocab}, "
@@ -541,13 +553,16 @@ def case_report(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", type=parse_configs, default=["1", "2", "3"], help="subset of 1,2,3")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 batch, 2 repetitions")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: one batch of 32-token sequences, 2 repetitions"
+    )
+    parser.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the context)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument(
         "--n-tokens",
         type=int,
         default=None,
-        help="tokens per configuration (default 2048; demo 64 sequences)",
+        help="tokens per configuration (default 1024 = one batch of 8 x 128; demo: 64 sequences)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3, --quick 2)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch for both (default 8)")
@@ -558,7 +573,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     repeats = args.repeats or (2 if args.quick else 3)
-    n_tokens = args.n_tokens or (args.batch_size * 128 if args.quick else None)
+    seq_len = args.seq_len or (32 if args.quick else None)
+    n_tokens = args.n_tokens or (args.batch_size * (seq_len or 128) if args.quick else None)
+    if seq_len is not None and seq_len < 2:
+        parser.error("--seq-len must be at least 2")
     if repeats < 1:
         parser.error("--repeats must be at least 1")
 
@@ -569,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     started = time.perf_counter()
-    cases, skipped = build_cases(args.configs, n_tokens, args.batch_size, device, log)
+    cases, skipped = build_cases(args.configs, n_tokens, args.batch_size, device, log, seq_len)
     lines = [
         f"pytest-saecheck engine vs SAE Lens evaluation ({describe_machine(device)}, device {device})",
         "Both compute the same metric set on the same positions: every position spliced, zero-ablated and scored",
