@@ -1,0 +1,45 @@
+"""Checking reported metrics: does a metric pipeline's R² agree with the legacy formula, and with ours?
+
+``assert_r2_matches_legacy`` accepts the metrics a pipeline reported (SAE Lens ``run_evals`` output, nested or
+flat; an SAEBench core result; a plain dict) and compares the reported explained variance with the reported
+legacy one. When they disagree it says which number is wrong and the likely cause. With ``reported=``, it
+compares a reported R² with our own computation on the same SAE.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pytest_saecheck import assert_r2_matches_legacy
+
+DATA = Path(__file__).parent / "data"
+
+
+def load(name):
+    return json.loads((DATA / name).read_text())
+
+
+def test_saebench_core_result_is_consistent():
+    assert_r2_matches_legacy(load("saebench_core_result.json"))
+
+
+def test_flat_training_log_is_consistent():
+    # SAE Lens training logs are flat, with "/" in the keys
+    assert_r2_matches_legacy({"metrics/explained_variance": 0.64, "metrics/explained_variance_legacy": 0.62})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the reported explained_variance (0.98) was computed about zero, not the mean: it is 1 − MSE/E‖x‖², "
+    "while the legacy formula gives 0.78. The assertion names the wrong number and the cause.",
+)
+def test_about_zero_bug_in_reported_metrics_is_caught():
+    assert_r2_matches_legacy(load("sae_lens_run_evals_about_zero_bug.json"))
+
+
+@pytest.mark.saecheck(sae="demo/good")
+def test_reported_r2_matches_our_computation(saecheck):
+    # a number from a correct pipeline: our own R² as a stand-in for what your evaluation reported
+    reported = {"reconstruction_quality": {"explained_variance": saecheck.metrics["explained_variance"]}}
+    assert_r2_matches_legacy(saecheck, reported=reported)
