@@ -19,11 +19,17 @@ from pytest_saecheck.errors import (
     SAECheckError,
     ShapeMismatchError,
     TrainingCheckError,
+    WeightsUnavailableError,
 )
 
 __version__ = "0.1.0.dev0"
 
 _LAZY: dict[str, str] = {
+    "assert_ce_recovery": "pytest_saecheck.assertions",
+    "assert_r2_matches_legacy": "pytest_saecheck.assertions",
+    "saecheck_param": "pytest_saecheck.config",
+    "SAECheckSettings": "pytest_saecheck.config",
+    "SAECheck": "pytest_saecheck.fixtures",
     "evaluate": "pytest_saecheck.engine",
     "Evaluation": "pytest_saecheck.engine",
     "TokenPolicy": "pytest_saecheck.engine",
@@ -40,7 +46,10 @@ _LAZY: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
+    from pytest_saecheck.assertions import assert_ce_recovery, assert_r2_matches_legacy
+    from pytest_saecheck.config import SAECheckSettings, saecheck_param
     from pytest_saecheck.engine import Evaluation, TokenPolicy, evaluate
+    from pytest_saecheck.fixtures import SAECheck
     from pytest_saecheck.training import (
         AuxLossAdapter,
         AuxLossAdapterBase,
@@ -77,18 +86,24 @@ __all__ = [
     "HookNotFoundError",
     "LoadError",
     "NonFiniteError",
+    "SAECheck",
     "SAECheckError",
+    "SAECheckSettings",
     "SAELensTopKAdapter",
     "ShapeMismatchError",
     "SparsifyAdapter",
     "TokenPolicy",
     "TrainingCheckError",
+    "WeightsUnavailableError",
     "__version__",
     "assert_aux_k_scaling",
     "assert_aux_loss_zero_without_dead",
     "assert_aux_residual_detached",
+    "assert_ce_recovery",
     "assert_no_aux_bias_double_count",
+    "assert_r2_matches_legacy",
     "assert_training_objective",
     "evaluate",
     "resolve_training_adapter",
+    "saecheck_param",
 ]

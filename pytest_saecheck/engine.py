@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,7 @@ from pytest_saecheck.metrics import (
     total_variance,
 )
 from pytest_saecheck.policy import TokenPolicy
-from pytest_saecheck.stats import DEFAULT_RESAMPLES, bootstrap_interval
+from pytest_saecheck.stats import DEFAULT_RESAMPLES, bootstrap_intervals
 
 __all__ = ["Evaluation", "TokenPolicy", "evaluate"]
 
@@ -72,7 +72,7 @@ class Evaluation:
     model_dtype: str = ""
     device: str = ""
     duration_s: float = 0.0
-    _interval_cache: dict[tuple[str, float, int, int], tuple[float, float]] = field(
+    _interval_cache: dict[tuple[float, int, int], dict[str, tuple[float, float]]] = field(
         default_factory=dict, repr=False
     )
 
@@ -90,17 +90,25 @@ class Evaluation:
             raise ConfigError(
                 f"{name!r} is undefined for this evaluation: {self.undefined.get(name, 'not computed')}"
             )
-        key = (name, float(level), int(n_resamples), int(seed))
+        return self.confidence_intervals(level, n_resamples=n_resamples, seed=seed)[name]
+
+    def confidence_intervals(
+        self, level: float = 0.95, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+    ) -> dict[str, tuple[float, float]]:
+        """Bootstrap intervals of every defined metric that has one, from one set of resamples (cached)."""
+        key = (float(level), int(n_resamples), int(seed))
         if key not in self._interval_cache:
             law = self.scaling_law
+            names = [name for name in self.metrics if name in BOOTSTRAPPABLE]
 
-            def statistic(sums: dict[str, np.ndarray]) -> np.ndarray:
-                return metrics_from_sums(sums, law)[name]
+            def statistics(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+                values = metrics_from_sums(sums, law)
+                return {name: values[name] for name in names}
 
-            self._interval_cache[key] = bootstrap_interval(
-                self.per_sequence, statistic, level=level, n_resamples=n_resamples, seed=seed
+            self._interval_cache[key] = bootstrap_intervals(
+                self.per_sequence, statistics, level=level, n_resamples=n_resamples, seed=seed
             )
-        return self._interval_cache[key]
+        return dict(self._interval_cache[key])
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python types only (safe to put on pytest reports and into JSON)."""

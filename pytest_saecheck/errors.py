@@ -41,5 +41,9 @@ class LoadError(SAECheckError, RuntimeError):
     """A model, SAE or token source could not be loaded (not found, not available offline, ...)."""
 
 
+class WeightsUnavailableError(LoadError):
+    """Weights or data are not on this machine and cannot be downloaded (offline, no network, not cached)."""
+
+
 class TrainingCheckError(SAECheckError, RuntimeError):
     """A training implementation could not be checked (unsupported class, missing adapter, ...)."""

@@ -27,17 +27,13 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from pytest_saecheck import hookspecs
-from pytest_saecheck.errors import ConfigError, LoadError, ShapeMismatchError
+from pytest_saecheck.errors import ConfigError, LoadError, ShapeMismatchError, WeightsUnavailableError
 
 DEMO = "demo"
 DEMO_MODEL_NAME = "saecheck-demo"  # model_name and dataset_path in the demo SAEs' configs
 DEFAULT_CONTEXT_SIZE = 128
 TEXT_COLUMNS = ("text", "content", "document", "story")
 TOKEN_COLUMNS = ("input_ids", "tokens", "token_ids")
-
-
-class WeightsUnavailableError(LoadError):
-    """Weights or data are not on this machine and cannot be downloaded (offline, no network, not cached)."""
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ class SummaryReporter:
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hookspecs)
+    # The report plugin has its own options (pytest_addoption is historic, so they still register) and
+    # hookspecs; importing it here keeps `-p no:saecheck` disabling everything.
+    pluginmanager.import_plugin("pytest_saecheck.report.plugin")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -27,6 +27,21 @@ def bootstrap_interval(
     interval of a paired difference, not of two independent means). ``statistic`` maps summed quantities
     (with a leading resample axis) to values.
     """
+    intervals = bootstrap_intervals(
+        per_sequence, lambda sums: {"value": statistic(sums)}, level=level, n_resamples=n_resamples, seed=seed
+    )
+    return intervals["value"]
+
+
+def bootstrap_intervals(
+    per_sequence: Mapping[str, np.ndarray],
+    statistics: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]],
+    *,
+    level: float = 0.95,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Like :func:`bootstrap_interval` for several statistics at once, from the same resamples."""
     if not 0.0 < level < 1.0:
         raise ConfigError(f"confidence level must lie strictly between 0 and 1, got {level!r}")
     n_sequences = len(next(iter(per_sequence.values())))
@@ -36,17 +51,22 @@ def bootstrap_interval(
             "evaluate more sequences (n_tokens / context_size)"
         )
     rng = np.random.default_rng(seed)
-    values: list[np.ndarray] = []
+    values: dict[str, list[np.ndarray]] = {}
     uniform = np.full(n_sequences, 1.0 / n_sequences)
     for start in range(0, n_resamples, _CHUNK):
         size = min(_CHUNK, n_resamples - start)
         weights = rng.multinomial(n_sequences, uniform, size=size).astype(np.float64)
         summed = {key: np.tensordot(weights, array, axes=(1, 0)) for key, array in per_sequence.items()}
-        values.append(np.asarray(statistic(summed), dtype=np.float64))
-    replicates = np.concatenate(values)
-    if np.isnan(replicates).any():
-        # A replicate where the metric is undefined (e.g. a zero denominator) makes the interval undefined.
-        return (float("nan"), float("nan"))
+        for name, value in statistics(summed).items():
+            values.setdefault(name, []).append(np.asarray(value, dtype=np.float64))
     tail = (1.0 - level) / 2.0
-    low, high = np.quantile(replicates, [tail, 1.0 - tail])
-    return (float(low), float(high))
+    intervals: dict[str, tuple[float, float]] = {}
+    for name, chunks in values.items():
+        replicates = np.concatenate(chunks)
+        if np.isnan(replicates).any():
+            # A replicate where the metric is undefined (a zero denominator) makes the interval undefined.
+            intervals[name] = (float("nan"), float("nan"))
+            continue
+        low, high = np.quantile(replicates, [tail, 1.0 - tail])
+        intervals[name] = (float(low), float(high))
+    return intervals
