@@ -1,7 +1,7 @@
 """R² can look excellent while the model, with the SAE spliced in, has become much worse.
 
-The demo's ``variance_only`` SAE projects the activation on its top principal components: R² well above 0.9 and a
-``ce_loss_score`` above 0.99, yet the loss the splice adds is tens of times the good SAE's. The ΔCE gate that the
+The demo's ``variance_only`` SAE projects the activation on its top 18 principal components: R² above 0.9 and a
+``ce_loss_score`` of 0.98, yet the loss the splice adds is about 60 times the good SAE's (0.11 vs 0.002 nats/token). The ΔCE gate that the
 good SAE passes (``examples/test_demo_good.py``) catches it;
 the failing gate is marked ``xfail(strict=True)`` so the run stays green and still shows the point (run with
 ``-rxX`` to see the reason, or ``--runxfail`` to see the full failure message).
@@ -24,5 +24,5 @@ def test_r2_looks_excellent(saecheck):
     "reads: the spliced model's loss rises far more than with the good SAE, so the ΔCE gate fails",
 )
 def test_ce_gate_catches_it(saecheck):
-    assert_ce_recovery(saecheck, min_score=0.99)  # zero-ablation-normalised score: passes, and misleads
+    assert_ce_recovery(saecheck, min_score=0.95)  # zero-ablation-normalised score: passes, and misleads
     assert_ce_recovery(saecheck, metric="delta_ce", max_value=0.01, confidence=0.95)  # fails

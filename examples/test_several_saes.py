@@ -13,7 +13,7 @@ from pytest_saecheck import assert_ce_recovery, assert_r2_matches_legacy, saeche
 #                   SAE                  min ce_loss_score  max delta_ce (nats/token)
 SAES = [
     saecheck_param("demo/good", 0.99, 0.01),
-    saecheck_param("demo/variance_only", 0.99, 0.05, id="pca-24"),  # a looser gate for a baseline SAE
+    saecheck_param("demo/variance_only", 0.97, 0.2, id="pca-18"),  # a looser gate for a baseline SAE
 ]
 
 
@@ -24,7 +24,7 @@ def test_ce(saecheck, min_score, max_delta_ce):
 
 
 @pytest.mark.parametrize(
-    "sae", [saecheck_param("demo/good"), saecheck_param("demo/variance_only", id="pca-24")]
+    "sae", [saecheck_param("demo/good"), saecheck_param("demo/variance_only", id="pca-18")]
 )
 def test_r2_is_consistent(saecheck, sae):
     # without thresholds, the parameter is the SAE spec itself
