@@ -1,0 +1,55 @@
+"""The engine on the demo model: against SAE Lens' functions and against the demo build's own metric code."""
+
+from __future__ import annotations
+
+import pytest
+from test_engine import SAE_LENS_POOLED_R2, sae_lens_reference
+
+from pytest_saecheck import demo, evaluate
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    return demo.load_model(device="cpu")
+
+
+@pytest.mark.parametrize("name", ["good", "variance_only"])
+def test_agrees_with_sae_lens_on_demo(demo_model, name):
+    sae = demo.load_sae(name, device="cpu")
+    tokens = demo.load_tokens(n_sequences=24, seed=3, device="cpu")
+    ours = evaluate(demo_model, sae, tokens, batch_size=8, exclude_bos=False, progress=False).metrics
+    ref = sae_lens_reference(demo_model, sae, tokens, batch_size=8)
+    pairs = {
+        "ce_orig": "ce_loss_without_sae",
+        "ce_sae": "ce_loss_with_sae",
+        "ce_zero": "ce_loss_with_ablation",
+        "ce_loss_score": "ce_loss_score",
+        "kl_div_score": "kl_div_score",
+        "explained_variance_legacy": "explained_variance_legacy",
+        "l0": "l0",
+    }
+    if SAE_LENS_POOLED_R2:
+        pairs["explained_variance"] = "explained_variance"
+    for ours_name, ref_name in pairs.items():
+        assert ours[ours_name] == pytest.approx(ref[ref_name], abs=1e-4), ours_name
+
+
+def test_matches_the_demo_builds_own_numbers(demo_model):
+    """The build measured its SAEs with separate code on the same held-out tokens and policy."""
+    shipped = demo.metadata()
+    evaluation = shipped["evaluation"]
+    tokens = demo.load_tokens(n_sequences=evaluation["n_sequences"], seed=evaluation["seed"], device="cpu")
+    for name in ("good", "variance_only"):
+        expected = shipped["saes"][name]
+        ours = evaluate(demo_model, demo.load_sae(name, device="cpu"), tokens, batch_size=32, progress=False)
+        assert ours.n_tokens == expected["n_tokens"]
+        for metric in (
+            "ce_orig",
+            "ce_sae",
+            "ce_zero",
+            "delta_ce",
+            "ce_loss_score",
+            "explained_variance",
+            "l0",
+        ):
+            assert ours.metrics[metric] == pytest.approx(expected[metric], abs=1e-4), (name, metric)
