@@ -129,6 +129,37 @@ def _dtype(name: str, value: Any) -> str | None:
     return DTYPES[key]
 
 
+# Chinchilla (Hoffmann et al. 2022): E = 1.69 nats, gamma = alpha*beta/(alpha+beta) with alpha 0.34, beta 0.28.
+# Spelled out here rather than imported from metrics.py, which imports numpy (the plugin imports this module).
+CHINCHILLA = (1.69, 0.34 * 0.28 / (0.34 + 0.28))
+
+
+def _scaling_law(name: str, value: Any) -> tuple[float, ...]:
+    """``(E, gamma)``, ``"E,gamma"``, ``"chinchilla"``, or ``"none"``: the empty tuple, no compute_fraction.
+
+    (Not ``None``, which the resolution reads as "not given" and replaces with the default.)
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "chinchilla", "default"):
+            return CHINCHILLA
+        if text == "none":
+            return ()
+        value = [part for part in re.split(r"[,\s]+", text.strip("()[] ")) if part]
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        try:
+            irreducible, gamma = float(value[0]), float(value[1])
+        except (TypeError, ValueError):
+            pass
+        else:
+            if irreducible >= 0 and gamma > 0:
+                return (irreducible, gamma)
+    raise ConfigError(
+        f"saecheck setting {name!r} must be (E, gamma) with E >= 0 nats and gamma > 0 for L(C) = E + A*C^-gamma, "
+        f'"chinchilla" or "none"; got {value!r}, e.g. scaling_law=(1.69, 0.1535) or --saecheck-scaling-law=1.69,0.1535'
+    )
+
+
 UNAVAILABLE_POLICIES = ("skip", "error")
 
 
@@ -206,6 +237,14 @@ SETTINGS: tuple[Setting, ...] = (
         "seed", _seed, 0, "seed for token sampling by the demo corpus and custom loaders (default 0)", "N"
     ),
     Setting(
+        "scaling_law",
+        _scaling_law,
+        CHINCHILLA,
+        "(E, gamma) of the model family's scaling curve L(C) = E + A*C^-gamma, for compute_fraction: "
+        '"E,gamma", "chinchilla" (default: 1.69,0.1535) or "none"',
+        "E,GAMMA",
+    ),
+    Setting(
         "unavailable",
         _unavailable,
         "skip",
@@ -231,6 +270,7 @@ class SAECheckSettings:
     dtype: str | None = None
     exclude_bos: bool = True
     seed: int = 0
+    scaling_law: tuple[float, ...] = CHINCHILLA  # () when disabled
     unavailable: str = "skip"
     sources: Mapping[str, str] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False

@@ -127,6 +127,7 @@ class SAECheck:
             self._tokens_key(),
             self.settings.batch_size,
             self.settings.exclude_bos,
+            self.settings.scaling_law,
         )
 
     # -- loaded objects ----------------------------------------------------------------------------------
@@ -172,6 +173,7 @@ class SAECheck:
                 self.tokens,
                 batch_size=self.settings.batch_size,
                 exclude_bos=self.settings.exclude_bos,
+                scaling_law=tuple(self.settings.scaling_law) or None,
             )
 
         evaluation = self._guard(lambda: self._cache.evaluation(self.evaluation_key(), compute))

@@ -58,6 +58,10 @@ def _show(value: Any, name: str) -> str:
         return {"context_size": "from SAE", "dtype": "float32", "tokens": "SAE's dataset"}.get(name, "-")
     if isinstance(value, bool):
         return str(value).lower()
+    if name == "scaling_law":
+        from pytest_saecheck.config import CHINCHILLA
+
+        return "chinchilla" if tuple(value) == CHINCHILLA else (",".join(f"{v:g}" for v in value) or "none")
     return str(value)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -37,7 +38,7 @@ def test_defaults_when_nothing_is_configured(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_inprocess("-s")
     result.assert_outcomes(passed=1)
     settings, sources = _settings(result)
-    assert settings == {setting.name: setting.default for setting in SETTINGS}
+    assert settings == {setting.name: json.loads(json.dumps(setting.default)) for setting in SETTINGS}
     assert set(sources.values()) == {"default"}
 
 
@@ -55,8 +56,11 @@ def test_every_setting_has_an_option_an_ini_key_and_a_marker_key(pytester: pytes
         "exclude_bos": "false",
         "seed": "7",
         "unavailable": "error",
+        "scaling_law": "0.5,0.2",
     }[setting.name]
     parsed = setting.parse(setting.name, example)
+    if isinstance(parsed, tuple):
+        parsed = list(parsed)  # as the settings travel through JSON
     pytester.makepyfile(SHOW_SETTINGS)
     result = pytester.runpytest_inprocess("-s", f"{setting.option}={example}")
     assert _settings(result)[0][setting.name] == parsed
@@ -236,7 +240,7 @@ def test_header_names_device_versions_and_defaults(pytester: pytest.Pytester) ->
         [
             "saecheck: device=cpu (command line); pytest-saecheck *, torch *, transformer-lens *, sae-lens *",
             "saecheck defaults: model=-, sae=-, tokens=SAE's dataset, n_tokens=4096, context_size=from SAE, "
-            "batch_size=16, dtype=float32, exclude_bos=true, seed=0, unavailable=skip",
+            "batch_size=16, dtype=float32, exclude_bos=true, seed=0, scaling_law=chinchilla, unavailable=skip",
         ]
     )
 

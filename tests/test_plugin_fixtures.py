@@ -340,3 +340,44 @@ def test_failure_output_shows_the_table_and_hides_helper_frames(tiny_pytester: p
         ]
     )
     assert "pytest_saecheck/assertions.py" not in result.stdout.str()  # __tracebackhide__
+
+
+def test_scaling_law_setting_reaches_compute_fraction(tiny_pytester: pytest.Pytester) -> None:
+    tiny_pytester.makepyfile(
+        f"""
+        import pytest
+        pytestmark = {MARK}
+
+        @pytest.mark.saecheck(sae="sae_random", scaling_law=(0.5, 0.2))
+        def test_given(saecheck):
+            m = saecheck.metrics
+            expected = ((m["ce_sae"] - 0.5) / (m["ce_orig"] - 0.5)) ** (-1 / 0.2)
+            assert m["compute_fraction"] == pytest.approx(expected, rel=1e-9)
+            assert saecheck.evaluation.scaling_law == (0.5, 0.2)
+
+        @pytest.mark.saecheck(sae="sae_random", scaling_law="none")
+        def test_disabled(saecheck):
+            assert "compute_fraction" not in saecheck.metrics
+
+        @pytest.mark.saecheck(sae="sae_random", scaling_law=(0.5,))
+        def test_malformed(saecheck):
+            pass
+        """
+    )
+    result = tiny_pytester.runpytest_inprocess()
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*scaling_law*must be (E, gamma)*"])
+
+
+def test_scaling_law_command_line(tiny_pytester: pytest.Pytester) -> None:
+    tiny_pytester.makepyfile(
+        f"""
+        import pytest
+        pytestmark = {MARK}
+
+        def test_cli(saecheck):
+            assert saecheck.settings.scaling_law == (0.25, 0.3)
+            assert saecheck.settings.sources["scaling_law"] == "command line"
+        """
+    )
+    tiny_pytester.runpytest_inprocess("--saecheck-scaling-law=0.25,0.3").assert_outcomes(passed=1)
