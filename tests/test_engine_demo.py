@@ -53,3 +53,21 @@ def test_matches_the_demo_builds_own_numbers(demo_model):
             "l0",
         ):
             assert ours.metrics[metric] == pytest.approx(expected[metric], abs=1e-4), (name, metric)
+
+
+@pytest.mark.parametrize("batch_size", [4, 64])
+@pytest.mark.parametrize("name", ["good", "variance_only", "dead"])
+def test_r2_default_tolerance_passes_correct_pipelines_on_demo(demo_model, name, batch_size):
+    """The measurements behind assert_r2_matches_legacy's default, kept true: correct code passes on every
+    demo SAE and batch size, and the gap stays well inside the allowed share of the unexplained variance."""
+    from pytest_saecheck import assert_r2_matches_legacy
+    from pytest_saecheck.assertions import LEGACY_GAP_RATIO
+
+    tokens = demo.load_tokens(n_sequences=32, seed=0, device="cpu")
+    evaluation = evaluate(
+        demo_model, demo.load_sae(name, device="cpu"), tokens, batch_size=batch_size, progress=False
+    )
+    assert_r2_matches_legacy(evaluation)
+    pooled = evaluation.metrics["explained_variance"]
+    legacy = evaluation.metrics["explained_variance_legacy"]
+    assert 0 < pooled - legacy < (LEGACY_GAP_RATIO / 1.5) * (1 - legacy)
