@@ -464,7 +464,7 @@ class _Runner:
         if templated and mean_ablation and mean_template is None:
             mean = acc.mean_activation()
             template = self._template_log_probs(tokens, kept_all, "mean", mean)
-            acc.add_mean_from_template(template, tokens, kept_all, batch_size)
+            acc.add_mean_from_template(template, tokens, kept_all)
 
         return self._finish(acc, tokens, batch_size, scaling_law)
 
@@ -499,7 +499,7 @@ class _Runner:
             if math.isfinite(value):
                 metrics[name] = value
             else:
-                undefined[name] = _why_undefined(name, metrics, scaling_law)
+                undefined[name] = _why_undefined(name, scaling_law)
         density = acc.latent_density()
         metrics["alive_fraction"] = float(np.mean(density > 0))
         curve_delta, curve_kl = acc.position_curves()
@@ -523,7 +523,7 @@ class _Runner:
         )
 
 
-def _why_undefined(name: str, metrics: dict[str, float], scaling_law: tuple[float, float] | None) -> str:
+def _why_undefined(name: str, scaling_law: tuple[float, float] | None) -> str:
     if name == "compute_fraction" and scaling_law is not None:
         return (
             f"the scaling law's irreducible loss E={scaling_law[0]:.3f} is not below both ce_orig and ce_sae; "
@@ -540,22 +540,21 @@ class _Accumulator:
     """Per-sequence float64 sums, per-position curves and per-latent firing counts."""
 
     def __init__(self, seq_len: int, d_sae: int, device: torch.device, sae_device: torch.device) -> None:
-        self.seq_len = seq_len
-        self.device = device
         self.batches: list[dict[str, torch.Tensor]] = []
         self.current: dict[str, torch.Tensor] = {}
         self.firing = torch.zeros(d_sae, dtype=torch.float64, device=sae_device)
         # CE exists for positions 0..S-2 (the prediction of the next token), KL for every position.
+        lengths = {
+            "ce_orig": seq_len - 1,
+            "ce_sae": seq_len - 1,
+            "n_ce": seq_len - 1,
+            "kl_sae": seq_len,
+            "n_kl": seq_len,
+        }
         self.position = {
-            key: torch.zeros(
-                seq_len - 1 if key.endswith("ce") or key.startswith("ce") else seq_len,
-                dtype=torch.float64,
-                device=device,
-            )
-            for key in ("ce_orig", "ce_sae", "n_ce", "kl_sae", "n_kl")
+            key: torch.zeros(length, dtype=torch.float64, device=device) for key, length in lengths.items()
         }
         self.reference: torch.Tensor | None = None
-        self.mean_ce_parts: list[torch.Tensor] = []
 
     def add_reconstruction(
         self, x: torch.Tensor, recon: torch.Tensor, latents: torch.Tensor, kept: torch.Tensor
@@ -612,7 +611,6 @@ class _Accumulator:
         self.position["ce_orig"] += (ce * kept_ce).double().sum(0)
         self.position["n_ce"] += kept_ce.double().sum(0)
         self.position["n_kl"] += kept.double().sum(0)
-        self._ce_orig_tokens = ce
 
     def add_variant(
         self,
@@ -647,7 +645,7 @@ class _Accumulator:
         return self.reference.to("cpu") + centered / count
 
     def add_mean_from_template(
-        self, template: torch.Tensor, tokens: torch.Tensor, kept_all: torch.Tensor, batch_size: int
+        self, template: torch.Tensor, tokens: torch.Tensor, kept_all: torch.Tensor
     ) -> None:
         row = 0
         for batch_sums in self.batches:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pytest_saecheck.engine import Evaluation
 
 CACHE_KEY = pytest.StashKey[SessionCache]()
-HEADLINE_METRICS = ("ce_loss_score", "delta_ce", "kl_div_score", "explained_variance", "l0")
+
 INTERVAL_LEVEL = 0.95
 
 
