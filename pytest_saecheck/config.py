@@ -134,17 +134,14 @@ def _dtype(name: str, value: Any) -> str | None:
 CHINCHILLA = (1.69, 0.34 * 0.28 / (0.34 + 0.28))
 
 
-def _scaling_law(name: str, value: Any) -> tuple[float, ...]:
-    """``(E, gamma)``, ``"E,gamma"``, ``"chinchilla"``, or ``"none"``: the empty tuple, no compute_fraction.
-
-    (Not ``None``, which the resolution reads as "not given" and replaces with the default.)
-    """
+def _scaling_law(name: str, value: Any) -> tuple[float, float] | None:
+    """``(E, gamma)``, ``"E,gamma"``, ``"chinchilla"``, or ``"none"`` (``None``: no compute_fraction)."""
     if isinstance(value, str):
         text = value.strip().lower()
         if text in ("", "chinchilla", "default"):
             return CHINCHILLA
         if text == "none":
-            return ()
+            return None
         value = [part for part in re.split(r"[,\s]+", text.strip("()[] ")) if part]
     if isinstance(value, (tuple, list)) and len(value) == 2:
         try:
@@ -270,7 +267,7 @@ class SAECheckSettings:
     dtype: str | None = None
     exclude_bos: bool = True
     seed: int = 0
-    scaling_law: tuple[float, ...] = CHINCHILLA  # () when disabled
+    scaling_law: tuple[float, float] | None = CHINCHILLA
     unavailable: str = "skip"
     sources: Mapping[str, str] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False
@@ -372,8 +369,6 @@ def resolve(config: pytest.Config, markers: Iterable[pytest.Mark] = ()) -> SAECh
         else:
             values[setting.name] = setting.default
             sources[setting.name] = "default"
-        if values[setting.name] is None and setting.default is not None:
-            values[setting.name] = setting.default
     return SAECheckSettings(**values, sources=sources)
 
 

@@ -173,7 +173,7 @@ class SAECheck:
                 self.tokens,
                 batch_size=self.settings.batch_size,
                 exclude_bos=self.settings.exclude_bos,
-                scaling_law=tuple(self.settings.scaling_law) or None,
+                scaling_law=self.settings.scaling_law,
             )
 
         evaluation = self._guard(lambda: self._cache.evaluation(self.evaluation_key(), compute))

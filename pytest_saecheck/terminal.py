@@ -55,13 +55,18 @@ def header_lines(config: pytest.Config) -> list[str]:
 
 def _show(value: Any, name: str) -> str:
     if value is None:
-        return {"context_size": "from SAE", "dtype": "float32", "tokens": "SAE's dataset"}.get(name, "-")
+        return {
+            "context_size": "from SAE",
+            "dtype": "float32",
+            "tokens": "SAE's dataset",
+            "scaling_law": "none",
+        }.get(name, "-")
     if isinstance(value, bool):
         return str(value).lower()
     if name == "scaling_law":
         from pytest_saecheck.config import CHINCHILLA
 
-        return "chinchilla" if tuple(value) == CHINCHILLA else (",".join(f"{v:g}" for v in value) or "none")
+        return "chinchilla" if tuple(value) == CHINCHILLA else ",".join(f"{v:g}" for v in value)
     return str(value)
 
 
