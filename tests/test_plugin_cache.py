@@ -61,11 +61,11 @@ def test_empty_cache_is_called_when_cuda_is_initialised(monkeypatch: pytest.Monk
 
 
 def test_cuda_is_not_touched_when_it_was_never_initialised(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    monkeypatch.setattr(
-        torch.cuda, "empty_cache", lambda: pytest.fail("empty_cache must not initialise CUDA")
-    )
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
     session_cache_module.free_accelerator_memory()
+    assert calls == []  # empty_cache would initialise CUDA in a run that never used it
 
 
 def test_sae_and_token_caches_are_bounded() -> None:
