@@ -5,8 +5,9 @@ How a batch is evaluated:
 1. the model runs once up to the hook (``stop_at_layer``); that activation is reused by every variant;
 2. the SAE reconstructs it; the spliced, zero-ablated and mean-ablated activations replace it only at the
    positions the token policy keeps;
-3. the variants run through the rest of the model together (``start_at_layer``), and the unembedding and
-   softmax run one variant at a time, so at most two ``[batch, pos, vocab]`` tensors live at once;
+3. the variants run through the rest of the model together (``start_at_layer``); each is unembedded once and
+   CE/KL are scored a few rows at a time (``pytest_saecheck.scoring``), so the logits of the original run and
+   of one variant are the only ``[batch, pos, vocab]`` tensors alive;
 4. per-sequence sums are accumulated in float64; every metric is a function of those sums
    (``pytest_saecheck.metrics``), which also gives paired bootstrap intervals over sequences.
 
@@ -42,6 +43,7 @@ from pytest_saecheck.metrics import (
     total_variance,
 )
 from pytest_saecheck.policy import TokenPolicy
+from pytest_saecheck.scoring import BatchScores, chunk_rows_for, score_batch
 from pytest_saecheck.stats import DEFAULT_RESAMPLES, bootstrap_intervals
 
 __all__ = ["Evaluation", "TokenPolicy", "evaluate"]
@@ -190,6 +192,22 @@ def _model_device(model: Any) -> torch.device:
         return torch.device(model.cfg.device or "cpu")
 
 
+def _has_plain_unembed(model: Any) -> bool:
+    """True when the model's unembedding is TransformerLens' plain affine map ``x @ W_U + b_U``.
+
+    False (use the model's own forward) when anything could make the result differ: another unembedding
+    class, hooks on it or its hook points, or a logit soft-cap.
+    """
+    from transformer_lens.components import Unembed
+
+    unembed = getattr(model, "unembed", None)
+    if type(unembed) is not Unembed:
+        return False
+    if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in unembed.modules()):
+        return False
+    return not (getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0) > 0
+
+
 class _Runner:
     def __init__(self, model: Any, sae: Any, policy: TokenPolicy) -> None:
         self.model = model
@@ -207,6 +225,7 @@ class _Runner:
         head_index = getattr(metadata, "hook_head_index", None)
         self.site: HookSite = resolve_hook(hook_name, head_index, self.n_layers, list(model.hook_dict))
         self._check_sae_weights()
+        self._plain_unembed = _has_plain_unembed(model)
 
     def _check_sae_weights(self) -> None:
         for name, param in self.sae.named_parameters():
@@ -287,9 +306,20 @@ class _Runner:
             return resid
         return self.model(resid, start_at_layer=start, stop_at_layer=self.n_layers)
 
+    def _logits(self, final_resid: torch.Tensor) -> torch.Tensor:
+        if not self._plain_unembed:
+            return self.model(final_resid, start_at_layer=self.n_layers)
+        # The model's own ln_final, then one addmm: TransformerLens 3's Unembed copies the 150 MB W_U.T on every
+        # call first; the product is the same at the same speed without the copy.
+        normalized = (
+            final_resid if self.model.cfg.normalization_type is None else self.model.ln_final(final_resid)
+        )
+        unembed = self.model.unembed
+        logits = torch.addmm(unembed.b_U, normalized.reshape(-1, normalized.shape[-1]), unembed.W_U)
+        return logits.reshape(*normalized.shape[:-1], logits.shape[-1])
+
     def _log_probs(self, final_resid: torch.Tensor) -> torch.Tensor:
-        logits = self.model(final_resid, start_at_layer=self.n_layers)
-        return torch.log_softmax(logits.float(), dim=-1)
+        return torch.log_softmax(self._logits(final_resid).float(), dim=-1)
 
     def _sae(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_in = x.to(self.sae_device)
@@ -424,6 +454,12 @@ class _Runner:
             if mean_ablation:
                 per_batch_variants.append("mean")
 
+        templates = {
+            name: template
+            for name, template in (("zero", zero_template), ("mean", mean_template))
+            if template is not None
+        }
+        chunk_rows = chunk_rows_for(int(self.model.cfg.d_vocab_out), self.device)
         acc = _Accumulator(seq_len, int(self.sae.cfg.d_sae), self.device, self.sae_device)
         bar = tqdm(
             total=int(kept_all.sum()),
@@ -444,18 +480,27 @@ class _Runner:
                 acc.add_reconstruction(x, recon, latents, kept)
                 variants = self._variant_activations(x, kept, per_batch_variants, recon, mean)
                 finals = self._continue(resid, block_state, variants)
-                log_probs_orig = self._log_probs(finals[0])
-                acc.add_original(log_probs_orig, batch, kept)
-                probs_orig = log_probs_orig.exp()  # shared by every variant's KL
-                for name, final in zip(per_batch_variants, finals[1:], strict=True):
-                    acc.add_variant(name, log_probs_orig, self._log_probs(final), batch, kept, probs_orig)
-                if zero_template is not None:
-                    acc.add_variant(
-                        "zero", log_probs_orig, zero_template.unsqueeze(0), batch, kept, probs_orig
+                del resid, block_state, x, latents, recon, variants
+                logits_orig = self._logits(finals[0])
+                # One variant's logits at a time: re-deriving the original's log-softmax per chunk is cheap,
+                # a third or fourth [batch, pos, vocab] tensor is not.
+                parts = []
+                for index, name in enumerate(per_batch_variants):
+                    logits = self._logits(finals[1 + index])
+                    parts.append(
+                        score_batch(
+                            logits_orig,
+                            batch,
+                            {name: logits},
+                            templates if index == 0 else {},
+                            kl_for=("sae", "zero"),
+                            chunk_rows=chunk_rows,
+                        )
                     )
-                if mean_template is not None:
-                    acc.add_variant("mean", None, mean_template.unsqueeze(0), batch, kept)
-                del probs_orig
+                    del logits
+                del finals, logits_orig
+                scores = BatchScores.merged(parts)
+                acc.add_scores(scores, kept)
                 acc.end_batch()
                 bar.update(int(kept.sum()))
         finally:
@@ -603,36 +648,27 @@ class _Accumulator:
         )
         self.firing += active.sum(0).double()
 
-    def add_original(self, log_probs: torch.Tensor, tokens: torch.Tensor, kept: torch.Tensor) -> None:
-        ce, kept_ce = _token_ce(log_probs, tokens, kept)
-        self.current["ce_sum_orig"] = (ce * kept_ce).double().sum(1)
+    def add_scores(self, scores: BatchScores, kept: torch.Tensor) -> None:
+        kept = kept.to(scores.ce_orig.device)
+        kept_ce = kept[:, :-1]
+
+        ce_orig = _masked(scores.ce_orig, kept_ce)
+        self.current["ce_sum_orig"] = ce_orig.sum(1)
         self.current["n_ce"] = kept_ce.double().sum(1)
         self.current["n_kl"] = kept.double().sum(1)
-        self.position["ce_orig"] += (ce * kept_ce).double().sum(0)
+        self.position["ce_orig"] += ce_orig.sum(0)
         self.position["n_ce"] += kept_ce.double().sum(0)
         self.position["n_kl"] += kept.double().sum(0)
-
-    def add_variant(
-        self,
-        name: str,
-        log_probs_orig: torch.Tensor | None,
-        log_probs: torch.Tensor,
-        tokens: torch.Tensor,
-        kept: torch.Tensor,
-        probs_orig: torch.Tensor | None = None,
-    ) -> None:
-        ce, kept_ce = _token_ce(log_probs.expand(tokens.shape[0], -1, -1), tokens, kept)
-        self.current[f"ce_sum_{name}"] = (ce * kept_ce).double().sum(1)
-        if name == "sae":
-            self.position["ce_sae"] += (ce * kept_ce).double().sum(0)
-        if log_probs_orig is not None and name in ("sae", "zero"):
-            if probs_orig is None:
-                probs_orig = log_probs_orig.exp()
-            # KL(p_orig || p) = sum p_orig (log p_orig - log p), with one [batch, pos, vocab] temporary.
-            kl = torch.sub(log_probs_orig, log_probs).mul_(probs_orig).sum(-1)
-            self.current[f"kl_sum_{name}"] = (kl * kept).double().sum(1)
+        for name, ce in scores.ce.items():
+            ce_kept = _masked(ce, kept_ce)
+            self.current[f"ce_sum_{name}"] = ce_kept.sum(1)
             if name == "sae":
-                self.position["kl_sae"] += (kl * kept).double().sum(0)
+                self.position["ce_sae"] += ce_kept.sum(0)
+        for name, kl in scores.kl.items():
+            kl_kept = _masked(kl, kept)
+            self.current[f"kl_sum_{name}"] = kl_kept.sum(1)
+            if name == "sae":
+                self.position["kl_sae"] += kl_kept.sum(0)
 
     def end_batch(self) -> None:
         self.batches.append({key: value.detach().to("cpu") for key, value in self.current.items()})
@@ -652,7 +688,7 @@ class _Accumulator:
             n = batch_sums["n_ce"].shape[0]
             batch, kept = tokens[row : row + n], kept_all[row : row + n]
             ce, kept_ce = _token_ce(template.unsqueeze(0).expand(n, -1, -1), batch, kept)
-            batch_sums["ce_sum_mean"] = (ce * kept_ce).double().sum(1).to("cpu")
+            batch_sums["ce_sum_mean"] = _masked(ce, kept_ce).sum(1).to("cpu")
             row += n
 
     def per_sequence(self) -> dict[str, np.ndarray]:
@@ -674,6 +710,14 @@ class _Accumulator:
 
 def _finite_or_none(values: np.ndarray) -> list[float | None]:
     return [float(v) if math.isfinite(v) else None for v in values]
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values`` where ``mask`` holds, else 0, in float64.
+
+    ``where``, not a product: an excluded position's inf (e.g. after padding) must not become 0 x inf = NaN.
+    """
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).double()
 
 
 def _token_ce(

@@ -20,6 +20,7 @@ from pytest_saecheck import (
     NonFiniteError,
     SAECheckError,
     ShapeMismatchError,
+    TokenPolicy,
     evaluate,
 )
 from pytest_saecheck.engine import _Runner
@@ -515,3 +516,64 @@ def test_sae_dtype_invariance(model):
     double = evaluate(model, sae.to(torch.float64), tokens, progress=False).metrics
     for name, value in single.items():
         assert double[name] == pytest.approx(value, abs=1e-4, rel=1e-4), name
+
+
+@pytest.mark.parametrize(("hook", "head"), HOOKS)
+def test_scoring_in_small_row_chunks_changes_nothing(model, hook, head, monkeypatch):
+    import pytest_saecheck.engine as engine_module
+
+    sae = make_sae(hook, head)
+    tokens = make_tokens(7)
+    whole = evaluate(model, sae, tokens, batch_size=3, progress=False)
+    monkeypatch.setattr(engine_module, "chunk_rows_for", lambda d_vocab, device: 5)
+    chunked = evaluate(model, sae, tokens, batch_size=3, progress=False)
+    assert whole.metrics.keys() == chunked.metrics.keys()
+    for name, value in whole.metrics.items():
+        assert chunked.metrics[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
+    for name, values in whole.per_sequence.items():
+        np.testing.assert_allclose(chunked.per_sequence[name], values, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_direct_unembedding_gives_the_models_own_logits(model):
+    runner = _Runner(model, make_sae("blocks.1.hook_resid_pre"), TokenPolicy())
+    assert runner._plain_unembed
+    with torch.no_grad():
+        final = model(make_tokens(3), stop_at_layer=model.cfg.n_layers)
+        ours = runner._logits(final)
+        torch.testing.assert_close(
+            ours, model(final, start_at_layer=model.cfg.n_layers), rtol=1e-6, atol=1e-6
+        )
+    assert ours.shape == (3, N_CTX, D_VOCAB)
+
+
+def test_hooks_on_the_unembedding_are_honoured():
+    model = make_model()
+    sae = make_sae("blocks.1.hook_resid_pre")
+    tokens = make_tokens(4)
+    plain = evaluate(model, sae, tokens, progress=False).metrics
+    # A forward hook that sharpens the logits changes every CE; the engine must run it, not bypass it.
+    handle = model.unembed.register_forward_hook(lambda module, args, out: 3 * out)
+    try:
+        assert not _Runner(model, sae, TokenPolicy())._plain_unembed
+        hooked = evaluate(model, sae, tokens, progress=False).metrics
+        with torch.no_grad():
+            logits = model(tokens).double()
+    finally:
+        handle.remove()
+    expected = -torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens[:, 1:, None])[:, 1:].mean()
+    assert hooked["ce_orig"] == pytest.approx(float(expected), abs=1e-5)
+    assert hooked["ce_orig"] != pytest.approx(plain["ce_orig"], abs=1e-3)
+
+
+def test_logit_soft_cap_uses_the_models_forward():
+    model = make_model()
+    model.cfg.output_logits_soft_cap = 2.0
+    assert not _Runner(model, make_sae("blocks.1.hook_resid_pre"), TokenPolicy())._plain_unembed
+
+
+def test_excluded_positions_never_turn_into_nan():
+    from pytest_saecheck.engine import _masked
+
+    values = torch.tensor([[math.inf, 1.5, math.nan]])
+    out = _masked(values, torch.tensor([[False, True, False]]))
+    assert out.dtype == torch.float64 and out.tolist() == [[0.0, 1.5, 0.0]]

@@ -6,6 +6,7 @@ live tensor storages created during the evaluation, exactly, with a dispatch mod
 
 from __future__ import annotations
 
+import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -40,7 +41,7 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def peak_bytes(n_sequences: int) -> int:
+def peak_bytes(n_sequences: int, **options: object) -> int:
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(
         n_layers=2,
@@ -60,8 +61,8 @@ def peak_bytes(n_sequences: int) -> int:
     tokens = torch.randint(0, 2000, (n_sequences, 32), generator=torch.Generator().manual_seed(1))
     tracker = LiveTensorBytes()
     with tracker:
-        result = evaluate(model, sae, tokens, batch_size=8, progress=False)
-    assert result.n_tokens == n_sequences * 31
+        result = evaluate(model, sae, tokens, batch_size=8, progress=False, **options)
+    assert result.n_tokens == n_sequences * (32 if options.get("exclude_bos") is False else 31)
     return tracker.peak
 
 
@@ -70,4 +71,22 @@ def test_peak_memory_does_not_grow_with_tokens():
     # One batch of log-probs is 8 x 32 x 2000 x 4 B = 2 MB; holding every sequence's logits would add 6 MB
     # for the 4x longer run. What may grow is the per-sequence sums: O(n_sequences x d_in) float64, 12 KB here.
     assert long - short < 256 * 1024, (short, long)
-    assert short > 2 * 8 * 32 * 2000 * 4  # the tracker does see the per-batch log-probs
+    assert short > 2 * 8 * 32 * 2000 * 4  # the tracker does see the per-batch logits
+
+
+# exclude_bos=False: the ablations come from a one-sequence template, so only the spliced run is unembedded per
+# batch. exclude_bos=True with varying first tokens: the zero- and mean-ablated runs are unembedded per batch too.
+@pytest.mark.parametrize("exclude_bos", [False, True])
+def test_scoring_allocates_no_vocabulary_wide_temporaries(
+    monkeypatch: pytest.MonkeyPatch, exclude_bos: bool
+) -> None:
+    import pytest_saecheck.engine as engine_module
+
+    logits = 8 * 32 * 2000 * 4  # one batch of float32 logits
+    whole = peak_bytes(16, exclude_bos=exclude_bos)
+    monkeypatch.setattr(engine_module, "chunk_rows_for", lambda d_vocab, device: 16)
+    chunked = peak_bytes(16, exclude_bos=exclude_bos)
+    # The original logits and one variant's must coexist (2 x 2 MB); scoring 16 rows at a time adds 128 KB chunks
+    # only, where scoring whole tensors needs log-probs, probabilities and a KL temporary of the batch's size.
+    assert chunked < 2 * logits + logits // 2, (chunked, whole)
+    assert whole - chunked > logits, (chunked, whole)
