@@ -14,6 +14,9 @@ Three implementations are timed on identical token batches:
             featurewise density), ``exclude_special_tokens=False``, fed the same batches by a minimal stand-in for
             the ActivationsStore. Every position is spliced, ablated and scored by both.
 ``floor``   one plain forward pass of the model (logits) over the same batches.
+``bound``   the least work of any exact evaluation: the original forward pass, one SAE pass and the spliced
+            run's blocks after the hook with its unembedding, nothing scored. ``anchor / bound`` is the largest
+            speedup any implementation computing exact CE and KL over the full vocabulary can reach.
 
 Method: one warm-up batch of each, then ``--repeats`` interleaved repetitions (the order rotates every
 repetition); medians and min-max of each; the speedup (anchor / ours) and the forward-pass count (ours / floor)
@@ -168,6 +171,8 @@ def summary_record(
     speed = pairwise_ratios(s["anchor"], s["ours"])
     passes = pairwise_ratios(s["ours"], s["floor"])
     anchor_passes = pairwise_ratios(s["anchor"], s["floor"])
+    bound_speed = pairwise_ratios(s["anchor"], s["bound"]) if "bound" in s else []
+    bound_passes = pairwise_ratios(s["bound"], s["floor"]) if "bound" in s else []
     c = timings.cpu_seconds
     cpu_speed = [v for v in pairwise_ratios(c["anchor"], c["ours"]) if math.isfinite(v)]
     return {
@@ -176,6 +181,8 @@ def summary_record(
         "speedup_max": round(max(speed), 3),
         "forward_passes": round(statistics.median(passes), 3),
         "anchor_forward_passes": round(statistics.median(anchor_passes), 3),
+        "bound_forward_passes": round(statistics.median(bound_passes), 3) if bound_passes else None,
+        "speedup_bound": round(statistics.median(bound_speed), 3) if bound_speed else None,
         "speedup_cpu_time": round(statistics.median(cpu_speed), 3) if cpu_speed else None,
         "max_abs_diff": float(f"{worst_diff:.3g}"),
         "peak_bytes_ours": peak.get("ours"),
@@ -184,6 +191,7 @@ def summary_record(
         "seconds_ours": round(statistics.median(s["ours"]), 3),
         "seconds_anchor": round(statistics.median(s["anchor"]), 3),
         "seconds_floor": round(statistics.median(s["floor"]), 3),
+        "seconds_bound": round(statistics.median(s["bound"]), 3) if "bound" in s else None,
         **worst_metric(rows),
     }
 
@@ -271,6 +279,81 @@ def run_floor(model: Any, tokens: Any, batch_size: int) -> None:
             model(tokens[start : start + batch_size].to(device))
 
 
+def suffix_start(model: Any, hook_name: str) -> tuple[int, bool]:
+    """First block of the spliced run that an exact evaluation must recompute after the hook, and whether the
+    hook lies inside a block (then the zero-ablated run depends on the tokens and needs its own suffix)."""
+    from pytest_saecheck.hookpoints import resolve_hook
+
+    site = resolve_hook(hook_name, None, model.cfg.n_layers, list(model.hook_dict))
+    if site.resid_layer is not None:
+        return site.resid_layer, False
+    # Inside a block, the rest of that block is left out too, so this stays a lower bound.
+    return site.layer + 1, True
+
+
+def run_bound(
+    model: Any, sae: Any, tokens: Any, batch_size: int, start: int, *, zero_suffix: bool = False
+) -> None:
+    """The least work any exact evaluation does: the original forward pass, one SAE pass, the spliced suffix,
+    and with ``zero_suffix`` the zero-ablated suffix too.
+
+    Original CE and KL need every original logit (one forward pass); spliced CE and KL need every spliced logit
+    (the blocks after the hook and the unembedding). Zero ablation inside a block depends on the tokens, so it
+    needs its own suffix; at a residual hook every zeroed position is alike and can be shared. The residual at
+    ``start`` stands in for the SAE's input: same shape, so the same cost. Nothing is scored: this times the
+    model and SAE calls alone.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for first in range(0, tokens.shape[0], batch_size):
+            resid = model(tokens[first : first + batch_size].to(device), stop_at_layer=start)
+            model(resid, start_at_layer=start)
+            model(sae.decode(sae.encode(resid)), start_at_layer=start)
+            if zero_suffix:
+                model(resid, start_at_layer=start)
+
+
+def float64_reference(model: Any, sae: Any, tokens: Any, batch_size: int) -> dict[str, float]:
+    """The metrics most exposed to rounding, recomputed from the model's logits and the hook activations with
+    float64 log-softmax and float64 sums: the arbiter when the two sides differ."""
+    import torch
+
+    hook = sae.cfg.metadata.hook_name
+    device = next(model.parameters()).device
+    sums = dict.fromkeys(("sse", "l1", "ce_orig", "ce_sae", "ce_zero"), 0.0)
+    n_rec = n_ce = 0
+
+    def ce_sum(logits: Any, batch: Any) -> float:
+        log_probs = torch.log_softmax(logits.double(), dim=-1)[:, :-1]
+        return float(-log_probs.gather(-1, batch[:, 1:, None]).sum())
+
+    with torch.inference_mode():
+        for first in range(0, tokens.shape[0], batch_size):
+            batch = tokens[first : first + batch_size].to(device)
+            logits, cache = model.run_with_cache(batch, names_filter=[hook])
+            x = cache[hook]
+            latents = sae.encode(x)
+            recon = sae.decode(latents).to(x.dtype)
+            spliced = model.run_with_hooks(batch, fwd_hooks=[(hook, lambda act, hook, recon=recon: recon)])
+            zeroed = model.run_with_hooks(batch, fwd_hooks=[(hook, lambda act, hook: torch.zeros_like(act))])
+            sums["sse"] += float((x.double() - recon.double()).pow(2).sum())
+            sums["l1"] += float(latents.double().abs().sum())
+            sums["ce_orig"] += ce_sum(logits, batch)
+            sums["ce_sae"] += ce_sum(spliced, batch)
+            sums["ce_zero"] += ce_sum(zeroed, batch)
+            n_rec += batch.numel()
+            n_ce += batch.shape[0] * (batch.shape[1] - 1)
+    ce = {name: sums[name] / n_ce for name in ("ce_orig", "ce_sae", "ce_zero")}
+    return {
+        "mse": sums["sse"] / n_rec,
+        "l1": sums["l1"] / n_rec,
+        **ce,
+        "ce_loss_score": (ce["ce_zero"] - ce["ce_sae"]) / (ce["ce_zero"] - ce["ce_orig"]),
+    }
+
+
 # --- measurement -------------------------------------------------------------------------------------------------
 
 
@@ -353,17 +436,22 @@ def measure_case(
     eval_config = anchor_config(batch_size, n_batches)
     warm_tokens = tokens[:batch_size]
     warm_config = anchor_config(batch_size, 1)
+    start, inside_block = suffix_start(case.model, case.sae.cfg.metadata.hook_name)
     impls: dict[str, Callable[[], Any]] = {
         "ours": lambda: run_ours(case.model, case.sae, tokens, batch_size),
         "anchor": lambda: run_anchor(case.model, case.sae, tokens, batch_size, eval_config),
         "floor": lambda: run_floor(case.model, tokens, batch_size),
+        "bound": lambda: run_bound(case.model, case.sae, tokens, batch_size, start, zero_suffix=inside_block),
     }
     one_batch: dict[str, Callable[[], Any]] = {
         "ours": lambda: run_ours(case.model, case.sae, warm_tokens, batch_size),
         "anchor": lambda: run_anchor(case.model, case.sae, warm_tokens, batch_size, warm_config),
         "floor": lambda: run_floor(case.model, warm_tokens, batch_size),
+        "bound": lambda: run_bound(
+            case.model, case.sae, warm_tokens, batch_size, start, zero_suffix=inside_block
+        ),
     }
-    peak: dict[str, float | None] = {"ours": None, "anchor": None, "floor": None}
+    peak: dict[str, float | None] = {"ours": None, "anchor": None, "floor": None, "bound": None}
     if memory:
         # All three stream batch by batch, so the peak is reached within a batch: it is measured on the first
         # batch, and these runs double as the warm-up.
@@ -378,9 +466,10 @@ def measure_case(
 
     timings = Timings()
     results: dict[str, Any] = {}
-    order = ["ours", "anchor", "floor"]
+    order = list(impls)
     for rep in range(repeats):
-        rotated = order[rep % 3 :] + order[: rep % 3]
+        shift = rep % len(order)
+        rotated = order[shift:] + order[:shift]
         line = []
         for name in rotated:
             seconds, cpu, out = timed(impls[name], device)
@@ -516,6 +605,15 @@ def case_report(
         ours.metrics, anchor_flat(all_metrics), ours.latent_density, feature_metrics["feature_density"]
     )
     record = summary_record(timings, worst, peak, rows)
+    values = {name: (a, b) for name, a, b, _ in rows}
+    reference = float64_reference(case.model, case.sae, case.tokens, batch_size)
+    record["error_vs_float64"] = {
+        name: {
+            "ours": float(f"{abs(values[name][0] - exact):.3g}"),
+            "anchor": float(f"{abs(values[name][1] - exact):.3g}"),
+        }
+        for name, exact in reference.items()
+    }
     n_seq, seq_len = case.tokens.shape
     out = [
         "",
@@ -527,6 +625,7 @@ def case_report(
     floor = timings.seconds["floor"]
     for name, label in (
         ("floor", "floor (1 forward pass)"),
+        ("bound", "exact minimum (bound)"),
         ("ours", "ours (pytest-saecheck)"),
         ("anchor", "anchor (SAE Lens)"),
     ):
@@ -538,6 +637,12 @@ def case_report(
     speed = pairwise_ratios(timings.seconds["anchor"], timings.seconds["ours"])
     med, lo, hi = spread(speed)
     out.append(f"  speedup anchor/ours, pair by pair: median {med:.2f}x (min {lo:.2f}x, max {hi:.2f}x)")
+    if record.get("speedup_bound"):
+        out.append(
+            f"  no exact evaluation can beat anchor/bound: median {record['speedup_bound']:.2f}x "
+            f"(bound = 1 forward pass + 1 SAE pass + the spliced suffix [+ the zero-ablated suffix inside a block] "
+            f"= {record['bound_forward_passes']:.2f} forward passes)"
+        )
     if record.get("speedup_cpu_time"):
         out.append(f"  (same ratio in process CPU time: {record['speedup_cpu_time']:.2f}x)")
     out.append(f"  {'metric':32}{'ours':>16}{'SAE Lens':>16}{'|diff|':>10}{'f32 ulps':>10}")
@@ -547,6 +652,11 @@ def case_report(
         f"  max |diff| over shared metrics: {worst:.2g} ({record['max_abs_diff_metric']}); "
         f"at most {record['max_float32_ulps']:.1f} float32 ulps of SAE Lens' value"
     )
+    for name, errors in record["error_vs_float64"].items():
+        out.append(
+            f"  {name} against a float64 recomputation: ours off by {errors['ours']:.2g}, "
+            f"SAE Lens off by {errors['anchor']:.2g}"
+        )
     return out, record
 
 

@@ -92,5 +92,24 @@ def test_tiny_case_end_to_end(bench, hook):
     lines, record = bench.case_report(case, timings, ours, anchor, peak, 4)
     assert record["max_abs_diff"] <= 1e-4, "\n".join(lines)
     assert record["speedup"] > 0 and record["forward_passes"] > 0
-    assert all(peak[name] > 0 for name in ("ours", "anchor", "floor"))
+    assert all(peak[name] > 0 for name in ("ours", "anchor", "floor", "bound"))
+    assert record["speedup_bound"] > 0 and record["bound_forward_passes"] > 0
+    assert any("no exact evaluation can beat" in line for line in lines)
+    # The float64 arbiter: ours is at least as close to it as SAE Lens on the rounding-exposed metrics.
+    for name, errors in record["error_vs_float64"].items():
+        assert errors["ours"] <= max(errors["anchor"], 1e-6), name
     json.dumps(record)  # the JSON line must serialise
+
+
+def test_bound_starts_after_the_hook(bench):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_mlp=64, d_vocab=11, act_fn="gelu"
+    )
+    model = HookedTransformer(cfg)
+    assert bench.suffix_start(model, "blocks.2.hook_resid_pre") == (2, False)
+    assert bench.suffix_start(model, "blocks.1.hook_resid_post") == (2, False)
+    # Inside a block the rest of the block is skipped too (a lower bound on the work), and the zero-ablated
+    # run depends on the tokens.
+    assert bench.suffix_start(model, "blocks.1.hook_mlp_out") == (2, True)
