@@ -18,7 +18,7 @@ __all__ = ["BatchScores", "chunk_rows_for", "score_batch"]
 # Bytes of one float32 [rows, vocab] chunk: cache-sized on a CPU; on an accelerator, large enough that kernel
 # launches do not dominate and small enough to bound the temporaries.
 _CHUNK_BYTES = {"cpu": 4 * 2**20}
-_ACCELERATOR_CHUNK_BYTES = 64 * 2**20
+_ACCELERATOR_CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass
