@@ -6,7 +6,7 @@ Usage::
     python benchmarks/bench_engine.py --quick              # smoke run: few tokens, 2 repetitions
     python benchmarks/bench_engine.py --configs 1,3 --n-tokens 4096 --repeats 5 --device cuda
 
-Three implementations are timed on identical token batches:
+Four things are timed on identical token batches:
 
 ``ours``    ``pytest_saecheck.evaluate(..., exclude_bos=False, mean_ablation=False)``: CE (original, spliced,
             zero-ablated), KL, explained variance (both formulas), MSE, cosine, L2 ratio, L0, L1, latent density.
@@ -15,8 +15,9 @@ Three implementations are timed on identical token batches:
             the ActivationsStore. Every position is spliced, ablated and scored by both.
 ``floor``   one plain forward pass of the model (logits) over the same batches.
 ``bound``   the least work of any exact evaluation: the original forward pass, one SAE pass and the spliced
-            run's blocks after the hook with its unembedding, nothing scored. ``anchor / bound`` is the largest
-            speedup any implementation computing exact CE and KL over the full vocabulary can reach.
+            run's blocks after the hook with its unembedding (inside a block, the zero-ablated run's too),
+            nothing scored. ``anchor / bound`` is the largest speedup any implementation computing exact CE
+            and KL over the full vocabulary can reach.
 
 Method: one warm-up batch of each, then ``--repeats`` interleaved repetitions (the order rotates every
 repetition); medians and min-max of each; the speedup (anchor / ours) and the forward-pass count (ours / floor)
@@ -453,7 +454,7 @@ def measure_case(
     }
     peak: dict[str, float | None] = {"ours": None, "anchor": None, "floor": None, "bound": None}
     if memory:
-        # All three stream batch by batch, so the peak is reached within a batch: it is measured on the first
+        # All of them stream batch by batch, so the peak is reached within a batch: it is measured on the first
         # batch, and these runs double as the warm-up.
         log("  warm-up and peak memory (first batch of each)")
         for name, fn in one_batch.items():
