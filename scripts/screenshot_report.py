@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Flags that keep Chromium from reaching for the network on its own (tests/test_report_browser.py uses them too).
 CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -29,7 +30,10 @@ CHROMIUM_FLAGS = (
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
     "--hide-scrollbars",
+    "--mute-audio",
 )
 
 

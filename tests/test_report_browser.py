@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import select
@@ -34,21 +35,18 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="headless Chromium not installed (apt-get install -y chromium); CI installs it"
 )
 
-# Flags that keep Chromium from reaching for the (closed) network on its own.
-FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-default-apps",
-    "--disable-extensions",
-    "--hide-scrollbars",
-    "--mute-audio",
-)
+
+def _screenshot_script_flags() -> tuple[str, ...]:
+    """The Chromium flags of scripts/screenshot_report.py (a script, not importable as a module)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "screenshot_report.py"
+    spec = importlib.util.spec_from_file_location("screenshot_report", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return tuple(module.CHROMIUM_FLAGS)
+
+
+FLAGS = _screenshot_script_flags()
 TIMEOUT = 60.0
 
 
