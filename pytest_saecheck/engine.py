@@ -2,14 +2,22 @@
 
 How a batch is evaluated:
 
-1. the model runs once up to the hook (``stop_at_layer``); that activation is reused by every variant;
-2. the SAE reconstructs it; the spliced, zero-ablated and mean-ablated activations replace it only at the
-   positions the token policy keeps;
+1. the model runs once up to the hooks (``stop_at_layer``, then the blocks that hold them); the activation the
+   dictionary reads (``hook_name``) and the one it writes (``hook_name_out``; the same hook for an SAE, the
+   MLP output for an MLP transcoder) are reused by every variant;
+2. the dictionary reconstructs the written activation from the read one (``pytest_saecheck.dictionaries``),
+   inside the activation normalisation it was trained with (``pytest_saecheck.normalisation``); the spliced,
+   zero-ablated and mean-ablated activations replace the written one only at the positions the token policy
+   keeps (``pytest_saecheck.policy``);
 3. the variants run through the rest of the model together (``start_at_layer``); each is unembedded once and
    CE/KL are scored a few rows at a time (``pytest_saecheck.scoring``), so the logits of the original run and
    of one variant are the only ``[batch, pos, vocab]`` tensors alive;
 4. per-sequence sums are accumulated in float64; every metric is a function of those sums
    (``pytest_saecheck.metrics``), which also gives paired bootstrap intervals over sequences.
+
+Before any work the model is checked (:func:`check_model`): SAEs attached to a ``HookedSAETransformer`` or a
+``TransformerBridge`` are refused, hooks already on the model are named in a warning and recorded. Hooks that
+TransformerLens fires only behind a flag (``hook_mlp_in``) are switched on for the evaluation and restored.
 
 For residual-stream hooks, when only position 0 (always the same token) or nothing is excluded, the zero-
 and mean-ablated continuations do not depend on the tokens: every ablated position holds the same vector
@@ -18,33 +26,45 @@ and position 0 always holds the same token. They are then computed once, for one
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from pytest_saecheck import normalisation as norm
+from pytest_saecheck.dictionaries import DictionaryInfo, describe
 from pytest_saecheck.errors import (
     ConfigError,
     DegenerateActivationsError,
     EmptyTokenSetError,
+    HookNotFoundError,
+    ModelStateError,
     NonFiniteError,
+    SAECheckWarning,
     ShapeMismatchError,
 )
-from pytest_saecheck.hookpoints import HookSite, resolve_hook
+from pytest_saecheck.hookpoints import HookSite, required_flags, resolve_hook
 from pytest_saecheck.metrics import (
     BOOTSTRAPPABLE,
     CHINCHILLA_SCALING_LAW,
     METRIC_NAMES,
+    RATIO_DENOMINATORS,
     metrics_from_sums,
+    ratio_denominators,
     total_variance,
 )
 from pytest_saecheck.policy import TokenPolicy
 from pytest_saecheck.scoring import BatchScores, chunk_rows_for, score_batch
-from pytest_saecheck.stats import DEFAULT_RESAMPLES, bootstrap_intervals
+from pytest_saecheck.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, bootstrap_intervals
+
+SCALE_MISMATCH_FACTOR = 10.0
+"""Preflight: an activation norm (or reconstruction norm) this many times off what the SAE expects is flagged."""
 
 __all__ = ["Evaluation", "TokenPolicy", "evaluate"]
 
@@ -74,12 +94,17 @@ class Evaluation:
     model_dtype: str = ""
     device: str = ""
     duration_s: float = 0.0
+    hook_name_out: str = ""
+    dictionary: dict[str, Any] = field(default_factory=dict)
+    normalisation: dict[str, Any] = field(default_factory=dict)
+    model_hooks: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     _interval_cache: dict[tuple[float, int, int], dict[str, tuple[float, float]]] = field(
         default_factory=dict, repr=False
     )
 
     def confidence_interval(
-        self, name: str, level: float = 0.95, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+        self, name: str, level: float = DEFAULT_LEVEL, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
     ) -> tuple[float, float]:
         """Percentile bootstrap interval of a metric over sequences, paired across variants."""
         if name not in METRIC_NAMES:
@@ -95,7 +120,7 @@ class Evaluation:
         return self.confidence_intervals(level, n_resamples=n_resamples, seed=seed)[name]
 
     def confidence_intervals(
-        self, level: float = 0.95, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+        self, level: float = DEFAULT_LEVEL, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
     ) -> dict[str, tuple[float, float]]:
         """Bootstrap intervals of every defined metric that has one, from one set of resamples (cached)."""
         key = (float(level), int(n_resamples), int(seed))
@@ -107,9 +132,21 @@ class Evaluation:
                 values = metrics_from_sums(sums, law)
                 return {name: values[name] for name in names}
 
-            self._interval_cache[key] = bootstrap_intervals(
+            intervals = bootstrap_intervals(
                 self.per_sequence, statistics, level=level, n_resamples=n_resamples, seed=seed
             )
+            self._interval_cache[key] = intervals
+            for name, (low, high) in intervals.items():
+                value = self.metrics[name]
+                if not low <= value <= high:
+                    message = (
+                        f"the {level:.0%} bootstrap interval of {name} [{low:.4g}, {high:.4g}] does not contain "
+                        f"its value {value:.4g}: the resampled values are strongly skewed (a near-zero "
+                        "denominator or a few dominant sequences); do not gate on this interval"
+                    )
+                    if message not in self.warnings:
+                        self.warnings.append(message)
+                        warnings.warn(message, SAECheckWarning, stacklevel=2)
         return dict(self._interval_cache[key])
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +159,11 @@ class Evaluation:
             "seq_len": self.seq_len,
             "hook_name": self.hook_name,
             "hook_head_index": self.hook_head_index,
+            "hook_name_out": self.hook_name_out,
+            "dictionary": dict(self.dictionary),
+            "normalisation": dict(self.normalisation),
+            "model_hooks": list(self.model_hooks),
+            "warnings": list(self.warnings),
             "token_policy": self.token_policy.to_dict(),
             "latent_density": list(self.latent_density),
             "delta_ce_by_position": list(self.delta_ce_by_position),
@@ -141,9 +183,11 @@ def evaluate(
     *,
     batch_size: int = 16,
     exclude_bos: bool = True,
+    exclude_special_tokens: bool = True,
     exclude_token_ids: Sequence[int] = (),
     pad_token_id: int | None = None,
     policy: TokenPolicy | None = None,
+    activation_scaler: Any = None,
     mean_activation: torch.Tensor | None = None,
     mean_ablation: bool = True,
     scaling_law: tuple[float, float] | None = CHINCHILLA_SCALING_LAW,
@@ -151,22 +195,109 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate ``sae`` spliced into ``model`` on ``tokens`` (``[n_sequences, seq_len]`` token ids).
 
-    ``policy`` (or ``exclude_bos`` / ``exclude_token_ids`` / ``pad_token_id``) decides which positions are
-    spliced, ablated and averaged. ``mean_activation`` fixes the mean-ablation vector (default: the mean over
-    the evaluated positions). ``scaling_law`` is ``(E, gamma)`` of ``L(C) = E + A C^-gamma`` for
-    ``compute_fraction`` (default: Chinchilla's). ``progress=None`` shows a bar only after two seconds.
+    ``sae`` is an SAE Lens SAE or transcoder (:mod:`pytest_saecheck.dictionaries`); ``model`` a TransformerLens
+    ``HookedTransformer`` (:func:`check_model` says what is refused).
+
+    Token policy (:class:`TokenPolicy`, whose docstring states the rule): ``exclude_bos`` leaves position 0
+    out; ``exclude_special_tokens`` the tokenizer's BOS/EOS/PAD wherever they occur; ``exclude_token_ids``
+    more ids; ``pad_token_id`` padding. Excluded positions are neither spliced, ablated nor averaged, and a
+    prediction counts only if its position is kept and its target is not an excluded id. ``policy`` gives the
+    whole policy instead (then none of the four may be given).
+
+    ``activation_scaler``: the normalisation of an SAE Lens checkpoint trained with
+    ``normalize_activations="expected_average_only_in"`` (a factor, an SAE Lens ``ActivationScaler``, or the
+    checkpoint directory with its ``activation_scaler.json``); without one such an SAE gets SAE Lens'
+    estimate sqrt(d_in)/E‖x‖ on these tokens, with a warning. Metrics stay in the model's units.
+
+    ``mean_activation`` fixes the mean-ablation vector (default: the mean over the evaluated positions).
+    ``scaling_law`` is ``(E, gamma)`` of ``L(C) = E + A C^-gamma`` for ``compute_fraction`` (default:
+    Chinchilla's). ``progress=None`` shows a bar only after two seconds.
+
+    Raises :class:`ConfigError`, :class:`ShapeMismatchError`, :class:`HookNotFoundError`,
+    :class:`UnsupportedDictionaryError`, :class:`ModelStateError`, :class:`EmptyTokenSetError`,
+    :class:`NonFiniteError`, :class:`DegenerateActivationsError` (all :class:`SAECheckError`).
     """
     started = time.perf_counter()
     if policy is None:
-        policy = TokenPolicy(exclude_bos, tuple(exclude_token_ids), pad_token_id)
+        policy = TokenPolicy(exclude_bos, exclude_special_tokens, tuple(exclude_token_ids), pad_token_id)
+    elif (exclude_bos, exclude_special_tokens, tuple(exclude_token_ids), pad_token_id) != (
+        True,
+        True,
+        (),
+        None,
+    ):
+        raise ConfigError(
+            "give either policy= or exclude_bos/exclude_special_tokens/exclude_token_ids/pad_token_id, not both"
+        )
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    runner = _Runner(model, sae, policy)
+    model_hooks = check_model(model)
+    runner = _Runner(model, sae, policy.resolved_for(model), norm.as_normalisation(activation_scaler))
     tokens = runner.check_tokens(tokens)
-    with torch.inference_mode(), _hook_z_reshaping_off(sae):
+    with torch.inference_mode(), _hook_z_reshaping_off(sae), _hook_flags_on(model, runner.hook_names):
         result = runner.run(tokens, batch_size, mean_activation, mean_ablation, scaling_law, progress)
+    result.model_hooks = model_hooks
+    if model_hooks:
+        result.warnings.insert(0, _hooks_warning(model_hooks))
+    for message in result.warnings:
+        warnings.warn(message, SAECheckWarning, stacklevel=2)
     result.duration_s = time.perf_counter() - started
     return result
+
+
+def check_model(model: Any) -> list[str]:
+    """Refuse a model the engine cannot measure; return the hooks already on it (``"name (kind)"``).
+
+    Raises :class:`ModelStateError` for a TransformerLens ``TransformerBridge``, a ``HookedSAETransformer`` with
+    SAEs attached, or anything that is not a ``HookedTransformer``.
+    """
+    kind = type(model).__name__
+    if "TransformerBridge" in {cls.__name__ for cls in type(model).__mro__}:
+        raise ModelStateError(
+            "the model is a TransformerLens TransformerBridge, whose hooks and layer cuts differ from "
+            "HookedTransformer's; load it as a HookedTransformer instead: "
+            "HookedTransformer.from_pretrained_no_processing(name) (or give the model's name and let "
+            "pytest-saecheck load it the way the SAE was trained)"
+        )
+    if not (hasattr(model, "cfg") and hasattr(model, "hook_dict") and hasattr(model, "blocks")):
+        raise ModelStateError(
+            f"expected a TransformerLens HookedTransformer, got {kind}; load one with "
+            "HookedTransformer.from_pretrained_no_processing(name) or pytest_saecheck.load_model(spec)"
+        )
+    attached = getattr(model, "acts_to_saes", None)
+    if attached:
+        raise ModelStateError(
+            f"the {kind} has SAEs attached at {', '.join(sorted(attached))}: the engine splices the SAE itself, "
+            "so attached SAEs would change the 'original' model. Call model.reset_saes() first"
+        )
+    found = []
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            permanent = any(getattr(h, "is_permanent", False) for h in getattr(module, "fwd_hooks", []))
+            found.append(f"{name or '(model)'} ({'permanent' if permanent else 'forward'} hook)")
+    return found
+
+
+def _hooks_warning(hooks: list[str]) -> str:
+    return (
+        f"the model has hooks attached ({', '.join(hooks)}); they run in every variant, original included, "
+        "so the numbers measure the hooked model. Remove them (model.reset_hooks(including_permanent=True)) "
+        "unless that is what you intend"
+    )
+
+
+@contextlib.contextmanager
+def _hook_flags_on(model: Any, hook_names: Sequence[str]) -> Iterator[None]:
+    """Switch on the config flags that make ``hook_names`` fire (``use_hook_mlp_in``, ...), then restore them."""
+    flags = {flag for name in hook_names for flag in required_flags(name)}
+    previous = {flag: getattr(model.cfg, flag, False) for flag in flags}
+    try:
+        for flag in flags:
+            setattr(model.cfg, flag, True)
+        yield
+    finally:
+        for flag, value in previous.items():
+            setattr(model.cfg, flag, value)
 
 
 class _hook_z_reshaping_off:
@@ -209,23 +340,49 @@ def _has_plain_unembed(model: Any) -> bool:
 
 
 class _Runner:
-    def __init__(self, model: Any, sae: Any, policy: TokenPolicy) -> None:
+    def __init__(
+        self, model: Any, sae: Any, policy: TokenPolicy, given: norm.Normalisation | None = None
+    ) -> None:
         self.model = model
         self.sae = sae
         self.policy = policy
         self.n_layers: int = model.cfg.n_layers
         self.device = _model_device(model)
         self.sae_device = torch.device(getattr(sae, "device", self.device))
-        metadata = getattr(sae.cfg, "metadata", None)
-        hook_name = getattr(metadata, "hook_name", None) or getattr(sae.cfg, "hook_name", None)
-        if not hook_name:
-            raise ConfigError(
-                "the SAE config names no hook (cfg.metadata.hook_name); set it to the hook it reads"
-            )
-        head_index = getattr(metadata, "hook_head_index", None)
-        self.site: HookSite = resolve_hook(hook_name, head_index, self.n_layers, list(model.hook_dict))
+        self.info: DictionaryInfo = describe(sae)
+        hook_names = list(model.hook_dict)
+        self.read: HookSite = resolve_hook(
+            self.info.hook_name, self.info.hook_head_index, self.n_layers, hook_names
+        )
+        self.write: HookSite = (
+            self.read
+            if not self.info.is_transcoder
+            else resolve_hook(self.info.hook_name_out, None, self.n_layers, hook_names)
+        )
+        self._check_order()
+        self.given = given
+        self.normalisation = given or norm.NONE
         self._check_sae_weights()
         self._plain_unembed = _has_plain_unembed(model)
+
+    @property
+    def hook_names(self) -> list[str]:
+        return sorted({self.read.hook_name, self.write.hook_name})
+
+    def _check_order(self) -> None:
+        read, write = self.read, self.write
+        if read is write:
+            return
+        reads_late = (
+            read.entry > write.entry
+            or (write.is_residual and not read.is_residual and read.layer >= write.entry)
+            or (not write.is_residual and not read.is_residual and read.layer > write.layer)
+        )
+        if reads_late:
+            raise ConfigError(
+                f"the transcoder reads {read.hook_name!r} after it writes {write.hook_name!r}; "
+                "hook_name must come before hook_name_out in the forward pass"
+            )
 
     def _check_sae_weights(self) -> None:
         for name, param in self.sae.named_parameters():
@@ -261,10 +418,9 @@ class _Runner:
             raise ShapeMismatchError(
                 f"token ids must lie in [0, {d_vocab}) for this model, got [{low}, {high}]"
             )
-        kept = self.policy.kept_mask(tokens)
-        if not kept[:, :-1].any():
+        if not self.policy.prediction_mask(tokens).any():
             raise EmptyTokenSetError(
-                f"no position is left to evaluate after the token policy {self.policy.to_dict()} "
+                f"no prediction is left to evaluate after the token policy {self.policy.to_dict()} "
                 f"on tokens of shape {tuple(tokens.shape)}; use longer sequences or exclude fewer tokens"
             )
         return tokens.to(self.device)
@@ -272,33 +428,82 @@ class _Runner:
     # --- model pieces -------------------------------------------------------------------------------------
 
     @property
-    def _cut(self) -> int:
-        return self.site.resid_layer if self.site.resid_layer is not None else self.site.layer
+    def _start(self) -> int:
+        """Where the shared prefix stops: the first block the read or the write hook needs."""
+        return min(self.read.entry, self.write.entry)
 
     def _prefix(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens, stop_at_layer=self._cut)
+        return self.model(tokens, stop_at_layer=self._start)
 
-    def _capture_in_block(self, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        captured: list[torch.Tensor] = []
+    def _run_capturing(
+        self, resid: torch.Tensor, start: int, stop: int, names: Sequence[str]
+    ) -> tuple[dict[str, torch.Tensor], list[str], torch.Tensor]:
+        """Run blocks ``start..stop-1`` from ``resid``; the activations at ``names``, their firing order, the output."""
+        captured: dict[str, torch.Tensor] = {}
+        order: list[str] = []
 
         def capture(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-            captured.append(activation)
+            captured[hook.name] = activation
+            order.append(hook.name)
             return activation
 
-        layer = self.site.layer
-        with self.model.hooks(fwd_hooks=[(self.site.hook_name, capture)]):
-            block_out = self.model(resid, start_at_layer=layer, stop_at_layer=layer + 1)
-        return captured[0], block_out
+        with self.model.hooks(fwd_hooks=[(name, capture) for name in names]):
+            out = self.model(resid, start_at_layer=start, stop_at_layer=stop)
+        missing = [name for name in names if name not in captured]
+        if missing:
+            raise HookNotFoundError(
+                f"hook {', '.join(map(repr, missing))} did not fire when the model ran blocks {start}..{stop - 1}; "
+                "the model computes it only under a setting that is off, or the hook is not on the forward path"
+            )
+        return captured, order, out
 
-    def _replace_in_block(self, resid: torch.Tensor, activations: list[torch.Tensor]) -> torch.Tensor:
+    def _hook_activation(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """``(base, block_state, x_in, x_out)`` of one batch.
+
+        ``base`` is the residual stream where the write hook's continuation starts (``write.entry``);
+        ``block_state`` is ``(activation at the write hook, block output)`` for a hook inside a block, else
+        None; ``x_in``/``x_out`` are the read and written activations as the dictionary sees them.
+        """
+        read, write = self.read, self.write
+        resid = self._prefix(tokens)
+        stop = write.entry if write.is_residual else write.layer + 1
+        if stop == self._start:  # a residual write hook where the prefix stops (every residual SAE)
+            x_in = resid if read.entry == self._start else None
+            assert x_in is not None
+            return resid, None, read.select(x_in), write.select(resid)
+        names = []
+        read_name = read.hook_name
+        if read.is_residual and read.entry > self._start:
+            read_name = f"blocks.{read.entry - 1}.hook_resid_post"  # fires inside the run; same values
+        if not (read.is_residual and read.entry == self._start):
+            names.append(read_name)
+        if not write.is_residual:
+            names.append(write.hook_name)
+            if write.layer > self._start:
+                names.append(f"blocks.{write.layer}.hook_resid_pre")
+        captured, order, out = self._run_capturing(resid, self._start, stop, sorted(set(names)))
+        if read is not write and read_name in captured and write.hook_name in captured:
+            if order.index(read_name) > order.index(write.hook_name):
+                raise ConfigError(
+                    f"the transcoder reads {read.hook_name!r} after it writes {write.hook_name!r} in the "
+                    "forward pass; hook_name must come before hook_name_out"
+                )
+        x_in = resid if read.is_residual and read.entry == self._start else captured[read_name]
+        if write.is_residual:
+            return out, None, read.select(x_in), write.select(out)
+        base = captured.get(f"blocks.{write.layer}.hook_resid_pre", resid)
+        activation_full = captured[write.hook_name]
+        return base, (activation_full, out), read.select(x_in), write.select(activation_full)
+
+    def _replace_in_block(self, base: torch.Tensor, activations: list[torch.Tensor]) -> torch.Tensor:
         replacement = torch.cat(activations, dim=0)
 
         def replace(activation: torch.Tensor, hook: Any) -> torch.Tensor:
             return replacement
 
-        layer = self.site.layer
-        batched = resid.repeat(len(activations), *([1] * (resid.ndim - 1)))
-        with self.model.hooks(fwd_hooks=[(self.site.hook_name, replace)]):
+        layer = self.write.layer
+        batched = base.repeat(len(activations), *([1] * (base.ndim - 1)))
+        with self.model.hooks(fwd_hooks=[(self.write.hook_name, replace)]):
             return self.model(batched, start_at_layer=layer, stop_at_layer=layer + 1)
 
     def _to_final(self, resid: torch.Tensor, start: int) -> torch.Tensor:
@@ -321,16 +526,21 @@ class _Runner:
     def _log_probs(self, final_resid: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self._logits(final_resid).float(), dim=-1)
 
-    def _sae(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x_in = x.to(self.sae_device)
-        latents = self.sae.encode(x_in)
-        recon = self.sae.decode(latents)
+    def _sae(self, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(latents, reconstruction)``: the dictionary's own code, inside its activation normalisation."""
+        x = x_in.to(self.sae_device)
+        scaler = self.normalisation.scaler() if self.normalisation.active else None
+        if scaler is not None:
+            x = scaler.scale(x)
+        latents, recon = self.info.reconstruct(self.sae, x)
+        if scaler is not None:
+            recon = scaler.unscale(recon)
         if latents.is_sparse:
             latents = latents.to_dense()
         if not torch.isfinite(recon).all():
             raise NonFiniteError(
                 "the SAE's reconstruction contains NaN or inf on finite input; check its weights, dtype "
-                f"({self.sae.dtype}) and activation normalisation ({getattr(self.sae.cfg, 'normalize_activations', None)})"
+                f"({self.sae.dtype}) and activation normalisation ({self.info.normalize_activations})"
             )
         return latents, recon
 
@@ -351,38 +561,34 @@ class _Runner:
         return out
 
     def _continue(
-        self, resid: torch.Tensor, x_full: torch.Tensor, variants: list[torch.Tensor]
+        self, base: torch.Tensor, block_state: Any, variants: list[torch.Tensor]
     ) -> list[torch.Tensor]:
         """Final residuals (before ln_final) of the original run followed by each variant."""
-        if self.site.is_residual:
-            stacked = torch.cat([resid, *variants], dim=0)
-            return list(self._to_final(stacked, self._cut).chunk(1 + len(variants), dim=0))
-        activation_full, block_out = x_full
-        replaced = [self.site.write_back(activation_full, v) for v in variants]
-        outs = self._replace_in_block(resid, replaced)
+        if self.write.is_residual:
+            stacked = torch.cat([base, *variants], dim=0)
+            return list(self._to_final(stacked, self.write.entry).chunk(1 + len(variants), dim=0))
+        activation_full, block_out = block_state
+        replaced = [self.write.write_back(activation_full, v) for v in variants]
+        outs = self._replace_in_block(base, replaced)
         stacked = torch.cat([block_out, outs], dim=0)
-        return list(self._to_final(stacked, self.site.layer + 1).chunk(1 + len(variants), dim=0))
+        return list(self._to_final(stacked, self.write.layer + 1).chunk(1 + len(variants), dim=0))
 
-    def _hook_activation(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
-        resid = self._prefix(tokens)
-        if self.site.is_residual:
-            return resid, None, resid
-        activation_full, block_out = self._capture_in_block(resid)
-        return resid, (activation_full, block_out), self.site.select(activation_full)
-
-    def _check_width(self, x: torch.Tensor) -> None:
-        d_in = int(self.sae.cfg.d_in)
-        if x.shape[-1] != d_in:
-            head = f" (head {self.site.head_index})" if self.site.head_index is not None else ""
-            raise ShapeMismatchError(
-                f"the SAE expects d_in={d_in} but hook {self.site.hook_name!r}{head} has width {x.shape[-1]}; "
-                "the SAE was trained on a different model or hook"
-            )
+    def _check_widths(self, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        for site, width, expected, name in (
+            (self.read, x_in.shape[-1], self.info.d_in, "d_in"),
+            (self.write, x_out.shape[-1], self.info.d_out, "d_out"),
+        ):
+            if width != expected:
+                head = f" (head {site.head_index})" if site.head_index is not None else ""
+                raise ShapeMismatchError(
+                    f"the SAE expects {name}={expected} but hook {site.hook_name!r}{head} has width {width}; "
+                    "the SAE was trained on a different model or hook"
+                )
 
     # --- ablation templates (token-independent continuations) -------------------------------------------
 
     def _ablation_is_token_independent(self, tokens: torch.Tensor, kept: torch.Tensor) -> bool:
-        if not self.site.is_residual:
+        if not self.write.is_residual:
             return False
         excluded = ~kept
         if excluded[:, 1:].any():
@@ -398,23 +604,27 @@ class _Runner:
         if bool(kept[:1].all()):
             # Every position is replaced, so the prefix's output would be discarded: skip running it.
             d_model = int(self.model.cfg.d_model)
-            resid = torch.zeros((1, tokens.shape[1], d_model), device=self.device, dtype=self.model.cfg.dtype)
+            base = torch.zeros((1, tokens.shape[1], d_model), device=self.device, dtype=self.model.cfg.dtype)
         else:
-            resid = self._prefix(tokens[:1])
-        (variant,) = self._variant_activations(resid, kept[:1], [name], None, mean)
-        return self._log_probs(self._to_final(variant, self._cut))[0]
+            base = self._hook_activation(tokens[:1])[0]
+        (variant,) = self._variant_activations(base, kept[:1], [name], None, mean)
+        return self._log_probs(self._to_final(variant, self.write.entry))[0]
 
-    def _mean_prepass(self, tokens: torch.Tensor, kept_all: torch.Tensor, batch_size: int) -> torch.Tensor:
-        total: torch.Tensor | None = None
-        count = 0
+    def _prepass(
+        self, tokens: torch.Tensor, kept_all: torch.Tensor, batch_size: int, *, norm: bool, mean: bool
+    ) -> tuple[float | None, torch.Tensor | None]:
+        """One pass to the hooks: E‖x_in‖ (for a normalisation estimate) and the mean of x_out (float64)."""
+        norm_total, total, count = 0.0, None, 0
         for start in range(0, tokens.shape[0], batch_size):
             batch, kept = tokens[start : start + batch_size], kept_all[start : start + batch_size]
-            _, _, x = self._hook_activation(batch)
-            x64 = x[kept].double()
-            total = x64.sum(0) if total is None else total + x64.sum(0)
-            count += x64.shape[0]
-        assert total is not None
-        return total / count
+            _, _, x_in, x_out = self._hook_activation(batch)
+            if norm:
+                norm_total += float(x_in[kept].double().norm(dim=-1).sum())
+            if mean:
+                x64 = x_out[kept].double().sum(0)
+                total = x64 if total is None else total + x64
+            count += int(kept.sum())
+        return (norm_total / count if norm else None), (total / count if total is not None else None)
 
     # --- the pass -----------------------------------------------------------------------------------------
 
@@ -431,16 +641,33 @@ class _Runner:
 
         n_sequences, seq_len = tokens.shape
         kept_all = self.policy.kept_mask(tokens)
+        predicted_all = self.policy.prediction_mask(tokens)
         templated = self._ablation_is_token_independent(tokens, kept_all)
         mean = mean_activation
         if mean is not None:
             mean = torch.as_tensor(mean).to(self.device).double()
-            if mean.shape != (int(self.sae.cfg.d_in),):
+            if mean.shape != (self.info.d_out,):
                 raise ShapeMismatchError(
-                    f"mean_activation must have shape ({int(self.sae.cfg.d_in)},), got {tuple(mean.shape)}"
+                    f"mean_activation must have shape ({self.info.d_out},), got {tuple(mean.shape)}"
                 )
-        if mean_ablation and mean is None and not templated:
-            mean = self._mean_prepass(tokens, kept_all, batch_size)
+        estimate = norm.needs_estimate(self.info.normalize_activations, self.given)
+        want_mean = mean_ablation and mean is None and not templated
+        notes: list[str] = []
+        if estimate or want_mean:
+            mean_norm, prepass_mean = self._prepass(
+                tokens, kept_all, batch_size, norm=estimate, mean=want_mean
+            )
+            if want_mean:
+                mean = prepass_mean
+            if estimate:
+                assert mean_norm is not None
+                self.normalisation = norm.estimated(self.info.d_in, mean_norm)
+                notes.append(
+                    f"the SAE was trained with normalize_activations='{self.info.normalize_activations}' and no "
+                    f"activation scaler was given: estimated the factor sqrt(d_in)/E‖x‖ = "
+                    f"{self.normalisation.scaling_factor:.6g} on the evaluation tokens, as SAE Lens does. Give "
+                    "the checkpoint's activation_scaler.json (activation_scaler=) to use the training value"
+                )
 
         zero_template = self._template_log_probs(tokens, kept_all, "zero", None) if templated else None
         mean_template = (
@@ -465,7 +692,7 @@ class _Runner:
             total=int(kept_all.sum()),
             unit="tok",
             unit_scale=True,
-            desc=f"saecheck {self.site.hook_name}",
+            desc=f"saecheck {self.write.hook_name}",
             disable=progress is False,
             delay=0.0 if progress else 2.0,
             leave=False,
@@ -474,13 +701,14 @@ class _Runner:
             for start in range(0, n_sequences, batch_size):
                 batch = tokens[start : start + batch_size]
                 kept = kept_all[start : start + batch_size]
-                resid, block_state, x = self._hook_activation(batch)
-                self._check_width(x)
-                latents, recon = self._sae(x)
-                acc.add_reconstruction(x, recon, latents, kept)
-                variants = self._variant_activations(x, kept, per_batch_variants, recon, mean)
-                finals = self._continue(resid, block_state, variants)
-                del resid, block_state, x, latents, recon, variants
+                predicted = predicted_all[start : start + batch_size]
+                base, block_state, x_in, x_out = self._hook_activation(batch)
+                self._check_widths(x_in, x_out)
+                latents, recon = self._sae(x_in)
+                acc.add_reconstruction(x_out, recon, latents, kept, x_in)
+                variants = self._variant_activations(x_out, kept, per_batch_variants, recon, mean)
+                finals = self._continue(base, block_state, variants)
+                del base, block_state, x_in, x_out, latents, recon, variants
                 logits_orig = self._logits(finals[0])
                 # One variant's logits at a time: re-deriving the original's log-softmax per chunk is cheap,
                 # a third or fourth [batch, pos, vocab] tensor is not.
@@ -500,7 +728,7 @@ class _Runner:
                     del logits
                 del finals, logits_orig
                 scores = BatchScores.merged(parts)
-                acc.add_scores(scores, kept)
+                acc.add_scores(scores, kept, predicted)
                 acc.end_batch()
                 bar.update(int(kept.sum()))
         finally:
@@ -509,9 +737,36 @@ class _Runner:
         if templated and mean_ablation and mean_template is None:
             mean = acc.mean_activation()
             template = self._template_log_probs(tokens, kept_all, "mean", mean)
-            acc.add_mean_from_template(template, tokens, kept_all)
+            acc.add_mean_from_template(template, tokens, predicted_all)
 
-        return self._finish(acc, tokens, batch_size, scaling_law)
+        result = self._finish(acc, tokens, batch_size, scaling_law)
+        result.warnings.extend(notes)
+        result.warnings.extend(self._preflight(result, acc))
+        return result
+
+    def _preflight(self, result: Evaluation, acc: _Accumulator) -> list[str]:
+        """Warnings when the activations are grossly off the scale the SAE expects (checked, not guessed)."""
+        found: list[str] = []
+        causes = (
+            "likely causes: the model was loaded with weight processing the SAE was not trained with "
+            "(fold_ln / center_writing_weights; SAE Lens trains on from_pretrained_no_processing), activation "
+            "normalisation not applied, or the wrong hook or model"
+        )
+        factor = self.normalisation.scaling_factor
+        if factor is not None and acc.input_norm is not None:
+            ratio = acc.input_norm * factor / math.sqrt(self.info.d_in)
+            if not 1 / SCALE_MISMATCH_FACTOR <= ratio <= SCALE_MISMATCH_FACTOR:
+                found.append(
+                    f"scaled activations at {self.read.hook_name!r} have mean norm {ratio:.3g} × sqrt(d_in), "
+                    f"where the SAE's normalisation expects about 1; {causes}"
+                )
+        l2_ratio = result.metrics.get("l2_ratio")
+        if l2_ratio is not None and not 1 / SCALE_MISMATCH_FACTOR <= l2_ratio <= SCALE_MISMATCH_FACTOR:
+            found.append(
+                f"the reconstruction's norm is {l2_ratio:.3g} × the activation's at {self.write.hook_name!r} "
+                f"(l2_ratio): the SAE does not see the activations it was trained on; {causes}"
+            )
+        return found
 
     def _finish(
         self,
@@ -526,8 +781,9 @@ class _Runner:
         scale = float(totals["sum_sq_centered"]) / max(float(totals["n_rec"]), 1.0)
         if not variance > 1e-12 * max(scale, 1e-30):
             raise DegenerateActivationsError(
-                f"the activations at {self.site.hook_name!r} have zero variance over the {int(totals['n_rec'])} "
-                "evaluated positions, so explained variance is undefined; evaluate more varied tokens"
+                f"the activations at {self.write.hook_name!r} have zero variance over the "
+                f"{int(totals['n_rec'])} evaluated positions, so explained variance is undefined; evaluate more "
+                "varied tokens"
             )
         raw = metrics_from_sums(totals, scaling_law)
         metrics: dict[str, float] = {}
@@ -545,6 +801,10 @@ class _Runner:
                 metrics[name] = value
             else:
                 undefined[name] = _why_undefined(name, scaling_law)
+        for name, reason in unresolved_ratios(per_sequence, totals).items():
+            if name in metrics:
+                del metrics[name]
+                undefined[name] = reason
         density = acc.latent_density()
         metrics["alive_fraction"] = float(np.mean(density > 0))
         curve_delta, curve_kl = acc.position_curves()
@@ -554,8 +814,8 @@ class _Runner:
             n_tokens=int(totals["n_rec"]),
             n_sequences=int(tokens.shape[0]),
             seq_len=int(tokens.shape[1]),
-            hook_name=self.site.hook_name,
-            hook_head_index=self.site.head_index,
+            hook_name=self.read.hook_name,
+            hook_head_index=self.read.head_index,
             token_policy=self.policy,
             latent_density=density.tolist(),
             delta_ce_by_position=curve_delta,
@@ -565,7 +825,40 @@ class _Runner:
             batch_size=batch_size,
             model_dtype=str(self.model.cfg.dtype).replace("torch.", ""),
             device=str(self.device),
+            hook_name_out=self.write.hook_name,
+            dictionary=self.info.to_dict(),
+            normalisation=self.normalisation.to_dict(),
         )
+
+
+def unresolved_ratios(
+    per_sequence: Mapping[str, np.ndarray], totals: Mapping[str, np.ndarray], level: float = DEFAULT_LEVEL
+) -> dict[str, str]:
+    """The ratio scores whose denominator is not resolved from zero on this data, with the reason.
+
+    A ratio such as ``ce_loss_score = (L_zero − L_sae) / (L_zero − L_orig)`` divides by noise when its
+    denominator's bootstrap interval over sequences includes 0, or when the denominator is smaller than the
+    interval's half-width: the score then swings by orders of magnitude between resamples (-6.9 with an
+    interval [-1.5, 3.6] at a hook_z hook where zero ablation barely changes the loss). Such a score is
+    undefined, not a number a threshold may pass. With fewer than 2 sequences nothing can be judged.
+    """
+    if len(next(iter(per_sequence.values()))) < 2:
+        return {}
+    point = ratio_denominators(totals)
+    intervals = bootstrap_intervals(per_sequence, ratio_denominators, level=level)
+    reasons = {}
+    for name, (low, high) in intervals.items():
+        value = float(point[name])
+        if low > 0 or high < 0:
+            if abs(value) > (high - low) / 2:
+                continue
+        label = RATIO_DENOMINATORS[name]
+        reasons[name] = (
+            f"its denominator {label} = {value:.3g} is not resolved from zero on this data (its {level:.0%} "
+            f"bootstrap interval over sequences is [{low:.3g}, {high:.3g}]), so the score divides by noise; "
+            "read delta_ce and kl_sae instead, or evaluate more tokens"
+        )
+    return reasons
 
 
 def _why_undefined(name: str, scaling_law: tuple[float, float] | None) -> str:
@@ -600,10 +893,25 @@ class _Accumulator:
             key: torch.zeros(length, dtype=torch.float64, device=device) for key, length in lengths.items()
         }
         self.reference: torch.Tensor | None = None
+        self._input_norm_sum = 0.0
+        self._input_count = 0
+
+    @property
+    def input_norm(self) -> float | None:
+        """Mean ‖x_in‖ over the kept positions (the read activation, before any normalisation)."""
+        return self._input_norm_sum / self._input_count if self._input_count else None
 
     def add_reconstruction(
-        self, x: torch.Tensor, recon: torch.Tensor, latents: torch.Tensor, kept: torch.Tensor
+        self,
+        x: torch.Tensor,
+        recon: torch.Tensor,
+        latents: torch.Tensor,
+        kept: torch.Tensor,
+        x_in: torch.Tensor,
     ) -> None:
+        """``x``: the written activation (the target), ``x_in``: the read one (its norm feeds the preflight)."""
+        self._input_norm_sum += float(x_in[kept.to(x_in.device)].double().norm(dim=-1).sum())
+        self._input_count += int(kept.sum())
         kept_r = kept.to(recon.device)
         seq_index = torch.arange(kept.shape[0], device=recon.device).unsqueeze(1).expand_as(kept_r)[kept_r]
         if bool(kept_r.all()):
@@ -648,9 +956,10 @@ class _Accumulator:
         )
         self.firing += active.sum(0).double()
 
-    def add_scores(self, scores: BatchScores, kept: torch.Tensor) -> None:
+    def add_scores(self, scores: BatchScores, kept: torch.Tensor, predicted: torch.Tensor) -> None:
+        """``kept``: the positions averaged into KL; ``predicted``: the predictions averaged into CE."""
         kept = kept.to(scores.ce_orig.device)
-        kept_ce = kept[:, :-1]
+        kept_ce = predicted.to(scores.ce_orig.device)
 
         ce_orig = _masked(scores.ce_orig, kept_ce)
         self.current["ce_sum_orig"] = ce_orig.sum(1)
@@ -681,14 +990,14 @@ class _Accumulator:
         return self.reference.to("cpu") + centered / count
 
     def add_mean_from_template(
-        self, template: torch.Tensor, tokens: torch.Tensor, kept_all: torch.Tensor
+        self, template: torch.Tensor, tokens: torch.Tensor, predicted_all: torch.Tensor
     ) -> None:
         row = 0
         for batch_sums in self.batches:
             n = batch_sums["n_ce"].shape[0]
-            batch, kept = tokens[row : row + n], kept_all[row : row + n]
-            ce, kept_ce = _token_ce(template.unsqueeze(0).expand(n, -1, -1), batch, kept)
-            batch_sums["ce_sum_mean"] = _masked(ce, kept_ce).sum(1).to("cpu")
+            batch, predicted = tokens[row : row + n], predicted_all[row : row + n]
+            ce = _token_ce(template.unsqueeze(0).expand(n, -1, -1), batch)
+            batch_sums["ce_sum_mean"] = _masked(ce, predicted.to(ce.device)).sum(1).to("cpu")
             row += n
 
     def per_sequence(self) -> dict[str, np.ndarray]:
@@ -720,10 +1029,7 @@ def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).double()
 
 
-def _token_ce(
-    log_probs: torch.Tensor, tokens: torch.Tensor, kept: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy at positions 0..S-2 and the mask of those that count."""
+def _token_ce(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy at positions 0..S-2."""
     targets = tokens[:, 1:].to(log_probs.device)
-    ce = -log_probs[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return ce, kept[:, :-1].to(log_probs.device)
+    return -log_probs[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)

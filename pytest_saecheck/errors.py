@@ -47,3 +47,17 @@ class WeightsUnavailableError(LoadError):
 
 class TrainingCheckError(SAECheckError, RuntimeError):
     """A training implementation could not be checked (unsupported class, missing adapter, ...)."""
+
+
+class UnsupportedDictionaryError(SAECheckError, TypeError):
+    """The dictionary cannot be spliced faithfully (a temporal SAE, a cross-layer transcoder with summed
+    decoders, a transcoder that does not say where it writes), so it is refused instead of scored."""
+
+
+class ModelStateError(SAECheckError, RuntimeError):
+    """The model is in a state the engine cannot measure (SAEs attached, a TransformerBridge, ...)."""
+
+
+class SAECheckWarning(UserWarning):
+    """A result is usable but something about it deserves a look (normalisation estimated, hooks on the model,
+    an activation scale far from what the SAE expects)."""

@@ -15,6 +15,21 @@ if TYPE_CHECKING:
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HEAD_DIM_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z")
 
+# Hooks that TransformerLens fires only when a config flag is on (HookedTransformer.check_hooks_to_add).
+_FLAGGED_HOOKS: tuple[tuple[str, str], ...] = (
+    ("attn.hook_result", "use_attn_result"),
+    ("hook_q_input", "use_split_qkv_input"),
+    ("hook_k_input", "use_split_qkv_input"),
+    ("hook_v_input", "use_split_qkv_input"),
+    ("hook_mlp_in", "use_hook_mlp_in"),
+    ("hook_attn_in", "use_attn_in"),
+)
+
+
+def required_flags(hook_name: str) -> tuple[str, ...]:
+    """The ``model.cfg`` flags that must be on for ``hook_name`` to fire (e.g. ``use_hook_mlp_in``)."""
+    return tuple(flag for suffix, flag in _FLAGGED_HOOKS if hook_name.endswith(suffix))
+
 
 @dataclass(frozen=True)
 class HookSite:
@@ -34,6 +49,11 @@ class HookSite:
     @property
     def is_residual(self) -> bool:
         return self.resid_layer is not None
+
+    @property
+    def entry(self) -> int:
+        """The block at whose start the model can be cut to reach this hook (``start_at_layer``)."""
+        return self.resid_layer if self.resid_layer is not None else self.layer
 
     def select(self, activation: torch.Tensor) -> torch.Tensor:
         """The activation as SAE Lens feeds it to the SAE (one head, or all heads flattened)."""

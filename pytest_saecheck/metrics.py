@@ -48,7 +48,8 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo(
             "ce_loss_score_mean_ablation",
             "(L_mean − L_sae) / (L_mean − L_orig)",
-            "share of the mean-ablation loss gap recovered; a stricter baseline than zero ablation",
+            "share of the mean-ablation loss gap recovered; mean ablation may be a stricter or a laxer baseline "
+            "than zero ablation (compare ce_mean with ce_zero)",
             True,
             upper_bound=1.0,
         ),
@@ -186,6 +187,28 @@ def metrics_from_sums(
     out["l2_ratio"] = _ratio(sums["l2_ratio_sum"], n_rec)
     out["l0"] = _ratio(sums["l0_sum"], n_rec)
     out["l1"] = _ratio(sums["l1_sum"], n_rec)
+    return out
+
+
+RATIO_DENOMINATORS: dict[str, str] = {
+    "ce_loss_score": "L_zero − L_orig",
+    "ce_loss_score_mean_ablation": "L_mean − L_orig",
+    "kl_div_score": "KL_zero",
+}
+"""The ratio scores and the baseline gap each divides by."""
+
+
+def ratio_denominators(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The denominator of every ratio score present in ``sums`` (same shapes as :func:`metrics_from_sums`)."""
+    n_ce = sums["n_ce"]
+    out: dict[str, np.ndarray] = {}
+    ce_orig = _ratio(sums["ce_sum_orig"], n_ce)
+    if "ce_sum_zero" in sums:
+        out["ce_loss_score"] = _ratio(sums["ce_sum_zero"], n_ce) - ce_orig
+    if "ce_sum_mean" in sums:
+        out["ce_loss_score_mean_ablation"] = _ratio(sums["ce_sum_mean"], n_ce) - ce_orig
+    if "kl_sum_zero" in sums:
+        out["kl_div_score"] = _ratio(sums["kl_sum_zero"], sums["n_kl"])
     return out
 
 

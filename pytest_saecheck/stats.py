@@ -9,6 +9,8 @@ import numpy as np
 from pytest_saecheck.errors import ConfigError
 
 DEFAULT_RESAMPLES = 2000
+DEFAULT_LEVEL = 0.95
+"""The confidence level of every interval the plugin reports unless told otherwise."""
 _CHUNK = 250  # resamples per matrix product: bounds memory for the [resamples, sequences] weight matrix
 
 
