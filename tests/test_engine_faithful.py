@@ -133,7 +133,9 @@ def test_hook_mlp_in_is_switched_on_and_restored(model):
     assert not model.cfg.use_hook_mlp_in
     assert result.hook_name == "blocks.2.hook_mlp_in"
     # hook_mlp_in is before ln2, so the MLP's weights no longer reconstruct exactly: a real, finite number
-    assert math.isfinite(result.metrics["explained_variance"]) and result.metrics["explained_variance"] < 0.999
+    assert (
+        math.isfinite(result.metrics["explained_variance"]) and result.metrics["explained_variance"] < 0.999
+    )
 
 
 def test_transcoder_across_blocks_and_into_the_residual_stream(model):
@@ -155,7 +157,7 @@ def test_transcoder_across_blocks_and_into_the_residual_stream(model):
 def test_a_transcoder_that_writes_before_it_reads_is_refused(model):
     tc = mlp_transcoder(model, 1)
     tc.cfg.metadata.hook_name_out = "blocks.0.hook_mlp_out"
-    with pytest.raises(ConfigError, match="reads 'blocks.1.ln2.hook_normalized' after it writes"):
+    with pytest.raises(ConfigError, match=r"reads 'blocks\.1\.ln2\.hook_normalized' after it writes"):
         evaluate(model, tc, make_tokens(4), progress=False)
 
 
@@ -211,7 +213,11 @@ def test_normalised_checkpoint_with_its_activation_scaler(demo_model, demo_token
     assert checkpoint.cfg.normalize_activations == "expected_average_only_in"
 
     result = evaluate(demo_model, checkpoint, demo_tokens, activation_scaler=tmp_path, progress=False)
-    assert result.normalisation == {"scaling_factor": factor, "source": "activation_scaler.json", "whitening": False}
+    assert result.normalisation == {
+        "scaling_factor": factor,
+        "source": "activation_scaler.json",
+        "whitening": False,
+    }
     for name in ("explained_variance", "delta_ce", "mse", "kl_sae", "l0"):
         assert result.metrics[name] == pytest.approx(reference.metrics[name], abs=1e-4, rel=1e-4), name
 
@@ -279,7 +285,13 @@ def test_right_padding_is_never_a_prediction_target(demo_model):
     tokens[:, 40:] = demo.PAD_ID  # right padding, positions 40-63
     sae = demo.load_sae("good", device="cpu")
     result = evaluate(
-        demo_model, sae, tokens, exclude_bos=False, exclude_special_tokens=False, pad_token_id=0, progress=False
+        demo_model,
+        sae,
+        tokens,
+        exclude_bos=False,
+        exclude_special_tokens=False,
+        pad_token_id=0,
+        progress=False,
     )
     with torch.no_grad():
         reference = lm_cross_entropy_loss(demo_model(tokens), tokens, attention_mask=tokens != 0).item()
@@ -292,7 +304,13 @@ def test_policy_and_its_parts_are_exclusive(model):
     from pytest_saecheck import TokenPolicy
 
     with pytest.raises(ConfigError, match="either policy= or"):
-        evaluate(model, make_sae("blocks.1.hook_resid_pre"), make_tokens(4), policy=TokenPolicy(), exclude_bos=False)
+        evaluate(
+            model,
+            make_sae("blocks.1.hook_resid_pre"),
+            make_tokens(4),
+            policy=TokenPolicy(),
+            exclude_bos=False,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
