@@ -167,6 +167,39 @@ def _unavailable(name: str, value: Any) -> str:
     return text
 
 
+def _token_ids(name: str, value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    try:
+        ids = tuple(sorted({int(item) for item in items}))
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"saecheck setting {name!r} must be token ids (a list of integers, or '1,2,3'), got {value!r}"
+        ) from None
+    if any(i < 0 for i in ids) or any(isinstance(item, bool) for item in items):
+        raise ConfigError(
+            f"saecheck setting {name!r} must hold non-negative integer token ids, got {value!r}"
+        )
+    return ids
+
+
+def _activation_scaler(name: str, value: Any) -> float | str | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(
+            f"saecheck setting {name!r} must be 'auto', a positive number or a path, got {value!r}"
+        )
+    try:
+        factor = float(value)
+    except (TypeError, ValueError):
+        return str(os.fspath(value))
+    if not (factor > 0 and factor != float("inf")):
+        raise ConfigError(f"saecheck setting {name!r} must be a positive finite number, got {value!r}")
+    return factor
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """One configurable value: its name, parser, default and help text."""
@@ -231,6 +264,31 @@ SETTINGS: tuple[Setting, ...] = (
         "exclude_bos", _boolean, True, "leave position 0 (BOS) out of every metric (default true)", "BOOL"
     ),
     Setting(
+        "exclude_special_tokens",
+        _boolean,
+        True,
+        "leave the tokenizer's BOS, EOS and PAD tokens out wherever they occur, as positions and as prediction "
+        "targets (default true, as SAE Lens run_evals)",
+        "BOOL",
+    ),
+    Setting(
+        "exclude_token_ids",
+        _token_ids,
+        (),
+        'more token ids to leave out wherever they occur ("5,7" on the command line and in ini files)',
+        "IDS",
+    ),
+    Setting(
+        "activation_scaler",
+        _activation_scaler,
+        None,
+        "activation normalisation of a checkpoint trained with normalize_activations=expected_average_only_in: "
+        '"auto" (default: the activation_scaler.json beside a local SAE directory, else SAE Lens\' estimate '
+        "on the evaluation tokens, with a warning), a scaling factor, or the path of an activation_scaler.json "
+        "or its directory",
+        "auto|FACTOR|PATH",
+    ),
+    Setting(
         "seed", _seed, 0, "seed for token sampling by the demo corpus and custom loaders (default 0)", "N"
     ),
     Setting(
@@ -266,6 +324,9 @@ class SAECheckSettings:
     device: str | None = None
     dtype: str | None = None
     exclude_bos: bool = True
+    exclude_special_tokens: bool = True
+    exclude_token_ids: tuple[int, ...] = ()
+    activation_scaler: float | str | None = None
     seed: int = 0
     scaling_law: tuple[float, float] | None = CHINCHILLA
     unavailable: str = "skip"

@@ -96,6 +96,19 @@ class SAECheck:
         return loading.default_context_size(None, self.sae) if self.settings.sae is not None else 128
 
     @property
+    def activation_scaler(self) -> float | str | None:
+        """The ``activation_scaler`` setting; with ``auto``, the checkpoint directory when it holds
+        ``activation_scaler.json`` (else None: the engine estimates a factor if the SAE needs one)."""
+        if self.settings.activation_scaler is not None:
+            return self.settings.activation_scaler
+        from pytest_saecheck.normalisation import ACTIVATION_SCALER_FILENAME
+
+        path = loading._local_path(self.sae_spec)
+        if path is not None and (path / ACTIVATION_SCALER_FILENAME).is_file():
+            return str(path)
+        return None
+
+    @property
     def label(self) -> str:
         """A short readable name: the SAE spec (and the model, when it was given explicitly)."""
         sae = self.settings.sae or "(no SAE)"
@@ -127,6 +140,9 @@ class SAECheck:
             self._tokens_key(),
             self.settings.batch_size,
             self.settings.exclude_bos,
+            self.settings.exclude_special_tokens,
+            self.settings.exclude_token_ids,
+            self.activation_scaler,
             self.settings.scaling_law,
         )
 
@@ -173,6 +189,9 @@ class SAECheck:
                 self.tokens,
                 batch_size=self.settings.batch_size,
                 exclude_bos=self.settings.exclude_bos,
+                exclude_special_tokens=self.settings.exclude_special_tokens,
+                exclude_token_ids=self.settings.exclude_token_ids,
+                activation_scaler=self.activation_scaler,
                 scaling_law=self.settings.scaling_law,
             )
 
@@ -200,6 +219,7 @@ class SAECheck:
         }
 
     def _evaluation_record(self, evaluation: Evaluation) -> dict[str, Any]:
+        intervals = _intervals(evaluation)  # first: an interval that excludes its value adds a warning
         data = evaluation.to_dict()
         density = data.pop("latent_density", None)
         data.pop("device", None)  # the subject's device names the same thing
@@ -212,7 +232,7 @@ class SAECheck:
             **data,
             "latent_density_histogram": _density_histogram(density),
             "interval_level": INTERVAL_LEVEL,
-            "intervals": _intervals(evaluation),
+            "intervals": intervals,
         }
 
     def _guard(self, load: Any) -> Any:

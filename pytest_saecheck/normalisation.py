@@ -105,7 +105,8 @@ def as_normalisation(value: Any) -> Normalisation | None:
             raise ConfigError(f"activation_scaler must be a positive finite number, got {value!r}")
         return Normalisation(float(value), GIVEN)
     if isinstance(value, (str, Path)):
-        found = read_activation_scaler(value)
+        path = Path(value)
+        found = read_activation_scaler(path.parent if path.name == ACTIVATION_SCALER_FILENAME else path)
         if found is None:
             raise ConfigError(f"no {ACTIVATION_SCALER_FILENAME} in {str(Path(value).resolve())!r}")
         return found

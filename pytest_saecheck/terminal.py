@@ -60,6 +60,7 @@ def _show(value: Any, name: str) -> str:
             "dtype": "float32",
             "tokens": "SAE's dataset",
             "scaling_law": "none",
+            "activation_scaler": "auto",
         }.get(name, "-")
     if isinstance(value, bool):
         return str(value).lower()
@@ -67,6 +68,8 @@ def _show(value: Any, name: str) -> str:
         from pytest_saecheck.config import CHINCHILLA
 
         return "chinchilla" if tuple(value) == CHINCHILLA else ",".join(f"{v:g}" for v in value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
     return str(value)
 
 

@@ -17,7 +17,10 @@ def demo_model():
 def test_agrees_with_sae_lens_on_demo(demo_model, name):
     sae = demo.load_sae(name, device="cpu")
     tokens = demo.load_tokens(n_sequences=24, seed=3, device="cpu")
-    ours = evaluate(demo_model, sae, tokens, batch_size=8, exclude_bos=False, progress=False).metrics
+    # Nothing excluded on either side (the demo rows hold EOS tokens, which the default policy leaves out)
+    ours = evaluate(
+        demo_model, sae, tokens, batch_size=8, exclude_bos=False, exclude_special_tokens=False, progress=False
+    ).metrics
     ref = sae_lens_reference(demo_model, sae, tokens, batch_size=8)
     pairs = {
         "ce_orig": "ce_loss_without_sae",
@@ -35,13 +38,21 @@ def test_agrees_with_sae_lens_on_demo(demo_model, name):
 
 
 def test_matches_the_demo_builds_own_numbers(demo_model):
-    """The build measured its SAEs with separate code on the same held-out tokens and policy."""
+    """The build measured its SAEs with separate code on the same held-out tokens and policy (position 0 left
+    out; EOS tokens inside rows kept, as the build predates exclude_special_tokens)."""
     shipped = demo.metadata()
     evaluation = shipped["evaluation"]
     tokens = demo.load_tokens(n_sequences=evaluation["n_sequences"], seed=evaluation["seed"], device="cpu")
     for name in ("good", "variance_only"):
         expected = shipped["saes"][name]
-        ours = evaluate(demo_model, demo.load_sae(name, device="cpu"), tokens, batch_size=32, progress=False)
+        ours = evaluate(
+            demo_model,
+            demo.load_sae(name, device="cpu"),
+            tokens,
+            batch_size=32,
+            exclude_special_tokens=False,
+            progress=False,
+        )
         assert ours.n_tokens == expected["n_tokens"]
         for metric in (
             "ce_orig",

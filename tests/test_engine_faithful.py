@@ -390,3 +390,35 @@ def test_the_good_demo_sae_keeps_its_ratio_scores(demo_model, demo_tokens):
     result = evaluate(demo_model, demo.load_sae("good", device="cpu"), demo_tokens, progress=False)
     for name in ("ce_loss_score", "kl_div_score", "ce_loss_score_mean_ablation"):
         assert name in result.metrics, result.undefined.get(name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# through the plugin
+
+
+def test_plugin_applies_the_checkpoints_scaler_and_the_token_settings(pytester, tmp_path):
+    """A checkpoint directory given as sae= gets its activation_scaler.json; the new settings reach the engine."""
+    checkpoint = tmp_path / "checkpoint"
+    unfolded_checkpoint(demo.load_sae("good", device="cpu"), 0.37).save_model(checkpoint)
+    (checkpoint / ACTIVATION_SCALER_FILENAME).write_text(json.dumps({"scaling_factor": 0.37}))
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.saecheck(sae={str(checkpoint)!r}, model="demo", tokens="demo", n_tokens=1024)
+        def test_checkpoint(saecheck):
+            evaluation = saecheck.evaluation
+            assert evaluation.normalisation["source"] == "activation_scaler.json"
+            assert evaluation.normalisation["scaling_factor"] == 0.37
+            assert evaluation.metrics["explained_variance"] > 0.97
+            assert evaluation.token_policy.excluded_ids() == (0, 1, 2)
+
+        @pytest.mark.saecheck(
+            sae="demo/good", exclude_special_tokens=False, exclude_token_ids=[5, 6], n_tokens=1024
+        )
+        def test_settings(saecheck):
+            policy = saecheck.evaluation.token_policy
+            assert not policy.exclude_special_tokens and policy.exclude_token_ids == (5, 6)
+        """
+    )
+    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)

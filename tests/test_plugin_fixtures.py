@@ -214,7 +214,7 @@ def test_records_ride_on_reports_as_plain_values(tiny_pytester: pytest.Pytester)
         pytestmark = {MARK}
 
         def test_gate(saecheck):
-            assert_ce_recovery(saecheck, min_score=0.9, confidence=0.9)
+            assert_ce_recovery(saecheck, metric="kl_div_score", min_score=0.9, confidence=0.9)
         """
     )
     reprec = tiny_pytester.inline_run()
@@ -226,7 +226,7 @@ def test_records_ride_on_reports_as_plain_values(tiny_pytester: pytest.Pytester)
     kinds = [entry["kind"] for entry in call.saecheck_records]
     assert kinds == ["evaluation", "assertion"]
     assertion = call.saecheck_records[1]
-    assert assertion["metric"] == "ce_loss_score" and assertion["passed"] is True
+    assert assertion["metric"] == "kl_div_score" and assertion["passed"] is True
     assert assertion["min_score"] == 0.9 and assertion["confidence"] == 0.9
     assert len(assertion["interval"]) == 2
     # plain Python types only: survives JSON (and therefore xdist's execnet serialisation)

@@ -25,7 +25,7 @@ SUITE = f"""
     @pytest.mark.xdist_group("sae_identity")  # with --dist loadgroup, one SAE's tests share a worker
     class TestGood:
         def test_ce(self, saecheck):
-            assert_ce_recovery(saecheck, min_score=0.9)
+            assert_ce_recovery(saecheck, metric="kl_div_score", min_score=0.9)
             assert_ce_recovery(saecheck, metric="delta_ce", max_value=0.01, confidence=0.95)
 
         def test_r2(self, saecheck):
@@ -106,14 +106,14 @@ def test_interrupted_run_still_writes_a_valid_report(tiny_pytester: pytest.Pytes
 
         @{GOOD}
         def test_first(saecheck):
-            assert_ce_recovery(saecheck, min_score=0.9)
+            assert_ce_recovery(saecheck, metric="kl_div_score", min_score=0.9)
 
         def test_interrupt():
             raise KeyboardInterrupt
 
         @{BAD}
         def test_never(saecheck):
-            assert_ce_recovery(saecheck, min_score=0.9)
+            assert_ce_recovery(saecheck, metric="kl_div_score", min_score=0.9)
         """
     )
     (tiny_pytester.path / "result.json").write_text("previous run")
