@@ -181,6 +181,9 @@ def sae_entry(identity: Mapping[str, Any], record: Mapping[str, Any]) -> dict[st
         "model": {
             "spec": str_or_none(record.get("model")),
             "resolved": str_or_none(record.get("resolved_model")),
+            "loading": json_safe(record.get("model_loading"))
+            if isinstance(record.get("model_loading"), Mapping)
+            else None,
         },
         "sae": {"spec": str_or_none(record.get("sae")), **json_safe(record.get("sae_info") or {})},
         "hook": {
