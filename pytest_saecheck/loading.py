@@ -418,6 +418,8 @@ def load_hf_directory(
             f"{type(error).__name__}: {error}"
         ) from None
     cfg.model_name = path.name
+    # HookedTransformer loads cfg.tokenizer_name itself when given no tokenizer: an empty one (transformers 5)
+    cfg.tokenizer_name = str(path) if tokenizer is not None else None
     with _quiet_deprecations():
         model = HookedTransformer(cfg, tokenizer, move_to_device=False, **constructor)
     model.load_and_process_state_dict(state_dict, **processing)
@@ -475,10 +477,13 @@ def _directory_tokenizer(path: Path) -> Any:
 
 
 def _tokenizer_has_vocabulary(tokenizer: Any) -> bool:
+    """False for a tokenizer with no ordinary tokens (transformers 5's stand-in when no files were found)."""
     try:
-        return len(tokenizer) > 0
+        if getattr(tokenizer, "vocab_size", None) == 0:
+            return False
+        return len(tokenizer) - len(set(getattr(tokenizer, "all_special_ids", ()) or ())) > 0
     except Exception:
-        return bool(getattr(tokenizer, "vocab_size", 0))
+        return True  # a tokenizer we cannot inspect is used as given
 
 
 def usable_tokenizer(model: Any) -> Any:

@@ -303,7 +303,11 @@ def test_saecheck_param_runs_one_case_per_sae_with_readable_ids(pytester: pytest
     result = pytester.runpytest_inprocess("-s")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(
-        ["*CASE release/id 16384 0.9 0.1", f"*CASE {pytester.path / 'local_sae'} 64 0.5 0.2", "*CASE demo/dead 16384 0.1 0.9"]
+        [
+            "*CASE release/id 16384 0.9 0.1",
+            f"*CASE {pytester.path / 'local_sae'} 64 0.5 0.2",
+            "*CASE demo/dead 16384 0.1 0.9",
+        ]
     )
     ids = pytester.runpytest_inprocess("--collect-only", "-q")
     ids.stdout.fnmatch_lines(

@@ -51,7 +51,15 @@ PACKAGES = (
 )
 _PHASES = {"setup": 0, "call": 1, "teardown": 2}
 _SUBJECT_FIELDS = ("label", "model", "sae", "tokens", "device", "dtype")
-_FINE_SETTINGS = ("n_tokens", "context_size", "batch_size", "exclude_bos", "seed")
+_FINE_SETTINGS = (
+    "n_tokens",
+    "context_size",
+    "batch_size",
+    "exclude_bos",
+    "seed",
+    "model_from_pretrained_kwargs",
+    "hook_name",
+)
 _ASSERTION_KNOWN = {
     "kind",
     "assertion",
