@@ -324,7 +324,8 @@ SETTINGS_BY_NAME: Mapping[str, Setting] = {setting.name: setting for setting in 
 
 @dataclasses.dataclass(frozen=True)
 class SAECheckSettings:
-    """The resolved settings of one test. Hashable; ``sources`` says where each value came from."""
+    """The resolved settings of one test. Hashable; ``sources`` says where each value came from, and ``written``
+    holds the ``model``/``sae``/``tokens`` values as written where a relative path was made absolute."""
 
     model: str | None = None
     sae: str | None = None
@@ -341,6 +342,10 @@ class SAECheckSettings:
     model_from_pretrained_kwargs: FrozenKwargs | None = None
     hook_name: str | None = None
     sources: Mapping[str, str] = dataclasses.field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
+    # path settings as written, where resolving made them absolute (for short labels)
+    written: Mapping[str, str] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False
     )
 
@@ -466,6 +471,7 @@ def resolve(
     bases = _base_directories(config, test_dir)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    written: dict[str, str] = {}
     for setting in SETTINGS:
         for raw, where, label in (
             (from_markers.get(setting.name, _UNSET), "@pytest.mark.saecheck", "marker"),
@@ -479,13 +485,16 @@ def resolve(
             except ConfigError as error:
                 raise ConfigError(f"{where}: {error}") from None
             if setting.path and values[setting.name] is not None:
-                values[setting.name] = resolve_path_spec(values[setting.name], bases[label])
+                resolved = resolve_path_spec(values[setting.name], bases[label])
+                if resolved != values[setting.name]:
+                    written[setting.name] = values[setting.name]
+                values[setting.name] = resolved
             sources[setting.name] = label
             break
         else:
             values[setting.name] = setting.default
             sources[setting.name] = "default"
-    return SAECheckSettings(**values, sources=sources)
+    return SAECheckSettings(**values, sources=sources, written=written)
 
 
 def resolve_for_item(item: pytest.Item) -> SAECheckSettings:

@@ -98,8 +98,10 @@ class SAECheck:
     @property
     def label(self) -> str:
         """A short readable name: the SAE spec (and the model, when it was given explicitly)."""
-        sae = self.settings.sae or "(no SAE)"
-        return sae if self.settings.model is None else f"{sae} @ {self.settings.model}"
+        written = self.settings.written  # a relative path as written, not the absolute path it names
+        sae = written.get("sae", self.settings.sae) or "(no SAE)"
+        model = written.get("model", self.settings.model)
+        return sae if model is None else f"{sae} @ {model}"
 
     @property
     def model_from_pretrained_kwargs(self) -> dict[str, Any]:
@@ -213,11 +215,12 @@ class SAECheck:
 
     def subject(self) -> dict[str, Any]:
         """Plain description of what is under test (goes on every record)."""
+        written = self.settings.written  # as given; a relative path's absolute form is in resolved_*
         return {
             "label": self.label,
-            "model": self.settings.model,
-            "sae": self.settings.sae,
-            "tokens": self.settings.tokens,
+            "model": written.get("model", self.settings.model),
+            "sae": written.get("sae", self.settings.sae),
+            "tokens": written.get("tokens", self.settings.tokens),
             "device": self.device,
             "dtype": self.dtype,
         }
@@ -229,6 +232,7 @@ class SAECheck:
         return {
             "kind": "evaluation",
             **self.subject(),
+            "resolved_sae": self.settings.sae,
             "resolved_model": self.model_spec,
             "model_loading": how.to_dict() if (how := self.model_loading) is not None else None,
             "resolved_tokens": self.token_source,

@@ -116,6 +116,7 @@ def _fine(record: Mapping[str, Any]) -> dict[str, Any]:
     settings = record.get("settings") if isinstance(record.get("settings"), Mapping) else {}
     return {
         **_coarse(record),
+        "resolved_sae": str_or_none(record.get("resolved_sae")),
         "resolved_model": str_or_none(record.get("resolved_model")),
         "resolved_tokens": str_or_none(record.get("resolved_tokens")),
         **{key: json_safe(settings.get(key)) for key in _FINE_SETTINGS},
