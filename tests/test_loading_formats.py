@@ -178,7 +178,7 @@ def test_hook_loaders_receive_the_kwargs(tiny_pytester: pytest.Pytester) -> None
 # SAE formats
 
 
-@pytest.mark.filterwarnings("ignore:.*non-empty model_from_pretrained_kwargs")
+@pytest.mark.filterwarnings("ignore:\\s*This SAE has non-empty model_from_pretrained_kwargs")
 def test_nested_metadata_without_a_version_keeps_its_hook(tmp_path: Path) -> None:
     make_identity_sae(model_from_pretrained_kwargs={"center_writing_weights": False}).save_model(
         tmp_path / "sae"
