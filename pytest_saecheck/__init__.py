@@ -36,6 +36,9 @@ _LAZY: dict[str, str] = {
     "evaluate": "pytest_saecheck.engine",
     "Evaluation": "pytest_saecheck.engine",
     "TokenPolicy": "pytest_saecheck.engine",
+    "load_model": "pytest_saecheck.loading",
+    "load_sae": "pytest_saecheck.loading",
+    "load_tokens": "pytest_saecheck.loading",
     "assert_no_aux_bias_double_count": "pytest_saecheck.training",
     "assert_aux_residual_detached": "pytest_saecheck.training",
     "assert_aux_k_scaling": "pytest_saecheck.training",
@@ -53,6 +56,7 @@ if TYPE_CHECKING:
     from pytest_saecheck.config import SAECheckSettings, saecheck_param
     from pytest_saecheck.engine import Evaluation, TokenPolicy, evaluate
     from pytest_saecheck.fixtures import SAECheck
+    from pytest_saecheck.loading import load_model, load_sae, load_tokens
     from pytest_saecheck.training import (
         AuxLossAdapter,
         AuxLossAdapterBase,
@@ -110,6 +114,9 @@ __all__ = [
     "assert_r2_matches_legacy",
     "assert_training_objective",
     "evaluate",
+    "load_model",
+    "load_sae",
+    "load_tokens",
     "resolve_training_adapter",
     "saecheck_param",
 ]

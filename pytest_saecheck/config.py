@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -200,6 +202,52 @@ def _activation_scaler(name: str, value: Any) -> float | str | None:
     return factor
 
 
+class FrozenKwargs(Mapping[str, Any]):
+    """A read-only, hashable mapping of keyword arguments (so that settings stay hashable cache keys)."""
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self._items, sort_keys=True, default=repr))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
+def _kwargs_object(name: str, value: Any) -> FrozenKwargs | None:
+    """A dict (marker) or a JSON object (command line, ini) of keyword arguments."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError as error:
+            raise ConfigError(
+                f"saecheck setting {name!r} must be a JSON object, got {text!r} ({error}); "
+                f"""write e.g. --saecheck-{name.replace("_", "-")}='{{"center_writing_weights": false}}'"""
+            ) from None
+    if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
+        raise ConfigError(
+            f"saecheck setting {name!r} must be a dict with string keys (a JSON object on the command line or in "
+            f'an ini file), got {type(value).__name__} {value!r}; e.g. {name}={{"fold_ln": False}}'
+        )
+    return FrozenKwargs(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """One configurable value: its name, parser, default and help text."""
@@ -209,6 +257,7 @@ class Setting:
     default: Any
     help: str
     metavar: str
+    path: bool = False  # a spec that may name a local path, resolved against where it was written
 
     @property
     def option(self) -> str:
@@ -231,6 +280,7 @@ SETTINGS: tuple[Setting, ...] = (
         'model under test: a TransformerLens name ("gpt2"), a local Hugging Face model directory, or "demo". '
         "Default: the model named in the SAE's config",
         "SPEC",
+        path=True,
     ),
     Setting(
         "sae",
@@ -238,6 +288,7 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         'SAE under test: an SAE Lens "release/id", a local SAE Lens directory, or "demo/<name>"',
         "SPEC",
+        path=True,
     ),
     Setting(
         "tokens",
@@ -246,6 +297,7 @@ SETTINGS: tuple[Setting, ...] = (
         'evaluation tokens: a .txt/.jsonl/.parquet/.npy/.pt file, a saved datasets directory, "hf:<dataset>", '
         'or "demo". Default: the SAE\'s training dataset (the demo corpus for demo SAEs)',
         "SOURCE",
+        path=True,
     ),
     Setting("n_tokens", _positive_int, 16_384, "number of tokens to evaluate (default 16384)", "N"),
     Setting(
@@ -306,6 +358,23 @@ SETTINGS: tuple[Setting, ...] = (
         "what a test does when weights or data are not available offline: skip (default) or error",
         "skip|error",
     ),
+    Setting(
+        "model_from_pretrained_kwargs",
+        _kwargs_object,
+        None,
+        "keyword arguments for loading the model, as for HookedTransformer.from_pretrained_no_processing "
+        '(a JSON object, e.g. {"center_writing_weights": false}). Default: the SAE config\'s '
+        "model_from_pretrained_kwargs, else none (no weight processing)",
+        "JSON",
+    ),
+    Setting(
+        "hook_name",
+        _text,
+        None,
+        "TransformerLens hook the SAE reads, overriding its config (needed for sparsify directories whose "
+        "layer folder is not layers.N). Default: the SAE config's hook_name",
+        "HOOK",
+    ),
 )
 
 SETTINGS_BY_NAME: Mapping[str, Setting] = {setting.name: setting for setting in SETTINGS}
@@ -313,7 +382,8 @@ SETTINGS_BY_NAME: Mapping[str, Setting] = {setting.name: setting for setting in 
 
 @dataclasses.dataclass(frozen=True)
 class SAECheckSettings:
-    """The resolved settings of one test. Hashable; ``sources`` says where each value came from."""
+    """The resolved settings of one test. Hashable; ``sources`` says where each value came from, and ``written``
+    holds the ``model``/``sae``/``tokens`` values as written where a relative path was made absolute."""
 
     model: str | None = None
     sae: str | None = None
@@ -330,12 +400,22 @@ class SAECheckSettings:
     seed: int = 0
     scaling_law: tuple[float, float] | None = CHINCHILLA
     unavailable: str = "skip"
+    model_from_pretrained_kwargs: FrozenKwargs | None = None
+    hook_name: str | None = None
     sources: Mapping[str, str] = dataclasses.field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
+    # path settings as written, where resolving made them absolute (for short labels)
+    written: Mapping[str, str] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False
     )
 
     def to_dict(self) -> dict[str, Any]:
-        return {setting.name: getattr(self, setting.name) for setting in SETTINGS}
+        return {setting.name: _plain(getattr(self, setting.name)) for setting in SETTINGS}
+
+
+def _plain(value: Any) -> Any:
+    return dict(value) if isinstance(value, FrozenKwargs) else value
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -408,11 +488,51 @@ def marker_kwargs(markers: Iterable[pytest.Mark]) -> tuple[dict[str, Any], dict[
     return merged, origin
 
 
-def resolve(config: pytest.Config, markers: Iterable[pytest.Mark] = ()) -> SAECheckSettings:
-    """Resolve every setting: marker > command line > ini > default."""
+def _base_directories(config: pytest.Config, test_dir: Path | None) -> dict[str, Path]:
+    """Where relative paths written in each place resolve: see :func:`resolve_path_spec`."""
+    invocation = Path(config.invocation_params.dir)
+    inipath = getattr(config, "inipath", None)
+    return {
+        "marker": test_dir if test_dir is not None else invocation,
+        "command line": invocation,
+        "ini": Path(inipath).parent if inipath is not None else Path(config.rootpath),
+    }
+
+
+def resolve_path_spec(value: str, base: Path) -> str:
+    """A model/SAE/token spec that names a local path, made absolute against ``base``; any other spec as written.
+
+    A spec names a path when it is written as one (``./x``, ``../x``, ``/x``, ``~/x``, ``x/``) or when ``base``
+    holds a file or directory of that name; so ``my-release/my-id`` is a local directory when one exists there,
+    and an SAE Lens release otherwise. ``hf:`` sources, TransformerLens names and ``demo`` names stay as written.
+    ``base`` is the test file's directory for markers, the ini file's directory for ini keys and the invocation
+    directory for command-line options.
+    """
+    from pytest_saecheck.loading import looks_like_path
+
+    if value.startswith("hf:"):
+        return value
+    expanded = os.path.expanduser(value)
+    candidate = Path(expanded) if os.path.isabs(expanded) else base / expanded
+    if looks_like_path(value) or candidate.exists():
+        return os.path.normpath(candidate)
+    return value
+
+
+def resolve(
+    config: pytest.Config, markers: Iterable[pytest.Mark] = (), test_dir: Path | None = None
+) -> SAECheckSettings:
+    """Resolve every setting: marker > command line > ini > default.
+
+    Relative paths in ``model``, ``sae`` and ``tokens`` resolve against the directory of the place that gave
+    them (:func:`resolve_path_spec`): ``test_dir`` (the test file's directory; default the invocation directory)
+    for markers, the ini file's directory, the invocation directory for options.
+    """
     from_markers, _ = marker_kwargs(markers)
+    bases = _base_directories(config, test_dir)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    written: dict[str, str] = {}
     for setting in SETTINGS:
         for raw, where, label in (
             (from_markers.get(setting.name, _UNSET), "@pytest.mark.saecheck", "marker"),
@@ -425,17 +545,22 @@ def resolve(config: pytest.Config, markers: Iterable[pytest.Mark] = ()) -> SAECh
                 values[setting.name] = setting.parse(setting.name, raw)
             except ConfigError as error:
                 raise ConfigError(f"{where}: {error}") from None
+            if setting.path and values[setting.name] is not None:
+                resolved = resolve_path_spec(values[setting.name], bases[label])
+                if resolved != values[setting.name]:
+                    written[setting.name] = values[setting.name]
+                values[setting.name] = resolved
             sources[setting.name] = label
             break
         else:
             values[setting.name] = setting.default
             sources[setting.name] = "default"
-    return SAECheckSettings(**values, sources=sources)
+    return SAECheckSettings(**values, sources=sources, written=written)
 
 
 def resolve_for_item(item: pytest.Item) -> SAECheckSettings:
-    """The settings of one collected test, from its markers and the run's options."""
-    return resolve(item.config, item.iter_markers(MARKER))
+    """The settings of one collected test, from its markers and the run's options (paths: see :func:`resolve`)."""
+    return resolve(item.config, item.iter_markers(MARKER), Path(item.path).parent)
 
 
 def saecheck_param(sae: str | os.PathLike[str], *values: Any, id: str | None = None, **settings: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 
 from pytest_saecheck import loading, records
-from pytest_saecheck.config import SAECheckSettings, resolve_for_item
+from pytest_saecheck.config import FrozenKwargs, SAECheckSettings, resolve_for_item
 from pytest_saecheck.errors import ConfigError, SAECheckError
 from pytest_saecheck.session_cache import SessionCache
 
@@ -111,16 +111,28 @@ class SAECheck:
     @property
     def label(self) -> str:
         """A short readable name: the SAE spec (and the model, when it was given explicitly)."""
-        sae = self.settings.sae or "(no SAE)"
-        return sae if self.settings.model is None else f"{sae} @ {self.settings.model}"
+        written = self.settings.written  # a relative path as written, not the absolute path it names
+        sae = written.get("sae", self.settings.sae) or "(no SAE)"
+        model = written.get("model", self.settings.model)
+        return sae if model is None else f"{sae} @ {model}"
+
+    @property
+    def model_from_pretrained_kwargs(self) -> dict[str, Any]:
+        """The model's loading kwargs: the ``model_from_pretrained_kwargs`` setting, else the SAE config's, else {}."""
+        if self.settings.model_from_pretrained_kwargs is not None:
+            return dict(self.settings.model_from_pretrained_kwargs)
+        if self.settings.sae is None:
+            return {}
+        return dict(loading.sae_metadata(self.sae, "model_from_pretrained_kwargs") or {})
 
     # -- cache keys --------------------------------------------------------------------------------------
 
     def _model_key(self) -> Hashable:
-        return (self.model_spec, self.device, self.dtype)
+        kwargs = FrozenKwargs(self.model_from_pretrained_kwargs)
+        return (self.model_spec, self.device, self.dtype, kwargs)
 
     def _sae_key(self) -> Hashable:
-        return (self.sae_spec, self.device, self.dtype)
+        return (self.sae_spec, self.device, self.dtype, self.settings.hook_name)
 
     def _tokens_key(self) -> Hashable:
         bos = loading.prepend_bos(self.sae) if self.settings.sae is not None else True
@@ -152,17 +164,30 @@ class SAECheck:
     def sae(self) -> Any:
         spec = self.sae_spec
         return self._guard(
-            lambda: self._cache.sae(self._sae_key(), lambda: loading.load_sae(spec, self.device, self.dtype))
+            lambda: self._cache.sae(
+                self._sae_key(),
+                lambda: loading.load_sae(spec, self.device, self.dtype, self.settings.hook_name),
+            )
         )
 
     @property
     def model(self) -> Any:
         spec = self.model_spec
-        return self._guard(
-            lambda: self._cache.model(
-                self._model_key(), lambda: loading.load_model(spec, self.device, self.dtype)
+        key = self._model_key()
+
+        def load() -> Any:
+            model, how = loading.load_model_recorded(
+                spec, self.device, self.dtype, self.model_from_pretrained_kwargs
             )
-        )
+            self._cache.model_loads[key] = how
+            return model
+
+        return self._guard(lambda: self._cache.model(key, load))
+
+    @property
+    def model_loading(self) -> loading.ModelLoad | None:
+        """How this test's model was loaded in this run (loader and kwargs), or None if it was not loaded."""
+        return self._cache.model_loads.get(self._model_key())
 
     @property
     def tokens(self) -> Any:
@@ -209,11 +234,12 @@ class SAECheck:
 
     def subject(self) -> dict[str, Any]:
         """Plain description of what is under test (goes on every record)."""
+        written = self.settings.written  # as given; a relative path's absolute form is in resolved_*
         return {
             "label": self.label,
-            "model": self.settings.model,
-            "sae": self.settings.sae,
-            "tokens": self.settings.tokens,
+            "model": written.get("model", self.settings.model),
+            "sae": written.get("sae", self.settings.sae),
+            "tokens": written.get("tokens", self.settings.tokens),
             "device": self.device,
             "dtype": self.dtype,
         }
@@ -226,7 +252,9 @@ class SAECheck:
         return {
             "kind": "evaluation",
             **self.subject(),
+            "resolved_sae": self.settings.sae,
             "resolved_model": self.model_spec,
+            "model_loading": how.to_dict() if (how := self.model_loading) is not None else None,
             "resolved_tokens": self.token_source,
             "settings": self.settings.to_dict(),
             **data,

@@ -27,13 +27,20 @@ def active_hook() -> Any:
 
 
 @pytest.hookspec(firstresult=True)
-def pytest_saecheck_load_model(spec: str, device: str, dtype: str | None) -> Any:
+def pytest_saecheck_load_model(
+    spec: str, device: str, dtype: str | None, model_from_pretrained_kwargs: dict[str, Any]
+) -> Any:
     """Return a TransformerLens ``HookedTransformer`` for ``spec``, or ``None`` to decline.
 
-    ``spec`` is the ``model`` setting as written (or the model named in the SAE's config); ``device`` is the
-    resolved device (``"cuda"``, ``"cpu"``, ...); ``dtype`` is ``"float32"``, ``"float16"``, ``"bfloat16"``,
-    ``"float64"`` or ``None`` (the loader's default). Raise ``pytest_saecheck.loading.WeightsUnavailableError``
-    when the weights are not on this machine, so the test is skipped (or errors) with your message.
+    ``spec`` is the ``model`` setting (a relative path already made absolute) or the model named in the SAE's
+    config; ``device`` is the resolved device (``"cuda"``, ``"cpu"``, ...); ``dtype`` is ``"float32"``,
+    ``"float16"``, ``"bfloat16"``, ``"float64"`` or ``None`` (the loader's default).
+    ``model_from_pretrained_kwargs`` are the keyword arguments the SAE was trained with (its
+    ``cfg.metadata.model_from_pretrained_kwargs``, or the ``model_from_pretrained_kwargs`` setting; ``{}`` when
+    neither says): load the model as ``HookedTransformer.from_pretrained_no_processing(name, **kwargs)`` does.
+    Implementations may leave out arguments they do not use. Raise
+    ``pytest_saecheck.loading.WeightsUnavailableError`` when the weights are not on this machine, so the test is
+    skipped (or errors) with your message.
     """
 
 

@@ -16,18 +16,27 @@ Torch and the model libraries are imported inside functions only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import json
 import math
 import os
+import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 from pytest_saecheck import hookspecs
-from pytest_saecheck.errors import ConfigError, LoadError, ShapeMismatchError, WeightsUnavailableError
+from pytest_saecheck.errors import (
+    ConfigError,
+    LoadError,
+    SAECheckError,
+    ShapeMismatchError,
+    UnsupportedDictionaryError,
+    WeightsUnavailableError,
+)
 
 DEMO = "demo"
 DEMO_MODEL_NAME = "saecheck-demo"  # model_name and dataset_path in the demo SAEs' configs
@@ -45,7 +54,13 @@ def _local_path(spec: str) -> Path | None:
     return path if path.exists() else None
 
 
-def _looks_like_path(spec: str) -> bool:
+def _absolute(spec: str) -> str:
+    """The absolute path a spec names (for "not found" messages)."""
+    return os.path.abspath(os.path.expanduser(spec))
+
+
+def looks_like_path(spec: str) -> bool:
+    """True when ``spec`` is written as a path (``./``, ``../``, ``/``, ``~``, a trailing separator)."""
     # SAE ids and HF names hold "/" too, so only an explicit relative, absolute or home path counts
     return spec.startswith((".", "/", "~", "\\")) or spec.endswith(("/", "\\"))
 
@@ -144,34 +159,151 @@ def offline_state() -> str:
 # --------------------------------------------------------------------------------------------------------
 # models
 
+# TransformerLens' weight processing switches; ``from_pretrained`` turns all but the last on, SAE Lens trains and
+# evaluates with every one off (``from_pretrained_no_processing``) unless the SAE's kwargs say otherwise.
+PROCESSING_FLAGS = (
+    "fold_ln",
+    "center_writing_weights",
+    "center_unembed",
+    "fold_value_biases",
+    "refactor_factored_attn_matrices",
+)
+TL_LOADER = "HookedTransformer.from_pretrained_no_processing"
+HF_DIRECTORY_LOADER = "pytest_saecheck.loading.load_hf_directory"
+DEMO_LOADER = "pytest_saecheck.demo.load_model"
+HOOK_LOADER = "pytest_saecheck_load_model hook"
 
-def load_model(spec: str, device: str, dtype: str | None) -> Any:
-    """Load a model: hooks first, then the built-in loaders."""
+# Config fields TransformerLens reads under names current transformers no longer writes: {model_type: {the field
+# TransformerLens reads: the field transformers writes}}. transformers 5 saves GPT-2 without ``n_ctx``.
+_LEGACY_CONFIG_FIELDS: Mapping[str, Mapping[str, str]] = {"gpt2": {"n_ctx": "n_positions"}}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLoad:
+    """How a model was loaded: the loader that made it and the keyword arguments it was given.
+
+    ``kwargs`` hold the weight processing switches explicitly (all of :data:`PROCESSING_FLAGS`, ``False`` unless
+    the kwargs turned one on) and the dtype; ``device`` is recorded separately. For the demo model and models
+    from a ``pytest_saecheck_load_model`` hook, ``kwargs`` are what the loader was offered.
+    """
+
+    loader: str
+    kwargs: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (dtypes and other objects as strings)."""
+        return {"loader": self.loader, "kwargs": {str(k): _plain(v) for k, v in self.kwargs.items()}}
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def model_loader_kwargs(
+    model_from_pretrained_kwargs: Mapping[str, Any] | None, dtype: str | None
+) -> dict[str, Any]:
+    """The keyword arguments a model is loaded with: the SAE's (or the setting's) kwargs and the dtype.
+
+    The ``dtype`` setting, when given, wins over a ``dtype``/``torch_dtype`` in the kwargs; without either, the
+    model loads in float32. A ``device`` key is dropped: the ``device`` setting places the model.
+    """
+    kwargs = dict(model_from_pretrained_kwargs or {})
+    kwargs.pop("device", None)
+    if dtype is not None:
+        kwargs.pop("torch_dtype", None)
+        kwargs["dtype"] = dtype
+    elif "dtype" not in kwargs and "torch_dtype" not in kwargs:
+        kwargs["dtype"] = "float32"
+    return kwargs
+
+
+def _explicit_processing(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {**{flag: False for flag in PROCESSING_FLAGS}, **kwargs}
+
+
+def load_model(
+    spec: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    model_from_pretrained_kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """Load a TransformerLens ``HookedTransformer`` the way the plugin does: hooks first, then the built-ins.
+
+    ``spec``: ``"demo"``, a local Hugging Face model directory, or a TransformerLens model name. ``device``: a
+    torch device string (default: CUDA when available, else CPU). ``dtype``: ``"float32"``, ``"float16"``,
+    ``"bfloat16"``, ``"float64"`` or None (float32 unless the kwargs name one). ``model_from_pretrained_kwargs``:
+    passed to ``HookedTransformer.from_pretrained_no_processing`` as SAE Lens does (its ``fold_ln``,
+    ``center_writing_weights``, ... default to off), and honoured the same way for local directories; use the
+    SAE's ``cfg.metadata.model_from_pretrained_kwargs``. Relative paths resolve against the working directory.
+
+    Raises :class:`LoadError` (not found, not convertible), :class:`WeightsUnavailableError` (not on this
+    machine and no network).
+    """
+    return load_model_recorded(spec, device, dtype, model_from_pretrained_kwargs)[0]
+
+
+def load_model_recorded(
+    spec: str,
+    device: str | None,
+    dtype: str | None,
+    model_from_pretrained_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[Any, ModelLoad]:
+    """:func:`load_model`, also returning the :class:`ModelLoad` that says how the model was made."""
+    if device is None:
+        from pytest_saecheck.fixtures import auto_device
+
+        device = auto_device()
     hook = hookspecs.active_hook()
     if hook is not None:
-        model = hook.pytest_saecheck_load_model(spec=spec, device=device, dtype=dtype)
+        offered = dict(model_from_pretrained_kwargs or {})
+        model = hook.pytest_saecheck_load_model(
+            spec=spec, device=device, dtype=dtype, model_from_pretrained_kwargs=offered
+        )
         if model is not None:
-            return model
-    return builtin_load_model(spec, device, dtype)
+            return model, ModelLoad(HOOK_LOADER, offered)
+    return builtin_load_model_recorded(spec, device, dtype, model_from_pretrained_kwargs)
 
 
-def builtin_load_model(spec: str, device: str, dtype: str | None) -> Any:
+def builtin_load_model(
+    spec: str, device: str, dtype: str | None, model_from_pretrained_kwargs: Mapping[str, Any] | None = None
+) -> Any:
+    """The built-in loaders only (no hooks); see :func:`load_model`."""
+    return builtin_load_model_recorded(spec, device, dtype, model_from_pretrained_kwargs)[0]
+
+
+def builtin_load_model_recorded(
+    spec: str, device: str, dtype: str | None, model_from_pretrained_kwargs: Mapping[str, Any] | None = None
+) -> tuple[Any, ModelLoad]:
     path = _local_path(spec)
     if path is None and spec == DEMO:
         from pytest_saecheck import demo
 
-        return demo.load_model(device=device, dtype=dtype)
-    if path is not None:
-        return load_hf_directory(path, device, dtype)
-    if _looks_like_path(spec):
-        raise LoadError(
-            f"model directory {spec!r} does not exist; give the path of a Hugging Face model directory "
-            "(with config.json), a TransformerLens model name, or 'demo'"
+        return demo.load_model(device=device, dtype=dtype), ModelLoad(
+            DEMO_LOADER, {"dtype": dtype or "float32"}
         )
-    return load_transformer_lens_model(spec, device, dtype)
+    kwargs = model_loader_kwargs(model_from_pretrained_kwargs, dtype)
+    if path is not None:
+        return load_hf_directory(path, device, dtype, kwargs), ModelLoad(
+            HF_DIRECTORY_LOADER, _explicit_processing(kwargs)
+        )
+    if looks_like_path(spec):
+        raise LoadError(
+            f"model directory {spec!r} does not exist (looked for {_absolute(spec)}); give the path of a Hugging "
+            "Face model directory (with config.json), a TransformerLens model name, or 'demo'"
+        )
+    return load_transformer_lens_model(spec, device, kwargs), ModelLoad(
+        TL_LOADER, _explicit_processing(kwargs)
+    )
 
 
-def load_transformer_lens_model(name: str, device: str, dtype: str | None) -> Any:
+def load_transformer_lens_model(name: str, device: str, kwargs: Mapping[str, Any]) -> Any:
+    """``HookedTransformer.from_pretrained_no_processing(name, device=device, **kwargs)``, with clear errors."""
     from transformer_lens import HookedTransformer
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
@@ -183,13 +315,14 @@ def load_transformer_lens_model(name: str, device: str, dtype: str | None) -> An
         close = difflib.get_close_matches(name, OFFICIAL_MODEL_NAMES, n=3, cutoff=0.5)
         hint = f" Close names: {', '.join(close)}." if close else ""
         raise LoadError(
-            f"model {name!r} is neither a local directory nor a model TransformerLens knows.{hint} "
-            "Give a TransformerLens name (see transformer_lens.supported_models.OFFICIAL_MODEL_NAMES), "
-            "the path of a local Hugging Face model directory, or 'demo'"
+            f"model {name!r} is neither a local directory (looked for {_absolute(name)}) nor a model "
+            f"TransformerLens knows.{hint} Give a TransformerLens name (see "
+            "transformer_lens.supported_models.OFFICIAL_MODEL_NAMES), the path of a local Hugging Face model "
+            "directory, or 'demo'"
         ) from None
     try:
         with _quiet_deprecations():
-            return HookedTransformer.from_pretrained(name, device=device, dtype=dtype or "float32")
+            return HookedTransformer.from_pretrained_no_processing(name, device=device, **kwargs)
     except Exception as error:
         if is_unavailable_error(error):
             raise WeightsUnavailableError(
@@ -201,107 +334,425 @@ def load_transformer_lens_model(name: str, device: str, dtype: str | None) -> An
         raise
 
 
-def load_hf_directory(path: Path, device: str, dtype: str | None) -> Any:
+# Keyword arguments HookedTransformer.from_pretrained hands to the model's constructor, and those it hands to the
+# config only; the rest go to both the config and the state dict, as there.
+_CONSTRUCTOR_KWARGS = ("default_padding_side",)
+_CONFIG_KWARGS = (
+    "n_ctx",
+    "first_n_layers",
+    "default_prepend_bos",
+    "checkpoint_index",
+    "checkpoint_value",
+    "n_devices",
+)
+
+
+def load_hf_directory(
+    path: Path, device: str, dtype: str | None, model_from_pretrained_kwargs: Mapping[str, Any] | None = None
+) -> Any:
     """Load a local Hugging Face causal LM directory into a TransformerLens ``HookedTransformer``.
 
     ``HookedTransformer.from_pretrained`` insists on an official model name, but the functions beneath it accept
-    a local path; this follows the same steps (config from the directory, weights converted from the HF model,
-    layer norm folded, writing weights and unembedding centred) without touching the network. The architecture
-    must be one TransformerLens can convert (``config.json`` ``architectures[0]``, e.g. GPT2LMHeadModel).
+    a local path; this follows the same steps (config from the directory, weights converted from the HF model)
+    without touching the network, with ``from_pretrained_no_processing``'s defaults: no weight processing unless
+    ``model_from_pretrained_kwargs`` turns some on (``fold_ln``, ``center_writing_weights``, ``center_unembed``,
+    ``fold_value_biases``, ``refactor_factored_attn_matrices``); other kwargs (``n_ctx``, ``first_n_layers``,
+    ``default_prepend_bos``, ...) go where ``from_pretrained`` puts them. The architecture must be one
+    TransformerLens can convert (``config.json`` ``architectures[0]``, e.g. GPT2LMHeadModel).
+
+    Raises :class:`LoadError` naming the directory: no ``config.json``, an unsupported architecture, or a field
+    TransformerLens needs that ``config.json`` lacks.
     """
     if not path.is_dir() or not (path / "config.json").is_file():
         raise LoadError(
-            f"model path {str(path)!r} is not a Hugging Face model directory (no config.json); "
-            "save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
+            f"model path {str(path)!r} is not a Hugging Face model directory (no config.json in "
+            f"{path.resolve()}); save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
         )
     import torch
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as tl_loading
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    torch_dtype = getattr(torch, dtype or "float32")
+    kwargs = model_loader_kwargs(model_from_pretrained_kwargs, dtype)
+    processing = {flag: bool(kwargs.pop(flag, False)) for flag in PROCESSING_FLAGS}
+    constructor = {key: kwargs.pop(key) for key in _CONSTRUCTOR_KWARGS if key in kwargs}
+    torch_dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", "float32")
+    kwargs.pop("dtype", None)
+    config_only = {key: kwargs.pop(key) for key in _CONFIG_KWARGS if key in kwargs}
+    if isinstance(torch_dtype, str):
+        torch_dtype = getattr(torch, torch_dtype.removeprefix("torch."))
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     except Exception as error:
         raise LoadError(f"could not load the Hugging Face model in {str(path)!r}: {error}") from None
+    tokenizer = _directory_tokenizer(path)
+    architecture = (getattr(hf_model.config, "architectures", None) or ["?"])[0]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception:
-        tokenizer = None
-    if tokenizer is None:
-        warnings.warn(
-            f"no tokenizer in {path}: text token sources cannot be used with this model "
-            "(save one there with tokenizer.save_pretrained, or give pretokenised .npy/.pt tokens)",
-            stacklevel=2,
+        with _config_transformer_lens_reads(path, hf_model.config) as config_dir:
+            cfg = tl_loading.get_pretrained_model_config(
+                str(config_dir),
+                hf_cfg=hf_model.config.to_dict(),
+                fold_ln=processing["fold_ln"],
+                device=device,
+                dtype=torch_dtype,
+                **config_only,
+                **kwargs,
+            )
+        state_dict = tl_loading.get_pretrained_state_dict(
+            str(path), cfg, hf_model, dtype=torch_dtype, **kwargs
         )
-    try:
-        cfg = tl_loading.get_pretrained_model_config(
-            str(path), hf_cfg=hf_model.config.to_dict(), fold_ln=True, device=device, dtype=torch_dtype
-        )
-        state_dict = tl_loading.get_pretrained_state_dict(str(path), cfg, hf_model, dtype=torch_dtype)
-    except Exception as error:
-        architecture = (getattr(hf_model.config, "architectures", None) or ["?"])[0]
+    except (AttributeError, KeyError) as error:
+        field = getattr(error, "name", None) or (error.args[0] if error.args else "?")
         raise LoadError(
-            f"TransformerLens cannot convert the model in {str(path)!r} (architecture {architecture}): {error}. "
-            "Only architectures TransformerLens supports can be loaded; or register a "
+            f"the model's config.json in {str(path)!r} (architecture {architecture}) has no field {field!r}, which "
+            f"TransformerLens reads to convert it; add it to config.json ({type(error).__name__}: {error})"
+        ) from None
+    except NotImplementedError as error:
+        raise LoadError(
+            f"TransformerLens cannot convert the model in {str(path)!r}: architecture {architecture} is not "
+            f"supported ({error}). Use an architecture TransformerLens supports, or register a "
             "pytest_saecheck_load_model hook that returns a HookedTransformer"
         ) from None
+    except Exception as error:
+        raise LoadError(
+            f"TransformerLens could not convert the model in {str(path)!r} (architecture {architecture}): "
+            f"{type(error).__name__}: {error}"
+        ) from None
+    cfg.model_name = path.name
+    # HookedTransformer loads cfg.tokenizer_name itself when given no tokenizer: an empty one (transformers 5)
+    cfg.tokenizer_name = str(path) if tokenizer is not None else None
     with _quiet_deprecations():
-        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(
-        state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True
-    )
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False, **constructor)
+    model.load_and_process_state_dict(state_dict, **processing)
     del hf_model, state_dict
     model.move_model_modules_to_device()
     model.eval()
     return model
 
 
+@contextlib.contextmanager
+def _config_transformer_lens_reads(path: Path, hf_config: Any) -> Iterator[Path]:
+    """``path``, or a temporary copy of its config.json with the legacy fields TransformerLens reads filled in.
+
+    TransformerLens reads the config of a local directory itself (``AutoConfig.from_pretrained``); a GPT-2
+    saved by transformers 5 has ``n_positions`` but no ``n_ctx``, which it needs. Only config.json is copied.
+    """
+    legacy = _LEGACY_CONFIG_FIELDS.get(getattr(hf_config, "model_type", ""), {})
+    saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    missing = {
+        field: saved[source] for field, source in legacy.items() if field not in saved and source in saved
+    }
+    if not missing:
+        yield path
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="saecheck-config-") as tmp:
+        copy = Path(tmp) / path.name
+        copy.mkdir()
+        (copy / "config.json").write_text(json.dumps({**saved, **missing}), encoding="utf-8")
+        yield copy
+
+
+def _directory_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in ``path``, or None (with a warning) when there is none or it is empty.
+
+    transformers 5 returns an empty tokenizer, rather than raising, for a directory without tokenizer files.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:
+        tokenizer = None
+    if tokenizer is not None and not _tokenizer_has_vocabulary(tokenizer):
+        tokenizer = None
+    if tokenizer is None:
+        warnings.warn(
+            f"no tokenizer in {path.resolve()} (no tokenizer files, or an empty vocabulary): text token sources "
+            "cannot be used with this model (save one there with tokenizer.save_pretrained, or give "
+            "pretokenised .npy/.pt tokens)",
+            stacklevel=3,
+        )
+    return tokenizer
+
+
+def _tokenizer_has_vocabulary(tokenizer: Any) -> bool:
+    """False for a tokenizer with no ordinary tokens (transformers 5's stand-in when no files were found)."""
+    try:
+        if getattr(tokenizer, "vocab_size", None) == 0:
+            return False
+        return len(tokenizer) - len(set(getattr(tokenizer, "all_special_ids", ()) or ())) > 0
+    except Exception:
+        return True  # a tokenizer we cannot inspect is used as given
+
+
+def usable_tokenizer(model: Any) -> Any:
+    """The model's tokenizer, or None when it has none or an empty one."""
+    tokenizer = getattr(model, "tokenizer", None)
+    return tokenizer if tokenizer is not None and _tokenizer_has_vocabulary(tokenizer) else None
+
+
 # --------------------------------------------------------------------------------------------------------
 # SAEs
 
 
-def load_sae(spec: str, device: str, dtype: str | None) -> Any:
-    """Load an SAE: hooks first, then the built-in loaders."""
+def load_sae(
+    spec: str, device: str | None = None, dtype: str | None = None, hook_name: str | None = None
+) -> Any:
+    """Load an SAE the way the plugin does: hooks first, then the built-in loaders.
+
+    ``spec``: ``"demo/<name>"``, a local directory (SAE Lens ``cfg.json`` + weights, or an EleutherAI sparsify
+    ``cfg.json`` + ``sae.safetensors``), or an SAE Lens ``release/id``. ``device``: default CUDA when available,
+    else CPU. ``dtype``: as for :func:`load_model` (None: the SAE config's dtype; float32 for sparsify).
+    ``hook_name``: the TransformerLens hook the SAE reads, overriding its config (needed for sparsify directories
+    whose layer folder TransformerLens names differently). Relative paths resolve against the working directory.
+
+    Raises :class:`LoadError` (not found, unreadable, a format that cannot be converted faithfully),
+    :class:`ConfigError` (a malformed spec), :class:`WeightsUnavailableError` (not on this machine, no network).
+    """
+    if device is None:
+        from pytest_saecheck.fixtures import auto_device
+
+        device = auto_device()
     hook = hookspecs.active_hook()
+    sae = None
     if hook is not None:
         sae = hook.pytest_saecheck_load_sae(spec=spec, device=device, dtype=dtype)
-        if sae is not None:
-            return sae
-    return builtin_load_sae(spec, device, dtype)
+    if sae is None:
+        sae = builtin_load_sae(spec, device, dtype, hook_name)
+    elif hook_name is not None:
+        _set_hook_name(sae, hook_name)
+    return sae
 
 
-def builtin_load_sae(spec: str, device: str, dtype: str | None) -> Any:
+def _set_hook_name(sae: Any, hook_name: str) -> None:
+    metadata = getattr(getattr(sae, "cfg", None), "metadata", None)
+    if metadata is None:
+        raise ConfigError(
+            f"the hook_name setting ({hook_name!r}) cannot be applied: the SAE ({type(sae).__name__}) has no "
+            "cfg.metadata; set its hook in the loader that makes it"
+        )
+    metadata.hook_name = hook_name
+
+
+def builtin_load_sae(spec: str, device: str, dtype: str | None, hook_name: str | None = None) -> Any:
+    """The built-in SAE loaders only (no hooks); see :func:`load_sae`."""
     demo_name = demo_sae_name(spec)
     if demo_name is not None:
         from pytest_saecheck import demo
 
         if demo_name not in demo.SAE_NAMES:
             raise LoadError(f"no demo SAE named {demo_name!r}; the demo SAEs are {', '.join(demo.SAE_NAMES)}")
-        return demo.load_sae(demo_name, device=device, dtype=dtype)
-    path = _local_path(spec)
-    if path is not None:
-        return load_sae_directory(path, device, dtype)
-    if _looks_like_path(spec):
+        sae = demo.load_sae(demo_name, device=device, dtype=dtype)
+    elif (path := _local_path(spec)) is not None:
+        sae = load_sae_directory(path, device, dtype, hook_name)
+    elif looks_like_path(spec):
         raise LoadError(
-            f"SAE directory {spec!r} does not exist; give the path of a directory saved with "
-            "SAE.save_model(), an SAE Lens 'release/id' pair, or 'demo/<name>'"
+            f"SAE directory {spec!r} does not exist (looked for {_absolute(spec)}); give the path of a directory "
+            "saved with SAE.save_model(), an SAE Lens 'release/id' pair, or 'demo/<name>'"
         )
-    release, sae_id = split_release(spec)
-    return load_sae_release(release, sae_id, device, dtype)
+    else:
+        release, sae_id = split_release(spec)
+        sae = load_sae_release(release, sae_id, device, dtype)
+    if hook_name is not None:
+        _set_hook_name(sae, hook_name)
+    return sae
 
 
-def load_sae_directory(path: Path, device: str, dtype: str | None) -> Any:
-    if not path.is_dir() or not (path / "cfg.json").is_file():
+SPARSIFY_WEIGHTS = "sae.safetensors"
+DICTIONARY_LEARNING_WEIGHTS = "ae.pt"
+# sparsify layer folders SAE Lens' sparsify converter maps to a TransformerLens hook (it also matches
+# "layers.3.mlp", which it would wrongly read as the residual stream, so only whole names count here)
+_SPARSIFY_LAYER = re.compile(r"layers[._](\d+)|embed_tokens")
+
+
+def sae_directory_format(path: Path) -> str:
+    """``"sae_lens"``, ``"sparsify"`` (EleutherAI), ``"dictionary_learning"`` or ``"unknown"``, from the files."""
+    cfg = _read_json(path / "cfg.json") if (path / "cfg.json").is_file() else None
+    if isinstance(cfg, Mapping) and ("num_latents" in cfg or "expansion_factor" in cfg):
+        if (path / SPARSIFY_WEIGHTS).is_file() or not any(path.glob("sae_weights.*")):
+            return "sparsify"
+    if cfg is not None:
+        return "sae_lens"
+    config = _read_json(path / "config.json") if (path / "config.json").is_file() else None
+    if (path / DICTIONARY_LEARNING_WEIGHTS).is_file() or (
+        isinstance(config, Mapping) and "trainer" in config
+    ):
+        return "dictionary_learning"
+    return "unknown"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise LoadError(f"{str(path)!r} is not readable JSON: {error}") from None
+
+
+def load_sae_directory(path: Path, device: str, dtype: str | None, hook_name: str | None = None) -> Any:
+    """Load a local SAE directory: SAE Lens format, or EleutherAI sparsify converted with SAE Lens' converter.
+
+    A dictionary_learning checkpoint (``ae.pt`` + ``config.json`` with ``trainer``) is refused: SAE Lens converts
+    those only from the Hugging Face Hub.
+    """
+    kind = sae_directory_format(path) if path.is_dir() else "unknown"
+    if kind == "sparsify":
+        return load_sparsify_directory(path, device, dtype, hook_name)
+    if kind == "dictionary_learning":
         raise LoadError(
-            f"SAE path {str(path)!r} is not an SAE Lens directory (no cfg.json); save one with sae.save_model(dir)"
+            f"{str(path)!r} is a dictionary_learning checkpoint ({DICTIONARY_LEARNING_WEIGHTS} + config.json "
+            "with 'trainer'); SAE Lens converts these only from the Hugging Face Hub (its 'dictionary_learning_1' "
+            'loader), not from a local directory. Load it from its Hub release (sae="<release>/<id>" with the '
+            "files in the HF cache), or convert it to an SAE Lens directory (an SAE Lens SAE with its weights, "
+            "saved with sae.save_model(dir)), or register a pytest_saecheck_load_sae hook"
+        )
+    if kind != "sae_lens":
+        raise LoadError(
+            f"SAE path {str(path)!r} is not an SAE Lens directory (no cfg.json in {path.resolve()}); save one with "
+            "sae.save_model(dir)"
         )
     from sae_lens import SAE
 
     try:
-        return SAE.load_from_disk(path, device=device, dtype=dtype)
+        return SAE.load_from_disk(path, device=device, dtype=dtype, converter=_sae_lens_disk_converter)
+    except SAECheckError:
+        raise
     except Exception as error:
         raise LoadError(f"could not load the SAE in {str(path)!r}: {type(error).__name__}: {error}") from None
+
+
+def _sae_lens_disk_converter(
+    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SAE Lens' own disk loader, with SAE Lens 6 configs whose nested metadata lacks a version kept as 6.x.
+
+    SAE Lens decides between its 6.x config layout and the older flat one by ``sae_lens_version``; a config
+    with a nested ``metadata`` and no version (what SAE Lens' own converters return) would be read as old, and
+    the nested ``hook_name``, ``model_name``, ... dropped. SAE Lens' ``SAEMetadata`` records the running
+    version when a config names none; this records it before the layout is decided.
+    """
+    from sae_lens import __version__ as sae_lens_version
+    from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
+
+    cfg_dict, state_dict = sae_lens_disk_loader(path, device, cfg_overrides)
+    metadata = cfg_dict.get("metadata")
+    if (
+        isinstance(metadata, dict)
+        and not cfg_dict.get("sae_lens_version")
+        and not metadata.get("sae_lens_version")
+    ):
+        cfg_dict["metadata"] = {**metadata, "sae_lens_version": sae_lens_version}
+    return cfg_dict, state_dict
+
+
+def load_sparsify_directory(path: Path, device: str, dtype: str | None, hook_name: str | None = None) -> Any:
+    """An EleutherAI sparsify ``SparseCoder`` directory as an SAE Lens ``TopKSAE``, via SAE Lens' converter.
+
+    SAE Lens' ``sparsify_disk_loader`` maps the layer folder (``layers.N`` to ``blocks.N.hook_resid_post``,
+    ``embed_tokens`` to ``hook_embed``); ``hook_name`` overrides that mapping, and is required when the folder
+    is named otherwise. Two of its readings disagree with sparsify's own ``SparseCoder`` (1.x) and are corrected
+    here: the stored ``W_dec`` is already ``[num_latents, d_in]`` (it transposes it), and sparsify subtracts
+    ``b_dec`` before encoding whatever ``normalize_decoder`` says. Transcoders, skip connections and activations
+    other than TopK are refused: the converter would drop them. Without a ``config.json`` (sparsify's run
+    config) in the parent folder the model and dataset are unknown rather than guessed.
+    """
+    cfg = _read_json(path / "cfg.json")
+    what = f"{str(path)!r} is an EleutherAI sparsify directory (cfg.json with num_latents/expansion_factor)"
+    refusals = []
+    if cfg.get("transcode"):
+        refusals.append(
+            "it is a transcoder (transcode=true), which SAE Lens' sparsify converter reads as an SAE"
+        )
+    if cfg.get("skip_connection"):
+        refusals.append("it has a skip connection (W_skip), which SAE Lens' sparsify converter drops")
+    if cfg.get("activation", "topk") != "topk":
+        refusals.append(f"its activation is {cfg.get('activation')!r}; SAE Lens converts only topk")
+    if not (path / SPARSIFY_WEIGHTS).is_file():
+        refusals.append(f"it has no {SPARSIFY_WEIGHTS}")
+    if refusals:
+        raise LoadError(
+            f"{what}, but it cannot be evaluated faithfully: {'; '.join(refusals)}. Load it with sparsify's "
+            "SparseCoder.load_from_disk and register a pytest_saecheck_load_sae hook that returns an object with "
+            "encode/decode/cfg"
+        )
+    if hook_name is None and not _SPARSIFY_LAYER.fullmatch(path.name):
+        raise LoadError(
+            f"{what} for the layer {path.name!r}, which is not a TransformerLens hook and which SAE Lens' sparsify "
+            "converter cannot place (it maps only layers.N and embed_tokens). Set the hook_name setting to the "
+            'TransformerLens hook it reads, e.g. @pytest.mark.saecheck(hook_name="blocks.3.hook_resid_post") or '
+            "--saecheck-hook-name=blocks.3.hook_resid_post"
+        )
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_sae_loaders import sparsify_disk_loader
+
+    run_config = path.parent / "config.json"
+    run = _read_json(run_config) if run_config.is_file() else {}
+    overrides: dict[str, Any] = {"dtype": dtype or "float32", "apply_b_dec_to_input": True}
+    if "model" not in run:
+        overrides["model_name"] = None
+    if "dataset" not in run:
+        overrides["dataset_path"] = None
+    if "ctx_len" not in run:
+        overrides["context_size"] = None
+    with safe_keys(path / SPARSIFY_WEIGHTS) as stored:
+        stored_w_dec = "W_dec" in stored
+
+    def converter(
+        folder: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        with _sparsify_layer_view(Path(folder)) as view:
+            cfg_dict, state_dict = sparsify_disk_loader(view, device, {**(cfg_overrides or {}), **overrides})
+        if stored_w_dec:  # sparsify stores W_dec as [num_latents, d_in], SAE Lens' layout; undo its transpose
+            state_dict["W_dec"] = state_dict["W_dec"].T.contiguous()
+        if hook_name is not None:
+            cfg_dict["hook_name"] = hook_name
+        return cfg_dict, state_dict
+
+    try:
+        return SAE.load_from_disk(path, device=device, dtype=dtype or "float32", converter=converter)
+    except SAECheckError:
+        raise
+    except Exception as error:
+        raise LoadError(
+            f"{what}, and SAE Lens' sparsify converter failed on it: {type(error).__name__}: {error}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _sparsify_layer_view(path: Path) -> Iterator[Path]:
+    """``path``, or (for a layer folder SAE Lens' converter cannot name) a temporary ``layers.0`` folder linking
+    to its files, so that the converter reads it; the hook then comes from the ``hook_name`` setting."""
+    if _SPARSIFY_LAYER.fullmatch(path.name):
+        yield path
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="saecheck-sparsify-") as tmp:
+        run = Path(tmp) / path.parent.name
+        view = run / "layers.0"
+        view.mkdir(parents=True)
+        for name in ("cfg.json", SPARSIFY_WEIGHTS):
+            (view / name).symlink_to((path / name).resolve())
+        if (path.parent / "config.json").is_file():
+            (run / "config.json").symlink_to((path.parent / "config.json").resolve())
+        yield view
+
+
+@contextlib.contextmanager
+def safe_keys(path: Path) -> Iterator[set[str]]:
+    """The tensor names in a safetensors file (read from its header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            yield set(handle.keys())
+    except Exception as error:
+        raise LoadError(f"{str(path)!r} is not a readable safetensors file: {error}") from None
+
+
+SUMMED_DECODER_CONVERTERS = frozenset({"mntss_clt_layer_transcoder"})
+"""SAE Lens release converters that load a cross-layer transcoder layer with its decoders summed."""
 
 
 def load_sae_release(release: str, sae_id: str, device: str, dtype: str | None) -> Any:
@@ -318,6 +769,13 @@ def load_sae_release(release: str, sae_id: str, device: str, dtype: str | None) 
             )
             raise LoadError(f"SAE Lens release {release!r} has no SAE id {sae_id!r} ({hint})")
         repo_id, folder = directory[release].repo_id, directory[release].saes_map[sae_id]
+        if getattr(directory[release], "conversion_func", None) in SUMMED_DECODER_CONVERTERS:
+            raise UnsupportedDictionaryError(
+                f"SAE Lens release {release!r} holds cross-layer transcoders, which SAE Lens loads one layer at a "
+                "time with the decoders of every later layer summed into one (its own warning: 'only for finding "
+                "feature activations, not for reconstruction'); spliced at one hook, that sum would be scored as "
+                "a reconstruction it is not. pytest-saecheck does not evaluate cross-layer transcoders yet"
+            )
     elif "/" in release:
         repo_id, folder = release, sae_id
     else:
@@ -408,8 +866,27 @@ def prepend_bos(sae: Any) -> bool:
 # tokens
 
 
-def load_tokens(spec: str, model: Any, sae: Any, n_tokens: int, context_size: int, seed: int) -> Any:
-    """Load evaluation tokens ``[n_sequences, context_size]``: hooks first, then the built-in sources."""
+def load_tokens(
+    spec: str,
+    model: Any,
+    sae: Any = None,
+    n_tokens: int = 16_384,
+    context_size: int | None = None,
+    seed: int = 0,
+) -> Any:
+    """Load evaluation tokens the way the plugin does: hooks first, then the built-in sources.
+
+    ``spec``: ``"demo"``, ``"hf:<dataset>[?split=...&name=...&column=...]"``, or a local ``.txt``/``.jsonl``/
+    ``.parquet``/``.npy``/``.pt`` file or ``datasets.save_to_disk`` directory (relative to the working
+    directory). ``model`` tokenises text (its tokenizer) and gives BOS; ``sae`` (optional) says whether rows
+    start with BOS (``prepend_bos``) and the default ``context_size`` (its training context, else 128).
+    ``n_tokens``: about how many tokens, in whole rows. ``seed``: for sources that sample (the demo corpus).
+
+    Returns a LongTensor ``[ceil(n_tokens / context_size), context_size]`` on the CPU (fewer rows, with a
+    warning, when the source runs out). Raises :class:`LoadError` (missing, unreadable or malformed source,
+    text without a tokenizer), :class:`ShapeMismatchError`, :class:`WeightsUnavailableError`.
+    """
+    context_size = default_context_size(context_size, sae)
     hook = hookspecs.active_hook()
     tokens = None
     if hook is not None:
@@ -458,7 +935,8 @@ def builtin_load_tokens(spec: str, model: Any, sae: Any, n_tokens: int, context_
         documents = local_documents(path)
     else:
         raise LoadError(
-            f"token source {spec!r} is not an existing file or directory; give a .txt, .jsonl, .parquet, .npy "
+            f"token source {spec!r} is not an existing file or directory (looked for {_absolute(spec)}); give a "
+            ".txt, .jsonl, .parquet, .npy "
             "or .pt file, a datasets.save_to_disk directory, 'hf:<dataset>' or 'demo'"
         )
     return pack_documents(documents, spec, model, n_sequences, context_size, prepend_bos(sae))
@@ -485,10 +963,11 @@ def pack_documents(
     def token_stream() -> Iterator[Any]:
         for document in documents:
             if isinstance(document, str):
-                if getattr(model, "tokenizer", None) is None:
+                if usable_tokenizer(model) is None:
                     raise LoadError(
-                        f"token source {spec!r} holds text but the model has no tokenizer; "
-                        "give pretokenised ids (.npy/.pt) or load a model with its tokenizer"
+                        f"token source {spec!r} holds text but the model has no tokenizer (none, or an empty "
+                        "one: its directory holds no tokenizer files); give pretokenised ids (.npy/.pt) or load "
+                        "a model with its tokenizer (tokenizer.save_pretrained into the model directory)"
                     )
                 if not document.strip():
                     continue
@@ -560,7 +1039,7 @@ def hf_documents(spec: str) -> Iterator[Any]:
 def _stream_rows(dataset: Any, spec: str, name: str, split: str, column: str | None) -> Iterator[Any]:
     """Rows of a streaming dataset; a network failure while streaming becomes the same clear error."""
     try:
-        yield from _iter_rows(iter(dataset), spec, column)
+        yield from _iter_rows(_numbered(dataset, "row"), spec, column)
     except LoadError:
         raise
     except Exception as error:
@@ -599,7 +1078,7 @@ def local_documents(path: Path) -> Iterator[Any]:
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        return _iter_rows(iter(table.to_pylist()), str(path), None)
+        return _iter_rows(_numbered(table.to_pylist(), "row"), str(path), None)
     if suffix == ".npy":
         import numpy as np
 
@@ -641,13 +1120,18 @@ def _array_documents(array: Any, path: Path) -> Iterator[Any]:
     )
 
 
-def _jsonl_rows(path: Path) -> Iterator[Any]:
+def _numbered(rows: Iterable[Any], unit: str) -> Iterator[tuple[str, Any]]:
+    for number, row in enumerate(rows, start=1):
+        yield f"{unit} {number}", row
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                yield f"line {number}", json.loads(line)
             except json.JSONDecodeError as error:
                 raise LoadError(f"{str(path)!r} line {number} is not JSON: {error.msg}") from None
 
@@ -664,18 +1148,20 @@ def _saved_dataset_rows(path: Path) -> Iterator[Any]:
     if isinstance(loaded, datasets.DatasetDict):
         split = "train" if "train" in loaded else next(iter(loaded))
         loaded = loaded[split]
-    return _iter_rows(iter(loaded), str(path), None)
+    return _iter_rows(_numbered(loaded, "row"), str(path), None)
 
 
-def _iter_rows(rows: Iterator[Any], spec: str, column: str | None) -> Iterator[Any]:
-    """Pick the text (or token-id) field of each row: ``column`` if given, else the first known column."""
-    for row in rows:
+def _iter_rows(rows: Iterator[tuple[str, Any]], spec: str, column: str | None) -> Iterator[Any]:
+    """Pick the text (or token-id) field of each ``(location, row)``: ``column`` if given, else the first known
+    column. A value that is neither text nor a list of integer ids is a :class:`LoadError` naming the source,
+    the row (``"line 3"``) and the problem."""
+    for location, row in rows:
         if isinstance(row, str):
             yield row
             continue
         if not isinstance(row, Mapping):
             raise LoadError(
-                f"token source {spec!r} has a row of type {type(row).__name__}; expected an object"
+                f"token source {spec!r}, {location}: a row of type {type(row).__name__}; expected an object"
             )
         if column is None:
             column = next((c for c in (*TOKEN_COLUMNS, *TEXT_COLUMNS) if c in row), None)
@@ -687,5 +1173,40 @@ def _iter_rows(rows: Iterator[Any], spec: str, column: str | None) -> Iterator[A
                     f"its columns are {sorted(row)}; for hf: sources name one with ?column=<name>"
                 )
         if column not in row:
-            raise LoadError(f"token source {spec!r} has no column {column!r}; its columns are {sorted(row)}")
-        yield row[column]
+            raise LoadError(
+                f"token source {spec!r}, {location}: no column {column!r}; its columns are {sorted(row)}"
+            )
+        yield _document(row[column], spec, location, column)
+
+
+def _document(value: Any, spec: str, location: str, column: str) -> Any:
+    """``value`` as a document: text (a string) or token ids (a list of integers), checked."""
+    where = f"token source {spec!r}, {location}: {column!r}"
+    shown = "null" if value is None else f"a {type(value).__name__} ({_short(value)})"
+    if column in TEXT_COLUMNS:
+        if isinstance(value, str):
+            return value
+        raise LoadError(
+            f"{where} is {shown}, not text; give a string (token ids belong in a column named "
+            f"{'/'.join(TOKEN_COLUMNS)}), or drop the row"
+        )
+    if column not in TOKEN_COLUMNS and isinstance(value, str):
+        return value
+    if value is None or isinstance(value, (str, bytes, bool, int, float)):
+        expected = "a list of integer token ids" if column in TOKEN_COLUMNS else "text or a list of token ids"
+        raise LoadError(f"{where} is {shown}; expected {expected}")
+    if isinstance(value, (list, tuple)):
+        bad = next((item for item in value if isinstance(item, bool) or not isinstance(item, int)), _NO_ITEM)
+        if bad is not _NO_ITEM:
+            raise LoadError(
+                f"{where} holds {_short(bad)}, not an integer token id; token ids must be integers"
+            )
+    return value
+
+
+_NO_ITEM = object()
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -65,6 +65,8 @@ class SessionCache:
         self._tokens: OrderedDict[Hashable, Any] = OrderedDict()
         self._evaluations: OrderedDict[Hashable, Any] = OrderedDict()
         self._failures: dict[Hashable, tuple[type[SAECheckError], str]] = {}
+        # how each model key was loaded (loader and kwargs), for the evaluation records; small, kept all run
+        self.model_loads: dict[Hashable, Any] = {}
         self.loads: dict[str, int] = {"model": 0, "sae": 0, "tokens": 0, "evaluation": 0}
         self.frees = 0
 
@@ -112,6 +114,7 @@ class SessionCache:
         """Drop everything (end of the run)."""
         self._evaluations.clear()
         self._failures.clear()
+        self.model_loads.clear()
         self.release_model()
 
     # -- internals -----------------------------------------------------------------------------------------

@@ -422,3 +422,21 @@ def test_plugin_applies_the_checkpoints_scaler_and_the_token_settings(pytester, 
         """
     )
     pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+def test_cross_layer_transcoder_releases_are_refused_before_any_download():
+    """SAE Lens loads these with every later layer's decoder summed: not a reconstruction, so not scored."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from pytest_saecheck import load_sae
+
+    releases = [
+        name
+        for name, release in get_pretrained_saes_directory().items()
+        if release.conversion_func == "mntss_clt_layer_transcoder"
+    ]
+    if not releases:  # pragma: no cover - depends on the installed SAE Lens' release list
+        pytest.skip("this SAE Lens lists no cross-layer transcoder release")
+    sae_id = next(iter(get_pretrained_saes_directory()[releases[0]].saes_map))
+    with pytest.raises(UnsupportedDictionaryError, match="cross-layer transcoders"):
+        load_sae(f"{releases[0]}/{sae_id}", device="cpu")

@@ -66,7 +66,7 @@ def test_local_sae_directory_round_trips(tmp_path: Path) -> None:
 
 def test_directory_without_cfg_json_is_a_load_error(tmp_path: Path) -> None:
     (tmp_path / "weights").mkdir()
-    with pytest.raises(LoadError, match=r"no cfg.json\); save one with sae.save_model"):
+    with pytest.raises(LoadError, match=r"no cfg.json in .*weights\); save one with sae.save_model"):
         loading.builtin_load_sae(str(tmp_path / "weights"), "cpu", None)
 
 
@@ -119,7 +119,8 @@ def test_model_not_cached_offline_says_what_to_download() -> None:
 
 def test_unknown_model_name_suggests_close_names() -> None:
     with pytest.raises(
-        LoadError, match=r"'gpt3' is neither a local directory nor a model TransformerLens knows"
+        LoadError,
+        match=r"'gpt3' is neither a local directory \(looked for .*gpt3\) nor a model TransformerLens knows",
     ):
         loading.builtin_load_model("gpt3", "cpu", None)
 
@@ -303,7 +304,10 @@ def test_bad_token_files_name_the_problem(
 
 
 def test_missing_token_file_names_the_accepted_sources() -> None:
-    with pytest.raises(LoadError, match=r"'missing.txt' is not an existing file or directory; give a .txt"):
+    with pytest.raises(
+        LoadError,
+        match=r"'missing.txt' is not an existing file or directory \(looked for /\S*missing.txt\); give a .txt",
+    ):
         loading.load_tokens("missing.txt", make_tiny_model(), make_identity_sae(), 16, 16, 0)
 
 

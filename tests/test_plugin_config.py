@@ -60,6 +60,8 @@ def test_every_setting_has_an_option_an_ini_key_and_a_marker_key(pytester: pytes
         "seed": "7",
         "unavailable": "error",
         "scaling_law": "0.5,0.2",
+        "model_from_pretrained_kwargs": '{"fold_ln": false, "n_ctx": 8}',
+        "hook_name": "blocks.0.hook_resid_pre",
     }[setting.name]
     parsed = setting.parse(setting.name, example)
     if isinstance(parsed, tuple):
@@ -244,7 +246,8 @@ def test_header_names_device_versions_and_defaults(pytester: pytest.Pytester) ->
             "saecheck: device=cpu (command line); pytest-saecheck *, torch *, transformer-lens *, sae-lens *",
             "saecheck defaults: model=-, sae=-, tokens=SAE's dataset, n_tokens=4096, context_size=from SAE, "
             "batch_size=16, dtype=float32, exclude_bos=true, exclude_special_tokens=true, exclude_token_ids=none, "
-            "activation_scaler=auto, seed=0, scaling_law=chinchilla, unavailable=skip",
+            "activation_scaler=auto, seed=0, scaling_law=chinchilla, unavailable=skip, model_from_pretrained_kwargs=-, "
+            "hook_name=-",
         ]
     )
 
@@ -305,7 +308,11 @@ def test_saecheck_param_runs_one_case_per_sae_with_readable_ids(pytester: pytest
     result = pytester.runpytest_inprocess("-s")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(
-        ["*CASE release/id 16384 0.9 0.1", "*CASE local_sae 64 0.5 0.2", "*CASE demo/dead 16384 0.1 0.9"]
+        [
+            "*CASE release/id 16384 0.9 0.1",
+            f"*CASE {pytester.path / 'local_sae'} 64 0.5 0.2",
+            "*CASE demo/dead 16384 0.1 0.9",
+        ]
     )
     ids = pytester.runpytest_inprocess("--collect-only", "-q")
     ids.stdout.fnmatch_lines(

@@ -51,7 +51,15 @@ PACKAGES = (
 )
 _PHASES = {"setup": 0, "call": 1, "teardown": 2}
 _SUBJECT_FIELDS = ("label", "model", "sae", "tokens", "device", "dtype")
-_FINE_SETTINGS = ("n_tokens", "context_size", "batch_size", "exclude_bos", "seed")
+_FINE_SETTINGS = (
+    "n_tokens",
+    "context_size",
+    "batch_size",
+    "exclude_bos",
+    "seed",
+    "model_from_pretrained_kwargs",
+    "hook_name",
+)
 _ASSERTION_KNOWN = {
     "kind",
     "assertion",
@@ -108,6 +116,7 @@ def _fine(record: Mapping[str, Any]) -> dict[str, Any]:
     settings = record.get("settings") if isinstance(record.get("settings"), Mapping) else {}
     return {
         **_coarse(record),
+        "resolved_sae": str_or_none(record.get("resolved_sae")),
         "resolved_model": str_or_none(record.get("resolved_model")),
         "resolved_tokens": str_or_none(record.get("resolved_tokens")),
         **{key: json_safe(settings.get(key)) for key in _FINE_SETTINGS},
@@ -181,6 +190,9 @@ def sae_entry(identity: Mapping[str, Any], record: Mapping[str, Any]) -> dict[st
         "model": {
             "spec": str_or_none(record.get("model")),
             "resolved": str_or_none(record.get("resolved_model")),
+            "loading": json_safe(record.get("model_loading"))
+            if isinstance(record.get("model_loading"), Mapping)
+            else None,
         },
         "sae": {"spec": str_or_none(record.get("sae")), **json_safe(record.get("sae_info") or {})},
         "hook": {

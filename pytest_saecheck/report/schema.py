@@ -86,7 +86,14 @@ SAE_SCHEMA: dict[str, Any] = {
         "evaluated": {"type": "boolean"},
         "model": {
             "type": "object",
-            "properties": {"spec": _STRING_OR_NULL, "resolved": _STRING_OR_NULL},
+            "properties": {
+                "spec": _STRING_OR_NULL,
+                "resolved": _STRING_OR_NULL,
+                "loading": {
+                    "type": ["object", "null"],
+                    "properties": {"loader": {"type": "string"}, "kwargs": {"type": "object"}},
+                },
+            },
         },
         "sae": {"type": "object", "properties": {"spec": _STRING_OR_NULL}},
         "hook": {
