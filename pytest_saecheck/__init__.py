@@ -35,6 +35,7 @@ _LAZY: dict[str, str] = {
     "SAECheck": "pytest_saecheck.fixtures",
     "evaluate": "pytest_saecheck.engine",
     "Evaluation": "pytest_saecheck.engine",
+    "EvaluationSet": "pytest_saecheck.engine",
     "TokenPolicy": "pytest_saecheck.engine",
     "load_model": "pytest_saecheck.loading",
     "load_sae": "pytest_saecheck.loading",
@@ -54,7 +55,7 @@ _LAZY: dict[str, str] = {
 if TYPE_CHECKING:
     from pytest_saecheck.assertions import assert_ce_recovery, assert_r2_matches_legacy
     from pytest_saecheck.config import SAECheckSettings, saecheck_param
-    from pytest_saecheck.engine import Evaluation, TokenPolicy, evaluate
+    from pytest_saecheck.engine import Evaluation, EvaluationSet, TokenPolicy, evaluate
     from pytest_saecheck.fixtures import SAECheck
     from pytest_saecheck.loading import load_model, load_sae, load_tokens
     from pytest_saecheck.training import (
@@ -90,6 +91,7 @@ __all__ = [
     "DegenerateActivationsError",
     "EmptyTokenSetError",
     "Evaluation",
+    "EvaluationSet",
     "HookNotFoundError",
     "LoadError",
     "ModelStateError",

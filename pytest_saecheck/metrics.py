@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -141,6 +142,38 @@ METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
 BOOTSTRAPPABLE: frozenset[str] = frozenset(set(METRIC_NAMES) - {"alive_fraction"})
 
 
+def reconstruction_terms(x: Any, x_hat: Any, latents: Any, reference: Any) -> dict[str, Any]:
+    """Per-token terms of every reconstruction metric, for float64 tensors ``x``, ``x_hat`` ``[tokens, d]`` and
+    latents ``[tokens, d_sae]``; summed over tokens they are the additive sums :func:`metrics_from_sums` reads.
+
+    ``reference`` is a fixed vector the variance sums are centred on (so Σ‖x − x̄‖² does not cancel); the
+    legacy R² centres each token on the mean of the tokens passed in (SAE Lens' batch mean). Norms below 1e-4
+    count as 1 in the relative terms, as a guard against division by zero at ablated or padded positions.
+    """
+    err = x - x_hat
+    sse = (err * err).sum(-1)
+    norm_x = (x * x).sum(-1).sqrt()
+    norm_x_hat = (x_hat * x_hat).sum(-1).sqrt()
+    safe = norm_x.where(norm_x >= 1e-4, norm_x.new_ones(()))
+    centered = x - reference
+    batch_centered = x - x.mean(0)
+    active = latents != 0
+    return {
+        "n_rec": sse.new_ones(sse.shape),
+        "sse": sse,
+        "sum_sq_norm": norm_x * norm_x,
+        "sum_sq_centered": (centered * centered).sum(-1),
+        "sum_x_centered": centered,
+        # torch's cosine_similarity: x·x̂ / max(‖x‖‖x̂‖, eps) with eps = 1e-8
+        "cos_sum": (x * x_hat).sum(-1) / (norm_x * norm_x_hat).clamp(min=1e-8),
+        "rel_err_sum": sse.sqrt() / safe,
+        "l2_ratio_sum": norm_x_hat / safe,
+        "ev_legacy_sum": 1.0 - sse / (batch_centered * batch_centered).sum(-1),
+        "l0_sum": active.sum(-1).double(),
+        "l1_sum": latents.abs().sum(-1).double(),
+    }
+
+
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(denominator != 0, numerator / np.where(denominator != 0, denominator, 1.0), np.nan)
@@ -150,7 +183,7 @@ def metrics_from_sums(
     sums: Mapping[str, np.ndarray], scaling_law: tuple[float, float] | None = CHINCHILLA_SCALING_LAW
 ) -> dict[str, np.ndarray]:
     """Every bootstrappable metric from (possibly resampled) sums; undefined values come back as NaN."""
-    n_ce, n_kl, n_rec = sums["n_ce"], sums["n_kl"], sums["n_rec"]
+    n_ce, n_kl = sums["n_ce"], sums["n_kl"]
     out: dict[str, np.ndarray] = {}
     for variant in ("orig", "sae", "zero", "mean"):
         key = f"ce_sum_{variant}"
@@ -174,9 +207,12 @@ def metrics_from_sums(
             valid = (ce_orig > irreducible) & (ce_sae > irreducible)
             out["compute_fraction"] = np.where(valid, np.power(np.abs(reducible_ratio), -1.0 / gamma), np.nan)
 
+    if "sse" not in sums:  # a joint splice: CE and KL only; the reconstruction is per member
+        return out
     sse = sums["sse"]
     # Variance about the mean from sums centred on a reference vector c: Σ‖x − x̄‖² = Σ‖x − c‖² − ‖Σ(x − c)‖²/n.
     centered = sums["sum_x_centered"]
+    n_rec = sums["n_rec"]
     sst = sums["sum_sq_centered"] - _ratio(np.sum(centered * centered, axis=-1), n_rec)
     out["explained_variance"] = 1.0 - _ratio(sse, sst)
     out["explained_variance_about_zero"] = 1.0 - _ratio(sse, sums["sum_sq_norm"])

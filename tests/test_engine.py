@@ -20,10 +20,10 @@ from pytest_saecheck import (
     NonFiniteError,
     SAECheckError,
     ShapeMismatchError,
-    TokenPolicy,
     evaluate,
 )
-from pytest_saecheck.engine import _Runner
+from pytest_saecheck.engine import member as engine_member
+from pytest_saecheck.engine.cut import HookedTransformerCut
 from pytest_saecheck.metrics import metrics_from_sums
 
 D_MODEL, N_CTX, D_VOCAB, N_HEADS = 32, 16, 61, 4
@@ -292,7 +292,8 @@ def test_token_independent_ablation_shortcut_equals_full_computation(model, monk
     sae = make_sae("blocks.1.hook_resid_pre")
     tokens = make_tokens(9)
     fast = evaluate(model, sae, tokens, batch_size=4, progress=False)
-    monkeypatch.setattr(_Runner, "_ablation_is_token_independent", lambda self, tokens, kept: False)
+    monkeypatch.setattr(engine_member, "token_independent", lambda site, tokens, kept: False)
+    monkeypatch.setattr("pytest_saecheck.engine.run.token_independent", lambda site, tokens, kept: False)
     full = evaluate(model, sae, tokens, batch_size=4, progress=False)
     for name in (
         "ce_zero",
@@ -554,7 +555,7 @@ def test_sae_dtype_invariance(model):
 
 @pytest.mark.parametrize(("hook", "head"), HOOKS)
 def test_scoring_in_small_row_chunks_changes_nothing(model, hook, head, monkeypatch):
-    import pytest_saecheck.engine as engine_module
+    import pytest_saecheck.engine.run as engine_module
 
     sae = make_sae(hook, head)
     tokens = make_tokens(7)
@@ -569,11 +570,11 @@ def test_scoring_in_small_row_chunks_changes_nothing(model, hook, head, monkeypa
 
 
 def test_direct_unembedding_gives_the_models_own_logits(model):
-    runner = _Runner(model, make_sae("blocks.1.hook_resid_pre"), TokenPolicy())
-    assert runner._plain_unembed
+    cut = HookedTransformerCut(model)
+    assert cut.plain_unembed
     with torch.no_grad():
         final = model(make_tokens(3), stop_at_layer=model.cfg.n_layers)
-        ours = runner._logits(final)
+        ours = cut.logits(final)
         torch.testing.assert_close(
             ours, model(final, start_at_layer=model.cfg.n_layers), rtol=1e-6, atol=1e-6
         )
@@ -588,7 +589,7 @@ def test_hooks_on_the_unembedding_are_honoured():
     # A forward hook that sharpens the logits changes every CE; the engine must run it, not bypass it.
     handle = model.unembed.register_forward_hook(lambda module, args, out: 3 * out)
     try:
-        assert not _Runner(model, sae, TokenPolicy())._plain_unembed
+        assert not HookedTransformerCut(model).plain_unembed
         hooked = evaluate(model, sae, tokens, progress=False).metrics
         with torch.no_grad():
             logits = model(tokens).double()
@@ -602,12 +603,12 @@ def test_hooks_on_the_unembedding_are_honoured():
 def test_logit_soft_cap_uses_the_models_forward():
     model = make_model()
     model.cfg.output_logits_soft_cap = 2.0
-    assert not _Runner(model, make_sae("blocks.1.hook_resid_pre"), TokenPolicy())._plain_unembed
+    assert not HookedTransformerCut(model).plain_unembed
 
 
 def test_excluded_positions_never_turn_into_nan():
-    from pytest_saecheck.engine import _masked
+    from pytest_saecheck.engine.accumulate import masked
 
     values = torch.tensor([[math.inf, 1.5, math.nan]])
-    out = _masked(values, torch.tensor([[False, True, False]]))
+    out = masked(values, torch.tensor([[False, True, False]]))
     assert out.dtype == torch.float64 and out.tolist() == [[0.0, 1.5, 0.0]]

@@ -1,0 +1,164 @@
+"""Additive float64 sums per sequence, per position and per latent: the accumulator only sums.
+
+Every metric is a function of these sums (``pytest_saecheck.metrics``), so the point estimate (sums over all
+sequences) and every bootstrap replicate (sums over resampled sequences) come from the same formula.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from pytest_saecheck.metrics import reconstruction_terms
+from pytest_saecheck.scoring import BatchScores
+
+
+def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values`` where ``mask`` holds, else 0, in float64.
+
+    ``where``, not a product: an excluded position's inf (e.g. after padding) must not become 0 x inf = NaN.
+    """
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).double()
+
+
+class Accumulator:
+    """Sums for one dictionary: reconstruction terms, CE/KL per variant, per-position curves, latent firing."""
+
+    def __init__(
+        self, seq_len: int, d_sae: int | None, device: torch.device, sae_device: torch.device
+    ) -> None:
+        self.batches: list[dict[str, torch.Tensor]] = []
+        self.current: dict[str, torch.Tensor] = {}
+        self.firing = torch.zeros(d_sae, dtype=torch.float64, device=sae_device) if d_sae else None
+        # CE exists for positions 0..S-2 (the prediction of the next token), KL for every position.
+        lengths = {
+            "ce_orig": seq_len - 1,
+            "ce_sae": seq_len - 1,
+            "n_ce": seq_len - 1,
+            "kl_sae": seq_len,
+            "n_kl": seq_len,
+        }
+        self.position = {
+            key: torch.zeros(length, dtype=torch.float64, device=device) for key, length in lengths.items()
+        }
+        self.reference: torch.Tensor | None = None
+        self._input_norm_sum = 0.0
+        self._input_count = 0
+
+    @property
+    def input_norm(self) -> float | None:
+        """Mean ‖x_in‖ over the kept positions (the read activation, before any normalisation)."""
+        return self._input_norm_sum / self._input_count if self._input_count else None
+
+    def add_reconstruction(
+        self,
+        x: torch.Tensor,
+        recon: torch.Tensor,
+        latents: torch.Tensor,
+        kept: torch.Tensor,
+        x_in: torch.Tensor,
+    ) -> None:
+        """``x``: the written activation (the target), ``recon`` its reconstruction, ``x_in`` the read one."""
+        self._input_norm_sum += float(x_in[kept.to(x_in.device)].double().norm(dim=-1).sum())
+        self._input_count += int(kept.sum())
+        kept_r = kept.to(recon.device)
+        seq_index = torch.arange(kept.shape[0], device=recon.device).unsqueeze(1).expand_as(kept_r)[kept_r]
+        if bool(kept_r.all()):
+            # Nothing excluded: flatten instead of boolean indexing, which would copy the [tokens, d_sae] latents.
+            xs = x.to(recon.device).reshape(-1, x.shape[-1]).double()
+            xh = recon.reshape(-1, recon.shape[-1]).double()
+            z = latents.reshape(-1, latents.shape[-1])
+        else:
+            xs = x.to(recon.device)[kept_r].double()
+            xh = recon[kept_r].double()
+            z = latents[kept_r]
+        if self.reference is None:
+            # Sums are centred on the first batch's mean so Σ‖x − x̄‖² does not cancel catastrophically.
+            self.reference = xs.mean(0)
+        n_batch = kept.shape[0]
+        for key, values in reconstruction_terms(xs, xh, z, self.reference).items():
+            shape = (n_batch, *values.shape[1:])
+            self.current[key] = torch.zeros(shape, dtype=torch.float64, device=values.device).index_add_(
+                0, seq_index, values.double()
+            )
+        if self.firing is not None:
+            self.firing += (z != 0).sum(0).double()
+
+    def add_scores(self, scores: BatchScores, kept: torch.Tensor, predicted: torch.Tensor) -> None:
+        """``kept``: the positions averaged into KL; ``predicted``: the predictions averaged into CE."""
+        kept = kept.to(scores.ce_orig.device)
+        kept_ce = predicted.to(scores.ce_orig.device)
+        ce_orig = masked(scores.ce_orig, kept_ce)
+        self.current["ce_sum_orig"] = ce_orig.sum(1)
+        self.current["n_ce"] = kept_ce.double().sum(1)
+        self.current["n_kl"] = kept.double().sum(1)
+        self.position["ce_orig"] += ce_orig.sum(0)
+        self.position["n_ce"] += kept_ce.double().sum(0)
+        self.position["n_kl"] += kept.double().sum(0)
+        for name, ce in scores.ce.items():
+            ce_kept = masked(ce, kept_ce)
+            self.current[f"ce_sum_{name}"] = ce_kept.sum(1)
+            if name == "sae":
+                self.position["ce_sae"] += ce_kept.sum(0)
+        for name, kl in scores.kl.items():
+            kl_kept = masked(kl, kept)
+            self.current[f"kl_sum_{name}"] = kl_kept.sum(1)
+            if name == "sae":
+                self.position["kl_sae"] += kl_kept.sum(0)
+
+    def end_batch(self) -> None:
+        self.batches.append({key: value.detach().to("cpu") for key, value in self.current.items()})
+        self.current = {}
+
+    def mean_activation(self) -> torch.Tensor:
+        """The mean written activation over every kept position so far (float64, on the CPU)."""
+        assert self.reference is not None
+        centered = torch.stack([b["sum_x_centered"].sum(0) for b in self.batches]).sum(0)
+        count = sum(float(b["n_rec"].sum()) for b in self.batches)
+        return self.reference.to("cpu") + centered / count
+
+    def add_template_ce(
+        self, name: str, template: torch.Tensor, tokens: torch.Tensor, predicted_all: torch.Tensor
+    ) -> None:
+        """CE sums of a token-independent continuation ``template`` ``[seq_len, vocab]`` log-probs, afterwards."""
+        row = 0
+        for batch_sums in self.batches:
+            n = batch_sums["n_ce"].shape[0]
+            batch, predicted = tokens[row : row + n], predicted_all[row : row + n]
+            ce = token_ce(template.unsqueeze(0).expand(n, -1, -1), batch)
+            batch_sums[f"ce_sum_{name}"] = masked(ce, predicted.to(ce.device)).sum(1).to("cpu")
+            row += n
+
+    def per_sequence(self) -> dict[str, np.ndarray]:
+        keys = self.batches[0].keys()
+        return {key: torch.cat([b[key] for b in self.batches]).numpy() for key in keys}
+
+    def latent_density(self) -> np.ndarray:
+        n_rec = sum(float(b["n_rec"].sum()) for b in self.batches)
+        assert self.firing is not None
+        return (self.firing / n_rec).to("cpu").numpy()
+
+    def position_curves(self) -> tuple[list[float | None], list[float | None]]:
+        pos = {key: value.to("cpu").numpy() for key, value in self.position.items()}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            delta = (pos["ce_sae"] - pos["ce_orig"]) / pos["n_ce"]
+            kl = pos["kl_sae"] / pos["n_kl"]
+        # Positions with no evaluated token (the excluded BOS, the last position for CE) have no value: None.
+        return finite_or_none(delta), finite_or_none(kl)
+
+
+def finite_or_none(values: np.ndarray) -> list[float | None]:
+    return [float(v) if math.isfinite(v) else None for v in values]
+
+
+def token_ce(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy at positions 0..S-2."""
+    targets = tokens[:, 1:].to(log_probs.device)
+    return -log_probs[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def totals(per_sequence: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {key: value.sum(axis=0) for key, value in per_sequence.items()}

@@ -1,0 +1,188 @@
+"""One dictionary of an evaluation: where it reads and writes, how it reconstructs, which variants it runs."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pytest_saecheck import normalisation as norm
+from pytest_saecheck.dictionaries import DictionaryInfo, describe
+from pytest_saecheck.engine.accumulate import Accumulator
+from pytest_saecheck.engine.cut import ModelCut
+from pytest_saecheck.errors import ConfigError, NonFiniteError, ShapeMismatchError
+from pytest_saecheck.hookpoints import HookSite, resolve_hook
+
+
+class Variant(enum.Enum):
+    """A spliced model: the SAE's reconstruction, zero ablation, or mean ablation at the written hook."""
+
+    SAE = "sae"
+    ZERO = "zero"
+    MEAN = "mean"
+
+
+@dataclass(frozen=True)
+class AblationPlan:
+    """Decided once per dictionary before the pass.
+
+    ``templated``: the zero/mean-ablated continuations do not depend on the tokens (a residual write hook with
+    at most position 0, always the same token, excluded), so each is computed once for one sequence;
+    otherwise ``per_batch`` lists every variant run with each batch.
+    """
+
+    templated: bool
+    per_batch: tuple[Variant, ...]
+
+
+def token_independent(site: HookSite, tokens: torch.Tensor, kept: torch.Tensor) -> bool:
+    """True when ablating ``site`` at the kept positions gives the same continuation for every sequence."""
+    if not site.is_residual:
+        return False
+    excluded = ~kept
+    if excluded[:, 1:].any():
+        return False
+    if excluded[:, 0].any():
+        return bool(excluded[:, 0].all()) and bool((tokens[:, 0] == tokens[0, 0]).all())
+    return True
+
+
+class Member:
+    """One dictionary in an evaluation, with its own sums."""
+
+    def __init__(self, name: str, sae: Any, model: Any, given: norm.Normalisation | None) -> None:
+        self.name = name
+        self.sae = sae
+        self.info: DictionaryInfo = describe(sae)
+        n_layers, hook_names = int(model.cfg.n_layers), list(model.hook_dict)
+        self.read: HookSite = resolve_hook(
+            self.info.hook_name, self.info.hook_head_index, n_layers, hook_names
+        )
+        self.write: HookSite = (
+            self.read
+            if not self.info.is_transcoder
+            else resolve_hook(self.info.hook_name_out, None, n_layers, hook_names)
+        )
+        self._check_order()
+        self.given = given
+        self.normalisation = given or norm.NONE
+        self.sae_device = torch.device(getattr(sae, "device", None) or _first_device(model))
+        self._check_weights()
+        self.plan = AblationPlan(False, (Variant.SAE,))
+        self.mean: torch.Tensor | None = None
+        self.templates: dict[Variant, torch.Tensor] = {}
+        self.acc: Accumulator | None = None
+        self.joint_acc: Accumulator | None = None
+
+    # --- where it reads and writes --------------------------------------------------------------------
+
+    def _check_order(self) -> None:
+        read, write = self.read, self.write
+        if read is write:
+            return
+        reads_late = (
+            read.entry > write.entry
+            or (write.is_residual and not read.is_residual and read.layer >= write.entry)
+            or (not write.is_residual and not read.is_residual and read.layer > write.layer)
+        )
+        if reads_late:
+            raise ConfigError(
+                f"the transcoder reads {read.hook_name!r} after it writes {write.hook_name!r}; "
+                "hook_name must come before hook_name_out in the forward pass"
+            )
+
+    def check_firing_order(self, order: Sequence[str]) -> None:
+        """Same-block transcoders: the read hook must fire before the write hook."""
+        read, write = self.read.hook_name, self.write.hook_name
+        if read != write and read in order and write in order and order.index(read) > order.index(write):
+            raise ConfigError(
+                f"the transcoder reads {read!r} after it writes {write!r} in the forward pass; "
+                "hook_name must come before hook_name_out"
+            )
+
+    def capture_names(self, cut: ModelCut) -> list[str]:
+        names = [self.read.hook_name, self.write.hook_name]
+        if not self.write.is_residual:
+            names.append(cut.residual_name(self.write.entry))
+        return names
+
+    def views(
+        self, captured: Mapping[str, torch.Tensor], cut: ModelCut
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(base, x_in, x_out, x_out_full)`` from one run's captured activations.
+
+        ``base`` is the residual stream where the continuation starts; ``x_in``/``x_out`` the read and written
+        activations as the dictionary sees them; ``x_out_full`` the whole written activation (all heads).
+        """
+        x_out_full = captured[self.write.hook_name]
+        base = x_out_full if self.write.is_residual else captured[cut.residual_name(self.write.entry)]
+        x_in = self.read.select(captured[self.read.hook_name])
+        return base, x_in, self.write.select(x_out_full), x_out_full
+
+    def check_widths(self, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        for site, width, expected, label in (
+            (self.read, x_in.shape[-1], self.info.d_in, "d_in"),
+            (self.write, x_out.shape[-1], self.info.d_out, "d_out"),
+        ):
+            if width != expected:
+                head = f" (head {site.head_index})" if site.head_index is not None else ""
+                raise ShapeMismatchError(
+                    f"the SAE expects {label}={expected} but hook {site.hook_name!r}{head} has width {width}; "
+                    "the SAE was trained on a different model or hook"
+                )
+
+    # --- reconstruction ---------------------------------------------------------------------------------
+
+    def _check_weights(self) -> None:
+        for name, param in self.sae.named_parameters():
+            if not torch.isfinite(param).all():
+                raise NonFiniteError(
+                    f"SAE parameter {name!r} contains NaN or inf; the SAE file is corrupt or training diverged. "
+                    "Re-export the SAE from a finite checkpoint."
+                )
+
+    def reconstruct(self, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(latents, reconstruction)``: the dictionary's own code, inside its activation normalisation."""
+        x = x_in.to(self.sae_device)
+        scaler = self.normalisation.scaler() if self.normalisation.active else None
+        if scaler is not None:
+            x = scaler.scale(x)
+        latents, recon = self.info.reconstruct(self.sae, x)
+        if scaler is not None:
+            recon = scaler.unscale(recon)
+        if latents.is_sparse:
+            latents = latents.to_dense()
+        if not torch.isfinite(recon).all():
+            raise NonFiniteError(
+                "the SAE's reconstruction contains NaN or inf on finite input; check its weights, dtype "
+                f"({self.sae.dtype}) and activation normalisation ({self.info.normalize_activations})"
+            )
+        return latents, recon
+
+    def variant_values(
+        self, x_out: torch.Tensor, kept: torch.Tensor, variants: Sequence[Variant], recon: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """The written activation with each variant at the kept positions (the original elsewhere)."""
+        keep = kept.to(x_out.device)[..., None]
+        out = []
+        for variant in variants:
+            if variant is Variant.SAE:
+                assert recon is not None
+                value = recon.to(device=x_out.device, dtype=x_out.dtype)
+            elif variant is Variant.ZERO:
+                value = torch.zeros((), device=x_out.device, dtype=x_out.dtype)
+            else:
+                assert self.mean is not None
+                value = self.mean.to(device=x_out.device, dtype=x_out.dtype)
+            out.append(torch.where(keep, value, x_out))
+        return out
+
+
+def _first_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")

@@ -1,0 +1,173 @@
+"""What an evaluation returns: :class:`Evaluation` (one dictionary, or a joint splice) and
+:class:`EvaluationSet` (a release evaluated in one pass)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pytest_saecheck.errors import ConfigError, SAECheckWarning
+from pytest_saecheck.metrics import BOOTSTRAPPABLE, METRIC_NAMES, metrics_from_sums
+from pytest_saecheck.policy import TokenPolicy
+from pytest_saecheck.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, bootstrap_intervals
+
+
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate`. ``metrics`` is flat: metric name → float, never NaN.
+
+    A metric that is undefined on this data (a zero denominator, a scaling law that does not apply) is
+    absent from ``metrics`` and explained in ``undefined``.
+    """
+
+    metrics: dict[str, float]
+    undefined: dict[str, str]
+    n_tokens: int
+    n_sequences: int
+    seq_len: int
+    hook_name: str
+    hook_head_index: int | None
+    token_policy: TokenPolicy
+    latent_density: list[float]
+    delta_ce_by_position: list[float | None]
+    kl_by_position: list[float | None]
+    per_sequence: dict[str, np.ndarray] = field(repr=False)
+    scaling_law: tuple[float, float] | None = None
+    batch_size: int = 0
+    model_dtype: str = ""
+    device: str = ""
+    duration_s: float = 0.0
+    hook_name_out: str = ""
+    dictionary: dict[str, Any] = field(default_factory=dict)
+    normalisation: dict[str, Any] = field(default_factory=dict)
+    model_hooks: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    members: dict[str, dict[str, float]] = field(default_factory=dict)
+    _interval_cache: dict[tuple[float, int, int], dict[str, tuple[float, float]]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def confidence_interval(
+        self, name: str, level: float = DEFAULT_LEVEL, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+    ) -> tuple[float, float]:
+        """Percentile bootstrap interval of a metric over sequences, paired across variants."""
+        if name not in METRIC_NAMES:
+            raise ConfigError(f"unknown metric {name!r}; known metrics: {', '.join(METRIC_NAMES)}")
+        if name not in BOOTSTRAPPABLE:
+            raise ConfigError(
+                f"{name!r} is a property of the whole token set and has no per-sequence interval"
+            )
+        if name not in self.metrics:
+            raise ConfigError(
+                f"{name!r} is undefined for this evaluation: {self.undefined.get(name, 'not computed')}"
+            )
+        return self.confidence_intervals(level, n_resamples=n_resamples, seed=seed)[name]
+
+    def confidence_intervals(
+        self, level: float = DEFAULT_LEVEL, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+    ) -> dict[str, tuple[float, float]]:
+        """Bootstrap intervals of every defined metric that has one, from one set of resamples (cached)."""
+        key = (float(level), int(n_resamples), int(seed))
+        if key not in self._interval_cache:
+            law = self.scaling_law
+            names = [name for name in self.metrics if name in BOOTSTRAPPABLE]
+
+            def statistics(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+                values = metrics_from_sums(sums, law)
+                return {name: values[name] for name in names}
+
+            intervals = bootstrap_intervals(
+                self.per_sequence, statistics, level=level, n_resamples=n_resamples, seed=seed
+            )
+            self._interval_cache[key] = intervals
+            for name, (low, high) in intervals.items():
+                value = self.metrics[name]
+                if not low <= value <= high:
+                    message = (
+                        f"the {level:.0%} bootstrap interval of {name} [{low:.4g}, {high:.4g}] does not contain "
+                        f"its value {value:.4g}: the resampled values are strongly skewed (a near-zero "
+                        "denominator or a few dominant sequences); do not gate on this interval"
+                    )
+                    if message not in self.warnings:
+                        self.warnings.append(message)
+                        warnings.warn(message, SAECheckWarning, stacklevel=2)
+        return dict(self._interval_cache[key])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python types only (safe to put on pytest reports and into JSON)."""
+        return {
+            "metrics": dict(self.metrics),
+            "undefined": dict(self.undefined),
+            "n_tokens": self.n_tokens,
+            "n_sequences": self.n_sequences,
+            "seq_len": self.seq_len,
+            "hook_name": self.hook_name,
+            "hook_head_index": self.hook_head_index,
+            "hook_name_out": self.hook_name_out,
+            "dictionary": dict(self.dictionary),
+            "normalisation": dict(self.normalisation),
+            "model_hooks": list(self.model_hooks),
+            "warnings": list(self.warnings),
+            "members": {name: dict(values) for name, values in self.members.items()},
+            "token_policy": self.token_policy.to_dict(),
+            "latent_density": list(self.latent_density),
+            "delta_ce_by_position": list(self.delta_ce_by_position),
+            "kl_by_position": list(self.kl_by_position),
+            "scaling_law": list(self.scaling_law) if self.scaling_law is not None else None,
+            "batch_size": self.batch_size,
+            "model_dtype": self.model_dtype,
+            "device": self.device,
+            "duration_s": self.duration_s,
+        }
+
+
+class EvaluationSet(Mapping[str, Evaluation]):
+    """A release evaluated in one pass: ``name → Evaluation`` (each SAE spliced alone, as if evaluated alone).
+
+    ``joint`` (with ``evaluate(..., joint=True)``) is every SAE spliced at once, each reading the activation of
+    the model with the SAEs upstream of it spliced in: its ``metrics`` hold the joint ``ce_sae``, ``delta_ce``,
+    ``kl_sae`` (paired intervals as usual) and ``members`` each SAE's reconstruction metrics inside the joint
+    model. ``compounding`` compares the joint ΔCE with the sum of the isolated ΔCEs (nats/token):
+    ``delta_ce_joint``, ``delta_ce_isolated_sum``, ``excess`` (joint − sum), its 95% bootstrap interval
+    ``excess_interval`` over sequences (paired), and ``ratio`` (joint / sum, when the sum is not 0).
+    """
+
+    def __init__(
+        self,
+        evaluations: Mapping[str, Evaluation],
+        joint: Evaluation | None = None,
+        compounding: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.evaluations = dict(evaluations)
+        self.joint = joint
+        self.compounding = dict(compounding) if compounding is not None else None
+
+    def __getitem__(self, name: str) -> Evaluation:
+        try:
+            return self.evaluations[name]
+        except KeyError:
+            raise KeyError(
+                f"no SAE named {name!r} in this set; the names are {', '.join(self.evaluations)}"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.evaluations)
+
+    def __len__(self) -> int:
+        return len(self.evaluations)
+
+    def __repr__(self) -> str:
+        joint = ", joint" if self.joint is not None else ""
+        return f"<EvaluationSet {list(self.evaluations)}{joint}>"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python types only."""
+        return {
+            "evaluations": {name: evaluation.to_dict() for name, evaluation in self.evaluations.items()},
+            "joint": self.joint.to_dict() if self.joint is not None else None,
+            "compounding": dict(self.compounding) if self.compounding is not None else None,
+        }

@@ -1,0 +1,786 @@
+"""The pass: every dictionary of a release spliced into one model, on one set of tokens, in one stream.
+
+Per batch:
+
+1. the original model runs **once** (``ModelCut.forward_capturing``), capturing the activation at every
+   dictionary's read and write hook; its logits are computed once and shared by every dictionary;
+2. each dictionary reconstructs its written activation from its read one (inside the activation normalisation
+   it was trained with) and its spliced, zero- and mean-ablated continuations start from its own write hook,
+   replacing the activation only at the positions the token policy keeps; each is unembedded one after
+   another and CE/KL are scored a few rows at a time against the shared original logits
+   (``pytest_saecheck.scoring``), so at most two ``[batch, pos, vocab]`` tensors are alive;
+3. with ``joint=True``, one more run splices every dictionary at once, each reading the activation of the model
+   with the dictionaries upstream of it already spliced in;
+4. per-sequence sums are accumulated in float64 (``engine.accumulate``); every metric is a function of those
+   sums (``pytest_saecheck.metrics``), which also gives paired bootstrap intervals over sequences.
+
+Where the ablated continuation does not depend on the tokens (a residual write hook with at most position 0
+excluded), it is computed once for one sequence and reused (``AblationPlan.templated``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from pytest_saecheck import normalisation as norm
+from pytest_saecheck.engine.accumulate import Accumulator, totals
+from pytest_saecheck.engine.cut import HookedTransformerCut
+from pytest_saecheck.engine.member import AblationPlan, Member, Variant, token_independent
+from pytest_saecheck.engine.result import Evaluation, EvaluationSet
+from pytest_saecheck.errors import (
+    ConfigError,
+    DegenerateActivationsError,
+    EmptyTokenSetError,
+    ModelStateError,
+    SAECheckWarning,
+    ShapeMismatchError,
+)
+from pytest_saecheck.hookpoints import required_flags
+from pytest_saecheck.metrics import (
+    CHINCHILLA_SCALING_LAW,
+    METRIC_NAMES,
+    RATIO_DENOMINATORS,
+    metrics_from_sums,
+    ratio_denominators,
+    total_variance,
+)
+from pytest_saecheck.policy import TokenPolicy
+from pytest_saecheck.scoring import BatchScores, chunk_rows_for, score_batch
+from pytest_saecheck.stats import DEFAULT_LEVEL, bootstrap_intervals
+
+SCALE_MISMATCH_FACTOR = 10.0
+"""Preflight: an activation norm (or reconstruction norm) this many times off what the SAE expects is flagged."""
+
+JOINT_METRICS = ("ce_orig", "ce_sae", "delta_ce", "ce_rec", "kl_sae", "compute_fraction")
+"""The metrics a joint splice defines as a whole; reconstruction metrics are per member."""
+
+RECONSTRUCTION_METRICS = (
+    "explained_variance",
+    "explained_variance_legacy",
+    "explained_variance_about_zero",
+    "mse",
+    "cosine_sim",
+    "relative_error_norm",
+    "l2_ratio",
+    "l0",
+    "l1",
+)
+
+
+def evaluate(
+    model: Any,
+    sae: Any,
+    tokens: torch.Tensor,
+    *,
+    batch_size: int = 16,
+    exclude_bos: bool = True,
+    exclude_special_tokens: bool = True,
+    exclude_token_ids: Sequence[int] = (),
+    pad_token_id: int | None = None,
+    policy: TokenPolicy | None = None,
+    activation_scaler: Any = None,
+    mean_activation: Any = None,
+    mean_ablation: bool = True,
+    scaling_law: tuple[float, float] | None = CHINCHILLA_SCALING_LAW,
+    joint: bool = False,
+    progress: bool | None = None,
+) -> Any:
+    """Evaluate ``sae`` spliced into ``model`` on ``tokens`` (``[n_sequences, seq_len]`` token ids).
+
+    ``sae`` is one SAE Lens SAE or transcoder (:mod:`pytest_saecheck.dictionaries`), returning an
+    :class:`Evaluation`; or a sequence or a mapping ``name → SAE`` (a release), returning an
+    :class:`EvaluationSet` in which each SAE's numbers are those of evaluating it alone, from one shared pass.
+    Names default to each SAE's hook (``hook_name->hook_name_out`` for a transcoder), with ``#k`` when hooks
+    repeat. ``joint=True`` (several SAEs, distinct write hooks) also splices them all at once
+    (``EvaluationSet.joint``, ``EvaluationSet.compounding``). ``model`` is a TransformerLens
+    ``HookedTransformer`` (:func:`check_model` says what is refused).
+
+    Token policy (:class:`TokenPolicy`, whose docstring states the rule): ``exclude_bos`` leaves position 0
+    out; ``exclude_special_tokens`` the tokenizer's BOS/EOS/PAD wherever they occur; ``exclude_token_ids``
+    more ids; ``pad_token_id`` padding. Excluded positions are neither spliced, ablated nor averaged, and a
+    prediction counts only if its position is kept and its target is not an excluded id. ``policy`` gives the
+    whole policy instead (then none of the four may be given).
+
+    ``activation_scaler``: the normalisation of an SAE Lens checkpoint trained with
+    ``normalize_activations="expected_average_only_in"`` (a factor, an SAE Lens ``ActivationScaler``, or the
+    checkpoint directory with its ``activation_scaler.json``; for a set, a mapping ``name → value``); without
+    one such an SAE gets SAE Lens' estimate sqrt(d_in)/E‖x‖ on these tokens, with a warning. Metrics stay in
+    the model's units.
+
+    ``mean_activation`` fixes the mean-ablation vector ``[d_out]`` (for a set, a mapping; default: the mean over
+    the evaluated positions). ``scaling_law`` is ``(E, gamma)`` of ``L(C) = E + A C^-gamma`` for
+    ``compute_fraction`` (default: Chinchilla's). ``progress=None`` shows a bar only after two seconds.
+
+    Raises :class:`ConfigError`, :class:`ShapeMismatchError`, :class:`HookNotFoundError`,
+    :class:`UnsupportedDictionaryError`, :class:`ModelStateError`, :class:`EmptyTokenSetError`,
+    :class:`NonFiniteError`, :class:`DegenerateActivationsError` (all :class:`SAECheckError`).
+    """
+    started = time.perf_counter()
+    single, named = _named(sae)
+    if joint and len(named) < 2:
+        raise ConfigError(
+            "joint=True splices several SAEs at once; give a sequence or mapping of at least two"
+        )
+    if policy is None:
+        policy = TokenPolicy(exclude_bos, exclude_special_tokens, tuple(exclude_token_ids), pad_token_id)
+    elif (exclude_bos, exclude_special_tokens, tuple(exclude_token_ids), pad_token_id) != (
+        True,
+        True,
+        (),
+        None,
+    ):
+        raise ConfigError(
+            "give either policy= or exclude_bos/exclude_special_tokens/exclude_token_ids/pad_token_id, not both"
+        )
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    model_hooks = check_model(model)
+    policy = policy.resolved_for(model)
+    scalers = _per_member("activation_scaler", activation_scaler, named, single)
+    means = _per_member("mean_activation", mean_activation, named, single)
+    members = [
+        Member(name, one, model, norm.as_normalisation(scalers.get(name))) for name, one in named.items()
+    ]
+    if joint:
+        _check_joint(members)
+    tokens = _check_tokens(model, tokens, policy)
+    hook_names = sorted({name for m in members for name in (m.read.hook_name, m.write.hook_name)})
+    run = _Pass(HookedTransformerCut(model), members, policy, batch_size, mean_ablation, scaling_law, joint)
+    with (
+        torch.inference_mode(),
+        _hook_z_reshaping_off(list(named.values())),
+        _hook_flags_on(model, hook_names),
+    ):
+        evaluations, joint_evaluation, compounding = run.run(tokens, means, progress)
+    duration = time.perf_counter() - started
+    for evaluation in [*evaluations.values(), *([joint_evaluation] if joint_evaluation else [])]:
+        evaluation.model_hooks = list(model_hooks)
+        if model_hooks:
+            evaluation.warnings.insert(0, _hooks_warning(model_hooks))
+        evaluation.duration_s = duration
+    for message in dict.fromkeys(m for e in evaluations.values() for m in e.warnings):
+        warnings.warn(message, SAECheckWarning, stacklevel=2)
+    if single:
+        return next(iter(evaluations.values()))
+    return EvaluationSet(evaluations, joint_evaluation, compounding)
+
+
+def _named(saes: Any) -> tuple[bool, dict[str, Any]]:
+    """``(single, name → SAE)``; default names are the hooks, with ``#k`` where they repeat."""
+    if isinstance(saes, Mapping):
+        if not saes:
+            raise ConfigError("the mapping of SAEs is empty")
+        return False, {str(name): sae for name, sae in saes.items()}
+    if isinstance(saes, (list, tuple)) or type(saes).__name__ == "ModuleList":
+        if not len(saes):
+            raise ConfigError("the sequence of SAEs is empty")
+        from pytest_saecheck.dictionaries import describe
+
+        labels = []
+        for sae in saes:
+            info = describe(sae)
+            labels.append(
+                info.hook_name if not info.is_transcoder else f"{info.hook_name}->{info.hook_name_out}"
+            )
+        counts: dict[str, int] = {}
+        names = []
+        for label in labels:
+            if labels.count(label) > 1:
+                names.append(f"{label}#{counts.get(label, 0)}")
+                counts[label] = counts.get(label, 0) + 1
+            else:
+                names.append(label)
+        return False, dict(zip(names, saes, strict=True))
+    return True, {"": saes}
+
+
+def _per_member(option: str, value: Any, named: Mapping[str, Any], single: bool) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if single:
+        return {"": value}
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{option} for a set of SAEs must be a mapping name → value (names: {', '.join(named)})"
+        )
+    unknown = set(value) - set(named)
+    if unknown:
+        raise ConfigError(f"{option} names SAEs that are not in the set: {', '.join(sorted(unknown))}")
+    return dict(value)
+
+
+def _check_joint(members: Sequence[Member]) -> None:
+    seen: dict[str, str] = {}
+    for m in members:
+        other = seen.setdefault(m.write.hook_name, m.name)
+        if other != m.name:
+            raise ConfigError(
+                f"SAEs {other!r} and {m.name!r} both write {m.write.hook_name!r}: two dictionaries cannot be "
+                "spliced into the same hook at once; evaluate them jointly in separate sets"
+            )
+
+
+def _check_tokens(model: Any, tokens: Any, policy: TokenPolicy) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor):
+        raise ShapeMismatchError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise ShapeMismatchError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
+    if tokens.ndim != 2:
+        raise ShapeMismatchError(
+            f"tokens must be 2-D [n_sequences, seq_len], got shape {tuple(tokens.shape)}; "
+            "use tokens.unsqueeze(0) for a single sequence"
+        )
+    n_sequences, seq_len = tokens.shape
+    if n_sequences < 1 or seq_len < 2:
+        raise ShapeMismatchError(
+            f"tokens must hold at least 1 sequence of at least 2 positions, got shape {tuple(tokens.shape)}"
+        )
+    n_ctx = model.cfg.n_ctx
+    if seq_len > n_ctx:
+        raise ShapeMismatchError(f"seq_len {seq_len} exceeds the model's context length n_ctx={n_ctx}")
+    d_vocab = model.cfg.d_vocab
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= d_vocab:
+        raise ShapeMismatchError(f"token ids must lie in [0, {d_vocab}) for this model, got [{low}, {high}]")
+    if not policy.prediction_mask(tokens).any():
+        raise EmptyTokenSetError(
+            f"no prediction is left to evaluate after the token policy {policy.to_dict()} "
+            f"on tokens of shape {tuple(tokens.shape)}; use longer sequences or exclude fewer tokens"
+        )
+    return tokens.to(next(iter(model.parameters()), torch.empty(0)).device)
+
+
+class _Pass:
+    """One streaming pass over the tokens for every member (and the joint splice)."""
+
+    def __init__(
+        self,
+        cut: HookedTransformerCut,
+        members: Sequence[Member],
+        policy: TokenPolicy,
+        batch_size: int,
+        mean_ablation: bool,
+        scaling_law: tuple[float, float] | None,
+        joint: bool,
+    ) -> None:
+        self.cut = cut
+        self.members = list(members)
+        self.policy = policy
+        self.batch_size = batch_size
+        self.mean_ablation = mean_ablation
+        self.scaling_law = scaling_law
+        self.joint = joint
+        self.notes: dict[str, list[str]] = {m.name: [] for m in members}
+        self.joint_acc: Accumulator | None = None
+        self.chunk_rows = chunk_rows_for(int(cut.model.cfg.d_vocab_out), cut.device)
+
+    def run(
+        self, tokens: torch.Tensor, means: Mapping[str, Any], progress: bool | None
+    ) -> tuple[dict[str, Evaluation], Evaluation | None, dict[str, Any] | None]:
+        from tqdm.auto import tqdm
+
+        kept_all = self.policy.kept_mask(tokens)
+        predicted_all = self.policy.prediction_mask(tokens)
+        self._plan(tokens, kept_all, means)
+        self._prepass(tokens, kept_all)
+        for m in self.members:
+            if m.plan.templated:
+                m.templates[Variant.ZERO] = self._template(m, Variant.ZERO, tokens, kept_all)
+                if self.mean_ablation and m.mean is not None:
+                    m.templates[Variant.MEAN] = self._template(m, Variant.MEAN, tokens, kept_all)
+
+        names = sorted({name for m in self.members for name in m.capture_names(self.cut)})
+        bar = tqdm(
+            total=int(kept_all.sum()),
+            unit="tok",
+            unit_scale=True,
+            desc="saecheck " + (self.members[0].write.hook_name if len(self.members) == 1 else "release"),
+            disable=progress is False,
+            delay=0.0 if progress else 2.0,
+            leave=False,
+        )
+        try:
+            for start in range(0, tokens.shape[0], self.batch_size):
+                rows = slice(start, start + self.batch_size)
+                batch, kept, predicted = tokens[rows], kept_all[rows], predicted_all[rows]
+                final, captured, order = self.cut.forward_capturing(batch, names)
+                logits_orig = self.cut.logits(final)
+                del final
+                for m in self.members:
+                    if start == 0:
+                        m.check_firing_order(order)
+                    self._member_batch(m, captured, batch, kept, predicted, logits_orig)
+                del captured
+                if self.joint:
+                    self._joint_batch(batch, kept, predicted, logits_orig)
+                del logits_orig
+                bar.update(int(kept.sum()))
+        finally:
+            bar.close()
+
+        for m in self.members:
+            assert m.acc is not None
+            if m.plan.templated and self.mean_ablation and Variant.MEAN not in m.templates:
+                m.mean = m.acc.mean_activation()
+                template = self._template(m, Variant.MEAN, tokens, kept_all)
+                m.acc.add_template_ce(Variant.MEAN.value, template, tokens, predicted_all)
+        evaluations = {m.name: self._finish(m, tokens) for m in self.members}
+        if not self.joint:
+            return evaluations, None, None
+        joint = self._finish_joint(tokens)
+        return evaluations, joint, _compounding(self.members, self.joint_acc)
+
+    # --- before the pass --------------------------------------------------------------------------------
+
+    def _plan(self, tokens: torch.Tensor, kept_all: torch.Tensor, means: Mapping[str, Any]) -> None:
+        seq_len = tokens.shape[1]
+        for m in self.members:
+            templated = token_independent(m.write, tokens, kept_all)
+            per_batch = [Variant.SAE]
+            if not templated:
+                per_batch.append(Variant.ZERO)
+                if self.mean_ablation:
+                    per_batch.append(Variant.MEAN)
+            m.plan = AblationPlan(templated, tuple(per_batch))
+            given = means.get(m.name)
+            if given is not None:
+                mean = torch.as_tensor(given).to(self.cut.device).double()
+                if mean.shape != (m.info.d_out,):
+                    raise ShapeMismatchError(
+                        f"mean_activation must have shape ({m.info.d_out},), got {tuple(mean.shape)}"
+                    )
+                m.mean = mean
+            d_sae = int(m.sae.cfg.d_sae)
+            m.acc = Accumulator(seq_len, d_sae, self.cut.device, m.sae_device)
+            if self.joint:
+                m.joint_acc = Accumulator(seq_len, d_sae, self.cut.device, m.sae_device)
+        if self.joint:
+            self.joint_acc = Accumulator(seq_len, None, self.cut.device, self.cut.device)
+
+    def _prepass(self, tokens: torch.Tensor, kept_all: torch.Tensor) -> None:
+        """One run to the hooks when a member needs E‖x_in‖ (a normalisation estimate) or the mean of x_out."""
+        need_norm = [m for m in self.members if norm.needs_estimate(m.info.normalize_activations, m.given)]
+        need_mean = [
+            m for m in self.members if self.mean_ablation and m.mean is None and not m.plan.templated
+        ]
+        if not need_norm and not need_mean:
+            return
+        wanted = {m.name: m for m in [*need_norm, *need_mean]}.values()
+        names = sorted({name for m in wanted for name in m.capture_names(self.cut)})
+        norm_sums = {m.name: 0.0 for m in need_norm}
+        mean_sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for start in range(0, tokens.shape[0], self.batch_size):
+            batch, kept = tokens[start : start + self.batch_size], kept_all[start : start + self.batch_size]
+            _, captured, _ = self.cut.forward_capturing(batch, names)
+            for m in wanted:
+                _, x_in, x_out, _ = m.views(captured, self.cut)
+                if m in need_norm:
+                    norm_sums[m.name] += float(x_in[kept.to(x_in.device)].double().norm(dim=-1).sum())
+                if m in need_mean:
+                    total = x_out[kept.to(x_out.device)].double().sum(0).to(self.cut.device)
+                    mean_sums[m.name] = mean_sums[m.name] + total if m.name in mean_sums else total
+            count += int(kept.sum())
+        for m in need_norm:
+            m.normalisation = norm.estimated(m.info.d_in, norm_sums[m.name] / count)
+            self.notes[m.name].append(
+                f"the SAE was trained with normalize_activations='{m.info.normalize_activations}' and no "
+                f"activation scaler was given: estimated the factor sqrt(d_in)/E‖x‖ = "
+                f"{m.normalisation.scaling_factor:.6g} on the evaluation tokens, as SAE Lens does. Give the "
+                "checkpoint's activation_scaler.json (activation_scaler=) to use the training value"
+            )
+        for m in need_mean:
+            m.mean = mean_sums[m.name] / count
+
+    def _template(
+        self, m: Member, variant: Variant, tokens: torch.Tensor, kept_all: torch.Tensor
+    ) -> torch.Tensor:
+        """``[seq_len, vocab]`` log-probs of an ablated continuation that is the same for every sequence."""
+        if bool(kept_all[:1].all()):
+            base = self.cut.zeros_residual(
+                tokens.shape[1]
+            )  # every position replaced: the prefix is not needed
+        else:
+            _, captured, _ = self.cut.forward_capturing(tokens[:1], [m.write.hook_name])
+            base = captured[m.write.hook_name]
+        (value,) = m.variant_values(base, kept_all[:1], [variant], None)
+        (final,) = self.cut.continue_from(m.write, base, [value])
+        return torch.log_softmax(self.cut.logits(final).float(), dim=-1)[0]
+
+    # --- the pass ---------------------------------------------------------------------------------------
+
+    def _member_batch(
+        self,
+        m: Member,
+        captured: Mapping[str, torch.Tensor],
+        batch: torch.Tensor,
+        kept: torch.Tensor,
+        predicted: torch.Tensor,
+        logits_orig: torch.Tensor,
+    ) -> None:
+        assert m.acc is not None
+        base, x_in, x_out, x_out_full = m.views(captured, self.cut)
+        m.check_widths(x_in, x_out)
+        latents, recon = m.reconstruct(x_in)
+        m.acc.add_reconstruction(x_out, recon, latents, kept, x_in)
+        values = m.variant_values(x_out, kept, m.plan.per_batch, recon)
+        del latents, recon
+        finals = self.cut.continue_from(m.write, base, [m.write.write_back(x_out_full, v) for v in values])
+        del values
+        templates = {variant.value: template for variant, template in m.templates.items()}
+        parts = []
+        # One variant's logits at a time: re-deriving the original's log-softmax per chunk is cheap, a third
+        # [batch, pos, vocab] tensor is not.
+        for index, variant in enumerate(m.plan.per_batch):
+            logits = self.cut.logits(finals[index])
+            parts.append(
+                score_batch(
+                    logits_orig,
+                    batch,
+                    {variant.value: logits},
+                    templates if index == 0 else {},
+                    kl_for=(Variant.SAE.value, Variant.ZERO.value),
+                    chunk_rows=self.chunk_rows,
+                )
+            )
+            del logits
+        del finals
+        m.acc.add_scores(BatchScores.merged(parts), kept, predicted)
+        m.acc.end_batch()
+
+    def _joint_batch(
+        self, batch: torch.Tensor, kept: torch.Tensor, predicted: torch.Tensor, logits_orig: torch.Tensor
+    ) -> None:
+        """Every member spliced at once; a transcoder reads the (already spliced) model at its read hook."""
+        assert self.joint_acc is not None
+        read_in: dict[str, torch.Tensor] = {}
+
+        def write_hook(m: Member) -> Any:
+            def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+                assert m.joint_acc is not None
+                x_out = m.write.select(activation)
+                x_in = read_in.pop(m.name) if m.info.is_transcoder else m.read.select(activation)
+                latents, recon = m.reconstruct(x_in)
+                m.joint_acc.add_reconstruction(x_out, recon, latents, kept, x_in)
+                (value,) = m.variant_values(x_out, kept, [Variant.SAE], recon)
+                return m.write.write_back(activation, value)
+
+            return hook
+
+        def read_hook(m: Member) -> Any:
+            def hook(activation: torch.Tensor, hook: Any) -> None:
+                read_in[m.name] = m.read.select(activation)
+
+            return hook
+
+        # Writes first: a transcoder reading a hook that another member writes reads the spliced activation.
+        hooks = [(m.write.hook_name, write_hook(m)) for m in self.members]
+        hooks += [(m.read.hook_name, read_hook(m)) for m in self.members if m.info.is_transcoder]
+        final = self.cut.forward_with_hooks(batch, hooks)
+        logits = self.cut.logits(final)
+        del final
+        scores = score_batch(
+            logits_orig,
+            batch,
+            {Variant.SAE.value: logits},
+            {},
+            kl_for=(Variant.SAE.value,),
+            chunk_rows=self.chunk_rows,
+        )
+        del logits
+        self.joint_acc.add_scores(scores, kept, predicted)
+        self.joint_acc.end_batch()
+        for m in self.members:
+            assert m.joint_acc is not None
+            m.joint_acc.end_batch()
+
+    # --- after the pass ---------------------------------------------------------------------------------
+
+    def _finish(self, m: Member, tokens: torch.Tensor) -> Evaluation:
+        assert m.acc is not None
+        per_sequence = m.acc.per_sequence()
+        sums = totals(per_sequence)
+        variance = total_variance(sums)
+        scale = float(sums["sum_sq_centered"]) / max(float(sums["n_rec"]), 1.0)
+        if not variance > 1e-12 * max(scale, 1e-30):
+            raise DegenerateActivationsError(
+                f"the activations at {m.write.hook_name!r} have zero variance over the {int(sums['n_rec'])} "
+                "evaluated positions, so explained variance is undefined; evaluate more varied tokens"
+            )
+        metrics, undefined = self._defined(metrics_from_sums(sums, self.scaling_law), METRIC_NAMES)
+        for name, reason in unresolved_ratios(per_sequence, sums).items():
+            if name in metrics:
+                del metrics[name]
+                undefined[name] = reason
+        density = m.acc.latent_density()
+        metrics["alive_fraction"] = float(np.mean(density > 0))
+        curve_delta, curve_kl = m.acc.position_curves()
+        evaluation = Evaluation(
+            metrics={name: metrics[name] for name in METRIC_NAMES if name in metrics},
+            undefined=undefined,
+            n_tokens=int(sums["n_rec"]),
+            n_sequences=int(tokens.shape[0]),
+            seq_len=int(tokens.shape[1]),
+            hook_name=m.read.hook_name,
+            hook_head_index=m.read.head_index,
+            token_policy=self.policy,
+            latent_density=density.tolist(),
+            delta_ce_by_position=curve_delta,
+            kl_by_position=curve_kl,
+            per_sequence=per_sequence,
+            scaling_law=self.scaling_law,
+            batch_size=self.batch_size,
+            model_dtype=str(self.cut.model.cfg.dtype).replace("torch.", ""),
+            device=str(self.cut.device),
+            hook_name_out=m.write.hook_name,
+            dictionary=m.info.to_dict(),
+            normalisation=m.normalisation.to_dict(),
+        )
+        evaluation.warnings.extend(self.notes[m.name])
+        evaluation.warnings.extend(_preflight(m, evaluation))
+        return evaluation
+
+    def _defined(
+        self, raw: Mapping[str, np.ndarray], names: Sequence[str]
+    ) -> tuple[dict[str, float], dict[str, str]]:
+        metrics: dict[str, float] = {}
+        undefined: dict[str, str] = {}
+        for name in names:
+            if name == "alive_fraction":
+                continue
+            if name not in raw:
+                undefined[name] = (
+                    "not computed (mean ablation disabled)" if "mean" in name else "not computed"
+                )
+                continue
+            value = float(raw[name])
+            if math.isfinite(value):
+                metrics[name] = value
+            else:
+                undefined[name] = _why_undefined(name, self.scaling_law)
+        return metrics, undefined
+
+    def _finish_joint(self, tokens: torch.Tensor) -> Evaluation:
+        assert self.joint_acc is not None
+        per_sequence = self.joint_acc.per_sequence()
+        metrics, undefined = self._defined(
+            metrics_from_sums(totals(per_sequence), self.scaling_law), JOINT_METRICS
+        )
+        for name in METRIC_NAMES:
+            if name not in metrics and name not in undefined:
+                undefined[name] = (
+                    "a joint splice has no single hook or ablation baseline: see members (each SAE's "
+                    "reconstruction inside the joint model) and the isolated evaluations"
+                )
+        members: dict[str, dict[str, float]] = {}
+        for m in self.members:
+            assert m.joint_acc is not None
+            sums = totals({**per_sequence, **m.joint_acc.per_sequence()})
+            raw = metrics_from_sums(sums, None)
+            values = {
+                name: float(raw[name]) for name in RECONSTRUCTION_METRICS if math.isfinite(float(raw[name]))
+            }
+            values["alive_fraction"] = float(np.mean(m.joint_acc.latent_density() > 0))
+            members[m.name] = values
+        curve_delta, curve_kl = self.joint_acc.position_curves()
+        return Evaluation(
+            metrics={name: metrics[name] for name in METRIC_NAMES if name in metrics},
+            undefined=undefined,
+            n_tokens=int(totals(per_sequence)["n_kl"]),
+            n_sequences=int(tokens.shape[0]),
+            seq_len=int(tokens.shape[1]),
+            hook_name=" + ".join(m.read.hook_name for m in self.members),
+            hook_head_index=None,
+            token_policy=self.policy,
+            latent_density=[],
+            delta_ce_by_position=curve_delta,
+            kl_by_position=curve_kl,
+            per_sequence=per_sequence,
+            scaling_law=self.scaling_law,
+            batch_size=self.batch_size,
+            model_dtype=str(self.cut.model.cfg.dtype).replace("torch.", ""),
+            device=str(self.cut.device),
+            hook_name_out=" + ".join(m.write.hook_name for m in self.members),
+            dictionary={"kind": "joint", "members": [m.name for m in self.members]},
+            normalisation={m.name: m.normalisation.to_dict() for m in self.members},
+            members=members,
+        )
+
+
+def _compounding(members: Sequence[Member], joint_acc: Accumulator | None) -> dict[str, Any]:
+    """Joint ΔCE against the sum of the isolated ΔCEs, with a paired bootstrap interval of the excess."""
+    assert joint_acc is not None
+    joint = joint_acc.per_sequence()
+    per_sequence = {
+        "d_joint": joint["ce_sum_sae"] - joint["ce_sum_orig"],
+        "d_sum": sum(
+            (
+                m.acc.per_sequence()["ce_sum_sae"] - m.acc.per_sequence()["ce_sum_orig"]
+                for m in members
+                if m.acc
+            ),
+            np.zeros_like(joint["ce_sum_orig"]),
+        ),
+        "n_ce": joint["n_ce"],
+    }
+    sums = totals(per_sequence)
+    joint_delta = float(sums["d_joint"] / sums["n_ce"])
+    isolated = float(sums["d_sum"] / sums["n_ce"])
+    out: dict[str, Any] = {
+        "delta_ce_joint": joint_delta,
+        "delta_ce_isolated_sum": isolated,
+        "excess": joint_delta - isolated,
+        "ratio": joint_delta / isolated if isolated != 0 else None,
+        "excess_interval": None,
+    }
+    if len(per_sequence["n_ce"]) >= 2:
+        (low, high) = bootstrap_intervals(
+            per_sequence, lambda s: {"excess": (s["d_joint"] - s["d_sum"]) / s["n_ce"]}, level=DEFAULT_LEVEL
+        )["excess"]
+        out["excess_interval"] = [low, high]
+    return out
+
+
+def _preflight(m: Member, result: Evaluation) -> list[str]:
+    """Warnings when the activations are grossly off the scale the SAE expects (checked, not guessed)."""
+    assert m.acc is not None
+    found: list[str] = []
+    causes = (
+        "likely causes: the model was loaded with weight processing the SAE was not trained with "
+        "(fold_ln / center_writing_weights; SAE Lens trains on from_pretrained_no_processing), activation "
+        "normalisation not applied, or the wrong hook or model"
+    )
+    factor = m.normalisation.scaling_factor
+    if factor is not None and m.acc.input_norm is not None:
+        ratio = m.acc.input_norm * factor / math.sqrt(m.info.d_in)
+        if not 1 / SCALE_MISMATCH_FACTOR <= ratio <= SCALE_MISMATCH_FACTOR:
+            found.append(
+                f"scaled activations at {m.read.hook_name!r} have mean norm {ratio:.3g} × sqrt(d_in), where "
+                f"the SAE's normalisation expects about 1; {causes}"
+            )
+    l2_ratio = result.metrics.get("l2_ratio")
+    if l2_ratio is not None and not 1 / SCALE_MISMATCH_FACTOR <= l2_ratio <= SCALE_MISMATCH_FACTOR:
+        found.append(
+            f"the reconstruction's norm is {l2_ratio:.3g} × the activation's at {m.write.hook_name!r} "
+            f"(l2_ratio): the SAE does not see the activations it was trained on; {causes}"
+        )
+    return found
+
+
+def check_model(model: Any) -> list[str]:
+    """Refuse a model the engine cannot measure; return the hooks already on it (``"name (kind)"``).
+
+    Raises :class:`ModelStateError` for a TransformerLens ``TransformerBridge``, a ``HookedSAETransformer`` with
+    SAEs attached, or anything that is not a ``HookedTransformer``.
+    """
+    kind = type(model).__name__
+    if "TransformerBridge" in {cls.__name__ for cls in type(model).__mro__}:
+        raise ModelStateError(
+            "the model is a TransformerLens TransformerBridge, whose hooks and layer cuts differ from "
+            "HookedTransformer's; load it as a HookedTransformer instead: "
+            "HookedTransformer.from_pretrained_no_processing(name) (or give the model's name and let "
+            "pytest-saecheck load it the way the SAE was trained)"
+        )
+    if not (hasattr(model, "cfg") and hasattr(model, "hook_dict") and hasattr(model, "blocks")):
+        raise ModelStateError(
+            f"expected a TransformerLens HookedTransformer, got {kind}; load one with "
+            "HookedTransformer.from_pretrained_no_processing(name) or pytest_saecheck.load_model(spec)"
+        )
+    attached = getattr(model, "acts_to_saes", None)
+    if attached:
+        raise ModelStateError(
+            f"the {kind} has SAEs attached at {', '.join(sorted(attached))}: the engine splices the SAE itself, "
+            "so attached SAEs would change the 'original' model. Call model.reset_saes() first"
+        )
+    found = []
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            permanent = any(getattr(h, "is_permanent", False) for h in getattr(module, "fwd_hooks", []))
+            found.append(f"{name or '(model)'} ({'permanent' if permanent else 'forward'} hook)")
+    return found
+
+
+def _hooks_warning(hooks: list[str]) -> str:
+    return (
+        f"the model has hooks attached ({', '.join(hooks)}); they run in every variant, original included, "
+        "so the numbers measure the hooked model. Remove them (model.reset_hooks(including_permanent=True)) "
+        "unless that is what you intend"
+    )
+
+
+@contextlib.contextmanager
+def _hook_flags_on(model: Any, hook_names: Sequence[str]) -> Iterator[None]:
+    """Switch on the config flags that make ``hook_names`` fire (``use_hook_mlp_in``, ...), then restore them."""
+    flags = {flag for name in hook_names for flag in required_flags(name)}
+    previous = {flag: getattr(model.cfg, flag, False) for flag in flags}
+    try:
+        for flag in flags:
+            setattr(model.cfg, flag, True)
+        yield
+    finally:
+        for flag, value in previous.items():
+            setattr(model.cfg, flag, value)
+
+
+@contextlib.contextmanager
+def _hook_z_reshaping_off(saes: Sequence[Any]) -> Iterator[None]:
+    """SAE Lens SAEs on hook_z may reshape [.., heads, d_head] themselves; the engine feeds them flat input."""
+    switched = [sae for sae in saes if getattr(sae, "hook_z_reshaping_mode", False)]
+    try:
+        for sae in switched:
+            sae.turn_off_forward_pass_hook_z_reshaping()
+        yield
+    finally:
+        for sae in switched:
+            sae.turn_on_forward_pass_hook_z_reshaping()
+
+
+def unresolved_ratios(
+    per_sequence: Mapping[str, np.ndarray], totals: Mapping[str, np.ndarray], level: float = DEFAULT_LEVEL
+) -> dict[str, str]:
+    """The ratio scores whose denominator is not resolved from zero on this data, with the reason.
+
+    A ratio such as ``ce_loss_score = (L_zero − L_sae) / (L_zero − L_orig)`` divides by noise when its
+    denominator's bootstrap interval over sequences includes 0, or when the denominator is smaller than the
+    interval's half-width: the score then swings by orders of magnitude between resamples (-6.9 with an
+    interval [-1.5, 3.6] at a hook_z hook where zero ablation barely changes the loss). Such a score is
+    undefined, not a number a threshold may pass. With fewer than 2 sequences nothing can be judged.
+    """
+    if len(next(iter(per_sequence.values()))) < 2:
+        return {}
+    point = ratio_denominators(totals)
+    intervals = bootstrap_intervals(per_sequence, ratio_denominators, level=level)
+    reasons = {}
+    for name, (low, high) in intervals.items():
+        value = float(point[name])
+        if low > 0 or high < 0:
+            if abs(value) > (high - low) / 2:
+                continue
+        label = RATIO_DENOMINATORS[name]
+        reasons[name] = (
+            f"its denominator {label} = {value:.3g} is not resolved from zero on this data (its {level:.0%} "
+            f"bootstrap interval over sequences is [{low:.3g}, {high:.3g}]), so the score divides by noise; "
+            "read delta_ce and kl_sae instead, or evaluate more tokens"
+        )
+    return reasons
+
+
+def _why_undefined(name: str, scaling_law: tuple[float, float] | None) -> str:
+    if name == "compute_fraction" and scaling_law is not None:
+        return (
+            f"the scaling law's irreducible loss E={scaling_law[0]:.3f} is not below both ce_orig and ce_sae; "
+            "pass scaling_law=(E, gamma) fitted for this model"
+        )
+    if name in ("ce_loss_score", "kl_div_score"):
+        return "the zero-ablated model is exactly as good as the original (zero denominator)"
+    if name == "ce_loss_score_mean_ablation":
+        return "the mean-ablated model is exactly as good as the original (zero denominator)"
+    return "a denominator is zero on this data"

@@ -1,0 +1,182 @@
+"""A release in one pass: each SAE as if evaluated alone, and every SAE spliced at once (joint)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_engine import identity_sae, make_sae, make_tokens
+from test_engine_faithful import mlp_transcoder, relu_model
+
+from pytest_saecheck import ConfigError, EvaluationSet, evaluate
+
+
+@pytest.fixture(scope="module")
+def model():
+    return relu_model()
+
+
+def mixed_release(model):
+    transcoder = mlp_transcoder(model, 2)
+    with torch.no_grad():
+        for param in transcoder.parameters():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(8)) * 0.05)
+    return {
+        "resid": make_sae("blocks.1.hook_resid_pre"),
+        "mlp": make_sae("blocks.1.hook_mlp_out", seed=2),
+        "attn": make_sae("blocks.0.hook_attn_out", seed=3),
+        "z_all": make_sae("blocks.1.attn.hook_z", seed=4),
+        "z_head": make_sae("blocks.2.attn.hook_z", 1, seed=5),
+        "transcoder": transcoder,
+        "late": make_sae("blocks.2.hook_resid_post", seed=6),
+    }
+
+
+def test_each_sae_in_a_set_equals_evaluating_it_alone(model):
+    release = mixed_release(model)
+    tokens = make_tokens(10)
+    together = evaluate(model, release, tokens, batch_size=4, progress=False)
+    assert isinstance(together, EvaluationSet) and list(together) == list(release)
+    for name, sae in release.items():
+        alone = evaluate(model, sae, tokens, batch_size=4, progress=False)
+        assert together[name].metrics.keys() == alone.metrics.keys(), name
+        for metric, value in alone.metrics.items():
+            assert together[name].metrics[metric] == pytest.approx(value, abs=1e-6), (name, metric)
+        for key, values in alone.per_sequence.items():
+            np.testing.assert_allclose(
+                together[name].per_sequence[key], values, atol=1e-6, err_msg=f"{name} {key}"
+            )
+        assert together[name].hook_name_out == alone.hook_name_out
+
+
+def test_default_names_are_hooks_with_an_index_where_they_repeat(model):
+    saes = [
+        make_sae("blocks.1.hook_resid_pre"),
+        make_sae("blocks.1.hook_resid_pre", seed=9),
+        mlp_transcoder(model, 1),
+    ]
+    result = evaluate(model, saes, make_tokens(4), progress=False)
+    assert list(result) == [
+        "blocks.1.hook_resid_pre#0",
+        "blocks.1.hook_resid_pre#1",
+        "blocks.1.ln2.hook_normalized->blocks.1.hook_mlp_out",
+    ]
+    with pytest.raises(KeyError, match="no SAE named 'x'"):
+        result["x"]
+
+
+def test_identity_saes_spliced_jointly_change_nothing(model):
+    saes = {
+        "a": identity_sae("blocks.0.hook_resid_post"),
+        "b": identity_sae("blocks.1.hook_mlp_out"),
+        "c": identity_sae("blocks.2.hook_resid_pre"),
+    }
+    result = evaluate(model, saes, make_tokens(8), joint=True, batch_size=4, progress=False)
+    joint = result.joint
+    assert joint is not None
+    assert joint.metrics["delta_ce"] == pytest.approx(0.0, abs=1e-5)
+    assert joint.metrics["kl_sae"] == pytest.approx(0.0, abs=1e-6)
+    for name in saes:
+        assert joint.members[name]["explained_variance"] == pytest.approx(1.0, abs=1e-5)
+    assert result.compounding["excess"] == pytest.approx(0.0, abs=1e-5)
+    assert "ce_loss_score" in joint.undefined and "explained_variance" in joint.undefined
+
+
+def independent_joint(model, saes, tokens):
+    """run_with_hooks with every replacement (BOS kept untouched), then float64 CE/KL and per-SAE R²."""
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    keep[:, 0] = False
+    recorded = {}
+
+    def replacement(name, sae):
+        def hook(activation, hook):
+            x_hat = sae.decode(sae.encode(activation))
+            recorded[name] = (activation[keep].double(), x_hat[keep].double())
+            return torch.where(keep[..., None], x_hat, activation)
+
+        return hook
+
+    with torch.no_grad():
+        logits = model(tokens)
+        spliced = model.run_with_hooks(
+            tokens, fwd_hooks=[(sae.cfg.metadata.hook_name, replacement(n, sae)) for n, sae in saes.items()]
+        )
+    lp, lq = torch.log_softmax(logits.double(), -1), torch.log_softmax(spliced.double(), -1)
+
+    def ce(log_probs):
+        return -log_probs[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)[keep[:, :-1]].mean().item()
+
+    r2 = {
+        name: (1 - ((x - xh) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()).item()
+        for name, (x, xh) in recorded.items()
+    }
+    return ce(lq) - ce(lp), (lp.exp() * (lp - lq)).sum(-1)[keep].mean().item(), r2
+
+
+def test_two_real_saes_jointly_equal_an_independent_computation(model):
+    saes = {
+        "early": make_sae("blocks.0.hook_resid_post", seed=3),
+        "late": make_sae("blocks.2.hook_mlp_out", seed=4),
+    }
+    tokens = make_tokens(9)
+    result = evaluate(
+        model, saes, tokens, joint=True, batch_size=4, exclude_special_tokens=False, progress=False
+    )
+    delta_ce, kl, r2 = independent_joint(model, saes, tokens)
+    assert result.joint.metrics["delta_ce"] == pytest.approx(delta_ce, abs=2e-5)
+    assert result.joint.metrics["kl_sae"] == pytest.approx(kl, abs=2e-5)
+    for name, value in r2.items():
+        assert result.joint.members[name]["explained_variance"] == pytest.approx(value, abs=2e-5), name
+    # the late SAE reads a model whose early residual is already spliced: not its isolated activations
+    assert result.joint.members["late"]["explained_variance"] != pytest.approx(
+        result["late"].metrics["explained_variance"], abs=1e-4
+    )
+    compounding = result.compounding
+    isolated = result["early"].metrics["delta_ce"] + result["late"].metrics["delta_ce"]
+    assert compounding["delta_ce_isolated_sum"] == pytest.approx(isolated, abs=1e-9)
+    assert compounding["delta_ce_joint"] == pytest.approx(result.joint.metrics["delta_ce"], abs=1e-9)
+    low, high = compounding["excess_interval"]
+    assert low <= compounding["excess"] <= high
+    low, high = result.joint.confidence_interval("delta_ce")
+    assert low <= result.joint.metrics["delta_ce"] <= high
+
+
+def test_a_transcoder_in_a_joint_splice_reads_the_spliced_model(model):
+    """An exact MLP transcoder after an identity SAE: still lossless jointly."""
+    saes = {"sae": identity_sae("blocks.1.hook_resid_mid"), "tc": mlp_transcoder(model, 1)}
+    result = evaluate(model, saes, make_tokens(6), joint=True, progress=False)
+    assert result.joint.metrics["delta_ce"] == pytest.approx(0.0, abs=1e-5)
+    assert result.joint.members["tc"]["explained_variance"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_two_saes_on_one_hook_cannot_be_spliced_jointly(model):
+    saes = [make_sae("blocks.1.hook_resid_pre"), make_sae("blocks.1.hook_resid_pre", seed=2)]
+    with pytest.raises(ConfigError, match=r"both write 'blocks\.1\.hook_resid_pre'"):
+        evaluate(model, saes, make_tokens(4), joint=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"joint": True}, "several SAEs"),
+        ({"mean_activation": torch.zeros(32)}, "must be a mapping"),
+        ({"activation_scaler": {"nope": 1.0}}, "not in the set"),
+    ],
+)
+def test_set_options_are_checked(model, kwargs, message):
+    saes = (
+        [make_sae("blocks.1.hook_resid_pre")]
+        if kwargs.get("joint")
+        else {"a": make_sae("blocks.1.hook_resid_pre")}
+    )
+    if kwargs.get("joint"):
+        saes = saes[0]
+    with pytest.raises(ConfigError, match=message):
+        evaluate(model, saes, make_tokens(4), progress=False, **kwargs)
+
+
+def test_set_results_are_plain_values(model):
+    import json
+
+    result = evaluate(model, mixed_release(model), make_tokens(4), joint=False, progress=False)
+    json.dumps(result.to_dict())
