@@ -45,6 +45,29 @@ def _text(name: str, value: Any) -> str | None:
     return value or None
 
 
+def _sae_specs(name: str, value: Any) -> str | tuple[str, ...] | None:
+    """One SAE spec, or a list of them (several SAEs spliced jointly, ``splice="joint"``)."""
+    if isinstance(value, (list, tuple)):
+        specs = tuple(spec for spec in (_text(name, item) for item in value) if spec)
+        if not specs:
+            raise ConfigError(f"saecheck setting {name!r} is an empty list; give at least one SAE spec")
+        return specs[0] if len(specs) == 1 else specs
+    return _text(name, value)
+
+
+SPLICE_MODES = ("separate", "joint")
+
+
+def _splice(name: str, value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in SPLICE_MODES:
+        raise ConfigError(
+            f"saecheck setting {name!r} must be 'separate' (each SAE spliced alone) or 'joint' (several SAEs "
+            f"spliced at once), got {value!r}"
+        )
+    return text
+
+
 def _positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"saecheck setting {name!r} must be an integer, got the boolean {value!r}")
@@ -284,9 +307,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "sae",
-        _text,
+        _sae_specs,
         None,
-        'SAE under test: an SAE Lens "release/id", a local SAE Lens directory, or "demo/<name>"',
+        'SAE under test: an SAE Lens "release/id", a local SAE Lens directory, or "demo/<name>" (in a marker, a '
+        'list of them with splice="joint")',
         "SPEC",
         path=True,
     ),
@@ -352,6 +376,22 @@ SETTINGS: tuple[Setting, ...] = (
         "E,GAMMA",
     ),
     Setting(
+        "splice",
+        _splice,
+        "separate",
+        'with several SAEs in sae=[...]: "joint" splices them all at once (circuit work), each reading the model '
+        'with the SAEs upstream of it spliced in; "separate" (default) is one SAE per test',
+        "separate|joint",
+    ),
+    Setting(
+        "release_group_mib",
+        lambda name, value: _positive_int(name, value, minimum=0),
+        2048,
+        "SAEs of one run that share model, tokens and settings are evaluated together in one pass, up to this many "
+        "MiB of SAE weights per pass (default 2048; 0 evaluates each SAE alone)",
+        "MIB",
+    ),
+    Setting(
         "unavailable",
         _unavailable,
         "skip",
@@ -386,7 +426,7 @@ class SAECheckSettings:
     holds the ``model``/``sae``/``tokens`` values as written where a relative path was made absolute."""
 
     model: str | None = None
-    sae: str | None = None
+    sae: str | tuple[str, ...] | None = None
     tokens: str | None = None
     n_tokens: int = 16_384
     context_size: int | None = None
@@ -399,6 +439,8 @@ class SAECheckSettings:
     activation_scaler: float | str | None = None
     seed: int = 0
     scaling_law: tuple[float, float] | None = CHINCHILLA
+    splice: str = "separate"
+    release_group_mib: int = 2048
     unavailable: str = "skip"
     model_from_pretrained_kwargs: FrozenKwargs | None = None
     hook_name: str | None = None
@@ -545,11 +587,13 @@ def resolve(
                 values[setting.name] = setting.parse(setting.name, raw)
             except ConfigError as error:
                 raise ConfigError(f"{where}: {error}") from None
-            if setting.path and values[setting.name] is not None:
-                resolved = resolve_path_spec(values[setting.name], bases[label])
-                if resolved != values[setting.name]:
-                    written[setting.name] = values[setting.name]
-                values[setting.name] = resolved
+            value = values[setting.name]
+            if setting.path and value is not None:
+                specs = value if isinstance(value, tuple) else (value,)
+                resolved_specs = tuple(resolve_path_spec(spec, bases[label]) for spec in specs)
+                if resolved_specs != specs:
+                    written[setting.name] = " + ".join(specs)
+                values[setting.name] = resolved_specs if isinstance(value, tuple) else resolved_specs[0]
             sources[setting.name] = label
             break
         else:

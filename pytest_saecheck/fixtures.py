@@ -7,6 +7,7 @@ whose evaluation is already cached loads no model at all. Imports no torch at im
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -60,50 +61,83 @@ class SAECheck:
     # -- specs -------------------------------------------------------------------------------------------
 
     @property
-    def sae_spec(self) -> str:
-        if self.settings.sae is None:
+    def sae_specs(self) -> tuple[str, ...]:
+        """Every SAE under test: one, or several spliced jointly (``sae=[...]`` with ``splice="joint"``)."""
+        sae = self.settings.sae
+        if sae is None:
             raise ConfigError(
                 "no SAE is configured for this test; add @pytest.mark.saecheck(sae=...) to the test, class or "
                 "module (pytestmark), or pass --saecheck-sae / set the ini key saecheck_sae"
             )
-        return self.settings.sae
+        specs = sae if isinstance(sae, tuple) else (sae,)
+        if len(specs) > 1 and self.settings.splice != "joint":
+            raise ConfigError(
+                f'sae= names {len(specs)} SAEs but splice is {self.settings.splice!r}: add splice="joint" to '
+                "splice them all at once, or test them one by one with pytest.mark.parametrize and saecheck_param"
+            )
+        if len(specs) < 2 and self.settings.splice == "joint":
+            raise ConfigError(
+                'splice="joint" needs several SAEs: give sae=["release/id-a", "release/id-b", ...]'
+            )
+        return specs
+
+    @property
+    def joint(self) -> bool:
+        return len(self.sae_specs) > 1
+
+    @property
+    def sae_spec(self) -> str:
+        specs = self.sae_specs
+        if len(specs) > 1:
+            raise ConfigError(
+                f"this test splices {len(specs)} SAEs jointly; use saecheck.saes (a dict spec → SAE) instead of "
+                "saecheck.sae"
+            )
+        return specs[0]
 
     @property
     def model_spec(self) -> str:
         if self.settings.model is not None:
             return self.settings.model
-        if self.settings.sae is not None and loading.demo_sae_name(self.settings.sae) is not None:
-            return loading.DEMO
         if self.settings.sae is None:
             raise ConfigError(
                 "no model is configured for this test; add @pytest.mark.saecheck(model=...) (or sae=..., whose "
                 "config names its model), or pass --saecheck-model / set the ini key saecheck_model"
             )
-        return loading.default_model_spec(self.sae_spec, self.sae)
+        first = self.sae_specs[0]
+        if loading.demo_sae_name(first) is not None:
+            return loading.DEMO
+        return loading.default_model_spec(first, self._load_sae(first))
 
     @property
     def token_source(self) -> str:
         if self.settings.tokens is not None:
             return self.settings.tokens
-        if self.settings.sae is not None and loading.demo_sae_name(self.settings.sae) is not None:
+        first = self.sae_specs[0]
+        if loading.demo_sae_name(first) is not None:
             return loading.DEMO
-        return loading.default_token_source(self.sae_spec, self.sae)
+        return loading.default_token_source(first, self._load_sae(first))
 
     @property
     def context_size(self) -> int:
         if self.settings.context_size is not None:
             return self.settings.context_size
-        return loading.default_context_size(None, self.sae) if self.settings.sae is not None else 128
+        if self.settings.sae is None:
+            return loading.DEFAULT_CONTEXT_SIZE
+        return loading.default_context_size(None, self._load_sae(self.sae_specs[0]))
 
     @property
     def activation_scaler(self) -> float | str | None:
         """The ``activation_scaler`` setting; with ``auto``, the checkpoint directory when it holds
         ``activation_scaler.json`` (else None: the engine estimates a factor if the SAE needs one)."""
+        return self._activation_scaler_for(self.sae_spec)
+
+    def _activation_scaler_for(self, spec: str) -> float | str | None:
         if self.settings.activation_scaler is not None:
             return self.settings.activation_scaler
         from pytest_saecheck.normalisation import ACTIVATION_SCALER_FILENAME
 
-        path = loading._local_path(self.sae_spec)
+        path = loading._local_path(spec)
         if path is not None and (path / ACTIVATION_SCALER_FILENAME).is_file():
             return str(path)
         return None
@@ -112,7 +146,9 @@ class SAECheck:
     def label(self) -> str:
         """A short readable name: the SAE spec (and the model, when it was given explicitly)."""
         written = self.settings.written  # a relative path as written, not the absolute path it names
-        sae = written.get("sae", self.settings.sae) or "(no SAE)"
+        sae = written.get("sae") or _joined(self.settings.sae) or "(no SAE)"
+        if self.settings.splice == "joint":
+            sae += " (joint)"
         model = written.get("model", self.settings.model)
         return sae if model is None else f"{sae} @ {model}"
 
@@ -123,7 +159,8 @@ class SAECheck:
             return dict(self.settings.model_from_pretrained_kwargs)
         if self.settings.sae is None:
             return {}
-        return dict(loading.sae_metadata(self.sae, "model_from_pretrained_kwargs") or {})
+        first = self._load_sae(self.sae_specs[0])
+        return dict(loading.sae_metadata(first, "model_from_pretrained_kwargs") or {})
 
     # -- cache keys --------------------------------------------------------------------------------------
 
@@ -131,11 +168,13 @@ class SAECheck:
         kwargs = FrozenKwargs(self.model_from_pretrained_kwargs)
         return (self.model_spec, self.device, self.dtype, kwargs)
 
-    def _sae_key(self) -> Hashable:
-        return (self.sae_spec, self.device, self.dtype, self.settings.hook_name)
+    def _sae_key(self, spec: str | None = None) -> Hashable:
+        return (spec or self.sae_specs, self.device, self.dtype, self.settings.hook_name)
 
     def _tokens_key(self) -> Hashable:
-        bos = loading.prepend_bos(self.sae) if self.settings.sae is not None else True
+        bos = (
+            loading.prepend_bos(self._load_sae(self.sae_specs[0])) if self.settings.sae is not None else True
+        )
         return (
             self.token_source,
             self.model_spec,
@@ -154,18 +193,27 @@ class SAECheck:
             self.settings.exclude_bos,
             self.settings.exclude_special_tokens,
             self.settings.exclude_token_ids,
-            self.activation_scaler,
+            tuple(self._activation_scaler_for(spec) for spec in self.sae_specs),
             self.settings.scaling_law,
+            self.settings.splice,
         )
 
     # -- loaded objects ----------------------------------------------------------------------------------
 
     @property
     def sae(self) -> Any:
-        spec = self.sae_spec
+        """The SAE under test (an SAE Lens ``SAE``); ``saes`` when several are spliced jointly."""
+        return self._load_sae(self.sae_spec)
+
+    @property
+    def saes(self) -> dict[str, Any]:
+        """Every SAE under test, ``spec → SAE`` (one entry unless ``splice="joint"``)."""
+        return {spec: self._load_sae(spec) for spec in self.sae_specs}
+
+    def _load_sae(self, spec: str) -> Any:
         return self._guard(
             lambda: self._cache.sae(
-                self._sae_key(),
+                self._sae_key(spec),
                 lambda: loading.load_sae(spec, self.device, self.dtype, self.settings.hook_name),
             )
         )
@@ -194,7 +242,7 @@ class SAECheck:
         source, context_size = self.token_source, self.context_size
 
         def load() -> Any:
-            sae = self.sae if self.settings.sae is not None else None
+            sae = self._load_sae(self.sae_specs[0]) if self.settings.sae is not None else None
             return loading.load_tokens(
                 source, self.model, sae, self.settings.n_tokens, context_size, self.settings.seed
             )
@@ -203,28 +251,70 @@ class SAECheck:
 
     @property
     def evaluation(self) -> Evaluation:
-        """The engine's :class:`~pytest_saecheck.engine.Evaluation`, computed once per run for this subject."""
+        """The engine's :class:`~pytest_saecheck.engine.Evaluation`, computed once per run for this subject.
+
+        With ``splice="joint"`` it is the joint evaluation (every SAE spliced at once). SAEs of the run that share
+        model, tokens and settings are evaluated together in one pass the first time any of them is needed
+        (:func:`plan_release_groups`), up to ``release_group_mib`` MiB of SAE weights per pass.
+        """
 
         def compute() -> Evaluation:
-            from pytest_saecheck.engine import evaluate
-
-            return evaluate(
-                self.model,
-                self.sae,
-                self.tokens,
-                batch_size=self.settings.batch_size,
-                exclude_bos=self.settings.exclude_bos,
-                exclude_special_tokens=self.settings.exclude_special_tokens,
-                exclude_token_ids=self.settings.exclude_token_ids,
-                activation_scaler=self.activation_scaler,
-                scaling_law=self.settings.scaling_law,
-            )
+            if self.joint:
+                return self._evaluate(self.saes, joint=True).joint
+            return self._evaluate_with_release_group()
 
         evaluation = self._guard(lambda: self._cache.evaluation(self.evaluation_key(), compute))
         if not self._evaluation_recorded:
             self._evaluation_recorded = True
             records.record(self._evaluation_record(evaluation), self._item)
         return evaluation
+
+    def _evaluate(self, saes: dict[str, Any], *, joint: bool = False) -> Any:
+        from pytest_saecheck.engine import evaluate
+
+        self._cache.loads["pass"] = self._cache.loads.get("pass", 0) + 1
+        single = len(saes) == 1 and not joint
+        scalers = {spec: self._activation_scaler_for(spec) for spec in saes}
+        return evaluate(
+            self.model,
+            next(iter(saes.values())) if single else saes,
+            self.tokens,
+            batch_size=self.settings.batch_size,
+            exclude_bos=self.settings.exclude_bos,
+            exclude_special_tokens=self.settings.exclude_special_tokens,
+            exclude_token_ids=self.settings.exclude_token_ids,
+            activation_scaler=next(iter(scalers.values())) if single else scalers,
+            scaling_law=self.settings.scaling_law,
+            joint=joint,
+        )
+
+    def _evaluate_with_release_group(self) -> Evaluation:
+        """This SAE's evaluation, computed in one pass with the not yet evaluated SAEs of its release group."""
+        group = [self]
+        budget = self.settings.release_group_mib * 2**20
+        used = _weight_bytes(self.sae)
+        for spec in release_group(self._cache, self.settings):
+            if len(group) >= self._cache.max_evaluations // 2 or spec == self.sae_spec:
+                continue
+            sibling = SAECheck(dataclasses.replace(self.settings, sae=spec), self.device, self._cache)
+            try:
+                if self._cache.has_evaluation(sibling.evaluation_key()):
+                    continue
+                if (sibling._model_key(), sibling._tokens_key()) != (self._model_key(), self._tokens_key()):
+                    continue
+                size = _weight_bytes(sibling.sae)
+            except (SAECheckError, pytest.skip.Exception):
+                continue  # that SAE's own test reports the problem
+            if used + size > budget:
+                break
+            group.append(sibling)
+            used += size
+        if len(group) == 1:
+            return self._evaluate({self.sae_spec: self.sae})
+        result = self._evaluate({member.sae_spec: member.sae for member in group})
+        for member in group[1:]:
+            self._cache.evaluation(member.evaluation_key(), lambda member=member: result[member.sae_spec])
+        return result[self.sae_spec]
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -238,7 +328,7 @@ class SAECheck:
         return {
             "label": self.label,
             "model": written.get("model", self.settings.model),
-            "sae": written.get("sae", self.settings.sae),
+            "sae": written.get("sae") or _joined(self.settings.sae),
             "tokens": written.get("tokens", self.settings.tokens),
             "device": self.device,
             "dtype": self.dtype,
@@ -252,7 +342,7 @@ class SAECheck:
         return {
             "kind": "evaluation",
             **self.subject(),
-            "resolved_sae": self.settings.sae,
+            "resolved_sae": _joined(self.settings.sae),
             "resolved_model": self.model_spec,
             "model_loading": how.to_dict() if (how := self.model_loading) is not None else None,
             "resolved_tokens": self.token_source,
@@ -273,6 +363,46 @@ class SAECheck:
 
     def __repr__(self) -> str:
         return f"<SAECheck {self.label} on {self.device}>"
+
+
+def _joined(sae: str | tuple[str, ...] | None) -> str | None:
+    return " + ".join(sae) if isinstance(sae, tuple) else sae
+
+
+def _weight_bytes(sae: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in sae.parameters())
+
+
+def _group_key(settings: SAECheckSettings) -> Hashable:
+    return dataclasses.replace(settings, sae=None)
+
+
+def plan_release_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """At collection: group the single-SAE tests whose settings differ only in the SAE (one pass each group)."""
+    plan: dict[Hashable, list[str]] = {}
+    for item in items:
+        if "saecheck" not in getattr(item, "fixturenames", ()):
+            continue
+        try:
+            settings = resolve_for_item(item)
+        except SAECheckError:
+            continue  # the test itself reports the bad marker
+        if (
+            not isinstance(settings.sae, str)
+            or settings.splice != "separate"
+            or settings.release_group_mib == 0
+        ):
+            continue
+        specs = plan.setdefault(_group_key(settings), [])
+        if settings.sae not in specs:
+            specs.append(settings.sae)
+    session_cache(config).release_plan = plan
+
+
+def release_group(cache: SessionCache, settings: SAECheckSettings) -> list[str]:
+    """The SAE specs planned with the same settings as ``settings`` (empty outside a planned run)."""
+    plan = cache.release_plan
+    return list(plan.get(_group_key(settings), [])) if plan else []
 
 
 def _intervals(evaluation: Evaluation) -> dict[str, list[float]]:

@@ -16,6 +16,7 @@ from pytest_saecheck import config as settings_config
 from pytest_saecheck import hookspecs, records
 from pytest_saecheck.fixtures import (
     CACHE_KEY,
+    plan_release_groups,
     saecheck,
     saecheck_device,
     saecheck_model,
@@ -93,6 +94,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return header_lines(config)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Plan the release groups: SAEs whose tests differ only in the SAE are evaluated in one shared pass."""
+    plan_release_groups(config, items)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

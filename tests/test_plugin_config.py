@@ -58,6 +58,8 @@ def test_every_setting_has_an_option_an_ini_key_and_a_marker_key(pytester: pytes
         "exclude_token_ids": "5,7",
         "activation_scaler": "0.25",
         "seed": "7",
+        "splice": "joint",
+        "release_group_mib": "512",
         "unavailable": "error",
         "scaling_law": "0.5,0.2",
         "model_from_pretrained_kwargs": '{"fold_ln": false, "n_ctx": 8}',
@@ -246,7 +248,8 @@ def test_header_names_device_versions_and_defaults(pytester: pytest.Pytester) ->
             "saecheck: device=cpu (command line); pytest-saecheck *, torch *, transformer-lens *, sae-lens *",
             "saecheck defaults: model=-, sae=-, tokens=SAE's dataset, n_tokens=4096, context_size=from SAE, "
             "batch_size=16, dtype=float32, exclude_bos=true, exclude_special_tokens=true, exclude_token_ids=none, "
-            "activation_scaler=auto, seed=0, scaling_law=chinchilla, unavailable=skip, model_from_pretrained_kwargs=-, "
+            "activation_scaler=auto, seed=0, scaling_law=chinchilla, splice=separate, release_group_mib=2048, "
+            "unavailable=skip, model_from_pretrained_kwargs=-, "
             "hook_name=-",
         ]
     )

@@ -50,7 +50,7 @@ def test_evaluation_is_computed_once_and_shared(tiny_pytester: pytest.Pytester) 
         def test_third(saecheck, request):
             saecheck.evaluation
             cache = session_cache(request.config)
-            assert cache.loads == {{"model": 1, "sae": 1, "tokens": 1, "evaluation": 2}}
+            assert cache.loads == {{"model": 1, "sae": 1, "tokens": 1, "evaluation": 2, "pass": 2}}
             assert conftest.LOADS == ["tiny"]
         """
     )

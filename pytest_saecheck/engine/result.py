@@ -47,6 +47,7 @@ class Evaluation:
     model_hooks: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     members: dict[str, dict[str, float]] = field(default_factory=dict)
+    compounding: dict[str, Any] | None = None
     _interval_cache: dict[tuple[float, int, int], dict[str, tuple[float, float]]] = field(
         default_factory=dict, repr=False
     )
@@ -113,6 +114,7 @@ class Evaluation:
             "model_hooks": list(self.model_hooks),
             "warnings": list(self.warnings),
             "members": {name: dict(values) for name, values in self.members.items()},
+            "compounding": dict(self.compounding) if self.compounding is not None else None,
             "token_policy": self.token_policy.to_dict(),
             "latent_density": list(self.latent_density),
             "delta_ce_by_position": list(self.delta_ce_by_position),

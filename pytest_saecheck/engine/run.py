@@ -336,7 +336,8 @@ class _Pass:
         if not self.joint:
             return evaluations, None, None
         joint = self._finish_joint(tokens)
-        return evaluations, joint, _compounding(self.members, self.joint_acc)
+        joint.compounding = _compounding(self.members, self.joint_acc)
+        return evaluations, joint, joint.compounding
 
     # --- before the pass --------------------------------------------------------------------------------
 

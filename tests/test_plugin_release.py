@@ -1,0 +1,89 @@
+"""Releases in the plugin: SAEs that share everything but the SAE are evaluated in one pass; joint markers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+SEVERAL = """
+    import pytest
+    import conftest
+    from pytest_saecheck import saecheck_param, evaluate
+    from pytest_saecheck.fixtures import session_cache
+
+    pytestmark = pytest.mark.saecheck(model="tiny", tokens="tokens.npy", n_tokens=160{extra})
+
+    @pytest.mark.parametrize("sae", [saecheck_param("sae_identity"), saecheck_param("sae_random"),
+                                     saecheck_param("sae_random2")])
+    def test_each(saecheck, sae, request):
+        evaluation = saecheck.evaluation
+        # the same numbers as evaluating this SAE alone
+        alone = evaluate(saecheck.model, saecheck.sae, saecheck.tokens, progress=False)
+        for name, value in alone.metrics.items():
+            assert evaluation.metrics[name] == pytest.approx(value, abs=1e-6), name
+
+    def test_counts(request):
+        import json
+        cache = session_cache(request.config)
+        with open("counts.json", "w") as f:
+            json.dump({{"loads": cache.loads, "models": conftest.LOADS}}, f)
+"""
+
+
+def _counts(pytester: pytest.Pytester) -> dict:
+    return json.loads((pytester.path / "counts.json").read_text())
+
+
+@pytest.fixture
+def release_pytester(tiny_pytester: pytest.Pytester, tiny_assets) -> pytest.Pytester:
+    from conftest import make_random_sae
+
+    make_random_sae(seed=7).save_model(tiny_pytester.path / "sae_random2")
+    make_random_sae(seed=8, hook_name="blocks.0.hook_mlp_out").save_model(tiny_pytester.path / "sae_mlp0")
+    return tiny_pytester
+
+
+def test_a_parametrized_release_is_evaluated_in_one_pass(release_pytester: pytest.Pytester) -> None:
+    release_pytester.makepyfile(SEVERAL.format(extra=""))
+    release_pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=4)
+    counts = _counts(release_pytester)
+    assert counts["loads"]["pass"] == 1 and counts["loads"]["model"] == 1, counts  # one pass for 3 SAEs
+    assert counts["loads"]["evaluation"] == 3  # each SAE evaluated (and cached) once
+    assert counts["models"] == ["tiny"]
+
+
+def test_the_memory_budget_splits_a_release(release_pytester: pytest.Pytester) -> None:
+    release_pytester.makepyfile(SEVERAL.format(extra=", release_group_mib=0"))
+    release_pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=4)
+    assert _counts(release_pytester)["loads"]["pass"] == 3  # 0 MiB: each SAE alone
+
+
+def test_joint_marker_end_to_end_with_the_report(release_pytester: pytest.Pytester) -> None:
+    release_pytester.makepyfile(
+        """
+        import pytest
+        from pytest_saecheck import assert_ce_recovery
+
+        @pytest.mark.saecheck(model="tiny", tokens="tokens.npy", n_tokens=160,
+                              sae=["sae_mlp0", "sae_identity"], splice="joint")
+        def test_circuit(saecheck):
+            joint = saecheck.evaluation
+            assert set(joint.members) == set(saecheck.sae_specs) and len(joint.members) == 2
+            assert joint.dictionary["kind"] == "joint"
+            assert joint.compounding["delta_ce_joint"] == pytest.approx(joint.metrics["delta_ce"])
+            assert_ce_recovery(saecheck, metric="kl_sae", max_value=100.0, confidence=0.95)
+            with pytest.raises(Exception, match="saecheck.saes"):
+                saecheck.sae
+
+        @pytest.mark.saecheck(model="tiny", tokens="tokens.npy", sae=["sae_identity", "sae_random"])
+        def test_a_list_without_joint_is_refused(saecheck):
+            saecheck.evaluation
+        """
+    )
+    result = release_pytester.runpytest_inprocess("-p", "no:cacheprovider", "--saecheck-json", "r.json")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(['*add splice="joint"*'])
+    document = json.loads((release_pytester.path / "r.json").read_text())
+    [joint] = [entry for entry in document["saes"] if "joint" in entry["label"]]
+    assert joint["evaluated"] and "delta_ce" in joint["metrics"]
