@@ -16,7 +16,7 @@
 #   PYTHON       the interpreter that creates it (default python3, which must be 3.10 or newer).
 #   EXTRA        more requirements installed with the project, e.g. "sae-lens==6.5.1".
 #   PIP_FLAGS    more pip flags for every install, e.g. --quiet.
-#   PYTEST_ARGS  more pytest arguments, e.g. "-n 2" or "-x tests/test_engine.py".
+#   PYTEST_ARGS  more pytest arguments, e.g. "-x tests/test_engine.py".
 #   REPORT       the main job's HTML report (default saecheck-report.html).
 
 PYTHON ?= python3
