@@ -44,8 +44,24 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
+# What an outer make (`make test TORCH=...`) or the user's shell would pass on to the make under test.
+OUTER = {
+    "MAKEFLAGS",
+    "MFLAGS",
+    "MAKELEVEL",
+    "MAKEOVERRIDES",
+    "PYTHON",
+    "VENV",
+    "TORCH",
+    "TORCH_INDEX",
+    "EXTRA",
+}
+OUTER |= {"PIP_FLAGS", "PYTEST_ARGS", "REPORT"}
+
+
 def make(project: Path, *args: str, status: int = 0) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "FAKE_PYTEST_STATUS": str(status)}
+    environment = {key: value for key, value in os.environ.items() if key not in OUTER}
+    environment["FAKE_PYTEST_STATUS"] = str(status)
     return subprocess.run(
         [MAKE or "make", "--no-print-directory", "-C", str(project), "VENV=venv", *args],
         capture_output=True,
