@@ -9,10 +9,15 @@ session, a directory a pytester run can use:
 
 ``TINY_CONFTEST`` is a conftest for pytester runs that serves the model spec ``"tiny"`` through the
 ``pytest_saecheck_load_model`` hook.
+
+Tests marked ``slow`` (end-to-end runs in subprocesses or xdist workers, each paying the ~7 s import of
+torch, TransformerLens and SAE Lens) are deselected unless ``--run-slow`` is given: ``pytest`` alone is the
+fast suite, ``pytest --run-slow -m slow`` (``make test-slow``) runs the rest, and CI runs both.
 """
 
 from __future__ import annotations
 
+import gc
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,51 @@ import torch
 D_MODEL, N_CTX, D_VOCAB, N_HEADS = 32, 16, 61, 4
 HOOK = "blocks.1.hook_resid_pre"
 BOS = 0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=False,
+        help="also run the tests marked slow (end-to-end runs in subprocesses and xdist workers); "
+        "`pytest --run-slow -m slow` runs only those",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "slow: an end-to-end test that takes many seconds (subprocesses, xdist workers); deselected unless "
+        "--run-slow is given",
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if config.getoption("--run-slow"):
+        return None
+    return "slow tests: deselected (--run-slow includes them; `make test-slow` runs only them)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+        config.hook.pytest_deselected(items=slow)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Exempt everything alive after collection from garbage collection.
+
+    By now torch, TransformerLens, SAE Lens and transformers are imported: about half a million objects that
+    live as long as the process. Every full ``gc.collect()`` (the session cache frees memory with one whenever
+    the model changes, and pytester runs change it often) would walk them all, about 0.25 s each on this
+    2-core machine. Frozen, a collection walks only what the tests create, so tests that check that objects
+    are freed still see them collected.
+    """
+    gc.freeze()
 
 
 def make_tiny_model(device: str = "cpu", tokenizer: Any = None, seed: int = 0) -> Any:

@@ -1,7 +1,7 @@
 """The shipped examples end to end: serial and ``-n 2`` runs give equal documents; merged shards give the same.
 
-Runs ``pytest examples`` in subprocesses on the demo model with few tokens. Skipped until the examples and the
-demo assets exist.
+Runs ``pytest examples`` in subprocesses on the demo model with few tokens: marked ``slow`` (``--run-slow``).
+Skipped until the examples and the demo assets exist.
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ EXAMPLES = sorted((ROOT / "examples").glob("test_*.py"))
 DEMO_ASSETS = ROOT / "pytest_saecheck" / "demo" / "assets"
 N_TOKENS = "2048"
 
-pytestmark = pytest.mark.skipif(
-    not EXAMPLES or not any(DEMO_ASSETS.glob("*")),
-    reason="the examples or the demo assets are not there yet (examples/test_*.py, pytest_saecheck/demo/assets/)",
-)
+pytestmark = [
+    pytest.mark.slow,  # five `pytest examples` subprocesses, each importing torch, TransformerLens and SAE Lens
+    pytest.mark.skipif(
+        not EXAMPLES or not any(DEMO_ASSETS.glob("*")),
+        reason="the examples or the demo assets are not there yet (examples/test_*.py, pytest_saecheck/demo/assets/)",
+    ),
+]
 
 
 def run_examples(tmp_path: Path, name: str, *args: str, paths: list[Path] | None = None) -> dict:

@@ -98,6 +98,7 @@ def test_json_and_html_after_failures_and_errors(tiny_pytester: pytest.Pytester)
     assert not list((tiny_pytester.path / "out").glob(".*.tmp"))
 
 
+@pytest.mark.slow  # a subprocess: imports torch, TransformerLens and SAE Lens afresh
 def test_interrupted_run_still_writes_a_valid_report(tiny_pytester: pytest.Pytester) -> None:
     tiny_pytester.makepyfile(
         f"""
@@ -209,6 +210,7 @@ def test_a_failing_extension_does_not_cost_the_report(tiny_pytester: pytest.Pyte
     assert load_document(tiny_pytester.path / "r.json")["run"]["outcomes"] == {"passed": 1}
 
 
+@pytest.mark.slow  # two xdist workers, each importing torch, TransformerLens and SAE Lens
 @pytest.mark.parametrize("workers", ["2"])
 def test_xdist_gives_the_serial_document_and_pins_gpus(
     tiny_pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, workers: str
