@@ -95,19 +95,23 @@ class Accumulator:
         self.current["ce_sum_orig"] = ce_orig.sum(1)
         self.current["n_ce"] = kept_ce.double().sum(1)
         self.current["n_kl"] = kept.double().sum(1)
-        self.position["ce_orig"] += ce_orig.sum(0)
-        self.position["n_ce"] += kept_ce.double().sum(0)
-        self.position["n_kl"] += kept.double().sum(0)
+        self._add_position("ce_orig", ce_orig.sum(0))
+        self._add_position("n_ce", kept_ce.double().sum(0))
+        self._add_position("n_kl", kept.double().sum(0))
         for name, ce in scores.ce.items():
             ce_kept = masked(ce, kept_ce)
             self.current[f"ce_sum_{name}"] = ce_kept.sum(1)
             if name == "sae":
-                self.position["ce_sae"] += ce_kept.sum(0)
+                self._add_position("ce_sae", ce_kept.sum(0))
         for name, kl in scores.kl.items():
             kl_kept = masked(kl, kept)
             self.current[f"kl_sum_{name}"] = kl_kept.sum(1)
             if name == "sae":
-                self.position["kl_sae"] += kl_kept.sum(0)
+                self._add_position("kl_sae", kl_kept.sum(0))
+
+    def _add_position(self, key: str, values: torch.Tensor) -> None:
+        # the logits live on the unembedding's device, which differs from the first block's with n_devices > 1
+        self.position[key] += values.to(self.position[key].device)
 
     def end_batch(self) -> None:
         self.batches.append({key: value.detach().to("cpu") for key, value in self.current.items()})
