@@ -7,7 +7,9 @@ whose evaluation is already cached loads no model at all. Imports no torch at im
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import contextlib
+import warnings
+from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
@@ -217,7 +219,8 @@ class SAECheck:
 
     def _guard(self, load: Any) -> Any:
         try:
-            return load()
+            with _dependency_warnings_hidden():
+                return load()
         except loading.WeightsUnavailableError as error:
             if self.settings.unavailable == "skip":
                 _skip(str(error))
@@ -225,6 +228,22 @@ class SAECheck:
 
     def __repr__(self) -> str:
         return f"<SAECheck {self.label} on {self.device}>"
+
+
+#: Modules whose deprecation warnings (SAE Lens importing TransformerLens' deprecated ``utils``, the plugin calling
+#: a deprecated API) are hidden while the plugin loads and evaluates: the user can do nothing about them.
+DEPENDENCY_MODULES = r"(sae_lens|transformer_lens|pytest_saecheck)(\..*)?$"
+
+
+@contextlib.contextmanager
+def _dependency_warnings_hidden() -> Iterator[None]:
+    """Hide deprecation warnings raised from SAE Lens, TransformerLens and plugin code while the plugin calls them.
+
+    Only around the plugin's own loading and evaluation: the user's code, and other warnings, are untouched.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=DEPENDENCY_MODULES)
+        yield
 
 
 def _intervals(evaluation: Evaluation) -> dict[str, list[float]]:
