@@ -3,7 +3,7 @@
 It registers the ``--saecheck-*`` options and ``saecheck_*`` ini keys, the ``saecheck`` marker, the loader
 hookspecs and the fixtures; carries assertion records onto test reports; and prints a header line and an
 end-of-run table of every SAE checked. It also warns when a marker shadows a command-line option, keeps each
-SAE's tests on one pytest-xdist worker (``-n N`` without ``--dist`` means ``--dist loadgroup``), and hides its
+SAE's tests on one pytest-xdist worker under ``--dist loadgroup``, and hides its
 own frames from the tracebacks of the :class:`~pytest_saecheck.errors.SAECheckError` errors it raises.
 """
 
@@ -58,7 +58,6 @@ HIDDEN_DIRS = tuple(
 )
 #: The fixtures that load an SAE: tests using one of them are grouped per SAE under pytest-xdist.
 SAE_FIXTURES = frozenset({"saecheck", "saecheck_sae", "saecheck_model", "saecheck_tokens"})
-LOADGROUP_KEY = "saecheck_loadgroup"
 
 
 class SettingShadowedWarning(pytest.PytestWarning):
@@ -126,38 +125,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_cmdline_main(config: pytest.Config) -> Generator[None, Any, Any]:
-    """``-n N`` without ``--dist``: distribute by group, so that each SAE's tests share one xdist worker.
-
-    A wrapper, so that it runs before pytest-xdist turns ``--dist no`` into ``load``; an explicit ``--dist`` is
-    kept.
-    """
-    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "no":
-        config.option.dist = "loadgroup"
-    return (yield)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node: Any) -> None:
-    """On the xdist controller: tell each worker that the run distributes by group.
-
-    A worker parses the original command line again, so it does not see a ``--dist loadgroup`` chosen above.
-    """
-    if node.config.getvalue("dist") == "loadgroup":
-        node.workerinput[LOADGROUP_KEY] = True
-
-
-@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> Generator[None, Any, Any]:
     worker = getattr(config, "workerinput", None)
     if worker is None or worker.get("workerid") == "gw0":  # every xdist worker collects: warn once
         _warn_shadowed_options(config, items)
-    if worker is not None and worker.get(LOADGROUP_KEY):
-        config.option.loadgroup = (
-            True  # read by pytest-xdist's worker, after this hook, to suffix the node ids
-        )
     loadgroup = bool(getattr(config.option, "loadgroup", False))  # an xdist worker under --dist loadgroup
     if loadgroup:
         _group_by_sae(items)
