@@ -1,19 +1,24 @@
 """Settings of the saecheck fixtures: one table, read from markers, the command line and ini files.
 
-Every setting ``NAME`` can be given three ways, and the first that is present wins:
+Every setting ``NAME`` can be given four ways, and the first that is present wins:
 
-1. the ``@pytest.mark.saecheck(NAME=...)`` marker closest to the test (the test itself, a ``pytest.param``'s
+1. ``--saecheck-override NAME=VALUE`` on the command line (repeatable): forces a value on every test, for smoke
+   runs and full CI runs;
+2. the ``@pytest.mark.saecheck(NAME=...)`` marker closest to the test (the test itself, a ``pytest.param``'s
    marks, its class, then the module's ``pytestmark``); markers further out fill in the keys closer ones omit;
-2. the command-line option ``--saecheck-NAME`` (underscores become dashes);
-3. the ini key ``saecheck_NAME``;
+3. the command-line option ``--saecheck-NAME`` (underscores become dashes): a default for tests whose markers
+   leave the key out (the plugin warns when a marker shadows it);
+4. the ini key ``saecheck_NAME``;
 
-and otherwise the default in :data:`SETTINGS`. This module imports nothing heavy.
+and otherwise the default in :data:`SETTINGS`. This module imports nothing heavy (:func:`check_device` imports
+torch when it is called).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import re
@@ -73,8 +78,10 @@ def _positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
         raise ConfigError(f"saecheck setting {name!r} must be an integer, got the boolean {value!r}")
     if isinstance(value, int):
         number = value
-    elif isinstance(value, str) and re.fullmatch(r"\s*\d[\d_]*\s*", value):
-        number = int(value.strip().replace("_", ""))
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d[\d_]*\s*", value):
+        number = int(
+            value.strip().replace("_", "")
+        )  # a sign is parsed so that "-1" gets the "at least" message
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
     else:
@@ -123,6 +130,80 @@ def _device(name: str, value: Any) -> str | None:
             f"saecheck setting {name!r} is not a device: {text!r}; use 'auto', 'cpu', 'cuda', 'cuda:1', 'mps', ..."
         )
     return text
+
+
+# what people type for a device torch calls something else
+_DEVICE_ALIASES: Mapping[str, str] = {
+    "gpu": "cuda",
+    "nvidia": "cuda",
+    "rocm": "cuda",
+    "metal": "mps",
+    "apple": "mps",
+}
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hpu", "npu", "xla", "mtia", "meta")
+
+
+def check_device(name: str, device: str | None) -> None:
+    """Check that torch knows the device ``device`` and that this machine has it, at start-up.
+
+    ``device`` is a parsed ``device`` setting (``None``: auto, always fine). Imports torch, so call it from a hook,
+    never at import time; the answer is cached per device string.
+
+    Raises:
+        ConfigError: an unknown device type (``"gpu"``: did you mean ``"cuda"``?), a device type this machine
+            has not got (``cuda`` on a CPU-only machine or build), or an index past the number of visible
+            devices (``cuda:3`` with two GPUs).
+    """
+    if device is None:
+        return
+    problem = _device_problem(device)
+    if problem is not None:
+        raise ConfigError(f"saecheck setting {name!r} is {device!r}: {problem}")
+
+
+@functools.cache
+def _device_problem(device: str) -> str | None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        kind = device.split(":", 1)[0]
+        guess = _DEVICE_ALIASES.get(kind) or next(
+            iter(difflib.get_close_matches(kind, _DEVICE_TYPES, n=1)), None
+        )
+        hint = f" (did you mean {guess!r}?)" if guess else ""
+        return (
+            f"torch knows no device type {kind!r}{hint}; use 'auto' (cuda when available, else cpu), 'cpu', "
+            "'cuda', 'cuda:1', 'mps', ..."
+        )
+    kind, index = parsed.type, parsed.index
+    if kind in ("cpu", "meta"):
+        return None
+    if kind == "mps":
+        module: Any = getattr(torch.backends, "mps", None)
+    else:
+        module = getattr(torch, kind, None)  # torch.cuda, torch.xpu, ...: each has is_available()
+    is_available = getattr(module, "is_available", None)
+    if callable(is_available) and not is_available():
+        build = " (this torch is a CPU-only build)" if kind == "cuda" and torch.version.cuda is None else ""
+        return (
+            f"this machine has no {kind} device available to torch {torch.__version__}{build}; use 'auto' "
+            "(cuda when available, else cpu) or 'cpu'"
+        )
+    count = getattr(getattr(torch, kind, None), "device_count", None)
+    if index is not None and callable(count) and index >= count():
+        visible = count()
+        pinned = (
+            "; under pytest-xdist each worker is pinned to one GPU: use 'cuda', or --saecheck-no-gpu-pinning"
+            if kind == "cuda" and os.environ.get("PYTEST_XDIST_WORKER")
+            else ""
+        )
+        return (
+            f"only {visible} {kind} device{'' if visible == 1 else 's'} visible (indices 0 to {visible - 1}); "
+            f"use '{kind}' or an index below {visible}{pinned}"
+        )
+    return None
 
 
 DTYPES: Mapping[str, str] = {
@@ -468,6 +549,44 @@ def add_options(parser: pytest.Parser) -> None:
             setting.option, dest=setting.dest, default=None, metavar=setting.metavar, help=setting.help
         )
         parser.addini(setting.ini, help=setting.help, default=None)
+    group.addoption(
+        OVERRIDE_OPTION,
+        dest="saecheck_override",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="force a setting on every test, over markers, options and ini keys (repeatable), "
+        "e.g. --saecheck-override n_tokens=2048 for a smoke run",
+    )
+
+
+OVERRIDE_OPTION = "--saecheck-override"
+
+
+def _check_key(key: str, where: str) -> None:
+    if key not in SETTINGS_BY_NAME:
+        close = difflib.get_close_matches(key, list(SETTINGS_BY_NAME), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown key {key!r} in {where}{hint}; known keys: {', '.join(SETTINGS_BY_NAME)}")
+
+
+def overrides(config: pytest.Config) -> dict[str, str]:
+    """The raw ``--saecheck-override NAME=VALUE`` values by setting name (the last one given wins).
+
+    Raises:
+        ConfigError: an entry without ``=`` or with an unknown name.
+    """
+    raw: dict[str, str] = {}
+    for entry in config.getoption("saecheck_override", default=None) or ():
+        key, equals, value = str(entry).partition("=")
+        key = key.strip().replace("-", "_")
+        if not equals or not key:
+            raise ConfigError(
+                f"{OVERRIDE_OPTION} takes NAME=VALUE, got {entry!r}; e.g. {OVERRIDE_OPTION} n_tokens=200000"
+            )
+        _check_key(key, OVERRIDE_OPTION)
+        raw[key] = value
+    return raw
 
 
 def _raw_option(config: pytest.Config, setting: Setting) -> Any:
@@ -487,16 +606,29 @@ def _raw_ini(config: pytest.Config, setting: Setting) -> Any:
 
 
 def validate_command_line(config: pytest.Config) -> None:
-    """Parse every option and ini value once at start-up so that a typo fails the run, not each test."""
+    """Parse every override, option and ini value once at start-up so that a typo fails the run, not each test.
+
+    A ``device`` is also checked against this machine (:func:`check_device`, which imports torch then).
+
+    Raises:
+        SettingsUsageError: the first malformed value, naming the option or ini key and the fix.
+    """
+    try:
+        forced = overrides(config)
+    except ConfigError as error:
+        raise SettingsUsageError(str(error)) from None
     for setting in SETTINGS:
         for raw, where in (
+            (forced.get(setting.name), f"{OVERRIDE_OPTION} {setting.name}"),
             (_raw_option(config, setting), setting.option),
             (_raw_ini(config, setting), setting.ini),
         ):
             if raw is None:
                 continue
             try:
-                setting.parse(setting.name, raw)
+                value = setting.parse(setting.name, raw)
+                if setting.name == "device":
+                    check_device(setting.name, value)
             except ConfigError as error:
                 raise SettingsUsageError(f"{where}: {error}") from None
 
@@ -517,13 +649,7 @@ def marker_kwargs(markers: Iterable[pytest.Mark]) -> tuple[dict[str, Any], dict[
                 f'write e.g. @pytest.mark.saecheck(sae="demo/good")'
             )
         for key, value in mark.kwargs.items():
-            if key not in SETTINGS_BY_NAME:
-                close = difflib.get_close_matches(key, list(SETTINGS_BY_NAME), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(
-                    f"unknown key {key!r} in @pytest.mark.saecheck{hint}; "
-                    f"known keys: {', '.join(SETTINGS_BY_NAME)}"
-                )
+            _check_key(key, "@pytest.mark.saecheck")
             if key not in merged and value is not None:  # None: not set at this level
                 merged[key] = value
                 origin[key] = "marker"
@@ -537,6 +663,7 @@ def _base_directories(config: pytest.Config, test_dir: Path | None) -> dict[str,
     return {
         "marker": test_dir if test_dir is not None else invocation,
         "command line": invocation,
+        "override": invocation,
         "ini": Path(inipath).parent if inipath is not None else Path(config.rootpath),
     }
 
@@ -564,19 +691,21 @@ def resolve_path_spec(value: str, base: Path) -> str:
 def resolve(
     config: pytest.Config, markers: Iterable[pytest.Mark] = (), test_dir: Path | None = None
 ) -> SAECheckSettings:
-    """Resolve every setting: marker > command line > ini > default.
+    """Resolve every setting: ``--saecheck-override`` > marker > command line > ini > default.
 
     Relative paths in ``model``, ``sae`` and ``tokens`` resolve against the directory of the place that gave
     them (:func:`resolve_path_spec`): ``test_dir`` (the test file's directory; default the invocation directory)
     for markers, the ini file's directory, the invocation directory for options.
     """
     from_markers, _ = marker_kwargs(markers)
+    forced = overrides(config)
     bases = _base_directories(config, test_dir)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     written: dict[str, str] = {}
     for setting in SETTINGS:
         for raw, where, label in (
+            (forced.get(setting.name, _UNSET), f"{OVERRIDE_OPTION} {setting.name}", "override"),
             (from_markers.get(setting.name, _UNSET), "@pytest.mark.saecheck", "marker"),
             (_raw_option(config, setting), setting.option, "command line"),
             (_raw_ini(config, setting), setting.ini, "ini"),
@@ -607,6 +736,47 @@ def resolve_for_item(item: pytest.Item) -> SAECheckSettings:
     return resolve(item.config, item.iter_markers(MARKER), Path(item.path).parent)
 
 
+def shadowed_options(config: pytest.Config, markers: Iterable[pytest.Mark]) -> dict[str, tuple[Any, Any]]:
+    """Command-line options that a test's markers shadow: ``{name: (option value, marker value)}``.
+
+    Only options given on the command line and set to a different value by a marker count (an ini key is a
+    project default that markers are meant to refine); a key forced by ``--saecheck-override`` shadows nothing.
+
+    Raises:
+        ConfigError: a malformed marker (as :func:`marker_kwargs`).
+    """
+    from_markers, _ = marker_kwargs(markers)
+    forced = overrides(config)
+    shadowed: dict[str, tuple[Any, Any]] = {}
+    for name, marked in from_markers.items():
+        setting = SETTINGS_BY_NAME[name]
+        option = _raw_option(config, setting)
+        if option is None or name in forced:
+            continue
+        try:
+            differs = setting.parse(name, option) != setting.parse(name, marked)
+        except ConfigError:  # the test itself errors on its malformed marker value
+            differs = True
+        if differs:
+            shadowed[name] = (option, marked)
+    return shadowed
+
+
+def short_id(spec: str) -> str:
+    """A short name for a model, SAE or token spec in test ids and tables: a local path's last component.
+
+    A spec that is a path (absolute, ``./``, ``../``, ``~``, or an existing file or directory) becomes its last
+    component (``/data/runs/run-42/`` -> ``run-42``); anything else (``gpt2``, ``release/id``, ``hf:...``,
+    ``demo/good``) is returned as it is.
+    """
+    text = str(spec)
+    path = os.path.expanduser(text)
+    path_like = os.path.isabs(path) or text.startswith(("./", "../", ".\\", "..\\", "~"))
+    if not path_like and not os.path.exists(path):
+        return text
+    return os.path.basename(os.path.normpath(path)) or text
+
+
 def saecheck_param(sae: str | os.PathLike[str], *values: Any, id: str | None = None, **settings: Any) -> Any:
     """One case of a test parametrised over several SAEs: ``pytest.param(*values)`` marked with the SAE.
 
@@ -629,6 +799,5 @@ def saecheck_param(sae: str | os.PathLike[str], *values: Any, id: str | None = N
     for key, value in settings.items():
         SETTINGS_BY_NAME[key].parse(key, value)
     if id is None:
-        path = os.path.expanduser(spec)
-        id = os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else spec
+        id = short_id(spec)
     return pytest.param(*(values or (spec,)), marks=pytest.mark.saecheck(**settings), id=id)

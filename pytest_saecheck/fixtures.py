@@ -7,8 +7,10 @@ whose evaluation is already cached loads no model at all. Imports no torch at im
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Hashable
+import warnings
+from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
@@ -355,7 +357,8 @@ class SAECheck:
 
     def _guard(self, load: Any) -> Any:
         try:
-            return load()
+            with _dependency_warnings_hidden():
+                return load()
         except loading.WeightsUnavailableError as error:
             if self.settings.unavailable == "skip":
                 _skip(str(error))
@@ -373,7 +376,8 @@ def _weight_bytes(sae: Any) -> int:
     return sum(p.numel() * p.element_size() for p in sae.parameters())
 
 
-def _group_key(settings: SAECheckSettings) -> Hashable:
+def release_group_key(settings: SAECheckSettings) -> Hashable:
+    """Every setting but the SAE: tests with equal keys share one pass."""
     return dataclasses.replace(settings, sae=None)
 
 
@@ -393,7 +397,7 @@ def plan_release_groups(config: pytest.Config, items: list[pytest.Item]) -> None
             or settings.release_group_mib == 0
         ):
             continue
-        specs = plan.setdefault(_group_key(settings), [])
+        specs = plan.setdefault(release_group_key(settings), [])
         if settings.sae not in specs:
             specs.append(settings.sae)
     session_cache(config).release_plan = plan
@@ -402,7 +406,23 @@ def plan_release_groups(config: pytest.Config, items: list[pytest.Item]) -> None
 def release_group(cache: SessionCache, settings: SAECheckSettings) -> list[str]:
     """The SAE specs planned with the same settings as ``settings`` (empty outside a planned run)."""
     plan = cache.release_plan
-    return list(plan.get(_group_key(settings), [])) if plan else []
+    return list(plan.get(release_group_key(settings), [])) if plan else []
+
+
+#: Modules whose deprecation warnings (SAE Lens importing TransformerLens' deprecated ``utils``, the plugin calling
+#: a deprecated API) are hidden while the plugin loads and evaluates: the user can do nothing about them.
+DEPENDENCY_MODULES = r"(sae_lens|transformer_lens|pytest_saecheck)(\..*)?$"
+
+
+@contextlib.contextmanager
+def _dependency_warnings_hidden() -> Iterator[None]:
+    """Hide deprecation warnings raised from SAE Lens, TransformerLens and plugin code while the plugin calls them.
+
+    Only around the plugin's own loading and evaluation: the user's code, and other warnings, are untouched.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=DEPENDENCY_MODULES)
+        yield
 
 
 def _intervals(evaluation: Evaluation) -> dict[str, list[float]]:

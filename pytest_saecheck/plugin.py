@@ -2,21 +2,32 @@
 
 It registers the ``--saecheck-*`` options and ``saecheck_*`` ini keys, the ``saecheck`` marker, the loader
 hookspecs and the fixtures; carries assertion records onto test reports; and prints a header line and an
-end-of-run table of every SAE checked.
+end-of-run table of every SAE checked. It also warns when a marker shadows a command-line option, keeps each
+SAE's tests on one pytest-xdist worker under ``--dist loadgroup``, and hides its
+own frames from the tracebacks of the :class:`~pytest_saecheck.errors.SAECheckError` errors it raises.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+import types
+import warnings
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
+import _pytest
+import pluggy
 import pytest
 
 from pytest_saecheck import config as settings_config
 from pytest_saecheck import hookspecs, records
+from pytest_saecheck.errors import ConfigError, SAECheckError
 from pytest_saecheck.fixtures import (
     CACHE_KEY,
     plan_release_groups,
+    release_group_key,
     saecheck,
     saecheck_device,
     saecheck_model,
@@ -40,8 +51,19 @@ PREVIOUS_HOOK_KEY = pytest.StashKey[Any]()
 MARKER_HELP = (
     "saecheck(model=..., sae=..., tokens=..., n_tokens=..., context_size=..., batch_size=..., device=..., "
     "dtype=..., exclude_bos=..., seed=..., unavailable=...): configure the SAE under test for the saecheck "
-    "fixtures; the closest marker wins per key, and markers override --saecheck-* options and saecheck_* ini keys"
+    "fixtures; the closest marker wins per key, and markers override --saecheck-* options and saecheck_* ini keys "
+    "(only --saecheck-override NAME=VALUE overrides markers)"
 )
+# frames hidden from an SAECheckError's traceback: this package's, and pytest's and pluggy's around them
+HIDDEN_DIRS = tuple(
+    Path(module.__file__).resolve().parent for module in (settings_config, _pytest, pluggy) if module.__file__
+)
+#: The fixtures that load an SAE: tests using one of them are grouped per SAE under pytest-xdist.
+SAE_FIXTURES = frozenset({"saecheck", "saecheck_sae", "saecheck_model", "saecheck_tokens"})
+
+
+class SettingShadowedWarning(pytest.PytestWarning):
+    """A ``--saecheck-*`` option has no effect on some tests because their ``saecheck`` markers set the key."""
 
 
 class SummaryReporter:
@@ -96,18 +118,102 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return header_lines(config)
 
 
-@pytest.hookimpl(trylast=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A malformed ``saecheck`` marker, or a marker's device this machine has not got, errors the test."""
+    if item.get_closest_marker(settings_config.MARKER) is not None:
+        settings = settings_config.resolve_for_item(item)
+        if settings.sources.get("device") == "marker":
+            settings_config.check_device("device", settings.device)
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
-) -> None:
-    """Plan the release groups: SAEs whose tests differ only in the SAE are evaluated in one shared pass."""
+) -> Generator[None, Any, Any]:
+    worker = getattr(config, "workerinput", None)
+    if worker is None or worker.get("workerid") == "gw0":  # every xdist worker collects: warn once
+        _warn_shadowed_options(config, items)
+    loadgroup = bool(getattr(config.option, "loadgroup", False))  # an xdist worker under --dist loadgroup
+    if loadgroup:
+        _group_by_sae(items)
+    result = yield
+    if loadgroup:
+        _suffix_xdist_groups(items)
+    # after deselection: SAEs whose tests differ only in the SAE are evaluated in one shared pass
     plan_release_groups(config, items)
+    return result
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """A malformed ``saecheck`` marker errors the test, whatever fixtures it uses."""
-    if item.get_closest_marker(settings_config.MARKER) is not None:
-        settings_config.resolve_for_item(item)
+def _suffix_xdist_groups(items: list[pytest.Item]) -> None:
+    """Make sure each grouped test's node id ends in ``@<group>``, which is what ``--dist loadgroup`` schedules by.
+
+    pytest-xdist appends it by assigning ``Item._nodeid``; pytest versions that keep the node id elsewhere (a
+    ``NodeId`` in ``Item._id``) ignore that assignment, and every group would be spread over the workers.
+    """
+    for item in items:
+        names = sorted(
+            {
+                str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                for mark in item.iter_markers("xdist_group")
+            }
+        )
+        suffix = "@" + "_".join(names)
+        if not names or item.nodeid.endswith(suffix):
+            continue
+        identity = getattr(item, "_id", None)
+        parse = getattr(type(identity), "parse", None)
+        if callable(parse):
+            item._id = parse(item.nodeid + suffix)
+
+
+def _warn_shadowed_options(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """One warning per command-line option that markers shadow, located at the first test it misses."""
+    shadowed: dict[str, list[tuple[pytest.Item, Any, Any]]] = {}
+    for item in items:
+        try:
+            found = settings_config.shadowed_options(config, item.iter_markers(settings_config.MARKER))
+        except ConfigError:
+            continue  # the test errors at setup with the marker's problem
+        for name, (option, marked) in found.items():
+            shadowed.setdefault(name, []).append((item, option, marked))
+    for name, cases in shadowed.items():
+        option = settings_config.SETTINGS_BY_NAME[name].option
+        item, given, marked = cases[0]
+        others = f" and {len(cases) - 1} more" if len(cases) > 1 else ""
+        warning = SettingShadowedWarning(
+            f"{option}={given} has no effect on {len(cases)} test{'' if len(cases) == 1 else 's'} whose "
+            f"@pytest.mark.saecheck sets {name} (e.g. {item.nodeid}: {name}={marked!r}{others}): markers take "
+            f"precedence over options. To force it on every test: {settings_config.OVERRIDE_OPTION} {name}={given}"
+        )
+        line = item.location[1]
+        warnings.warn_explicit(warning, SettingShadowedWarning, str(item.path), (line or 0) + 1)
+
+
+def xdist_group_name(settings: settings_config.SAECheckSettings) -> str:
+    """The pytest-xdist group of a test's SAE: its release group when SAEs are evaluated together (every setting
+    but the SAE), else its spec (and model), as characters safe in a node id suffix."""
+    sae = " + ".join(settings.sae) if isinstance(settings.sae, tuple) else settings.sae
+    if isinstance(settings.sae, str) and settings.splice == "separate" and settings.release_group_mib > 0:
+        key = repr(release_group_key(settings))
+        slug = "release"
+    else:
+        key = sae if settings.model is None else f"{sae}@{settings.model}"
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", settings_config.short_id(sae or "none"))[:40]
+    return f"saecheck-{slug}-{hashlib.sha1(str(key).encode()).hexdigest()[:8]}"
+
+
+def _group_by_sae(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue  # the user grouped it
+        if not SAE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            continue
+        try:
+            settings = settings_config.resolve_for_item(item)
+        except ConfigError:
+            continue
+        if settings.sae is not None:
+            item.add_marker(pytest.mark.xdist_group(xdist_group_name(settings)))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -120,8 +226,38 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         records.set_current_item(previous)
 
 
+def _outside_plugin(frame: types.FrameType) -> bool:
+    try:
+        parents = Path(frame.f_code.co_filename).resolve().parents
+    except (TypeError, ValueError, OSError):
+        return True
+    return not any(directory in parents for directory in HIDDEN_DIRS)
+
+
+def _without_plugin_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """A copy of the traceback chain ``tb`` without the frames of this package, pytest and pluggy."""
+    kept = []
+    while tb is not None:
+        if _outside_plugin(tb.tb_frame):
+            kept.append(tb)
+        tb = tb.tb_next
+    chain = None
+    for entry in reversed(kept):  # a new chain: pytest re-reads tb_next when it cuts at the test function
+        chain = types.TracebackType(chain, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return chain
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    excinfo = call.excinfo
+    if (
+        excinfo is not None
+        and isinstance(excinfo.value, SAECheckError)
+        and not item.config.getoption("fulltrace", False)
+    ):
+        # its message names the problem and the fix: show the user's frames only, as the assertions do
+        chain = _without_plugin_frames(excinfo.tb)
+        excinfo.traceback = type(excinfo.traceback)(chain if chain is not None else [])
     report = yield
     gathered = records.take(item)
     if gathered:

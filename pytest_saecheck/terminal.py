@@ -7,14 +7,16 @@ records are plain values). Imports no torch.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
 import pytest
 
-from pytest_saecheck.config import SETTINGS, resolve
+from pytest_saecheck.config import SETTINGS, resolve, short_id
+from pytest_saecheck.report.display import column_format, outcome_counts, short_labels
+from pytest_saecheck.report.schema import count
 
 HEADLINE = (
     ("ce_loss_score", "CE score"),
@@ -76,6 +78,8 @@ def _show(value: Any, name: str) -> str:
 @dataclass
 class SubjectRow:
     label: str
+    sae: str | None = None  # the specs as given: the table shows their short ids
+    model_spec: str | None = None
     device: str | None = None
     model: str | None = None
     tokens: str | None = None
@@ -100,6 +104,8 @@ class Summary:
                 continue  # rows are the SAEs of the saecheck fixture; bare assertions only add outcomes
             row = self.rows.setdefault(label, SubjectRow(label))
             row.device = entry.get("device") or row.device
+            row.sae = entry.get("sae") or row.sae
+            row.model_spec = entry.get("model") or row.model_spec
             self._subjects_by_node.setdefault(report.nodeid, set()).add(label)
             if entry.get("kind") == "evaluation":
                 row.model = entry.get("resolved_model") or row.model
@@ -115,45 +121,39 @@ class Summary:
                 self.rows[label].outcomes[report.nodeid] = outcome
 
     def lines(self) -> list[str]:
+        """The table: one row per SAE, local paths cut to their last part, one number format per column."""
         if not self.rows:
             return []
+        rows = list(self.rows.values())
+        labels = short_labels([(row.label, row.sae, row.model_spec) for row in rows])
+        formats = {
+            name: column_format((row.metrics.get(name) for row in rows), missing="-") for name, _ in HEADLINE
+        }
         header = ["SAE", "model", "tokens", "n_tokens", *(title for _, title in HEADLINE), "tests"]
         table = [header]
-        for row in self.rows.values():
-            cells = [row.label, row.model or "-", row.tokens or "-", str(row.n_tokens or "-")]
-            cells += [_number(row.metrics.get(name)) for name, _ in HEADLINE]
-            cells.append(_counts(row.outcomes.values()))
+        for label, row in zip(labels, rows, strict=True):
+            cells = [label, _short(row.model), _short(row.tokens), str(row.n_tokens or "-")]
+            cells += [formats[name](row.metrics.get(name)) for name, _ in HEADLINE]
+            cells.append(outcome_counts(count(row.outcomes.values())))
             table.append(cells)
         return _render(table)
 
 
+def _short(spec: str | None) -> str:
+    return "-" if spec is None else short_id(spec)
+
+
 def _outcome(report: pytest.TestReport) -> str | None:
+    outcome = report.outcome  # read as the report collector reads it (a report-like object will do)
     if report.when == "call":
         if hasattr(report, "wasxfail"):
-            return "xfailed" if report.skipped else "xpassed"
-        return report.outcome
-    if report.failed:
+            return "xfailed" if outcome == "skipped" else "xpassed"
+        return outcome
+    if outcome == "failed":
         return "error"
-    if report.when == "setup" and report.skipped:
+    if report.when == "setup" and outcome == "skipped":
         return "skipped"
     return None
-
-
-def _number(value: Any) -> str:
-    if value is None:
-        return "-"
-    number = float(value)
-    if abs(number) >= 100:
-        return f"{number:.1f}"
-    return f"{number:.4f}" if abs(number) < 10 else f"{number:.3f}"
-
-
-def _counts(outcomes: Iterable[str]) -> str:
-    counts: dict[str, int] = {}
-    for outcome in outcomes:
-        counts[outcome] = counts.get(outcome, 0) + 1
-    order = ("failed", "error", "passed", "xfailed", "xpassed", "skipped")
-    return ", ".join(f"{counts[name]} {name}" for name in order if counts.get(name)) or "-"
 
 
 def _render(table: Sequence[Sequence[str]]) -> list[str]:

@@ -427,7 +427,17 @@ def test_plugin_applies_the_checkpoints_scaler_and_the_token_settings(pytester, 
             assert not policy.exclude_special_tokens and policy.exclude_token_ids == (5, 6)
         """
     )
-    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+    pytester.runpytest_inprocess("-p", "no:cacheprovider", "--saecheck-json", "r.json").assert_outcomes(
+        passed=2
+    )
+    document = json.loads((pytester.path / "r.json").read_text())
+    [entry] = [e for e in document["saes"] if e["sae"]["spec"] == str(checkpoint)]
+    assert entry["normalisation"] == {
+        "scaling_factor": 0.37,
+        "source": "activation_scaler.json",
+        "whitening": False,
+    }
+    assert entry["hook"]["name_out"] == demo.HOOK_NAME and entry["dictionary"]["kind"] == "sae"
 
 
 def test_cross_layer_transcoder_releases_are_refused_before_any_download():

@@ -201,8 +201,114 @@ def test_malformed_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None
     result = pytester.runpytest_inprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
-        ["*saecheck_context_size: saecheck setting 'context_size' must be an integer*"]
+        ["*saecheck_context_size: saecheck setting 'context_size' must be at least 1, got -4*"]
     )
+
+
+@pytest.mark.parametrize("where", ["option", "ini", "marker"])
+def test_a_negative_count_says_at_least_one_everywhere(pytester: pytest.Pytester, where: str) -> None:
+    expected = "*saecheck setting 'n_tokens' must be at least 1, got -1*"
+    if where == "marker":
+        pytester.makepyfile(
+            "import pytest\n@pytest.mark.saecheck(n_tokens=-1)\ndef test_a(saecheck_settings):\n    pass\n"
+        )
+        result = pytester.runpytest_inprocess()
+        result.assert_outcomes(errors=1)
+        result.stdout.fnmatch_lines([expected])
+        return
+    pytester.makepyfile("def test_nothing(): pass")
+    if where == "ini":
+        pytester.makeini("[pytest]\nsaecheck_n_tokens = -1\n")
+    result = pytester.runpytest_inprocess(*(["--saecheck-n-tokens=-1"] if where == "option" else []))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([expected])
+    assert "must be an integer" not in result.stderr.str()
+
+
+@pytest.fixture
+def fake_devices(monkeypatch: pytest.MonkeyPatch):
+    """Pretend this machine has ``n`` CUDA devices (0: none); the device check's cache is cleared around it."""
+    import torch
+
+    from pytest_saecheck.config import _device_problem
+
+    def set_count(n: int) -> None:
+        _device_problem.cache_clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+    yield set_count
+    _device_problem.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("device", "cuda_devices", "message"),
+    [
+        (
+            "gpu",
+            1,
+            "*--saecheck-device: saecheck setting 'device' is 'gpu': torch knows no device type 'gpu' (did you mean 'cuda'?)*",
+        ),
+        (
+            "cuda",
+            0,
+            "*saecheck setting 'device' is 'cuda': this machine has no cuda device available to torch*; use 'auto'*",
+        ),
+        (
+            "cuda:3",
+            2,
+            "*saecheck setting 'device' is 'cuda:3': only 2 cuda devices visible (indices 0 to 1); use 'cuda' or an index below 2*",
+        ),
+    ],
+)
+def test_a_device_this_machine_has_not_got_is_a_usage_error(
+    pytester: pytest.Pytester, fake_devices, device: str, cuda_devices: int, message: str
+) -> None:
+    fake_devices(cuda_devices)
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest_inprocess(f"--saecheck-device={device}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    pytester.makeini(f"[pytest]\nsaecheck_device = {device}\n")
+    result = pytester.runpytest_inprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*saecheck_device: saecheck setting 'device' is*"])
+
+
+def test_devices_this_machine_has_pass(pytester: pytest.Pytester, fake_devices) -> None:
+    fake_devices(2)
+    pytester.makepyfile("def test_nothing(): pass")
+    for device in ("cpu", "auto", "cuda", "cuda:1", "meta"):
+        pytester.runpytest_inprocess(f"--saecheck-device={device}").assert_outcomes(passed=1)
+
+
+def test_a_markers_device_is_checked_when_its_test_starts(pytester: pytest.Pytester, fake_devices) -> None:
+    fake_devices(0)
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.saecheck(device="cuda")
+        def test_on_gpu(saecheck_settings):
+            pass
+
+        def test_elsewhere():
+            pass
+        """
+    )
+    result = pytester.runpytest_inprocess()
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*ConfigError: saecheck setting 'device' is 'cuda': this machine has no cuda device*"]
+    )
+
+
+def test_the_device_check_keeps_the_plugin_import_torch_free() -> None:
+    code = (
+        "import sys, pytest_saecheck.plugin, pytest_saecheck.config as c; "
+        "c.SETTINGS_BY_NAME['device'].parse('device', 'gpu'); assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_usage_error_is_an_saecheck_error() -> None:
@@ -332,3 +438,63 @@ def test_saecheck_param_rejects_bad_keys_at_collection() -> None:
         saecheck_param("demo/good", 0.9, tokenz="demo")
     with pytest.raises(ConfigError, match="'n_tokens' must be an integer"):
         saecheck_param("demo/good", 0.9, n_tokens="all")
+
+
+def test_override_beats_markers_and_a_shadowed_option_warns(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nsaecheck_seed = 3\n")
+    pytester.makepyfile(
+        """
+        import pytest
+        pytestmark = pytest.mark.saecheck(n_tokens=300, batch_size=4)
+
+        def test_a(saecheck_settings):
+            print(f"A {saecheck_settings.n_tokens} {saecheck_settings.batch_size} {saecheck_settings.seed}")
+            print("SOURCES", dict(saecheck_settings.sources))
+
+        @pytest.mark.saecheck(batch_size=8)
+        def test_b(saecheck_settings):
+            print(f"B {saecheck_settings.n_tokens} {saecheck_settings.batch_size} {saecheck_settings.seed}")
+        """
+    )
+    # an option is shadowed by the markers: it has no effect, and the run says so once, naming the fix
+    result = pytester.runpytest_inprocess("-s", "--saecheck-n-tokens=200000", "--saecheck-batch-size=4")
+    result.assert_outcomes(passed=2, warnings=2)
+    result.stdout.fnmatch_lines(["*A 300 4 3", "*B 300 8 3"])
+    result.stdout.fnmatch_lines(
+        [
+            "*test_override_beats_markers_and_a_shadowed_option_warns.py:4: SettingShadowedWarning: "
+            "--saecheck-n-tokens=200000 has no effect on 2 tests whose "
+            "@pytest.mark.saecheck sets n_tokens (e.g. *::test_a: n_tokens=300 and 1 more): markers take "
+            "precedence over options. To force it on every test: --saecheck-override n_tokens=200000",
+        ]
+    )
+    # test_a's marker agrees with the option: only test_b misses it
+    result.stdout.fnmatch_lines(
+        ["*--saecheck-batch-size=4 has no effect on 1 test whose *(e.g. *::test_b: *"]
+    )
+    # the override beats every marker, and the ini key and the option still fill in the rest
+    result = pytester.runpytest_inprocess(
+        "-s", "--saecheck-override", "n_tokens=2_048", "--saecheck-override=batch-size=2", "-W", "error"
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*A 2048 2 3", "*'n_tokens': 'override'*'seed': 'ini'*", "*B 2048 2 3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("n_tokens", "*--saecheck-override takes NAME=VALUE, got 'n_tokens'*"),
+        ("n_token=5", "*unknown key 'n_token' in --saecheck-override (did you mean 'n_tokens'?)*"),
+        (
+            "n_tokens=-5",
+            "*--saecheck-override n_tokens: saecheck setting 'n_tokens' must be at least 1, got -5*",
+        ),
+    ],
+)
+def test_a_malformed_override_is_a_usage_error(
+    pytester: pytest.Pytester, override: str, message: str
+) -> None:
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest_inprocess("--saecheck-override", override)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])

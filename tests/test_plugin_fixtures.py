@@ -254,7 +254,7 @@ def test_summary_table_lists_each_sae_with_metrics_and_outcomes(tiny_pytester: p
         [
             "*= saecheck summary =*",
             "SAE*model*tokens*n_tokens*CE score*ΔCE*KL score*R²*L0*tests",
-            "sae_identity*tiny*tokens.npy*60*1.0000*0.0000*1.0000*1.0000*1 passed",
+            "sae_identity*tiny*tokens.npy*60*1.0000*0.0000*1.0000*1.000 *1 passed",  # R² column: -11.967 sets 3 decimals
             "sae_random*tiny*tokens.npy*60*1 failed",
         ]
     )
@@ -381,3 +381,64 @@ def test_scaling_law_command_line(tiny_pytester: pytest.Pytester) -> None:
         """
     )
     tiny_pytester.runpytest_inprocess("--saecheck-scaling-law=0.25,0.3").assert_outcomes(passed=1)
+
+
+def test_loading_errors_show_the_users_frames_and_the_clear_line_only(tiny_pytester: pytest.Pytester) -> None:
+    tiny_pytester.makepyfile(
+        """
+        import pytest
+        from pytest_saecheck import assert_ce_recovery
+
+        @pytest.mark.saecheck(model="tiny", sae="./no_such_sae", tokens="tokens.npy", n_tokens=160)
+        def test_in_the_call(saecheck):
+            assert_ce_recovery(saecheck, min_score=0.9)
+
+        @pytest.mark.saecheck(model="tiny", sae="sae_identity", tokens="no_such_tokens.jsonl", n_tokens=160)
+        def test_in_a_fixture(saecheck_tokens):
+            pass
+        """
+    )
+    result = tiny_pytester.runpytest_inprocess("-p", "no:saecheck-summary")
+    result.assert_outcomes(failed=1, errors=1)
+    text = result.stdout.str()
+    start, end = text.index("= ERRORS ="), text.index("short test summary info")
+    shown = text[start:end].splitlines()
+    assert len(shown) < 25, "\n".join(shown)  # it was ~120 lines of plugin internals before the clear line
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_in_a_fixture*",
+            "E   pytest_saecheck.errors.LoadError: token source 'no_such_tokens.jsonl' is not an existing file*",
+            "*test_in_the_call*",
+            ">       assert_ce_recovery(saecheck, min_score=0.9)",
+            "E       pytest_saecheck.errors.LoadError: SAE directory '*no_such_sae' does not exist (looked for *no_such_sae)*",
+        ]
+    )
+    for internal in ("loading.py", "fixtures.py", "session_cache.py", "pluggy", "_pytest"):
+        assert internal not in text[start:end], internal
+    # --full-trace still shows every frame
+    full = tiny_pytester.runpytest_inprocess("--full-trace")
+    assert "loading.py" in full.stdout.str() and "session_cache.py" in full.stdout.str()
+
+
+def test_sae_lens_deprecation_warnings_are_hidden_but_the_users_are_not(
+    tiny_pytester: pytest.Pytester,
+) -> None:
+    tiny_pytester.makepyfile(
+        f"""
+        import warnings
+        import pytest
+        pytestmark = {MARK}
+
+        def test_loads_sae_lens(saecheck):
+            assert saecheck.metrics["explained_variance"] > 0.99   # the first import of sae_lens happens here
+
+        def test_users_warning():
+            warnings.warn("the user's own deprecation", DeprecationWarning)
+        """
+    )
+    # a fresh interpreter, where SAE Lens is imported for the first time by the plugin
+    result = tiny_pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*DeprecationWarning: the user's own deprecation"])
+    # SAE Lens importing TransformerLens' deprecated utils, at the plugin's first load
+    assert "sae_lens/" not in result.stdout.str() and "'utils' module" not in result.stdout.str()

@@ -81,9 +81,20 @@ def test_joint_marker_end_to_end_with_the_report(release_pytester: pytest.Pytest
             saecheck.evaluation
         """
     )
-    result = release_pytester.runpytest_inprocess("-p", "no:cacheprovider", "--saecheck-json", "r.json")
+    result = release_pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "--saecheck-json", "r.json", "--saecheck-report", "r.html"
+    )
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(['*add splice="joint"*'])
     document = json.loads((release_pytester.path / "r.json").read_text())
-    [joint] = [entry for entry in document["saes"] if "joint" in entry["label"]]
-    assert joint["evaluated"] and "delta_ce" in joint["metrics"]
+    [joint] = [entry for entry in document["saes"] if entry["evaluated"] and "joint" in entry["label"]]
+    assert "delta_ce" in joint["metrics"] and "explained_variance" not in joint["metrics"]
+    assert joint["dictionary"]["kind"] == "joint" and len(joint["members"]) == 2
+    assert set(joint["compounding"]) >= {
+        "delta_ce_joint",
+        "delta_ce_isolated_sum",
+        "excess",
+        "excess_interval",
+    }
+    html = (release_pytester.path / "r.html").read_text()
+    assert "members (inside the joint model)" in html and "compounding" in html

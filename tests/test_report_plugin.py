@@ -264,3 +264,65 @@ def test_a_crashed_worker_loses_only_its_unfinished_test(pytester: pytest.Pytest
     assert "crashed" in (crash["message"] or "")
     json.dumps(document)
     assert Path(tiny_pytester.path / "r.json").stat().st_size > 0
+
+
+def test_a_run_that_executes_no_test_keeps_the_last_report(tiny_pytester: pytest.Pytester) -> None:
+    tiny_pytester.makepyfile("def test_a():\n    pass\n")
+    run(tiny_pytester, "--saecheck-json", "r.json", "--saecheck-report", "r.html").assert_outcomes(passed=1)
+    json_before = (tiny_pytester.path / "r.json").read_bytes()
+    html_before = (tiny_pytester.path / "r.html").read_bytes()
+    for args in (["--collect-only"], ["--co", "-q"], ["-k", "nothing_matches_this"]):
+        result = run(tiny_pytester, *args, "--saecheck-json", "r.json", "--saecheck-report", "r.html")
+        assert (tiny_pytester.path / "r.json").read_bytes() == json_before, args
+        assert (tiny_pytester.path / "r.html").read_bytes() == html_before, args
+        assert "written to" not in result.stdout.str()
+    result.stdout.fnmatch_lines(["saecheck: no test ran, so *r.json and *r.html was left as it was"])
+    # a collection error is a result: it is written
+    tiny_pytester.makepyfile(test_broken="import nonexistent_module_xyz")
+    run(tiny_pytester, "test_broken.py", "--saecheck-json", "r.json")
+    assert load_document(tiny_pytester.path / "r.json")["run"]["outcomes"] == {"error": 1}
+
+
+def test_xdist_keeps_each_saes_tests_on_one_worker(tiny_pytester: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    tiny_pytester.makepyfile(
+        test_spread=f"""
+            import os
+            import pytest
+
+            def record(worker_id, saecheck):
+                with open(f"placed-{{os.getpid()}}-{{os.urandom(4).hex()}}.txt", "w") as out:
+                    out.write(f"{{os.path.basename(saecheck.settings.sae)}} {{worker_id}}")
+
+            @{GOOD}
+            @pytest.mark.parametrize("n", range(4))
+            def test_good(saecheck, worker_id, n):
+                record(worker_id, saecheck)
+
+            @{BAD}
+            @pytest.mark.parametrize("n", range(4))
+            def test_bad(saecheck, worker_id, n):
+                record(worker_id, saecheck)
+
+            def test_plain():
+                pass
+        """
+    )
+    result = run(
+        tiny_pytester, "-n", "2", "--dist", "loadgroup", "--saecheck-json", "r.json"
+    )  # no marks needed
+    result.assert_outcomes(passed=9)
+    workers: dict[str, set[str]] = {}
+    for path in tiny_pytester.path.glob("placed-*.txt"):
+        sae, worker = path.read_text().split()
+        workers.setdefault(sae, set()).add(worker)
+    # one worker per SAE; the two share every other setting, so they are one release group on one worker
+    assert {sae: len(used) for sae, used in workers.items()} == {"sae_identity": 1, "sae_random": 1}, workers
+    assert len(set.union(*workers.values())) == 1, workers
+    # the report names the tests as a serial run does (xdist's @group suffix removed)
+    ids = [test["id"] for test in load_document(tiny_pytester.path / "r.json")["tests"]]
+    assert "test_spread.py::test_good[0]" in ids and not any("@" in test_id for test_id in ids)
+    # an explicit --dist is kept
+    explicit = run(tiny_pytester, "-n", "2", "--dist", "load", "-v")
+    explicit.assert_outcomes(passed=9)
+    assert "@saecheck-" not in explicit.stdout.str()

@@ -8,7 +8,7 @@ no external reference, no font download.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from html import escape
 
 from markupsafe import Markup
@@ -24,6 +24,10 @@ PALETTE = {
     "zero": "#888",
 }
 FONT = 'font-family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif" font-size="11"'
+#: Line attributes of a series drawn under another (wide, light, dashed) so that the one on top stays visible.
+UNDERLAY: Mapping[str, str] = {"stroke-width": "4", "stroke-opacity": "0.45", "stroke-dasharray": "6 3"}
+#: ``(name, values, colour)``, or with a fourth item: SVG attributes of its line (e.g. :data:`UNDERLAY`).
+Series = tuple[str, Sequence[float | None], str] | tuple[str, Sequence[float | None], str, Mapping[str, str]]
 
 
 def _fmt(value: float) -> str:
@@ -80,7 +84,7 @@ def _empty(width: int, height: int, title: str, message: str) -> Markup:
 
 
 def line_chart(
-    series: Sequence[tuple[str, Sequence[float | None], str]],
+    series: Sequence[Series],
     *,
     title: str,
     x_label: str,
@@ -88,13 +92,16 @@ def line_chart(
     width: int = 640,
     height: int = 240,
 ) -> Markup:
-    """Lines over integer x = 0, 1, 2, ...; ``None`` values leave gaps. ``series``: (name, values, colour)."""
-    points = [(x, y) for _, values, _ in series for x, y in enumerate(values) if y is not None]
+    """Lines over integer x = 0, 1, 2, ...; ``None`` values leave gaps. Drawn in order: the last is on top.
+
+    ``series``: ``(name, values, colour)`` or ``(name, values, colour, line attributes)``.
+    """
+    points = [(x, y) for entry in series for x, y in enumerate(entry[1]) if y is not None]
     if not points:
         return _empty(width, height, title, "no data")
     left, right, top, bottom = 58, 16, 26, 40
     plot_w, plot_h = width - left - right, height - top - bottom
-    n = max(len(values) for _, values, _ in series)
+    n = max(len(entry[1]) for entry in series)
     y_values = [y for _, y in points]
     y_ticks = nice_ticks(min(0.0, min(y_values)), max(0.0, max(y_values)))
     y_low, y_high = y_ticks[0], y_ticks[-1]
@@ -130,7 +137,10 @@ def line_chart(
         f"{escape(y_label)}</text>"
     )
     legend_x = left + plot_w
-    for name, values, colour in series:
+    for entry in series:
+        name, values, colour = entry[0], entry[1], entry[2]
+        style = {"stroke-width": "1.8", **(entry[3] if len(entry) > 3 else {})}  # type: ignore[misc]
+        line_style = " ".join(f'{key}="{escape(str(value))}"' for key, value in style.items())
         runs: list[list[str]] = [[]]
         for x, y in enumerate(values):
             if y is None:
@@ -140,7 +150,7 @@ def line_chart(
         for run in runs:
             if len(run) > 1:
                 body.append(
-                    f'<polyline fill="none" stroke="{colour}" stroke-width="1.8" points="{" ".join(run)}"/>'
+                    f'<polyline fill="none" stroke="{colour}" {line_style} points="{" ".join(run)}"/>'
                 )
             elif len(run) == 1:
                 cx, cy = run[0].split(",")
@@ -148,10 +158,29 @@ def line_chart(
         y = 14
         legend_x -= 8 + 7 * len(name) + 16
         body.append(
-            f'<line x1="{legend_x}" x2="{legend_x + 14}" y1="{y - 4}" y2="{y - 4}" stroke="{colour}" stroke-width="2"/>'
+            f'<line x1="{legend_x}" x2="{legend_x + 14}" y1="{y - 4}" y2="{y - 4}" stroke="{colour}" {line_style}/>'
             f'<text x="{legend_x + 18}" y="{y}" fill="{PALETTE["text"]}">{escape(name)}</text>'
         )
     return _svg(width, height, title, body)
+
+
+def density_ticks(edges: Sequence[float]) -> list[tuple[int, float]]:
+    """``(index, log10 edge)`` of the labelled edges: whole decades, or every edge when fewer than 3 decades show."""
+    decades = [(index, edge) for index, edge in enumerate(edges) if edge == int(edge)]
+    if len(decades) >= 3:
+        return decades
+    step = max(1, math.ceil(len(edges) / 9))  # at most about 9 labels
+    return [(index, edge) for index, edge in enumerate(edges) if (len(edges) - 1 - index) % step == 0]
+
+
+def density_label(log10_edge: float) -> str:
+    """A firing density at a bin edge for people: ``1``, ``0.1``, ``0.56``, ``1e-5``."""
+    if log10_edge == 0:
+        return "1"
+    if log10_edge == int(log10_edge):
+        return f"1e{int(log10_edge)}" if log10_edge < -2 else f"{10**log10_edge:g}"
+    value = 10**log10_edge
+    return f"{value:.2g}" if value >= 1e-3 else f"{value:.1e}"
 
 
 def density_histogram(
@@ -195,15 +224,13 @@ def density_histogram(
     body.append(
         f'<text x="{left + 1.5 * slot_w:.1f}" y="{top + plot_h + 16}" text-anchor="end" fill="{PALETTE["dead"]}">dead</text>'
     )
-    for index, edge in enumerate(edges):
-        if edge != int(edge):
-            continue
+    for index, edge in density_ticks(edges):
         x = left + (index + 2) * slot_w
         body.append(
             f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" stroke="{PALETTE["axis"]}"/>'
         )
         body.append(
-            f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle" fill="{PALETTE["axis"]}">{"1" if edge == 0 else f"1e{int(edge)}"}</text>'
+            f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle" fill="{PALETTE["axis"]}">{escape(density_label(edge))}</text>'
         )
     body.append(
         f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="{PALETTE["axis"]}"/>'

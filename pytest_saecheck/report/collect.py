@@ -198,7 +198,20 @@ def sae_entry(identity: Mapping[str, Any], record: Mapping[str, Any]) -> dict[st
         "hook": {
             "name": str_or_none(record.get("hook_name")),
             "head_index": int_or_none(record.get("hook_head_index")),
+            "name_out": str_or_none(record.get("hook_name_out")),
         },
+        "dictionary": json_safe(record.get("dictionary"))
+        if isinstance(record.get("dictionary"), Mapping)
+        else None,
+        "normalisation": json_safe(record.get("normalisation"))
+        if isinstance(record.get("normalisation"), Mapping)
+        else None,
+        "model_hooks": [str(hook) for hook in record.get("model_hooks") or []],
+        "warnings": [str(message) for message in record.get("warnings") or []],
+        "members": json_safe(record.get("members")) if isinstance(record.get("members"), Mapping) else None,
+        "compounding": json_safe(record.get("compounding"))
+        if isinstance(record.get("compounding"), Mapping)
+        else None,
         "tokens": {
             "spec": str_or_none(record.get("tokens")),
             "source": str_or_none(record.get("resolved_tokens") or record.get("tokens")),

@@ -15,7 +15,9 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
+from pytest_saecheck.config import short_id
 from pytest_saecheck.report import charts
+from pytest_saecheck.report.display import column_format, outcome_counts, short_labels
 from pytest_saecheck.report.schema import STATUSES
 
 CONTENT_SECURITY_POLICY = (
@@ -117,7 +119,27 @@ def fmt_threshold(threshold: Mapping[str, Any] | None) -> str:
     return " and ".join(parts) or "n/a"
 
 
+def baseline_note(metrics: Mapping[str, Any]) -> str | None:
+    """What this evaluation's numbers say about mean vs zero ablation as the baseline of a loss-recovered score.
+
+    A baseline that raises the loss more makes the same splice score higher, so it is the laxer one. Compares
+    ``ce_mean`` with ``ce_zero`` of this evaluation (nats/token); ``None`` when either is missing.
+    """
+    mean, zero = metrics.get("ce_mean"), metrics.get("ce_zero")
+    if mean is None or zero is None:
+        return None
+    values = f"L_mean {fmt(mean)} vs L_zero {fmt(zero)} nats/token"
+    if mean > zero:
+        return f"share of the mean-ablation loss gap recovered; here mean ablation hurts more than zero ablation ({values}), so this baseline is the laxer one"
+    if mean < zero:
+        return f"share of the mean-ablation loss gap recovered; here mean ablation hurts less than zero ablation ({values}), so this baseline is the stricter one"
+    return (
+        f"share of the mean-ablation loss gap recovered; here mean and zero ablation hurt equally ({values})"
+    )
+
+
 def _rows(sae: Mapping[str, Any], names: Any, info: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per metric, its value and interval written with one number format for the table's columns."""
     rows = []
     metrics, intervals, undefined = sae.get("metrics", {}), sae.get("intervals", {}), sae.get("undefined", {})
     for name, title in names:
@@ -149,7 +171,22 @@ def _rows(sae: Mapping[str, Any], names: Any, info: Mapping[str, Any]) -> list[d
                 "derivation": derivation,
             }
         )
+        if name == "ce_loss_score_mean_ablation":  # only what this evaluation's numbers show
+            rows[-1]["scale"] = baseline_note(metrics)
+    show = column_format(
+        [row["value"] for row in rows]
+        + [bound for row in rows for bound in (row["interval"] or ()) if row["interval"]]
+    )
+    for row in rows:
+        row["value_text"] = show(row["value"])
+        row["interval_text"] = _interval_text(row["interval"], show)
     return rows
+
+
+def _interval_text(interval: Any, show: Any) -> str:
+    if not interval or not isinstance(interval, (list, tuple)) or len(interval) != 2:
+        return "n/a"
+    return f"[{show(interval[0])}, {show(interval[1])}]"
 
 
 def _sort_key(sae: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -169,28 +206,63 @@ def worst_first(saes: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return sorted(saes, key=_sort_key)
 
 
+def _r2_gaps(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """Each R² variant minus R², as text in one number format."""
+    r2 = metrics.get("explained_variance")
+    gaps = {name: (metrics[name] - r2) if r2 is not None and name in metrics else None for name, _ in R2_ROWS}
+    show = column_format(gaps.values())
+    return {name: show(gap) for name, gap in gaps.items()}
+
+
+def assertion_outcome(assertion: Mapping[str, Any]) -> str:
+    """An assertion's outcome as the report shows it: a failure inside an xfail test is ``failed (xfail)``.
+
+    A failure inside a test that pytest counted as passed (the test caught it) is ``failed (test passed)``; an
+    assertion's own outcome never decides its SAE's status against pytest's verdict on the test.
+    """
+    outcome = str(assertion.get("outcome"))
+    test_outcome = assertion.get("test_outcome")
+    if outcome == "failed" and test_outcome == "xfailed":
+        return "failed (xfail)"
+    if outcome == "failed" and test_outcome in ("passed", "xpassed"):
+        return "failed (test passed)"
+    return outcome
+
+
 def _view(
-    sae: Mapping[str, Any], info: Mapping[str, Any], sections: list[Mapping[str, Any]]
+    sae: Mapping[str, Any], info: Mapping[str, Any], sections: list[Mapping[str, Any]], short_label: str
 ) -> dict[str, Any]:
     known = {name for rows in (LOSS_ROWS, SCORE_ROWS, R2_ROWS, OTHER_ROWS) for name, _ in rows}
     extra = sorted(set(sae.get("metrics", {})) - known)
     metrics = sae.get("metrics", {})
-    r2 = metrics.get("explained_variance")
-    series = []
+    series: list[charts.Series] = []
+    if sae.get("kl_by_position"):  # drawn first, wide and light, so the ΔCE line on top stays visible
+        series.append(("KL(orig ‖ SAE)", sae["kl_by_position"], charts.PALETTE["secondary"], charts.UNDERLAY))
     if sae.get("delta_ce_by_position"):
         series.append(("ΔCE", sae["delta_ce_by_position"], charts.PALETTE["primary"]))
-    if sae.get("kl_by_position"):
-        series.append(("KL(orig ‖ SAE)", sae["kl_by_position"], charts.PALETTE["secondary"]))
     passed = sum(1 for a in sae.get("assertions", ()) if a.get("outcome") == "passed")
+    assertions = list(sae.get("assertions", ()))
+    show = column_format(
+        [a.get("value") for a in assertions]
+        + [bound for a in assertions for bound in (a.get("interval") or ())]
+    )
     return {
         "sae": sae,
+        "short_label": short_label,
+        "assertion_rows": [
+            {
+                **a,
+                "value_text": show(a.get("value")),
+                "interval_text": _interval_text(a.get("interval"), show),
+                "shown_outcome": assertion_outcome(a),
+            }
+            for a in assertions
+        ],
         "loss_rows": _rows(sae, LOSS_ROWS, info),
         "score_rows": _rows(sae, SCORE_ROWS, info),
         "r2_rows": _rows(sae, R2_ROWS, info),
         "other_rows": _rows(sae, OTHER_ROWS + tuple((name, name) for name in extra), info),
-        "r2_gaps": {
-            name: (metrics[name] - r2) if r2 is not None and name in metrics else None for name, _ in R2_ROWS
-        },
+        "r2_gaps": _r2_gaps(metrics),
         "loss_chart": charts.loss_scale(metrics),
         "position_chart": charts.line_chart(
             series,
@@ -230,12 +302,24 @@ def render_html(document: Mapping[str, Any]) -> str:
     ]
     saes = worst_first(list(document.get("saes", [])))
     known_ids = {sae.get("id") for sae in saes}
+    labels = short_labels(
+        [
+            (sae.get("label", ""), sae.get("sae", {}).get("spec"), sae.get("model", {}).get("spec"))
+            for sae in saes
+        ]
+    )
     template = _environment().get_template("report.html.j2")
     return template.render(
         doc=document,
         csp=CONTENT_SECURITY_POLICY,
-        views=[_view(sae, info, prepared) for sae in saes],
+        views=[_view(sae, info, prepared, label) for sae, label in zip(saes, labels, strict=True)],
         overview_columns=OVERVIEW,
+        overview_formats={
+            name: column_format(sae.get("metrics", {}).get(name) for sae in saes) for name, _ in OVERVIEW
+        },
+        outcome_counts=outcome_counts,
+        assertion_outcome=assertion_outcome,
+        short_id=short_id,
         general_sections=[s for s in prepared if s.get("sae") not in known_ids],
         packages=sorted((document.get("environment", {}).get("packages") or {}).items()),
     )

@@ -7,7 +7,8 @@ Rules: tests are united by node id (a test present in several shards keeps its w
 by id, their numbers taken from the first shard (in argument order) that evaluated them, their assertions and
 tests united; derived fields are recomputed as for a single run (:func:`~pytest_saecheck.report.schema.finalise`).
 The merged run started when the first shard started and finished when the last finished; it is interrupted if
-any shard was, complete if every shard was. Extension fields are merged key by key (first shard wins).
+any shard was, complete if every shard was. Extension fields are merged key by key (first shard wins). The
+same document given twice is refused.
 """
 
 from __future__ import annotations
@@ -62,12 +63,23 @@ def _merge_extensions(target: dict[str, Any], other: Mapping[str, Any]) -> None:
 
 
 def merge_documents(documents: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """One document from the documents of several shards (each validated first)."""
+    """One document from the documents of several shards (each validated first).
+
+    Raises:
+        ValueError: no document, an invalid one, or the same document twice (a shard given twice would count
+            its run twice in ``run.shards`` and hide nothing else, so it is refused rather than ignored).
+    """
     documents = list(documents)
     if not documents:
         raise ValueError("nothing to merge: give at least one result document")
-    for document in documents:
+    for number, document in enumerate(documents):
         validate(document)
+        for earlier in range(number):
+            if documents[earlier] == document:
+                raise ValueError(
+                    f"results {earlier + 1} and {number + 1} are the same document (one shard given twice?): "
+                    "each shard can be merged once"
+                )
     saes: dict[str, dict[str, Any]] = {}
     tests: dict[str, dict[str, Any]] = {}
     unattached: dict[tuple[str, int], dict[str, Any]] = {}

@@ -5,7 +5,8 @@
 - Results travel on the test reports as plain values (``report.saecheck_records``), so under xdist they reach
   the controller with the reports. Only the controller collects them and writes the files, once, at
   ``pytest_sessionfinish``: also when tests fail or error, and when the run is interrupted (the document then
-  says ``"interrupted": true``). Each file is written atomically (temporary file + ``os.replace``).
+  says ``"interrupted": true``). Each file is written atomically (temporary file + ``os.replace``). A run that
+  executes no test (``--collect-only``, ``-k`` matching nothing) writes nothing, so the last report stays.
 - Under xdist with several GPUs visible, each worker is pinned to its own GPU (``CUDA_VISIBLE_DEVICES``)
   before CUDA initialises; ``--saecheck-no-gpu-pinning`` turns this off.
 - Extension hooks: :mod:`pytest_saecheck.report.hookspecs`.
@@ -194,10 +195,16 @@ class ReportWriter:
         validate(document)
         return document
 
+    def ran_tests(self) -> bool:
+        """Whether the run produced a result: a test ran (even only its setup) or a collection error."""
+        return not self.config.getoption("collectonly", False) and bool(self.collector.tests)
+
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         from pytest_saecheck.report.files import dumps, write_atomic
 
+        if not self.ran_tests():  # --collect-only, or -k matching nothing: keep the last real report
+            return
         document = self.document(session, exitstatus)
         if self.json_path is not None:
             self.written.append(("JSON result", write_atomic(self.json_path, dumps(document))))
@@ -207,6 +214,9 @@ class ReportWriter:
             self.written.append(("HTML report", write_atomic(self.html_path, render_html(document))))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.ran_tests() and not self.config.getoption("collectonly", False):
+            kept = " and ".join(str(path) for path in (self.json_path, self.html_path) if path is not None)
+            terminalreporter.write_line(f"saecheck: no test ran, so {kept} was left as it was")
         for what, path in self.written:
             terminalreporter.write_line(f"saecheck: {what} written to {path}")
         for problem in self.problems:
