@@ -39,7 +39,8 @@ class DictionaryInfo:
 
     ``hook_name`` is where it reads, ``hook_name_out`` where it writes (the same hook for an SAE); ``d_in`` and
     ``d_out`` are the widths it reads and writes; ``kind`` is ``"sae"``, ``"transcoder"`` or
-    ``"skip_transcoder"``; ``normalize_activations`` is SAE Lens' setting of that name.
+    ``"skip_transcoder"``; ``normalize_activations`` is SAE Lens' setting of that name; ``context_size`` the
+    context length it was trained on (``cfg.metadata.context_size``), when known.
     """
 
     kind: str
@@ -50,6 +51,7 @@ class DictionaryInfo:
     d_in: int
     d_out: int
     normalize_activations: str
+    context_size: int | None = None
 
     @property
     def is_transcoder(self) -> bool:
@@ -75,6 +77,7 @@ class DictionaryInfo:
             "d_in": self.d_in,
             "d_out": self.d_out,
             "normalize_activations": self.normalize_activations,
+            "context_size": self.context_size,
         }
 
 
@@ -132,4 +135,5 @@ def describe(sae: Any) -> DictionaryInfo:
         d_in=d_in,
         d_out=int(d_out_cfg) if d_out_cfg is not None else d_in,
         normalize_activations=str(getattr(cfg, "normalize_activations", "none") or "none"),
+        context_size=int(context) if isinstance(context := _metadata(sae, "context_size"), int) else None,
     )

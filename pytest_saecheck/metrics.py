@@ -126,6 +126,46 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo("l0", "mean #{i : z_i ≠ 0}", "active latents per token", False, lower_bound=0.0),
         MetricInfo("l1", "mean Σ|z_i|", "latent activation mass per token", False, lower_bound=0.0),
         MetricInfo(
+            "delta_ce_within_context",
+            "L_sae − L_orig over positions t < C",
+            "nats/token added at positions inside the SAE's training context C",
+            False,
+        ),
+        MetricInfo(
+            "delta_ce_beyond_context",
+            "L_sae − L_orig over positions t ≥ C",
+            "nats/token added at positions at or past the SAE's training context C; SAEs often degrade there",
+            False,
+        ),
+        MetricInfo(
+            "kl_sae_within_context",
+            "mean KL(p_orig ‖ p_sae) over t < C",
+            "nats/token inside the SAE's training context",
+            False,
+            lower_bound=0.0,
+        ),
+        MetricInfo(
+            "kl_sae_beyond_context",
+            "mean KL(p_orig ‖ p_sae) over t ≥ C",
+            "nats/token at or past the SAE's training context",
+            False,
+            lower_bound=0.0,
+        ),
+        MetricInfo(
+            "participation_ratio",
+            "(Σλ)² / Σλ², λ the eigenvalues of the centred covariance of x",
+            "effective number of directions of the activations (1 to d); R² is least trustworthy when it is small",
+            True,
+            lower_bound=1.0,
+        ),
+        MetricInfo(
+            "participation_ratio_deflated",
+            "the participation ratio with the top eigen-direction removed",
+            "effective dimensionality once the dominant direction is set aside",
+            True,
+            lower_bound=1.0,
+        ),
+        MetricInfo(
             "alive_fraction",
             "share of latents with z_i ≠ 0 on some evaluated token",
             "1 means no dead latents on this token set",
@@ -139,7 +179,12 @@ METRICS: dict[str, MetricInfo] = {
 METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
 
 # Metrics computed from per-sequence sums, so they carry bootstrap intervals.
-BOOTSTRAPPABLE: frozenset[str] = frozenset(set(METRIC_NAMES) - {"alive_fraction"})
+WHOLE_SET_METRICS: frozenset[str] = frozenset(
+    {"alive_fraction", "participation_ratio", "participation_ratio_deflated"}
+)
+"""Properties of the whole token set, with no per-sequence sums and so no bootstrap interval."""
+
+BOOTSTRAPPABLE: frozenset[str] = frozenset(set(METRIC_NAMES) - WHOLE_SET_METRICS)
 
 
 def reconstruction_terms(x: Any, x_hat: Any, latents: Any, reference: Any) -> dict[str, Any]:
@@ -200,6 +245,13 @@ def metrics_from_sums(
     if "kl_sum_zero" in sums:
         out["kl_zero"] = _ratio(sums["kl_sum_zero"], n_kl)
         out["kl_div_score"] = _ratio(out["kl_zero"] - out["kl_sae"], out["kl_zero"])
+    for part in ("within", "beyond"):
+        if f"n_ce_{part}" in sums:
+            n_part = sums[f"n_ce_{part}"]
+            out[f"delta_ce_{part}_context"] = _ratio(
+                sums[f"ce_sum_sae_{part}"] - sums[f"ce_sum_orig_{part}"], n_part
+            )
+            out[f"kl_sae_{part}_context"] = _ratio(sums[f"kl_sum_sae_{part}"], sums[f"n_kl_{part}"])
     if scaling_law is not None:
         irreducible, gamma = scaling_law
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -246,6 +298,20 @@ def ratio_denominators(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     if "kl_sum_zero" in sums:
         out["kl_div_score"] = _ratio(sums["kl_sum_zero"], sums["n_kl"])
     return out
+
+
+def participation_ratios(covariance: np.ndarray) -> tuple[float, float]:
+    """``(PR, PR without the top eigen-direction)`` of a symmetric covariance matrix ``[d, d]``.
+
+    PR = (Σλ)² / Σλ² (seeds/003), λ the eigenvalues; the deflated ratio removes the largest λ first.
+    """
+    eigenvalues = np.clip(np.linalg.eigvalsh(covariance), 0.0, None)
+    total, squares = float(eigenvalues.sum()), float((eigenvalues**2).sum())
+    top = float(eigenvalues[-1]) if eigenvalues.size else 0.0
+    raw = total**2 / squares if squares > 0 else float("nan")
+    rest = squares - top**2
+    deflated = (total - top) ** 2 / rest if rest > 0 else float("nan")
+    return raw, deflated
 
 
 def total_variance(sums: Mapping[str, np.ndarray]) -> float:

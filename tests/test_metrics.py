@@ -93,7 +93,11 @@ def test_undefined_scores_are_nan_not_inf():
 
 def test_every_metric_is_documented():
     assert set(METRIC_NAMES) == set(METRICS)
-    assert BOOTSTRAPPABLE == set(METRIC_NAMES) - {"alive_fraction"}
+    assert BOOTSTRAPPABLE == set(METRIC_NAMES) - {
+        "alive_fraction",
+        "participation_ratio",
+        "participation_ratio_deflated",
+    }
     for info in METRICS.values():
         assert info.formula and info.scale
 

@@ -28,8 +28,24 @@ class Accumulator:
     """Sums for one dictionary: reconstruction terms, CE/KL per variant, per-position curves, latent firing."""
 
     def __init__(
-        self, seq_len: int, d_sae: int | None, device: torch.device, sae_device: torch.device
+        self,
+        seq_len: int,
+        d_sae: int | None,
+        device: torch.device,
+        sae_device: torch.device,
+        *,
+        context: int | None = None,
+        covariance_width: int | None = None,
     ) -> None:
+        """``context``: the SAE's training context size (sums split at it); ``covariance_width``: accumulate the
+        d×d second moment of the written activation (for the participation ratio) when given."""
+        self.context_given = context is not None
+        self.context = context if context is not None and 0 < context < seq_len else None
+        self.second_moment = (
+            torch.zeros((covariance_width, covariance_width), dtype=torch.float64, device=sae_device)
+            if covariance_width
+            else None
+        )
         self.batches: list[dict[str, torch.Tensor]] = []
         self.current: dict[str, torch.Tensor] = {}
         self.firing = torch.zeros(d_sae, dtype=torch.float64, device=sae_device) if d_sae else None
@@ -86,6 +102,9 @@ class Accumulator:
             )
         if self.firing is not None:
             self.firing += (z != 0).sum(0).double()
+        if self.second_moment is not None:
+            centered = xs - self.reference
+            self.second_moment += centered.T @ centered
 
     def add_scores(self, scores: BatchScores, kept: torch.Tensor, predicted: torch.Tensor) -> None:
         """``kept``: the positions averaged into KL; ``predicted``: the predictions averaged into CE."""
@@ -108,6 +127,27 @@ class Accumulator:
             self.current[f"kl_sum_{name}"] = kl_kept.sum(1)
             if name == "sae":
                 self._add_position("kl_sae", kl_kept.sum(0))
+        if self.context_given and "sae" in scores.ce:
+            self._add_context_sums(
+                ce_orig, masked(scores.ce["sae"], kept_ce), kept_ce, masked(scores.kl["sae"], kept), kept
+            )
+
+    def _add_context_sums(
+        self,
+        ce_orig: torch.Tensor,
+        ce_sae: torch.Tensor,
+        kept_ce: torch.Tensor,
+        kl_sae: torch.Tensor,
+        kept: torch.Tensor,
+    ) -> None:
+        """Per-sequence sums over positions t < C ("within") and t ≥ C ("beyond") the training context C."""
+        split = self.context if self.context is not None else kept.shape[1]
+        for part, columns in (("within", slice(0, split)), ("beyond", slice(split, None))):
+            self.current[f"ce_sum_orig_{part}"] = ce_orig[:, columns].sum(1)
+            self.current[f"ce_sum_sae_{part}"] = ce_sae[:, columns].sum(1)
+            self.current[f"n_ce_{part}"] = kept_ce[:, columns].double().sum(1)
+            self.current[f"kl_sum_sae_{part}"] = kl_sae[:, columns].sum(1)
+            self.current[f"n_kl_{part}"] = kept[:, columns].double().sum(1)
 
     def _add_position(self, key: str, values: torch.Tensor) -> None:
         # the logits live on the unembedding's device, which differs from the first block's with n_devices > 1
@@ -139,6 +179,18 @@ class Accumulator:
     def per_sequence(self) -> dict[str, np.ndarray]:
         keys = self.batches[0].keys()
         return {key: torch.cat([b[key] for b in self.batches]).numpy() for key in keys}
+
+    def participation_ratios(self) -> tuple[float, float] | None:
+        """Raw and deflated participation ratios of the written activation's centred covariance, or None."""
+        if self.second_moment is None or self.reference is None:
+            return None
+        from pytest_saecheck.metrics import participation_ratios
+
+        centered_sum = torch.stack([b["sum_x_centered"].sum(0) for b in self.batches]).sum(0)
+        count = sum(float(b["n_rec"].sum()) for b in self.batches)
+        mean_offset = (centered_sum / count).to(self.second_moment.device)
+        covariance = self.second_moment / count - torch.outer(mean_offset, mean_offset)
+        return participation_ratios(covariance.cpu().numpy())
 
     def latent_density(self) -> np.ndarray:
         n_rec = sum(float(b["n_rec"].sum()) for b in self.batches)

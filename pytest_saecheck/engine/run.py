@@ -48,6 +48,7 @@ from pytest_saecheck.metrics import (
     CHINCHILLA_SCALING_LAW,
     METRIC_NAMES,
     RATIO_DENOMINATORS,
+    WHOLE_SET_METRICS,
     metrics_from_sums,
     ratio_denominators,
     total_variance,
@@ -55,6 +56,14 @@ from pytest_saecheck.metrics import (
 from pytest_saecheck.policy import TokenPolicy
 from pytest_saecheck.scoring import BatchScores, chunk_rows_for, score_batch
 from pytest_saecheck.stats import DEFAULT_LEVEL, bootstrap_intervals
+
+PARTICIPATION_RATIO_MAX_WIDTH = 4096
+"""Above this activation width the d×d covariance for the participation ratio (128 MiB in float64) is skipped."""
+
+LOW_PARTICIPATION = 0.01
+"""Preflight: R² is flagged when the participation ratio is below this share of the activation width (or below
+2 directions, for narrow activations). seeds/003 measured 0.008 and 0.001 of d_model in the mid layers where R²
+rose with scale while the patched loss got worse."""
 
 SCALE_MISMATCH_FACTOR = 10.0
 """Preflight: an activation norm (or reconstruction norm) this many times off what the SAE expects is flagged."""
@@ -360,7 +369,14 @@ class _Pass:
                     )
                 m.mean = mean
             d_sae = int(m.sae.cfg.d_sae)
-            m.acc = Accumulator(seq_len, d_sae, self.cut.device, m.sae_device)
+            m.acc = Accumulator(
+                seq_len,
+                d_sae,
+                self.cut.device,
+                m.sae_device,
+                context=m.info.context_size,
+                covariance_width=m.info.d_out if m.info.d_out <= PARTICIPATION_RATIO_MAX_WIDTH else None,
+            )
             if self.joint:
                 m.joint_acc = Accumulator(seq_len, d_sae, self.cut.device, m.sae_device)
         if self.joint:
@@ -523,6 +539,24 @@ class _Pass:
                 undefined[name] = reason
         density = m.acc.latent_density()
         metrics["alive_fraction"] = float(np.mean(density > 0))
+        ratios = m.acc.participation_ratios()
+        if ratios is None:
+            for name in ("participation_ratio", "participation_ratio_deflated"):
+                undefined[name] = (
+                    f"not computed: the activation width {m.info.d_out} exceeds {PARTICIPATION_RATIO_MAX_WIDTH} "
+                    "(its d×d covariance would be too large)"
+                )
+        else:
+            for name, value in zip(
+                ("participation_ratio", "participation_ratio_deflated"), ratios, strict=True
+            ):
+                if math.isfinite(value):
+                    metrics[name] = value
+                else:
+                    undefined[name] = "the covariance has fewer than two nonzero eigenvalues"
+        for name, reason in _context_reasons(m, tokens.shape[1]).items():
+            metrics.pop(name, None)
+            undefined[name] = reason
         curve_delta, curve_kl = m.acc.position_curves()
         evaluation = Evaluation(
             metrics={name: metrics[name] for name in METRIC_NAMES if name in metrics},
@@ -555,7 +589,7 @@ class _Pass:
         metrics: dict[str, float] = {}
         undefined: dict[str, str] = {}
         for name in names:
-            if name == "alive_fraction":
+            if name in WHOLE_SET_METRICS:
                 continue
             if name not in raw:
                 undefined[name] = (
@@ -650,6 +684,28 @@ def _compounding(members: Sequence[Member], joint_acc: Accumulator | None) -> di
     return out
 
 
+def _context_reasons(m: Member, seq_len: int) -> dict[str, str]:
+    """Why the within/beyond-context metrics are undefined for this SAE and these tokens (empty when defined)."""
+    context = m.info.context_size
+    names = (
+        "delta_ce_within_context",
+        "delta_ce_beyond_context",
+        "kl_sae_within_context",
+        "kl_sae_beyond_context",
+    )
+    if context is None:
+        return dict.fromkeys(
+            names, "the SAE's config names no training context size (cfg.metadata.context_size)"
+        )
+    if seq_len <= context:
+        return dict.fromkeys(
+            ("delta_ce_beyond_context", "kl_sae_beyond_context"),
+            f"every evaluated position lies inside the SAE's training context ({context} tokens); evaluate with "
+            f"context_size above {context} (up to the model's n_ctx) to measure beyond it",
+        )
+    return {}
+
+
 def _preflight(m: Member, result: Evaluation) -> list[str]:
     """Warnings when the activations are grossly off the scale the SAE expects (checked, not guessed)."""
     assert m.acc is not None
@@ -667,6 +723,15 @@ def _preflight(m: Member, result: Evaluation) -> list[str]:
                 f"scaled activations at {m.read.hook_name!r} have mean norm {ratio:.3g} × sqrt(d_in), where "
                 f"the SAE's normalisation expects about 1; {causes}"
             )
+    ratio = result.metrics.get("participation_ratio")
+    if ratio is not None and ratio < max(2.0, LOW_PARTICIPATION * m.info.d_out):
+        found.append(
+            f"the activations at {m.write.hook_name!r} have a participation ratio of {ratio:.3g} out of "
+            f"{m.info.d_out} dimensions: a few high-variance directions dominate, so explained_variance "
+            f"({result.metrics.get('explained_variance', float('nan')):.4f}) is inflated there; read cosine_sim "
+            f"({result.metrics.get('cosine_sim', float('nan')):.4f}) and relative_error_norm "
+            f"({result.metrics.get('relative_error_norm', float('nan')):.4f}), which do not divide by the variance"
+        )
     l2_ratio = result.metrics.get("l2_ratio")
     if l2_ratio is not None and not 1 / SCALE_MISMATCH_FACTOR <= l2_ratio <= SCALE_MISMATCH_FACTOR:
         found.append(
