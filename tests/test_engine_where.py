@@ -40,7 +40,7 @@ def test_within_and_beyond_the_training_context_against_a_direct_computation(mod
     sae.cfg.metadata.context_size = 6
     tokens = make_tokens(10)
     result = evaluate(model, sae, tokens, batch_size=4, progress=False)
-    ce_orig, ce_sae, kl, keep = per_token(model, sae, tokens)
+    ce_orig, ce_sae, kl, _ = per_token(model, sae, tokens)
     delta = ce_sae - ce_orig
     within, beyond = slice(1, 6), slice(6, None)  # position 0 (BOS) is excluded
     assert result.metrics["delta_ce_within_context"] == pytest.approx(
