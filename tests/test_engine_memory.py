@@ -41,7 +41,8 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def peak_bytes(n_sequences: int, **options: object) -> int:
+def peak_bytes(n_sequences: int, n_saes: int | None = None, **options: object) -> int:
+    """Peak live tensor bytes of one evaluation; ``n_saes`` evaluates a set of that many SAEs (one per hook)."""
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(
         n_layers=2,
@@ -58,11 +59,25 @@ def peak_bytes(n_sequences: int, **options: object) -> int:
     sae_cfg = StandardSAEConfig(d_in=32, d_sae=128)
     sae_cfg.metadata.hook_name = "blocks.1.hook_resid_pre"
     sae = StandardSAE(sae_cfg)
+    subject: object = sae
+    if n_saes is not None:
+        hooks = [
+            "blocks.0.hook_resid_pre",
+            "blocks.1.hook_resid_pre",
+            "blocks.1.hook_resid_post",
+            "blocks.0.hook_mlp_out",
+        ]
+        subject = {}
+        for hook in hooks[:n_saes]:
+            cfg_i = StandardSAEConfig(d_in=32, d_sae=128)
+            cfg_i.metadata.hook_name = hook
+            subject[hook] = StandardSAE(cfg_i)
     tokens = torch.randint(0, 2000, (n_sequences, 32), generator=torch.Generator().manual_seed(1))
     tracker = LiveTensorBytes()
     with tracker:
-        result = evaluate(model, sae, tokens, batch_size=8, progress=False, **options)
-    assert result.n_tokens == n_sequences * (32 if options.get("exclude_bos") is False else 31)
+        result = evaluate(model, subject, tokens, batch_size=8, progress=False, **options)
+    first = result if n_saes is None else next(iter(result.values()))
+    assert first.n_tokens == n_sequences * (32 if options.get("exclude_bos") is False else 31)
     return tracker.peak
 
 
@@ -90,3 +105,13 @@ def test_scoring_allocates_no_vocabulary_wide_temporaries(
     # only, where scoring whole tensors needs log-probs, probabilities and a KL temporary of the batch's size.
     assert chunked < 2 * logits + logits // 2, (chunked, whole)
     assert whole - chunked > logits, (chunked, whole)
+
+
+def test_a_sets_peak_memory_grows_with_saes_only_by_their_sums_not_with_tokens():
+    """A release: flat in the number of tokens; the original logits are shared, so more SAEs add only their
+    own per-batch work (one variant's logits at a time), not another copy of every batch's logits."""
+    short, long = peak_bytes(16, n_saes=4), peak_bytes(64, n_saes=4)
+    assert long - short < 512 * 1024, (short, long)
+    one, four = peak_bytes(16, n_saes=1), peak_bytes(16, n_saes=4)
+    logits_of_one_batch = 8 * 32 * 2000 * 4
+    assert four - one < 2 * logits_of_one_batch, (one, four)
