@@ -557,24 +557,12 @@ class _Pass:
         for name, reason in _context_reasons(m, tokens.shape[1]).items():
             metrics.pop(name, None)
             undefined[name] = reason
-        curve_delta, curve_kl = m.acc.position_curves()
         evaluation = Evaluation(
-            metrics={name: metrics[name] for name in METRIC_NAMES if name in metrics},
-            undefined=undefined,
+            **self._common(tokens, metrics, undefined, per_sequence, m.acc.position_curves()),
             n_tokens=int(sums["n_rec"]),
-            n_sequences=int(tokens.shape[0]),
-            seq_len=int(tokens.shape[1]),
             hook_name=m.read.hook_name,
             hook_head_index=m.read.head_index,
-            token_policy=self.policy,
             latent_density=density.tolist(),
-            delta_ce_by_position=curve_delta,
-            kl_by_position=curve_kl,
-            per_sequence=per_sequence,
-            scaling_law=self.scaling_law,
-            batch_size=self.batch_size,
-            model_dtype=str(self.cut.model.cfg.dtype).replace("torch.", ""),
-            device=str(self.cut.device),
             hook_name_out=m.write.hook_name,
             dictionary=m.info.to_dict(),
             normalisation=m.normalisation.to_dict(),
@@ -582,6 +570,30 @@ class _Pass:
         evaluation.warnings.extend(self.notes[m.name])
         evaluation.warnings.extend(_preflight(m, evaluation))
         return evaluation
+
+    def _common(
+        self,
+        tokens: torch.Tensor,
+        metrics: Mapping[str, float],
+        undefined: dict[str, str],
+        per_sequence: dict[str, np.ndarray],
+        curves: tuple[list[float | None], list[float | None]],
+    ) -> dict[str, Any]:
+        """The fields every evaluation of this pass shares (metrics in catalogue order)."""
+        return {
+            "metrics": {name: metrics[name] for name in METRIC_NAMES if name in metrics},
+            "undefined": undefined,
+            "n_sequences": int(tokens.shape[0]),
+            "seq_len": int(tokens.shape[1]),
+            "token_policy": self.policy,
+            "delta_ce_by_position": curves[0],
+            "kl_by_position": curves[1],
+            "per_sequence": per_sequence,
+            "scaling_law": self.scaling_law,
+            "batch_size": self.batch_size,
+            "model_dtype": str(self.cut.model.cfg.dtype).replace("torch.", ""),
+            "device": str(self.cut.device),
+        }
 
     def _defined(
         self, raw: Mapping[str, np.ndarray], names: Sequence[str]
@@ -625,24 +637,12 @@ class _Pass:
             }
             values["alive_fraction"] = float(np.mean(m.joint_acc.latent_density() > 0))
             members[m.name] = values
-        curve_delta, curve_kl = self.joint_acc.position_curves()
         return Evaluation(
-            metrics={name: metrics[name] for name in METRIC_NAMES if name in metrics},
-            undefined=undefined,
+            **self._common(tokens, metrics, undefined, per_sequence, self.joint_acc.position_curves()),
             n_tokens=int(totals(per_sequence)["n_kl"]),
-            n_sequences=int(tokens.shape[0]),
-            seq_len=int(tokens.shape[1]),
             hook_name=" + ".join(m.read.hook_name for m in self.members),
             hook_head_index=None,
-            token_policy=self.policy,
             latent_density=[],
-            delta_ce_by_position=curve_delta,
-            kl_by_position=curve_kl,
-            per_sequence=per_sequence,
-            scaling_law=self.scaling_law,
-            batch_size=self.batch_size,
-            model_dtype=str(self.cut.model.cfg.dtype).replace("torch.", ""),
-            device=str(self.cut.device),
             hook_name_out=" + ".join(m.write.hook_name for m in self.members),
             dictionary={"kind": "joint", "members": [m.name for m in self.members]},
             normalisation={m.name: m.normalisation.to_dict() for m in self.members},

@@ -11,20 +11,11 @@ from typing import Any
 
 from pytest_saecheck.config import short_id
 from pytest_saecheck.report.schema import OUTCOMES
+from pytest_saecheck.report.schema import finite_or_none as _finite
 
 #: Most decimals a fixed-point column gets; a column that needs more is written in scientific notation.
 MAX_DECIMALS = 6
 MISSING = "n/a"
-
-
-def _finite(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def column_format(
