@@ -42,6 +42,7 @@ _LAZY: dict[str, str] = {
     "load_tokens": "pytest_saecheck.loading",
     "ScalingLaw": "pytest_saecheck.scaling",
     "fit_scaling_law": "pytest_saecheck.scaling",
+    "fit_scaling_law_from_models": "pytest_saecheck.engine.family",
     "load_scaling_law": "pytest_saecheck.scaling",
     "assert_no_aux_bias_double_count": "pytest_saecheck.training",
     "assert_aux_residual_detached": "pytest_saecheck.training",
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from pytest_saecheck.assertions import assert_ce_recovery, assert_r2_matches_legacy
     from pytest_saecheck.config import SAECheckSettings, saecheck_param
     from pytest_saecheck.engine import Evaluation, EvaluationSet, TokenPolicy, evaluate
+    from pytest_saecheck.engine.family import fit_scaling_law_from_models
     from pytest_saecheck.fixtures import SAECheck
     from pytest_saecheck.loading import load_model, load_sae, load_tokens
     from pytest_saecheck.scaling import ScalingLaw, fit_scaling_law, load_scaling_law
@@ -122,6 +124,7 @@ __all__ = [
     "assert_training_objective",
     "evaluate",
     "fit_scaling_law",
+    "fit_scaling_law_from_models",
     "load_model",
     "load_sae",
     "load_scaling_law",

@@ -241,3 +241,45 @@ def test_the_evaluation_records_the_law_and_the_preset_band(tiny_pytester: pytes
     html = (tiny_pytester.path / "report.html").read_text()
     assert html.count("law not fitted") == 1  # the overview marks the default's value, not the fit's
     assert "under each published preset" in html
+
+
+def test_a_family_fit_scores_each_model_as_evaluate_does():
+    import torch
+    from test_engine import make_model, make_sae, make_tokens
+
+    from pytest_saecheck import evaluate, fit_scaling_law_from_models
+    from pytest_saecheck.engine.family import model_loss
+
+    tokens = make_tokens(6)
+    models = [make_model(seed=seed) for seed in range(4)]
+    n_params, n_train_tokens = [1e6, 4e6, 1.6e7, 6.4e7], [2e7, 8e7, 3.2e8, 1.28e9]
+    law = fit_scaling_law_from_models(
+        models, tokens, n_params=n_params, n_train_tokens=n_train_tokens, batch_size=4, n_bootstrap=0
+    )
+    with torch.no_grad():
+        expected = [
+            evaluate(
+                model, make_sae("blocks.1.hook_resid_pre"), tokens, progress=False, scaling_law=None
+            ).metrics["ce_orig"]
+            for model in models
+        ]
+    assert [loss for _, loss in law.points] == pytest.approx(expected, rel=1e-6)
+    assert [c for c, _ in law.points] == pytest.approx(
+        [6 * n * d for n, d in zip(n_params, n_train_tokens, strict=True)]
+    )
+    assert law.origin == "fit" and f"on {tokens.numel()} tokens" in law.source
+    assert model_loss(models[0], tokens, batch_size=5) == pytest.approx(expected[0], rel=1e-6)
+
+
+def test_a_family_fit_needs_training_tokens_unless_the_suite_is_known():
+    from test_engine import make_model, make_tokens
+
+    from pytest_saecheck import fit_scaling_law_from_models
+    from pytest_saecheck.engine.family import known_train_tokens
+
+    assert known_train_tokens("EleutherAI/pythia-70m-deduped") == 299_892_736_000
+    assert known_train_tokens("gpt2-small") is None
+    with pytest.raises(ConfigError, match=r"training tokens of .* are unknown.*n_train_tokens"):
+        fit_scaling_law_from_models([make_model()], make_tokens(2))
+    with pytest.raises(ConfigError, match="n_params needs one value per model"):
+        fit_scaling_law_from_models([make_model()], make_tokens(2), n_params=[1.0, 2.0])
