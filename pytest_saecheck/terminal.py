@@ -140,14 +140,26 @@ class Summary:
 
 
 def _compute_law_notes(labels: Sequence[str], rows: Sequence[SubjectRow]) -> list[str]:
-    """A line per SAE whose compute_fraction (in the JSON and HTML reports) rests on a law not fitted for it or
-    exceeds 1, so the number is never read without its caveat."""
-    lines = []
+    """Under the table: each law not fitted for its model that a compute_fraction (in the JSON and HTML reports)
+    rests on, then each such SAE's value with its band across the presets; and any value above 1 (the splice
+    lowered the loss), so the number is never read without its caveat."""
+    by_law: dict[tuple[str, bool], list[str]] = {}
     for label, row in zip(labels, rows, strict=True):
         law, value = row.compute_law, row.metrics.get("compute_fraction")
         if not isinstance(law, dict) or value is None or (law.get("fitted") and not law.get("above_one")):
             continue
-        lines.append(f"{label}: compute_fraction {value:.3g} — {law.get('note')}")
+        text = f"  {label}: compute_fraction {value:.3g}"
+        band = law.get("band")
+        if not law.get("fitted") and isinstance(band, list) and len(band) == 2:
+            text += f" (published presets: {band[0]:.3g} to {band[1]:.3g})"
+        if law.get("above_one"):
+            text += "; above 1: the splice lowered the loss, so it is not a fraction of training compute"
+        by_law.setdefault((str(law.get("label")), bool(law.get("fitted"))), []).append(text)
+    lines = []
+    for (label, fitted), entries in by_law.items():
+        fit = "" if fitted else "; fit your family's law (pytest_saecheck.fit_scaling_law)"
+        lines.append(f"saecheck: compute_fraction uses the scaling law {label}{fit}")
+        lines.extend(entries)
     return lines
 
 

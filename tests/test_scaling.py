@@ -233,7 +233,12 @@ def test_the_evaluation_records_the_law_and_the_preset_band(tiny_pytester: pytes
     result = tiny_pytester.runpytest_inprocess("--saecheck-json=report.json", "--saecheck-report=report.html")
     result.assert_outcomes(passed=2)
     # the terminal summary notes the unfitted law; a fitted law whose value is a fraction needs no note
-    result.stdout.fnmatch_lines(["sae_random @ tiny: compute_fraction * scaling law chinchilla*NOT fitted*"])
+    result.stdout.fnmatch_lines(
+        [
+            "saecheck: compute_fraction uses the scaling law chinchilla (E=1.69, *NOT fitted for this model*",
+            "  sae_random @ tiny: compute_fraction * (published presets: * to *); above 1: the splice lowered*",
+        ]
+    )
     assert "sae_random @ tiny1: compute_fraction" not in result.stdout.str()
     document = json.loads((tiny_pytester.path / "report.json").read_text())
     laws = [sae["compute_law"] for sae in document["saes"] if sae.get("compute_law")]
