@@ -40,6 +40,10 @@ _LAZY: dict[str, str] = {
     "load_model": "pytest_saecheck.loading",
     "load_sae": "pytest_saecheck.loading",
     "load_tokens": "pytest_saecheck.loading",
+    "ScalingLaw": "pytest_saecheck.scaling",
+    "fit_scaling_law": "pytest_saecheck.scaling",
+    "fit_scaling_law_from_models": "pytest_saecheck.engine.family",
+    "load_scaling_law": "pytest_saecheck.scaling",
     "assert_no_aux_bias_double_count": "pytest_saecheck.training",
     "assert_aux_residual_detached": "pytest_saecheck.training",
     "assert_aux_k_scaling": "pytest_saecheck.training",
@@ -56,8 +60,10 @@ if TYPE_CHECKING:
     from pytest_saecheck.assertions import assert_ce_recovery, assert_r2_matches_legacy
     from pytest_saecheck.config import SAECheckSettings, saecheck_param
     from pytest_saecheck.engine import Evaluation, EvaluationSet, TokenPolicy, evaluate
+    from pytest_saecheck.engine.family import fit_scaling_law_from_models
     from pytest_saecheck.fixtures import SAECheck
     from pytest_saecheck.loading import load_model, load_sae, load_tokens
+    from pytest_saecheck.scaling import ScalingLaw, fit_scaling_law, load_scaling_law
     from pytest_saecheck.training import (
         AuxLossAdapter,
         AuxLossAdapterBase,
@@ -101,6 +107,7 @@ __all__ = [
     "SAECheckSettings",
     "SAECheckWarning",
     "SAELensTopKAdapter",
+    "ScalingLaw",
     "ShapeMismatchError",
     "SparsifyAdapter",
     "TokenPolicy",
@@ -116,8 +123,11 @@ __all__ = [
     "assert_r2_matches_legacy",
     "assert_training_objective",
     "evaluate",
+    "fit_scaling_law",
+    "fit_scaling_law_from_models",
     "load_model",
     "load_sae",
+    "load_scaling_law",
     "load_tokens",
     "resolve_training_adapter",
     "saecheck_param",

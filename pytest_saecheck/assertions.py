@@ -204,10 +204,20 @@ def assert_ce_recovery(
     ``min_score`` bounds it from below, ``max_value`` from above. With ``confidence`` (e.g. 0.95) the gate is the
     bootstrap interval over sequences: its lower bound must reach ``min_score``, its upper bound must stay
     under ``max_value``. Without it, the point estimate is gated. An undefined or NaN metric fails.
+    Gating on ``compute_fraction`` under the default scaling law (published for another model family, not
+    fitted for this one) raises :class:`ConfigError`: fit or choose the law (the ``scaling_law`` setting).
     """
     __tracebackhide__ = True
     low, high, level = _validate_ce_thresholds(metric, min_score, max_value, confidence)
     evaluation, facts = _unwrap(check)
+    law = getattr(evaluation, "scaling_law", None)
+    if metric == "compute_fraction" and getattr(law, "default", False):
+        raise ConfigError(
+            "assert_ce_recovery(metric='compute_fraction') gates on the default scaling law "
+            f"({law.label()}); fit the law for your model family (pytest_saecheck.fit_scaling_law, then "
+            "scaling_law='path/to/fit.json') or choose one explicitly (scaling_law='chinchilla', 'epoch', 'kaplan' "
+            "or (E, gamma))"
+        )
     value = facts.metrics.get(metric)
     shown_level = level if level is not None else DISPLAY_LEVEL
     interval = _interval(evaluation, metric, shown_level) if value is not None else None

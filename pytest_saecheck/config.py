@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from pytest_saecheck.errors import ConfigError
+from pytest_saecheck.scaling import DEFAULT_LAW, ScalingLaw, as_scaling_law
 
 MARKER = "saecheck"
 _UNSET = object()
@@ -235,32 +236,13 @@ def _dtype(name: str, value: Any) -> str | None:
     return DTYPES[key]
 
 
-# Chinchilla (Hoffmann et al. 2022): E = 1.69 nats, gamma = alpha*beta/(alpha+beta) with alpha 0.34, beta 0.28.
-# Spelled out here rather than imported from metrics.py, which imports numpy (the plugin imports this module).
-CHINCHILLA = (1.69, 0.34 * 0.28 / (0.34 + 0.28))
-
-
-def _scaling_law(name: str, value: Any) -> tuple[float, float] | None:
-    """``(E, gamma)``, ``"E,gamma"``, ``"chinchilla"``, or ``"none"`` (``None``: no compute_fraction)."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("", "chinchilla", "default"):
-            return CHINCHILLA
-        if text == "none":
-            return None
-        value = [part for part in re.split(r"[,\s]+", text.strip("()[] ")) if part]
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        try:
-            irreducible, gamma = float(value[0]), float(value[1])
-        except (TypeError, ValueError):
-            pass
-        else:
-            if irreducible >= 0 and gamma > 0:
-                return (irreducible, gamma)
-    raise ConfigError(
-        f"saecheck setting {name!r} must be (E, gamma) with E >= 0 nats and gamma > 0 for L(C) = E + A*C^-gamma, "
-        f'"chinchilla" or "none"; got {value!r}, e.g. scaling_law=(1.69, 0.1535) or --saecheck-scaling-law=1.69,0.1535'
-    )
+def _scaling_law(name: str, value: Any) -> ScalingLaw | None:
+    """A preset name (``"chinchilla"``, ``"epoch"``, ``"kaplan"``), ``(E, gamma)`` or ``"E,gamma"``, the path of a
+    fit file, or ``"none"`` (``None``: no compute_fraction); see :mod:`pytest_saecheck.scaling`."""
+    try:
+        return as_scaling_law(value)
+    except ConfigError as error:
+        raise ConfigError(f"saecheck setting {name!r}: {error}") from None
 
 
 UNAVAILABLE_POLICIES = ("skip", "error")
@@ -451,10 +433,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "scaling_law",
         _scaling_law,
-        CHINCHILLA,
-        "(E, gamma) of the model family's scaling curve L(C) = E + A*C^-gamma, for compute_fraction: "
-        '"E,gamma", "chinchilla" (default: 1.69,0.1535) or "none"',
-        "E,GAMMA",
+        DEFAULT_LAW,
+        "the model family's compute scaling law L(C) = E + A*C^-gamma, for compute_fraction: a preset "
+        '("chinchilla", the default, "epoch" or "kaplan": none is fitted for your model), "E,gamma", the path of '
+        'a fit file from pytest_saecheck.fit_scaling_law, or "none"',
+        "PRESET|E,GAMMA|PATH",
     ),
     Setting(
         "splice",
@@ -519,7 +502,7 @@ class SAECheckSettings:
     exclude_token_ids: tuple[int, ...] = ()
     activation_scaler: float | str | None = None
     seed: int = 0
-    scaling_law: tuple[float, float] | None = CHINCHILLA
+    scaling_law: ScalingLaw | None = DEFAULT_LAW
     splice: str = "separate"
     release_group_mib: int = 2048
     unavailable: str = "skip"
@@ -538,6 +521,8 @@ class SAECheckSettings:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, ScalingLaw):
+        return value.spec
     return dict(value) if isinstance(value, FrozenKwargs) else value
 
 
@@ -693,7 +678,7 @@ def resolve(
 ) -> SAECheckSettings:
     """Resolve every setting: ``--saecheck-override`` > marker > command line > ini > default.
 
-    Relative paths in ``model``, ``sae`` and ``tokens`` resolve against the directory of the place that gave
+    Relative paths in ``model``, ``sae``, ``tokens`` and a ``scaling_law`` fit file (``.json``) resolve against the directory of the place that gave
     them (:func:`resolve_path_spec`): ``test_dir`` (the test file's directory; default the invocation directory)
     for markers, the ini file's directory, the invocation directory for options.
     """
@@ -712,6 +697,12 @@ def resolve(
         ):
             if raw is _UNSET or raw is None:
                 continue
+            if (
+                setting.name == "scaling_law"
+                and isinstance(raw, str)
+                and raw.strip().lower().endswith(".json")
+            ):
+                raw = os.path.normpath(bases[label] / os.path.expanduser(raw.strip()))  # a fit file
             try:
                 values[setting.name] = setting.parse(setting.name, raw)
             except ConfigError as error:

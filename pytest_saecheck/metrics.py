@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-# Chinchilla (Hoffmann et al. 2022, approach 3): L(N, D) = 1.69 + 406.4 / N^0.34 + 410.7 / D^0.28. Along the
-# compute-optimal frontier both terms fall as C^(-alpha*beta/(alpha+beta)) = C^(-0.1535).
-CHINCHILLA_SCALING_LAW: tuple[float, float] = (1.69, 0.34 * 0.28 / (0.34 + 0.28))
+from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS, ScalingLaw, as_scaling_law
+
+# The default law of compute_fraction (Chinchilla's, not fitted for any model under test): see scaling.py.
+CHINCHILLA_SCALING_LAW: ScalingLaw = DEFAULT_LAW
 
 
 @dataclass(frozen=True)
@@ -224,10 +225,42 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
         return np.where(denominator != 0, numerator / np.where(denominator != 0, denominator, 1.0), np.nan)
 
 
+def compute_fraction(ce_orig: Any, ce_sae: Any, scaling_law: ScalingLaw | tuple[float, float]) -> np.ndarray:
+    """The fraction of the model's training compute at which its family reaches ``ce_sae`` (nats/token).
+
+    ``((L_sae − E) / (L_orig − E))^(−1/γ)`` for a law reduced to ``L(C) = E + G C^−γ`` on its compute frontier;
+    Kaplan et al.'s ``L(C) = (C_c/C)^α_C`` is the case ``E = 0``, ``γ = α_C`` (derivation in
+    :mod:`pytest_saecheck.scaling`). Arrays broadcast; NaN where either loss is not above E. A value above 1
+    means the splice lowered the loss: it is not a fraction of anything.
+    """
+    law = as_scaling_law(scaling_law)
+    assert law is not None
+    irreducible, gamma = law.irreducible, law.gamma
+    orig, sae = np.asarray(ce_orig, dtype=np.float64), np.asarray(ce_sae, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        reducible_ratio = _ratio(sae - irreducible, orig - irreducible)
+        valid = (orig > irreducible) & (sae > irreducible)
+        return np.where(valid, np.power(np.abs(reducible_ratio), -1.0 / gamma), np.nan)
+
+
+def compute_fraction_by_preset(ce_orig: float, ce_sae: float) -> dict[str, float | None]:
+    """``compute_fraction`` under every published preset (None where undefined): the sensitivity band."""
+    out: dict[str, float | None] = {}
+    for name, law in PRESETS.items():
+        value = float(compute_fraction(ce_orig, ce_sae, law))
+        out[name] = value if np.isfinite(value) else None
+    return out
+
+
 def metrics_from_sums(
-    sums: Mapping[str, np.ndarray], scaling_law: tuple[float, float] | None = CHINCHILLA_SCALING_LAW
+    sums: Mapping[str, np.ndarray],
+    scaling_law: ScalingLaw | tuple[float, float] | None = CHINCHILLA_SCALING_LAW,
 ) -> dict[str, np.ndarray]:
-    """Every bootstrappable metric from (possibly resampled) sums; undefined values come back as NaN."""
+    """Every bootstrappable metric from (possibly resampled) sums; undefined values come back as NaN.
+
+    ``scaling_law`` is the law of ``compute_fraction`` (a :class:`~pytest_saecheck.scaling.ScalingLaw`, a preset
+    name or ``(E, gamma)``); ``None`` leaves it out.
+    """
     n_ce, n_kl = sums["n_ce"], sums["n_kl"]
     out: dict[str, np.ndarray] = {}
     for variant in ("orig", "sae", "zero", "mean"):
@@ -253,11 +286,7 @@ def metrics_from_sums(
             )
             out[f"kl_sae_{part}_context"] = _ratio(sums[f"kl_sum_sae_{part}"], sums[f"n_kl_{part}"])
     if scaling_law is not None:
-        irreducible, gamma = scaling_law
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            reducible_ratio = _ratio(ce_sae - irreducible, ce_orig - irreducible)
-            valid = (ce_orig > irreducible) & (ce_sae > irreducible)
-            out["compute_fraction"] = np.where(valid, np.power(np.abs(reducible_ratio), -1.0 / gamma), np.nan)
+        out["compute_fraction"] = compute_fraction(ce_orig, ce_sae, scaling_law)
 
     if "sse" not in sums:  # a joint splice: CE and KL only; the reconstruction is per member
         return out

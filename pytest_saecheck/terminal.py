@@ -67,9 +67,7 @@ def _show(value: Any, name: str) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if name == "scaling_law":
-        from pytest_saecheck.config import CHINCHILLA
-
-        return "chinchilla" if tuple(value) == CHINCHILLA else ",".join(f"{v:g}" for v in value)
+        return value.spec + ("" if value.fitted else " (not fitted)")
     if isinstance(value, tuple):
         return ",".join(map(str, value)) or "none"
     return str(value)
@@ -85,6 +83,7 @@ class SubjectRow:
     tokens: str | None = None
     n_tokens: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    compute_law: dict[str, Any] | None = None
     outcomes: dict[str, str] = field(default_factory=dict)  # nodeid -> outcome
 
 
@@ -112,6 +111,7 @@ class Summary:
                 row.tokens = entry.get("resolved_tokens") or row.tokens
                 row.n_tokens = entry.get("n_tokens")
                 row.metrics = dict(entry.get("metrics") or {})
+                row.compute_law = entry.get("compute_law")
         outcome = _outcome(report)
         if outcome is None:
             return
@@ -136,7 +136,31 @@ class Summary:
             cells += [formats[name](row.metrics.get(name)) for name, _ in HEADLINE]
             cells.append(outcome_counts(count(row.outcomes.values())))
             table.append(cells)
-        return _render(table)
+        return _render(table) + _compute_law_notes(labels, rows)
+
+
+def _compute_law_notes(labels: Sequence[str], rows: Sequence[SubjectRow]) -> list[str]:
+    """Under the table: each law not fitted for its model that a compute_fraction (in the JSON and HTML reports)
+    rests on, then each such SAE's value with its band across the presets; and any value above 1 (the splice
+    lowered the loss), so the number is never read without its caveat."""
+    by_law: dict[tuple[str, bool], list[str]] = {}
+    for label, row in zip(labels, rows, strict=True):
+        law, value = row.compute_law, row.metrics.get("compute_fraction")
+        if not isinstance(law, dict) or value is None or (law.get("fitted") and not law.get("above_one")):
+            continue
+        text = f"  {label}: compute_fraction {value:.3g}"
+        band = law.get("band")
+        if not law.get("fitted") and isinstance(band, list) and len(band) == 2:
+            text += f" (published presets: {band[0]:.3g} to {band[1]:.3g})"
+        if law.get("above_one"):
+            text += "; above 1: the splice lowered the loss, so it is not a fraction of training compute"
+        by_law.setdefault((str(law.get("label")), bool(law.get("fitted"))), []).append(text)
+    lines = []
+    for (label, fitted), entries in by_law.items():
+        fit = "" if fitted else "; fit your family's law (pytest_saecheck.fit_scaling_law)"
+        lines.append(f"saecheck: compute_fraction uses the scaling law {label}{fit}")
+        lines.extend(entries)
+    return lines
 
 
 def _short(spec: str | None) -> str:

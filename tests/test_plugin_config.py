@@ -10,6 +10,7 @@ import pytest
 
 from pytest_saecheck.config import SETTINGS, SAECheckSettings, SettingsUsageError, marker_kwargs
 from pytest_saecheck.errors import ConfigError, SAECheckError
+from pytest_saecheck.scaling import ScalingLaw
 
 SHOW_SETTINGS = """
 import json
@@ -38,7 +39,9 @@ def test_defaults_when_nothing_is_configured(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_inprocess("-s")
     result.assert_outcomes(passed=1)
     settings, sources = _settings(result)
-    assert settings == {setting.name: json.loads(json.dumps(setting.default)) for setting in SETTINGS}
+    plain = {setting.name: SAECheckSettings().to_dict()[setting.name] for setting in SETTINGS}
+    assert settings == json.loads(json.dumps(plain))
+    assert settings["scaling_law"] == "chinchilla"  # a law travels as its spec
     assert set(sources.values()) == {"default"}
 
 
@@ -68,6 +71,8 @@ def test_every_setting_has_an_option_an_ini_key_and_a_marker_key(pytester: pytes
     parsed = setting.parse(setting.name, example)
     if isinstance(parsed, tuple):
         parsed = list(parsed)  # as the settings travel through JSON
+    if isinstance(parsed, ScalingLaw):
+        parsed = parsed.spec  # a law travels as its spec
     pytester.makepyfile(SHOW_SETTINGS)
     result = pytester.runpytest_inprocess("-s", f"{setting.option}={example}")
     assert _settings(result)[0][setting.name] == parsed
@@ -354,7 +359,7 @@ def test_header_names_device_versions_and_defaults(pytester: pytest.Pytester) ->
             "saecheck: device=cpu (command line); pytest-saecheck *, torch *, transformer-lens *, sae-lens *",
             "saecheck defaults: model=-, sae=-, tokens=SAE's dataset, n_tokens=4096, context_size=from SAE, "
             "batch_size=16, dtype=float32, exclude_bos=true, exclude_special_tokens=true, exclude_token_ids=none, "
-            "activation_scaler=auto, seed=0, scaling_law=chinchilla, splice=separate, release_group_mib=2048, "
+            "activation_scaler=auto, seed=0, scaling_law=chinchilla (not fitted), splice=separate, release_group_mib=2048, "
             "unavailable=skip, model_from_pretrained_kwargs=-, "
             "hook_name=-",
         ]

@@ -353,7 +353,8 @@ def test_scaling_law_setting_reaches_compute_fraction(tiny_pytester: pytest.Pyte
             m = saecheck.metrics
             expected = ((m["ce_sae"] - 0.5) / (m["ce_orig"] - 0.5)) ** (-1 / 0.2)
             assert m["compute_fraction"] == pytest.approx(expected, rel=1e-9)
-            assert saecheck.evaluation.scaling_law == (0.5, 0.2)
+            law = saecheck.evaluation.scaling_law
+            assert (law.irreducible, law.gamma, law.origin) == (0.5, 0.2, "given")
 
         @pytest.mark.saecheck(sae="sae_random", scaling_law="none")
         def test_disabled(saecheck):
@@ -376,7 +377,8 @@ def test_scaling_law_command_line(tiny_pytester: pytest.Pytester) -> None:
         pytestmark = {MARK}
 
         def test_cli(saecheck):
-            assert saecheck.settings.scaling_law == (0.25, 0.3)
+            law = saecheck.settings.scaling_law
+            assert (law.irreducible, law.gamma) == (0.25, 0.3)
             assert saecheck.settings.sources["scaling_law"] == "command line"
         """
     )

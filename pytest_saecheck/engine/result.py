@@ -13,6 +13,7 @@ import numpy as np
 from pytest_saecheck.errors import ConfigError, SAECheckWarning
 from pytest_saecheck.metrics import BOOTSTRAPPABLE, METRIC_NAMES, metrics_from_sums
 from pytest_saecheck.policy import TokenPolicy
+from pytest_saecheck.scaling import ScalingLaw
 from pytest_saecheck.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, bootstrap_intervals
 
 
@@ -21,7 +22,10 @@ class Evaluation:
     """The result of :func:`evaluate`. ``metrics`` is flat: metric name → float, never NaN.
 
     A metric that is undefined on this data (a zero denominator, a scaling law that does not apply) is
-    absent from ``metrics`` and explained in ``undefined``.
+    absent from ``metrics`` and explained in ``undefined``. ``scaling_law`` is the law of ``compute_fraction``
+    (its source, and ``fitted``: whether it was fitted for this model); ``compute_fraction_by_preset`` is
+    ``compute_fraction`` under every published preset (None where undefined), the sensitivity band of an
+    unfitted law.
     """
 
     metrics: dict[str, float]
@@ -36,7 +40,8 @@ class Evaluation:
     delta_ce_by_position: list[float | None]
     kl_by_position: list[float | None]
     per_sequence: dict[str, np.ndarray] = field(repr=False)
-    scaling_law: tuple[float, float] | None = None
+    scaling_law: ScalingLaw | None = None
+    compute_fraction_by_preset: dict[str, float | None] = field(default_factory=dict)
     batch_size: int = 0
     model_dtype: str = ""
     device: str = ""
@@ -98,6 +103,35 @@ class Evaluation:
                         warnings.warn(message, SAECheckWarning, stacklevel=2)
         return dict(self._interval_cache[key])
 
+    def compute_law(self) -> dict[str, Any] | None:
+        """The law behind ``compute_fraction`` as plain values: the law's record (``ScalingLaw.to_dict``),
+        ``label``, ``by_preset``, ``band`` (min, max over the presets where defined), ``above_one`` (the splice
+        lowered the loss, so the value is not a fraction) and ``note`` (what reports print beside the value).
+        None without a law."""
+        law = self.scaling_law
+        if law is None:
+            return None
+        by_preset = dict(self.compute_fraction_by_preset)
+        defined = [value for value in by_preset.values() if value is not None]
+        value = self.metrics.get("compute_fraction")
+        above_one = value is not None and value > 1
+        note = f"scaling law {law.label()}"
+        if not law.fitted and by_preset:
+            shown = ", ".join(
+                f"{name} {'undefined' if v is None else f'{v:.3g}'}" for name, v in by_preset.items()
+            )
+            note += f"; under each published preset: {shown}"
+        if above_one:
+            note += "; above 1: the splice lowered the loss, so this is not a fraction of training compute"
+        return {
+            **law.to_dict(),
+            "label": law.label(),
+            "by_preset": by_preset,
+            "band": [min(defined), max(defined)] if defined else None,
+            "above_one": above_one,
+            "note": note,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """Plain Python types only (safe to put on pytest reports and into JSON)."""
         return {
@@ -119,7 +153,10 @@ class Evaluation:
             "latent_density": list(self.latent_density),
             "delta_ce_by_position": list(self.delta_ce_by_position),
             "kl_by_position": list(self.kl_by_position),
-            "scaling_law": list(self.scaling_law) if self.scaling_law is not None else None,
+            "scaling_law": [self.scaling_law.irreducible, self.scaling_law.gamma]
+            if self.scaling_law is not None
+            else None,
+            "compute_law": self.compute_law(),
             "batch_size": self.batch_size,
             "model_dtype": self.model_dtype,
             "device": self.device,

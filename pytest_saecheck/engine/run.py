@@ -49,11 +49,13 @@ from pytest_saecheck.metrics import (
     METRIC_NAMES,
     RATIO_DENOMINATORS,
     WHOLE_SET_METRICS,
+    compute_fraction_by_preset,
     metrics_from_sums,
     ratio_denominators,
     total_variance,
 )
 from pytest_saecheck.policy import TokenPolicy
+from pytest_saecheck.scaling import ScalingLaw, as_scaling_law
 from pytest_saecheck.scoring import BatchScores, chunk_rows_for, score_batch
 from pytest_saecheck.stats import DEFAULT_LEVEL, bootstrap_intervals
 
@@ -98,7 +100,7 @@ def evaluate(
     activation_scaler: Any = None,
     mean_activation: Any = None,
     mean_ablation: bool = True,
-    scaling_law: tuple[float, float] | None = CHINCHILLA_SCALING_LAW,
+    scaling_law: ScalingLaw | str | tuple[float, float] | None = CHINCHILLA_SCALING_LAW,
     joint: bool = False,
     progress: bool | None = None,
 ) -> Any:
@@ -125,14 +127,18 @@ def evaluate(
     the model's units.
 
     ``mean_activation`` fixes the mean-ablation vector ``[d_out]`` (for a set, a mapping; default: the mean over
-    the evaluated positions). ``scaling_law`` is ``(E, gamma)`` of ``L(C) = E + A C^-gamma`` for
-    ``compute_fraction`` (default: Chinchilla's). ``progress=None`` shows a bar only after two seconds.
+    the evaluated positions). ``scaling_law`` is the law of ``compute_fraction``: a
+    :class:`~pytest_saecheck.scaling.ScalingLaw`, a preset name (``"chinchilla"``, ``"epoch"``, ``"kaplan"``),
+    ``(E, gamma)`` of ``L(C) = E + A C^-gamma``, the path of a fit file, or ``None`` (default: Chinchilla's,
+    which is not fitted for your model: the result says so, with ``compute_fraction`` under every preset in
+    ``Evaluation.compute_fraction_by_preset``). ``progress=None`` shows a bar only after two seconds.
 
     Raises :class:`ConfigError`, :class:`ShapeMismatchError`, :class:`HookNotFoundError`,
     :class:`UnsupportedDictionaryError`, :class:`ModelStateError`, :class:`EmptyTokenSetError`,
     :class:`NonFiniteError`, :class:`DegenerateActivationsError` (all :class:`SAECheckError`).
     """
     started = time.perf_counter()
+    scaling_law = as_scaling_law(scaling_law)
     single, named = _named(sae)
     if joint and len(named) < 2:
         raise ConfigError(
@@ -277,7 +283,7 @@ class _Pass:
         policy: TokenPolicy,
         batch_size: int,
         mean_ablation: bool,
-        scaling_law: tuple[float, float] | None,
+        scaling_law: ScalingLaw | None,
         joint: bool,
     ) -> None:
         self.cut = cut
@@ -569,6 +575,7 @@ class _Pass:
         )
         evaluation.warnings.extend(self.notes[m.name])
         evaluation.warnings.extend(_preflight(m, evaluation))
+        _note_compute_fraction(evaluation)
         return evaluation
 
     def _common(
@@ -637,7 +644,7 @@ class _Pass:
             }
             values["alive_fraction"] = float(np.mean(m.joint_acc.latent_density() > 0))
             members[m.name] = values
-        return Evaluation(
+        evaluation = Evaluation(
             **self._common(tokens, metrics, undefined, per_sequence, self.joint_acc.position_curves()),
             n_tokens=int(totals(per_sequence)["n_kl"]),
             hook_name=" + ".join(m.read.hook_name for m in self.members),
@@ -648,6 +655,8 @@ class _Pass:
             normalisation={m.name: m.normalisation.to_dict() for m in self.members},
             members=members,
         )
+        _note_compute_fraction(evaluation)
+        return evaluation
 
 
 def _compounding(members: Sequence[Member], joint_acc: Accumulator | None) -> dict[str, Any]:
@@ -839,11 +848,28 @@ def unresolved_ratios(
     return reasons
 
 
-def _why_undefined(name: str, scaling_law: tuple[float, float] | None) -> str:
+def _note_compute_fraction(evaluation: Evaluation) -> None:
+    """Record ``compute_fraction`` under every preset (the sensitivity band that reports show beside a law not
+    fitted for this model), and say plainly when the splice lowered the loss (a "fraction" above 1)."""
+    law, metrics = evaluation.scaling_law, evaluation.metrics
+    if law is None or "ce_orig" not in metrics or "ce_sae" not in metrics:
+        return
+    evaluation.compute_fraction_by_preset = compute_fraction_by_preset(metrics["ce_orig"], metrics["ce_sae"])
+    value = metrics.get("compute_fraction")
+    if value is not None and metrics["ce_sae"] < metrics["ce_orig"]:
+        evaluation.warnings.append(
+            f"compute_fraction = {value:.4g} > 1 because the splice lowered the loss (delta_ce = "
+            f"{metrics['ce_sae'] - metrics['ce_orig']:.3g} nats/token): it is not a fraction of the model's "
+            "training compute; read delta_ce"
+        )
+
+
+def _why_undefined(name: str, scaling_law: ScalingLaw | None) -> str:
     if name == "compute_fraction" and scaling_law is not None:
         return (
-            f"the scaling law's irreducible loss E={scaling_law[0]:.3f} is not below both ce_orig and ce_sae; "
-            "pass scaling_law=(E, gamma) fitted for this model"
+            f"the scaling law's irreducible loss E={scaling_law.irreducible:.3f} ({scaling_law.spec}) is not below "
+            "both ce_orig and ce_sae; fit the law for this model family (pytest_saecheck.fit_scaling_law) or "
+            "choose another (scaling_law=PRESET, (E, gamma) or a fit file)"
         )
     if name in ("ce_loss_score", "kl_div_score"):
         return "the zero-ablated model is exactly as good as the original (zero denominator)"

@@ -234,6 +234,9 @@ def sae_entry(identity: Mapping[str, Any], record: Mapping[str, Any]) -> dict[st
         "interval_level": finite_or_none(record.get("interval_level")) if intervals else None,
         "undefined": dict(sorted(undefined.items())),
         "scaling_law": _series(record.get("scaling_law")),
+        "compute_law": json_safe(record.get("compute_law"))
+        if evaluated and isinstance(record.get("compute_law"), Mapping)
+        else None,
         "delta_ce_by_position": _series(record.get("delta_ce_by_position")) if evaluated else None,
         "kl_by_position": _series(record.get("kl_by_position")) if evaluated else None,
         "latent_density_histogram": json_safe(histogram) if histogram else None,

@@ -173,6 +173,9 @@ def _rows(sae: Mapping[str, Any], names: Any, info: Mapping[str, Any]) -> list[d
         )
         if name == "ce_loss_score_mean_ablation":  # only what this evaluation's numbers show
             rows[-1]["scale"] = baseline_note(metrics)
+        law = sae.get("compute_law")
+        if name == "compute_fraction" and isinstance(law, Mapping) and law.get("note"):
+            rows[-1]["scale"] = f"{rows[-1]['scale']}; {law['note']}" if rows[-1]["scale"] else law["note"]
     show = column_format(
         [row["value"] for row in rows]
         + [bound for row in rows for bound in (row["interval"] or ()) if row["interval"]]

@@ -134,6 +134,7 @@ SAE_SCHEMA: dict[str, Any] = {
         "interval_level": _NUMBER,
         "undefined": {"type": "object", "additionalProperties": {"type": "string"}},
         "scaling_law": _SERIES,
+        "compute_law": {"type": ["object", "null"]},
         "delta_ce_by_position": _SERIES,
         "kl_by_position": _SERIES,
         "latent_density_histogram": {

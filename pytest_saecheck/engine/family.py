@@ -1,0 +1,110 @@
+"""Fit a compute scaling law for a model family from the models themselves, on the tokens the SAEs are
+evaluated on (:func:`fit_scaling_law_from_models`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pytest_saecheck.engine.run import _check_tokens, check_model
+from pytest_saecheck.errors import ConfigError
+from pytest_saecheck.policy import TokenPolicy
+from pytest_saecheck.scaling import ScalingLaw, fit_scaling_law
+from pytest_saecheck.scoring import score_batch
+
+# Training tokens of model suites whose members were all trained on the same data budget (name pattern, D).
+# Pythia (Biderman et al. 2023): 143,000 steps of 1,024 sequences of 2,048 tokens = 299,892,736,000 tokens.
+KNOWN_TRAIN_TOKENS: tuple[tuple[str, int], ...] = ((r"pythia", 143_000 * 1024 * 2048),)
+
+
+def known_train_tokens(name: str) -> int | None:
+    """Training tokens of a model of a known suite (see :data:`KNOWN_TRAIN_TOKENS`), by name; else None."""
+    for pattern, tokens in KNOWN_TRAIN_TOKENS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return tokens
+    return None
+
+
+def model_loss(
+    model: Any, tokens: torch.Tensor, *, policy: TokenPolicy | None = None, batch_size: int = 16
+) -> float:
+    """Mean next-token cross-entropy (nats/token) of ``model`` on ``tokens`` ``[n_sequences, seq_len]``, pooled
+    over the predictions the token policy keeps: the ``ce_orig`` that :func:`evaluate` reports on these tokens."""
+    policy = (policy or TokenPolicy()).resolved_for(model)
+    tokens = _check_tokens(model, tokens, policy)
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    with torch.inference_mode():
+        for start in range(0, tokens.shape[0], batch_size):
+            batch = tokens[start : start + batch_size].to(device)
+            logits = model(batch, return_type="logits")
+            ce = score_batch(logits, batch, {}, {}, ()).ce_orig
+            mask = policy.prediction_mask(batch)
+            total += ce[mask].double().sum().cpu()
+            count += int(mask.sum())
+    return float(total) / count
+
+
+def fit_scaling_law_from_models(
+    models: Sequence[Any],
+    tokens: torch.Tensor,
+    *,
+    n_params: Sequence[float] | None = None,
+    n_train_tokens: Sequence[float] | None = None,
+    policy: TokenPolicy | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+    corpus: str = "the evaluation tokens",
+) -> ScalingLaw:
+    """Fit ``L(C) = E + A C^-gamma`` for a model family, each model's loss measured on ``tokens``.
+
+    ``models``: ``HookedTransformer`` instances or specs for :func:`pytest_saecheck.load_model` (TransformerLens
+    names or local directories), one per family member. ``tokens``: ``[n_sequences, seq_len]`` token ids, the
+    tokens the SAEs are evaluated on, scored with the token policy ``policy`` (default: :func:`evaluate`'s), so
+    each point's loss is the ``ce_orig`` an evaluation reports. Compute is ``6 N D`` FLOPs: ``n_params`` (N per
+    model; default: every parameter of the loaded model, embeddings included) and ``n_train_tokens`` (D per
+    model; default: read from a known suite by name, e.g. Pythia's 299,892,736,000 tokens). The fit and its
+    bootstrap intervals are :func:`~pytest_saecheck.scaling.fit_scaling_law`'s; save it with ``.save(path)``.
+
+    Raises :class:`ConfigError` (lengths that differ, a model of unknown training tokens without
+    ``n_train_tokens``, too few models) and the errors of :func:`load_model` and :func:`evaluate` for the tokens.
+    """
+    from pytest_saecheck.loading import load_model
+
+    specs = list(models)
+    for name, values in (("n_params", n_params), ("n_train_tokens", n_train_tokens)):
+        if values is not None and len(values) != len(specs):
+            raise ConfigError(f"{name} needs one value per model: {len(values)} for {len(specs)} models")
+    compute, losses, names = [], [], []
+    for index, spec in enumerate(specs):
+        model = load_model(spec, device=device) if isinstance(spec, str) else spec
+        check_model(model)
+        name = spec if isinstance(spec, str) else str(getattr(model.cfg, "model_name", f"model {index}"))
+        n = (
+            float(n_params[index])
+            if n_params is not None
+            else float(sum(p.numel() for p in model.parameters()))
+        )
+        d = float(n_train_tokens[index]) if n_train_tokens is not None else known_train_tokens(name)
+        if d is None:
+            raise ConfigError(
+                f"the training tokens of {name!r} are unknown (known suites: pythia); pass n_train_tokens=[...] "
+                "with one value per model"
+            )
+        losses.append(model_loss(model, tokens, policy=policy, batch_size=batch_size))
+        compute.append(6.0 * n * float(d))
+        names.append(name)
+    return fit_scaling_law(
+        compute,
+        losses,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        source=f"fit_scaling_law_from_models on {int(tokens.numel())} tokens: {', '.join(names)}",
+        corpus=corpus,
+    )

@@ -1,0 +1,290 @@
+"""Scaling laws for compute_fraction: presets with provenance, the formula, fits and fit files (issue 14)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pytest_saecheck import fit_scaling_law, load_scaling_law
+from pytest_saecheck.assertions import assert_ce_recovery
+from pytest_saecheck.config import _scaling_law
+from pytest_saecheck.errors import ConfigError
+from pytest_saecheck.metrics import compute_fraction, compute_fraction_by_preset
+from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS, as_scaling_law, given_law
+
+MARK = 'pytest.mark.saecheck(model="tiny", sae="sae_random", tokens="tokens.npy", n_tokens=160)'
+
+
+def _frontier_loss(law, compute: float) -> float:
+    """Compute-optimal loss of a Chinchilla-form law at compute C = 6 N D, by minimising over N numerically."""
+    p = dict(law.parameters)
+    log_n = np.linspace(math.log(compute / 6) / 2 - 15, math.log(compute / 6) / 2 + 15, 200_001)
+    n = np.exp(log_n)
+    d = compute / (6 * n)
+    return float(np.min(p["E"] + p["A"] / n ** p["alpha"] + p["B"] / d ** p["beta"]))
+
+
+@pytest.mark.parametrize("name", ["chinchilla", "epoch"])
+def test_chinchilla_form_presets_reproduce_their_frontier_gamma(name):
+    law = PRESETS[name]
+    p = dict(law.parameters)
+    assert law.gamma == pytest.approx(p["alpha"] * p["beta"] / (p["alpha"] + p["beta"]), rel=1e-12)
+    computes = np.logspace(20, 26, 7)
+    reducible = [_frontier_loss(law, c) - law.irreducible for c in computes]
+    slope = np.polyfit(np.log(computes), np.log(reducible), 1)[0]
+    assert -slope == pytest.approx(law.gamma, rel=1e-3)
+    # and compute_fraction reads the frontier back: the loss at a tenth of the compute is a fraction 0.1
+    for c in (1e21, 1e24):
+        assert float(
+            compute_fraction(_frontier_loss(law, c), _frontier_loss(law, c / 10), law)
+        ) == pytest.approx(0.1, rel=1e-3)
+
+
+def test_presets_match_their_published_numbers():
+    chinchilla, epoch, kaplan = PRESETS["chinchilla"], PRESETS["epoch"], PRESETS["kaplan"]
+    assert chinchilla.gamma == pytest.approx(0.1535, abs=1e-4)
+    # Hoffmann et al. 2022, approach 3: N_opt ∝ C^a with a = beta/(alpha+beta), published as 0.46 (from unrounded fits)
+    p = dict(chinchilla.parameters)
+    assert p["beta"] / (p["alpha"] + p["beta"]) == pytest.approx(0.46, abs=0.01)
+    assert epoch.gamma == pytest.approx(0.3478 * 0.3658 / (0.3478 + 0.3658), rel=1e-12)
+    assert (kaplan.irreducible, kaplan.gamma) == (0.0, 0.050)
+    for law in PRESETS.values():
+        assert law.origin == "preset" and not law.fitted
+        assert "20" in law.source and law.corpus
+
+
+def test_kaplan_compute_fraction_is_the_loss_ratio_power():
+    """Kaplan: L(C) = (C_c/C)^0.050, so L(fC)/L(C) = f^-0.050 and f = (L_sae/L_orig)^(-1/0.050)."""
+    law = PRESETS["kaplan"]
+    c_c = dict(law.parameters)["C_c_PF_days"]
+    for compute, fraction in ((1.0, 0.5), (30.0, 0.01)):
+        l_orig, l_sae = (c_c / compute) ** 0.050, (c_c / (fraction * compute)) ** 0.050
+        assert float(compute_fraction(l_orig, l_sae, law)) == pytest.approx(fraction, rel=1e-9)
+    assert float(compute_fraction(3.0, 3.3, law)) == pytest.approx((3.3 / 3.0) ** -20, rel=1e-12)
+
+
+@pytest.mark.parametrize("law", [*PRESETS.values(), given_law(0.5, 0.2)], ids=lambda law: law.name)
+def test_compute_fraction_is_one_at_no_loss_and_falls_as_the_loss_grows(law):
+    ce_orig = 3.2
+    assert float(compute_fraction(ce_orig, ce_orig, law)) == pytest.approx(1.0, abs=1e-12)
+    values = compute_fraction(ce_orig, np.array([3.2, 3.21, 3.3, 3.6, 4.5]), law)
+    assert np.all(np.diff(values) < 0)
+    assert np.all((values > 0) & (values <= 1))
+    assert float(compute_fraction(ce_orig, 3.1, law)) > 1  # the splice lowered the loss: not a fraction
+
+
+def test_compute_fraction_is_undefined_below_the_irreducible_loss():
+    assert math.isnan(float(compute_fraction(1.6, 1.7, PRESETS["chinchilla"])))
+    by_preset = compute_fraction_by_preset(1.75, 1.8)
+    assert (
+        by_preset["chinchilla"] is not None and by_preset["epoch"] is None and by_preset["kaplan"] is not None
+    )
+
+
+def test_the_fit_recovers_known_parameters_from_synthetic_points():
+    rng = np.random.default_rng(0)
+    compute = np.repeat(np.logspace(17, 23, 13), 2)
+    truth = {"E": 1.9, "A": 850.0, "gamma": 0.17}
+    clean = truth["E"] + truth["A"] * compute ** -truth["gamma"]
+    loss = clean * (1 + 1e-4 * rng.standard_normal(compute.size))
+    law = fit_scaling_law(compute, loss, n_bootstrap=60, seed=1)
+    fitted = dict(law.parameters)
+    for name, value in truth.items():
+        assert fitted[name] == pytest.approx(value, rel=0.01), name
+    assert (law.irreducible, law.gamma) == (fitted["E"], fitted["gamma"])
+    assert law.origin == "fit" and law.fitted
+    for name, low, high in law.intervals:
+        assert low <= fitted[name] <= high
+        assert low < truth[name] * 1.05 and high > truth[name] * 0.95
+    assert len(law.points) == compute.size
+
+
+def test_the_fit_is_robust_to_an_outlier():
+    compute = np.logspace(18, 23, 11)
+    loss = 2.0 + 400.0 * compute**-0.2
+    loss[4] += 0.5  # one broken model
+    law = fit_scaling_law(compute, loss, n_bootstrap=0)
+    assert law.irreducible == pytest.approx(2.0, rel=0.01)
+    assert law.gamma == pytest.approx(0.2, rel=0.05)
+    # a quadratic loss (a Huber delta far above every residual) is dragged away by the one outlier
+    squares = fit_scaling_law(compute, loss, n_bootstrap=0, huber_delta=100.0)
+    assert abs(squares.gamma - 0.2) > 10 * abs(law.gamma - 0.2)
+
+
+@pytest.mark.parametrize(
+    ("compute", "loss", "match"),
+    [
+        ([1e18, 1e19, 1e20], [3.0, 2.8, 2.7], "at least 4 models"),
+        ([1e18, 1e18, 1e19, 1e19], [3.0, 3.0, 2.8, 2.8], "3 or more compute budgets"),
+        ([1e18, 1e19, 1e20, -1.0], [3.0, 2.8, 2.7, 2.6], "finite and positive"),
+        ([1e18, 1e19, 1e20], [3.0, 2.8], "one value per model"),
+    ],
+)
+def test_the_fit_refuses_bad_points(compute, loss, match):
+    with pytest.raises(ConfigError, match=match):
+        fit_scaling_law(compute, loss)
+
+
+def test_a_fit_file_round_trips_through_the_setting(tmp_path):
+    compute = np.logspace(18, 22, 6)
+    law = fit_scaling_law(compute, 1.5 + 300 * compute**-0.15, n_bootstrap=20, corpus="my corpus")
+    path = law.save(tmp_path / "law.json")
+    loaded = _scaling_law("scaling_law", str(path))
+    assert loaded is not None
+    assert (loaded.irreducible, loaded.gamma, loaded.origin, loaded.corpus) == (
+        law.irreducible,
+        law.gamma,
+        "fit",
+        "my corpus",
+    )
+    assert loaded.parameters == law.parameters and loaded.intervals == law.intervals
+    assert loaded.points == law.points and loaded.path == str(path.resolve())
+    assert loaded.spec == str(path.resolve()) and loaded.fitted
+    assert load_scaling_law(path) == loaded
+    assert float(compute_fraction(2.5, 2.6, loaded)) == pytest.approx(float(compute_fraction(2.5, 2.6, law)))
+
+
+def test_bad_fit_files_and_specs_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the scaling law file"):
+        as_scaling_law(str(tmp_path / "missing.json"))
+    (tmp_path / "other.json").write_text(json.dumps({"E": 1.0}))
+    with pytest.raises(ConfigError, match="not a scaling law fit file"):
+        as_scaling_law(str(tmp_path / "other.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not JSON"):
+        as_scaling_law(str(tmp_path / "bad.json"))
+    with pytest.raises(ConfigError, match=r"must be \(E, gamma\).*chinchilla, epoch, kaplan"):
+        _scaling_law("scaling_law", "gpt4")
+    assert _scaling_law("scaling_law", "Epoch") is PRESETS["epoch"]
+    assert _scaling_law("scaling_law", "none") is None
+    assert _scaling_law("scaling_law", "default") is DEFAULT_LAW and DEFAULT_LAW.default
+    assert not PRESETS["chinchilla"].default
+
+
+def _evaluation(law):
+    return SimpleNamespace(
+        metrics={"ce_orig": 3.0, "ce_sae": 3.1, "delta_ce": 0.1, "compute_fraction": 0.8},
+        undefined={},
+        scaling_law=law,
+        confidence_interval=lambda name, level=0.95: (0.7, 0.9),
+    )
+
+
+def test_gating_compute_fraction_on_the_unfitted_default_is_refused():
+    with pytest.raises(ConfigError, match=r"default scaling law.*NOT fitted.*fit_scaling_law.*choose one"):
+        assert_ce_recovery(_evaluation(DEFAULT_LAW), metric="compute_fraction", min_score=0.5)
+    # a law the user chose (a preset named explicitly, a given pair, a fit) may be gated on
+    for law in (PRESETS["chinchilla"], given_law(1.0, 0.2)):
+        assert_ce_recovery(_evaluation(law), metric="compute_fraction", min_score=0.5)
+    assert_ce_recovery(_evaluation(DEFAULT_LAW), metric="delta_ce", max_value=0.2)  # other metrics are fine
+
+
+def test_the_scaling_module_imports_no_numpy():
+    code = (
+        "import sys; import pytest_saecheck.scaling, pytest_saecheck.config; "
+        "print(sorted(m for m in ('numpy', 'scipy', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_evaluation_records_the_law_and_the_preset_band(tiny_pytester: pytest.Pytester) -> None:
+    compute = np.logspace(18, 22, 6)
+    fit_scaling_law(compute, 0.5 + 300 * compute**-0.2, n_bootstrap=0).save(tiny_pytester.path / "law.json")
+    tiny_pytester.makepyfile(
+        f"""
+        import pytest
+        from pytest_saecheck import assert_ce_recovery
+        from pytest_saecheck.errors import ConfigError
+        from pytest_saecheck.metrics import compute_fraction
+        pytestmark = {MARK}
+
+        def test_default(saecheck):
+            law = saecheck.evaluation.compute_law()
+            assert law["name"] == "chinchilla" and law["default"] and not law["fitted"]
+            assert "Hoffmann et al. 2022" in law["source"] and "MassiveText" in law["corpus"]
+            assert set(law["by_preset"]) == {{"chinchilla", "epoch", "kaplan"}}
+            defined = [v for v in law["by_preset"].values() if v is not None]
+            assert law["band"] == [min(defined), max(defined)]
+            assert "NOT fitted for this model" in law["note"] and "kaplan" in law["note"]
+            # this random SAE lowers the tiny model's loss: the value above 1 is marked, never silent
+            assert saecheck.metrics["delta_ce"] < 0 and saecheck.metrics["compute_fraction"] > 1
+            assert law["above_one"] and "the splice lowered the loss" in law["note"]
+            assert any("> 1 because the splice lowered the loss" in w for w in saecheck.evaluation.warnings)
+            with pytest.raises(ConfigError, match="fit the law"):
+                assert_ce_recovery(saecheck, metric="compute_fraction", min_score=0.1)
+
+        @pytest.mark.saecheck(model="tiny1", scaling_law="law.json")
+        def test_fit_file(saecheck):
+            law = saecheck.evaluation.scaling_law
+            assert law.origin == "fit" and law.fitted and saecheck.settings.sources["scaling_law"] == "marker"
+            m = saecheck.metrics
+            assert m["compute_fraction"] == pytest.approx(float(compute_fraction(m["ce_orig"], m["ce_sae"], law)))
+            assert saecheck.evaluation.compute_law()["fitted"] is True
+            assert_ce_recovery(saecheck, metric="compute_fraction", min_score=0.0)
+        """
+    )
+    result = tiny_pytester.runpytest_inprocess("--saecheck-json=report.json", "--saecheck-report=report.html")
+    result.assert_outcomes(passed=2)
+    # the terminal summary notes the unfitted law; a fitted law whose value is a fraction needs no note
+    result.stdout.fnmatch_lines(
+        [
+            "saecheck: compute_fraction uses the scaling law chinchilla (E=1.69, *NOT fitted for this model*",
+            "  sae_random @ tiny: compute_fraction * (published presets: * to *); above 1: the splice lowered*",
+        ]
+    )
+    assert "sae_random @ tiny1: compute_fraction" not in result.stdout.str()
+    document = json.loads((tiny_pytester.path / "report.json").read_text())
+    laws = [sae["compute_law"] for sae in document["saes"] if sae.get("compute_law")]
+    assert {law["origin"] for law in laws} == {"preset", "fit"}
+    html = (tiny_pytester.path / "report.html").read_text()
+    assert html.count("law not fitted") == 1  # the overview marks the default's value, not the fit's
+    assert "under each published preset" in html
+
+
+def test_a_family_fit_scores_each_model_as_evaluate_does():
+    import torch
+    from test_engine import make_model, make_sae, make_tokens
+
+    from pytest_saecheck import evaluate, fit_scaling_law_from_models
+    from pytest_saecheck.engine.family import model_loss
+
+    tokens = make_tokens(6)
+    models = [make_model(seed=seed) for seed in range(4)]
+    n_params, n_train_tokens = [1e6, 4e6, 1.6e7, 6.4e7], [2e7, 8e7, 3.2e8, 1.28e9]
+    law = fit_scaling_law_from_models(
+        models, tokens, n_params=n_params, n_train_tokens=n_train_tokens, batch_size=4, n_bootstrap=0
+    )
+    with torch.no_grad():
+        expected = [
+            evaluate(
+                model, make_sae("blocks.1.hook_resid_pre"), tokens, progress=False, scaling_law=None
+            ).metrics["ce_orig"]
+            for model in models
+        ]
+    assert [loss for _, loss in law.points] == pytest.approx(expected, rel=1e-6)
+    assert [c for c, _ in law.points] == pytest.approx(
+        [6 * n * d for n, d in zip(n_params, n_train_tokens, strict=True)]
+    )
+    assert law.origin == "fit" and f"on {tokens.numel()} tokens" in law.source
+    assert model_loss(models[0], tokens, batch_size=5) == pytest.approx(expected[0], rel=1e-6)
+
+
+def test_a_family_fit_needs_training_tokens_unless_the_suite_is_known():
+    from test_engine import make_model, make_tokens
+
+    from pytest_saecheck import fit_scaling_law_from_models
+    from pytest_saecheck.engine.family import known_train_tokens
+
+    assert known_train_tokens("EleutherAI/pythia-70m-deduped") == 299_892_736_000
+    assert known_train_tokens("gpt2-small") is None
+    with pytest.raises(ConfigError, match=r"training tokens of .* are unknown.*n_train_tokens"):
+        fit_scaling_law_from_models([make_model()], make_tokens(2))
+    with pytest.raises(ConfigError, match="n_params needs one value per model"):
+        fit_scaling_law_from_models([make_model()], make_tokens(2), n_params=[1.0, 2.0])
