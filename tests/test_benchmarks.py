@@ -159,6 +159,7 @@ def test_tiny_release_end_to_end(bench):
     assert set(record["compounding"]) >= {"delta_ce_joint", "delta_ce_isolated_sum", "excess"}
     assert record["joint_metrics"]["ce_sae"] > 0
     assert set(record["bound_parts_seconds"]) == {"original", "sae", "suffix"}
+    assert record["ours_over_bound"] > 0
     assert any("joint=True" in line for line in lines) and any("compounding" in line for line in lines)
     for name, errors in record["error_vs_float64"].items():
         assert errors["ours"] <= max(errors["anchor"], 1e-6), name
