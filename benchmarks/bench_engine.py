@@ -5,6 +5,7 @@ Usage::
     python benchmarks/bench_engine.py                      # configurations 1, 2, 3 (minutes on 2 CPU cores)
     python benchmarks/bench_engine.py --quick              # smoke run: few tokens, 2 repetitions
     python benchmarks/bench_engine.py --configs 1,3 --n-tokens 4096 --repeats 5 --device cuda
+    python benchmarks/bench_engine.py --configs release    # configuration 4: 12 SAEs (30 min on 2 busy cores)
 
 Four things are timed on identical token batches:
 
@@ -18,6 +19,14 @@ Four things are timed on identical token batches:
             run's blocks after the hook with its unembedding (inside a block, the zero-ablated run's too),
             nothing scored. ``anchor / bound`` is the largest speedup any implementation computing exact CE
             and KL over the full vocabulary can reach.
+
+Configuration 4 (``release``, opt-in) is a release: 12 TopK SAEs on the GPT-2-small-shaped model, one per
+layer at ``blocks.L.hook_resid_pre``. ``ours`` is ONE ``evaluate`` call on the mapping ``name -> SAE`` (one shared
+pass); ``anchor`` is ``run_evals`` called once per SAE on the same batches; ``joint`` is the same call with
+``joint=True`` (every SAE also spliced at once); ``bound`` is the original forward pass once plus, per SAE, one
+SAE pass and its spliced suffix with its unembedding. Forward passes are reported per SAE (time / floor / 12);
+the metric difference is the largest over all 12 SAEs. ``--release-saes N`` spreads N SAEs over the layers
+instead (``--quick``: 3).
 
 Method: one warm-up batch of each, then ``--repeats`` interleaved repetitions (the order rotates every
 repetition); medians and min-max of each; the speedup (anchor / ours) and the forward-pass count (ours / floor)
@@ -61,6 +70,10 @@ SHARED_METRICS: tuple[tuple[str, str, str], ...] = (
 )
 DENSITY_ROW = "latent_density (worst latent)"
 
+RELEASE_KEY = "4"
+CONFIG_KEYS = ("1", "2", "3", RELEASE_KEY)
+CONFIG_ALIASES = {"release": RELEASE_KEY}
+
 GPT2_SHAPE = {
     "n_layers": 12,
     "d_model": 768,
@@ -81,6 +94,19 @@ class Case:
     model: Any
     sae: Any
     tokens: Any  # [n_sequences, seq_len] token ids, on CPU
+    name: str = ""  # short name for the JSON record (default: the key)
+
+
+@dataclass
+class ReleaseCase:
+    """Several SAEs on one model and one token set, evaluated together (configuration 4)."""
+
+    key: str
+    title: str
+    model: Any
+    saes: dict[str, Any]  # name -> SAE, in the order of their hooks
+    tokens: Any  # [n_sequences, seq_len] token ids, on CPU
+    name: str = ""
 
 
 @dataclass
@@ -99,12 +125,24 @@ class Timings:
 
 
 def parse_configs(text: str) -> list[str]:
-    """``"1,3"`` -> ``["1", "3"]``; only 1, 2 and 3 exist."""
-    keys = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [key for key in keys if key not in ("1", "2", "3")]
+    """``"1,3"`` -> ``["1", "3"]``; 1, 2, 3 and 4 exist, and ``release`` names 4."""
+    keys = [CONFIG_ALIASES.get(part.strip(), part.strip()) for part in text.split(",") if part.strip()]
+    unknown = [key for key in keys if key not in CONFIG_KEYS]
     if unknown or not keys:
-        raise argparse.ArgumentTypeError(f"--configs takes a comma-separated subset of 1,2,3, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--configs takes a comma-separated subset of 1,2,3,4 (4 = release), got {text!r}"
+        )
     return list(dict.fromkeys(keys))
+
+
+def release_layers(n_layers: int, n_saes: int) -> list[int]:
+    """``n_saes`` distinct layers spread evenly from the first to the last (all of them when equal)."""
+    if not 1 <= n_saes <= n_layers:
+        raise ValueError(f"a release of {n_saes} SAEs, one per layer, needs 1 to {n_layers} of them")
+    if n_saes == 1:
+        return [0]
+    step = (n_layers - 1) / (n_saes - 1)  # >= 1, so the rounded layers are distinct
+    return [math.floor(index * step + 0.5) for index in range(n_saes)]
 
 
 def n_sequences_for(n_tokens: int, seq_len: int, batch_size: int) -> int:
@@ -179,14 +217,20 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def summary_record(
-    timings: Timings, worst_diff: float, peak: dict[str, float | None], rows: Sequence[tuple] = ()
+    timings: Timings,
+    worst_diff: float,
+    peak: dict[str, float | None],
+    rows: Sequence[tuple] = (),
+    per_sae: int = 1,
 ) -> dict[str, Any]:
+    """The JSON record of one configuration; forward-pass counts are per SAE when ``per_sae`` SAEs share
+    the timings (a release)."""
     s = timings.seconds
     speed = pairwise_ratios(s["anchor"], s["ours"])
-    passes = pairwise_ratios(s["ours"], s["floor"])
-    anchor_passes = pairwise_ratios(s["anchor"], s["floor"])
+    passes = [v / per_sae for v in pairwise_ratios(s["ours"], s["floor"])]
+    anchor_passes = [v / per_sae for v in pairwise_ratios(s["anchor"], s["floor"])]
     bound_speed = pairwise_ratios(s["anchor"], s["bound"]) if "bound" in s else []
-    bound_passes = pairwise_ratios(s["bound"], s["floor"]) if "bound" in s else []
+    bound_passes = [v / per_sae for v in pairwise_ratios(s["bound"], s["floor"])] if "bound" in s else []
     c = timings.cpu_seconds
     cpu_speed = [v for v in pairwise_ratios(c["anchor"], c["ours"]) if math.isfinite(v)]
     return {
@@ -243,11 +287,19 @@ class TokenStore:
         self.row = 0
 
 
-def run_ours(model: Any, sae: Any, tokens: Any, batch_size: int) -> Any:
+def run_ours(model: Any, sae: Any, tokens: Any, batch_size: int, *, joint: bool = False) -> Any:
+    """One ``evaluate`` call; ``sae`` may be a mapping ``name -> SAE`` (one shared pass, ``joint`` allowed)."""
     from pytest_saecheck import evaluate
 
     return evaluate(
-        model, sae, tokens, batch_size=batch_size, exclude_bos=False, mean_ablation=False, progress=False
+        model,
+        sae,
+        tokens,
+        batch_size=batch_size,
+        exclude_bos=False,
+        mean_ablation=False,
+        joint=joint,
+        progress=False,
     )
 
 
@@ -327,6 +379,64 @@ def run_bound(
             model(sae.decode(sae.encode(resid)), start_at_layer=start)
             if zero_suffix:
                 model(resid, start_at_layer=start)
+
+
+def run_anchor_release(
+    model: Any, saes: dict[str, Any], tokens: Any, batch_size: int, eval_config: Any
+) -> dict[str, Any]:
+    """SAE Lens evaluates a release one SAE at a time: ``run_evals`` once per SAE, on the same batches."""
+    return {name: run_anchor(model, sae, tokens, batch_size, eval_config) for name, sae in saes.items()}
+
+
+def run_release_bound(model: Any, saes: dict[str, Any], tokens: Any, batch_size: int) -> dict[str, float]:
+    """The least work of any exact evaluation of a release of residual-stream SAEs: the original forward pass
+    once (run in stages that stop at each SAE's layer) and, per SAE, one SAE pass and its spliced suffix with
+    the unembedding. Zero ablation at a residual hook does not depend on the tokens, so, as in
+    :func:`run_bound`, it is left out. Nothing is scored.
+
+    Returns the wall seconds of the parts: ``original`` (the whole original forward pass with its
+    unembedding), ``sae`` (every SAE pass) and ``suffix`` (every spliced suffix with its unembedding). Raises
+    ``ValueError`` for an SAE inside a block (its zero-ablated run would need a suffix of its own).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    by_start: dict[int, list[Any]] = {}
+    for sae in saes.values():
+        start, inside_block = suffix_start(model, sae.cfg.metadata.hook_name)
+        if inside_block:
+            raise ValueError("the release bound covers residual-stream hooks only")
+        by_start.setdefault(start, []).append(sae)
+    parts = dict.fromkeys(("original", "sae", "suffix"), 0.0)
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    with torch.inference_mode():
+        for first in range(0, tokens.shape[0], batch_size):
+            tick = clock()
+            at = min(by_start)
+            resid = model(tokens[first : first + batch_size].to(device), stop_at_layer=at)
+            parts["original"] += clock() - tick
+            for start in sorted(by_start):
+                tick = clock()
+                if start > at:
+                    resid = model(resid, start_at_layer=at, stop_at_layer=start)
+                    at = start
+                parts["original"] += clock() - tick
+                for sae in by_start[start]:
+                    tick = clock()
+                    recon = sae.decode(sae.encode(resid))
+                    parts["sae"] += clock() - tick
+                    tick = clock()
+                    model(recon, start_at_layer=start)
+                    parts["suffix"] += clock() - tick
+            tick = clock()
+            model(resid, start_at_layer=at)
+            parts["original"] += clock() - tick
+    return parts
 
 
 def float64_reference(model: Any, sae: Any, tokens: Any, batch_size: int) -> dict[str, float]:
@@ -465,7 +575,22 @@ def measure_case(
             case.model, case.sae, warm_tokens, batch_size, start, zero_suffix=inside_block
         ),
     }
-    peak: dict[str, float | None] = {"ours": None, "anchor": None, "floor": None, "bound": None}
+    timings, results, peak = interleaved(impls, one_batch, repeats, device, memory, log)
+    return timings, results["ours"], results["anchor"], peak
+
+
+def interleaved(
+    impls: dict[str, Callable[[], Any]],
+    one_batch: dict[str, Callable[[], Any]],
+    repeats: int,
+    device: str,
+    memory: bool,
+    log: Callable[[str], None],
+) -> tuple[Timings, dict[str, Any], dict[str, float | None]]:
+    """Warm-up (and peak memory) on ``one_batch``, then ``repeats`` timed repetitions of ``impls`` in an order
+    that rotates every repetition. Returns the timings, each implementation's first result, and the peaks
+    (``None`` without ``memory``)."""
+    peak: dict[str, float | None] = dict.fromkeys(one_batch)
     if memory:
         # All of them stream batch by batch, so the peak is reached within a batch: it is measured on the first
         # batch, and these runs double as the warm-up.
@@ -491,7 +616,38 @@ def measure_case(
             results.setdefault(name, out)
             line.append(f"{name} {seconds:6.2f} s")
         log(f"  repetition {rep + 1}/{repeats}: " + ", ".join(line))
-    return timings, results["ours"], results["anchor"], peak
+    return timings, results, peak
+
+
+def measure_release(
+    case: ReleaseCase, batch_size: int, repeats: int, device: str, memory: bool, log: Callable[[str], None]
+) -> tuple[Timings, dict[str, Any], dict[str, float | None]]:
+    """Times ``ours`` (one ``evaluate`` call on the whole set), ``joint`` (the same with ``joint=True``),
+    ``anchor`` (``run_evals`` once per SAE), ``floor`` and ``bound`` (:func:`run_release_bound`). With
+    ``memory``, the peak of ``ours_one_sae`` (the first SAE evaluated alone) is measured too, for how memory
+    grows with the number of SAEs."""
+    model, saes, tokens = case.model, case.saes, case.tokens
+    eval_config = anchor_config(batch_size, tokens.shape[0] // batch_size)
+    warm_tokens = tokens[:batch_size]
+    warm_config = anchor_config(batch_size, 1)
+    impls: dict[str, Callable[[], Any]] = {
+        "ours": lambda: run_ours(model, saes, tokens, batch_size),
+        "joint": lambda: run_ours(model, saes, tokens, batch_size, joint=True),
+        "anchor": lambda: run_anchor_release(model, saes, tokens, batch_size, eval_config),
+        "floor": lambda: run_floor(model, tokens, batch_size),
+        "bound": lambda: run_release_bound(model, saes, tokens, batch_size),
+    }
+    one_batch: dict[str, Callable[[], Any]] = {
+        "ours": lambda: run_ours(model, saes, warm_tokens, batch_size),
+        "joint": lambda: run_ours(model, saes, warm_tokens, batch_size, joint=True),
+        "anchor": lambda: run_anchor_release(model, saes, warm_tokens, batch_size, warm_config),
+        "floor": lambda: run_floor(model, warm_tokens, batch_size),
+        "bound": lambda: run_release_bound(model, saes, warm_tokens, batch_size),
+    }
+    if memory:
+        one_sae = next(iter(saes.values()))
+        one_batch["ours_one_sae"] = lambda: run_ours(model, one_sae, warm_tokens, batch_size)
+    return interleaved(impls, one_batch, repeats, device, memory, log)
 
 
 # --- configurations -----------------------------------------------------------------------------------------------
@@ -521,6 +677,16 @@ def topk_sae(hook: str, d_in: int, device: str, *, expansion: int = 16, k: int =
     return sae.eval()
 
 
+def release_saes(model: Any, n_saes: int, device: str, *, expansion: int = 16, k: int = 32) -> dict[str, Any]:
+    """``n_saes`` random TopK SAEs at ``blocks.L.hook_resid_pre``, spread over the layers (one per layer when
+    ``n_saes`` equals the number of layers), each with its own seed; named by their hooks."""
+    saes = {}
+    for layer in release_layers(int(model.cfg.n_layers), n_saes):
+        hook = f"blocks.{layer}.hook_resid_pre"
+        saes[hook] = topk_sae(hook, int(model.cfg.d_model), device, expansion=expansion, k=k, seed=1 + layer)
+    return saes
+
+
 def random_tokens(n_sequences: int, seq_len: int, vocab: int, seed: int = 2) -> Any:
     import torch
 
@@ -534,11 +700,12 @@ def build_cases(
     device: str,
     log: Callable[[str], None],
     seq_len: int | None = None,
-) -> tuple[list[Case], dict[str, str]]:
-    cases: list[Case] = []
+    n_release: int = GPT2_SHAPE["n_layers"],
+) -> tuple[list[Case | ReleaseCase], dict[str, str]]:
+    cases: list[Case | ReleaseCase] = []
     skipped: dict[str, str] = {}
     gpt2 = None
-    if "1" in keys or "2" in keys:
+    if "1" in keys or "2" in keys or RELEASE_KEY in keys:
         log("building the GPT-2-small-shaped model (random weights, seed 0)")
         gpt2 = gpt2_shaped_model(device)
         gpt2_len = min(seq_len or GPT2_SHAPE["n_ctx"], GPT2_SHAPE["n_ctx"])
@@ -553,8 +720,17 @@ def build_cases(
             hooks += [("2a", "blocks.10.hook_resid_pre"), ("2b", "blocks.6.hook_mlp_out")]
         for key, hook in hooks:
             cases.append(
-                Case(key, f"{shape} + {sae_desc} at {hook}", gpt2, topk_sae(hook, 768, device), tokens)
+                Case(key, f"{shape} + {sae_desc} at {hook}", gpt2, topk_sae(hook, 768, device), tokens, hook)
             )
+        if RELEASE_KEY in keys:
+            saes = release_saes(gpt2, n_release, device)
+            layers = [name.split(".")[1] for name in saes]
+            title = (
+                f"{shape} + a release of {len(saes)} {sae_desc.replace('TopK SAE', 'TopK SAEs')}, one at "
+                f"blocks.L.hook_resid_pre for L = {', '.join(layers)}"
+            )
+            name = f"release: {len(saes)} SAEs at blocks.{{{','.join(layers)}}}.hook_resid_pre"
+            cases.append(ReleaseCase(RELEASE_KEY, title, gpt2, saes, tokens, name))
     if "3" in keys:
         try:
             cases.append(demo_case(n_tokens, batch_size, device, seq_len))
@@ -577,7 +753,7 @@ def demo_case(n_tokens: int | None, batch_size: int, device: str, seq_len: int |
         f"demo model ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}, vocab {model.cfg.d_vocab}, "
         f"context {seq_len}) + its 'good' SAE ({sae.cfg.architecture()}, d_sae {sae.cfg.d_sae}) at {hook}"
     )
-    return Case("3", title, model.eval(), sae.eval(), tokens)
+    return Case("3", title, model.eval(), sae.eval(), tokens, f"demo 'good' SAE at {hook}")
 
 
 # --- report --------------------------------------------------------------------------------------------------------
@@ -621,7 +797,7 @@ def case_report(
         ours.latent_density,
         feature_metrics["feature_density"],
     )
-    record = summary_record(timings, worst, peak, rows)
+    record = {"name": case.name or case.key, **summary_record(timings, worst, peak, rows)}
     values = {name: (a, b) for name, a, b, _ in rows}
     reference = float64_reference(case.model, case.sae, case.tokens, batch_size)
     record["error_vs_float64"] = {
@@ -677,11 +853,210 @@ def case_report(
     return out, record
 
 
+def release_report(
+    case: ReleaseCase,
+    timings: Timings,
+    results: dict[str, Any],
+    peak: dict[str, float | None],
+    batch_size: int,
+) -> tuple[list[str], dict[str, Any]]:
+    """The text and JSON record of a release: speedup and forward passes per SAE, the largest metric
+    difference over every SAE (each arbitrated against a float64 recomputation), the cost of the joint
+    splice, and how peak memory grows from one SAE to the set."""
+    n = len(case.saes)
+    ours_set, joint_set, anchors = results["ours"], results["joint"], results["anchor"]
+    all_rows: list[tuple[str, float, float, float]] = []
+    per_sae: dict[str, dict[str, Any]] = {}
+    sae_rows: dict[str, list[tuple[str, float, float, float]]] = {}
+    errors: dict[str, dict[str, float]] = {}
+    for name, sae in case.saes.items():
+        evaluation = ours_set[name]
+        all_metrics, feature_metrics = anchors[name]
+        rows, diff = compare_metrics(
+            formula_values(evaluation),
+            anchor_flat(all_metrics),
+            evaluation.latent_density,
+            feature_metrics["feature_density"],
+        )
+        all_rows += rows
+        sae_rows[name] = rows
+        values = {metric: (a, b) for metric, a, b, _ in rows}
+        reference = float64_reference(case.model, sae, case.tokens, batch_size)
+        sae_errors = {
+            metric: {"ours": abs(values[metric][0] - exact), "anchor": abs(values[metric][1] - exact)}
+            for metric, exact in reference.items()
+        }
+        for metric, pair in sae_errors.items():
+            worst_so_far = errors.setdefault(metric, {"ours": 0.0, "anchor": 0.0})
+            for side in ("ours", "anchor"):
+                worst_so_far[side] = max(worst_so_far[side], pair[side])
+        per_sae[name] = {
+            "max_abs_diff": float(f"{diff:.3g}"),
+            **worst_metric(rows),
+            "max_error_vs_float64_ours": float(f"{max(e['ours'] for e in sae_errors.values()):.3g}"),
+            "max_error_vs_float64_anchor": float(f"{max(e['anchor'] for e in sae_errors.values()):.3g}"),
+        }
+    worst_name = max(per_sae, key=lambda name: per_sae[name]["max_abs_diff"])
+    worst = max(row[3] for row in all_rows)
+
+    s = timings.seconds
+    joint_ratio = pairwise_ratios(s["joint"], s["ours"])
+    joint_passes = [v / n for v in pairwise_ratios(s["joint"], s["floor"])]
+    joint_extra = [(j - o) / f for j, o, f in zip(s["joint"], s["ours"], s["floor"], strict=True)]
+    # joint=True must leave every isolated evaluation as it is without it.
+    isolated_drift = max(
+        abs(value - joint_set[name].metrics.get(metric, math.inf))
+        for name, evaluation in ours_set.items()
+        for metric, value in evaluation.metrics.items()
+    )
+    compounding = dict(joint_set.compounding or {})
+    one_sae, whole_set = peak.get("ours_one_sae"), peak.get("ours")
+    growth = (
+        (whole_set - one_sae) / (n - 1) if one_sae is not None and whole_set is not None and n > 1 else None
+    )
+    parts = results["bound"]
+    record: dict[str, Any] = {
+        "name": case.name or case.key,
+        "n_saes": n,
+        **summary_record(timings, worst, peak, all_rows, per_sae=n),
+        "forward_passes_total": round(statistics.median(pairwise_ratios(s["ours"], s["floor"])), 3),
+        "max_abs_diff_sae": worst_name,
+        "error_vs_float64": {
+            metric: {side: float(f"{value:.3g}") for side, value in pair.items()}
+            for metric, pair in errors.items()
+        },
+        "seconds_joint": round(statistics.median(s["joint"]), 3),
+        "joint_ratio": round(statistics.median(joint_ratio), 3),
+        "joint_ratio_min": round(min(joint_ratio), 3),
+        "joint_ratio_max": round(max(joint_ratio), 3),
+        "joint_forward_passes": round(statistics.median(joint_passes), 3),
+        "joint_extra_forward_passes": round(statistics.median(joint_extra), 3),
+        "joint_isolated_max_diff": float(f"{isolated_drift:.3g}"),
+        "joint_metrics": {
+            metric: joint_set.joint.metrics[metric]
+            for metric in ("ce_orig", "ce_sae", "delta_ce", "kl_sae")
+            if joint_set.joint is not None and metric in joint_set.joint.metrics
+        },
+        "compounding": compounding,
+        "peak_bytes_joint": peak.get("joint"),
+        "peak_bytes_bound": peak.get("bound"),
+        "peak_bytes_ours_one_sae": one_sae,
+        "peak_bytes_per_extra_sae": growth,
+        "bound_parts_seconds": {name: round(value, 3) for name, value in parts.items()},
+        "per_sae": per_sae,
+    }
+
+    n_seq, seq_len = case.tokens.shape
+    floor = s["floor"]
+    out = [
+        "",
+        f"Configuration {case.key}: {case.title}",
+        f"  {n_seq * seq_len} tokens ({n_seq} sequences x {seq_len}), batch {batch_size}, {len(floor)} "
+        f"repetitions; ours = ONE evaluate() call on the {n} SAEs, SAE Lens = run_evals once per SAE",
+        f"  {'':30}{'median':>10}{'min':>10}{'max':>10}{'peak memory':>14}{'fwd passes/SAE':>16}",
+    ]
+    for name, label in (
+        ("floor", "floor (1 forward pass)"),
+        ("bound", "exact minimum (bound)"),
+        ("ours", f"ours ({n} SAEs, one pass)"),
+        ("joint", "ours with joint=True"),
+        ("anchor", f"anchor (SAE Lens, {n} calls)"),
+    ):
+        med, lo, hi = spread(s[name])
+        passes = statistics.median(pairwise_ratios(s[name], floor)) / n
+        out.append(
+            f"  {label:30}{med:9.2f}s{lo:9.2f}s{hi:9.2f}s{fmt_bytes(peak.get(name)):>14}{passes:>16.2f}"
+        )
+    med, lo, hi = spread(pairwise_ratios(s["anchor"], s["ours"]))
+    out.append(f"  speedup anchor/ours, pair by pair: median {med:.2f}x (min {lo:.2f}x, max {hi:.2f}x)")
+    out.append(
+        f"  no exact evaluation can beat anchor/bound: median {record['speedup_bound']:.2f}x (bound = 1 forward "
+        f"pass + per SAE 1 SAE pass and its spliced suffix = {record['bound_forward_passes']:.2f} forward "
+        "passes per SAE)"
+    )
+    if record.get("speedup_cpu_time"):
+        out.append(f"  (same ratio in process CPU time: {record['speedup_cpu_time']:.2f}x)")
+    med, lo, hi = spread(joint_ratio)
+    out.append(
+        f"  joint=True: {record['seconds_joint']:.2f} s, {med:.2f}x the set alone (min {lo:.2f}x, max {hi:.2f}x), "
+        f"{record['joint_extra_forward_passes']:.2f} forward passes more in all; the isolated metrics it returns "
+        f"differ from the set's by at most {isolated_drift:.2g}"
+    )
+    if compounding:
+        ratio = compounding.get("ratio")
+        interval = compounding.get("excess_interval")
+        out.append(
+            f"  compounding: joint delta CE {compounding['delta_ce_joint']:.4g} nats/token against the sum of the "
+            f"isolated ones {compounding['delta_ce_isolated_sum']:.4g} (excess {compounding['excess']:.4g}"
+            + (f", 95% interval [{interval[0]:.4g}, {interval[1]:.4g}]" if interval else "")
+            + (f", ratio {ratio:.3g}" if ratio is not None else "")
+            + ")"
+        )
+    if growth is not None and one_sae is not None and whole_set is not None:
+        out.append(
+            f"  peak memory: the set of {n} {fmt_bytes(whole_set)}, one SAE alone {fmt_bytes(one_sae)}: "
+            f"{fmt_bytes(growth)} per extra SAE (tensors created during the evaluation; the SAEs' weights "
+            "exist before and are not counted)"
+        )
+    total_parts = sum(parts.values())
+    share = {name: 100 * value / total_parts if total_parts else math.nan for name, value in parts.items()}
+    over_bound = pairwise_ratios(s["ours"], s["bound"])
+    med, lo, hi = spread(over_bound)
+    record["ours_over_bound"] = round(med, 3)
+    out.append(
+        f"  where the exact minimum's time goes (first repetition, {total_parts:.2f} s): original forward pass "
+        f"{parts['original']:.2f} s ({share['original']:.0f}%), {n} SAE passes {parts['sae']:.2f} s "
+        f"({share['sae']:.0f}%), {n} spliced suffixes with their unembeddings {parts['suffix']:.2f} s "
+        f"({share['suffix']:.0f}%); ours / bound, pair by pair: median {med:.2f} (min {lo:.2f}, max {hi:.2f}; "
+        "the rest of ours: zero-ablation templates, scoring, bookkeeping)"
+    )
+    out.append(
+        f"  {'SAE':28}{'ce_sae':>12}{'kl_sae':>12}{'max |diff|':>12}  {'metric':26}{'f32 ulps':>9}"
+        f"{'f64 err ours':>14}{'f64 err SAE Lens':>18}"
+    )
+    for name, info in per_sae.items():
+        metrics = ours_set[name].metrics
+        out.append(
+            f"  {name:28}{formula_values(ours_set[name])['ce_sae']:12.6g}{metrics['kl_sae']:12.4g}"
+            f"{info['max_abs_diff']:12.2g}  {info['max_abs_diff_metric']:26}{info['max_float32_ulps']:9.1f}"
+            f"{info['max_error_vs_float64_ours']:14.2g}{info['max_error_vs_float64_anchor']:18.2g}"
+        )
+    out.append(f"  every shared metric of the SAE with the largest difference, {worst_name}:")
+    out.append(f"  {'metric':32}{'ours':>16}{'SAE Lens':>16}{'|diff|':>10}{'f32 ulps':>10}")
+    for metric, a, b, d in sae_rows[worst_name]:
+        out.append(f"  {metric:32}{a:16.8g}{b:16.8g}{d:10.2g}{float32_ulps(a, b):10.1f}")
+    out.append(
+        f"  max |diff| over the {n} SAEs and every shared metric: {worst:.2g} ({record['max_abs_diff_metric']}, "
+        f"{worst_name}); at most {record['max_float32_ulps']:.1f} float32 ulps of SAE Lens' value"
+    )
+    for metric, pair in errors.items():
+        out.append(
+            f"  {metric} against a float64 recomputation, worst of the {n} SAEs: ours off by {pair['ours']:.2g}, "
+            f"SAE Lens off by {pair['anchor']:.2g}"
+        )
+    if hasattr(os, "getloadavg"):
+        out.append("  load average after this configuration: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    return out, record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", type=parse_configs, default=["1", "2", "3"], help="subset of 1,2,3")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: one batch of 32-token sequences, 2 repetitions"
+        "--configs",
+        type=parse_configs,
+        default=["1", "2", "3"],
+        help="subset of 1,2,3,4 (4 or 'release': 12 SAEs in one pass; default 1,2,3)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: one batch of 32-token sequences, 2 repetitions, a release of 3 SAEs",
+    )
+    parser.add_argument(
+        "--release-saes",
+        type=int,
+        default=None,
+        help="SAEs in the release (configuration 4), spread over the layers (default 12, --quick 3)",
     )
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the context)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -706,6 +1081,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seq-len must be at least 2")
     if repeats < 1:
         parser.error("--repeats must be at least 1")
+    n_release = args.release_saes or (3 if args.quick else GPT2_SHAPE["n_layers"])
+    if not 2 <= n_release <= GPT2_SHAPE["n_layers"]:
+        parser.error(f"--release-saes must be between 2 and {GPT2_SHAPE['n_layers']}")
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -714,7 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     started = time.perf_counter()
-    cases, skipped = build_cases(args.configs, n_tokens, args.batch_size, device, log, seq_len)
+    cases, skipped = build_cases(args.configs, n_tokens, args.batch_size, device, log, seq_len, n_release)
     lines = [
         f"pytest-saecheck engine vs SAE Lens evaluation ({describe_machine(device)}, device {device})",
         "Both compute the same metric set on the same positions: every position spliced, zero-ablated and scored",
@@ -724,10 +1102,16 @@ def main(argv: list[str] | None = None) -> int:
     records: dict[str, Any] = {}
     for case in cases:
         log(f"configuration {case.key}: {case.title}")
-        timings, ours, anchor, peak = measure_case(
-            case, args.batch_size, repeats, device, not args.no_memory, log
-        )
-        text, records[case.key] = case_report(case, timings, ours, anchor, peak, args.batch_size)
+        if isinstance(case, ReleaseCase):
+            timings, results, peak = measure_release(
+                case, args.batch_size, repeats, device, not args.no_memory, log
+            )
+            text, records[case.key] = release_report(case, timings, results, peak, args.batch_size)
+        else:
+            timings, ours, anchor, peak = measure_case(
+                case, args.batch_size, repeats, device, not args.no_memory, log
+            )
+            text, records[case.key] = case_report(case, timings, ours, anchor, peak, args.batch_size)
         lines += text
     for key, reason in skipped.items():
         lines.append(f"\nConfiguration {key}: SKIPPED - {reason}")

@@ -28,7 +28,9 @@ def bench():
 def test_parse_configs(bench):
     assert bench.parse_configs("1,3") == ["1", "3"]
     assert bench.parse_configs(" 2 , 2,1") == ["2", "1"]
-    for bad in ("", "4", "1,x"):
+    assert bench.parse_configs("release") == ["4"]
+    assert bench.parse_configs("1,release,4") == ["1", "4"]
+    for bad in ("", "5", "1,x", "releases"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.parse_configs(bad)
 
@@ -99,6 +101,81 @@ def test_tiny_case_end_to_end(bench, hook):
     for name, errors in record["error_vs_float64"].items():
         assert errors["ours"] <= max(errors["anchor"], 1e-6), name
     json.dumps(record)  # the JSON line must serialise
+
+
+def test_release_layers_are_spread_and_distinct(bench):
+    assert bench.release_layers(12, 12) == list(range(12))
+    assert bench.release_layers(12, 3) == [0, 6, 11]
+    assert bench.release_layers(3, 3) == [0, 1, 2]
+    for n_layers in range(1, 13):
+        for n_saes in range(1, n_layers + 1):
+            layers = bench.release_layers(n_layers, n_saes)
+            assert len(set(layers)) == n_saes and layers == sorted(layers)
+            assert layers[0] == 0 and (n_saes == 1 or layers[-1] == n_layers - 1)
+    for bad in (0, 13):
+        with pytest.raises(ValueError):
+            bench.release_layers(12, bad)
+
+
+def test_release_forward_passes_are_per_sae(bench):
+    timings = bench.Timings()
+    for name, seconds in (("ours", 6.0), ("anchor", 24.0), ("floor", 1.0), ("bound", 5.0)):
+        timings.add(name, seconds, seconds)
+    record = bench.summary_record(timings, 0.0, {}, per_sae=3)
+    assert record["speedup"] == 4.0 and record["speedup_bound"] == pytest.approx(4.8)
+    assert record["forward_passes"] == 2.0
+    assert record["anchor_forward_passes"] == 8.0 and record["bound_forward_passes"] == pytest.approx(1.667)
+
+
+def test_tiny_release_end_to_end(bench):
+    """The release configuration on a tiny model: one evaluate() call on 3 SAEs against run_evals per SAE."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=32, n_ctx=16, d_head=8, n_heads=4, d_mlp=128, d_vocab=61, act_fn="gelu"
+    )
+    model = HookedTransformer(cfg).eval()
+    saes = bench.release_saes(model, 3, "cpu", expansion=4, k=8)
+    assert list(saes) == [f"blocks.{layer}.hook_resid_pre" for layer in range(3)]
+    tokens = bench.random_tokens(8, 16, 61)
+    case = bench.ReleaseCase("4", "tiny release", model, saes, tokens, "tiny release")
+    timings, results, peak = bench.measure_release(case, 4, 2, "cpu", True, lambda message: None)
+    assert set(timings.seconds) == {"ours", "joint", "anchor", "floor", "bound"}
+    lines, record = bench.release_report(case, timings, results, peak, 4)
+    text = "\n".join(lines)
+    assert record["name"] == "tiny release" and record["n_saes"] == 3
+    assert record["max_abs_diff"] <= 1e-4, text
+    assert record["max_abs_diff_sae"] in saes
+    assert set(record["per_sae"]) == set(saes)
+    assert all(info["max_abs_diff"] <= record["max_abs_diff"] for info in record["per_sae"].values())
+    assert record["speedup"] > 0 and record["forward_passes"] > 0
+    assert record["forward_passes"] == pytest.approx(record["forward_passes_total"] / 3, abs=1e-3)
+    assert record["seconds_joint"] > 0 and record["joint_ratio"] > 0
+    assert all(peak[name] > 0 for name in ("ours", "joint", "anchor", "floor", "bound", "ours_one_sae"))
+    assert record["peak_bytes_per_extra_sae"] is not None
+    # joint=True leaves the isolated evaluations as they are, and adds the joint splice and its compounding.
+    assert record["joint_isolated_max_diff"] <= 1e-12
+    assert set(record["compounding"]) >= {"delta_ce_joint", "delta_ce_isolated_sum", "excess"}
+    assert record["joint_metrics"]["ce_sae"] > 0
+    assert set(record["bound_parts_seconds"]) == {"original", "sae", "suffix"}
+    assert record["ours_over_bound"] > 0
+    assert any("joint=True" in line for line in lines) and any("compounding" in line for line in lines)
+    for name, errors in record["error_vs_float64"].items():
+        assert errors["ours"] <= max(errors["anchor"], 1e-6), name
+    json.dumps(record)  # the JSON line must serialise
+
+
+def test_release_bound_refuses_hooks_inside_a_block(bench):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_mlp=64, d_vocab=11, act_fn="gelu"
+    )
+    model = HookedTransformer(cfg).eval()
+    sae = bench.topk_sae("blocks.0.hook_mlp_out", 16, "cpu", expansion=2, k=4)
+    with pytest.raises(ValueError, match="residual"):
+        bench.run_release_bound(model, {"mlp": sae}, bench.random_tokens(2, 8, 11), 2)
 
 
 def test_bound_starts_after_the_hook(bench):
