@@ -642,6 +642,14 @@ def _finite_or_nan(name: str, value: Any) -> float:
 # assert_no_regression
 
 
+def _text_arg(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"assert_no_regression: {name} must be an SAE spec (a non-empty string), got {value!r}"
+        )
+    return value.strip()
+
+
 def _validate_regression_args(metrics: Any, confidence: Any) -> tuple[tuple[str, ...], float]:
     from pytest_saecheck.metrics import BOOTSTRAPPABLE, METRICS
 
@@ -673,6 +681,7 @@ def assert_no_regression(
     confidence: float = 0.95,
     tol: float | Mapping[str, float] | None = None,
     unpaired: bool = False,
+    baseline: str | None = None,
 ) -> None:
     """Assert that no metric of the SAE under test got worse than in its recorded baseline.
 
@@ -682,8 +691,11 @@ def assert_no_regression(
     difference current − baseline gets a paired bootstrap interval over sequences at ``confidence``; a metric
     *regressed* when the whole interval lies on the worse side (by the metric catalogue's ``higher_is_better``)
     beyond ``tol`` (in the metric's own units: nats/token for ``delta_ce`` and ``kl_sae``, latents per token for
-    ``l0``; a number for every metric, or a mapping metric → number; default 0). It *improved* when the whole
-    interval lies on the better side. A metric undefined on one side fails.
+    ``l0``; a number for every metric, or a mapping metric → number; default: a numerical noise floor of
+    0.1% of the baseline value + 1e-5, :func:`pytest_saecheck.baselines.default_tolerance`). It *improved* when
+    the whole interval lies on the better side. A metric undefined on one side fails. ``baseline`` names another
+    SAE (its spec as written in the marker, e.g. ``"demo/good"``) whose baseline to compare with, for a retrained
+    or candidate SAE judged against the released one.
 
     In a run with ``--saecheck-update-baselines`` (or ``=missing`` and no baseline yet) the assertion compares
     nothing and passes: the run records the baseline.
@@ -716,10 +728,15 @@ def assert_no_regression(
             "or set the ini key saecheck_baseline_dir (relative to the ini file)"
         )
     current = baselines.document_for(check)
+    key = current["key"]
+    if baseline is not None:
+        key = baselines.baseline_key(
+            {**check.subject(), "sae": _text_arg("baseline", baseline)}, check.settings.hook_name
+        )
     evaluation, facts = _unwrap(check)
     law = evaluation.scaling_law
     del evaluation, check
-    path = baselines.baseline_path(directory, current["key"])
+    path = baselines.baseline_path(directory, key)
     mode = baselines.update_mode(config)
     entry: dict[str, Any] = {
         "kind": "assertion",
@@ -732,17 +749,20 @@ def assert_no_regression(
         "confidence": level,
         "gate": "paired interval" if not unpaired else "unpaired interval",
         "n_tokens": facts.n_tokens,
-        "baseline": {"path": str(path), "key": current["key"], "level": level, "comparisons": []},
+        "baseline": {"path": str(path), "key": key, "of": baseline, "level": level, "comparisons": []},
     }
-    if mode == "all" or (mode == "missing" and not path.exists()):
+    if baseline is None and (mode == "all" or (mode == "missing" and not path.exists())):
         entry["baseline"]["state"] = "recording"
         records.record({**entry, "passed": True, "message": None})
         return
     if not path.exists():
-        message = (
-            f"assert_no_regression failed for {facts.label}: no baseline at {path}\n"
-            f"  record it with: {baselines.record_command(getattr(item, 'nodeid', None), directory)}"
+        whose = "" if baseline is None else f" of {baseline}"
+        how = (
+            baselines.record_command(getattr(item, "nodeid", None), directory)
+            if baseline is None
+            else baselines.record_command(None, directory) + f" (on a test of {baseline})"
         )
+        message = f"assert_no_regression failed for {facts.label}: no baseline{whose} at {path}\n  record it with: {how}"
         entry["baseline"]["state"] = "missing"
         records.record({**entry, "passed": False, "message": message})
         raise AssertionError(message)
@@ -768,7 +788,7 @@ def assert_no_regression(
     failures = [
         f"{c.metric} got worse: {_fmt(c.baseline)} → {_fmt(c.current)}, difference {_fmt(c.difference)} "
         f"({level:.0%} interval [{_fmt(c.interval[0])}, {_fmt(c.interval[1])}], "
-        f"{'higher' if c.higher_is_better else 'lower'} is better, tol {_fmt(c.tol)})"
+        f"{'higher' if c.higher_is_better else 'lower'} is better, tol {c.tol:.2g})"
         if c.status == "regressed" and c.interval is not None
         else f"{c.metric} is {c.reason}"
         for c in comparisons

@@ -399,7 +399,7 @@ def compare(
     metrics: Sequence[str],
     *,
     level: float,
-    tol: Mapping[str, float],
+    tol: Mapping[str, float | None],
     scaling_law: tuple[float, float] | None,
     paired: bool = True,
 ) -> list[MetricComparison]:
@@ -407,7 +407,8 @@ def compare(
 
     Paired (same tokens, same number of sequences): one set of bootstrap weights over sequences applied to both
     sides. Unpaired: each side resampled on its own, the difference of independent replicates. The interval is
-    the percentile interval of the difference at ``level``.
+    the percentile interval of the difference at ``level``. A metric's ``tol`` of None is
+    :func:`default_tolerance` of its baseline value.
     """
     import numpy as np
 
@@ -451,9 +452,10 @@ def compare(
     results = []
     for name in metrics:
         info = METRICS[name]
-        allowed = tol.get(name, 0.0)
         now_value = _finite(now_points[name]) if name in now_points else None
         then_value = _finite(then_points[name]) if name in then_points else None
+        given = tol.get(name)
+        allowed = default_tolerance(then_value) if given is None else given
         if name not in defined:
             side = "now" if now_value is None else "in the baseline"
             both = now_value is None and then_value is None
@@ -576,12 +578,24 @@ def record_command(nodeid: str | None, directory: Path) -> str:
     return f"pytest {target}{BASELINE_DIR_OPTION} {directory} {UPDATE_OPTION}=missing"
 
 
-def check_tol(tol: Any, metrics: Sequence[str]) -> dict[str, float]:
-    """``tol`` (None, a number ≥ 0, or a mapping metric → number ≥ 0) as a mapping over ``metrics``."""
+#: The default ``tol`` of a metric: ``NOISE_RELATIVE × |baseline| + NOISE_ABSOLUTE`` in the metric's units. It
+#: absorbs float differences between devices, kernels and library versions (a paired interval of a systematic
+#: rounding difference is narrow, and would otherwise exclude 0), and nothing a user would call a regression.
+NOISE_RELATIVE = 1e-3
+NOISE_ABSOLUTE = 1e-5
+
+
+def default_tolerance(baseline: float | None) -> float:
+    return NOISE_RELATIVE * abs(baseline or 0.0) + NOISE_ABSOLUTE
+
+
+def check_tol(tol: Any, metrics: Sequence[str]) -> dict[str, float | None]:
+    """``tol`` (None, a number ≥ 0, or a mapping metric → number ≥ 0) as a mapping over ``metrics``; None where
+    the default (:func:`default_tolerance`) applies."""
     from pytest_saecheck.assertions import _finite_number
 
     if tol is None:
-        return dict.fromkeys(metrics, 0.0)
+        return dict.fromkeys(metrics)
     if isinstance(tol, Mapping):
         unknown = sorted(set(tol) - set(metrics))
         if unknown:
@@ -589,11 +603,13 @@ def check_tol(tol: Any, metrics: Sequence[str]) -> dict[str, float]:
                 f"assert_no_regression: tol names metrics that are not compared: {', '.join(map(str, unknown))}; "
                 f"compared: {', '.join(metrics)}"
             )
-        values = {name: _finite_number(f"tol[{name!r}]", tol.get(name, 0.0)) for name in metrics}
+        values: dict[str, float | None] = {
+            name: None if tol.get(name) is None else _finite_number(f"tol[{name!r}]", tol[name])
+            for name in metrics
+        }
     else:
-        number = _finite_number("tol", tol)
-        values = dict.fromkeys(metrics, number)
-    negative = {name: value for name, value in values.items() if value < 0}
+        values = dict.fromkeys(metrics, _finite_number("tol", tol))
+    negative = {name: value for name, value in values.items() if value is not None and value < 0}
     if negative:
         raise ConfigError(
             f"assert_no_regression: tol must be at least 0 (how much worse a metric may get, in its units), got "

@@ -101,7 +101,7 @@ def test_degraded_sae_fails_naming_metric_difference_and_interval(recorded: pyte
             "*assert_no_regression failed for sae_under_test @ tiny: *"
             + glob.escape(
                 f"kl_sae got worse: {kl['baseline']:.4f} → {kl['current']:.4f}, difference {kl['difference']:.4f} "
-                f"(95% interval [{kl['interval'][0]:.4f}, {kl['interval'][1]:.4f}], lower is better, tol 0.0000)"
+                f"(95% interval [{kl['interval'][0]:.4f}, {kl['interval'][1]:.4f}], lower is better, tol {kl['tol']:.2g})"
             )
             + "*",
             "*kl_sae*regressed*",
@@ -324,6 +324,17 @@ def test_paired_comparison_directions() -> None:
     assert found["kl_sae"].status == "improved"
     # the paired interval of a constant shift is that shift exactly; a tolerance above it passes
     assert found["delta_ce"].interval == pytest.approx((0.05, 0.05))
+    # the default tolerance absorbs a systematic rounding-size shift (another device), tol=0 does not
+    shifted = {**base, "ce_sum_sae": base["ce_sum_sae"] * (1 + 1e-7)}
+    [noise] = baselines.compare(
+        shifted, base, ("delta_ce",), level=0.95, tol={"delta_ce": None}, scaling_law=None
+    )
+    assert noise.status == "unchanged" and noise.interval[0] > 0
+    assert noise.tol == pytest.approx(baselines.NOISE_RELATIVE * noise.baseline + baselines.NOISE_ABSOLUTE)
+    [strict] = baselines.compare(
+        shifted, base, ("delta_ce",), level=0.95, tol={"delta_ce": 0.0}, scaling_law=None
+    )
+    assert strict.status == "regressed"
     [tolerated] = baselines.compare(
         worse, base, ("delta_ce",), level=0.95, tol={"delta_ce": 0.06}, scaling_law=None
     )
