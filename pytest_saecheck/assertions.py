@@ -804,7 +804,9 @@ def assert_no_regression(
     if worst is not None:
         entry.update(metric=worst.metric, value=worst.difference, interval=list(worst.interval or ()) or None)
     message = (
-        None if not failures else _regression_message(facts, comparisons, failures, level, path, mismatch)
+        None
+        if not failures
+        else _regression_message(facts, comparisons, failures, level, path, mismatch, baseline)
     )
     records.record({**entry, "passed": message is None, "message": message})
     if message is not None:
@@ -818,6 +820,7 @@ def _regression_message(
     level: float,
     path: Any,
     mismatch: list[str],
+    of: str | None,
 ) -> str:
     rows: list[tuple[str, ...]] = [
         ("", "baseline", "current", "difference", f"{level:.0%} interval", "better", "status")
@@ -843,5 +846,5 @@ def _regression_message(
         if not mismatch
         else "UNPAIRED (unpaired=True): " + "; ".join(mismatch)
     )
-    lines.append(f"  baseline: {path} ({pairing})")
+    lines.append(f"  baseline{'' if of is None else f' of {of}'}: {path} ({pairing})")
     return "\n".join(lines)

@@ -204,6 +204,7 @@ def build_document(
     tokens: Any,
     token_source: str | None,
     settings: Mapping[str, Any],
+    model_spec: str | None = None,
 ) -> dict[str, Any]:
     """The baseline document of one evaluated SAE (plain JSON types; see the module docstring)."""
     policy = evaluation.token_policy.to_dict()
@@ -218,7 +219,11 @@ def build_document(
             "hook_name": evaluation.hook_name,
             "hook_head_index": evaluation.hook_head_index,
         },
-        "model": {"spec": subject.get("model"), "dtype": evaluation.model_dtype or subject.get("dtype")},
+        "model": {
+            "spec": subject.get("model"),
+            "resolved": model_spec,
+            "dtype": evaluation.model_dtype or subject.get("dtype"),
+        },
         "tokens": {
             "source": subject.get("tokens") or token_source,
             "n_tokens": int(evaluation.n_tokens),
@@ -252,6 +257,7 @@ def document_for(check: Any) -> dict[str, Any]:
         tokens=check.tokens,
         token_source=check.token_source,
         settings=check.settings.to_dict(),
+        model_spec=check.model_spec,
     )
 
 
