@@ -159,8 +159,10 @@ def test_token_policy_change_is_a_clear_error(recorded: pytest.Pytester) -> None
 def test_missing_baseline_fails_with_the_command_that_records_it(tiny_pytester: pytest.Pytester) -> None:
     save_sae(tiny_pytester.path / "sae_under_test")
     suite(tiny_pytester)
-    result = run(tiny_pytester)
+    result = run(tiny_pytester, "--saecheck-json", "r.json", "--saecheck-report", "r.html")
     result.assert_outcomes(failed=1)
+    assert baseline_entry(tiny_pytester)["state"] == "missing"
+    assert "no baseline yet at" in (tiny_pytester.path / "r.html").read_text(encoding="utf-8")
     result.stdout.fnmatch_lines(
         [
             "*assert_no_regression failed for sae_under_test @ tiny: no baseline at *baselines*sae_under_test-*.json",
