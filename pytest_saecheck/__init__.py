@@ -30,6 +30,8 @@ __version__ = "0.1.0.dev0"
 _LAZY: dict[str, str] = {
     "assert_ce_recovery": "pytest_saecheck.assertions",
     "assert_r2_matches_legacy": "pytest_saecheck.assertions",
+    "assert_no_regression": "pytest_saecheck.assertions",
+    "BaselineError": "pytest_saecheck.baselines",
     "saecheck_param": "pytest_saecheck.config",
     "SAECheckSettings": "pytest_saecheck.config",
     "SAECheck": "pytest_saecheck.fixtures",
@@ -57,7 +59,8 @@ _LAZY: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
-    from pytest_saecheck.assertions import assert_ce_recovery, assert_r2_matches_legacy
+    from pytest_saecheck.assertions import assert_ce_recovery, assert_no_regression, assert_r2_matches_legacy
+    from pytest_saecheck.baselines import BaselineError
     from pytest_saecheck.config import SAECheckSettings, saecheck_param
     from pytest_saecheck.engine import Evaluation, EvaluationSet, TokenPolicy, evaluate
     from pytest_saecheck.engine.family import fit_scaling_law_from_models
@@ -93,6 +96,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AuxLossAdapter",
     "AuxLossAdapterBase",
+    "BaselineError",
     "ConfigError",
     "DegenerateActivationsError",
     "EmptyTokenSetError",
@@ -120,6 +124,7 @@ __all__ = [
     "assert_aux_residual_detached",
     "assert_ce_recovery",
     "assert_no_aux_bias_double_count",
+    "assert_no_regression",
     "assert_r2_matches_legacy",
     "assert_training_objective",
     "evaluate",

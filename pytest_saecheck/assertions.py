@@ -1,4 +1,4 @@
-"""Assertion helpers: ``assert_ce_recovery`` and ``assert_r2_matches_legacy``.
+"""Assertion helpers: ``assert_ce_recovery``, ``assert_r2_matches_legacy`` and ``assert_no_regression``.
 
 They behave like pytest's own assertions: ``__tracebackhide__`` hides their frames, a failure raises a plain
 ``AssertionError`` whose message tabulates the numbers, no tensor (or model) is reachable from the exception,
@@ -646,3 +646,215 @@ def _finite_or_nan(name: str, value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# assert_no_regression
+
+
+def _text_arg(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"assert_no_regression: {name} must be an SAE spec (a non-empty string), got {value!r}"
+        )
+    return value.strip()
+
+
+def _validate_regression_args(metrics: Any, confidence: Any) -> tuple[tuple[str, ...], float]:
+    from pytest_saecheck.metrics import BOOTSTRAPPABLE, METRICS
+
+    names = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    if not names:
+        raise ConfigError("assert_no_regression: metrics is empty; name at least one metric")
+    for name in names:
+        if name not in METRICS:
+            raise ConfigError(
+                f"assert_no_regression: unknown metric {name!r}; known metrics: {', '.join(METRICS)}"
+            )
+        if name not in BOOTSTRAPPABLE:
+            raise ConfigError(
+                f"assert_no_regression: {name!r} is a property of the whole token set, not a sum over sequences, "
+                "so it has no paired interval; compare it with assert_ce_recovery-style thresholds instead"
+            )
+    level = _finite_number("confidence", confidence)
+    if not 0.0 < level < 1.0:
+        raise ConfigError(
+            f"assert_no_regression: confidence must lie strictly between 0 and 1 (e.g. 0.95), got {level}"
+        )
+    return names, level
+
+
+def assert_no_regression(
+    check: Any,
+    *,
+    metrics: Any = ("delta_ce", "kl_sae", "explained_variance", "l0"),
+    confidence: float = 0.95,
+    tol: float | Mapping[str, float] | None = None,
+    unpaired: bool = False,
+    baseline: str | None = None,
+) -> None:
+    """Assert that no metric of the SAE under test got worse than in its recorded baseline.
+
+    ``check`` is the ``saecheck`` fixture. The baseline is the SAE's file in the baseline directory
+    (``--saecheck-baseline-dir``, ini ``saecheck_baseline_dir``), recorded by a run with
+    ``--saecheck-update-baselines``. On the same tokens (same token-id hash and token-policy hash) each metric's
+    difference current − baseline gets a paired bootstrap interval over sequences at ``confidence``; a metric
+    *regressed* when the whole interval lies on the worse side (by the metric catalogue's ``higher_is_better``)
+    beyond ``tol`` (in the metric's own units: nats/token for ``delta_ce`` and ``kl_sae``, latents per token for
+    ``l0``; a number for every metric, or a mapping metric → number; default: a numerical noise floor of
+    0.1% of the baseline value + 1e-5, :func:`pytest_saecheck.baselines.default_tolerance`). It *improved* when
+    the whole interval lies on the better side. A metric undefined on one side fails. ``baseline`` names another
+    SAE (its spec as written in the marker, e.g. ``"demo/good"``) whose baseline to compare with, for a retrained
+    or candidate SAE judged against the released one.
+
+    In a run with ``--saecheck-update-baselines`` (or ``=missing`` and no baseline yet) the assertion compares
+    nothing and passes: the run records the baseline.
+
+    Raises:
+        AssertionError: a metric regressed or became undefined, or the SAE has no baseline (the message gives the
+            command that records one).
+        ConfigError: bad arguments, no baseline directory configured, or ``check`` is not the fixture.
+        BaselineError: the baseline file is unreadable, or it was recorded on other token ids or another token
+            policy (pass ``unpaired=True`` to compare anyway, each side resampled on its own).
+    """
+    __tracebackhide__ = True
+    from pytest_saecheck import baselines
+
+    names, level = _validate_regression_args(metrics, confidence)
+    tolerances = baselines.check_tol(tol, names)
+    if not (hasattr(check, "settings") and hasattr(check, "tokens") and hasattr(check, "subject")):
+        raise ConfigError(
+            f"assert_no_regression needs the saecheck fixture (the baseline is found by its SAE and compared on its "
+            f"tokens), got {type(check).__name__}"
+        )
+    item = getattr(check, "_item", None) or records.current_item()
+    if item is None:
+        raise ConfigError("assert_no_regression runs inside a pytest test (it reads the baseline options)")
+    config = item.config
+    directory = baselines.baseline_dir(config)
+    if directory is None:
+        raise ConfigError(
+            f"assert_no_regression: no baseline directory is configured; pass {baselines.BASELINE_DIR_OPTION} DIR "
+            "or set the ini key saecheck_baseline_dir (relative to the ini file)"
+        )
+    current = baselines.document_for(check)
+    key = current["key"]
+    if baseline is not None:
+        key = baselines.baseline_key(
+            {**check.subject(), "sae": _text_arg("baseline", baseline)}, check.settings.hook_name
+        )
+    evaluation, facts = _unwrap(check)
+    law = evaluation.scaling_law
+    del evaluation, check
+    path = baselines.baseline_path(directory, key)
+    mode = baselines.update_mode(config)
+    entry: dict[str, Any] = {
+        "kind": "assertion",
+        "assertion": "assert_no_regression",
+        **facts.subject,
+        "label": facts.label,
+        "metric": None,
+        "value": None,
+        "interval_level": level,
+        "confidence": level,
+        "gate": "paired interval" if not unpaired else "unpaired interval",
+        "n_tokens": facts.n_tokens,
+        "baseline": {"path": str(path), "key": key, "of": baseline, "level": level, "comparisons": []},
+    }
+    if baseline is None and (mode == "all" or (mode == "missing" and not path.exists())):
+        entry["baseline"]["state"] = "recording"
+        records.record({**entry, "passed": True, "message": None})
+        return
+    if not path.exists():
+        whose = "" if baseline is None else f" of {baseline}"
+        how = (
+            baselines.record_command(getattr(item, "nodeid", None), directory)
+            if baseline is None
+            else baselines.record_command(None, directory) + f" (on a test of {baseline})"
+        )
+        message = f"assert_no_regression failed for {facts.label}: no baseline{whose} at {path}\n  record it with: {how}"
+        entry["baseline"]["state"] = "missing"
+        records.record({**entry, "passed": False, "message": message})
+        raise AssertionError(message)
+    stored = baselines.load(path)
+    mismatch = baselines.token_mismatch(current, stored)
+    if mismatch and not unpaired:
+        raise baselines.BaselineError(
+            f"assert_no_regression: the baseline {path} of {facts.label} was recorded on other tokens: "
+            + "; ".join(mismatch)
+            + f". A paired comparison needs the same tokens: restore the evaluation settings, or record a new "
+            f"baseline ({baselines.UPDATE_OPTION}), or pass unpaired=True to compare the two token sets with "
+            "independent resampling (wider intervals)"
+        )
+    comparisons = baselines.compare(
+        baselines.per_sequence_arrays(current),
+        baselines.per_sequence_arrays(stored),
+        names,
+        level=level,
+        tol=tolerances,
+        scaling_law=law,
+        paired=not mismatch,
+    )
+    failures = [
+        f"{c.metric} got worse: {_fmt(c.baseline)} → {_fmt(c.current)}, difference {_fmt(c.difference)} "
+        f"({level:.0%} interval [{_fmt(c.interval[0])}, {_fmt(c.interval[1])}], "
+        f"{'higher' if c.higher_is_better else 'lower'} is better, tol {c.tol:.2g})"
+        if c.status == "regressed" and c.interval is not None
+        else f"{c.metric} is {c.reason}"
+        for c in comparisons
+        if c.status == "regressed" or (c.status == "undefined" and c.reason != "undefined on both sides")
+    ]
+    entry["baseline"].update(
+        state="compared",
+        paired=not mismatch,
+        comparisons=[c.to_dict() for c in comparisons],
+        versions=stored.get("versions"),
+    )
+    worst = next((c for c in comparisons if c.status == "regressed"), None)
+    if worst is not None:
+        entry.update(metric=worst.metric, value=worst.difference, interval=list(worst.interval or ()) or None)
+    message = (
+        None
+        if not failures
+        else _regression_message(facts, comparisons, failures, level, path, mismatch, baseline)
+    )
+    records.record({**entry, "passed": message is None, "message": message})
+    if message is not None:
+        raise AssertionError(message)
+
+
+def _regression_message(
+    facts: _Subject,
+    comparisons: list[Any],
+    failures: list[str],
+    level: float,
+    path: Any,
+    mismatch: list[str],
+    of: str | None,
+) -> str:
+    rows: list[tuple[str, ...]] = [
+        ("", "baseline", "current", "difference", f"{level:.0%} interval", "better", "status")
+    ]
+    for c in comparisons:
+        shown = f"[{_fmt(c.interval[0])}, {_fmt(c.interval[1])}]" if c.interval is not None else "—"
+        rows.append(
+            (
+                c.metric,
+                _fmt(c.baseline),
+                _fmt(c.current),
+                _fmt(c.difference),
+                shown,
+                "higher" if c.higher_is_better else "lower",
+                c.status if c.reason is None else f"{c.status}: {c.reason}",
+            )
+        )
+    lines = [f"assert_no_regression failed for {facts.label}: " + "; ".join(failures)]
+    lines += _table(rows)
+    lines.append("  " + _tokens_line(facts))
+    pairing = (
+        "paired: same tokens, one set of resampled sequences for both sides"
+        if not mismatch
+        else "UNPAIRED (unpaired=True): " + "; ".join(mismatch)
+    )
+    lines.append(f"  baseline{'' if of is None else f' of {of}'}: {path} ({pairing})")
+    return "\n".join(lines)

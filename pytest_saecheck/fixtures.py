@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
-from pytest_saecheck import loading, records
+from pytest_saecheck import baselines, loading, records
 from pytest_saecheck.config import FrozenKwargs, SAECheckSettings, resolve_for_item
 from pytest_saecheck.errors import ConfigError, SAECheckError
 from pytest_saecheck.session_cache import SessionCache
@@ -353,6 +353,7 @@ class SAECheck:
             "latent_density_histogram": _density_histogram(density),
             "interval_level": INTERVAL_LEVEL,
             "intervals": intervals,
+            **baselines.record_fields(self, self._item.config if self._item is not None else None),
         }
 
     def _guard(self, load: Any) -> Any:

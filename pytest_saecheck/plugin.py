@@ -21,8 +21,8 @@ import _pytest
 import pluggy
 import pytest
 
+from pytest_saecheck import baselines, hookspecs, records
 from pytest_saecheck import config as settings_config
-from pytest_saecheck import hookspecs, records
 from pytest_saecheck.errors import ConfigError, SAECheckError
 from pytest_saecheck.fixtures import (
     CACHE_KEY,
@@ -96,6 +96,7 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     settings_config.add_options(parser)
+    baselines.add_options(parser)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -104,9 +105,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[PREVIOUS_HOOK_KEY] = hookspecs.active_hook()  # restored at unconfigure (nested runs)
     hookspecs.set_active_hook(config.hook)
     config.pluginmanager.register(SummaryReporter(config), "saecheck-summary")
+    baselines.configure(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    baselines.unconfigure(config)
     cache = config.stash.get(CACHE_KEY, None)
     if cache is not None:
         cache.clear()

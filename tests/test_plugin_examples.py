@@ -47,7 +47,9 @@ def _outcomes(result: pytest.RunResult) -> dict[str, str]:
 
 
 def test_examples_pass_and_xfail_as_documented(examples: pytest.Pytester) -> None:
-    result = examples.runpytest_inprocess("-v", "-p", "no:randomly", "--saecheck-n-tokens=2048", "-rxX")
+    result = examples.runpytest_inprocess(
+        "-v", "-p", "no:randomly", "--saecheck-n-tokens=2048", "-rxX", "--saecheck-baseline-dir", "baselines"
+    )
     outcomes = _outcomes(result)
     assert outcomes == {
         "test_behaviour_is_preserved": "PASSED",
@@ -63,9 +65,11 @@ def test_examples_pass_and_xfail_as_documented(examples: pytest.Pytester) -> Non
         "test_ce[pca-18]": "PASSED",
         "test_r2_is_consistent[demo/good]": "PASSED",
         "test_r2_is_consistent[pca-18]": "PASSED",
+        "test_good_has_not_regressed": "PASSED",
+        "test_variance_only_regresses_against_good": "XFAIL",
     }, result.stdout.str()[-6000:]
     result.stdout.fnmatch_lines(
-        ["*= saecheck summary =*", "demo/good * 6 passed", "demo/variance_only * 3 passed, 1 xfailed"]
+        ["*= saecheck summary =*", "demo/good * 7 passed", "demo/variance_only * 3 passed, 2 xfailed"]
     )
 
 
@@ -75,12 +79,17 @@ def test_the_xfailed_gates_fail_for_the_documented_reason(examples: pytest.Pytes
         "--saecheck-n-tokens=2048",
         "test_demo_variance_only.py::test_ce_gate_catches_it",
         "test_reported_metrics.py::test_about_zero_bug_in_reported_metrics_is_caught",
+        "test_demo_baselines.py::test_variance_only_regresses_against_good",
+        "--saecheck-baseline-dir",
+        "baselines",
     )
-    result.assert_outcomes(failed=2)
+    result.assert_outcomes(failed=3)
     result.stdout.fnmatch_lines(
         [
             "*assert_ce_recovery failed for demo/variance_only: the upper bound of the 95% interval of delta_ce*",
             "*explained_variance is the wrong number*variance was computed about zero, not the mean*",
+            "*assert_no_regression failed for demo/variance_only: delta_ce got worse:*",
+            "*baseline of demo/good: *demo_good-*.json (paired: same tokens*",
         ],
         consecutive=False,
     )

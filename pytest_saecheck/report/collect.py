@@ -73,6 +73,7 @@ _ASSERTION_KNOWN = {
     "gate",
     "passed",
     "message",
+    "baseline",  # assert_no_regression's comparison: the SAE entry's ``baseline``
     *_SUBJECT_FIELDS,
 }
 MESSAGE_LIMIT = 2000
@@ -241,6 +242,7 @@ def sae_entry(identity: Mapping[str, Any], record: Mapping[str, Any]) -> dict[st
         "kl_by_position": _series(record.get("kl_by_position")) if evaluated else None,
         "latent_density_histogram": json_safe(histogram) if histogram else None,
         "evaluation_duration_s": finite_or_none(record.get("duration_s")) if evaluated else None,
+        "baseline": None,
         "assertions": [],
         "tests": [],
         "outcomes": {},
@@ -268,6 +270,53 @@ def assertion_entry(record: Mapping[str, Any], test_id: str, index: int) -> dict
         "message": None if message is None else str(message)[:MESSAGE_LIMIT],
         "details": json_safe({key: value for key, value in record.items() if key not in _ASSERTION_KNOWN}),
     }
+
+
+def baseline_entry(baseline: Mapping[str, Any]) -> dict[str, Any]:
+    """An SAE's comparison with its regression baseline, from an ``assert_no_regression`` record."""
+    comparisons = []
+    for item in baseline.get("comparisons") or ():
+        if not isinstance(item, Mapping):
+            continue
+        comparisons.append(
+            {
+                "metric": str(item.get("metric")),
+                "current": finite_or_none(item.get("current")),
+                "baseline": finite_or_none(item.get("baseline")),
+                "difference": finite_or_none(item.get("difference")),
+                "interval": _interval(item.get("interval")),
+                "higher_is_better": bool(item.get("higher_is_better")),
+                "tol": finite_or_none(item.get("tol")),
+                "status": str(item.get("status")),
+                "reason": str_or_none(item.get("reason")),
+            }
+        )
+    return {
+        "path": str_or_none(baseline.get("path")),
+        "key": str_or_none(baseline.get("key")),
+        "state": str_or_none(baseline.get("state")),
+        "paired": baseline.get("paired") if isinstance(baseline.get("paired"), bool) else None,
+        "level": finite_or_none(baseline.get("level")),
+        "versions": json_safe(baseline.get("versions"))
+        if isinstance(baseline.get("versions"), Mapping)
+        else None,
+        "comparisons": comparisons,
+        "regressed": [c["metric"] for c in comparisons if c["status"] == "regressed"],
+        "improved": [c["metric"] for c in comparisons if c["status"] == "improved"],
+    }
+
+
+def merge_baseline(first: dict[str, Any] | None, later: dict[str, Any]) -> dict[str, Any]:
+    """The SAE's baseline entry over several ``assert_no_regression`` calls: the first comparison of each metric."""
+    if first is None:
+        return later
+    if first.get("state") != "compared":
+        return later if later.get("state") == "compared" else first
+    seen = {c["metric"] for c in first["comparisons"]}
+    first["comparisons"] += [c for c in later.get("comparisons", []) if c["metric"] not in seen]
+    first["regressed"] = [c["metric"] for c in first["comparisons"] if c["status"] == "regressed"]
+    first["improved"] = [c["metric"] for c in first["comparisons"] if c["status"] == "improved"]
+    return first
 
 
 def _short_message(report: Any) -> str | None:
@@ -395,6 +444,10 @@ class Collector:
                             coarse_of[sae_id] = sae_id
                         current[str(label)] = sae_id
                     saes[sae_id]["assertions"].append(entry)
+                    if isinstance(record.get("baseline"), Mapping):
+                        saes[sae_id]["baseline"] = merge_baseline(
+                            saes[sae_id].get("baseline"), baseline_entry(record["baseline"])
+                        )
                     test_saes.add(sae_id)
             used = {coarse_of[sae_id] for sae_id in test_saes}
             pending += [(nodeid, *value) for coarse_id, value in subjects.items() if coarse_id not in used]

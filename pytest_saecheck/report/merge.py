@@ -18,7 +18,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pytest_saecheck.report.collect import now_iso
+from pytest_saecheck.report.collect import merge_baseline, now_iso
 from pytest_saecheck.report.schema import OUTCOMES, SCHEMA_ID, SCHEMA_VERSION, finalise, validate
 
 _NO_TESTS = 5  # pytest.ExitCode.NO_TESTS_COLLECTED
@@ -37,6 +37,9 @@ def _merge_sae(target: dict[str, Any], other: Mapping[str, Any]) -> None:
     for assertion in other.get("assertions", []):
         assertions.setdefault((assertion["test_id"], assertion["index"]), copy.deepcopy(assertion))
     tests = set(target["tests"]) | set(other.get("tests", []))
+    baseline = target.get("baseline")
+    if other.get("baseline"):  # assert_no_regression's comparisons: the first of each metric, as in one run
+        baseline = merge_baseline(copy.deepcopy(baseline), copy.deepcopy(dict(other["baseline"])))
     if not target.get("evaluated") and other.get("evaluated"):  # the numbers come from an evaluated shard
         target.clear()
         target.update(copy.deepcopy(dict(other)))
@@ -47,6 +50,7 @@ def _merge_sae(target: dict[str, Any], other: Mapping[str, Any]) -> None:
                 target["intervals"].setdefault(key, copy.deepcopy(value))
     target["assertions"] = list(assertions.values())
     target["tests"] = sorted(tests)
+    target["baseline"] = baseline
 
 
 def _machine(environment: Mapping[str, Any]) -> dict[str, Any]:

@@ -148,6 +148,31 @@ SAE_SCHEMA: dict[str, Any] = {
             },
         },
         "evaluation_duration_s": _NUMBER,
+        "baseline": {
+            "type": ["object", "null"],
+            "properties": {
+                "path": _STRING_OR_NULL,
+                "state": {"enum": ["compared", "missing", "recording", None]},
+                "level": _NUMBER,
+                "comparisons": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["metric", "current", "baseline", "difference", "interval", "status"],
+                        "properties": {
+                            "metric": {"type": "string"},
+                            "current": _NUMBER,
+                            "baseline": _NUMBER,
+                            "difference": _NUMBER,
+                            "interval": _INTERVAL,
+                            "status": {"enum": ["regressed", "improved", "unchanged", "undefined"]},
+                        },
+                    },
+                },
+                "regressed": {"type": "array", "items": {"type": "string"}},
+                "improved": {"type": "array", "items": {"type": "string"}},
+            },
+        },
         "assertions": {"type": "array", "items": ASSERTION_SCHEMA},
         "tests": {"type": "array", "items": {"type": "string"}},
         "outcomes": _COUNTS,
