@@ -236,7 +236,7 @@ def build_document(
         "settings": {
             name: records.plain(settings.get(name)) for name in ("n_tokens", "context_size", "seed")
         },
-        "scaling_law": None if law is None else [float(value) for value in law],
+        "scaling_law": None if law is None else [float(law.irreducible), float(law.gamma)],
         "versions": versions(),
         "metrics": {name: float(value) for name, value in sorted(evaluation.metrics.items())},
         "per_sequence": {
@@ -406,7 +406,7 @@ def compare(
     *,
     level: float,
     tol: Mapping[str, float | None],
-    scaling_law: tuple[float, float] | None,
+    scaling_law: Any,
     paired: bool = True,
 ) -> list[MetricComparison]:
     """Compare ``metrics`` of two sets of compacted per-sequence sums (:func:`compact_sums`).

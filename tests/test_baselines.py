@@ -285,7 +285,7 @@ def test_files_round_trip_exactly(evaluation, tmp_path: Path) -> None:  # type: 
     # diff-friendly: one line per array, sorted keys
     lines = path.read_text(encoding="utf-8").splitlines()
     assert sum(line.lstrip().startswith('"sse": [') for line in lines) == 1
-    assert len(lines) < 100
+    assert len(lines) < 150  # one line per metric and per summed array (the metric catalogue grows)
     assert json.loads(path.read_text(encoding="utf-8")) == document
 
 
