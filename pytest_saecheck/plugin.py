@@ -49,10 +49,10 @@ __all__ = [
 PREVIOUS_HOOK_KEY = pytest.StashKey[Any]()
 
 MARKER_HELP = (
-    "saecheck(model=..., sae=..., tokens=..., n_tokens=..., context_size=..., batch_size=..., device=..., "
-    "dtype=..., exclude_bos=..., seed=..., unavailable=...): configure the SAE under test for the saecheck "
-    "fixtures; the closest marker wins per key, and markers override --saecheck-* options and saecheck_* ini keys "
-    "(only --saecheck-override NAME=VALUE overrides markers)"
+    "saecheck("
+    + ", ".join(f"{setting.name}=..." for setting in settings_config.SETTINGS)
+    + "): configure the SAE under test for the saecheck fixtures; the closest marker wins per key, and markers "
+    "override --saecheck-* options and saecheck_* ini keys (only --saecheck-override NAME=VALUE overrides markers)"
 )
 # frames hidden from an SAECheckError's traceback: this package's, and pytest's and pluggy's around them
 HIDDEN_DIRS = tuple(

@@ -503,3 +503,11 @@ def test_a_malformed_override_is_a_usage_error(
     result = pytester.runpytest_inprocess("--saecheck-override", override)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+def test_the_marker_help_names_every_setting() -> None:
+    from pytest_saecheck.config import SETTINGS
+    from pytest_saecheck.plugin import MARKER_HELP
+
+    for setting in SETTINGS:
+        assert f"{setting.name}=..." in MARKER_HELP, setting.name
