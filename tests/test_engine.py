@@ -46,7 +46,7 @@ def raw_metrics(result) -> dict[str, float]:
     return {name: float(value) for name, value in metrics_from_sums(totals, result.scaling_law).items()}
 
 
-def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> HookedTransformer:
+def make_model(dtype: torch.dtype = torch.float32, seed: int = 0, act_fn: str = "gelu") -> HookedTransformer:
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(
         n_layers=3,
@@ -56,7 +56,7 @@ def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> HookedTrans
         n_heads=N_HEADS,
         d_mlp=4 * D_MODEL,
         d_vocab=D_VOCAB,
-        act_fn="gelu",
+        act_fn=act_fn,
         normalization_type="LN",
         seed=seed,
     )

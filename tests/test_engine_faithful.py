@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
-from test_engine import D_MODEL, N_CTX, N_HEADS, make_sae, make_tokens
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from test_engine import D_MODEL, make_model, make_sae, make_tokens
+from transformer_lens import HookedTransformer
 
 from pytest_saecheck import ConfigError, SAECheckWarning, demo, evaluate
 from pytest_saecheck.errors import ModelStateError, UnsupportedDictionaryError
@@ -22,21 +22,8 @@ D_MLP = 4 * D_MODEL
 
 
 def relu_model(seed: int = 0) -> HookedTransformer:
-    """A 3-layer LN model with ReLU MLPs, so a ReLU transcoder can copy an MLP exactly."""
-    torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(
-        n_layers=3,
-        d_model=D_MODEL,
-        n_ctx=N_CTX,
-        d_head=D_MODEL // N_HEADS,
-        n_heads=N_HEADS,
-        d_mlp=D_MLP,
-        d_vocab=61,
-        act_fn="relu",
-        normalization_type="LN",
-        seed=seed,
-    )
-    return HookedTransformer(cfg).eval()
+    """The engine tests' 3-layer LN model with ReLU MLPs, so a ReLU transcoder can copy an MLP exactly."""
+    return make_model(seed=seed, act_fn="relu")
 
 
 @pytest.fixture(scope="module")
