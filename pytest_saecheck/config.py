@@ -259,6 +259,10 @@ def _token_ids(name: str, value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
     items = value.replace(",", " ").split() if isinstance(value, str) else value
+    if isinstance(items, (int, float)) or any(isinstance(item, (bool, float)) for item in items):
+        raise ConfigError(
+            f"saecheck setting {name!r} must be a list of integer token ids (or '1,2,3'), got {value!r}"
+        )
     try:
         ids = tuple(sorted({int(item) for item in items}))
     except (TypeError, ValueError):
@@ -275,7 +279,7 @@ def _token_ids(name: str, value: Any) -> tuple[int, ...]:
 def _activation_scaler(name: str, value: Any) -> float | str | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
         return None
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, os.PathLike)):
         raise ConfigError(
             f"saecheck setting {name!r} must be 'auto', a positive number or a path, got {value!r}"
         )

@@ -474,3 +474,21 @@ def test_bos_separators_in_a_packed_text_file_are_left_out(pytester, tmp_path):
         """
     )
     pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_new_user_errors_name_the_problem(model):
+    """Found by a new user: raw errors and a message that blamed the wrong hook."""
+    with pytest.raises(ConfigError, match=r"exclude_token_ids=\[5, 7\]"):
+        evaluate(model, make_sae("blocks.1.hook_resid_pre"), make_tokens(4), exclude_token_ids="5,7")
+    tc = mlp_transcoder(model, 1)
+    tc.cfg.metadata.hook_name_out = "blocks.1.hook_mlp_outt"
+    from pytest_saecheck import HookNotFoundError
+
+    with pytest.raises(HookNotFoundError, match="writes to hook 'blocks.1.hook_mlp_outt'.*hook_name_out"):
+        evaluate(model, tc, make_tokens(4), progress=False)
+    with pytest.warns(
+        SAECheckWarning, match="applied although the SAE's config says normalize_activations='none'"
+    ):
+        evaluate(
+            model, make_sae("blocks.1.hook_resid_pre"), make_tokens(4), activation_scaler=3.0, progress=False
+        )

@@ -98,3 +98,56 @@ def test_joint_marker_end_to_end_with_the_report(release_pytester: pytest.Pytest
     }
     html = (release_pytester.path / "r.html").read_text()
     assert "members (inside the joint model)" in html and "compounding" in html
+
+
+def test_a_broken_sae_fails_only_its_own_test(release_pytester: pytest.Pytester) -> None:
+    """One SAE of a release group that cannot be evaluated must not fail the others (found by a new user)."""
+    from conftest import make_random_sae
+
+    make_random_sae(d_in=16).save_model(release_pytester.path / "sae_too_narrow")
+    release_pytester.makepyfile(
+        """
+        import pytest
+        from pytest_saecheck import saecheck_param
+
+        pytestmark = pytest.mark.saecheck(model="tiny", tokens="tokens.npy", n_tokens=160)
+
+        @pytest.mark.parametrize("sae", [saecheck_param("sae_too_narrow"), saecheck_param("sae_identity"),
+                                         saecheck_param("sae_random")])
+        def test_each(saecheck, sae):
+            assert saecheck.metrics["l0"] >= 0
+
+        @pytest.mark.saecheck(sae="sae_identity", activation_scaler=[1.0])
+        def test_a_malformed_marker_value(saecheck):
+            saecheck.evaluation
+        """
+    )
+    result = release_pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=1, errors=1)  # the narrow SAE fails, the malformed marker errors
+    result.stdout.fnmatch_lines(["*ShapeMismatchError: the SAE expects d_in=16*"])
+    result.stdout.fnmatch_lines(["FAILED *test_each?sae_too_narrow?*", "ERROR *test_a_malformed_marker_value*"])
+
+
+def test_evaluations_that_differ_in_token_policy_are_separate_report_entries(
+    release_pytester: pytest.Pytester,
+) -> None:
+    release_pytester.makepyfile(
+        """
+        import pytest
+
+        pytestmark = pytest.mark.saecheck(model="tiny", tokens="tokens.npy", n_tokens=160, sae="sae_identity")
+
+        def test_default(saecheck):
+            saecheck.evaluation
+
+        @pytest.mark.saecheck(exclude_token_ids=[5, 7])
+        def test_fewer_tokens(saecheck):
+            saecheck.evaluation
+        """
+    )
+    release_pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "--saecheck-json", "r.json"
+    ).assert_outcomes(passed=2)
+    entries = json.loads((release_pytester.path / "r.json").read_text())["saes"]
+    assert sorted(len(entry["tests"]) for entry in entries) == [1, 1], [e["label"] for e in entries]
+    assert len({entry["tokens"]["n_tokens"] for entry in entries}) == 2

@@ -13,7 +13,7 @@ from pytest_saecheck import normalisation as norm
 from pytest_saecheck.dictionaries import DictionaryInfo, describe
 from pytest_saecheck.engine.accumulate import Accumulator
 from pytest_saecheck.engine.cut import ModelCut
-from pytest_saecheck.errors import ConfigError, NonFiniteError, ShapeMismatchError
+from pytest_saecheck.errors import ConfigError, HookNotFoundError, NonFiniteError, ShapeMismatchError
 from pytest_saecheck.hookpoints import HookSite, resolve_hook
 
 
@@ -61,11 +61,19 @@ class Member:
         self.read: HookSite = resolve_hook(
             self.info.hook_name, self.info.hook_head_index, n_layers, hook_names
         )
-        self.write: HookSite = (
-            self.read
-            if not self.info.is_transcoder
-            else resolve_hook(self.info.hook_name_out, None, n_layers, hook_names)
-        )
+        self.write: HookSite = self.read
+        if self.info.is_transcoder:
+            try:
+                self.write = resolve_hook(self.info.hook_name_out, None, n_layers, hook_names)
+            except HookNotFoundError as error:
+                raise HookNotFoundError(
+                    str(error)
+                    .replace("reads from hook", "writes to hook")
+                    .replace(
+                        "config's hook_name (metadata.hook_name)",
+                        "config's hook_name_out (metadata.hook_name_out)",
+                    )
+                ) from None
         self._check_order()
         self.given = given
         self.normalisation = given or norm.NONE

@@ -144,6 +144,11 @@ def evaluate(
         raise ConfigError(
             "joint=True splices several SAEs at once; give a sequence or mapping of at least two"
         )
+    if isinstance(exclude_token_ids, (str, bytes)):
+        raise ConfigError(
+            f"exclude_token_ids must be a sequence of integer token ids, got the string {exclude_token_ids!r}; "
+            "write e.g. exclude_token_ids=[5, 7] (the '5,7' form is for the command line and ini files)"
+        )
     if policy is None:
         policy = TokenPolicy(exclude_bos, exclude_special_tokens, tuple(exclude_token_ids), pad_token_id)
     elif (exclude_bos, exclude_special_tokens, tuple(exclude_token_ids), pad_token_id) != (
@@ -366,6 +371,20 @@ class _Pass:
                 if self.mean_ablation:
                     per_batch.append(Variant.MEAN)
             m.plan = AblationPlan(templated, tuple(per_batch))
+            if (
+                m.given is not None
+                and m.given.active
+                and m.info.normalize_activations
+                not in (
+                    norm.EXPECTED_AVERAGE,
+                    norm.WHITENING,
+                )
+            ):
+                self.notes[m.name].append(
+                    f"an activation scaler ({m.given.source}, factor {m.given.scaling_factor}) was applied although "
+                    f"the SAE's config says normalize_activations='{m.info.normalize_activations}'; a released SAE "
+                    "has its normalisation folded into its weights and needs none"
+                )
             given = means.get(m.name)
             if given is not None:
                 mean = torch.as_tensor(given).to(self.cut.device).double()
@@ -631,8 +650,9 @@ class _Pass:
         for name in METRIC_NAMES:
             if name not in metrics and name not in undefined:
                 undefined[name] = (
-                    "a joint splice has no single hook or ablation baseline: see members (each SAE's "
-                    "reconstruction inside the joint model) and the isolated evaluations"
+                    "defined per SAE, not for a joint splice as a whole: each SAE's reconstruction metrics inside "
+                    "the joint model are in members, and the ratio scores need an ablation baseline, which a joint "
+                    "splice of several hooks does not have (see the isolated evaluations)"
                 )
         members: dict[str, dict[str, float]] = {}
         for m in self.members:
