@@ -125,7 +125,9 @@ def test_a_broken_sae_fails_only_its_own_test(release_pytester: pytest.Pytester)
     result = release_pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, failed=1, errors=1)  # the narrow SAE fails, the malformed marker errors
     result.stdout.fnmatch_lines(["*ShapeMismatchError: the SAE expects d_in=16*"])
-    result.stdout.fnmatch_lines(["FAILED *test_each?sae_too_narrow?*", "ERROR *test_a_malformed_marker_value*"])
+    result.stdout.fnmatch_lines(
+        ["FAILED *test_each?sae_too_narrow?*", "ERROR *test_a_malformed_marker_value*"]
+    )
 
 
 def test_evaluations_that_differ_in_token_policy_are_separate_report_entries(
