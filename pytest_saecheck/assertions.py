@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_saecheck import records
+from pytest_saecheck.baselines import DEFAULT_METRICS
+from pytest_saecheck.defaults import INTERVAL_LEVEL as DISPLAY_LEVEL
 from pytest_saecheck.errors import ConfigError, SAECheckError
 
 CE_METRICS: tuple[str, ...] = (
@@ -26,7 +28,6 @@ CE_METRICS: tuple[str, ...] = (
     "compute_fraction",
 )
 LOSS_ROWS = ("ce_orig", "ce_sae", "ce_zero", "ce_mean")
-DISPLAY_LEVEL = 0.95
 
 #: Default tolerance of the pooled-vs-legacy comparison, as a share of the legacy unexplained variance
 #: (1 − legacy R²). The pooled R² and SAE Lens' legacy per-token R² are different estimators; on correct code the
@@ -687,8 +688,8 @@ def _validate_regression_args(metrics: Any, confidence: Any) -> tuple[tuple[str,
 def assert_no_regression(
     check: Any,
     *,
-    metrics: Any = ("delta_ce", "kl_sae", "explained_variance", "l0"),
-    confidence: float = 0.95,
+    metrics: Any = DEFAULT_METRICS,
+    confidence: float = DISPLAY_LEVEL,
     tol: float | Mapping[str, float] | None = None,
     unpaired: bool = False,
     baseline: str | None = None,

@@ -17,6 +17,7 @@ import pytest
 
 from pytest_saecheck import baselines, loading, records
 from pytest_saecheck.config import FrozenKwargs, SAECheckSettings, resolve_for_item
+from pytest_saecheck.defaults import INTERVAL_LEVEL
 from pytest_saecheck.errors import ConfigError, SAECheckError
 from pytest_saecheck.session_cache import SessionCache
 
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
     from pytest_saecheck.engine import Evaluation
 
 CACHE_KEY = pytest.StashKey[SessionCache]()
-
-INTERVAL_LEVEL = 0.95
 
 
 def session_cache(config: pytest.Config) -> SessionCache:

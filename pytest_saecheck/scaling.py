@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_saecheck.defaults import INTERVAL_LEVEL
 from pytest_saecheck.errors import ConfigError
 
 FIT_FILE_FORMAT = "pytest-saecheck scaling law fit"
@@ -280,7 +281,7 @@ def fit_scaling_law(
     loss: Sequence[float],
     *,
     n_bootstrap: int = 200,
-    level: float = 0.95,
+    level: float = INTERVAL_LEVEL,
     seed: int = 0,
     huber_delta: float = 1e-3,
     source: str = "fit_scaling_law",

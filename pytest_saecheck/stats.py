@@ -6,11 +6,11 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from pytest_saecheck.defaults import INTERVAL_LEVEL as DEFAULT_LEVEL
 from pytest_saecheck.errors import ConfigError
 
 DEFAULT_RESAMPLES = 2000
-DEFAULT_LEVEL = 0.95
-"""The confidence level of every interval the plugin reports unless told otherwise."""
+
 _CHUNK = 250  # resamples per matrix product: bounds memory for the [resamples, sequences] weight matrix
 
 
@@ -18,7 +18,7 @@ def bootstrap_interval(
     per_sequence: Mapping[str, np.ndarray],
     statistic: Callable[[Mapping[str, np.ndarray]], np.ndarray],
     *,
-    level: float = 0.95,
+    level: float = DEFAULT_LEVEL,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
 ) -> tuple[float, float]:
@@ -39,7 +39,7 @@ def bootstrap_intervals(
     per_sequence: Mapping[str, np.ndarray],
     statistics: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]],
     *,
-    level: float = 0.95,
+    level: float = DEFAULT_LEVEL,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
 ) -> dict[str, tuple[float, float]]:

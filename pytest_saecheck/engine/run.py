@@ -687,9 +687,8 @@ def _compounding(members: Sequence[Member], joint_acc: Accumulator | None) -> di
         "d_joint": joint["ce_sum_sae"] - joint["ce_sum_orig"],
         "d_sum": sum(
             (
-                m.acc.per_sequence()["ce_sum_sae"] - m.acc.per_sequence()["ce_sum_orig"]
-                for m in members
-                if m.acc
+                sums["ce_sum_sae"] - sums["ce_sum_orig"]
+                for sums in (m.acc.per_sequence() for m in members if m.acc)
             ),
             np.zeros_like(joint["ce_sum_orig"]),
         ),

@@ -11,6 +11,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_saecheck.defaults import INTERVAL_LEVEL
+from pytest_saecheck.metrics import CHINCHILLA_SCALING_LAW, compute_fraction
+
 
 @dataclass
 class FakeReport:
@@ -63,7 +66,7 @@ def evaluation_record(
         "kl_sae": 0.8 * (ce_sae - ce_orig) + 0.01,
         "kl_zero": 7.1,
         "kl_div_score": 1 - (0.8 * (ce_sae - ce_orig) + 0.01) / 7.1,
-        "compute_fraction": ((ce_sae - 1.69) / (ce_orig - 1.69)) ** (-1 / 0.1535),
+        "compute_fraction": float(compute_fraction(ce_orig, ce_sae, CHINCHILLA_SCALING_LAW)),
         "explained_variance": ev,
         "explained_variance_legacy": ev - 0.02,
         "explained_variance_about_zero": 0.97,
@@ -102,13 +105,13 @@ def evaluation_record(
         "hook_name": "blocks.1.hook_resid_pre",
         "hook_head_index": None,
         "token_policy": {"exclude_bos": True, "exclude_token_ids": [], "pad_token_id": None},
-        "scaling_law": [1.69, 0.1535],
+        "scaling_law": [CHINCHILLA_SCALING_LAW.irreducible, CHINCHILLA_SCALING_LAW.gamma],
         "batch_size": 16,
         "model_dtype": "float32",
         "duration_s": 1.5 + rng.random(),
     }
     if with_intervals:
-        record["interval_level"] = 0.95
+        record["interval_level"] = INTERVAL_LEVEL
         record["intervals"] = {
             name: [value - 0.02 * abs(value), value + 0.02 * abs(value)]
             for name, value in metrics.items()
@@ -147,7 +150,7 @@ def ce_assertion(
         "metric": metric,
         "value": value,
         "interval": [value - 0.02 * (abs(value) + 0.1), value + 0.02 * (abs(value) + 0.1)],
-        "interval_level": confidence or 0.95,
+        "interval_level": confidence or INTERVAL_LEVEL,
         "confidence": confidence,
         "min_score": min_score,
         "max_value": max_value,

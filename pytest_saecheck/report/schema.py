@@ -16,6 +16,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pytest_saecheck.defaults import INTERVAL_LEVEL as DEFAULT_INTERVAL_LEVEL
+
 SCHEMA_ID = "pytest-saecheck/report"
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
@@ -396,7 +398,6 @@ def sae_status(sae: Mapping[str, Any], test_outcomes: Mapping[str, str]) -> str:
 
 
 #: The level of the intervals shown for every metric (the assertions' display level).
-DEFAULT_INTERVAL_LEVEL = 0.95
 
 
 def _intervals_from_assertions(sae: dict[str, Any]) -> None:
