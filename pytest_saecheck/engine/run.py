@@ -751,10 +751,10 @@ def _preflight(m: Member, result: Evaluation) -> list[str]:
                 f"scaled activations at {m.read.hook_name!r} have mean norm {ratio:.3g} × sqrt(d_in), where "
                 f"the SAE's normalisation expects about 1; {causes}"
             )
-    ratio = result.metrics.get("participation_ratio")
-    if ratio is not None and ratio < max(2.0, LOW_PARTICIPATION * m.info.d_out):
+    participation = result.metrics.get("participation_ratio")
+    if participation is not None and participation < max(2.0, LOW_PARTICIPATION * m.info.d_out):
         found.append(
-            f"the activations at {m.write.hook_name!r} have a participation ratio of {ratio:.3g} out of "
+            f"the activations at {m.write.hook_name!r} have a participation ratio of {participation:.3g} out of "
             f"{m.info.d_out} dimensions: a few high-variance directions dominate, so explained_variance "
             f"({result.metrics.get('explained_variance', float('nan')):.4f}) is inflated there; read cosine_sim "
             f"({result.metrics.get('cosine_sim', float('nan')):.4f}) and relative_error_norm "
