@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from pytest_saecheck import records
 from pytest_saecheck.baselines import DEFAULT_METRICS
+from pytest_saecheck.checks.messages import fmt as _fmt
+from pytest_saecheck.checks.messages import fmt_interval, table
+from pytest_saecheck.checks.workflow import CheckOutcome, conclude, interval_of
+from pytest_saecheck.checks.workflow import Subject as _Subject
+from pytest_saecheck.checks.workflow import finite_number as _finite_number
+from pytest_saecheck.checks.workflow import number_or_nan as _finite_or_nan
+from pytest_saecheck.checks.workflow import subject_of as _unwrap
 from pytest_saecheck.defaults import INTERVAL_LEVEL as DISPLAY_LEVEL
-from pytest_saecheck.errors import ConfigError, SAECheckError
+from pytest_saecheck.errors import ConfigError
 
 CE_METRICS: tuple[str, ...] = (
     "ce_loss_score",
@@ -57,87 +63,6 @@ _LEGACY_KEYS = ("explained_variance_legacy", "variance_explained_legacy")
 
 # --------------------------------------------------------------------------------------------------------
 # shared plumbing
-
-
-@dataclass(frozen=True)
-class _Subject:
-    """Plain facts about what was evaluated (no tensors, no model)."""
-
-    label: str | None
-    metrics: dict[str, float]
-    undefined: dict[str, str]
-    n_tokens: int | None
-    n_sequences: int | None
-    seq_len: int | None
-    exclude_bos: bool | None
-    subject: dict[str, Any]
-
-
-def _unwrap(check: Any) -> tuple[Any, _Subject]:
-    """(evaluation, facts) from a ``saecheck`` bundle or an engine ``Evaluation``."""
-    evaluation = check.evaluation if hasattr(check, "evaluation") and hasattr(check, "settings") else check
-    if not hasattr(evaluation, "metrics") or not hasattr(evaluation, "confidence_interval"):
-        raise ConfigError(
-            f"expected the saecheck fixture or an Evaluation from pytest_saecheck.evaluate(), "
-            f"got {type(check).__name__}"
-        )
-    subject = check.subject() if hasattr(check, "subject") else {}
-    policy = getattr(evaluation, "token_policy", None)
-    facts = _Subject(
-        label=subject.get("label") or f"SAE at {getattr(evaluation, 'hook_name', '?')}",
-        metrics={key: float(value) for key, value in evaluation.metrics.items()},
-        undefined=dict(getattr(evaluation, "undefined", {}) or {}),
-        n_tokens=getattr(evaluation, "n_tokens", None),
-        n_sequences=getattr(evaluation, "n_sequences", None),
-        seq_len=getattr(evaluation, "seq_len", None),
-        exclude_bos=getattr(policy, "exclude_bos", None),
-        subject=subject,
-    )
-    return evaluation, facts
-
-
-def _finite_number(name: str, value: Any) -> float:
-    if isinstance(value, (bool, str)):
-        raise ConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{name} must be a finite number, got {number!r}")
-    return number
-
-
-def _interval(evaluation: Any, metric: str, level: float) -> tuple[float, float] | None:
-    try:
-        low, high = evaluation.confidence_interval(metric, level)
-    except SAECheckError:
-        return None
-    return float(low), float(high)
-
-
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "—"
-    if math.isnan(value):
-        return "nan"
-    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
-
-
-def _tokens_line(facts: _Subject) -> str:
-    if facts.n_tokens is None:
-        return "tokens: unknown"
-    bos = {True: ", position 0 (BOS) excluded", False: ", position 0 included", None: ""}[facts.exclude_bos]
-    shape = f" ({facts.n_sequences} sequences × {facts.seq_len})" if facts.n_sequences is not None else ""
-    return f"tokens: {facts.n_tokens:,} evaluated{shape}{bos}"
-
-
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
 
 
 def _metric_info(name: str) -> Any:
@@ -221,40 +146,35 @@ def assert_ce_recovery(
         )
     value = facts.metrics.get(metric)
     shown_level = level if level is not None else DISPLAY_LEVEL
-    interval = _interval(evaluation, metric, shown_level) if value is not None else None
+    interval = interval_of(evaluation, metric, shown_level) if value is not None else None
     if level is not None and value is not None and interval is None:
         # the caller asked for an interval: let the engine's error say why there is none
         evaluation.confidence_interval(metric, level)
     del evaluation, check  # nothing below (nor the exception) may keep tensors or the model alive
 
     failures = _ce_failures(metric, value, interval, low, high, level, facts)
-    passed = not failures
-    message = (
-        None
-        if passed
-        else _ce_message(metric, value, interval, shown_level, low, high, level, facts, failures)
+    conclude(
+        CheckOutcome(
+            assertion="assert_ce_recovery",
+            label=facts.label,
+            failures=tuple(failures),
+            details=tuple(_ce_details(metric, value, interval, shown_level, low, high, level, facts))
+            if failures
+            else (),
+            metric=metric,
+            value=value,
+            fields={
+                **facts.subject,
+                "interval": list(interval) if interval is not None else None,
+                "interval_level": shown_level,
+                "confidence": level,
+                "min_score": low,
+                "max_value": high,
+                "gate": "point estimate" if level is None else "interval bound",
+                "n_tokens": facts.n_tokens,
+            },
+        )
     )
-    records.record(
-        {
-            "kind": "assertion",
-            "assertion": "assert_ce_recovery",
-            **facts.subject,
-            "label": facts.label,
-            "metric": metric,
-            "value": value,
-            "interval": list(interval) if interval is not None else None,
-            "interval_level": shown_level,
-            "confidence": level,
-            "min_score": low,
-            "max_value": high,
-            "gate": "point estimate" if level is None else "interval bound",
-            "n_tokens": facts.n_tokens,
-            "passed": passed,
-            "message": message,
-        }
-    )
-    if message is not None:
-        raise AssertionError(message)
 
 
 def _ce_failures(
@@ -285,7 +205,7 @@ def _ce_failures(
     return failures
 
 
-def _ce_message(
+def _ce_details(
     metric: str,
     value: float | None,
     interval: tuple[float, float] | None,
@@ -294,8 +214,7 @@ def _ce_message(
     high: float | None,
     level: float | None,
     facts: _Subject,
-    failures: list[str],
-) -> str:
+) -> list[str]:
     info = _metric_info(metric)
     threshold = " and ".join(
         part
@@ -311,15 +230,13 @@ def _ce_message(
         rows.append(
             (name, _fmt(loss), "", "" if loss is not None else facts.undefined.get(name, "not computed"))
         )
-    shown_interval = f"[{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval is not None else "—"
     gate = "point estimate" if level is None else ("lower bound" if low is not None else "upper bound")
-    rows.append((metric, _fmt(value), shown_interval, f"{threshold} (gated on the {gate})"))
-    lines = [f"assert_ce_recovery failed for {facts.label}: " + "; ".join(failures)]
-    lines += _table(rows)
-    lines.append("  " + _tokens_line(facts))
+    rows.append((metric, _fmt(value), fmt_interval(interval), f"{threshold} (gated on the {gate})"))
+    lines = table(rows)
+    lines.append("  " + facts.tokens_line())
     if info is not None:
         lines.append(f"  scale: {metric} = {info.formula}: {info.scale}")
-    return "\n".join(lines)
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -466,7 +383,7 @@ def _r2_ours(facts: _Subject, tol: float | None) -> tuple[dict[str, Any], str | 
             problem
             or f"explained_variance and explained_variance_legacy differ by {_fmt(abs(difference))} > tol {_fmt(tol)}"
         ),
-        *_table(
+        *table(
             [
                 ("explained_variance", _fmt(ours), "1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² over all tokens (correct R²)"),
                 (
@@ -481,7 +398,7 @@ def _r2_ours(facts: _Subject, tol: float | None) -> tuple[dict[str, Any], str | 
                 ),
             ]
         ),
-        "  " + _tokens_line(facts),
+        "  " + facts.tokens_line(),
         "  Both numbers come from one pass of our engine over the same tokens, so neither is a computation bug: "
         "the two estimators disagree on this SAE. "
         + (
@@ -526,7 +443,7 @@ def _r2_reported_vs_reported(
     tol = record["tol"] = legacy_tolerance(legacy_value, tol) if problem is None else (tol or 0.0)
     if problem is None and abs(difference) <= tol:
         return record, None
-    rows = _table(
+    rows = table(
         [
             (ev_key, _fmt(ev_value), "reported explained variance (R²)"),
             (legacy_key, _fmt(legacy_value), "reported legacy explained variance (per-token formula)"),
@@ -597,7 +514,7 @@ def _r2_reported_vs_ours(
     problem = _check_r2_value(source, value, "reported")
     if problem is None and abs(value - ours) <= tol:
         return record, None
-    rows = _table(
+    rows = table(
         [
             (f"reported ({source})" if source != "reported" else "reported", _fmt(value), ""),
             ("explained_variance (ours)", _fmt(ours), "1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ over all tokens"),
@@ -633,20 +550,11 @@ def _r2_reported_vs_ours(
             f"assert_r2_matches_legacy failed for {facts.label}: reported R² {_fmt(value)} differs from ours "
             f"{_fmt(ours)} by {_fmt(abs(value - ours))} > tol {_fmt(tol)}",
             *rows,
-            "  " + _tokens_line(facts),
+            "  " + facts.tokens_line(),
             "  " + verdict,
         ]
     )
     return record, message
-
-
-def _finite_or_nan(name: str, value: Any) -> float:
-    if isinstance(value, (bool, str)):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -850,8 +758,8 @@ def _regression_message(
             )
         )
     lines = [f"assert_no_regression failed for {facts.label}: " + "; ".join(failures)]
-    lines += _table(rows)
-    lines.append("  " + _tokens_line(facts))
+    lines += table(rows)
+    lines.append("  " + facts.tokens_line())
     pairing = (
         "paired: same tokens, one set of resampled sequences for both sides"
         if not mismatch
