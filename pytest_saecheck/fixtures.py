@@ -18,7 +18,8 @@ import pytest
 from pytest_saecheck import baselines, loading, records
 from pytest_saecheck.config import FrozenKwargs, SAECheckSettings, resolve_for_item
 from pytest_saecheck.defaults import INTERVAL_LEVEL
-from pytest_saecheck.errors import ConfigError, SAECheckError
+from pytest_saecheck.devices import auto_device
+from pytest_saecheck.errors import ConfigError, SAECheckError, WeightsUnavailableError
 from pytest_saecheck.session_cache import SessionCache
 
 if TYPE_CHECKING:
@@ -33,13 +34,6 @@ def session_cache(config: pytest.Config) -> SessionCache:
     if cache is None:
         cache = config.stash[CACHE_KEY] = SessionCache()
     return cache
-
-
-def auto_device() -> str:
-    """``"cuda"`` when a CUDA device is available, else ``"cpu"``."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class SAECheck:
@@ -138,7 +132,7 @@ class SAECheck:
             return self.settings.activation_scaler
         from pytest_saecheck.normalisation import ACTIVATION_SCALER_FILENAME
 
-        path = loading._local_path(spec)
+        path = loading.local_path(spec)
         if path is not None and (path / ACTIVATION_SCALER_FILENAME).is_file():
             return str(path)
         return None
@@ -363,7 +357,7 @@ class SAECheck:
         try:
             with _dependency_warnings_hidden():
                 return load()
-        except loading.WeightsUnavailableError as error:
+        except WeightsUnavailableError as error:
             if self.settings.unavailable == "skip":
                 _skip(str(error))
             raise

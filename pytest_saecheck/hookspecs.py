@@ -39,7 +39,7 @@ def pytest_saecheck_load_model(
     ``cfg.metadata.model_from_pretrained_kwargs``, or the ``model_from_pretrained_kwargs`` setting; ``{}`` when
     neither says): load the model as ``HookedTransformer.from_pretrained_no_processing(name, **kwargs)`` does.
     Implementations may leave out arguments they do not use. Raise
-    ``pytest_saecheck.loading.WeightsUnavailableError`` when the weights are not on this machine, so the test is
+    ``pytest_saecheck.errors.WeightsUnavailableError`` when the weights are not on this machine, so the test is
     skipped (or errors) with your message.
     """
 

@@ -12,8 +12,13 @@ import torch
 from conftest import CORPUS, D_MODEL, HOOK, make_identity_sae, make_tiny_model, make_tokens
 
 from pytest_saecheck import loading
-from pytest_saecheck.errors import ConfigError, LoadError, SAECheckError, ShapeMismatchError
-from pytest_saecheck.loading import WeightsUnavailableError
+from pytest_saecheck.errors import (
+    ConfigError,
+    LoadError,
+    SAECheckError,
+    ShapeMismatchError,
+    WeightsUnavailableError,
+)
 
 # --------------------------------------------------------------------------------------------------------
 # spec resolution
@@ -329,12 +334,12 @@ def test_hf_dataset_offline_and_not_cached_says_what_to_do(
 
 
 def test_hf_spec_options_are_validated() -> None:
-    assert loading._parse_hf_spec("hf:wikitext?name=wikitext-2-raw-v1&split=test") == (
+    assert loading.tokens._parse_hf_spec("hf:wikitext?name=wikitext-2-raw-v1&split=test") == (
         "wikitext",
         {"name": "wikitext-2-raw-v1", "split": "test"},
     )
     with pytest.raises(ConfigError, match="unknown keys: splt"):
-        loading._parse_hf_spec("hf:wikitext?splt=test")
+        loading.tokens._parse_hf_spec("hf:wikitext?splt=test")
 
 
 def test_defaults_come_from_the_sae_config() -> None:

@@ -56,7 +56,7 @@ def test_gpt2_saved_by_transformers_5_loads_with_n_ctx_from_n_positions(gpt2_dir
 def test_a_missing_config_field_is_named_not_blamed_on_the_architecture(
     gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(loading, "_LEGACY_CONFIG_FIELDS", {})  # as if nothing filled n_ctx in
+    monkeypatch.setattr(loading.models, "_LEGACY_CONFIG_FIELDS", {})  # as if nothing filled n_ctx in
     with pytest.raises(LoadError, match=r"has no field 'n_ctx'.*add it to config.json") as caught:
         loading.builtin_load_model(str(gpt2_dir), "cpu", None)
     assert "not supported" not in str(caught.value)

@@ -142,7 +142,7 @@ def test_device_option_marker_and_fixture_override(tiny_pytester: pytest.Pyteste
 def test_auto_device_is_cuda_only_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from pytest_saecheck.fixtures import auto_device
+    from pytest_saecheck.devices import auto_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert auto_device() == "cuda"
@@ -151,7 +151,7 @@ def test_auto_device_is_cuda_only_when_available(monkeypatch: pytest.MonkeyPatch
 
 
 UNAVAILABLE_CONFTEST = """
-from pytest_saecheck.loading import WeightsUnavailableError
+from pytest_saecheck.errors import WeightsUnavailableError
 
 def pytest_saecheck_load_sae(spec, device, dtype):
     if spec == "remote/sae":
@@ -415,11 +415,11 @@ def test_loading_errors_show_the_users_frames_and_the_clear_line_only(tiny_pytes
             "E       pytest_saecheck.errors.LoadError: SAE directory '*no_such_sae' does not exist (looked for *no_such_sae)*",
         ]
     )
-    for internal in ("loading.py", "fixtures.py", "session_cache.py", "pluggy", "_pytest"):
+    for internal in ("pytest_saecheck/loading/", "fixtures.py", "session_cache.py", "pluggy", "_pytest"):
         assert internal not in text[start:end], internal
     # --full-trace still shows every frame
     full = tiny_pytester.runpytest_inprocess("--full-trace")
-    assert "loading.py" in full.stdout.str() and "session_cache.py" in full.stdout.str()
+    assert "pytest_saecheck/loading/" in full.stdout.str() and "session_cache.py" in full.stdout.str()
 
 
 def test_sae_lens_deprecation_warnings_are_hidden_but_the_users_are_not(

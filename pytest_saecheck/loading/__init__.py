@@ -1,0 +1,134 @@
+"""Loaders for models, SAEs and evaluation tokens, behind the ``pytest_saecheck_load_*`` hooks.
+
+Spec resolution (the contract in DESIGN.md):
+
+* model: ``"demo"``; an existing local directory holding a Hugging Face model (``config.json``); otherwise a
+  TransformerLens model name (``"gpt2"``, ``"EleutherAI/pythia-70m"``).
+* SAE: ``"demo/<name>"``; an existing local SAE Lens directory (``cfg.json`` + weights); otherwise an SAE Lens
+  ``release/id`` pair, split at the first ``/``.
+* tokens: ``"demo"``; ``"hf:<dataset>[?split=...&name=...&column=...]"`` (streamed); an existing local
+  ``.txt``, ``.jsonl``, ``.parquet``, ``.npy`` or ``.pt`` file or a ``datasets.save_to_disk`` directory.
+
+Custom loaders registered through the hooks are asked first; built-in loaders run when every hook returns None.
+Torch and the model libraries are imported inside functions only.
+
+The package's modules, one job each: :mod:`.specs` (spec parsing and the defaults an SAE implies),
+:mod:`.offline` (is the hub reachable), :mod:`.resolve` (hooks first, then built-ins), :mod:`.models`,
+:mod:`.saes` and :mod:`.tokens` (the built-in loaders and file readers).
+"""
+
+from __future__ import annotations
+
+from pytest_saecheck.loading.models import (
+    DEMO_LOADER,
+    HF_DIRECTORY_LOADER,
+    HOOK_LOADER,
+    PROCESSING_FLAGS,
+    TL_LOADER,
+    ModelLoad,
+    builtin_load_model,
+    builtin_load_model_recorded,
+    load_hf_directory,
+    load_model,
+    load_model_recorded,
+    load_transformer_lens_model,
+    model_loader_kwargs,
+    usable_tokenizer,
+)
+from pytest_saecheck.loading.offline import (
+    hub_offline,
+    is_unavailable_error,
+    offline_state,
+    quiet_deprecations,
+)
+from pytest_saecheck.loading.saes import (
+    DICTIONARY_LEARNING_WEIGHTS,
+    SPARSIFY_WEIGHTS,
+    SUMMED_DECODER_CONVERTERS,
+    builtin_load_sae,
+    load_sae,
+    load_sae_directory,
+    load_sae_release,
+    load_sparsify_directory,
+    sae_directory_format,
+    safe_keys,
+)
+from pytest_saecheck.loading.specs import (
+    DEFAULT_CONTEXT_SIZE,
+    DEMO,
+    DEMO_MODEL_NAME,
+    absolute_path,
+    default_context_size,
+    default_model_spec,
+    default_token_source,
+    demo_sae_name,
+    local_path,
+    looks_like_path,
+    prepend_bos,
+    sae_metadata,
+    split_release,
+)
+from pytest_saecheck.loading.tokens import (
+    TEXT_COLUMNS,
+    TOKEN_COLUMNS,
+    as_token_tensor,
+    builtin_load_tokens,
+    hf_documents,
+    load_tokens,
+    local_documents,
+    n_sequences_for,
+    pack_documents,
+)
+
+__all__ = [
+    "DEFAULT_CONTEXT_SIZE",
+    "DEMO",
+    "DEMO_LOADER",
+    "DEMO_MODEL_NAME",
+    "DICTIONARY_LEARNING_WEIGHTS",
+    "HF_DIRECTORY_LOADER",
+    "HOOK_LOADER",
+    "PROCESSING_FLAGS",
+    "SPARSIFY_WEIGHTS",
+    "SUMMED_DECODER_CONVERTERS",
+    "TEXT_COLUMNS",
+    "TL_LOADER",
+    "TOKEN_COLUMNS",
+    "ModelLoad",
+    "absolute_path",
+    "as_token_tensor",
+    "builtin_load_model",
+    "builtin_load_model_recorded",
+    "builtin_load_sae",
+    "builtin_load_tokens",
+    "default_context_size",
+    "default_model_spec",
+    "default_token_source",
+    "demo_sae_name",
+    "hf_documents",
+    "hub_offline",
+    "is_unavailable_error",
+    "load_hf_directory",
+    "load_model",
+    "load_model_recorded",
+    "load_sae",
+    "load_sae_directory",
+    "load_sae_release",
+    "load_sparsify_directory",
+    "load_tokens",
+    "load_transformer_lens_model",
+    "local_documents",
+    "local_path",
+    "looks_like_path",
+    "model_loader_kwargs",
+    "n_sequences_for",
+    "offline_state",
+    "pack_documents",
+    "prepend_bos",
+    "quiet_deprecations",
+    "sae_directory_format",
+    "sae_metadata",
+    "safe_keys",
+    "split_release",
+    "usable_tokenizer",
+]

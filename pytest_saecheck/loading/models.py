@@ -1,0 +1,354 @@
+"""Model loaders: the demo model, local Hugging Face directories and TransformerLens names (loaded as SAE Lens
+trains: ``from_pretrained_no_processing`` with the SAE's ``model_from_pretrained_kwargs``)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pytest_saecheck.devices import auto_device
+from pytest_saecheck.errors import (
+    LoadError,
+    WeightsUnavailableError,
+)
+from pytest_saecheck.loading.offline import is_unavailable_error, offline_state, quiet_deprecations
+from pytest_saecheck.loading.resolve import hooks_then_builtin
+from pytest_saecheck.loading.specs import DEMO, absolute_path, local_path, looks_like_path
+
+# --------------------------------------------------------------------------------------------------------
+# models
+
+# TransformerLens' weight processing switches; ``from_pretrained`` turns all but the last on, SAE Lens trains and
+# evaluates with every one off (``from_pretrained_no_processing``) unless the SAE's kwargs say otherwise.
+PROCESSING_FLAGS = (
+    "fold_ln",
+    "center_writing_weights",
+    "center_unembed",
+    "fold_value_biases",
+    "refactor_factored_attn_matrices",
+)
+TL_LOADER = "HookedTransformer.from_pretrained_no_processing"
+HF_DIRECTORY_LOADER = "pytest_saecheck.loading.load_hf_directory"
+DEMO_LOADER = "pytest_saecheck.demo.load_model"
+HOOK_LOADER = "pytest_saecheck_load_model hook"
+
+# Config fields TransformerLens reads under names current transformers no longer writes: {model_type: {the field
+# TransformerLens reads: the field transformers writes}}. transformers 5 saves GPT-2 without ``n_ctx``.
+_LEGACY_CONFIG_FIELDS: Mapping[str, Mapping[str, str]] = {"gpt2": {"n_ctx": "n_positions"}}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLoad:
+    """How a model was loaded: the loader that made it and the keyword arguments it was given.
+
+    ``kwargs`` hold the weight processing switches explicitly (all of :data:`PROCESSING_FLAGS`, ``False`` unless
+    the kwargs turned one on) and the dtype; ``device`` is recorded separately. For the demo model and models
+    from a ``pytest_saecheck_load_model`` hook, ``kwargs`` are what the loader was offered.
+    """
+
+    loader: str
+    kwargs: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (dtypes and other objects as strings)."""
+        return {"loader": self.loader, "kwargs": {str(k): _plain(v) for k, v in self.kwargs.items()}}
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def model_loader_kwargs(
+    model_from_pretrained_kwargs: Mapping[str, Any] | None, dtype: str | None
+) -> dict[str, Any]:
+    """The keyword arguments a model is loaded with: the SAE's (or the setting's) kwargs and the dtype.
+
+    The ``dtype`` setting, when given, wins over a ``dtype``/``torch_dtype`` in the kwargs; without either, the
+    model loads in float32. A ``device`` key is dropped: the ``device`` setting places the model.
+    """
+    kwargs = dict(model_from_pretrained_kwargs or {})
+    kwargs.pop("device", None)
+    if dtype is not None:
+        kwargs.pop("torch_dtype", None)
+        kwargs["dtype"] = dtype
+    elif "dtype" not in kwargs and "torch_dtype" not in kwargs:
+        kwargs["dtype"] = "float32"
+    return kwargs
+
+
+def _explicit_processing(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {**{flag: False for flag in PROCESSING_FLAGS}, **kwargs}
+
+
+def load_model(
+    spec: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    model_from_pretrained_kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """Load a TransformerLens ``HookedTransformer`` the way the plugin does: hooks first, then the built-ins.
+
+    ``spec``: ``"demo"``, a local Hugging Face model directory, or a TransformerLens model name. ``device``: a
+    torch device string (default: CUDA when available, else CPU). ``dtype``: ``"float32"``, ``"float16"``,
+    ``"bfloat16"``, ``"float64"`` or None (float32 unless the kwargs name one). ``model_from_pretrained_kwargs``:
+    passed to ``HookedTransformer.from_pretrained_no_processing`` as SAE Lens does (its ``fold_ln``,
+    ``center_writing_weights``, ... default to off), and honoured the same way for local directories; use the
+    SAE's ``cfg.metadata.model_from_pretrained_kwargs``. Relative paths resolve against the working directory.
+
+    Raises :class:`LoadError` (not found, not convertible), :class:`WeightsUnavailableError` (not on this
+    machine and no network).
+    """
+    return load_model_recorded(spec, device, dtype, model_from_pretrained_kwargs)[0]
+
+
+def load_model_recorded(
+    spec: str,
+    device: str | None,
+    dtype: str | None,
+    model_from_pretrained_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[Any, ModelLoad]:
+    """:func:`load_model`, also returning the :class:`ModelLoad` that says how the model was made."""
+    resolved_device = device if device is not None else auto_device()
+    offered = dict(model_from_pretrained_kwargs or {})
+    loaded, from_hook = hooks_then_builtin(
+        lambda hook: hook.pytest_saecheck_load_model(
+            spec=spec, device=resolved_device, dtype=dtype, model_from_pretrained_kwargs=offered
+        ),
+        lambda: builtin_load_model_recorded(spec, resolved_device, dtype, model_from_pretrained_kwargs),
+    )
+    return (loaded, ModelLoad(HOOK_LOADER, offered)) if from_hook else loaded
+
+
+def builtin_load_model(
+    spec: str, device: str, dtype: str | None, model_from_pretrained_kwargs: Mapping[str, Any] | None = None
+) -> Any:
+    """The built-in loaders only (no hooks); see :func:`load_model`."""
+    return builtin_load_model_recorded(spec, device, dtype, model_from_pretrained_kwargs)[0]
+
+
+def builtin_load_model_recorded(
+    spec: str, device: str, dtype: str | None, model_from_pretrained_kwargs: Mapping[str, Any] | None = None
+) -> tuple[Any, ModelLoad]:
+    path = local_path(spec)
+    if path is None and spec == DEMO:
+        from pytest_saecheck import demo
+
+        return demo.load_model(device=device, dtype=dtype), ModelLoad(
+            DEMO_LOADER, {"dtype": dtype or "float32"}
+        )
+    kwargs = model_loader_kwargs(model_from_pretrained_kwargs, dtype)
+    if path is not None:
+        return load_hf_directory(path, device, dtype, kwargs), ModelLoad(
+            HF_DIRECTORY_LOADER, _explicit_processing(kwargs)
+        )
+    if looks_like_path(spec):
+        raise LoadError(
+            f"model directory {spec!r} does not exist (looked for {absolute_path(spec)}); give the path of a Hugging "
+            "Face model directory (with config.json), a TransformerLens model name, or 'demo'"
+        )
+    return load_transformer_lens_model(spec, device, kwargs), ModelLoad(
+        TL_LOADER, _explicit_processing(kwargs)
+    )
+
+
+def load_transformer_lens_model(name: str, device: str, kwargs: Mapping[str, Any]) -> Any:
+    """``HookedTransformer.from_pretrained_no_processing(name, device=device, **kwargs)``, with clear errors."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        from transformer_lens.supported_models import OFFICIAL_MODEL_NAMES
+
+        close = difflib.get_close_matches(name, OFFICIAL_MODEL_NAMES, n=3, cutoff=0.5)
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise LoadError(
+            f"model {name!r} is neither a local directory (looked for {absolute_path(name)}) nor a model "
+            f"TransformerLens knows.{hint} Give a TransformerLens name (see "
+            "transformer_lens.supported_models.OFFICIAL_MODEL_NAMES), the path of a local Hugging Face model "
+            "directory, or 'demo'"
+        ) from None
+    try:
+        with quiet_deprecations():
+            return HookedTransformer.from_pretrained_no_processing(name, device=device, **kwargs)
+    except Exception as error:
+        if is_unavailable_error(error):
+            raise WeightsUnavailableError(
+                f"model {name!r} is not available on this machine ({offline_state()}). Download it once with "
+                f'network access: python -c "from transformer_lens import HookedTransformer; '
+                f"HookedTransformer.from_pretrained('{name}')\" and run with the same HF_HOME, or save it with "
+                f"save_pretrained() and set model= to that directory"
+            ) from None
+        raise
+
+
+# Keyword arguments HookedTransformer.from_pretrained hands to the model's constructor, and those it hands to the
+# config only; the rest go to both the config and the state dict, as there.
+_CONSTRUCTOR_KWARGS = ("default_padding_side",)
+_CONFIG_KWARGS = (
+    "n_ctx",
+    "first_n_layers",
+    "default_prepend_bos",
+    "checkpoint_index",
+    "checkpoint_value",
+    "n_devices",
+)
+
+
+def load_hf_directory(
+    path: Path, device: str, dtype: str | None, model_from_pretrained_kwargs: Mapping[str, Any] | None = None
+) -> Any:
+    """Load a local Hugging Face causal LM directory into a TransformerLens ``HookedTransformer``.
+
+    ``HookedTransformer.from_pretrained`` insists on an official model name, but the functions beneath it accept
+    a local path; this follows the same steps (config from the directory, weights converted from the HF model)
+    without touching the network, with ``from_pretrained_no_processing``'s defaults: no weight processing unless
+    ``model_from_pretrained_kwargs`` turns some on (``fold_ln``, ``center_writing_weights``, ``center_unembed``,
+    ``fold_value_biases``, ``refactor_factored_attn_matrices``); other kwargs (``n_ctx``, ``first_n_layers``,
+    ``default_prepend_bos``, ...) go where ``from_pretrained`` puts them. The architecture must be one
+    TransformerLens can convert (``config.json`` ``architectures[0]``, e.g. GPT2LMHeadModel).
+
+    Raises :class:`LoadError` naming the directory: no ``config.json``, an unsupported architecture, or a field
+    TransformerLens needs that ``config.json`` lacks.
+    """
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise LoadError(
+            f"model path {str(path)!r} is not a Hugging Face model directory (no config.json in "
+            f"{path.resolve()}); save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
+        )
+    import torch
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as tl_loading
+    from transformers import AutoModelForCausalLM
+
+    kwargs = model_loader_kwargs(model_from_pretrained_kwargs, dtype)
+    processing = {flag: bool(kwargs.pop(flag, False)) for flag in PROCESSING_FLAGS}
+    constructor = {key: kwargs.pop(key) for key in _CONSTRUCTOR_KWARGS if key in kwargs}
+    torch_dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", "float32")
+    kwargs.pop("dtype", None)
+    config_only = {key: kwargs.pop(key) for key in _CONFIG_KWARGS if key in kwargs}
+    if isinstance(torch_dtype, str):
+        torch_dtype = getattr(torch, torch_dtype.removeprefix("torch."))
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    except Exception as error:
+        raise LoadError(f"could not load the Hugging Face model in {str(path)!r}: {error}") from None
+    tokenizer = _directory_tokenizer(path)
+    architecture = (getattr(hf_model.config, "architectures", None) or ["?"])[0]
+    try:
+        with _config_transformer_lens_reads(path, hf_model.config) as config_dir:
+            cfg = tl_loading.get_pretrained_model_config(
+                str(config_dir),
+                hf_cfg=hf_model.config.to_dict(),
+                fold_ln=processing["fold_ln"],
+                device=device,
+                dtype=torch_dtype,
+                **config_only,
+                **kwargs,
+            )
+        state_dict = tl_loading.get_pretrained_state_dict(
+            str(path), cfg, hf_model, dtype=torch_dtype, **kwargs
+        )
+    except (AttributeError, KeyError) as error:
+        field = getattr(error, "name", None) or (error.args[0] if error.args else "?")
+        raise LoadError(
+            f"the model's config.json in {str(path)!r} (architecture {architecture}) has no field {field!r}, which "
+            f"TransformerLens reads to convert it; add it to config.json ({type(error).__name__}: {error})"
+        ) from None
+    except NotImplementedError as error:
+        raise LoadError(
+            f"TransformerLens cannot convert the model in {str(path)!r}: architecture {architecture} is not "
+            f"supported ({error}). Use an architecture TransformerLens supports, or register a "
+            "pytest_saecheck_load_model hook that returns a HookedTransformer"
+        ) from None
+    except Exception as error:
+        raise LoadError(
+            f"TransformerLens could not convert the model in {str(path)!r} (architecture {architecture}): "
+            f"{type(error).__name__}: {error}"
+        ) from None
+    cfg.model_name = path.name
+    # HookedTransformer loads cfg.tokenizer_name itself when given no tokenizer: an empty one (transformers 5)
+    cfg.tokenizer_name = str(path) if tokenizer is not None else None
+    with quiet_deprecations():
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False, **constructor)
+    model.load_and_process_state_dict(state_dict, **processing)
+    del hf_model, state_dict
+    model.move_model_modules_to_device()
+    model.eval()
+    return model
+
+
+@contextlib.contextmanager
+def _config_transformer_lens_reads(path: Path, hf_config: Any) -> Iterator[Path]:
+    """``path``, or a temporary copy of its config.json with the legacy fields TransformerLens reads filled in.
+
+    TransformerLens reads the config of a local directory itself (``AutoConfig.from_pretrained``); a GPT-2
+    saved by transformers 5 has ``n_positions`` but no ``n_ctx``, which it needs. Only config.json is copied.
+    """
+    legacy = _LEGACY_CONFIG_FIELDS.get(getattr(hf_config, "model_type", ""), {})
+    saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    missing = {
+        field: saved[source] for field, source in legacy.items() if field not in saved and source in saved
+    }
+    if not missing:
+        yield path
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="saecheck-config-") as tmp:
+        copy = Path(tmp) / path.name
+        copy.mkdir()
+        (copy / "config.json").write_text(json.dumps({**saved, **missing}), encoding="utf-8")
+        yield copy
+
+
+def _directory_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in ``path``, or None (with a warning) when there is none or it is empty.
+
+    transformers 5 returns an empty tokenizer, rather than raising, for a directory without tokenizer files.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:
+        tokenizer = None
+    if tokenizer is not None and not _tokenizer_has_vocabulary(tokenizer):
+        tokenizer = None
+    if tokenizer is None:
+        warnings.warn(
+            f"no tokenizer in {path.resolve()} (no tokenizer files, or an empty vocabulary): text token sources "
+            "cannot be used with this model (save one there with tokenizer.save_pretrained, or give "
+            "pretokenised .npy/.pt tokens)",
+            stacklevel=3,
+        )
+    return tokenizer
+
+
+def _tokenizer_has_vocabulary(tokenizer: Any) -> bool:
+    """False for a tokenizer with no ordinary tokens (transformers 5's stand-in when no files were found)."""
+    try:
+        if getattr(tokenizer, "vocab_size", None) == 0:
+            return False
+        return len(tokenizer) - len(set(getattr(tokenizer, "all_special_ids", ()) or ())) > 0
+    except Exception:
+        return True  # a tokenizer we cannot inspect is used as given
+
+
+def usable_tokenizer(model: Any) -> Any:
+    """The model's tokenizer, or None when it has none or an empty one."""
+    tokenizer = getattr(model, "tokenizer", None)
+    return tokenizer if tokenizer is not None and _tokenizer_has_vocabulary(tokenizer) else None

@@ -1,0 +1,330 @@
+"""SAE loaders: demo SAEs, SAE Lens and sparsify directories, and SAE Lens releases."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pytest_saecheck.devices import auto_device
+from pytest_saecheck.errors import (
+    ConfigError,
+    LoadError,
+    SAECheckError,
+    UnsupportedDictionaryError,
+    WeightsUnavailableError,
+)
+from pytest_saecheck.loading.offline import is_unavailable_error, offline_state, quiet_deprecations
+from pytest_saecheck.loading.resolve import hooks_then_builtin
+from pytest_saecheck.loading.specs import (
+    absolute_path,
+    demo_sae_name,
+    local_path,
+    looks_like_path,
+    split_release,
+)
+
+# --------------------------------------------------------------------------------------------------------
+# SAEs
+
+
+def load_sae(
+    spec: str, device: str | None = None, dtype: str | None = None, hook_name: str | None = None
+) -> Any:
+    """Load an SAE the way the plugin does: hooks first, then the built-in loaders.
+
+    ``spec``: ``"demo/<name>"``, a local directory (SAE Lens ``cfg.json`` + weights, or an EleutherAI sparsify
+    ``cfg.json`` + ``sae.safetensors``), or an SAE Lens ``release/id``. ``device``: default CUDA when available,
+    else CPU. ``dtype``: as for :func:`load_model` (None: the SAE config's dtype; float32 for sparsify).
+    ``hook_name``: the TransformerLens hook the SAE reads, overriding its config (needed for sparsify directories
+    whose layer folder TransformerLens names differently). Relative paths resolve against the working directory.
+
+    Raises :class:`LoadError` (not found, unreadable, a format that cannot be converted faithfully),
+    :class:`ConfigError` (a malformed spec), :class:`WeightsUnavailableError` (not on this machine, no network).
+    """
+    resolved_device = device if device is not None else auto_device()
+    sae, from_hook = hooks_then_builtin(
+        lambda hook: hook.pytest_saecheck_load_sae(spec=spec, device=resolved_device, dtype=dtype),
+        lambda: builtin_load_sae(spec, resolved_device, dtype, hook_name),
+    )
+    if from_hook and hook_name is not None:
+        _set_hook_name(sae, hook_name)
+    return sae
+
+
+def _set_hook_name(sae: Any, hook_name: str) -> None:
+    metadata = getattr(getattr(sae, "cfg", None), "metadata", None)
+    if metadata is None:
+        raise ConfigError(
+            f"the hook_name setting ({hook_name!r}) cannot be applied: the SAE ({type(sae).__name__}) has no "
+            "cfg.metadata; set its hook in the loader that makes it"
+        )
+    metadata.hook_name = hook_name
+
+
+def builtin_load_sae(spec: str, device: str, dtype: str | None, hook_name: str | None = None) -> Any:
+    """The built-in SAE loaders only (no hooks); see :func:`load_sae`."""
+    demo_name = demo_sae_name(spec)
+    if demo_name is not None:
+        from pytest_saecheck import demo
+
+        if demo_name not in demo.SAE_NAMES:
+            raise LoadError(f"no demo SAE named {demo_name!r}; the demo SAEs are {', '.join(demo.SAE_NAMES)}")
+        sae = demo.load_sae(demo_name, device=device, dtype=dtype)
+    elif (path := local_path(spec)) is not None:
+        sae = load_sae_directory(path, device, dtype, hook_name)
+    elif looks_like_path(spec):
+        raise LoadError(
+            f"SAE directory {spec!r} does not exist (looked for {absolute_path(spec)}); give the path of a directory "
+            "saved with SAE.save_model(), an SAE Lens 'release/id' pair, or 'demo/<name>'"
+        )
+    else:
+        release, sae_id = split_release(spec)
+        sae = load_sae_release(release, sae_id, device, dtype)
+    if hook_name is not None:
+        _set_hook_name(sae, hook_name)
+    return sae
+
+
+SPARSIFY_WEIGHTS = "sae.safetensors"
+DICTIONARY_LEARNING_WEIGHTS = "ae.pt"
+# sparsify layer folders SAE Lens' sparsify converter maps to a TransformerLens hook (it also matches
+# "layers.3.mlp", which it would wrongly read as the residual stream, so only whole names count here)
+_SPARSIFY_LAYER = re.compile(r"layers[._](\d+)|embed_tokens")
+
+
+def sae_directory_format(path: Path) -> str:
+    """``"sae_lens"``, ``"sparsify"`` (EleutherAI), ``"dictionary_learning"`` or ``"unknown"``, from the files."""
+    cfg = _read_json(path / "cfg.json") if (path / "cfg.json").is_file() else None
+    if isinstance(cfg, Mapping) and ("num_latents" in cfg or "expansion_factor" in cfg):
+        if (path / SPARSIFY_WEIGHTS).is_file() or not any(path.glob("sae_weights.*")):
+            return "sparsify"
+    if cfg is not None:
+        return "sae_lens"
+    config = _read_json(path / "config.json") if (path / "config.json").is_file() else None
+    if (path / DICTIONARY_LEARNING_WEIGHTS).is_file() or (
+        isinstance(config, Mapping) and "trainer" in config
+    ):
+        return "dictionary_learning"
+    return "unknown"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise LoadError(f"{str(path)!r} is not readable JSON: {error}") from None
+
+
+def load_sae_directory(path: Path, device: str, dtype: str | None, hook_name: str | None = None) -> Any:
+    """Load a local SAE directory: SAE Lens format, or EleutherAI sparsify converted with SAE Lens' converter.
+
+    A dictionary_learning checkpoint (``ae.pt`` + ``config.json`` with ``trainer``) is refused: SAE Lens converts
+    those only from the Hugging Face Hub.
+    """
+    kind = sae_directory_format(path) if path.is_dir() else "unknown"
+    if kind == "sparsify":
+        return load_sparsify_directory(path, device, dtype, hook_name)
+    if kind == "dictionary_learning":
+        raise LoadError(
+            f"{str(path)!r} is a dictionary_learning checkpoint ({DICTIONARY_LEARNING_WEIGHTS} + config.json "
+            "with 'trainer'); SAE Lens converts these only from the Hugging Face Hub (its 'dictionary_learning_1' "
+            'loader), not from a local directory. Load it from its Hub release (sae="<release>/<id>" with the '
+            "files in the HF cache), or convert it to an SAE Lens directory (an SAE Lens SAE with its weights, "
+            "saved with sae.save_model(dir)), or register a pytest_saecheck_load_sae hook"
+        )
+    if kind != "sae_lens":
+        raise LoadError(
+            f"SAE path {str(path)!r} is not an SAE Lens directory (no cfg.json in {path.resolve()}); save one with "
+            "sae.save_model(dir)"
+        )
+    from sae_lens import SAE
+
+    try:
+        return SAE.load_from_disk(path, device=device, dtype=dtype, converter=_sae_lens_disk_converter)
+    except SAECheckError:
+        raise
+    except Exception as error:
+        raise LoadError(f"could not load the SAE in {str(path)!r}: {type(error).__name__}: {error}") from None
+
+
+def _sae_lens_disk_converter(
+    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SAE Lens' own disk loader, with SAE Lens 6 configs whose nested metadata lacks a version kept as 6.x.
+
+    SAE Lens decides between its 6.x config layout and the older flat one by ``sae_lens_version``; a config
+    with a nested ``metadata`` and no version (what SAE Lens' own converters return) would be read as old, and
+    the nested ``hook_name``, ``model_name``, ... dropped. SAE Lens' ``SAEMetadata`` records the running
+    version when a config names none; this records it before the layout is decided.
+    """
+    from sae_lens import __version__ as sae_lens_version
+    from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
+
+    cfg_dict, state_dict = sae_lens_disk_loader(path, device, cfg_overrides)
+    metadata = cfg_dict.get("metadata")
+    if (
+        isinstance(metadata, dict)
+        and not cfg_dict.get("sae_lens_version")
+        and not metadata.get("sae_lens_version")
+    ):
+        cfg_dict["metadata"] = {**metadata, "sae_lens_version": sae_lens_version}
+    return cfg_dict, state_dict
+
+
+def load_sparsify_directory(path: Path, device: str, dtype: str | None, hook_name: str | None = None) -> Any:
+    """An EleutherAI sparsify ``SparseCoder`` directory as an SAE Lens ``TopKSAE``, via SAE Lens' converter.
+
+    SAE Lens' ``sparsify_disk_loader`` maps the layer folder (``layers.N`` to ``blocks.N.hook_resid_post``,
+    ``embed_tokens`` to ``hook_embed``); ``hook_name`` overrides that mapping, and is required when the folder
+    is named otherwise. Two of its readings disagree with sparsify's own ``SparseCoder`` (1.x) and are corrected
+    here: the stored ``W_dec`` is already ``[num_latents, d_in]`` (it transposes it), and sparsify subtracts
+    ``b_dec`` before encoding whatever ``normalize_decoder`` says. Transcoders, skip connections and activations
+    other than TopK are refused: the converter would drop them. Without a ``config.json`` (sparsify's run
+    config) in the parent folder the model and dataset are unknown rather than guessed.
+    """
+    cfg = _read_json(path / "cfg.json")
+    what = f"{str(path)!r} is an EleutherAI sparsify directory (cfg.json with num_latents/expansion_factor)"
+    refusals = []
+    if cfg.get("transcode"):
+        refusals.append(
+            "it is a transcoder (transcode=true), which SAE Lens' sparsify converter reads as an SAE"
+        )
+    if cfg.get("skip_connection"):
+        refusals.append("it has a skip connection (W_skip), which SAE Lens' sparsify converter drops")
+    if cfg.get("activation", "topk") != "topk":
+        refusals.append(f"its activation is {cfg.get('activation')!r}; SAE Lens converts only topk")
+    if not (path / SPARSIFY_WEIGHTS).is_file():
+        refusals.append(f"it has no {SPARSIFY_WEIGHTS}")
+    if refusals:
+        raise LoadError(
+            f"{what}, but it cannot be evaluated faithfully: {'; '.join(refusals)}. Load it with sparsify's "
+            "SparseCoder.load_from_disk and register a pytest_saecheck_load_sae hook that returns an object with "
+            "encode/decode/cfg"
+        )
+    if hook_name is None and not _SPARSIFY_LAYER.fullmatch(path.name):
+        raise LoadError(
+            f"{what} for the layer {path.name!r}, which is not a TransformerLens hook and which SAE Lens' sparsify "
+            "converter cannot place (it maps only layers.N and embed_tokens). Set the hook_name setting to the "
+            'TransformerLens hook it reads, e.g. @pytest.mark.saecheck(hook_name="blocks.3.hook_resid_post") or '
+            "--saecheck-hook-name=blocks.3.hook_resid_post"
+        )
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_sae_loaders import sparsify_disk_loader
+
+    run_config = path.parent / "config.json"
+    run = _read_json(run_config) if run_config.is_file() else {}
+    overrides: dict[str, Any] = {"dtype": dtype or "float32", "apply_b_dec_to_input": True}
+    if "model" not in run:
+        overrides["model_name"] = None
+    if "dataset" not in run:
+        overrides["dataset_path"] = None
+    if "ctx_len" not in run:
+        overrides["context_size"] = None
+    with safe_keys(path / SPARSIFY_WEIGHTS) as stored:
+        stored_w_dec = "W_dec" in stored
+
+    def converter(
+        folder: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        with _sparsify_layer_view(Path(folder)) as view:
+            cfg_dict, state_dict = sparsify_disk_loader(view, device, {**(cfg_overrides or {}), **overrides})
+        if stored_w_dec:  # sparsify stores W_dec as [num_latents, d_in], SAE Lens' layout; undo its transpose
+            state_dict["W_dec"] = state_dict["W_dec"].T.contiguous()
+        if hook_name is not None:
+            cfg_dict["hook_name"] = hook_name
+        return cfg_dict, state_dict
+
+    try:
+        return SAE.load_from_disk(path, device=device, dtype=dtype or "float32", converter=converter)
+    except SAECheckError:
+        raise
+    except Exception as error:
+        raise LoadError(
+            f"{what}, and SAE Lens' sparsify converter failed on it: {type(error).__name__}: {error}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _sparsify_layer_view(path: Path) -> Iterator[Path]:
+    """``path``, or (for a layer folder SAE Lens' converter cannot name) a temporary ``layers.0`` folder linking
+    to its files, so that the converter reads it; the hook then comes from the ``hook_name`` setting."""
+    if _SPARSIFY_LAYER.fullmatch(path.name):
+        yield path
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="saecheck-sparsify-") as tmp:
+        run = Path(tmp) / path.parent.name
+        view = run / "layers.0"
+        view.mkdir(parents=True)
+        for name in ("cfg.json", SPARSIFY_WEIGHTS):
+            (view / name).symlink_to((path / name).resolve())
+        if (path.parent / "config.json").is_file():
+            (run / "config.json").symlink_to((path.parent / "config.json").resolve())
+        yield view
+
+
+@contextlib.contextmanager
+def safe_keys(path: Path) -> Iterator[set[str]]:
+    """The tensor names in a safetensors file (read from its header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            yield set(handle.keys())
+    except Exception as error:
+        raise LoadError(f"{str(path)!r} is not a readable safetensors file: {error}") from None
+
+
+SUMMED_DECODER_CONVERTERS = frozenset({"mntss_clt_layer_transcoder"})
+"""SAE Lens release converters that load a cross-layer transcoder layer with its decoders summed."""
+
+
+def load_sae_release(release: str, sae_id: str, device: str, dtype: str | None) -> Any:
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release in directory:
+        known_ids = list(directory[release].saes_map)
+        if sae_id not in known_ids:
+            close = difflib.get_close_matches(sae_id, known_ids, n=3, cutoff=0.5)
+            hint = (
+                f"close ids: {', '.join(close)}" if close else f"{len(known_ids)} ids, e.g. {known_ids[:3]}"
+            )
+            raise LoadError(f"SAE Lens release {release!r} has no SAE id {sae_id!r} ({hint})")
+        repo_id, folder = directory[release].repo_id, directory[release].saes_map[sae_id]
+        if getattr(directory[release], "conversion_func", None) in SUMMED_DECODER_CONVERTERS:
+            raise UnsupportedDictionaryError(
+                f"SAE Lens release {release!r} holds cross-layer transcoders, which SAE Lens loads one layer at a "
+                "time with the decoders of every later layer summed into one (its own warning: 'only for finding "
+                "feature activations, not for reconstruction'); spliced at one hook, that sum would be scored as "
+                "a reconstruction it is not. pytest-saecheck does not evaluate cross-layer transcoders yet"
+            )
+    elif "/" in release:
+        repo_id, folder = release, sae_id
+    else:
+        close = difflib.get_close_matches(release, list(directory), n=3, cutoff=0.5)
+        hint = f" Close releases: {', '.join(close)}." if close else ""
+        raise LoadError(
+            f"{release!r} is not an SAE Lens release (nor a local directory).{hint} "
+            "See sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory() for the list"
+        )
+    try:
+        with quiet_deprecations():
+            return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype or "float32")
+    except Exception as error:
+        if is_unavailable_error(error):
+            raise WeightsUnavailableError(
+                f"SAE {release}/{sae_id} (Hugging Face repo {repo_id}, folder {folder}) is not available on "
+                f"this machine ({offline_state()}). Download it once with network access: "
+                f"python -c \"from sae_lens import SAE; SAE.from_pretrained('{release}', '{sae_id}')\" "
+                f"(or: hf download {repo_id} --include '{folder}/*') and run with the same HF_HOME, or save it "
+                "with sae.save_model(dir) and set sae= to that directory"
+            ) from None
+        raise

@@ -1,0 +1,121 @@
+"""Spec parsing and the defaults an SAE implies: which model, tokens and context size a test uses.
+
+A spec is what users type: ``"demo"``, ``"demo/<name>"``, a local path, a TransformerLens model name, an SAE Lens
+``release/id`` pair, ``"hf:<dataset>"``. Nothing here loads anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pytest_saecheck.errors import (
+    ConfigError,
+)
+
+DEMO = "demo"
+DEMO_MODEL_NAME = "saecheck-demo"  # model_name and dataset_path in the demo SAEs' configs
+DEFAULT_CONTEXT_SIZE = 128
+
+
+# --------------------------------------------------------------------------------------------------------
+# spec helpers
+
+
+def local_path(spec: str) -> Path | None:
+    path = Path(spec).expanduser()
+    return path if path.exists() else None
+
+
+def absolute_path(spec: str) -> str:
+    """The absolute path a spec names (for "not found" messages)."""
+    return os.path.abspath(os.path.expanduser(spec))
+
+
+def looks_like_path(spec: str) -> bool:
+    """True when ``spec`` is written as a path (``./``, ``../``, ``/``, ``~``, a trailing separator)."""
+    # SAE ids and HF names hold "/" too, so only an explicit relative, absolute or home path counts
+    return spec.startswith((".", "/", "~", "\\")) or spec.endswith(("/", "\\"))
+
+
+def demo_sae_name(spec: str) -> str | None:
+    """``"good"`` for ``"demo/good"``; None for anything else (or for an existing local path)."""
+    if spec.startswith(DEMO + "/") and local_path(spec) is None:
+        return spec[len(DEMO) + 1 :]
+    return None
+
+
+def split_release(spec: str) -> tuple[str, str]:
+    """Split an SAE Lens ``release/id`` spec at the first ``/`` (release names hold no ``/``)."""
+    release, sep, sae_id = spec.partition("/")
+    if not sep or not release or not sae_id:
+        raise ConfigError(
+            f"SAE spec {spec!r} is neither an existing local directory nor an SAE Lens 'release/id' pair; "
+            'write sae="<release>/<sae id>" (e.g. "gpt2-small-res-jb/blocks.8.hook_resid_pre"), '
+            'sae="demo/<name>", or the path of a directory holding cfg.json'
+        )
+    return release, sae_id
+
+
+# --------------------------------------------------------------------------------------------------------
+# SAE config lookups
+
+
+def sae_metadata(sae: Any, key: str) -> Any:
+    """``sae.cfg.metadata[key]`` (SAE Lens 6), falling back to ``sae.cfg.<key>``; None when absent."""
+    cfg = getattr(sae, "cfg", None)
+    metadata = getattr(cfg, "metadata", None)
+    value = None
+    if metadata is not None:
+        try:
+            value = metadata[key] if not isinstance(metadata, Mapping) else metadata.get(key)
+        except (KeyError, TypeError):
+            value = getattr(metadata, key, None)
+    if value is None and cfg is not None:
+        value = getattr(cfg, key, None)
+    return value
+
+
+def default_model_spec(sae_spec: str, sae: Any) -> str:
+    """The model an SAE was trained on, for tests that name only an SAE."""
+    if demo_sae_name(sae_spec) is not None:
+        return DEMO
+    name = sae_metadata(sae, "model_name")
+    if name == DEMO_MODEL_NAME:  # a demo SAE loaded from its directory rather than as demo/<name>
+        return DEMO
+    if not name:
+        raise ConfigError(
+            f"no model is configured and the SAE {sae_spec!r} does not name its model; "
+            'set @pytest.mark.saecheck(model="...") or --saecheck-model'
+        )
+    return str(name)
+
+
+def default_token_source(sae_spec: str | None, sae: Any) -> str:
+    """The SAE's own training dataset (the demo corpus for demo SAEs)."""
+    if sae_spec is not None and demo_sae_name(sae_spec) is not None:
+        return DEMO
+    dataset = sae_metadata(sae, "dataset_path")
+    if dataset == DEMO_MODEL_NAME:
+        return DEMO
+    if not dataset:
+        raise ConfigError(
+            f"no tokens are configured and the SAE {sae_spec!r} does not name its training dataset; "
+            'set @pytest.mark.saecheck(tokens="...") (a local file, "hf:<dataset>" or "demo") or --saecheck-tokens'
+        )
+    dataset = str(dataset)
+    return dataset if local_path(dataset) is not None or dataset.startswith("hf:") else "hf:" + dataset
+
+
+def default_context_size(context_size: int | None, sae: Any) -> int:
+    if context_size is not None:
+        return context_size
+    from_sae = sae_metadata(sae, "context_size")
+    return int(from_sae) if from_sae else DEFAULT_CONTEXT_SIZE
+
+
+def prepend_bos(sae: Any) -> bool:
+    value = sae_metadata(sae, "prepend_bos")
+    return True if value is None else bool(value)

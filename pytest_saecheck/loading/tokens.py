@@ -1,0 +1,366 @@
+"""Evaluation tokens: the demo corpus, Hugging Face datasets (streamed) and local files, packed into rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from pytest_saecheck.errors import (
+    ConfigError,
+    LoadError,
+    ShapeMismatchError,
+    WeightsUnavailableError,
+)
+from pytest_saecheck.loading.models import usable_tokenizer
+from pytest_saecheck.loading.offline import hub_offline, is_unavailable_error, offline_state
+from pytest_saecheck.loading.resolve import hooks_then_builtin
+from pytest_saecheck.loading.specs import DEMO, absolute_path, default_context_size, local_path, prepend_bos
+
+TEXT_COLUMNS = ("text", "content", "document", "story")
+TOKEN_COLUMNS = ("input_ids", "tokens", "token_ids")
+
+
+# --------------------------------------------------------------------------------------------------------
+# tokens
+
+
+def load_tokens(
+    spec: str,
+    model: Any,
+    sae: Any = None,
+    n_tokens: int = 16_384,
+    context_size: int | None = None,
+    seed: int = 0,
+) -> Any:
+    """Load evaluation tokens the way the plugin does: hooks first, then the built-in sources.
+
+    ``spec``: ``"demo"``, ``"hf:<dataset>[?split=...&name=...&column=...]"``, or a local ``.txt``/``.jsonl``/
+    ``.parquet``/``.npy``/``.pt`` file or ``datasets.save_to_disk`` directory (relative to the working
+    directory). ``model`` tokenises text (its tokenizer) and gives BOS; ``sae`` (optional) says whether rows
+    start with BOS (``prepend_bos``) and the default ``context_size`` (its training context, else 128).
+    ``n_tokens``: about how many tokens, in whole rows. ``seed``: for sources that sample (the demo corpus).
+
+    Returns a LongTensor ``[ceil(n_tokens / context_size), context_size]`` on the CPU (fewer rows, with a
+    warning, when the source runs out). Raises :class:`LoadError` (missing, unreadable or malformed source,
+    text without a tokenizer), :class:`ShapeMismatchError`, :class:`WeightsUnavailableError`.
+    """
+    context_size = default_context_size(context_size, sae)
+    tokens, _ = hooks_then_builtin(
+        lambda hook: hook.pytest_saecheck_load_tokens(
+            spec=spec, model=model, sae=sae, n_tokens=n_tokens, context_size=context_size, seed=seed
+        ),
+        lambda: builtin_load_tokens(spec, model, sae, n_tokens, context_size, seed),
+    )
+    return as_token_tensor(tokens, spec)
+
+
+def as_token_tensor(tokens: Any, spec: str) -> Any:
+    import torch
+
+    if not isinstance(tokens, torch.Tensor):
+        try:
+            tokens = torch.as_tensor(tokens)
+        except Exception as error:
+            raise LoadError(
+                f"token source {spec!r} gave {type(tokens).__name__}, not token ids: {error}"
+            ) from None
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
+        raise LoadError(f"token source {spec!r} gave {tokens.dtype} values; token ids must be integers")
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
+        raise ShapeMismatchError(
+            f"token source {spec!r} gave shape {tuple(tokens.shape)}; expected [n_sequences, context_size] "
+            "with at least one sequence of two or more tokens"
+        )
+    return tokens.to(torch.long)
+
+
+def n_sequences_for(n_tokens: int, context_size: int) -> int:
+    return max(1, math.ceil(n_tokens / context_size))
+
+
+def builtin_load_tokens(spec: str, model: Any, sae: Any, n_tokens: int, context_size: int, seed: int) -> Any:
+    n_sequences = n_sequences_for(n_tokens, context_size)
+    path = local_path(spec)
+    if path is None and spec == DEMO:
+        from pytest_saecheck import demo
+
+        return demo.load_tokens(n_sequences=n_sequences, seq_len=context_size, seed=seed, device="cpu")
+    if path is None and spec.startswith("hf:"):
+        documents = hf_documents(spec)
+    elif path is not None:
+        documents = local_documents(path)
+    else:
+        raise LoadError(
+            f"token source {spec!r} is not an existing file or directory (looked for {absolute_path(spec)}); give a "
+            ".txt, .jsonl, .parquet, .npy "
+            "or .pt file, a datasets.save_to_disk directory, 'hf:<dataset>' or 'demo'"
+        )
+    return pack_documents(documents, spec, model, n_sequences, context_size, prepend_bos(sae))
+
+
+def _bos_token_id(model: Any) -> int | None:
+    tokenizer = getattr(model, "tokenizer", None)
+    return getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+
+
+def pack_documents(
+    documents: Iterator[Any], spec: str, model: Any, n_sequences: int, context_size: int, bos: bool
+) -> Any:
+    """Tokenise and pack documents into ``[n_sequences, context_size]`` rows the way SAE Lens does.
+
+    Every row starts with BOS when the SAE was trained with ``prepend_bos`` (SAE Lens' default), and documents
+    are separated by BOS inside a row (SAE Lens' default ``sequence_separator_token="bos"``).
+    """
+    import torch
+    from sae_lens.tokenization_and_batching import concat_and_batch_sequences
+
+    bos_id = _bos_token_id(model)
+
+    def token_stream() -> Iterator[Any]:
+        for document in documents:
+            if isinstance(document, str):
+                if usable_tokenizer(model) is None:
+                    raise LoadError(
+                        f"token source {spec!r} holds text but the model has no tokenizer (none, or an empty "
+                        "one: its directory holds no tokenizer files); give pretokenised ids (.npy/.pt) or load "
+                        "a model with its tokenizer (tokenizer.save_pretrained into the model directory)"
+                    )
+                if not document.strip():
+                    continue
+                ids = model.to_tokens(document, prepend_bos=False, truncate=False, move_to_device=False)[0]
+            else:
+                ids = torch.as_tensor(document).reshape(-1)
+            if ids.numel():
+                yield ids.to(torch.long).cpu()
+
+    rows = []
+    for row in concat_and_batch_sequences(
+        token_stream(),
+        context_size=context_size,
+        begin_batch_token_id=bos_id if bos else None,
+        begin_sequence_token_id=None,
+        sequence_separator_token_id=bos_id,
+    ):
+        rows.append(row)
+        if len(rows) == n_sequences:
+            break
+    if not rows:
+        raise LoadError(
+            f"token source {spec!r} holds fewer than {context_size} tokens: not one sequence of "
+            f"context_size={context_size} can be built; give more text or a smaller context_size"
+        )
+    if len(rows) < n_sequences:
+        warnings.warn(
+            f"token source {spec!r} ran out after {len(rows)} sequences of {context_size} tokens "
+            f"({len(rows) * context_size} tokens; n_tokens asked for {n_sequences * context_size})",
+            stacklevel=2,
+        )
+    return torch.stack(rows)
+
+
+def _parse_hf_spec(spec: str) -> tuple[str, dict[str, str]]:
+    name, _, query = spec[len("hf:") :].partition("?")
+    options = dict(parse_qsl(query, keep_blank_values=False))
+    unknown = set(options) - {"split", "name", "column", "data_dir"}
+    if not name or unknown:
+        raise ConfigError(
+            f"token source {spec!r} is malformed; write hf:<dataset>[?split=train&name=<config>&column=text]"
+            + (f" (unknown keys: {', '.join(sorted(unknown))})" if unknown else "")
+        )
+    return name, options
+
+
+def hf_documents(spec: str) -> Iterator[Any]:
+    """Stream rows of a Hugging Face dataset (``datasets.load_dataset(..., streaming=True)``)."""
+    name, options = _parse_hf_spec(spec)
+    split = options.get("split", "train")
+    try:
+        import datasets
+    except ImportError:
+        raise LoadError(f"token source {spec!r} needs the 'datasets' package: pip install datasets") from None
+    kwargs: dict[str, Any] = {"split": split, "streaming": True}
+    if "name" in options:
+        kwargs["name"] = options["name"]
+    if "data_dir" in options:
+        kwargs["data_dir"] = options["data_dir"]
+    try:
+        dataset = datasets.load_dataset(name, **kwargs)
+    except Exception as error:
+        if is_unavailable_error(error) or hub_offline() or isinstance(error, FileNotFoundError):
+            raise _dataset_unavailable(name, split, error) from None
+        raise
+    return _stream_rows(dataset, spec, name, split, options.get("column"))
+
+
+def _stream_rows(dataset: Any, spec: str, name: str, split: str, column: str | None) -> Iterator[Any]:
+    """Rows of a streaming dataset; a network failure while streaming becomes the same clear error."""
+    try:
+        yield from _iter_rows(_numbered(dataset, "row"), spec, column)
+    except LoadError:
+        raise
+    except Exception as error:
+        if is_unavailable_error(error):
+            raise _dataset_unavailable(name, split, error) from None
+        raise
+
+
+def _dataset_unavailable(name: str, split: str, error: BaseException) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"dataset {name!r} (split {split!r}) is not available on this machine ({offline_state()}). "
+        f"Download it once with network access: python -c \"import datasets; datasets.load_dataset('{name}', "
+        f"split='{split}').save_to_disk('{name.replace('/', '_')}')\" and set tokens= to that directory, "
+        f"or run with network access and the same HF_HOME. Original error: {type(error).__name__}: {error}"
+    )
+
+
+def local_documents(path: Path) -> Iterator[Any]:
+    """Documents (strings or token-id sequences) from a local file or ``save_to_disk`` directory."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        return _saved_dataset_rows(path)
+    if suffix in (".txt", ".md"):
+        text = path.read_text(encoding="utf-8")
+        return iter([paragraph for paragraph in text.split("\n\n") if paragraph.strip()])
+    if suffix == ".jsonl":
+        return _iter_rows(_jsonl_rows(path), str(path), None)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        return _iter_rows(_numbered(table.to_pylist(), "row"), str(path), None)
+    if suffix == ".npy":
+        import numpy as np
+
+        return _array_documents(np.load(path, allow_pickle=False), path)
+    if suffix in (".pt", ".pth"):
+        import torch
+
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise LoadError(f"could not read token ids from {str(path)!r}: {error}") from None
+        if isinstance(loaded, Mapping):
+            key = next((k for k in TOKEN_COLUMNS if k in loaded), None)
+            if key is None:
+                raise LoadError(
+                    f"{str(path)!r} holds a dict without a token tensor; store it under one of {TOKEN_COLUMNS}"
+                )
+            loaded = loaded[key]
+        return _array_documents(loaded, path)
+    raise LoadError(
+        f"token file {str(path)!r} has an unknown type {suffix or '(no suffix)'!r}; "
+        "use .txt, .jsonl, .parquet, .npy or .pt, or a datasets.save_to_disk directory"
+    )
+
+
+def _array_documents(array: Any, path: Path) -> Iterator[Any]:
+    import torch
+
+    tensor = torch.as_tensor(array)
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+        raise LoadError(f"{str(path)!r} holds {tensor.dtype} values; token ids must be integers")
+    if tensor.ndim == 1:
+        return iter([tensor])
+    if tensor.ndim == 2:
+        return iter(list(tensor))
+    raise ShapeMismatchError(
+        f"{str(path)!r} holds an array of shape {tuple(tensor.shape)}; token ids must be 1-D (one stream) "
+        "or 2-D (one sequence per row)"
+    )
+
+
+def _numbered(rows: Iterable[Any], unit: str) -> Iterator[tuple[str, Any]]:
+    for number, row in enumerate(rows, start=1):
+        yield f"{unit} {number}", row
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                raise LoadError(f"{str(path)!r} line {number} is not JSON: {error.msg}") from None
+
+
+def _saved_dataset_rows(path: Path) -> Iterator[Any]:
+    try:
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as error:
+        raise LoadError(
+            f"token directory {str(path)!r} is not a dataset saved with datasets' save_to_disk: {error}"
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        split = "train" if "train" in loaded else next(iter(loaded))
+        loaded = loaded[split]
+    return _iter_rows(_numbered(loaded, "row"), str(path), None)
+
+
+def _iter_rows(rows: Iterator[tuple[str, Any]], spec: str, column: str | None) -> Iterator[Any]:
+    """Pick the text (or token-id) field of each ``(location, row)``: ``column`` if given, else the first known
+    column. A value that is neither text nor a list of integer ids is a :class:`LoadError` naming the source,
+    the row (``"line 3"``) and the problem."""
+    for location, row in rows:
+        if isinstance(row, str):
+            yield row
+            continue
+        if not isinstance(row, Mapping):
+            raise LoadError(
+                f"token source {spec!r}, {location}: a row of type {type(row).__name__}; expected an object"
+            )
+        if column is None:
+            column = next((c for c in (*TOKEN_COLUMNS, *TEXT_COLUMNS) if c in row), None)
+            if column is None:
+                column = next((key for key, value in row.items() if isinstance(value, str)), None)
+            if column is None:
+                raise LoadError(
+                    f"token source {spec!r} has no text or token column (looked for {TEXT_COLUMNS + TOKEN_COLUMNS}); "
+                    f"its columns are {sorted(row)}; for hf: sources name one with ?column=<name>"
+                )
+        if column not in row:
+            raise LoadError(
+                f"token source {spec!r}, {location}: no column {column!r}; its columns are {sorted(row)}"
+            )
+        yield _document(row[column], spec, location, column)
+
+
+def _document(value: Any, spec: str, location: str, column: str) -> Any:
+    """``value`` as a document: text (a string) or token ids (a list of integers), checked."""
+    where = f"token source {spec!r}, {location}: {column!r}"
+    shown = "null" if value is None else f"a {type(value).__name__} ({_short(value)})"
+    if column in TEXT_COLUMNS:
+        if isinstance(value, str):
+            return value
+        raise LoadError(
+            f"{where} is {shown}, not text; give a string (token ids belong in a column named "
+            f"{'/'.join(TOKEN_COLUMNS)}), or drop the row"
+        )
+    if column not in TOKEN_COLUMNS and isinstance(value, str):
+        return value
+    if value is None or isinstance(value, (str, bytes, bool, int, float)):
+        expected = "a list of integer token ids" if column in TOKEN_COLUMNS else "text or a list of token ids"
+        raise LoadError(f"{where} is {shown}; expected {expected}")
+    if isinstance(value, (list, tuple)):
+        bad = next((item for item in value if isinstance(item, bool) or not isinstance(item, int)), _NO_ITEM)
+        if bad is not _NO_ITEM:
+            raise LoadError(
+                f"{where} holds {_short(bad)}, not an integer token id; token ids must be integers"
+            )
+    return value
+
+
+_NO_ITEM = object()
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
