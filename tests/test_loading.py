@@ -441,3 +441,21 @@ def test_hf_source_streams_a_dataset_through_datasets(tmp_path: Path, text_model
         str(tmp_path / "local.jsonl"), text_model, sae, n_tokens=64, context_size=16, seed=0
     )
     assert torch.equal(streamed, local)
+
+
+def test_default_context_size_is_capped_at_the_models_context_and_an_asked_one_is_not(tmp_path: Path) -> None:
+    """The built-in default (128) never asks for more than ``n_ctx``; an explicit or SAE-given length above it
+    is a ConfigError naming context_size, not a shape error about seq_len later in the engine."""
+    model = make_tiny_model()
+    n_ctx = model.cfg.n_ctx
+    assert n_ctx < loading.DEFAULT_CONTEXT_SIZE
+    np.save(tmp_path / "stream.npy", np.arange(1, 4 * n_ctx + 1))
+    source = str(tmp_path / "stream.npy")
+    tokens = loading.load_tokens(source, model, make_identity_sae(), n_tokens=2 * n_ctx, seed=0)
+    assert tokens.shape == (2, n_ctx)
+    with pytest.raises(
+        ConfigError, match=rf"context_size {n_ctx + 1} exceeds the model's context length n_ctx={n_ctx}"
+    ):
+        loading.load_tokens(source, model, make_identity_sae(), n_tokens=64, context_size=n_ctx + 1, seed=0)
+    with pytest.raises(ConfigError, match=r"the SAE's training context_size .* exceeds"):
+        loading.load_tokens(source, model, make_identity_sae(context_size=n_ctx * 2), n_tokens=64, seed=0)

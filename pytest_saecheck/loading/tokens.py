@@ -19,7 +19,14 @@ from pytest_saecheck.errors import (
 from pytest_saecheck.loading.models import usable_tokenizer
 from pytest_saecheck.loading.offline import hub_offline, is_unavailable_error, offline_state
 from pytest_saecheck.loading.resolve import hooks_then_builtin
-from pytest_saecheck.loading.specs import DEMO, absolute_path, default_context_size, local_path, prepend_bos
+from pytest_saecheck.loading.specs import (
+    DEMO,
+    absolute_path,
+    default_context_size,
+    local_path,
+    prepend_bos,
+    sae_metadata,
+)
 
 TEXT_COLUMNS = ("text", "content", "document", "story")
 TOKEN_COLUMNS = ("input_ids", "tokens", "token_ids")
@@ -49,7 +56,12 @@ def load_tokens(
     warning, when the source runs out). Raises :class:`LoadError` (missing, unreadable or malformed source,
     text without a tokenizer), :class:`ShapeMismatchError`, :class:`WeightsUnavailableError`.
     """
-    context_size = default_context_size(context_size, sae)
+    source = (
+        "context_size"
+        if context_size is not None
+        else ("the SAE's training context_size" if sae_metadata(sae, "context_size") else None)
+    )
+    context_size = _within_model_context(default_context_size(context_size, sae), source, model)
     tokens, _ = hooks_then_builtin(
         lambda hook: hook.pytest_saecheck_load_tokens(
             spec=spec, model=model, sae=sae, n_tokens=n_tokens, context_size=context_size, seed=seed
@@ -57,6 +69,22 @@ def load_tokens(
         lambda: builtin_load_tokens(spec, model, sae, n_tokens, context_size, seed),
     )
     return as_token_tensor(tokens, spec)
+
+
+def _within_model_context(resolved: int, source: str | None, model: Any) -> int:
+    """The row length: ``resolved``, capped at the model's ``n_ctx`` when it is the default (``source`` None).
+
+    Raises :class:`ConfigError` when ``context_size`` (or the SAE's training context) exceeds ``n_ctx``.
+    """
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if not isinstance(n_ctx, int) or resolved <= n_ctx:
+        return resolved
+    if source is None:
+        return n_ctx
+    raise ConfigError(
+        f"{source} {resolved} exceeds the model's context length n_ctx={n_ctx}; set context_size to at most "
+        f"{n_ctx} (the saecheck setting context_size)"
+    )
 
 
 def as_token_tensor(tokens: Any, spec: str) -> Any:
