@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from pytest_saecheck.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -54,7 +56,20 @@ class TokenPolicy:
         """This policy with ``special_token_ids`` (and ``pad_token_id``) read from ``model.tokenizer``.
 
         A model without a tokenizer has no special tokens to exclude; ids already given are kept.
+
+        Raises:
+            ConfigError: an ``exclude_token_ids`` entry lies outside the model's vocabulary ``[0, d_vocab)``, so
+                it could never exclude anything (a typo, or ids of another tokenizer).
         """
+        d_vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
+        if isinstance(d_vocab, int):
+            outside = [i for i in self.exclude_token_ids if not 0 <= i < d_vocab]
+            if outside:
+                raise ConfigError(
+                    f"exclude_token_ids {outside} lie outside the model's vocabulary [0, {d_vocab}): they can never "
+                    "occur, so they would exclude nothing; give ids of this model's tokenizer "
+                    "(model.tokenizer.convert_tokens_to_ids(...))"
+                )
         tokenizer = getattr(model, "tokenizer", None)
         if not self.exclude_special_tokens or tokenizer is None:
             return self

@@ -480,6 +480,13 @@ def test_new_user_errors_name_the_problem(model):
     """Found by a new user: raw errors and a message that blamed the wrong hook."""
     with pytest.raises(ConfigError, match=r"exclude_token_ids=\[5, 7\]"):
         evaluate(model, make_sae("blocks.1.hook_resid_pre"), make_tokens(4), exclude_token_ids="5,7")
+    d_vocab = model.cfg.d_vocab
+    with pytest.raises(
+        ConfigError, match=rf"exclude_token_ids \[-1, {d_vocab}\] lie outside the model's vocabulary"
+    ):
+        evaluate(
+            model, make_sae("blocks.1.hook_resid_pre"), make_tokens(4), exclude_token_ids=[3, -1, d_vocab]
+        )
     tc = mlp_transcoder(model, 1)
     tc.cfg.metadata.hook_name_out = "blocks.1.hook_mlp_outt"
     from pytest_saecheck import HookNotFoundError
