@@ -379,7 +379,7 @@ class _Pass:
                 # Mean ablation is scored by CE only, which a template gives for every sequence afterwards: its
                 # log-probs live for one member at a time, never through the pass.
                 if m.mean is None:
-                    m.mean = m.acc.mean_activation()
+                    m.mean = m.acc.mean_activation().to(self.cut.device_at(m.write))
                 log_probs = self._log_probs(self._template_final(m, Variant.MEAN, tokens, kept_all))
                 m.acc.add_template_ce(Variant.MEAN.value, log_probs, tokens, predicted_all)
                 del log_probs
@@ -418,7 +418,7 @@ class _Pass:
                 )
             given = means.get(m.name)
             if given is not None:
-                mean = torch.as_tensor(given).to(self.cut.device).double()
+                mean = torch.as_tensor(given).to(self.cut.device_at(m.write)).double()
                 if mean.shape != (m.info.d_out,):
                     raise ShapeMismatchError(
                         f"mean_activation must have shape ({m.info.d_out},), got {tuple(mean.shape)}"
@@ -428,15 +428,15 @@ class _Pass:
             m.acc = Accumulator(
                 seq_len,
                 d_sae,
-                self.cut.device,
+                self.cut.output_device,
                 m.sae_device,
                 context=m.info.context_size,
                 covariance_width=m.info.d_out if m.info.d_out <= PARTICIPATION_RATIO_MAX_WIDTH else None,
             )
             if self.joint:
-                m.joint_acc = Accumulator(seq_len, d_sae, self.cut.device, m.sae_device)
+                m.joint_acc = Accumulator(seq_len, d_sae, self.cut.output_device, m.sae_device)
         if self.joint:
-            self.joint_acc = Accumulator(seq_len, None, self.cut.device, self.cut.device)
+            self.joint_acc = Accumulator(seq_len, None, self.cut.output_device, self.cut.output_device)
 
     def _prepass(self, tokens: torch.Tensor, kept_all: torch.Tensor) -> None:
         """One run to the hooks when a member needs E‖x_in‖ (a normalisation estimate) or the mean of x_out."""
@@ -459,7 +459,7 @@ class _Pass:
                 if m in need_norm:
                     norm_sums[m.name] += float(x_in[kept.to(x_in.device)].double().norm(dim=-1).sum())
                 if m in need_mean:
-                    total = x_out[kept.to(x_out.device)].double().sum(0).to(self.cut.device)
+                    total = x_out[kept.to(x_out.device)].double().sum(0)
                     mean_sums[m.name] = mean_sums[m.name] + total if m.name in mean_sums else total
             count += int(kept.sum())
         for m in need_norm:
@@ -508,9 +508,8 @@ class _Pass:
     ) -> torch.Tensor:
         """``[1, seq_len, d_model]`` final residual of an ablated continuation that is the same for every sequence."""
         if bool(kept_all[:1].all()):
-            base = self.cut.zeros_residual(
-                tokens.shape[1]
-            )  # every position replaced: the prefix is not needed
+            # every position replaced: the prefix is not needed
+            base = self.cut.zeros_residual(tokens.shape[1], m.write)
         else:
             _, captured, _ = self.cut.forward_capturing(tokens[:1], [m.write.hook_name])
             base = captured[m.write.hook_name]
