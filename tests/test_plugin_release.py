@@ -242,3 +242,50 @@ def test_the_scheduler_groups_only_saecheck_suffixes() -> None:
     assert group_of("t.py::test[x@saecheck-y]") is None  # inside a parameter id: not a group
     assert group_of("t.py::test@mygroup") is None  # a user's loadgroup suffix is not ours
     assert without_group("t.py::test") == "t.py::test"
+
+
+def test_the_n_devices_setting_reaches_the_model_loader_and_changes_no_number(
+    release_pytester: pytest.Pytester,
+) -> None:
+    """``n_devices`` joins the model's loading kwargs (a separate model in the cache); with n_devices=1 every
+    number is the same as without it."""
+    from conftest import TINY_CONFTEST
+
+    release_pytester.makeconftest(
+        TINY_CONFTEST
+        + """
+KWARGS = []
+_tiny = pytest_saecheck_load_model
+
+def pytest_saecheck_load_model(spec, device, dtype, model_from_pretrained_kwargs):
+    KWARGS.append(dict(model_from_pretrained_kwargs))
+    model = _tiny(spec, device, dtype)
+    if model is not None and "n_devices" in model_from_pretrained_kwargs:
+        model.cfg.n_devices = model_from_pretrained_kwargs["n_devices"]  # as from_pretrained(n_devices=) does
+    return model
+"""
+    )
+    release_pytester.makepyfile(
+        """
+        import pytest
+        import conftest
+
+        pytestmark = pytest.mark.saecheck(model="tiny", tokens="tokens.npy", n_tokens=160, sae="sae_random")
+        SEEN = {}
+
+        def test_default(saecheck):
+            SEEN["default"] = saecheck.evaluation
+
+        @pytest.mark.saecheck(n_devices=1)
+        def test_one_device(saecheck):
+            assert saecheck.model.cfg.n_devices == 1
+            evaluation = saecheck.evaluation
+            assert evaluation.metrics == SEEN["default"].metrics
+            for key, values in SEEN["default"].per_sequence.items():
+                assert (evaluation.per_sequence[key] == values).all(), key
+            assert conftest.KWARGS == [{}, {"n_devices": 1}]
+        """
+    )
+    release_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly").assert_outcomes(
+        passed=2
+    )
