@@ -51,11 +51,6 @@ class Template:
     final: torch.Tensor
     log_probs: torch.Tensor | None
 
-    @property
-    def log_probs_bytes(self) -> int:
-        """Bytes its log-probabilities take when held: ``seq_len × d_vocab_out × 4``."""
-        return 0 if self.log_probs is None else self.log_probs.numel() * self.log_probs.element_size()
-
 
 def token_independent(site: HookSite, tokens: torch.Tensor, kept: torch.Tensor) -> bool:
     """True when ablating ``site`` at the kept positions gives the same continuation for every sequence."""

@@ -110,32 +110,32 @@ def evaluate(
 ) -> Any:
     """Evaluate ``sae`` spliced into ``model`` on ``tokens`` (``[n_sequences, seq_len]`` token ids).
 
-        ``sae`` is one SAE Lens SAE or transcoder (:mod:`pytest_saecheck.dictionaries`), returning an
-        :class:`Evaluation`; or a sequence or a mapping ``name → SAE`` (a release), returning an
-        :class:`EvaluationSet` in which each SAE's numbers are those of evaluating it alone, from one shared pass.
-        Names default to each SAE's hook (``hook_name->hook_name_out`` for a transcoder), with ``#k`` when hooks
-        repeat. ``joint=True`` (several SAEs, distinct write hooks) also splices them all at once
-        (``EvaluationSet.joint``, ``EvaluationSet.compounding``). ``model`` is a TransformerLens
-        ``HookedTransformer`` (:func:`check_model` says what is refused).
+    ``sae`` is one SAE Lens SAE or transcoder (:mod:`pytest_saecheck.dictionaries`), returning an
+    :class:`Evaluation`; or a sequence or a mapping ``name → SAE`` (a release), returning an
+    :class:`EvaluationSet` in which each SAE's numbers are those of evaluating it alone, from one shared pass.
+    Names default to each SAE's hook (``hook_name->hook_name_out`` for a transcoder), with ``#k`` when hooks
+    repeat. ``joint=True`` (several SAEs, distinct write hooks) also splices them all at once
+    (``EvaluationSet.joint``, ``EvaluationSet.compounding``). ``model`` is a TransformerLens
+    ``HookedTransformer`` (:func:`check_model` says what is refused).
 
-        Token policy (:class:`TokenPolicy`, whose docstring states the rule): ``exclude_bos`` leaves position 0
-        out; ``exclude_special_tokens`` the tokenizer's BOS/EOS/PAD wherever they occur; ``exclude_token_ids``
-        more ids; ``pad_token_id`` padding. Excluded positions are neither spliced, ablated nor averaged, and a
-        prediction counts only if its position is kept and its target is not an excluded id. ``policy`` gives the
-        whole policy instead (then none of the four may be given).
+    Token policy (:class:`TokenPolicy`, whose docstring states the rule): ``exclude_bos`` leaves position 0
+    out; ``exclude_special_tokens`` the tokenizer's BOS/EOS/PAD wherever they occur; ``exclude_token_ids``
+    more ids; ``pad_token_id`` padding. Excluded positions are neither spliced, ablated nor averaged, and a
+    prediction counts only if its position is kept and its target is not an excluded id. ``policy`` gives the
+    whole policy instead (then none of the four may be given).
 
-        ``activation_scaler``: the normalisation of an SAE Lens checkpoint trained with
-        ``normalize_activations="expected_average_only_in"`` (a factor, an SAE Lens ``ActivationScaler``, or the
-        checkpoint directory with its ``activation_scaler.json``; for a set, a mapping ``name → value``); without
-        one such an SAE gets SAE Lens' estimate sqrt(d_in)/E‖x‖ on these tokens, with a warning. Metrics stay in
-        the model's units.
+    ``activation_scaler``: the normalisation of an SAE Lens checkpoint trained with
+    ``normalize_activations="expected_average_only_in"`` (a factor, an SAE Lens ``ActivationScaler``, or the
+    checkpoint directory with its ``activation_scaler.json``; for a set, a mapping ``name → value``); without
+    one such an SAE gets SAE Lens' estimate sqrt(d_in)/E‖x‖ on these tokens, with a warning. Metrics stay in
+    the model's units.
 
-        ``mean_activation`` fixes the mean-ablation vector ``[d_out]`` (for a set, a mapping; default: the mean over
-        the evaluated positions). ``scaling_law`` is the law of ``compute_fraction``: a
-        :class:`~pytest_saecheck.scaling.ScalingLaw`, a preset name (``"chinchilla"``, ``"epoch"``, ``"kaplan"``),
-        ``(E, gamma)`` of ``L(C) = E + A C^-gamma``, the path of a fit file, or ``None`` (default: Chinchilla's,
-        which is not fitted for your model: the result says so, with ``compute_fraction`` under every preset in
-        ``Evaluation.compute_fraction_by_preset``). ``progress=None`` shows a bar only after two seconds.
+    ``mean_activation`` fixes the mean-ablation vector ``[d_out]`` (for a set, a mapping; default: the mean over
+    the evaluated positions). ``scaling_law`` is the law of ``compute_fraction``: a
+    :class:`~pytest_saecheck.scaling.ScalingLaw`, a preset name (``"chinchilla"``, ``"epoch"``, ``"kaplan"``),
+    ``(E, gamma)`` of ``L(C) = E + A C^-gamma``, the path of a fit file, or ``None`` (default: Chinchilla's,
+    which is not fitted for your model: the result says so, with ``compute_fraction`` under every preset in
+    ``Evaluation.compute_fraction_by_preset``). ``progress=None`` shows a bar only after two seconds.
 
     ``template_budget_bytes`` bounds the memory of zero-ablation templates held through the pass (SAEs writing
     the residual stream with at most position 0 excluded: their ablated run is the same for every sequence and is
@@ -143,9 +143,9 @@ def evaluate(
     ``min(batch_size, n_sequences) × seq_len × d_vocab_out × 4`` bytes; SAEs beyond it unembed their template
     again for each batch instead (the same numbers, a little more time). ``0`` holds none.
 
-        Raises :class:`ConfigError`, :class:`ShapeMismatchError`, :class:`HookNotFoundError`,
-        :class:`UnsupportedDictionaryError`, :class:`ModelStateError`, :class:`EmptyTokenSetError`,
-        :class:`NonFiniteError`, :class:`DegenerateActivationsError` (all :class:`SAECheckError`).
+    Raises :class:`ConfigError`, :class:`ShapeMismatchError`, :class:`HookNotFoundError`,
+    :class:`UnsupportedDictionaryError`, :class:`ModelStateError`, :class:`EmptyTokenSetError`,
+    :class:`NonFiniteError`, :class:`DegenerateActivationsError` (all :class:`SAECheckError`).
     """
     started = time.perf_counter()
     scaling_law = as_scaling_law(scaling_law)
