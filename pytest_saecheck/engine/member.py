@@ -42,8 +42,8 @@ class AblationPlan:
 class Template:
     """A token-independent ablated continuation (``AblationPlan.templated``), shared by every sequence.
 
-    ``final``: its final residual, ``[1, seq_len, d_model]`` (the model's dtype, on the unembedding's device
-    once unembedded). ``log_probs``: its ``[seq_len, d_vocab_out]`` float32 log-probabilities when held for the
+    ``final``: its final residual, ``[1, seq_len, d_model]`` (the model's dtype, on the unembedding's device).
+    ``log_probs``: its ``[seq_len, d_vocab_out]`` float32 log-probabilities when held for the
     whole pass, or None when the pass's template budget is spent and they are recomputed from ``final`` for each
     batch (the same operations on the same input: the same numbers).
     """

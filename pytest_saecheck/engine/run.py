@@ -491,7 +491,7 @@ class _Pass:
         for m in self.members:
             if not m.plan.templated:
                 continue
-            final = self._template_final(m, Variant.ZERO, tokens, kept_all)
+            final = self._template_final(m, Variant.ZERO, tokens, kept_all).to(self.cut.output_device)
             size = seq_len * d_vocab * 4
             if spent + size <= budget:
                 m.templates[Variant.ZERO] = Template(final, self._log_probs(final))
