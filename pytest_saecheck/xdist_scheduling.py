@@ -2,13 +2,15 @@
 
 Imported and registered by the plugin only when pytest-xdist is installed and active; imports no torch.
 
-How: the controller tells each worker (``workerinput``) that it schedules by group; each worker computes every saecheck test's group (:func:`pytest_saecheck.plugin.xdist_group_name`) at
-collection, and the node ids it sends to the controller in its collection message carry the group as an
-``@saecheck-...`` suffix, as ``--dist loadgroup`` does; the items themselves keep their node ids, so reports,
-``--lf`` and the terminal show the ids of a serial run. The controller's scheduler
-(:class:`SAEGroupScheduling`, returned by ``pytest_xdist_make_scheduler`` only under ``--dist load``, the mode
-``-n N`` implies) sends each group to one worker as one unit of work, and load-balances every other test exactly
-as xdist's ``LoadScheduling`` does. Every other ``--dist`` mode is left to xdist (``loadgroup`` groups by the
+How: the controller tells each worker (``workerinput``) that it schedules by group; each worker computes every
+saecheck test's group (:func:`pytest_saecheck.plugin.xdist_group_name`) at collection, and the node ids it sends
+to the controller in its collection message carry the group as an ``@saecheck-...`` suffix, as ``--dist
+loadgroup`` does; the items themselves keep their node ids, so reports, ``--lf`` and the terminal show the ids
+of a serial run. The controller's scheduler (:class:`SAEGroupScheduling`, returned by
+``pytest_xdist_make_scheduler`` only under ``--dist load``, the mode ``-n N`` implies) sends each group to one
+worker as one unit of work and every other test as a unit of its own (xdist's ``LoadScopeScheduling`` with
+saecheck groups as scopes, as ``loadgroup`` does); a collection without saecheck groups is scheduled by xdist's
+``LoadScheduling``, unchanged. Every other ``--dist`` mode is left to xdist (``loadgroup`` groups by the
 ``xdist_group`` marks the plugin adds).
 """
 
