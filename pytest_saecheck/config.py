@@ -404,6 +404,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("dtype", _dtype, None, "dtype for model and SAE (default: float32)", "DTYPE"),
     Setting(
+        "n_devices",
+        _optional_positive_int,
+        None,
+        "spread the model's blocks over this many devices of the device's kind, as TransformerLens' n_devices "
+        "(for models larger than one GPU; the engine keeps each activation on its block's device). Default: "
+        "the model_from_pretrained_kwargs' n_devices, else 1",
+        "N",
+    ),
+    Setting(
         "exclude_bos", _boolean, True, "leave position 0 (BOS) out of every metric (default true)", "BOOL"
     ),
     Setting(
@@ -501,6 +510,7 @@ class SAECheckSettings:
     batch_size: int = 16
     device: str | None = None
     dtype: str | None = None
+    n_devices: int | None = None
     exclude_bos: bool = True
     exclude_special_tokens: bool = True
     exclude_token_ids: tuple[int, ...] = ()

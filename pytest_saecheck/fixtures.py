@@ -149,13 +149,18 @@ class SAECheck:
 
     @property
     def model_from_pretrained_kwargs(self) -> dict[str, Any]:
-        """The model's loading kwargs: the ``model_from_pretrained_kwargs`` setting, else the SAE config's, else {}."""
+        """The model's loading kwargs: the ``model_from_pretrained_kwargs`` setting, else the SAE config's, else
+        {}; with ``n_devices`` from the ``n_devices`` setting when it is given."""
         if self.settings.model_from_pretrained_kwargs is not None:
-            return dict(self.settings.model_from_pretrained_kwargs)
-        if self.settings.sae is None:
-            return {}
-        first = self._load_sae(self.sae_specs[0])
-        return dict(loading.sae_metadata(first, "model_from_pretrained_kwargs") or {})
+            kwargs = dict(self.settings.model_from_pretrained_kwargs)
+        elif self.settings.sae is None:
+            kwargs = {}
+        else:
+            first = self._load_sae(self.sae_specs[0])
+            kwargs = dict(loading.sae_metadata(first, "model_from_pretrained_kwargs") or {})
+        if self.settings.n_devices is not None:
+            kwargs["n_devices"] = self.settings.n_devices
+        return kwargs
 
     # -- cache keys --------------------------------------------------------------------------------------
 

@@ -3,12 +3,14 @@
 It registers the ``--saecheck-*`` options and ``saecheck_*`` ini keys, the ``saecheck`` marker, the loader
 hookspecs and the fixtures; carries assertion records onto test reports; and prints a header line and an
 end-of-run table of every SAE checked. It also warns when a marker shadows a command-line option, keeps each
-SAE's tests on one pytest-xdist worker under ``--dist loadgroup``, and hides its
+SAE's tests (and one release group's) on one pytest-xdist worker under ``-n N`` (``--dist load``, with
+``xdist_scheduling``) and ``--dist loadgroup``, and hides its
 own frames from the tracebacks of the :class:`~pytest_saecheck.errors.SAECheckError` errors it raises.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import types
@@ -47,6 +49,9 @@ __all__ = [
 ]
 
 PREVIOUS_HOOK_KEY = pytest.StashKey[Any]()
+XDIST_GROUP_KEY = pytest.StashKey[str]()
+#: Set by ``xdist_scheduling.pytest_configure_node`` in a worker's ``workerinput`` (the same string there).
+XDIST_GROUPS_INPUT = "saecheck_xdist_groups"
 
 MARKER_HELP = (
     "saecheck("
@@ -105,6 +110,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[PREVIOUS_HOOK_KEY] = hookspecs.active_hook()  # restored at unconfigure (nested runs)
     hookspecs.set_active_hook(config.hook)
     config.pluginmanager.register(SummaryReporter(config), "saecheck-summary")
+    if config.pluginmanager.hasplugin("xdist") and not config.pluginmanager.hasplugin("saecheck-xdist"):
+        from pytest_saecheck import xdist_scheduling  # imports pytest-xdist, which is installed and active
+
+        config.pluginmanager.register(xdist_scheduling, "saecheck-xdist")
     baselines.configure(config)
 
 
@@ -142,9 +151,46 @@ def pytest_collection_modifyitems(
     result = yield
     if loadgroup:
         _suffix_xdist_groups(items)
+    elif worker is not None and worker.get(XDIST_GROUPS_INPUT):
+        # --dist load (what -n N implies): the groups travel in the ids of the collection message only
+        for item, group in _sae_groups(items).items():
+            item.stash[XDIST_GROUP_KEY] = group
     # after deselection: SAEs whose tests differ only in the SAE are evaluated in one shared pass
     plan_release_groups(config, items)
     return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_finish(session: pytest.Session) -> Generator[None, Any, Any]:
+    """On an xdist worker under ``--dist load``, the collection it reports carries each saecheck test's group
+    (``xdist_scheduling``): the ids are suffixed while xdist sends them, then restored."""
+    with _ids_with_groups(session.items):
+        return (yield)
+
+
+@contextlib.contextmanager
+def _ids_with_groups(items: list[pytest.Item]) -> Generator[None, None, None]:
+    changed: list[tuple[pytest.Item, str, Any]] = []
+    try:
+        for item in items:
+            group = item.stash.get(XDIST_GROUP_KEY, None)
+            if group is None:
+                continue
+            suffixed = f"{item.nodeid}@{group}"
+            identity = getattr(item, "_id", None)
+            parse = getattr(type(identity), "parse", None)
+            if callable(parse):  # pytest 9 keeps a NodeId in Item._id
+                attribute, value = "_id", parse(suffixed)
+            elif "_nodeid" in vars(item):  # earlier pytest: a string in Item._nodeid
+                attribute, value = "_nodeid", suffixed
+            else:
+                continue  # a pytest that keeps the id elsewhere: these tests are load-balanced one by one
+            changed.append((item, attribute, getattr(item, attribute)))
+            setattr(item, attribute, value)
+        yield
+    finally:
+        for item, attribute, previous in changed:
+            setattr(item, attribute, previous)
 
 
 def _suffix_xdist_groups(items: list[pytest.Item]) -> None:
@@ -205,7 +251,9 @@ def xdist_group_name(settings: settings_config.SAECheckSettings) -> str:
     return f"saecheck-{slug}-{hashlib.sha1(str(key).encode()).hexdigest()[:8]}"
 
 
-def _group_by_sae(items: list[pytest.Item]) -> None:
+def _sae_groups(items: list[pytest.Item]) -> dict[pytest.Item, str]:
+    """The xdist group of every test that uses an SAE fixture and has an SAE (not one the user grouped)."""
+    groups = {}
     for item in items:
         if item.get_closest_marker("xdist_group") is not None:
             continue  # the user grouped it
@@ -216,7 +264,13 @@ def _group_by_sae(items: list[pytest.Item]) -> None:
         except ConfigError:
             continue
         if settings.sae is not None:
-            item.add_marker(pytest.mark.xdist_group(xdist_group_name(settings)))
+            groups[item] = xdist_group_name(settings)
+    return groups
+
+
+def _group_by_sae(items: list[pytest.Item]) -> None:
+    for item, group in _sae_groups(items).items():
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.hookimpl(wrapper=True)

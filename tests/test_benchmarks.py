@@ -154,6 +154,9 @@ def test_tiny_release_end_to_end(bench):
     assert record["seconds_joint"] > 0 and record["joint_ratio"] > 0
     assert all(peak[name] > 0 for name in ("ours", "joint", "anchor", "floor", "bound", "ours_one_sae"))
     assert record["peak_bytes_per_extra_sae"] is not None
+    assert record["peak_bytes_one_batch_of_logits"] == 4 * 16 * 61 * 4
+    assert record["peak_growth_in_batches_of_logits"] is not None
+    assert any("x one batch of logits" in line for line in lines)
     # joint=True leaves the isolated evaluations as they are, and adds the joint splice and its compounding.
     assert record["joint_isolated_max_diff"] <= 1e-12
     assert set(record["compounding"]) >= {"delta_ce_joint", "delta_ce_isolated_sum", "excess"}

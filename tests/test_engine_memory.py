@@ -41,8 +41,14 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def peak_bytes(n_sequences: int, n_saes: int | None = None, **options: object) -> int:
-    """Peak live tensor bytes of one evaluation; ``n_saes`` evaluates a set of that many SAEs (one per hook)."""
+RESIDUAL_HOOKS = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post")
+
+
+def peak_bytes(
+    n_sequences: int, n_saes: int | None = None, hooks: tuple[str, ...] | None = None, **options: object
+) -> int:
+    """Peak live tensor bytes of one evaluation; ``n_saes`` evaluates a set of that many SAEs (one per hook, or
+    cycling through ``hooks``)."""
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(
         n_layers=2,
@@ -61,17 +67,14 @@ def peak_bytes(n_sequences: int, n_saes: int | None = None, **options: object) -
     sae = StandardSAE(sae_cfg)
     subject: object = sae
     if n_saes is not None:
-        hooks = [
-            "blocks.0.hook_resid_pre",
-            "blocks.1.hook_resid_pre",
-            "blocks.1.hook_resid_post",
-            "blocks.0.hook_mlp_out",
-        ]
+        if hooks is None:
+            hooks = (*RESIDUAL_HOOKS, "blocks.0.hook_mlp_out")
+            assert n_saes <= len(hooks)
         subject = {}
-        for hook in hooks[:n_saes]:
+        for index in range(n_saes):
             cfg_i = StandardSAEConfig(d_in=32, d_sae=128)
-            cfg_i.metadata.hook_name = hook
-            subject[hook] = StandardSAE(cfg_i)
+            cfg_i.metadata.hook_name = hooks[index % len(hooks)]
+            subject[f"{cfg_i.metadata.hook_name}#{index}"] = StandardSAE(cfg_i)
     tokens = torch.randint(0, 2000, (n_sequences, 32), generator=torch.Generator().manual_seed(1))
     tracker = LiveTensorBytes()
     with tracker:
@@ -115,3 +118,32 @@ def test_a_sets_peak_memory_grows_with_saes_only_by_their_sums_not_with_tokens()
     one, four = peak_bytes(16, n_saes=1), peak_bytes(16, n_saes=4)
     logits_of_one_batch = 8 * 32 * 2000 * 4
     assert four - one < 2 * logits_of_one_batch, (one, four)
+
+
+# exclude_bos=False on residual hooks: every SAE's zero ablation is a token-independent template of
+# [seq_len, vocab] log-probs (32 x 2000 x 4 B = 256 KB here, 25 MB for GPT-2 at 128 tokens).
+TEMPLATE = 32 * 2000 * 4
+PER_SAE_SUMS = 64 * 1024
+"""Generous bound of what one more SAE may add besides its weights (created outside the tracker here): its
+accumulator (a 32 x 32 float64 second moment, per-latent firing counts, per-sequence sums: about 20 KB) and its
+template's final residual (32 x 32 x 4 B)."""
+
+
+def test_templates_beyond_the_budget_are_not_held_through_the_pass():
+    """With no template budget, more SAEs add only their sums: 8 more SAEs holding templates would add 2 MB."""
+    few = peak_bytes(16, n_saes=4, hooks=RESIDUAL_HOOKS, exclude_bos=False, template_budget_bytes=0)
+    many = peak_bytes(16, n_saes=12, hooks=RESIDUAL_HOOKS, exclude_bos=False, template_budget_bytes=0)
+    assert many - few < 8 * PER_SAE_SUMS, (few, many)
+    assert 8 * TEMPLATE > 2 * 8 * PER_SAE_SUMS  # the bound would catch templates held per SAE
+
+
+def test_a_sets_peak_memory_is_bounded_by_one_batch_of_logits_beyond_the_sums():
+    """The default budget holds templates up to one batch of logits (8 x 32 x 2000 x 4 B = 2 MB: 8 templates):
+    past it, more SAEs add only their sums; in all, the templates never add more than one batch of logits."""
+    logits_of_one_batch = 8 * 32 * 2000 * 4
+    one = peak_bytes(16, n_saes=1, hooks=RESIDUAL_HOOKS, exclude_bos=False)
+    eight = peak_bytes(16, n_saes=8, hooks=RESIDUAL_HOOKS, exclude_bos=False)
+    sixteen = peak_bytes(16, n_saes=16, hooks=RESIDUAL_HOOKS, exclude_bos=False)
+    assert eight - one >= 7 * TEMPLATE  # within the budget, templates are held (no recomputation)
+    assert eight - one < logits_of_one_batch + 7 * PER_SAE_SUMS, (one, eight)
+    assert sixteen - eight < 8 * PER_SAE_SUMS, (eight, sixteen)

@@ -161,6 +161,8 @@ def test_two_saes_on_one_hook_cannot_be_spliced_jointly(model):
         ({"joint": True}, "several SAEs"),
         ({"mean_activation": torch.zeros(32)}, "must be a mapping"),
         ({"activation_scaler": {"nope": 1.0}}, "not in the set"),
+        ({"template_budget_bytes": -1}, "template_budget_bytes must be a non-negative integer"),
+        ({"template_budget_bytes": 1.5}, "template_budget_bytes must be a non-negative integer"),
     ],
 )
 def test_set_options_are_checked(model, kwargs, message):
@@ -180,3 +182,73 @@ def test_set_results_are_plain_values(model):
 
     result = evaluate(model, mixed_release(model), make_tokens(4), joint=False, progress=False)
     json.dumps(result.to_dict())
+
+
+def _assert_identical(one, two):
+    for name in one:
+        assert one[name].metrics == two[name].metrics, name
+        assert one[name].undefined == two[name].undefined, name
+        assert one[name].per_sequence.keys() == two[name].per_sequence.keys(), name
+        for key, values in one[name].per_sequence.items():
+            np.testing.assert_array_equal(two[name].per_sequence[key], values, err_msg=f"{name} {key}")
+
+
+def test_the_template_budget_changes_no_number(model, monkeypatch):
+    """Templates beyond the budget are unembedded again per batch from their final residual: the same
+    operations on the same input, so the same numbers, bit for bit (mean ablation given and estimated)."""
+    from pytest_saecheck.engine import run as engine_run
+
+    calls = []
+    unembed = engine_run._Pass._log_probs
+    monkeypatch.setattr(
+        engine_run._Pass, "_log_probs", lambda self, final: calls.append(1) or unembed(self, final)
+    )
+    release = mixed_release(model)
+    tokens = make_tokens(10)  # one BOS: "resid" and "late" (residual hooks) are templated; 3 batches of 4
+    held = evaluate(model, release, tokens, batch_size=4, joint=True, progress=False)
+    assert len(calls) == 4  # the zero and mean templates of the two, once each
+    recomputed = evaluate(
+        model, release, tokens, batch_size=4, joint=True, progress=False, template_budget_bytes=0
+    )
+    assert len(calls) == 4 + 2 * 3 + 2  # the zero templates unembedded again for each batch
+    _assert_identical(held, recomputed)
+    assert held.joint is not None and recomputed.joint is not None
+    assert held.joint.metrics == recomputed.joint.metrics
+    means = {"resid": torch.randn(32, generator=torch.Generator().manual_seed(3))}
+    given = evaluate(model, release, tokens, batch_size=4, mean_activation=means, progress=False)
+    given_recomputed = evaluate(
+        model, release, tokens, batch_size=4, mean_activation=means, progress=False, template_budget_bytes=0
+    )
+    _assert_identical(given, given_recomputed)
+    # the given mean was used
+    assert not np.array_equal(
+        given["resid"].per_sequence["ce_sum_mean"], held["resid"].per_sequence["ce_sum_mean"]
+    )
+
+
+def test_a_model_spread_with_n_devices_gives_identical_results(model):
+    """n_devices=1 through TransformerLens' multi-device placement: the engine reads each block's device from its
+    parameters (every tensor of a hook stays there) and the numbers do not change."""
+    from transformer_lens import HookedTransformer
+
+    from pytest_saecheck.engine.cut import HookedTransformerCut
+    from pytest_saecheck.hookpoints import resolve_hook
+
+    cfg = model.cfg.to_dict()
+    cfg["n_devices"] = 1
+    spread = HookedTransformer(type(model.cfg).from_dict(cfg), move_to_device=True).eval()
+    spread.load_state_dict(model.state_dict())
+    assert spread.cfg.n_devices == 1
+    cut = HookedTransformerCut(spread)
+    names = list(spread.hook_dict)
+    for hook in ("blocks.0.hook_resid_pre", "blocks.1.attn.hook_z", "blocks.2.hook_resid_post"):
+        site = resolve_hook(hook, None, spread.cfg.n_layers, names)
+        assert cut.device_at(site) == next(spread.blocks[site.layer].parameters()).device
+    assert cut.output_device == spread.unembed.W_U.device
+    release = mixed_release(model)
+    tokens = make_tokens(8)
+    one = evaluate(model, release, tokens, batch_size=4, joint=True, progress=False)
+    two = evaluate(spread, release, tokens, batch_size=4, joint=True, progress=False)
+    _assert_identical(one, two)
+    assert one.joint is not None and two.joint is not None
+    assert one.joint.metrics == two.joint.metrics

@@ -184,6 +184,17 @@ def test_local_hf_directory_loads_with_identical_logits(hf_model_dir: Path) -> N
     assert "blocks.1.hook_resid_pre" in model.hook_dict
 
 
+def test_n_devices_reaches_transformer_lens_placement(hf_model_dir: Path) -> None:
+    """``n_devices`` (the setting, or model_from_pretrained_kwargs) goes to TransformerLens' config, which places
+    the blocks; with one device the logits are those of the default load."""
+    default = loading.builtin_load_model(str(hf_model_dir), "cpu", None)
+    spread = loading.builtin_load_model(str(hf_model_dir), "cpu", None, {"n_devices": 1})
+    assert spread.cfg.n_devices == 1
+    tokens = default.to_tokens(CORPUS[0])
+    with torch.no_grad():
+        torch.testing.assert_close(spread(tokens), default(tokens), atol=0, rtol=0)
+
+
 def test_directory_without_config_is_not_a_model(tmp_path: Path) -> None:
     with pytest.raises(LoadError, match=r"no config\.json"):
         loading.builtin_load_model(str(tmp_path), "cpu", None)

@@ -56,6 +56,7 @@ def test_every_setting_has_an_option_an_ini_key_and_a_marker_key(pytester: pytes
         "batch_size": "3",
         "device": "cpu",
         "dtype": "bfloat16",
+        "n_devices": "2",
         "exclude_bos": "false",
         "exclude_special_tokens": "false",
         "exclude_token_ids": "5,7",
@@ -358,7 +359,7 @@ def test_header_names_device_versions_and_defaults(pytester: pytest.Pytester) ->
         [
             "saecheck: device=cpu (command line); pytest-saecheck *, torch *, transformer-lens *, sae-lens *",
             "saecheck defaults: model=-, sae=-, tokens=SAE's dataset, n_tokens=4096, context_size=from SAE, "
-            "batch_size=16, dtype=float32, exclude_bos=true, exclude_special_tokens=true, exclude_token_ids=none, "
+            "batch_size=16, dtype=float32, n_devices=-, exclude_bos=true, exclude_special_tokens=true, exclude_token_ids=none, "
             "activation_scaler=auto, seed=0, scaling_law=chinchilla (not fitted), splice=separate, release_group_mib=2048, "
             "unavailable=skip, model_from_pretrained_kwargs=-, "
             "hook_name=-",

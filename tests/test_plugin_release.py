@@ -153,3 +153,139 @@ def test_evaluations_that_differ_in_token_policy_are_separate_report_entries(
     entries = json.loads((release_pytester.path / "r.json").read_text())["saes"]
     assert sorted(len(entry["tests"]) for entry in entries) == [1, 1], [e["label"] for e in entries]
     assert len({entry["tokens"]["n_tokens"] for entry in entries}) == 2
+
+
+PLACED = """
+    import json, os
+    import pytest
+    from pytest_saecheck import saecheck_param
+    from pytest_saecheck.fixtures import session_cache
+
+    pytestmark = pytest.mark.saecheck(model="tiny", tokens="tokens.npy", n_tokens=160{extra})
+
+    def record(request, saecheck, worker_id):
+        saecheck.evaluation
+        with open(f"placed-{{os.getpid()}}-{{os.urandom(4).hex()}}.json", "w") as out:
+            json.dump({{"sae": os.path.basename(saecheck.settings.sae), "worker": worker_id,
+                       "loads": session_cache(request.config).loads}}, out)
+
+    @pytest.mark.parametrize("sae", [saecheck_param("sae_identity"), saecheck_param("sae_random"),
+                                     saecheck_param("sae_random2")])
+    @pytest.mark.parametrize("n", range(3))
+    def test_each(saecheck, sae, n, request, worker_id):
+        record(request, saecheck, worker_id)
+
+    @pytest.mark.parametrize("n", range(4))
+    def test_plain(n):
+        pass
+"""
+
+
+def _placements(pytester: pytest.Pytester) -> tuple[dict[str, set[str]], dict[str, dict[str, int]]]:
+    """``sae → workers that ran its tests`` and ``worker → its session cache's counts at its last test``."""
+    workers: dict[str, set[str]] = {}
+    last: dict[str, dict[str, int]] = {}
+    for path in pytester.path.glob("placed-*.json"):
+        placed = json.loads(path.read_text())
+        workers.setdefault(placed["sae"], set()).add(placed["worker"])
+        seen = last.setdefault(placed["worker"], placed["loads"])
+        if sum(placed["loads"].values()) > sum(seen.values()):
+            last[placed["worker"]] = placed["loads"]
+    return workers, last
+
+
+@pytest.mark.slow  # two xdist workers, each importing torch, TransformerLens and SAE Lens
+@pytest.mark.parametrize("release_group_mib", [2048, 0])
+def test_plain_n_keeps_each_sae_and_each_release_group_on_one_worker(
+    release_pytester: pytest.Pytester, release_group_mib: int
+) -> None:
+    """With plain ``-n 2`` (no --dist), each SAE is evaluated once per session: its tests share a worker, and a
+    release group's SAEs share one pass on one worker."""
+    pytest.importorskip("xdist")
+    release_pytester.makepyfile(PLACED.format(extra=f", release_group_mib={release_group_mib}"))
+    result = release_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2", "-v")
+    result.assert_outcomes(passed=13)
+    assert "@saecheck-" not in result.stdout.str()  # reported under the ids of a serial run
+    workers, counts = _placements(release_pytester)
+    assert {sae: len(used) for sae, used in workers.items()} == {
+        "sae_identity": 1,
+        "sae_random": 1,
+        "sae_random2": 1,
+    }, workers
+    assert sum(c["evaluation"] for c in counts.values()) == 3, counts  # each SAE evaluated once
+    if release_group_mib:  # one release group: one worker, one model load, one pass
+        assert len(set.union(*workers.values())) == 1, workers
+        assert sum(c["model"] for c in counts.values()) == 1, counts
+        assert sum(c["pass"] for c in counts.values()) == 1, counts
+    else:
+        assert sum(c["pass"] for c in counts.values()) == 3, counts
+
+
+@pytest.mark.slow  # two xdist workers
+def test_an_explicit_dist_mode_is_left_to_xdist(release_pytester: pytest.Pytester) -> None:
+    """``--dist loadscope`` (or any mode but load) gets xdist's own scheduler, and the tests still pass."""
+    pytest.importorskip("xdist")
+    release_pytester.makepyfile(PLACED.format(extra=""))
+    result = release_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2", "--dist", "loadscope")
+    result.assert_outcomes(passed=13)
+    # loadscope sends the whole module to one worker
+    workers, _ = _placements(release_pytester)
+    assert len(set.union(*workers.values())) == 1, workers
+
+
+def test_the_scheduler_groups_only_saecheck_suffixes() -> None:
+    pytest.importorskip("xdist")
+    from pytest_saecheck.xdist_scheduling import group_of, without_group
+
+    assert group_of("t.py::test[a]@saecheck-release-1a2b3c4d") == "saecheck-release-1a2b3c4d"
+    assert without_group("t.py::test[a]@saecheck-release-1a2b3c4d") == "t.py::test[a]"
+    assert group_of("t.py::test[x@saecheck-y]") is None  # inside a parameter id: not a group
+    assert group_of("t.py::test@mygroup") is None  # a user's loadgroup suffix is not ours
+    assert without_group("t.py::test") == "t.py::test"
+
+
+def test_the_n_devices_setting_reaches_the_model_loader_and_changes_no_number(
+    release_pytester: pytest.Pytester,
+) -> None:
+    """``n_devices`` joins the model's loading kwargs (a separate model in the cache); with n_devices=1 every
+    number is the same as without it."""
+    from conftest import TINY_CONFTEST
+
+    release_pytester.makeconftest(
+        TINY_CONFTEST
+        + """
+KWARGS = []
+_tiny = pytest_saecheck_load_model
+
+def pytest_saecheck_load_model(spec, device, dtype, model_from_pretrained_kwargs):
+    KWARGS.append(dict(model_from_pretrained_kwargs))
+    model = _tiny(spec, device, dtype)
+    if model is not None and "n_devices" in model_from_pretrained_kwargs:
+        model.cfg.n_devices = model_from_pretrained_kwargs["n_devices"]  # as from_pretrained(n_devices=) does
+    return model
+"""
+    )
+    release_pytester.makepyfile(
+        """
+        import pytest
+        import conftest
+
+        pytestmark = pytest.mark.saecheck(model="tiny", tokens="tokens.npy", n_tokens=160, sae="sae_random")
+        SEEN = {}
+
+        def test_default(saecheck):
+            SEEN["default"] = saecheck.evaluation
+
+        @pytest.mark.saecheck(n_devices=1)
+        def test_one_device(saecheck):
+            assert saecheck.model.cfg.n_devices == 1
+            evaluation = saecheck.evaluation
+            assert evaluation.metrics == SEEN["default"].metrics
+            for key, values in SEEN["default"].per_sequence.items():
+                assert (evaluation.per_sequence[key] == values).all(), key
+            assert conftest.KWARGS == [{}, {"n_devices": 1}]
+        """
+    )
+    release_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly").assert_outcomes(
+        passed=2
+    )

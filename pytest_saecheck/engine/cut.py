@@ -30,6 +30,15 @@ class ModelCut(Protocol):
         """The hook holding the residual stream at the start of block ``entry`` (``n_layers``: the end)."""
         ...
 
+    def device_at(self, site: HookSite) -> torch.device:
+        """The device of the block in which ``site`` fires: where its activations live."""
+        ...
+
+    @property
+    def output_device(self) -> torch.device:
+        """The device of the unembedding: where logits, and every per-token score, live."""
+        ...
+
     def forward_capturing(
         self, tokens: torch.Tensor, names: Sequence[str]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:
@@ -62,6 +71,14 @@ def _model_device(model: Any) -> torch.device:
         return torch.device(model.cfg.device or "cpu")
 
 
+def _module_device(module: Any, default: torch.device) -> torch.device:
+    """The device of ``module``'s first parameter, or ``default`` when it has none."""
+    try:
+        return next(module.parameters()).device
+    except (StopIteration, AttributeError):
+        return default
+
+
 def has_plain_unembed(model: Any) -> bool:
     """True when the model's unembedding is TransformerLens' plain affine map ``x @ W_U + b_U``.
 
@@ -86,6 +103,18 @@ class HookedTransformerCut:
         self.n_layers: int = int(model.cfg.n_layers)
         self.device = _model_device(model)
         self.plain_unembed = has_plain_unembed(model)
+        # With n_devices > 1 TransformerLens spreads the blocks over devices (and moves the residual stream
+        # between them); read where each block's parameters are instead of recomputing its placement rule.
+        self.block_devices = [_module_device(block, self.device) for block in model.blocks]
+        last = self.block_devices[-1] if self.block_devices else self.device
+        self._output_device = _module_device(getattr(model, "unembed", None), last)
+
+    def device_at(self, site: HookSite) -> torch.device:
+        return self.block_devices[min(max(site.layer, 0), len(self.block_devices) - 1)]
+
+    @property
+    def output_device(self) -> torch.device:
+        return self._output_device
 
     def residual_name(self, entry: int) -> str:
         if entry < self.n_layers:
@@ -152,7 +181,8 @@ class HookedTransformerCut:
         logits = torch.addmm(unembed.b_U, normalized.reshape(-1, normalized.shape[-1]), unembed.W_U)
         return logits.reshape(*normalized.shape[:-1], logits.shape[-1])
 
-    def zeros_residual(self, seq_len: int) -> torch.Tensor:
-        """A ``[1, seq_len, d_model]`` residual of zeros (a fully ablated residual stream)."""
+    def zeros_residual(self, seq_len: int, site: HookSite) -> torch.Tensor:
+        """A ``[1, seq_len, d_model]`` residual of zeros at the residual hook ``site`` (a fully ablated residual
+        stream), on the device of the block where ``site`` fires."""
         d_model = int(self.model.cfg.d_model)
-        return torch.zeros((1, seq_len, d_model), device=self.device, dtype=self.model.cfg.dtype)
+        return torch.zeros((1, seq_len, d_model), device=self.device_at(site), dtype=self.model.cfg.dtype)

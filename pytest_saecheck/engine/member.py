@@ -38,6 +38,20 @@ class AblationPlan:
     per_batch: tuple[Variant, ...]
 
 
+@dataclass
+class Template:
+    """A token-independent ablated continuation (``AblationPlan.templated``), shared by every sequence.
+
+    ``final``: its final residual, ``[1, seq_len, d_model]`` (the model's dtype, on the unembedding's device).
+    ``log_probs``: its ``[seq_len, d_vocab_out]`` float32 log-probabilities when held for the
+    whole pass, or None when the pass's template budget is spent and they are recomputed from ``final`` for each
+    batch (the same operations on the same input: the same numbers).
+    """
+
+    final: torch.Tensor
+    log_probs: torch.Tensor | None
+
+
 def token_independent(site: HookSite, tokens: torch.Tensor, kept: torch.Tensor) -> bool:
     """True when ablating ``site`` at the kept positions gives the same continuation for every sequence."""
     if not site.is_residual:
@@ -81,7 +95,7 @@ class Member:
         self._check_weights()
         self.plan = AblationPlan(False, (Variant.SAE,))
         self.mean: torch.Tensor | None = None
-        self.templates: dict[Variant, torch.Tensor] = {}
+        self.templates: dict[Variant, Template] = {}
         self.acc: Accumulator | None = None
         self.joint_acc: Accumulator | None = None
 

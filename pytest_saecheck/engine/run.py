@@ -15,7 +15,10 @@ Per batch:
    sums (``pytest_saecheck.metrics``), which also gives paired bootstrap intervals over sequences.
 
 Where the ablated continuation does not depend on the tokens (a residual write hook with at most position 0
-excluded), it is computed once for one sequence and reused (``AblationPlan.templated``).
+excluded), it is computed once for one sequence and reused (``AblationPlan.templated``): the zero-ablation
+template's log-probs are held through the pass within a budget (one batch of logits by default; beyond it a
+member unembeds its template's final residual again per batch), and the mean-ablation template, scored by CE
+only, is scored for every sequence after the pass, one member at a time.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 from pytest_saecheck import normalisation as norm
 from pytest_saecheck.engine.accumulate import Accumulator, totals
 from pytest_saecheck.engine.cut import HookedTransformerCut
-from pytest_saecheck.engine.member import AblationPlan, Member, Variant, token_independent
+from pytest_saecheck.engine.member import AblationPlan, Member, Template, Variant, token_independent
 from pytest_saecheck.engine.result import Evaluation, EvaluationSet
 from pytest_saecheck.errors import (
     ConfigError,
@@ -103,6 +106,7 @@ def evaluate(
     scaling_law: ScalingLaw | str | tuple[float, float] | None = CHINCHILLA_SCALING_LAW,
     joint: bool = False,
     progress: bool | None = None,
+    template_budget_bytes: int | None = None,
 ) -> Any:
     """Evaluate ``sae`` spliced into ``model`` on ``tokens`` (``[n_sequences, seq_len]`` token ids).
 
@@ -133,6 +137,12 @@ def evaluate(
     which is not fitted for your model: the result says so, with ``compute_fraction`` under every preset in
     ``Evaluation.compute_fraction_by_preset``). ``progress=None`` shows a bar only after two seconds.
 
+    ``template_budget_bytes`` bounds the memory of zero-ablation templates held through the pass (SAEs writing
+    the residual stream with at most position 0 excluded: their ablated run is the same for every sequence and is
+    computed once, ``[seq_len, d_vocab_out]`` float32 log-probs each). Default: one batch of logits,
+    ``min(batch_size, n_sequences) × seq_len × d_vocab_out × 4`` bytes; SAEs beyond it unembed their template
+    again for each batch instead (the same numbers, a little more time). ``0`` holds none.
+
     Raises :class:`ConfigError`, :class:`ShapeMismatchError`, :class:`HookNotFoundError`,
     :class:`UnsupportedDictionaryError`, :class:`ModelStateError`, :class:`EmptyTokenSetError`,
     :class:`NonFiniteError`, :class:`DegenerateActivationsError` (all :class:`SAECheckError`).
@@ -162,6 +172,15 @@ def evaluate(
         )
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if template_budget_bytes is not None and (
+        isinstance(template_budget_bytes, bool)
+        or not isinstance(template_budget_bytes, int)
+        or template_budget_bytes < 0
+    ):
+        raise ConfigError(
+            f"template_budget_bytes must be a non-negative integer number of bytes (or None for the default), "
+            f"got {template_budget_bytes!r}"
+        )
     model_hooks = check_model(model)
     policy = policy.resolved_for(model)
     scalers = _per_member("activation_scaler", activation_scaler, named, single)
@@ -173,7 +192,16 @@ def evaluate(
         _check_joint(members)
     tokens = _check_tokens(model, tokens, policy)
     hook_names = sorted({name for m in members for name in (m.read.hook_name, m.write.hook_name)})
-    run = _Pass(HookedTransformerCut(model), members, policy, batch_size, mean_ablation, scaling_law, joint)
+    run = _Pass(
+        HookedTransformerCut(model),
+        members,
+        policy,
+        batch_size,
+        mean_ablation,
+        scaling_law,
+        joint,
+        template_budget_bytes,
+    )
     with (
         torch.inference_mode(),
         _hook_z_reshaping_off(list(named.values())),
@@ -290,6 +318,7 @@ class _Pass:
         mean_ablation: bool,
         scaling_law: ScalingLaw | None,
         joint: bool,
+        template_budget: int | None = None,
     ) -> None:
         self.cut = cut
         self.members = list(members)
@@ -298,6 +327,7 @@ class _Pass:
         self.mean_ablation = mean_ablation
         self.scaling_law = scaling_law
         self.joint = joint
+        self.template_budget = template_budget
         self.notes: dict[str, list[str]] = {m.name: [] for m in members}
         self.joint_acc: Accumulator | None = None
         self.chunk_rows = chunk_rows_for(int(cut.model.cfg.d_vocab_out), cut.device)
@@ -311,11 +341,7 @@ class _Pass:
         predicted_all = self.policy.prediction_mask(tokens)
         self._plan(tokens, kept_all, means)
         self._prepass(tokens, kept_all)
-        for m in self.members:
-            if m.plan.templated:
-                m.templates[Variant.ZERO] = self._template(m, Variant.ZERO, tokens, kept_all)
-                if self.mean_ablation and m.mean is not None:
-                    m.templates[Variant.MEAN] = self._template(m, Variant.MEAN, tokens, kept_all)
+        self._zero_templates(tokens, kept_all)
 
         names = sorted({name for m in self.members for name in m.capture_names(self.cut)})
         bar = tqdm(
@@ -348,10 +374,15 @@ class _Pass:
 
         for m in self.members:
             assert m.acc is not None
-            if m.plan.templated and self.mean_ablation and Variant.MEAN not in m.templates:
-                m.mean = m.acc.mean_activation()
-                template = self._template(m, Variant.MEAN, tokens, kept_all)
-                m.acc.add_template_ce(Variant.MEAN.value, template, tokens, predicted_all)
+            m.templates.clear()
+            if m.plan.templated and self.mean_ablation:
+                # Mean ablation is scored by CE only, which a template gives for every sequence afterwards: its
+                # log-probs live for one member at a time, never through the pass.
+                if m.mean is None:
+                    m.mean = m.acc.mean_activation().to(self.cut.device_at(m.write))
+                log_probs = self._log_probs(self._template_final(m, Variant.MEAN, tokens, kept_all))
+                m.acc.add_template_ce(Variant.MEAN.value, log_probs, tokens, predicted_all)
+                del log_probs
         evaluations = {m.name: self._finish(m, tokens) for m in self.members}
         if not self.joint:
             return evaluations, None, None
@@ -387,7 +418,7 @@ class _Pass:
                 )
             given = means.get(m.name)
             if given is not None:
-                mean = torch.as_tensor(given).to(self.cut.device).double()
+                mean = torch.as_tensor(given).to(self.cut.device_at(m.write)).double()
                 if mean.shape != (m.info.d_out,):
                     raise ShapeMismatchError(
                         f"mean_activation must have shape ({m.info.d_out},), got {tuple(mean.shape)}"
@@ -397,15 +428,15 @@ class _Pass:
             m.acc = Accumulator(
                 seq_len,
                 d_sae,
-                self.cut.device,
+                self.cut.output_device,
                 m.sae_device,
                 context=m.info.context_size,
                 covariance_width=m.info.d_out if m.info.d_out <= PARTICIPATION_RATIO_MAX_WIDTH else None,
             )
             if self.joint:
-                m.joint_acc = Accumulator(seq_len, d_sae, self.cut.device, m.sae_device)
+                m.joint_acc = Accumulator(seq_len, d_sae, self.cut.output_device, m.sae_device)
         if self.joint:
-            self.joint_acc = Accumulator(seq_len, None, self.cut.device, self.cut.device)
+            self.joint_acc = Accumulator(seq_len, None, self.cut.output_device, self.cut.output_device)
 
     def _prepass(self, tokens: torch.Tensor, kept_all: torch.Tensor) -> None:
         """One run to the hooks when a member needs E‖x_in‖ (a normalisation estimate) or the mean of x_out."""
@@ -428,7 +459,7 @@ class _Pass:
                 if m in need_norm:
                     norm_sums[m.name] += float(x_in[kept.to(x_in.device)].double().norm(dim=-1).sum())
                 if m in need_mean:
-                    total = x_out[kept.to(x_out.device)].double().sum(0).to(self.cut.device)
+                    total = x_out[kept.to(x_out.device)].double().sum(0)
                     mean_sums[m.name] = mean_sums[m.name] + total if m.name in mean_sums else total
             count += int(kept.sum())
         for m in need_norm:
@@ -442,20 +473,49 @@ class _Pass:
         for m in need_mean:
             m.mean = mean_sums[m.name] / count
 
-    def _template(
+    def _zero_templates(self, tokens: torch.Tensor, kept_all: torch.Tensor) -> None:
+        """The zero-ablation template of every templated member (its KL needs each batch's original logits).
+
+        Log-probs are held for the whole pass while their total stays within the template budget (default: one
+        batch of float32 logits, ``min(batch_size, n_sequences) × seq_len × d_vocab_out × 4`` bytes); beyond
+        it a member keeps only its template's final residual (``[1, seq_len, d_model]``) and unembeds it again
+        for each batch, so peak memory grows with the number of SAEs by their weights, not by a
+        ``[seq_len, vocab]`` tensor each.
+        """
+        n_sequences, seq_len = tokens.shape
+        d_vocab = int(self.cut.model.cfg.d_vocab_out)
+        budget = self.template_budget
+        if budget is None:
+            budget = min(self.batch_size, n_sequences) * seq_len * d_vocab * 4
+        spent = 0
+        for m in self.members:
+            if not m.plan.templated:
+                continue
+            final = self._template_final(m, Variant.ZERO, tokens, kept_all).to(self.cut.output_device)
+            size = seq_len * d_vocab * 4
+            if spent + size <= budget:
+                m.templates[Variant.ZERO] = Template(final, self._log_probs(final))
+                spent += size
+            else:
+                m.templates[Variant.ZERO] = Template(final, None)
+
+    def _log_probs(self, final: torch.Tensor) -> torch.Tensor:
+        """``[seq_len, vocab]`` float32 log-probs of a template's ``[1, seq_len, d_model]`` final residual."""
+        return torch.log_softmax(self.cut.logits(final).float(), dim=-1)[0]
+
+    def _template_final(
         self, m: Member, variant: Variant, tokens: torch.Tensor, kept_all: torch.Tensor
     ) -> torch.Tensor:
-        """``[seq_len, vocab]`` log-probs of an ablated continuation that is the same for every sequence."""
+        """``[1, seq_len, d_model]`` final residual of an ablated continuation that is the same for every sequence."""
         if bool(kept_all[:1].all()):
-            base = self.cut.zeros_residual(
-                tokens.shape[1]
-            )  # every position replaced: the prefix is not needed
+            # every position replaced: the prefix is not needed
+            base = self.cut.zeros_residual(tokens.shape[1], m.write)
         else:
             _, captured, _ = self.cut.forward_capturing(tokens[:1], [m.write.hook_name])
             base = captured[m.write.hook_name]
         (value,) = m.variant_values(base, kept_all[:1], [variant], None)
         (final,) = self.cut.continue_from(m.write, base, [value])
-        return torch.log_softmax(self.cut.logits(final).float(), dim=-1)[0]
+        return final
 
     # --- the pass ---------------------------------------------------------------------------------------
 
@@ -477,7 +537,12 @@ class _Pass:
         del latents, recon
         finals = self.cut.continue_from(m.write, base, [m.write.write_back(x_out_full, v) for v in values])
         del values
-        templates = {variant.value: template for variant, template in m.templates.items()}
+        templates = {
+            variant.value: template.log_probs
+            if template.log_probs is not None
+            else self._log_probs(template.final)
+            for variant, template in m.templates.items()
+        }
         parts = []
         # One variant's logits at a time: re-deriving the original's log-softmax per chunk is cheap, a third
         # [batch, pos, vocab] tensor is not.
@@ -494,7 +559,7 @@ class _Pass:
                 )
             )
             del logits
-        del finals
+        del finals, templates
         m.acc.add_scores(BatchScores.merged(parts), kept, predicted)
         m.acc.end_batch()
 
