@@ -43,18 +43,22 @@ def fmt_interval(interval: Sequence[float] | None) -> str:
     return f"[{fmt(low)}, {fmt(high)}]"
 
 
-def table(rows: Sequence[Sequence[str]], indent: str = INDENT) -> list[str]:
+def table(rows: Sequence[Sequence[str]], indent: str = INDENT, *, rule: bool = False) -> list[str]:
     """Left-aligned columns, two spaces apart, each line indented; trailing spaces removed.
 
-    ``rows`` is a header row followed by data rows, all of the same length.
+    ``rows`` is a header row followed by data rows, all of the same length. ``rule`` underlines the header
+    with dashes (the terminal summary's table).
     """
     if not rows:
         return []
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
+    lines = [
         indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     ]
+    if rule:
+        lines.insert(1, indent + "  ".join("-" * width for width in widths))
+    return lines
 
 
 def failure_header(assertion: str, label: str | None, failures: Sequence[str]) -> str:

@@ -74,3 +74,94 @@ def short_labels(subjects: Sequence[tuple[str, str | None, str | None]]) -> list
         short if len(owners[short]) == 1 else label
         for (label, _, _), short in zip(subjects, shorts, strict=True)
     ]
+
+
+def _setting(sae: Mapping[str, Any], name: str) -> Any:
+    settings = sae.get("settings") or {}
+    policy = sae.get("token_policy") or {}
+    value = settings.get(name) if isinstance(settings, Mapping) else None
+    if value is None and isinstance(policy, Mapping):
+        value = policy.get(name)
+    return value
+
+
+#: What can tell two evaluations of one SAE apart, in the order a label names them: ``(name, value of an SAE
+#: entry of the result document)``. Any other setting that differs is named after these, then the entry's id.
+DISTINGUISHING: tuple[tuple[str, Callable[[Mapping[str, Any]], Any]], ...] = (
+    (
+        "model",
+        lambda sae: (
+            short_id(str(m)) if (m := sae["model"].get("resolved") or sae["model"].get("spec")) else None
+        ),
+    ),
+    ("tokens", lambda sae: short_id(str(t)) if (t := sae["tokens"].get("source")) else None),
+    ("n_tokens", lambda sae: sae["tokens"].get("requested_n_tokens") or sae["tokens"].get("n_tokens")),
+    ("context_size", lambda sae: sae["tokens"].get("context_size")),
+    ("seed", lambda sae: sae["tokens"].get("seed")),
+    ("dtype", lambda sae: sae.get("dtype")),
+    ("device", lambda sae: sae.get("device")),
+    ("exclude_bos", lambda sae: _setting(sae, "exclude_bos")),
+    ("exclude_special_tokens", lambda sae: _setting(sae, "exclude_special_tokens")),
+    ("exclude_token_ids", lambda sae: _setting(sae, "exclude_token_ids")),
+    ("hook", lambda sae: sae["hook"].get("name")),
+    ("batch_size", lambda sae: sae.get("batch_size")),
+)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def row_labels(saes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The one label rule of every table of SAEs (terminal, HTML): a distinct label per entry of the document.
+
+    Each SAE entry of a result document gets its short label (:func:`short_labels`). Entries that would share one
+    (the same SAE evaluated with other settings: another ``n_tokens``, dtype, token policy, token file, ...) get
+    ``"<label> (name=value, ...)"`` naming every fact of :data:`DISTINGUISHING` on which they differ, then any
+    other differing setting; entries that still coincide get their id appended. The result depends only on the
+    entries, not on their order.
+    """
+    shorts = short_labels(
+        [
+            (str(sae.get("label", "")), sae.get("sae", {}).get("spec"), sae.get("model", {}).get("spec"))
+            for sae in saes
+        ]
+    )
+    groups: dict[str, list[int]] = {}
+    for index, short in enumerate(shorts):
+        groups.setdefault(short, []).append(index)
+    labels = list(shorts)
+    for short, members in groups.items():
+        if len(members) == 1:
+            continue
+        facts = [dict(_facts(saes[index])) for index in members]
+        names = [name for name in _names(facts) if len({repr(fact.get(name)) for fact in facts}) > 1]
+        for index, fact in zip(members, facts, strict=True):
+            if names:
+                labels[index] = f"{short} ({', '.join(f'{name}={_shown(fact.get(name))}' for name in names)})"
+        seen: dict[str, int] = {}
+        for index in members:
+            seen[labels[index]] = seen.get(labels[index], 0) + 1
+        for index in members:
+            if seen[labels[index]] > 1:
+                labels[index] = f"{labels[index]} [{saes[index].get('id')}]"
+    return labels
+
+
+def _facts(sae: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    facts = [(name, read(sae)) for name, read in DISTINGUISHING]
+    known = {name for name, _ in DISTINGUISHING}
+    settings = sae.get("settings") or {}
+    if isinstance(settings, Mapping):
+        facts += [(str(name), value) for name, value in sorted(settings.items()) if name not in known]
+    return facts
+
+
+def _names(facts: Sequence[Mapping[str, Any]]) -> list[str]:
+    names = [name for name, _ in DISTINGUISHING]
+    names += sorted({name for fact in facts for name in fact} - set(names))
+    return names

@@ -17,7 +17,7 @@ from markupsafe import Markup
 
 from pytest_saecheck.config import short_id
 from pytest_saecheck.report import charts
-from pytest_saecheck.report.display import column_format, outcome_counts, short_labels
+from pytest_saecheck.report.display import column_format, outcome_counts, row_labels
 from pytest_saecheck.report.schema import STATUSES
 
 CONTENT_SECURITY_POLICY = (
@@ -305,12 +305,7 @@ def render_html(document: Mapping[str, Any]) -> str:
     ]
     saes = worst_first(list(document.get("saes", [])))
     known_ids = {sae.get("id") for sae in saes}
-    labels = short_labels(
-        [
-            (sae.get("label", ""), sae.get("sae", {}).get("spec"), sae.get("model", {}).get("spec"))
-            for sae in saes
-        ]
-    )
+    labels = row_labels(saes)
     template = _environment().get_template("report.html.j2")
     return template.render(
         doc=document,
