@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from pytest_saecheck.checks.messages import table
+from pytest_saecheck.checks.messages import column_format, fmt_significant, table
 from pytest_saecheck.config import SETTINGS, resolve, short_id
 from pytest_saecheck.report.collect import Collector
-from pytest_saecheck.report.display import column_format, outcome_counts, row_labels
+from pytest_saecheck.report.display import outcome_counts, row_labels
 
 HEADLINE = (
     ("ce_loss_score", "CE score"),
@@ -108,10 +108,10 @@ def _compute_law_notes(labels: Sequence[str], saes: Sequence[Mapping[str, Any]])
         law, value = sae.get("compute_law"), sae["metrics"].get("compute_fraction")
         if not isinstance(law, Mapping) or value is None or (law.get("fitted") and not law.get("above_one")):
             continue
-        text = f"  {label}: compute_fraction {value:.3g}"
+        text = f"  {label}: compute_fraction {fmt_significant(value, 3)}"
         band = law.get("band")
         if not law.get("fitted") and isinstance(band, list) and len(band) == 2:
-            text += f" (published presets: {band[0]:.3g} to {band[1]:.3g})"
+            text += f" (published presets: {fmt_significant(band[0], 3)} to {fmt_significant(band[1], 3)})"
         if law.get("above_one"):
             text += "; above 1: the splice lowered the loss, so it is not a fraction of training compute"
         by_law.setdefault((str(law.get("label")), bool(law.get("fitted"))), []).append(text)

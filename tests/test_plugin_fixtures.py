@@ -335,7 +335,8 @@ def test_failure_output_shows_the_table_and_hides_helper_frames(tiny_pytester: p
             "E * scale: kl_div_score = (KL_zero − KL_sae) / KL_zero*",
         ]
     )
-    assert "pytest_saecheck/assertions.py" not in result.stdout.str()  # __tracebackhide__
+    output = result.stdout.str()  # __tracebackhide__: no frame of the plugin's assertion code is shown
+    assert "pytest_saecheck/assertions.py" not in output and "pytest_saecheck/checks/" not in output
 
 
 def test_scaling_law_setting_reaches_compute_fraction(tiny_pytester: pytest.Pytester) -> None:

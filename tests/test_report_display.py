@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from pytest_saecheck.checks.messages import column_format
 from pytest_saecheck.report import charts
 from pytest_saecheck.report.__main__ import main
 from pytest_saecheck.report.collect import build_document
-from pytest_saecheck.report.display import column_format, outcome_counts, short_labels
+from pytest_saecheck.report.display import outcome_counts, short_labels
 from pytest_saecheck.report.files import dumps
 from pytest_saecheck.report.html import baseline_note, render_html
 from pytest_saecheck.report.sample import (

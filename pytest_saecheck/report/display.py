@@ -1,52 +1,16 @@
-"""How the terminal table and the HTML report show numbers, outcome counts and SAE names (one home for both).
+"""How the terminal table and the HTML report show outcome counts and SAE names (one home for both).
 
-Pure Python: imported by the plugin's terminal summary, so it imports neither torch nor jinja2.
+Numbers are formatted by :mod:`pytest_saecheck.checks.messages` (``column_format``). Pure Python: imported by
+the plugin's terminal summary, so it imports neither torch nor jinja2.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pytest_saecheck.config import short_id
 from pytest_saecheck.report.schema import OUTCOMES
-from pytest_saecheck.report.schema import finite_or_none as _finite
-
-#: Most decimals a fixed-point column gets; a column that needs more is written in scientific notation.
-MAX_DECIMALS = 6
-MISSING = "n/a"
-
-
-def column_format(
-    values: Iterable[Any], *, significant: int = 4, missing: str = MISSING
-) -> Callable[[Any], str]:
-    """One number format for every cell of a table column, chosen from all of the column's values.
-
-    Fixed point, with enough decimals that the smallest nonzero magnitude keeps ``significant`` significant
-    digits (``0.001777`` beside ``0.99966`` gives ``0.001777`` and ``0.999660``); scientific notation for the whole
-    column when that would need more than :data:`MAX_DECIMALS` decimals or a magnitude reaches 10⁶. A column
-    of Python ints is written as integers with thousands separators. Missing, NaN and infinite values become
-    ``missing``. Returns the formatter (``value -> str``).
-    """
-    present = [value for value in values if _finite(value) is not None]
-    if present and all(isinstance(value, int) and not isinstance(value, bool) for value in present):
-        return lambda value: missing if _finite(value) is None else f"{int(value):,}"
-    numbers = [float(value) for value in present]
-    nonzero = [abs(number) for number in numbers if number != 0]
-    scientific = False
-    decimals = significant
-    if nonzero:
-        low, high = min(nonzero), max(nonzero)
-        decimals = max(0, significant - 1 - math.floor(math.log10(low)))
-        scientific = decimals > MAX_DECIMALS or high >= 1e6
-    template = f"{{:.{significant - 1}e}}" if scientific else f"{{:.{decimals}f}}"
-
-    def show(value: Any) -> str:
-        number = _finite(value)
-        return missing if number is None else template.format(number)
-
-    return show
 
 
 def outcome_counts(counts: Mapping[str, int]) -> str:
