@@ -522,8 +522,11 @@ class BaselineWriter:
         self.lines: list[tuple[str, bool]] = []  # (line, is a problem)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        for record in getattr(report, records.REPORT_ATTRIBUTE, None) or ():
-            document = record.get(RECORD_FIELD) if isinstance(record, Mapping) else None
+        for plain in getattr(report, records.REPORT_ATTRIBUTE, None) or ():
+            record = records.from_plain(plain)
+            if not isinstance(record, records.EvaluationRecord):
+                continue
+            document = record.baseline_document
             if isinstance(document, Mapping) and isinstance(document.get("key"), str):
                 self.documents.setdefault(document["key"], []).append((report.nodeid, dict(document)))
 

@@ -354,10 +354,69 @@ def derivation(name: str, values: Mapping[str, float], show: Callable[[float], s
     return _IDENTIFIER.sub(lambda match: show(values[SYMBOLS[match.group(0)]]), info.formula)
 
 
+def _range(info: MetricInfo) -> str:
+    low, high = info.lower_bound, info.upper_bound
+    if low is not None and high is not None:
+        return f"{low:g} to {high:g}"
+    if low is not None:
+        return f"≥ {low:g}"
+    if high is not None:
+        return f"≤ {high:g}"
+    return "any"
+
+
 def markdown_table() -> str:
-    """The README's metric table, one row per metric of the catalogue (``|`` in a formula escaped)."""
-    lines = ["| name | formula | scale | better | what it hides |", "| --- | --- | --- | --- | --- |"]
+    """The README's metric table, one row per metric of the catalogue (``|`` in a cell escaped)."""
+    lines = [
+        "| name | formula | unit | scale | better | range | what it hides |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for info in METRICS.values():
-        cells = (f"`{info.name}`", info.formula, info.scale, info.direction, info.hides)
+        cells = (
+            f"`{info.name}`",
+            info.formula,
+            info.unit,
+            info.scale,
+            info.direction,
+            _range(info),
+            info.hides,
+        )
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines)
+
+
+#: The lines around the generated table in the README.
+TABLE_START = "<!-- metric-table: generated from pytest_saecheck/catalogue.py (python -m pytest_saecheck.catalogue README.md) -->"
+TABLE_END = "<!-- /metric-table -->"
+
+
+def with_table(text: str) -> str:
+    """``text`` (the README) with the block between :data:`TABLE_START` and :data:`TABLE_END` regenerated.
+
+    Raises:
+        ValueError: ``text`` lacks the markers.
+    """
+    try:
+        start = text.index(TABLE_START) + len(TABLE_START)
+        end = text.index(TABLE_END, start)
+    except ValueError:
+        raise ValueError(f"no metric table between {TABLE_START!r} and {TABLE_END!r}") from None
+    return text[:start] + "\n" + markdown_table() + "\n" + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pytest_saecheck.catalogue [README.md]``: rewrite the README's metric table, or print it."""
+    import sys
+    from pathlib import Path
+
+    arguments = sys.argv[1:] if argv is None else argv
+    if not arguments:
+        print(markdown_table())
+        return 0
+    path = Path(arguments[0])
+    path.write_text(with_table(path.read_text(encoding="utf-8")), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,6 +8,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pytest
+
+from pytest_saecheck import records
 from pytest_saecheck.records import AssertionRecord, EvaluationRecord, SubjectRecord, from_plain
 from pytest_saecheck.report.collect import build_document
 from pytest_saecheck.report.display import row_labels
@@ -154,3 +157,8 @@ def test_subject_and_assertions_of_the_terminal_come_from_the_document() -> None
     reports = [FakeReport("t.py::test_bare", "call", saecheck_records=[record.to_plain()])]
     document = build_document(reports)
     assert [sae["label"] for sae in document["saes"]] == list(terminal_rows(document))
+
+
+def test_a_record_of_unknown_kind_is_refused() -> None:
+    with pytest.raises(ValueError, match="'kind' among subject, evaluation, assertion"):
+        records.record({"kind": "evalution", "label": LABEL})
