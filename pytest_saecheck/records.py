@@ -101,7 +101,8 @@ class _Record:
         names = {f.name for f in dataclasses.fields(cls)} - {cls._rest}
         known = {key: value for key, value in data.items() if key in names}
         rest = {str(key): value for key, value in data.items() if key not in names and key != "kind"}
-        return cls(**known, **{cls._rest: rest})
+        arguments: dict[str, Any] = {**known, cls._rest: rest}
+        return cls(**arguments)
 
 
 @dataclass(frozen=True)
@@ -216,13 +217,15 @@ def record(entry: Record | Mapping[str, Any], item: pytest.Item | None = None) -
     Raises:
         ValueError: ``entry`` is a mapping whose ``kind`` is not one of :data:`RECORD_TYPES`.
     """
-    typed = (
-        entry if isinstance(entry, (SubjectRecord, EvaluationRecord, AssertionRecord)) else from_plain(entry)
-    )
-    if typed is None:
-        raise ValueError(
-            f"a saecheck record needs a 'kind' among {', '.join(RECORD_TYPES)}, got {dict(entry).get('kind')!r}"
-        )
+    typed: Record | None
+    if isinstance(entry, (SubjectRecord, EvaluationRecord, AssertionRecord)):
+        typed = entry
+    else:
+        typed = from_plain(entry)
+        if typed is None:
+            raise ValueError(
+                f"a saecheck record needs a 'kind' among {', '.join(RECORD_TYPES)}, got {entry.get('kind')!r}"
+            )
     target = item if item is not None else _current_item
     if target is None:
         return

@@ -93,7 +93,7 @@ def assert_ce_recovery(
     low, high, level = _validate_ce_thresholds(metric, min_score, max_value, confidence)
     evaluation, facts = subject_of(check)
     law = getattr(evaluation, "scaling_law", None)
-    if metric == "compute_fraction" and getattr(law, "default", False):
+    if metric == "compute_fraction" and law is not None and getattr(law, "default", False):
         raise ConfigError(
             "assert_ce_recovery(metric='compute_fraction') gates on the default scaling law "
             f"({law.label()}); fit the law for your model family (pytest_saecheck.fit_scaling_law, then "

@@ -454,14 +454,15 @@ class Collector:
                     if label is None:  # e.g. reported metrics checked without an SAE under test
                         unattached.append(entry)
                         continue
-                    sae_id = current.get(str(label))
-                    if sae_id is None:  # an assertion on an Evaluation made outside the fixture
+                    found = current.get(str(label))
+                    if found is None:  # an assertion on an Evaluation made outside the fixture
                         coarse = _coarse(record)
-                        sae_id = _identity_id(coarse)
-                        if sae_id not in saes:
-                            saes[sae_id] = sae_entry(coarse, record)
-                            coarse_of[sae_id] = sae_id
-                        current[str(label)] = sae_id
+                        found = _identity_id(coarse)
+                        if found not in saes:
+                            saes[found] = sae_entry(coarse, record)
+                            coarse_of[found] = found
+                        current[str(label)] = found
+                    sae_id = found
                     saes[sae_id]["assertions"].append(entry)
                     if isinstance(record.baseline, Mapping):
                         saes[sae_id]["baseline"] = merge_baseline(
