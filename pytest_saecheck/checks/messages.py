@@ -83,6 +83,19 @@ def fmt_readable(value: Any, digits: int = 4) -> str:
     return f"{number:.{digits}f}" if magnitude < 10 else f"{number:.{max(1, digits - 2)}f}"
 
 
+def fmt_tick(value: float) -> str:
+    """A chart's axis label or annotation: ``0``, 3 significant digits, whole numbers from 10 on, scientific
+    notation from 1000 and below 0.001."""
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude >= 1000 or magnitude < 0.001:
+        return f"{value:.1e}"
+    if magnitude >= 10:
+        return f"{value:.0f}" if value == round(value) else f"{value:.1f}"
+    return f"{value:.3g}"
+
+
 def fmt_interval(interval: Any, show: Callable[[Any], str] = fmt, missing: str = MISSING) -> str:
     """``[low, high]`` with each bound formatted by ``show``, or ``missing`` when there is no interval."""
     if not interval or not isinstance(interval, (list, tuple)) or len(interval) != 2:
