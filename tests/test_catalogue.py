@@ -79,3 +79,12 @@ def test_derivation_needs_every_symbol_to_be_a_metric() -> None:
     assert catalogue.derivation("compute_fraction", values, str) is None  # E and γ are not metrics
     assert catalogue.derivation("ce_orig", values, str) is None  # a raw loss
     assert catalogue.derivation("unknown", values, str) is None
+
+
+def test_the_terminal_and_the_report_show_only_catalogued_metrics() -> None:
+    """Every metric a table names has its formula, scale and direction in the catalogue."""
+    from pytest_saecheck.report import html
+    from pytest_saecheck.terminal import HEADLINE
+
+    shown = [*HEADLINE, *html.OVERVIEW, *html.LOSS_ROWS, *html.SCORE_ROWS, *html.R2_ROWS, *html.OTHER_ROWS]
+    assert {name for name, _ in shown} <= set(catalogue.METRICS)

@@ -52,7 +52,6 @@ PACKAGES = (
     "jinja2",
 )
 _PHASES = {"setup": 0, "call": 1, "teardown": 2}
-_SUBJECT_FIELDS = _records.SUBJECT_FIELDS
 _FINE_SETTINGS = (
     "n_tokens",
     "context_size",
