@@ -11,7 +11,7 @@ as a few changed lines.
 ``--saecheck-update-baselines=missing`` only adds the missing ones. Workers send the baseline data on the test
 reports; only the controller (the main process of a serial run) writes, once per SAE, atomically.
 
-:func:`compare` is the statistics behind :func:`pytest_saecheck.assertions.assert_no_regression`: on the same
+:func:`compare` is the statistics behind :func:`pytest_saecheck.checks.regression.assert_no_regression`: on the same
 tokens, the bootstrap resamples sequences once and applies the same weights to both sides (a paired
 difference); otherwise, only when asked, each side is resampled on its own.
 
@@ -418,7 +418,8 @@ def compare(
     """
     import numpy as np
 
-    from pytest_saecheck.metrics import METRICS, metrics_from_sums
+    from pytest_saecheck.catalogue import METRICS
+    from pytest_saecheck.metrics import metrics_from_sums
     from pytest_saecheck.stats import bootstrap_intervals
 
     now_sums, then_sums = _expanded(current), _expanded(baseline)
@@ -521,8 +522,11 @@ class BaselineWriter:
         self.lines: list[tuple[str, bool]] = []  # (line, is a problem)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        for record in getattr(report, records.REPORT_ATTRIBUTE, None) or ():
-            document = record.get(RECORD_FIELD) if isinstance(record, Mapping) else None
+        for plain in getattr(report, records.REPORT_ATTRIBUTE, None) or ():
+            record = records.from_plain(plain)
+            if not isinstance(record, records.EvaluationRecord):
+                continue
+            document = record.baseline_document
             if isinstance(document, Mapping) and isinstance(document.get("key"), str):
                 self.documents.setdefault(document["key"], []).append((report.nodeid, dict(document)))
 
@@ -598,7 +602,7 @@ def default_tolerance(baseline: float | None) -> float:
 def check_tol(tol: Any, metrics: Sequence[str]) -> dict[str, float | None]:
     """``tol`` (None, a number ≥ 0, or a mapping metric → number ≥ 0) as a mapping over ``metrics``; None where
     the default (:func:`default_tolerance`) applies."""
-    from pytest_saecheck.assertions import _finite_number
+    from pytest_saecheck.checks.workflow import finite_number as _finite_number
 
     if tol is None:
         return dict.fromkeys(metrics)

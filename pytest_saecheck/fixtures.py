@@ -338,25 +338,26 @@ class SAECheck:
             "dtype": self.dtype,
         }
 
-    def _evaluation_record(self, evaluation: Evaluation) -> dict[str, Any]:
+    def _evaluation_record(self, evaluation: Evaluation) -> records.EvaluationRecord:
         intervals = _intervals(evaluation)  # first: an interval that excludes its value adds a warning
         data = evaluation.to_dict()
         density = data.pop("latent_density", None)
         data.pop("device", None)  # the subject's device names the same thing
-        return {
-            "kind": "evaluation",
-            **self.subject(),
-            "resolved_sae": _joined(self.settings.sae),
-            "resolved_model": self.model_spec,
-            "model_loading": how.to_dict() if (how := self.model_loading) is not None else None,
-            "resolved_tokens": self.token_source,
-            "settings": self.settings.to_dict(),
-            **data,
-            "latent_density_histogram": _density_histogram(density),
-            "interval_level": INTERVAL_LEVEL,
-            "intervals": intervals,
-            **baselines.record_fields(self, self._item.config if self._item is not None else None),
-        }
+        return records.EvaluationRecord.from_plain(
+            {
+                **self.subject(),
+                "resolved_sae": _joined(self.settings.sae),
+                "resolved_model": self.model_spec,
+                "model_loading": how.to_dict() if (how := self.model_loading) is not None else None,
+                "resolved_tokens": self.token_source,
+                "settings": self.settings.to_dict(),
+                **data,
+                "latent_density_histogram": _density_histogram(density),
+                "interval_level": INTERVAL_LEVEL,
+                "intervals": intervals,
+                **baselines.record_fields(self, self._item.config if self._item is not None else None),
+            }
+        )
 
     def _guard(self, load: Any) -> Any:
         try:
@@ -471,7 +472,7 @@ def saecheck(
 ) -> SAECheck:
     """The SAE under test with its model, tokens and evaluation (computed once, shared across tests)."""
     bundle = SAECheck(saecheck_settings, str(saecheck_device), session_cache(request.config), request.node)
-    records.record({"kind": "subject", **bundle.subject()}, request.node)
+    records.record(records.SubjectRecord(**bundle.subject()), request.node)
     return bundle
 
 

@@ -1,4 +1,7 @@
-"""Metric definitions: every headline number as a function of additive per-sequence sums.
+"""Metric computations: every headline number as a function of additive per-sequence sums.
+
+What each metric means (formula, scale, direction, bounds) is the catalogue's (:mod:`pytest_saecheck.catalogue`,
+re-exported here as ``METRICS``); this module computes them.
 
 Keeping each metric a function of sums lets the same code give the point estimate (sums over all
 sequences) and every bootstrap replicate (sums over resampled sequences), so the two cannot drift apart.
@@ -9,183 +12,37 @@ the activation dimension.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from pytest_saecheck.catalogue import (  # the catalogue of what each metric means, re-exported here
+    BOOTSTRAPPABLE,
+    METRIC_NAMES,
+    METRICS,
+    WHOLE_SET_METRICS,
+    MetricInfo,
+)
 from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS, ScalingLaw, as_scaling_law
+
+__all__ = [
+    "BOOTSTRAPPABLE",
+    "CHINCHILLA_SCALING_LAW",
+    "METRICS",
+    "METRIC_NAMES",
+    "WHOLE_SET_METRICS",
+    "MetricInfo",
+    "compute_fraction",
+    "compute_fraction_by_preset",
+    "metrics_from_sums",
+    "participation_ratios",
+    "ratio_denominators",
+    "reconstruction_terms",
+    "total_variance",
+]
 
 # The default law of compute_fraction (Chinchilla's, not fitted for any model under test): see scaling.py.
 CHINCHILLA_SCALING_LAW: ScalingLaw = DEFAULT_LAW
-
-
-@dataclass(frozen=True)
-class MetricInfo:
-    name: str
-    formula: str
-    scale: str
-    higher_is_better: bool
-    upper_bound: float | None = None
-    lower_bound: float | None = None
-
-
-METRICS: dict[str, MetricInfo] = {
-    info.name: info
-    for info in (
-        MetricInfo("ce_orig", "L_orig", "nats/token; the unmodified model", False, lower_bound=0.0),
-        MetricInfo("ce_sae", "L_sae", "nats/token; SAE reconstruction spliced in", False, lower_bound=0.0),
-        MetricInfo("ce_zero", "L_zero", "nats/token; hook activation set to zero", False, lower_bound=0.0),
-        MetricInfo(
-            "ce_mean", "L_mean", "nats/token; hook activation set to its mean", False, lower_bound=0.0
-        ),
-        MetricInfo("delta_ce", "L_sae − L_orig", "nats/token added by the splice; 0 is perfect", False),
-        MetricInfo(
-            "ce_loss_score",
-            "(L_zero − L_sae) / (L_zero − L_orig)",
-            "share of the zero-ablation loss gap recovered; inflated by the huge zero-ablation gap",
-            True,
-            upper_bound=1.0,
-        ),
-        MetricInfo(
-            "ce_loss_score_mean_ablation",
-            "(L_mean − L_sae) / (L_mean − L_orig)",
-            "share of the mean-ablation loss gap recovered; mean ablation may be a stricter or a laxer baseline "
-            "than zero ablation (compare ce_mean with ce_zero)",
-            True,
-            upper_bound=1.0,
-        ),
-        MetricInfo(
-            "ce_rec",
-            "2 − L_sae / L_orig",
-            "1 perfect, 0 means the splice doubled the loss",
-            True,
-            upper_bound=1.0,
-        ),
-        MetricInfo("kl_sae", "mean KL(p_orig ‖ p_sae)", "nats/token; 0 is perfect", False, lower_bound=0.0),
-        MetricInfo(
-            "kl_zero",
-            "mean KL(p_orig ‖ p_zero)",
-            "nats/token; the zero-ablation baseline",
-            False,
-            lower_bound=0.0,
-        ),
-        MetricInfo(
-            "kl_div_score",
-            "(KL_zero − KL_sae) / KL_zero",
-            "share of the zero-ablation KL recovered",
-            True,
-            upper_bound=1.0,
-        ),
-        MetricInfo(
-            "compute_fraction",
-            "((L_sae − E) / (L_orig − E))^(−1/γ)",
-            "fraction of the model's training compute that would reach L_sae on its scaling curve; 1 is perfect",
-            True,
-            upper_bound=None,
-            lower_bound=0.0,
-        ),
-        MetricInfo(
-            "explained_variance",
-            "1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²",
-            "R² about the mean of all evaluated tokens; dominated by high-variance directions",
-            True,
-            upper_bound=1.0,
-        ),
-        MetricInfo(
-            "explained_variance_legacy",
-            "mean_t [1 − ‖x − x̂‖² / ‖x − x̄_batch‖²]",
-            "SAE Lens' legacy per-token formula; depends on batch composition",
-            True,
-            upper_bound=1.0,
-        ),
-        MetricInfo(
-            "explained_variance_about_zero",
-            "1 − Σ‖x − x̂‖² / Σ‖x‖²",
-            "diagnostic only: what the about-zero bug reports; inflated when activations have a large mean",
-            True,
-            upper_bound=1.0,
-        ),
-        MetricInfo(
-            "mse",
-            "mean ‖x − x̂‖²",
-            "squared activation units per token (summed over dimensions)",
-            False,
-            lower_bound=0.0,
-        ),
-        MetricInfo(
-            "cosine_sim", "mean cos(x, x̂)", "1 perfect; not variance-normalised", True, upper_bound=1.0
-        ),
-        MetricInfo(
-            "relative_error_norm",
-            "mean ‖x − x̂‖ / ‖x‖",
-            "0 perfect; not variance-normalised",
-            False,
-            lower_bound=0.0,
-        ),
-        MetricInfo("l2_ratio", "mean ‖x̂‖ / ‖x‖", "1 means no shrinkage", True, lower_bound=0.0),
-        MetricInfo("l0", "mean #{i : z_i ≠ 0}", "active latents per token", False, lower_bound=0.0),
-        MetricInfo("l1", "mean Σ|z_i|", "latent activation mass per token", False, lower_bound=0.0),
-        MetricInfo(
-            "delta_ce_within_context",
-            "L_sae − L_orig over positions t < C",
-            "nats/token added at positions inside the SAE's training context C",
-            False,
-        ),
-        MetricInfo(
-            "delta_ce_beyond_context",
-            "L_sae − L_orig over positions t ≥ C",
-            "nats/token added at positions at or past the SAE's training context C; SAEs often degrade there",
-            False,
-        ),
-        MetricInfo(
-            "kl_sae_within_context",
-            "mean KL(p_orig ‖ p_sae) over t < C",
-            "nats/token inside the SAE's training context",
-            False,
-            lower_bound=0.0,
-        ),
-        MetricInfo(
-            "kl_sae_beyond_context",
-            "mean KL(p_orig ‖ p_sae) over t ≥ C",
-            "nats/token at or past the SAE's training context",
-            False,
-            lower_bound=0.0,
-        ),
-        MetricInfo(
-            "participation_ratio",
-            "(Σλ)² / Σλ², λ the eigenvalues of the centred covariance of x",
-            "effective number of directions of the activations (1 to d); R² is least trustworthy when it is small",
-            True,
-            lower_bound=1.0,
-        ),
-        MetricInfo(
-            "participation_ratio_deflated",
-            "the participation ratio with the top eigen-direction removed",
-            "effective dimensionality once the dominant direction is set aside",
-            True,
-            lower_bound=1.0,
-        ),
-        MetricInfo(
-            "alive_fraction",
-            "share of latents with z_i ≠ 0 on some evaluated token",
-            "1 means no dead latents on this token set",
-            True,
-            upper_bound=1.0,
-            lower_bound=0.0,
-        ),
-    )
-}
-
-METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
-
-# Metrics computed from per-sequence sums, so they carry bootstrap intervals.
-WHOLE_SET_METRICS: frozenset[str] = frozenset(
-    {"alive_fraction", "participation_ratio", "participation_ratio_deflated"}
-)
-"""Properties of the whole token set, with no per-sequence sums and so no bootstrap interval."""
-
-BOOTSTRAPPABLE: frozenset[str] = frozenset(set(METRIC_NAMES) - WHOLE_SET_METRICS)
 
 
 def reconstruction_terms(x: Any, x_hat: Any, latents: Any, reference: Any) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from pytest_saecheck.fixtures import (
     saecheck_settings,
     saecheck_tokens,
 )
-from pytest_saecheck.terminal import Summary, header_lines
+from pytest_saecheck.terminal import SummaryReporter, header_lines
 
 __all__ = [
     "saecheck",
@@ -69,27 +69,6 @@ SAE_FIXTURES = frozenset({"saecheck", "saecheck_sae", "saecheck_model", "saechec
 
 class SettingShadowedWarning(pytest.PytestWarning):
     """A ``--saecheck-*`` option has no effect on some tests because their ``saecheck`` markers set the key."""
-
-
-class SummaryReporter:
-    """Per-run plugin object: gathers records from reports and prints the table (on the xdist controller)."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self.summary = Summary()
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.summary.add_report(report)
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if hasattr(self.config, "workerinput"):  # xdist worker: the controller prints the table
-            return
-        lines = self.summary.lines()
-        if not lines:
-            return
-        terminalreporter.write_sep("=", "saecheck summary")
-        for line in lines:
-            terminalreporter.write_line(line)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:

@@ -179,9 +179,8 @@ def _tensors_reachable_from(error: BaseException) -> list[str]:
     tb = error.__traceback__
     while tb is not None:
         frame = tb.tb_frame
-        if frame.f_code.co_filename.endswith(
-            ("pytest_saecheck/assertions.py", "pytest_saecheck\\assertions.py")
-        ):
+        path = frame.f_code.co_filename.replace("\\", "/")
+        if path.endswith("pytest_saecheck/assertions.py") or "pytest_saecheck/checks/" in path:
             for name, value in frame.f_locals.items():
                 if isinstance(value, (torch.Tensor, torch.nn.Module)) or hasattr(value, "evaluation"):
                     found.append(f"{frame.f_code.co_name}:{name}")
@@ -408,7 +407,10 @@ def test_assertions_record_plain_values_on_the_running_test(request: pytest.Fixt
         "n_tokens": 4032,
         "passed": True,
         "message": None,
+        # the typed record's other fields (records.AssertionRecord): empty for this check
+        **dict.fromkeys(("model", "sae", "tokens", "device", "dtype", "tol", "baseline")),
     }
+    assert records.from_plain(ce) == records.AssertionRecord.from_plain(ce)
     assert r2["passed"] is False and r2["value"] == 0.98 and r2["legacy"] == 0.78
     assert r2["tol"] == pytest.approx(0.6 * (1 - 0.78))
     assert "about zero" in r2["message"]

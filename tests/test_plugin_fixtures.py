@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pytest_saecheck.terminal import Summary
+from pytest_saecheck.report.collect import build_document
+from pytest_saecheck.terminal import summary_lines
 
 MARK = 'pytest.mark.saecheck(model="tiny", sae="sae_identity", tokens="tokens.npy", n_tokens=160)'
 
@@ -263,21 +264,16 @@ def test_summary_table_lists_each_sae_with_metrics_and_outcomes(tiny_pytester: p
 def test_summary_counts_setup_errors_and_skips() -> None:
     from types import SimpleNamespace
 
-    from pytest_saecheck.terminal import Summary
-
-    summary = Summary()
     subject = [{"kind": "subject", "label": "a/b", "device": "cpu"}]
-    summary.add_report(
+    reports = [
         SimpleNamespace(
             nodeid="t1", when="setup", outcome="failed", failed=True, skipped=False, saecheck_records=subject
-        )
-    )
-    summary.add_report(
+        ),
         SimpleNamespace(
             nodeid="t2", when="setup", outcome="skipped", failed=False, skipped=True, saecheck_records=subject
-        )
-    )
-    assert summary.lines()[-1].split()[-4:] == ["1", "error,", "1", "skipped"]
+        ),
+    ]
+    assert summary_lines(build_document(reports))[-1].split()[-4:] == ["1", "error,", "1", "skipped"]
 
 
 def test_records_survive_report_serialisation_and_build_the_table(tiny_pytester: pytest.Pytester) -> None:
@@ -292,13 +288,13 @@ def test_records_survive_report_serialisation_and_build_the_table(tiny_pytester:
     )
     reprec = tiny_pytester.inline_run()
     config = reprec.getcalls("pytest_sessionstart")[0].session.config
-    summary = Summary()
+    restored_reports = []
     for report in reprec.getreports("pytest_runtest_logreport"):
         data = json.loads(json.dumps(config.hook.pytest_report_to_serializable(config=config, report=report)))
         restored = config.hook.pytest_report_from_serializable(config=config, data=data)
         assert getattr(restored, "saecheck_records", None) == getattr(report, "saecheck_records", None)
-        summary.add_report(restored)
-    lines = summary.lines()
+        restored_reports.append(restored)
+    lines = summary_lines(build_document(restored_reports))
     assert lines[2].startswith("sae_identity @ tiny") and lines[2].endswith("1 passed")
 
 
@@ -339,7 +335,8 @@ def test_failure_output_shows_the_table_and_hides_helper_frames(tiny_pytester: p
             "E * scale: kl_div_score = (KL_zero − KL_sae) / KL_zero*",
         ]
     )
-    assert "pytest_saecheck/assertions.py" not in result.stdout.str()  # __tracebackhide__
+    output = result.stdout.str()  # __tracebackhide__: no frame of the plugin's assertion code is shown
+    assert "pytest_saecheck/assertions.py" not in output and "pytest_saecheck/checks/" not in output
 
 
 def test_scaling_law_setting_reaches_compute_fraction(tiny_pytester: pytest.Pytester) -> None:

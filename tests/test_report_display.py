@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from pytest_saecheck.checks.messages import column_format
 from pytest_saecheck.report import charts
 from pytest_saecheck.report.__main__ import main
 from pytest_saecheck.report.collect import build_document
-from pytest_saecheck.report.display import column_format, outcome_counts, short_labels
+from pytest_saecheck.report.display import outcome_counts, short_labels
 from pytest_saecheck.report.files import dumps
 from pytest_saecheck.report.html import baseline_note, render_html
 from pytest_saecheck.report.sample import (
@@ -24,7 +25,7 @@ from pytest_saecheck.report.sample import (
     subject,
 )
 from pytest_saecheck.report.schema import validate
-from pytest_saecheck.terminal import Summary
+from pytest_saecheck.terminal import summary_lines
 
 
 def xfail_reports(label: str = "demo/variance_only") -> list[FakeReport]:
@@ -74,10 +75,7 @@ def test_the_overview_counts_tests_like_the_terminal() -> None:
     row = html[html.index("<tbody>", html.index('id="overview-table"')) :]
     assert "1 passed, 1 xfailed" in row[: row.index("</tr>")]
     assert "1/2 assertions" in row[: row.index("</tr>")]
-    summary = Summary()
-    for report in reports:
-        summary.add_report(report)
-    assert summary.lines()[-1].endswith("1 passed, 1 xfailed")
+    assert summary_lines(document)[-1].endswith("1 passed, 1 xfailed")
     assert outcome_counts({"xfailed": 1, "failed": 2}) == "2 failed, 1 xfailed"
 
 
@@ -101,10 +99,8 @@ def test_long_paths_are_shortened_in_tables_and_kept_in_the_detail() -> None:
     ]
     assert ">run-42</a>" in overview and f">{long}<" not in overview
     assert f'<dd class="mono">{long}' in html  # the SAE's section keeps the full spec
-    summary = Summary()
-    for report in reports:
-        summary.add_report(report)
-    assert summary.lines()[-1].startswith("run-42 ") and max(map(len, summary.lines())) < 120
+    lines = summary_lines(document)
+    assert lines[-1].startswith("run-42 ") and max(map(len, lines)) < 120
     # two different SAEs that would share a short name keep their full labels
     assert short_labels([("/a/run-42", "/a/run-42", None), ("/b/run-42", "/b/run-42", None)]) == [
         "/a/run-42",

@@ -326,3 +326,32 @@ def test_xdist_keeps_each_saes_tests_on_one_worker(tiny_pytester: pytest.Pyteste
     explicit = run(tiny_pytester, "-n", "2", "--dist", "load", "-v")
     explicit.assert_outcomes(passed=9)
     assert "@saecheck-" not in explicit.stdout.str()
+
+
+def test_terminal_json_and_html_show_the_same_rows(tiny_pytester: pytest.Pytester) -> None:
+    """One SAE evaluated at two n_tokens: two rows with distinct labels in the terminal, the JSON and the HTML."""
+    tiny_pytester.makepyfile(
+        """
+        import pytest
+
+        BASE = dict(model="tiny", sae="sae_identity", tokens="tokens.npy")
+
+        @pytest.mark.saecheck(**BASE, n_tokens=64)
+        def test_small(saecheck):
+            assert saecheck.metrics["explained_variance"] > 0.99
+
+        @pytest.mark.saecheck(**BASE, n_tokens=128)
+        def test_large(saecheck):
+            assert saecheck.metrics["explained_variance"] > 0.99
+        """
+    )
+    result = run(tiny_pytester, "--saecheck-json=out.json", "--saecheck-report=out.html")
+    result.assert_outcomes(passed=2)
+    labels = ["sae_identity @ tiny (n_tokens=128)", "sae_identity @ tiny (n_tokens=64)"]
+    for label in labels:
+        result.stdout.fnmatch_lines([f"{label} *tiny*tokens.npy*1 passed"])
+    document = load_document(tiny_pytester.path / "out.json")
+    assert sorted(entry["tokens"]["requested_n_tokens"] for entry in document["saes"]) == [64, 128]
+    html = (tiny_pytester.path / "out.html").read_text(encoding="utf-8")
+    for label in labels:
+        assert f"</span> {label}</h2>" in html

@@ -48,18 +48,27 @@ class CheckOutcome:
             return None
         return "\n".join([messages.failure_header(self.assertion, self.label, self.failures), *self.details])
 
+    def record(self) -> records.AssertionRecord:
+        """The typed record attached to the test report (an :class:`~pytest_saecheck.records.AssertionRecord`).
+
+        ``fields`` fill the record's known fields (subject, interval, thresholds, ...); the rest go to its
+        ``details``.
+        """
+        return records.AssertionRecord.from_plain(
+            {
+                **self.fields,
+                "assertion": self.assertion,
+                "label": self.label,
+                "metric": self.metric,
+                "value": self.value,
+                "passed": self.passed,
+                "message": self.message,
+            }
+        )
+
     def to_record(self) -> dict[str, Any]:
-        """The plain record attached to the test report (``kind == "assertion"``)."""
-        return {
-            **self.fields,
-            "kind": "assertion",
-            "assertion": self.assertion,
-            "label": self.label,
-            "metric": self.metric,
-            "value": self.value,
-            "passed": self.passed,
-            "message": self.message,
-        }
+        """The plain form of :meth:`record` (``kind == "assertion"``), as it travels on the test report."""
+        return self.record().to_plain()
 
 
 def conclude(outcome: CheckOutcome) -> None:
@@ -69,7 +78,7 @@ def conclude(outcome: CheckOutcome) -> None:
         AssertionError: ``outcome.failures`` is not empty; the message is :attr:`CheckOutcome.message`.
     """
     __tracebackhide__ = True
-    records.record(outcome.to_record())
+    records.record(outcome.record())
     if not outcome.passed:
         raise AssertionError(outcome.message)
 

@@ -13,6 +13,8 @@ from html import escape
 
 from markupsafe import Markup
 
+from pytest_saecheck.checks.messages import fmt_tick
+
 PALETTE = {
     "axis": "#555",
     "grid": "#e3e3e3",
@@ -28,17 +30,6 @@ FONT = 'font-family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif" fon
 UNDERLAY: Mapping[str, str] = {"stroke-width": "4", "stroke-opacity": "0.45", "stroke-dasharray": "6 3"}
 #: ``(name, values, colour)``, or with a fourth item: SVG attributes of its line (e.g. :data:`UNDERLAY`).
 Series = tuple[str, Sequence[float | None], str] | tuple[str, Sequence[float | None], str, Mapping[str, str]]
-
-
-def _fmt(value: float) -> str:
-    if value == 0:
-        return "0"
-    magnitude = abs(value)
-    if magnitude >= 1000 or magnitude < 0.001:
-        return f"{value:.1e}"
-    if magnitude >= 10:
-        return f"{value:.0f}" if value == round(value) else f"{value:.1f}"
-    return f"{value:.3g}"
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -119,7 +110,7 @@ def line_chart(
         colour = PALETTE["zero"] if tick == 0 else PALETTE["grid"]
         body.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="{colour}"/>')
         body.append(
-            f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="{PALETTE["axis"]}">{escape(_fmt(tick))}</text>'
+            f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="{PALETTE["axis"]}">{escape(fmt_tick(tick))}</text>'
         )
     for tick in x_ticks:
         x = sx(tick)
@@ -209,7 +200,7 @@ def density_histogram(
             f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="{PALETTE["grid"]}"/>'
         )
         body.append(
-            f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="{PALETTE["axis"]}">{escape(_fmt(tick))}</text>'
+            f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="{PALETTE["axis"]}">{escape(fmt_tick(tick))}</text>'
         )
     bars = [("dead", dead, PALETTE["dead"], 0)] + [
         (f"10^{edges[i]:g} to 10^{edges[i + 1]:g}", c, PALETTE["bar"], i + 2) for i, c in enumerate(counts)
@@ -271,19 +262,19 @@ def loss_scale(metrics: dict[str, float], *, width: int = 640, height: int = 106
             f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{axis_y}" y2="{axis_y + 4}" stroke="{PALETTE["axis"]}"/>'
         )
         body.append(
-            f'<text x="{x:.1f}" y="{axis_y + 16}" text-anchor="middle" fill="{PALETTE["axis"]}">{escape(_fmt(tick))}</text>'
+            f'<text x="{x:.1f}" y="{axis_y + 16}" text-anchor="middle" fill="{PALETTE["axis"]}">{escape(fmt_tick(tick))}</text>'
         )
     orig, sae = metrics.get("ce_orig"), metrics.get("ce_sae")
     if orig is not None and sae is not None:
         x0, x1 = sorted((sx(orig), sx(sae)))
         body.append(
             f'<rect x="{x0:.1f}" y="{axis_y - 10}" width="{max(1.0, x1 - x0):.1f}" height="10" fill="{PALETTE["primary"]}" '
-            f'opacity="0.25"><title>ΔCE = {escape(_fmt(sae - orig))} nats</title></rect>'
+            f'opacity="0.25"><title>ΔCE = {escape(fmt_tick(sae - orig))} nats</title></rect>'
         )
     rows: list[list[tuple[float, float]]] = [[] for _ in marks]  # occupied label extents per row
     for name, value, colour in sorted(known, key=lambda mark: mark[1]):
         x = sx(value)
-        text = f"{name} {_fmt(value)}"
+        text = f"{name} {fmt_tick(value)}"
         extent = 6.5 * len(text) + 8
         right_side = x < width * 0.6
         span = (x, x + extent) if right_side else (x - extent, x)

@@ -1,16 +1,15 @@
-"""From test reports to the JSON document.
+"""From test reports to the JSON document: the one collector of a run's results.
 
-The saecheck fixtures and assertions append plain records (``dict``) to the running test; the core plugin moves
-them onto the test report as ``report.saecheck_records`` (see :mod:`pytest_saecheck.records`). Record kinds:
-
-- ``subject``: the SAE a test uses (label, model, sae, tokens, device, dtype), appended when the fixture is made;
-- ``evaluation``: the evaluation's numbers, appended by each test that touches ``saecheck.evaluation``;
-- ``assertion``: one ``assert_*`` call: metric, value, interval, thresholds, outcome, message.
+The saecheck fixtures and assertions append typed records to the running test (:mod:`pytest_saecheck.records`:
+``SubjectRecord``, ``EvaluationRecord``, ``AssertionRecord``); the core plugin moves their plain forms onto the
+test report as ``report.saecheck_records``, and :class:`Collector` reads them back with
+:func:`pytest_saecheck.records.from_plain`.
 
 :class:`Collector` keeps every report's outcome and records as they arrive (in any order, from any xdist
 worker) and :meth:`Collector.document` builds the document in a canonical order: tests sorted by node id,
 phases in order. The first evaluation record of an SAE in that order supplies its numbers, so a serial run and
-an ``-n N`` run choose the same one. Records are read defensively: a missing field becomes ``None``.
+an ``-n N`` run choose the same one. Every renderer reads that document: the JSON file, the HTML page and the
+terminal table (:mod:`pytest_saecheck.terminal`). Records are read defensively: a missing field becomes ``None``.
 """
 
 from __future__ import annotations
@@ -27,9 +26,12 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
+from pytest_saecheck import records as _records
+from pytest_saecheck.records import AssertionRecord, EvaluationRecord, Record
 from pytest_saecheck.report.schema import (
     SCHEMA_ID,
     SCHEMA_VERSION,
+    Outcome,
     combine_outcomes,
     finalise,
     finite_or_none,
@@ -38,7 +40,7 @@ from pytest_saecheck.report.schema import (
     str_or_none,
 )
 
-RECORDS_ATTRIBUTE = "saecheck_records"
+RECORDS_ATTRIBUTE = _records.REPORT_ATTRIBUTE
 PACKAGES = (
     "pytest-saecheck",
     "pytest",
@@ -50,7 +52,6 @@ PACKAGES = (
     "jinja2",
 )
 _PHASES = {"setup": 0, "call": 1, "teardown": 2}
-_SUBJECT_FIELDS = ("label", "model", "sae", "tokens", "device", "dtype")
 _FINE_SETTINGS = (
     "n_tokens",
     "context_size",
@@ -65,22 +66,6 @@ _FINE_SETTINGS = (
     "model_from_pretrained_kwargs",
     "hook_name",
 )
-_ASSERTION_KNOWN = {
-    "kind",
-    "assertion",
-    "metric",
-    "value",
-    "interval",
-    "interval_level",
-    "min_score",
-    "max_value",
-    "tol",
-    "gate",
-    "passed",
-    "message",
-    "baseline",  # assert_no_regression's comparison: the SAE entry's ``baseline``
-    *_SUBJECT_FIELDS,
-}
 MESSAGE_LIMIT = 2000
 HISTOGRAM_STEP = 0.25  # bins of a quarter decade
 HISTOGRAM_FLOOR = -10.0
@@ -114,17 +99,17 @@ def _identity_id(identity: Mapping[str, Any]) -> str:
     return "sae-" + digest[:12]
 
 
-def _coarse(record: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: str_or_none(record.get(key)) for key in _SUBJECT_FIELDS}
+def _coarse(record: Record) -> dict[str, Any]:
+    return record.subject()
 
 
-def _fine(record: Mapping[str, Any]) -> dict[str, Any]:
-    settings = record.get("settings") if isinstance(record.get("settings"), Mapping) else {}
+def _fine(record: EvaluationRecord) -> dict[str, Any]:
+    settings = record.settings if isinstance(record.settings, Mapping) else {}
     return {
         **_coarse(record),
-        "resolved_sae": str_or_none(record.get("resolved_sae")),
-        "resolved_model": str_or_none(record.get("resolved_model")),
-        "resolved_tokens": str_or_none(record.get("resolved_tokens")),
+        "resolved_sae": str_or_none(record.resolved_sae),
+        "resolved_model": str_or_none(record.resolved_model),
+        "resolved_tokens": str_or_none(record.resolved_tokens),
         **{key: json_safe(settings.get(key)) for key in _FINE_SETTINGS},
     }
 
@@ -164,89 +149,83 @@ def _interval(value: Any) -> list[float | None] | None:
     return None if low is None and high is None else [low, high]
 
 
-def sae_entry(identity: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
-    """An SAE's document entry from its subject or evaluation record (numbers only from an evaluation)."""
-    evaluated = record.get("kind") == "evaluation"
-    settings = record.get("settings") if isinstance(record.get("settings"), Mapping) else {}
+def _mapping(value: Any) -> dict[str, Any] | None:
+    return json_safe(value) if isinstance(value, Mapping) else None
+
+
+def sae_entry(identity: Mapping[str, Any], record: Record) -> dict[str, Any]:
+    """An SAE's document entry from any of its records (numbers only from an :class:`EvaluationRecord`)."""
+    subject = record.subject()
+    evaluation = record if isinstance(record, EvaluationRecord) else EvaluationRecord()
+    evaluated = isinstance(record, EvaluationRecord)
+    settings = evaluation.settings if isinstance(evaluation.settings, Mapping) else {}
     metrics: dict[str, float] = {}
     undefined: dict[str, str] = {}
-    for name, reason in (record.get("undefined") or {}).items() if evaluated else ():
+    for name, reason in (evaluation.undefined or {}).items():
         undefined[str(name)] = str(reason)
-    for name, value in (record.get("metrics") or {}).items() if evaluated else ():
+    for name, value in (evaluation.metrics or {}).items():
         number = finite_or_none(value)
         if number is None:
             undefined.setdefault(str(name), f"not a finite number ({value!r})")
         else:
             metrics[str(name)] = number
     intervals = {}
-    for name, value in (record.get("intervals") or {}).items() if evaluated else ():
+    for name, value in (evaluation.intervals or {}).items():
         interval = _interval(value)
         if interval is not None:
             intervals[str(name)] = interval
-    histogram = record.get("latent_density_histogram") if evaluated else None
+    histogram: Any = evaluation.latent_density_histogram
     if not isinstance(histogram, Mapping):
-        histogram = latent_density_histogram(record.get("latent_density")) if evaluated else None
-    seq_len = int_or_none(record.get("seq_len"))
-    dtype = record.get("model_dtype") or record.get("dtype") or settings.get("dtype")
+        histogram = latent_density_histogram(evaluation.latent_density)
+    seq_len = int_or_none(evaluation.seq_len)
+    dtype = evaluation.model_dtype or subject["dtype"] or settings.get("dtype")
     return {
         "id": _identity_id(identity),
-        "label": str(record.get("label") or record.get("sae") or "(unnamed SAE)"),
+        "label": str(subject["label"] or subject["sae"] or "(unnamed SAE)"),
         "status": "not run",
         "evaluated": evaluated,
         "model": {
-            "spec": str_or_none(record.get("model")),
-            "resolved": str_or_none(record.get("resolved_model")),
-            "loading": json_safe(record.get("model_loading"))
-            if isinstance(record.get("model_loading"), Mapping)
-            else None,
+            "spec": subject["model"],
+            "resolved": str_or_none(evaluation.resolved_model),
+            "loading": _mapping(evaluation.model_loading),
         },
-        "sae": {"spec": str_or_none(record.get("sae")), **json_safe(record.get("sae_info") or {})},
+        "sae": {"spec": subject["sae"]},
         "hook": {
-            "name": str_or_none(record.get("hook_name")),
-            "head_index": int_or_none(record.get("hook_head_index")),
-            "name_out": str_or_none(record.get("hook_name_out")),
+            "name": str_or_none(evaluation.hook_name),
+            "head_index": int_or_none(evaluation.hook_head_index),
+            "name_out": str_or_none(evaluation.hook_name_out),
         },
-        "dictionary": json_safe(record.get("dictionary"))
-        if isinstance(record.get("dictionary"), Mapping)
-        else None,
-        "normalisation": json_safe(record.get("normalisation"))
-        if isinstance(record.get("normalisation"), Mapping)
-        else None,
-        "model_hooks": [str(hook) for hook in record.get("model_hooks") or []],
-        "warnings": [str(message) for message in record.get("warnings") or []],
-        "members": json_safe(record.get("members")) if isinstance(record.get("members"), Mapping) else None,
-        "compounding": json_safe(record.get("compounding"))
-        if isinstance(record.get("compounding"), Mapping)
-        else None,
+        "dictionary": _mapping(evaluation.dictionary),
+        "normalisation": _mapping(evaluation.normalisation),
+        "model_hooks": [str(hook) for hook in evaluation.model_hooks or []],
+        "warnings": [str(message) for message in evaluation.warnings or []],
+        "members": _mapping(evaluation.members),
+        "compounding": _mapping(evaluation.compounding),
         "tokens": {
-            "spec": str_or_none(record.get("tokens")),
-            "source": str_or_none(record.get("resolved_tokens") or record.get("tokens")),
-            "n_tokens": int_or_none(record.get("n_tokens")) if evaluated else None,
-            "n_sequences": int_or_none(record.get("n_sequences")),
+            "spec": subject["tokens"],
+            "source": str_or_none(evaluation.resolved_tokens or subject["tokens"]),
+            "n_tokens": int_or_none(evaluation.n_tokens),
+            "n_sequences": int_or_none(evaluation.n_sequences),
             "seq_len": seq_len,
             "requested_n_tokens": int_or_none(settings.get("n_tokens")),
             "context_size": int_or_none(settings.get("context_size")) or seq_len,
             "seed": int_or_none(settings.get("seed")),
         },
-        "token_policy": json_safe(record.get("token_policy"))
-        if isinstance(record.get("token_policy"), Mapping)
-        else None,
-        "device": str_or_none(record.get("device")),
+        "token_policy": _mapping(evaluation.token_policy),
+        "device": subject["device"],
         "dtype": str_or_none(dtype),
-        "batch_size": int_or_none(settings.get("batch_size") or record.get("batch_size")),
+        "batch_size": int_or_none(settings.get("batch_size") or evaluation.batch_size),
         "settings": json_safe(dict(settings)) if settings else None,
         "metrics": dict(sorted(metrics.items())),
         "intervals": dict(sorted(intervals.items())),
-        "interval_level": finite_or_none(record.get("interval_level")) if intervals else None,
+        "interval_level": finite_or_none(evaluation.interval_level) if intervals else None,
         "undefined": dict(sorted(undefined.items())),
-        "scaling_law": _series(record.get("scaling_law")),
-        "compute_law": json_safe(record.get("compute_law"))
-        if evaluated and isinstance(record.get("compute_law"), Mapping)
-        else None,
-        "delta_ce_by_position": _series(record.get("delta_ce_by_position")) if evaluated else None,
-        "kl_by_position": _series(record.get("kl_by_position")) if evaluated else None,
+        "scaling_law": _series(evaluation.scaling_law),
+        "compute_law": _mapping(evaluation.compute_law),
+        "delta_ce_by_position": _series(evaluation.delta_ce_by_position),
+        "kl_by_position": _series(evaluation.kl_by_position),
         "latent_density_histogram": json_safe(histogram) if histogram else None,
-        "evaluation_duration_s": finite_or_none(record.get("duration_s")) if evaluated else None,
+        "evaluation_duration_s": finite_or_none(evaluation.duration_s),
         "baseline": None,
         "assertions": [],
         "tests": [],
@@ -254,26 +233,35 @@ def sae_entry(identity: Mapping[str, Any], record: Mapping[str, Any]) -> dict[st
     }
 
 
-def assertion_entry(record: Mapping[str, Any], test_id: str, index: int) -> dict[str, Any]:
-    passed = record.get("passed")
-    message = record.get("message")
+def assertion_entry(record: AssertionRecord, test_id: str, index: int) -> dict[str, Any]:
+    """An assertion's document entry (``details``: the values it recorded beyond the known fields)."""
+    message = record.message
     return {
         "test_id": test_id,
         "index": index,
-        "assertion": str(record.get("assertion") or "assertion"),
-        "metric": str_or_none(record.get("metric")),
-        "value": finite_or_none(record.get("value")),
-        "interval": _interval(record.get("interval")),
-        "interval_level": finite_or_none(record.get("interval_level")),
+        "assertion": str(record.assertion or "assertion"),
+        "metric": str_or_none(record.metric),
+        "value": finite_or_none(record.value),
+        "interval": _interval(record.interval),
+        "interval_level": finite_or_none(record.interval_level),
         "threshold": {
-            "min": finite_or_none(record.get("min_score")),
-            "max": finite_or_none(record.get("max_value")),
-            "tol": finite_or_none(record.get("tol")),
+            "min": finite_or_none(record.min_score),
+            "max": finite_or_none(record.max_value),
+            "tol": finite_or_none(record.tol),
         },
-        "gate": str_or_none(record.get("gate")),
-        "outcome": "passed" if passed is True else "failed",
+        "gate": str_or_none(record.gate),
+        "outcome": "passed" if record.passed is True else "failed",
         "message": None if message is None else str(message)[:MESSAGE_LIMIT],
-        "details": json_safe({key: value for key, value in record.items() if key not in _ASSERTION_KNOWN}),
+        "details": json_safe(
+            {
+                **record.details,
+                **{
+                    name: value
+                    for name, value in (("confidence", record.confidence), ("n_tokens", record.n_tokens))
+                    if value is not None
+                },
+            }
+        ),
     }
 
 
@@ -338,15 +326,23 @@ def _short_message(report: Any) -> str | None:
     return None if message is None else str(message)[:MESSAGE_LIMIT]
 
 
-def _phase_outcome(when: str, outcome: str, wasxfail: bool) -> str | None:
+def phase_outcome(when: str, outcome: str, wasxfail: bool) -> Outcome | None:
+    """The outcome one phase of a test contributes (``None``: it decides nothing, e.g. a passed setup).
+
+    ``when`` is the report's phase (``setup``, ``call``, ``teardown``; ``???`` for xdist's report of a crashed
+    worker), ``outcome`` pytest's ``passed``/``failed``/``skipped``, ``wasxfail`` whether the test is an xfail.
+    A test's outcome is the worst of its phases' (:func:`~pytest_saecheck.report.schema.combine_outcomes`).
+    """
     if when == "call":
         if wasxfail:
-            return "xfailed" if outcome == "skipped" else "xpassed"
-        return outcome
+            return Outcome.XFAILED if outcome == "skipped" else Outcome.XPASSED
+        return Outcome(outcome)
     if outcome == "failed":
-        return "error" if when in _PHASES else "failed"  # '???': xdist's report of a crashed worker
+        return (
+            Outcome.ERROR if when in _PHASES else Outcome.FAILED
+        )  # '???': xdist's report of a crashed worker
     if outcome == "skipped":
-        return "xfailed" if wasxfail else "skipped"
+        return Outcome.XFAILED if wasxfail else Outcome.SKIPPED
     return None
 
 
@@ -356,13 +352,17 @@ class _Phase:
     outcome: str | None
     duration: float
     message: str | None
-    records: list[dict[str, Any]]
+    records: list[Record]
 
 
 @dataclass
 class _Test:
     nodeid: str
     phases: list[_Phase] = field(default_factory=list)
+
+
+def _value(outcome: Outcome | None) -> str | None:
+    return None if outcome is None else outcome.value
 
 
 _XDIST_GROUP_SUFFIX = re.compile(r"@[^\[\]@:/]+$")
@@ -380,6 +380,15 @@ class Collector:
         self.tests: dict[str, _Test] = {}
         self.strip_xdist_group = strip_xdist_group
 
+    @classmethod
+    def for_config(cls, config: Any) -> Collector:
+        """The collector of a pytest run: it strips xdist's group suffix under ``--dist loadgroup``."""
+        try:
+            dist = config.getoption("dist", default=None)
+        except ValueError:
+            dist = None
+        return cls(strip_xdist_group=dist == "loadgroup")
+
     def add_report(self, report: Any) -> None:
         """Take a ``TestReport`` (any phase) or a failed ``CollectReport``."""
         nodeid = str(getattr(report, "nodeid", "") or "")
@@ -387,16 +396,20 @@ class Collector:
             nodeid = _XDIST_GROUP_SUFFIX.sub("", nodeid)
         when = getattr(report, "when", None)
         outcome = str(getattr(report, "outcome", "passed"))
-        records = [dict(r) for r in getattr(report, RECORDS_ATTRIBUTE, None) or () if isinstance(r, Mapping)]
+        records = [
+            typed
+            for typed in map(_records.from_plain, getattr(report, RECORDS_ATTRIBUTE, None) or ())
+            if typed is not None
+        ]
         if when is None or when == "collect":  # a CollectReport: only its failures are test results
             if outcome != "failed":
                 return
-            phase = _Phase("collect", "error", 0.0, _short_message(report), [])
+            phase = _Phase("collect", Outcome.ERROR.value, 0.0, _short_message(report), [])
         else:
             wasxfail = hasattr(report, "wasxfail")
             phase = _Phase(
                 str(when),
-                _phase_outcome(str(when), outcome, wasxfail),
+                _value(phase_outcome(str(when), outcome, wasxfail)),
                 finite_or_none(getattr(report, "duration", 0.0)) or 0.0,
                 _short_message(report) if outcome != "passed" else None,
                 records,
@@ -412,21 +425,21 @@ class Collector:
     ) -> dict[str, Any]:
         saes: dict[str, dict[str, Any]] = {}  # SAE id -> entry
         coarse_of: dict[str, str] = {}  # SAE id -> id of its coarse identity (label, specs, device, dtype)
-        pending: list[tuple[str, dict[str, Any], dict[str, Any]]] = []  # tests that only used an SAE
+        pending: list[tuple[str, dict[str, Any], Record]] = []  # tests that only used an SAE
         tests: list[dict[str, Any]] = []
         unattached: list[dict[str, Any]] = []
         for nodeid in sorted(self.tests):
             phases = sorted(self.tests[nodeid].phases, key=lambda phase: _PHASES.get(phase.when, 3))
             current: dict[str, str] = {}  # label -> SAE id, within this test
-            subjects: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+            subjects: dict[str, tuple[dict[str, Any], Record]] = {}
             test_saes: set[str] = set()
             index = 0
             for record in (record for phase in phases for record in phase.records):
-                kind, label = record.get("kind"), record.get("label")
-                if kind == "subject":
+                label = record.label
+                if isinstance(record, _records.SubjectRecord):
                     coarse = _coarse(record)
                     subjects.setdefault(_identity_id(coarse), (coarse, record))
-                elif kind == "evaluation":
+                elif isinstance(record, EvaluationRecord):
                     identity = _fine(record)
                     sae_id = _identity_id(identity)
                     if sae_id not in saes:
@@ -434,24 +447,25 @@ class Collector:
                         coarse_of[sae_id] = _identity_id(_coarse(record))
                     current[str(label)] = sae_id
                     test_saes.add(sae_id)
-                elif kind == "assertion":
+                else:
                     entry = assertion_entry(record, nodeid, index)
                     index += 1
                     if label is None:  # e.g. reported metrics checked without an SAE under test
                         unattached.append(entry)
                         continue
-                    sae_id = current.get(str(label))
-                    if sae_id is None:  # an assertion on an Evaluation made outside the fixture
+                    found = current.get(str(label))
+                    if found is None:  # an assertion on an Evaluation made outside the fixture
                         coarse = _coarse(record)
-                        sae_id = _identity_id(coarse)
-                        if sae_id not in saes:
-                            saes[sae_id] = sae_entry(coarse, record)
-                            coarse_of[sae_id] = sae_id
-                        current[str(label)] = sae_id
+                        found = _identity_id(coarse)
+                        if found not in saes:
+                            saes[found] = sae_entry(coarse, record)
+                            coarse_of[found] = found
+                        current[str(label)] = found
+                    sae_id = found
                     saes[sae_id]["assertions"].append(entry)
-                    if isinstance(record.get("baseline"), Mapping):
+                    if isinstance(record.baseline, Mapping):
                         saes[sae_id]["baseline"] = merge_baseline(
-                            saes[sae_id].get("baseline"), baseline_entry(record["baseline"])
+                            saes[sae_id].get("baseline"), baseline_entry(record.baseline)
                         )
                     test_saes.add(sae_id)
             used = {coarse_of[sae_id] for sae_id in test_saes}

@@ -1,52 +1,16 @@
-"""How the terminal table and the HTML report show numbers, outcome counts and SAE names (one home for both).
+"""How the terminal table and the HTML report show outcome counts and SAE names (one home for both).
 
-Pure Python: imported by the plugin's terminal summary, so it imports neither torch nor jinja2.
+Numbers are formatted by :mod:`pytest_saecheck.checks.messages` (``column_format``). Pure Python: imported by
+the plugin's terminal summary, so it imports neither torch nor jinja2.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pytest_saecheck.config import short_id
 from pytest_saecheck.report.schema import OUTCOMES
-from pytest_saecheck.report.schema import finite_or_none as _finite
-
-#: Most decimals a fixed-point column gets; a column that needs more is written in scientific notation.
-MAX_DECIMALS = 6
-MISSING = "n/a"
-
-
-def column_format(
-    values: Iterable[Any], *, significant: int = 4, missing: str = MISSING
-) -> Callable[[Any], str]:
-    """One number format for every cell of a table column, chosen from all of the column's values.
-
-    Fixed point, with enough decimals that the smallest nonzero magnitude keeps ``significant`` significant
-    digits (``0.001777`` beside ``0.99966`` gives ``0.001777`` and ``0.999660``); scientific notation for the whole
-    column when that would need more than :data:`MAX_DECIMALS` decimals or a magnitude reaches 10⁶. A column
-    of Python ints is written as integers with thousands separators. Missing, NaN and infinite values become
-    ``missing``. Returns the formatter (``value -> str``).
-    """
-    present = [value for value in values if _finite(value) is not None]
-    if present and all(isinstance(value, int) and not isinstance(value, bool) for value in present):
-        return lambda value: missing if _finite(value) is None else f"{int(value):,}"
-    numbers = [float(value) for value in present]
-    nonzero = [abs(number) for number in numbers if number != 0]
-    scientific = False
-    decimals = significant
-    if nonzero:
-        low, high = min(nonzero), max(nonzero)
-        decimals = max(0, significant - 1 - math.floor(math.log10(low)))
-        scientific = decimals > MAX_DECIMALS or high >= 1e6
-    template = f"{{:.{significant - 1}e}}" if scientific else f"{{:.{decimals}f}}"
-
-    def show(value: Any) -> str:
-        number = _finite(value)
-        return missing if number is None else template.format(number)
-
-    return show
 
 
 def outcome_counts(counts: Mapping[str, int]) -> str:
@@ -74,3 +38,94 @@ def short_labels(subjects: Sequence[tuple[str, str | None, str | None]]) -> list
         short if len(owners[short]) == 1 else label
         for (label, _, _), short in zip(subjects, shorts, strict=True)
     ]
+
+
+def _setting(sae: Mapping[str, Any], name: str) -> Any:
+    settings = sae.get("settings") or {}
+    policy = sae.get("token_policy") or {}
+    value = settings.get(name) if isinstance(settings, Mapping) else None
+    if value is None and isinstance(policy, Mapping):
+        value = policy.get(name)
+    return value
+
+
+#: What can tell two evaluations of one SAE apart, in the order a label names them: ``(name, value of an SAE
+#: entry of the result document)``. Any other setting that differs is named after these, then the entry's id.
+DISTINGUISHING: tuple[tuple[str, Callable[[Mapping[str, Any]], Any]], ...] = (
+    (
+        "model",
+        lambda sae: (
+            short_id(str(m)) if (m := sae["model"].get("resolved") or sae["model"].get("spec")) else None
+        ),
+    ),
+    ("tokens", lambda sae: short_id(str(t)) if (t := sae["tokens"].get("source")) else None),
+    ("n_tokens", lambda sae: sae["tokens"].get("requested_n_tokens") or sae["tokens"].get("n_tokens")),
+    ("context_size", lambda sae: sae["tokens"].get("context_size")),
+    ("seed", lambda sae: sae["tokens"].get("seed")),
+    ("dtype", lambda sae: sae.get("dtype")),
+    ("device", lambda sae: sae.get("device")),
+    ("exclude_bos", lambda sae: _setting(sae, "exclude_bos")),
+    ("exclude_special_tokens", lambda sae: _setting(sae, "exclude_special_tokens")),
+    ("exclude_token_ids", lambda sae: _setting(sae, "exclude_token_ids")),
+    ("hook", lambda sae: sae["hook"].get("name")),
+    ("batch_size", lambda sae: sae.get("batch_size")),
+)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def row_labels(saes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The one label rule of every table of SAEs (terminal, HTML): a distinct label per entry of the document.
+
+    Each SAE entry of a result document gets its short label (:func:`short_labels`). Entries that would share one
+    (the same SAE evaluated with other settings: another ``n_tokens``, dtype, token policy, token file, ...) get
+    ``"<label> (name=value, ...)"`` naming every fact of :data:`DISTINGUISHING` on which they differ, then any
+    other differing setting; entries that still coincide get their id appended. The result depends only on the
+    entries, not on their order.
+    """
+    shorts = short_labels(
+        [
+            (str(sae.get("label", "")), sae.get("sae", {}).get("spec"), sae.get("model", {}).get("spec"))
+            for sae in saes
+        ]
+    )
+    groups: dict[str, list[int]] = {}
+    for index, short in enumerate(shorts):
+        groups.setdefault(short, []).append(index)
+    labels = list(shorts)
+    for short, members in groups.items():
+        if len(members) == 1:
+            continue
+        facts = [dict(_facts(saes[index])) for index in members]
+        names = [name for name in _names(facts) if len({repr(fact.get(name)) for fact in facts}) > 1]
+        for index, fact in zip(members, facts, strict=True):
+            if names:
+                labels[index] = f"{short} ({', '.join(f'{name}={_shown(fact.get(name))}' for name in names)})"
+        seen: dict[str, int] = {}
+        for index in members:
+            seen[labels[index]] = seen.get(labels[index], 0) + 1
+        for index in members:
+            if seen[labels[index]] > 1:
+                labels[index] = f"{labels[index]} [{saes[index].get('id')}]"
+    return labels
+
+
+def _facts(sae: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    facts = [(name, read(sae)) for name, read in DISTINGUISHING]
+    known = {name for name, _ in DISTINGUISHING}
+    settings = sae.get("settings") or {}
+    if isinstance(settings, Mapping):
+        facts += [(str(name), value) for name, value in sorted(settings.items()) if name not in known]
+    return facts
+
+
+def _names(facts: Sequence[Mapping[str, Any]]) -> list[str]:
+    names = [name for name, _ in DISTINGUISHING]
+    names += sorted({name for fact in facts for name in fact} - set(names))
+    return names

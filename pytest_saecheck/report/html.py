@@ -9,15 +9,23 @@ alone: a merged document renders exactly like a single run's.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jinja2
 from markupsafe import Markup
 
+from pytest_saecheck import catalogue
+from pytest_saecheck.checks.messages import (
+    NOT_AVAILABLE,
+    column_format,
+    fmt_interval,
+    fmt_readable,
+    fmt_threshold,
+)
 from pytest_saecheck.config import short_id
 from pytest_saecheck.report import charts
-from pytest_saecheck.report.display import column_format, outcome_counts, short_labels
+from pytest_saecheck.report.display import outcome_counts, row_labels
 from pytest_saecheck.report.schema import STATUSES
 
 CONTENT_SECURITY_POLICY = (
@@ -66,57 +74,6 @@ OVERVIEW = (
     ("explained_variance", "R²"),
     ("l0", "L0"),
 )
-# the ratio each normalised score is made of, shown in nats beside it
-_DERIVATIONS = {
-    "ce_loss_score": ("ce_zero", "ce_sae", "ce_zero", "ce_orig"),
-    "ce_loss_score_mean_ablation": ("ce_mean", "ce_sae", "ce_mean", "ce_orig"),
-    "kl_div_score": ("kl_zero", "kl_sae", "kl_zero", None),
-}
-
-
-def _metric_info() -> Mapping[str, Any]:
-    try:
-        from pytest_saecheck.metrics import METRICS
-    except Exception:  # the report renders without the engine's dependencies (e.g. merging on a CI box)
-        return {}
-    return METRICS
-
-
-def fmt(value: Any, digits: int = 4) -> str:
-    """A number for people: ``n/a`` when missing, 4 significant decimals, no spurious precision."""
-    if value is None or isinstance(value, bool):
-        return "n/a"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if not math.isfinite(number):
-        return "n/a"
-    if number == int(number) and abs(number) < 1e15 and isinstance(value, int):
-        return f"{int(number):,}"
-    magnitude = abs(number)
-    if magnitude != 0 and (magnitude < 1e-3 or magnitude >= 1e5):
-        return f"{number:.{digits - 1}e}"
-    return f"{number:.{digits}f}" if magnitude < 10 else f"{number:.{max(1, digits - 2)}f}"
-
-
-def fmt_interval(interval: Any) -> str:
-    if not interval or not isinstance(interval, (list, tuple)) or len(interval) != 2:
-        return "n/a"
-    return f"[{fmt(interval[0])}, {fmt(interval[1])}]"
-
-
-def fmt_threshold(threshold: Mapping[str, Any] | None) -> str:
-    if not threshold:
-        return "n/a"
-    parts = []
-    if threshold.get("min") is not None:
-        parts.append(f"≥ {fmt(threshold['min'])}")
-    if threshold.get("max") is not None:
-        parts.append(f"≤ {fmt(threshold['max'])}")
-    if threshold.get("tol") is not None:
-        parts.append(f"|difference| ≤ {fmt(threshold['tol'])}")
-    return " and ".join(parts) or "n/a"
 
 
 def baseline_note(metrics: Mapping[str, Any]) -> str | None:
@@ -128,7 +85,7 @@ def baseline_note(metrics: Mapping[str, Any]) -> str | None:
     mean, zero = metrics.get("ce_mean"), metrics.get("ce_zero")
     if mean is None or zero is None:
         return None
-    values = f"L_mean {fmt(mean)} vs L_zero {fmt(zero)} nats/token"
+    values = f"L_mean {fmt_readable(mean)} vs L_zero {fmt_readable(zero)} nats/token"
     if mean > zero:
         return f"share of the mean-ablation loss gap recovered; here mean ablation hurts more than zero ablation ({values}), so this baseline is the laxer one"
     if mean < zero:
@@ -138,27 +95,16 @@ def baseline_note(metrics: Mapping[str, Any]) -> str | None:
     )
 
 
-def _rows(sae: Mapping[str, Any], names: Any, info: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per metric, its value and interval written with one number format for the table's columns."""
+def _rows(sae: Mapping[str, Any], names: Any) -> list[dict[str, Any]]:
+    """One row per metric, its value and interval written with one number format for the table's columns.
+
+    Formula, scale and the formula evaluated on this SAE's numbers (``derivation``) come from the metric
+    catalogue (:mod:`pytest_saecheck.catalogue`).
+    """
     rows = []
     metrics, intervals, undefined = sae.get("metrics", {}), sae.get("intervals", {}), sae.get("undefined", {})
     for name, title in names:
-        meta = info.get(name)
-        derivation = None
-        if name in _DERIVATIONS and name in metrics:
-            a, b, c, d = _DERIVATIONS[name]
-            values = [metrics.get(key) for key in (a, b, c)] + [metrics.get(d) if d else 0.0]
-            if all(value is not None for value in values):
-                if d:
-                    derivation = (
-                        f"({fmt(values[0])} − {fmt(values[1])}) / ({fmt(values[2])} − {fmt(values[3])})"
-                    )
-                else:
-                    derivation = f"({fmt(values[0])} − {fmt(values[1])}) / {fmt(values[2])}"
-        elif name == "delta_ce" and name in metrics and "ce_orig" in metrics and "ce_sae" in metrics:
-            derivation = f"{fmt(metrics['ce_sae'])} − {fmt(metrics['ce_orig'])} nats"
-        elif name == "ce_rec" and name in metrics and "ce_orig" in metrics and "ce_sae" in metrics:
-            derivation = f"2 − {fmt(metrics['ce_sae'])} / {fmt(metrics['ce_orig'])}"
+        meta = catalogue.get(name)
         rows.append(
             {
                 "name": name,
@@ -166,9 +112,9 @@ def _rows(sae: Mapping[str, Any], names: Any, info: Mapping[str, Any]) -> list[d
                 "value": metrics.get(name),
                 "interval": intervals.get(name),
                 "undefined": undefined.get(name),
-                "formula": getattr(meta, "formula", None),
-                "scale": getattr(meta, "scale", None),
-                "derivation": derivation,
+                "formula": meta.formula if meta is not None else None,
+                "scale": meta.scale if meta is not None else None,
+                "derivation": catalogue.derivation(name, metrics, fmt_readable) if name in metrics else None,
             }
         )
         if name == "ce_loss_score_mean_ablation":  # only what this evaluation's numbers show
@@ -182,14 +128,8 @@ def _rows(sae: Mapping[str, Any], names: Any, info: Mapping[str, Any]) -> list[d
     )
     for row in rows:
         row["value_text"] = show(row["value"])
-        row["interval_text"] = _interval_text(row["interval"], show)
+        row["interval_text"] = fmt_interval(row["interval"], show, NOT_AVAILABLE)
     return rows
-
-
-def _interval_text(interval: Any, show: Any) -> str:
-    if not interval or not isinstance(interval, (list, tuple)) or len(interval) != 2:
-        return "n/a"
-    return f"[{show(interval[0])}, {show(interval[1])}]"
 
 
 def _sort_key(sae: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -232,9 +172,7 @@ def assertion_outcome(assertion: Mapping[str, Any]) -> str:
     return outcome
 
 
-def _view(
-    sae: Mapping[str, Any], info: Mapping[str, Any], sections: list[Mapping[str, Any]], short_label: str
-) -> dict[str, Any]:
+def _view(sae: Mapping[str, Any], sections: Sequence[Mapping[str, Any]], short_label: str) -> dict[str, Any]:
     known = {name for rows in (LOSS_ROWS, SCORE_ROWS, R2_ROWS, OTHER_ROWS) for name, _ in rows}
     extra = sorted(set(sae.get("metrics", {})) - known)
     metrics = sae.get("metrics", {})
@@ -256,15 +194,15 @@ def _view(
             {
                 **a,
                 "value_text": show(a.get("value")),
-                "interval_text": _interval_text(a.get("interval"), show),
+                "interval_text": fmt_interval(a.get("interval"), show, NOT_AVAILABLE),
                 "shown_outcome": assertion_outcome(a),
             }
             for a in assertions
         ],
-        "loss_rows": _rows(sae, LOSS_ROWS, info),
-        "score_rows": _rows(sae, SCORE_ROWS, info),
-        "r2_rows": _rows(sae, R2_ROWS, info),
-        "other_rows": _rows(sae, OTHER_ROWS + tuple((name, name) for name in extra), info),
+        "loss_rows": _rows(sae, LOSS_ROWS),
+        "score_rows": _rows(sae, SCORE_ROWS),
+        "r2_rows": _rows(sae, R2_ROWS),
+        "other_rows": _rows(sae, OTHER_ROWS + tuple((name, name) for name in extra)),
         "r2_gaps": _r2_gaps(metrics),
         "loss_chart": charts.loss_scale(metrics),
         "position_chart": charts.line_chart(
@@ -290,32 +228,26 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    environment.filters["num"] = fmt
-    environment.filters["interval"] = fmt_interval
+    environment.filters["num"] = fmt_readable
+    environment.filters["interval"] = lambda interval: fmt_interval(interval, fmt_readable, NOT_AVAILABLE)
     environment.filters["threshold"] = fmt_threshold
     return environment
 
 
 def render_html(document: Mapping[str, Any]) -> str:
     """The report page of a (validated) result document."""
-    info = _metric_info()
     prepared = [  # an extension's html is trusted markup (the page's CSP still blocks scripts and fetches)
         {**section, "html": Markup(section["html"]) if section.get("html") is not None else None}
         for section in document.get("report_sections", [])
     ]
     saes = worst_first(list(document.get("saes", [])))
     known_ids = {sae.get("id") for sae in saes}
-    labels = short_labels(
-        [
-            (sae.get("label", ""), sae.get("sae", {}).get("spec"), sae.get("model", {}).get("spec"))
-            for sae in saes
-        ]
-    )
+    labels = row_labels(saes)
     template = _environment().get_template("report.html.j2")
     return template.render(
         doc=document,
         csp=CONTENT_SECURITY_POLICY,
-        views=[_view(sae, info, prepared, label) for sae, label in zip(saes, labels, strict=True)],
+        views=[_view(sae, prepared, label) for sae, label in zip(saes, labels, strict=True)],
         overview_columns=OVERVIEW,
         overview_formats={
             name: column_format(sae.get("metrics", {}).get(name) for sae in saes) for name, _ in OVERVIEW

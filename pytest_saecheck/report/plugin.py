@@ -116,13 +116,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         config.pluginmanager.unregister(writer, WRITER_NAME)
 
 
-def _option(config: pytest.Config, name: str) -> Any:
-    try:
-        return config.getoption(name, default=None)
-    except ValueError:
-        return None
-
-
 def _workers(config: pytest.Config) -> int | None:
     try:
         value = config.getoption("numprocesses", default=None)
@@ -143,7 +136,7 @@ class ReportWriter:
         self.config = config
         self.json_path = json_path
         self.html_path = html_path
-        self.collector = Collector(strip_xdist_group=_option(config, "dist") == "loadgroup")
+        self.collector = Collector.for_config(config)
         self.started = now_iso()
         self.started_clock = time.perf_counter()
         self.interrupted = False

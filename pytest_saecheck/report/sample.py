@@ -11,8 +11,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from pytest_saecheck.checks.messages import fmt
 from pytest_saecheck.defaults import INTERVAL_LEVEL
-from pytest_saecheck.metrics import CHINCHILLA_SCALING_LAW, compute_fraction
+from pytest_saecheck.metrics import CHINCHILLA_SCALING_LAW, metrics_from_sums
 
 
 @dataclass
@@ -54,19 +57,22 @@ def evaluation_record(
 ) -> dict[str, Any]:
     rng = random.Random(f"{label}/{seed}")
     ev = 0.78 + 0.1 * rng.random()
-    metrics = {
-        "ce_orig": ce_orig,
-        "ce_sae": ce_sae,
-        "ce_zero": ce_zero,
-        "ce_mean": ce_mean,
-        "delta_ce": ce_sae - ce_orig,
-        "ce_loss_score": (ce_zero - ce_sae) / (ce_zero - ce_orig),
-        "ce_loss_score_mean_ablation": (ce_mean - ce_sae) / (ce_mean - ce_orig),
-        "ce_rec": 2 - ce_sae / ce_orig,
-        "kl_sae": 0.8 * (ce_sae - ce_orig) + 0.01,
-        "kl_zero": 7.1,
-        "kl_div_score": 1 - (0.8 * (ce_sae - ce_orig) + 0.01) / 7.1,
-        "compute_fraction": float(compute_fraction(ce_orig, ce_sae, CHINCHILLA_SCALING_LAW)),
+    # per-token means as sums over one token: the scores below come from the engine's own formulas
+    sums = {
+        "n_ce": 1.0,
+        "ce_sum_orig": ce_orig,
+        "ce_sum_sae": ce_sae,
+        "ce_sum_zero": ce_zero,
+        "ce_sum_mean": ce_mean,
+        "n_kl": 1.0,
+        "kl_sum_sae": 0.8 * (ce_sae - ce_orig) + 0.01,
+        "kl_sum_zero": 7.1,
+    }
+    computed = metrics_from_sums(
+        {key: np.asarray(value) for key, value in sums.items()}, CHINCHILLA_SCALING_LAW
+    )
+    metrics: dict[str, float] = {name: float(value) for name, value in computed.items()}
+    metrics |= {
         "explained_variance": ev,
         "explained_variance_legacy": ev - 0.02,
         "explained_variance_about_zero": 0.97,
@@ -157,7 +163,7 @@ def ce_assertion(
         "gate": "point estimate" if confidence is None else "interval bound",
         "n_tokens": 1984,
         "passed": passed,
-        "message": None if passed else f"assert_ce_recovery failed for {label}: {metric} = {value:.4f}",
+        "message": None if passed else f"assert_ce_recovery failed for {label}: {metric} = {fmt(value)}",
     }
 
 

@@ -12,6 +12,7 @@ fields do not change it. Readers accept documents whose version they know (:data
 from __future__ import annotations
 
 import copy
+import enum
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -22,8 +23,24 @@ SCHEMA_ID = "pytest-saecheck/report"
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
 
-#: Test outcomes, worst first. ``error``: a setup/teardown failure, a collection error or a crashed worker.
-OUTCOMES = ("failed", "error", "xpassed", "passed", "xfailed", "skipped")
+
+class Outcome(str, enum.Enum):
+    """A test's outcome, as pytest judged it; members in order, worst first.
+
+    ``error``: a setup/teardown failure, a collection error or a crashed worker. The one outcome vocabulary of the
+    JSON document, the HTML page and the terminal table.
+    """
+
+    FAILED = "failed"
+    ERROR = "error"
+    XPASSED = "xpassed"
+    PASSED = "passed"
+    XFAILED = "xfailed"
+    SKIPPED = "skipped"
+
+
+#: Test outcomes (:class:`Outcome` values), worst first.
+OUTCOMES: tuple[str, ...] = tuple(outcome.value for outcome in Outcome)
 #: An SAE's status, worst first; ``not run``: it has no test with a result (e.g. the run was interrupted).
 STATUSES = ("failed", "error", "passed", "skipped", "not run")
 
