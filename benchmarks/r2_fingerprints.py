@@ -159,11 +159,16 @@ def main() -> None:
             values = fingerprints.formula_values(batches)
             legacy = reported["reconstruction_quality"]["explained_variance_legacy"]
             ratios = {key: (value - legacy) / (1 - legacy) for key, value in values.items()}
-            try:
-                fingerprints.assert_r2_matches_legacy(reported)
-                verdict = "passed"
-            except AssertionError as error:
-                verdict = "FAILED: " + str(error).splitlines()[0]
+            verdicts = []
+            for producer in (None, "sae_lens"):  # the numbers alone; then naming the installed SAE Lens
+                try:
+                    fingerprints.assert_r2_matches_legacy(reported, producer=producer)
+                    verdicts.append("passed")
+                except AssertionError as error:
+                    verdicts.append(
+                        "FAILED: " + str(error).splitlines()[0][len("assert_r2_matches_legacy failed: ") :]
+                    )
+            verdict = " | producer='sae_lens': ".join(verdicts)
             row = {
                 "sae_lens": sae_lens.__version__,
                 "sae": name,

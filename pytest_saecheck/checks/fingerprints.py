@@ -657,7 +657,7 @@ def _explain(pair: Pair, verdict: Verdict) -> str:
                 ". To decide, compare with ours on the same SAE and tokens: assert_r2_matches_legacy(saecheck, "
                 "reported=<this mapping>)"
             )
-        return f"{where}{pair.ev_key} is the wrong number. Likely cause: {CAUSES[cause]}{fix}."
+        return f"{pair.ev_key} is the wrong number. Likely cause: {CAUSES[cause]}{fix}."
     if cause == "legacy_above":
         return (
             f"{where}{pair.legacy_key} exceeds {pair.ev_key}. The about-zero formulas inflate the pooled number, so "
