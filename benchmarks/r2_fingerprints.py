@@ -19,30 +19,10 @@ import sys
 from typing import Any
 
 import torch
+from bench_engine import TokenStore  # the activation-store stand-in (this script's folder is on sys.path)
 
 from pytest_saecheck import demo
 from pytest_saecheck.checks import fingerprints
-
-
-class TokenStore:
-    """The slice of SAE Lens' ActivationsStore that ``run_evals`` uses (as in ``bench_engine.py``)."""
-
-    def __init__(self, tokens: torch.Tensor, batch_size: int) -> None:
-        self.tokens = tokens
-        self.store_batch_size_prompts = batch_size
-        self.context_size = int(tokens.shape[1])
-        self.row = 0
-
-    def get_batch_tokens(
-        self, batch_size: int | None = None, raise_at_epoch_end: bool = False
-    ) -> torch.Tensor:
-        n = batch_size or self.store_batch_size_prompts
-        batch = self.tokens[self.row : self.row + n]
-        self.row += n
-        return batch
-
-    def reset_input_dataset(self) -> None:
-        self.row = 0
 
 
 def variants(device: str) -> dict[str, Any]:

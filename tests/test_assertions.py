@@ -21,8 +21,8 @@ from pytest_saecheck.assertions import (
     LEGACY_GAP_RATIO,
     MIN_LEGACY_TOL,
     assert_ce_recovery,
-    legacy_tolerance,
     assert_r2_matches_legacy,
+    legacy_tolerance,
 )
 from pytest_saecheck.engine import evaluate
 from pytest_saecheck.errors import ConfigError

@@ -8,6 +8,7 @@ openai/sparse_autoencoder's normalised MSE) and computed on the same activations
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -22,8 +23,19 @@ from pytest_saecheck.checks import fingerprints
 from pytest_saecheck.checks.fingerprints import LEGACY_GAP_RATIO, SAE_LENS_COLLAPSED
 from pytest_saecheck.errors import ConfigError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from r2_fingerprints import TokenStore  # noqa: E402
+
+def _token_store() -> Any:
+    """benchmarks/bench_engine.py's activation-store stand-in (the one home of it), loaded by path."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
+    spec = importlib.util.spec_from_file_location("bench_engine", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_engine", module)
+    spec.loader.exec_module(module)
+    return module.TokenStore
+
+
+TokenStore = _token_store()
 
 N_SEQUENCES, BATCH = 32, 8
 

@@ -47,11 +47,15 @@ from pytest_saecheck.errors import ConfigError
 ASSERTION = "assert_r2_matches_legacy"
 
 #: Upper edge of the pooled-vs-legacy gap of correct code, as a share of the legacy unexplained variance:
-#: ``(R² − legacy) / (1 − legacy)``. Correct pipelines measured (``benchmarks/r2_fingerprints.py``, SAE Lens
-#: 6.54.12 ``run_evals`` on the demo model's blocks.1.hook_resid_post, 64 sequences × 64 tokens, batch sizes 8
-#: and 32, nine SAEs from R² 0.36 to 0.98): 0.21–0.45; gpt2-small layer 8 TopK (issue 13): 0.576. The about-zero
-#: bug of the bug report (0.98 vs 0.78) is 0.91. 0.75 passes the highest correct share with a 1.30× margin and
-#: fails that bug with a 1.21× margin; shares between are decided by the other evidence or are inconclusive.
+#: ``(R² − legacy) / (1 − legacy)``. Measured with ``benchmarks/r2_fingerprints.py`` (SAE Lens 6.54.12
+#: ``run_evals`` on the demo model's blocks.1.hook_resid_post, 64 sequences × 64 tokens, batch sizes 8 and 32;
+#: 16 SAEs: the demo SAEs, ``good`` noised ×3, offset, shrunk, and ``good``/``variance_only`` on activations
+#: shifted to E‖x‖² = 0.1, 0.5, 0.91, 1.2 × d²; 32 runs, R² from −0.90 to 0.98): correct shares 0.036–0.363.
+#: gpt2-small layer 8 TopK (issue 13: 0.9413 vs 0.8615): 0.576. The about-zero bug of the bug report (0.98 vs
+#: 0.78): 0.91. 0.75 passes the highest correct share with a 1.30× margin (2.07× on the demo runs) and fails that
+#: bug with a 1.21× margin. On the same activations the wrong formulas span 0.086–0.97 (about zero), 0.029–1.15
+#: (collapsed), −0.04–0.97 (OpenAI per token): the gap alone cannot name them where the mean is small, so the
+#: producer, the value and the norm test are read first.
 LEGACY_GAP_RATIO = 0.75
 #: The smallest allowed pooled-vs-legacy gap, for SAEs whose R² is close to 1.
 MIN_LEGACY_TOL = 0.01
