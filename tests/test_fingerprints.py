@@ -333,6 +333,11 @@ def test_provenance_fields_and_arguments() -> None:
     message = message_of({**pair, "eval_cfg": {"library_version": "6.44.0"}})
     assert "producer: SAE Lens 6.44.0" in message
     assert "collapsed" in message_of(pair, producer="sae_bench==0.6.0")
+    # a producer that decides the formula needs no legacy value beside the number
+    assert_r2_matches_legacy({"explained_variance": 0.93}, producer="sae_lens==6.45.1")
+    assert "SAE Lens 6.45.0" in message_of({"explained_variance": 0.93}, producer="sae_lens==6.45.0")
+    with pytest.raises(ConfigError, match="hold no explained_variance_legacy"):
+        assert_r2_matches_legacy({"explained_variance": 0.93})
     with pytest.raises(ConfigError, match="producer='torch' is not known"):
         assert_r2_matches_legacy(pair, producer="torch")
     assert "is NaN" in message_of({"explained_variance": math.nan, "explained_variance_legacy": 0.9})

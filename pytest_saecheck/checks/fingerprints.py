@@ -406,13 +406,7 @@ def _judge(pair: Pair, provenance: Provenance | None, tol: float | None) -> Verd
             f"{pair.ev_key} = {fmt(ev)} is one minus the per-token normalised MSE, not an R²",
             "openai_per_token",
         )
-    if legacy is None:
-        raise ConfigError(
-            f"{ASSERTION}: the reported metrics hold no explained_variance_legacy beside {pair.ev_key!r}; pass SAE Lens "
-            "run_evals output, an SAEBench core result, or a dict with both explained_variance and "
-            "explained_variance_legacy (or compare with ours: assert_r2_matches_legacy(saecheck, reported=...))"
-        )
-    if legacy > 1.0 + 1e-9:
+    if legacy is not None and legacy > 1.0 + 1e-9:
         return Verdict(
             None,
             (),
@@ -448,6 +442,12 @@ def _judge(pair: Pair, provenance: Provenance | None, tol: float | None) -> Verd
         evidence.append(f"producer: {provenance.describe()} computes the pooled R²")  # type: ignore[union-attr]
         return Verdict("pooled", tuple(evidence), True)
 
+    if legacy is None:
+        raise ConfigError(
+            f"{ASSERTION}: the reported metrics hold no explained_variance_legacy beside {pair.ev_key!r}; pass SAE Lens "
+            "run_evals output, an SAEBench core result, or a dict with both explained_variance and "
+            "explained_variance_legacy (or compare with ours: assert_r2_matches_legacy(saecheck, reported=...))"
+        )
     # the numbers alone: the norm test, then the gap to the legacy R²
     difference = ev - legacy
     ratio = difference / (1.0 - legacy) if legacy < 1.0 else (0.0 if difference == 0 else math.inf)
@@ -463,7 +463,7 @@ def _judge(pair: Pair, provenance: Provenance | None, tol: float | None) -> Verd
         + (
             ""
             if tol is not None
-            else f" ({LEGACY_GAP_RATIO} × (1 − legacy), the most correct pipelines reach)"
+            else f" ({LEGACY_GAP_RATIO} × (1 − legacy), above every correct pipeline measured)"
         )
     )
     evidence.append(gap)
