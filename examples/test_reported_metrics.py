@@ -1,8 +1,9 @@
 """Checking reported metrics: does a metric pipeline's R² agree with the legacy formula, and with ours?
 
 ``assert_r2_matches_legacy`` accepts the metrics a pipeline reported (SAE Lens ``run_evals`` output, nested or
-flat; an SAEBench core result; a plain dict) and compares the reported explained variance with the reported
-legacy one. When they disagree it says which number is wrong and the likely cause. With ``reported=``, it
+flat; an SAEBench core result; a wandb summary; a plain dict) and tells which formula produced the reported
+explained variance: from the producer and version the mapping names, the value, mse against the input norm, and
+the gap to the reported legacy one. When it is not the correct pooled R² it names the formula and the cause. With ``reported=``, it
 compares a reported R² with our own computation on the same SAE.
 """
 
@@ -20,7 +21,13 @@ def load(name):
     return json.loads((DATA / name).read_text())
 
 
-def test_saebench_core_result_is_consistent():
+@pytest.mark.xfail(
+    strict=True,
+    reason="every SAEBench release with explained_variance (0.4.1-0.6.0) computes its total variance as "
+    "E||x||^2 - (mean_d E[x_d^2])^2; the result's own fields (eval_type_id, sae_bench_commit_hash) name the producer, "
+    "so the assertion names the defect whatever the numbers",
+)
+def test_saebench_core_result_names_its_explained_variance_defect():
     assert_r2_matches_legacy(load("saebench_core_result.json"))
 
 
