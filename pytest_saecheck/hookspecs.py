@@ -66,4 +66,4 @@ def pytest_saecheck_load_tokens(
 
 @pytest.hookspec(firstresult=True)
 def pytest_saecheck_training_adapter(training_sae: Any) -> Any:
-    """Return an adapter (see ``pytest_saecheck.training.AuxLossAdapter``) for a training SAE, or ``None``."""
+    """Return an adapter (see ``pytest_saecheck.AuxLossAdapter``) for a training SAE, or ``None``."""
