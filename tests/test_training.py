@@ -416,7 +416,8 @@ def test_resolver_fills_every_optional_member_once():
     sae = ToyTopKSAE()
     resolved = resolve(sae, adapter=Bare(sae))
     assert isinstance(resolved, ResolvedAdapter)
-    assert (resolved.name, resolved.selection, resolved.shift_invariant) == (Bare.__qualname__, "value", False)
+    assert resolved.name == Bare.__qualname__
+    assert (resolved.selection, resolved.shift_invariant) == ("value", False)
     assert resolved.module is sae  # the object under test is a module: its state is restored
     assert resolved.k_aux_and_scale(3, 16) == gao_k_aux_and_scale(3, 16)
     assert resolved.aux_groups(torch.zeros(2, 8)) is None
