@@ -17,7 +17,7 @@ import pytest
 
 from pytest_saecheck import baselines, loading, records
 from pytest_saecheck.config import FrozenKwargs, SAECheckSettings, resolve_for_item
-from pytest_saecheck.defaults import INTERVAL_LEVEL
+from pytest_saecheck.defaults import DEFAULT_CONTEXT_SIZE, INTERVAL_LEVEL
 from pytest_saecheck.errors import ConfigError, SAECheckError
 from pytest_saecheck.session_cache import SessionCache
 
@@ -124,7 +124,7 @@ class SAECheck:
         if self.settings.context_size is not None:
             return self.settings.context_size
         if self.settings.sae is None:
-            return loading.DEFAULT_CONTEXT_SIZE
+            return DEFAULT_CONTEXT_SIZE
         return loading.default_context_size(None, self._load_sae(self.sae_specs[0]))
 
     @property

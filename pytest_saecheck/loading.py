@@ -29,6 +29,10 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from pytest_saecheck import hookspecs
+from pytest_saecheck.defaults import DEFAULT_CONTEXT_SIZE, DEFAULT_N_TOKENS
+from pytest_saecheck.demo import (
+    NAME as DEMO_MODEL_NAME,  # model_name and dataset_path in the demo SAEs' configs
+)
 from pytest_saecheck.errors import (
     ConfigError,
     LoadError,
@@ -39,8 +43,6 @@ from pytest_saecheck.errors import (
 )
 
 DEMO = "demo"
-DEMO_MODEL_NAME = "saecheck-demo"  # model_name and dataset_path in the demo SAEs' configs
-DEFAULT_CONTEXT_SIZE = 128
 TEXT_COLUMNS = ("text", "content", "document", "story")
 TOKEN_COLUMNS = ("input_ids", "tokens", "token_ids")
 
@@ -870,7 +872,7 @@ def load_tokens(
     spec: str,
     model: Any,
     sae: Any = None,
-    n_tokens: int = 16_384,
+    n_tokens: int = DEFAULT_N_TOKENS,
     context_size: int | None = None,
     seed: int = 0,
 ) -> Any:
@@ -879,7 +881,8 @@ def load_tokens(
     ``spec``: ``"demo"``, ``"hf:<dataset>[?split=...&name=...&column=...]"``, or a local ``.txt``/``.jsonl``/
     ``.parquet``/``.npy``/``.pt`` file or ``datasets.save_to_disk`` directory (relative to the working
     directory). ``model`` tokenises text (its tokenizer) and gives BOS; ``sae`` (optional) says whether rows
-    start with BOS (``prepend_bos``) and the default ``context_size`` (its training context, else 128).
+    start with BOS (``prepend_bos``) and the default ``context_size`` (its training context, else
+    :data:`~pytest_saecheck.defaults.DEFAULT_CONTEXT_SIZE`).
     ``n_tokens``: about how many tokens, in whole rows. ``seed``: for sources that sample (the demo corpus).
 
     Returns a LongTensor ``[ceil(n_tokens / context_size), context_size]`` on the CPU (fewer rows, with a

@@ -16,9 +16,6 @@ import numpy as np
 
 from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS, ScalingLaw, as_scaling_law
 
-# The default law of compute_fraction (Chinchilla's, not fitted for any model under test): see scaling.py.
-CHINCHILLA_SCALING_LAW: ScalingLaw = DEFAULT_LAW
-
 
 @dataclass(frozen=True)
 class MetricInfo:
@@ -254,7 +251,7 @@ def compute_fraction_by_preset(ce_orig: float, ce_sae: float) -> dict[str, float
 
 def metrics_from_sums(
     sums: Mapping[str, np.ndarray],
-    scaling_law: ScalingLaw | tuple[float, float] | None = CHINCHILLA_SCALING_LAW,
+    scaling_law: ScalingLaw | tuple[float, float] | None = DEFAULT_LAW,
 ) -> dict[str, np.ndarray]:
     """Every bootstrappable metric from (possibly resampled) sums; undefined values come back as NaN.
 

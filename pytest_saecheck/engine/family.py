@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from pytest_saecheck.defaults import DEFAULT_BATCH_SIZE
 from pytest_saecheck.engine.run import _check_tokens, check_model
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.policy import TokenPolicy
@@ -29,7 +30,11 @@ def known_train_tokens(name: str) -> int | None:
 
 
 def model_loss(
-    model: Any, tokens: torch.Tensor, *, policy: TokenPolicy | None = None, batch_size: int = 16
+    model: Any,
+    tokens: torch.Tensor,
+    *,
+    policy: TokenPolicy | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> float:
     """Mean next-token cross-entropy (nats/token) of ``model`` on ``tokens`` ``[n_sequences, seq_len]``, pooled
     over the predictions the token policy keeps: the ``ce_orig`` that :func:`evaluate` reports on these tokens."""
@@ -56,7 +61,7 @@ def fit_scaling_law_from_models(
     n_params: Sequence[float] | None = None,
     n_train_tokens: Sequence[float] | None = None,
     policy: TokenPolicy | None = None,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | None = None,
     n_bootstrap: int = 200,
     seed: int = 0,

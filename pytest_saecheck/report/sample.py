@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_saecheck.defaults import INTERVAL_LEVEL
-from pytest_saecheck.metrics import CHINCHILLA_SCALING_LAW, compute_fraction
+from pytest_saecheck.metrics import compute_fraction
+from pytest_saecheck.scaling import DEFAULT_LAW
 
 
 @dataclass
@@ -66,7 +67,7 @@ def evaluation_record(
         "kl_sae": 0.8 * (ce_sae - ce_orig) + 0.01,
         "kl_zero": 7.1,
         "kl_div_score": 1 - (0.8 * (ce_sae - ce_orig) + 0.01) / 7.1,
-        "compute_fraction": float(compute_fraction(ce_orig, ce_sae, CHINCHILLA_SCALING_LAW)),
+        "compute_fraction": float(compute_fraction(ce_orig, ce_sae, DEFAULT_LAW)),
         "explained_variance": ev,
         "explained_variance_legacy": ev - 0.02,
         "explained_variance_about_zero": 0.97,
@@ -105,7 +106,7 @@ def evaluation_record(
         "hook_name": "blocks.1.hook_resid_pre",
         "hook_head_index": None,
         "token_policy": {"exclude_bos": True, "exclude_token_ids": [], "pad_token_id": None},
-        "scaling_law": [CHINCHILLA_SCALING_LAW.irreducible, CHINCHILLA_SCALING_LAW.gamma],
+        "scaling_law": [DEFAULT_LAW.irreducible, DEFAULT_LAW.gamma],
         "batch_size": 16,
         "model_dtype": "float32",
         "duration_s": 1.5 + rng.random(),
@@ -196,7 +197,9 @@ def sae_test_reports(
         {"kind": "subject", **subject(label)},
         evaluation,
         ce_assertion(label, metrics["ce_loss_score"], min_score=min_score),
-        ce_assertion(label, metrics["delta_ce"], metric="delta_ce", max_value=max_delta, confidence=0.95),
+        ce_assertion(
+            label, metrics["delta_ce"], metric="delta_ce", max_value=max_delta, confidence=INTERVAL_LEVEL
+        ),
     ]
     second = [
         {"kind": "subject", **subject(label)},
