@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
@@ -42,6 +42,95 @@ def auto_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@dataclasses.dataclass(frozen=True)
+class ResolvedSpecs:
+    """What one test's settings leave to the SAE's config, read once.
+
+    Built by :func:`resolve_specs` at most once per settings in a run (kept by the session cache), so that
+    computing a cache key never loads (or downloads) an SAE again, even after the SAE was dropped from the
+    cache. ``model`` and ``tokens`` are ``None`` when they cannot be resolved; ``model_problem`` and
+    ``tokens_problem`` then say why (raised as :class:`ConfigError` by the property that needs them).
+    """
+
+    model: str | None
+    tokens: str | None
+    context_size: int
+    prepend_bos: bool
+    model_from_pretrained_kwargs: FrozenKwargs
+    activation_scalers: tuple[tuple[str, float | str | None], ...]
+    model_problem: str | None = None
+    tokens_problem: str | None = None
+
+
+def _activation_scaler(settings: SAECheckSettings, spec: str) -> float | str | None:
+    """The ``activation_scaler`` setting; with ``auto``, the checkpoint directory when it holds
+    ``activation_scaler.json`` (else None: the engine estimates a factor if the SAE needs one)."""
+    if settings.activation_scaler is not None:
+        return settings.activation_scaler
+    from pytest_saecheck.normalisation import ACTIVATION_SCALER_FILENAME
+
+    path = loading._local_path(spec)
+    if path is not None and (path / ACTIVATION_SCALER_FILENAME).is_file():
+        return str(path)
+    return None
+
+
+_NO_SAE = (
+    "no SAE is configured for this test; add @pytest.mark.saecheck(sae=...) to the test, class or "
+    "module (pytestmark), or pass --saecheck-sae / set the ini key saecheck_sae"
+)
+_NO_MODEL = (
+    "no model is configured for this test; add @pytest.mark.saecheck(model=...) (or sae=..., whose "
+    "config names its model), or pass --saecheck-model / set the ini key saecheck_model"
+)
+
+
+def resolve_specs(
+    settings: SAECheckSettings, sae_specs: tuple[str, ...], load_sae: Callable[[str], Any]
+) -> ResolvedSpecs:
+    """The :class:`ResolvedSpecs` of ``settings``: ``sae_specs`` are its SAE specs (empty when it names none);
+    ``load_sae(spec)`` is called at most once, for the first SAE, and only when one is configured.
+
+    Raises what ``load_sae`` raises (:class:`~pytest_saecheck.errors.LoadError`,
+    :class:`~pytest_saecheck.errors.WeightsUnavailableError`).
+    """
+    first = sae_specs[0] if sae_specs else None
+    sae = load_sae(first) if first is not None else None
+    demo = first is not None and loading.demo_sae_name(first) is not None
+    model, model_problem = settings.model, None
+    if model is None and first is None:
+        model_problem = _NO_MODEL
+    elif model is None and first is not None:
+        try:
+            model = loading.DEMO if demo else loading.default_model_spec(first, sae)
+        except ConfigError as error:
+            model_problem = str(error)
+    tokens, tokens_problem = settings.tokens, None
+    if tokens is None and first is not None:
+        try:
+            tokens = loading.DEMO if demo else loading.default_token_source(first, sae)
+        except ConfigError as error:
+            tokens_problem = str(error)
+    if settings.context_size is not None:
+        context_size = settings.context_size
+    else:
+        context_size = DEFAULT_CONTEXT_SIZE if sae is None else loading.default_context_size(None, sae)
+    kwargs = settings.model_from_pretrained_kwargs
+    if kwargs is None:
+        from_sae = loading.sae_metadata(sae, "model_from_pretrained_kwargs") if sae is not None else None
+        kwargs = FrozenKwargs(from_sae or {})
+    return ResolvedSpecs(
+        model=model,
+        tokens=tokens,
+        context_size=context_size,
+        prepend_bos=loading.prepend_bos(sae) if sae is not None else True,
+        model_from_pretrained_kwargs=kwargs,
+        activation_scalers=tuple((spec, _activation_scaler(settings, spec)) for spec in sae_specs),
+        model_problem=model_problem,
+        tokens_problem=tokens_problem,
+    )
+
+
 class SAECheck:
     """One SAE under test: its model, SAE, tokens and (computed once) evaluation.
 
@@ -58,6 +147,7 @@ class SAECheck:
         self._cache = cache
         self._item = item
         self._evaluation_recorded = False
+        self._specs: ResolvedSpecs | None = None
 
     # -- specs -------------------------------------------------------------------------------------------
 
@@ -66,10 +156,7 @@ class SAECheck:
         """Every SAE under test: one, or several spliced jointly (``sae=[...]`` with ``splice="joint"``)."""
         sae = self.settings.sae
         if sae is None:
-            raise ConfigError(
-                "no SAE is configured for this test; add @pytest.mark.saecheck(sae=...) to the test, class or "
-                "module (pytestmark), or pass --saecheck-sae / set the ini key saecheck_sae"
-            )
+            raise ConfigError(_NO_SAE)
         specs = sae if isinstance(sae, tuple) else (sae,)
         if len(specs) > 1 and self.settings.splice != "joint":
             raise ConfigError(
@@ -97,35 +184,34 @@ class SAECheck:
         return specs[0]
 
     @property
-    def model_spec(self) -> str:
-        if self.settings.model is not None:
-            return self.settings.model
-        if self.settings.sae is None:
-            raise ConfigError(
-                "no model is configured for this test; add @pytest.mark.saecheck(model=...) (or sae=..., whose "
-                "config names its model), or pass --saecheck-model / set the ini key saecheck_model"
+    def specs(self) -> ResolvedSpecs:
+        """The specs resolved once for these settings in this run (see :class:`ResolvedSpecs`)."""
+        if self._specs is None:
+            sae_specs = self.sae_specs if self.settings.sae is not None else ()
+            self._specs = self._guard(
+                lambda: self._cache.resolved_specs(
+                    self.settings, lambda: resolve_specs(self.settings, sae_specs, self._load_sae)
+                )
             )
-        first = self.sae_specs[0]
-        if loading.demo_sae_name(first) is not None:
-            return loading.DEMO
-        return loading.default_model_spec(first, self._load_sae(first))
+        return self._specs
+
+    @property
+    def model_spec(self) -> str:
+        specs = self.specs
+        if specs.model is None:
+            raise ConfigError(specs.model_problem or _NO_MODEL)
+        return specs.model
 
     @property
     def token_source(self) -> str:
-        if self.settings.tokens is not None:
-            return self.settings.tokens
-        first = self.sae_specs[0]
-        if loading.demo_sae_name(first) is not None:
-            return loading.DEMO
-        return loading.default_token_source(first, self._load_sae(first))
+        specs = self.specs
+        if specs.tokens is None:
+            raise ConfigError(specs.tokens_problem or _NO_SAE)
+        return specs.tokens
 
     @property
     def context_size(self) -> int:
-        if self.settings.context_size is not None:
-            return self.settings.context_size
-        if self.settings.sae is None:
-            return DEFAULT_CONTEXT_SIZE
-        return loading.default_context_size(None, self._load_sae(self.sae_specs[0]))
+        return self.specs.context_size
 
     @property
     def activation_scaler(self) -> float | str | None:
@@ -134,14 +220,9 @@ class SAECheck:
         return self._activation_scaler_for(self.sae_spec)
 
     def _activation_scaler_for(self, spec: str) -> float | str | None:
-        if self.settings.activation_scaler is not None:
-            return self.settings.activation_scaler
-        from pytest_saecheck.normalisation import ACTIVATION_SCALER_FILENAME
-
-        path = loading._local_path(spec)
-        if path is not None and (path / ACTIVATION_SCALER_FILENAME).is_file():
-            return str(path)
-        return None
+        """The resolved scaler of one of this test's SAEs, or of a release-group sibling's ``spec``."""
+        own = dict(self.specs.activation_scalers)
+        return own[spec] if spec in own else _activation_scaler(self.settings, spec)
 
     @property
     def label(self) -> str:
@@ -156,33 +237,24 @@ class SAECheck:
     @property
     def model_from_pretrained_kwargs(self) -> dict[str, Any]:
         """The model's loading kwargs: the ``model_from_pretrained_kwargs`` setting, else the SAE config's, else {}."""
-        if self.settings.model_from_pretrained_kwargs is not None:
-            return dict(self.settings.model_from_pretrained_kwargs)
-        if self.settings.sae is None:
-            return {}
-        first = self._load_sae(self.sae_specs[0])
-        return dict(loading.sae_metadata(first, "model_from_pretrained_kwargs") or {})
+        return dict(self.specs.model_from_pretrained_kwargs)
 
     # -- cache keys --------------------------------------------------------------------------------------
 
     def _model_key(self) -> Hashable:
-        kwargs = FrozenKwargs(self.model_from_pretrained_kwargs)
-        return (self.model_spec, self.device, self.dtype, kwargs)
+        return (self.model_spec, self.device, self.dtype, self.specs.model_from_pretrained_kwargs)
 
     def _sae_key(self, spec: str | None = None) -> Hashable:
         return (spec or self.sae_specs, self.device, self.dtype, self.settings.hook_name)
 
     def _tokens_key(self) -> Hashable:
-        bos = (
-            loading.prepend_bos(self._load_sae(self.sae_specs[0])) if self.settings.sae is not None else True
-        )
         return (
             self.token_source,
             self.model_spec,
             self.settings.n_tokens,
             self.context_size,
             self.settings.seed,
-            bos,
+            self.specs.prepend_bos,
         )
 
     def evaluation_key(self) -> Hashable:
@@ -194,7 +266,7 @@ class SAECheck:
             self.settings.exclude_bos,
             self.settings.exclude_special_tokens,
             self.settings.exclude_token_ids,
-            tuple(self._activation_scaler_for(spec) for spec in self.sae_specs),
+            self.specs.activation_scalers,
             self.settings.scaling_law,
             self.settings.splice,
         )
