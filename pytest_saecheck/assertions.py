@@ -137,7 +137,7 @@ def assert_ce_recovery(
     low, high, level = _validate_ce_thresholds(metric, min_score, max_value, confidence)
     evaluation, facts = _unwrap(check)
     law = getattr(evaluation, "scaling_law", None)
-    if metric == "compute_fraction" and getattr(law, "default", False):
+    if metric == "compute_fraction" and law is not None and getattr(law, "default", False):
         raise ConfigError(
             "assert_ce_recovery(metric='compute_fraction') gates on the default scaling law "
             f"({law.label()}); fit the law for your model family (pytest_saecheck.fit_scaling_law, then "
@@ -264,7 +264,7 @@ def _find_reported(metrics: Mapping[str, Any], names: tuple[str, ...], what: str
         return None
     values: dict[str, float] = {}
     for key, value in found.items():
-        if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0):
+        if isinstance(value, (list, tuple)) or int(getattr(value, "ndim", 0)) > 0:
             raise ConfigError(
                 f"reported {what} at {key!r} is a sequence, not one number; pass the aggregated value"
             )
@@ -681,10 +681,10 @@ def assert_no_regression(
             if baseline is None
             else baselines.record_command(None, directory) + f" (on a test of {baseline})"
         )
-        message = f"assert_no_regression failed for {facts.label}: no baseline{whose} at {path}\n  record it with: {how}"
+        missing = f"assert_no_regression failed for {facts.label}: no baseline{whose} at {path}\n  record it with: {how}"
         entry["baseline"]["state"] = "missing"
-        records.record({**entry, "passed": False, "message": message})
-        raise AssertionError(message)
+        records.record({**entry, "passed": False, "message": missing})
+        raise AssertionError(missing)
     stored = baselines.load(path)
     mismatch = baselines.token_mismatch(current, stored)
     if mismatch and not unpaired:

@@ -36,7 +36,8 @@ MARKER = "saecheck"
 _UNSET = object()
 
 
-class SettingsUsageError(ConfigError, pytest.UsageError):
+# pytest.UsageError is final to type checkers, but a subclass is what pytest reports as a usage error
+class SettingsUsageError(ConfigError, pytest.UsageError):  # type: ignore[misc]
     """A malformed ``--saecheck-*`` option or ``saecheck_*`` ini value: pytest reports it as a usage error."""
 
 
@@ -284,10 +285,12 @@ def _activation_scaler(name: str, value: Any) -> float | str | None:
         raise ConfigError(
             f"saecheck setting {name!r} must be 'auto', a positive number or a path, got {value!r}"
         )
+    if isinstance(value, os.PathLike):
+        return str(os.fspath(value))
     try:
         factor = float(value)
-    except (TypeError, ValueError):
-        return str(os.fspath(value))
+    except ValueError:
+        return str(value)
     if not (factor > 0 and factor != float("inf")):
         raise ConfigError(f"saecheck setting {name!r} must be a positive finite number, got {value!r}")
     return factor

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import operator
 import warnings
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -22,6 +24,9 @@ from pytest_saecheck.errors import ConfigError, SAECheckError
 from pytest_saecheck.session_cache import SessionCache
 
 if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
     from pytest_saecheck.engine import Evaluation
 
 CACHE_KEY = pytest.StashKey[SessionCache]()
@@ -274,12 +279,12 @@ class SAECheck:
     # -- loaded objects ----------------------------------------------------------------------------------
 
     @property
-    def sae(self) -> Any:
+    def sae(self) -> SAE:
         """The SAE under test (an SAE Lens ``SAE``); ``saes`` when several are spliced jointly."""
         return self._load_sae(self.sae_spec)
 
     @property
-    def saes(self) -> dict[str, Any]:
+    def saes(self) -> dict[str, SAE]:
         """Every SAE under test, ``spec → SAE`` (one entry unless ``splice="joint"``)."""
         return {spec: self._load_sae(spec) for spec in self.sae_specs}
 
@@ -292,7 +297,7 @@ class SAECheck:
         )
 
     @property
-    def model(self) -> Any:
+    def model(self) -> HookedTransformer:
         spec = self.model_spec
         key = self._model_key()
 
@@ -390,7 +395,9 @@ class SAECheck:
             # one SAE of the group cannot be evaluated: each SAE's own test reports its own problem
             return self._evaluate({self.sae_spec: self.sae})
         for member in group[1:]:
-            self._cache.evaluation(member.evaluation_key(), lambda member=member: result[member.sae_spec])
+            self._cache.evaluation(
+                member.evaluation_key(), functools.partial(operator.getitem, result, member.sae_spec)
+            )
         return result[self.sae_spec]
 
     @property

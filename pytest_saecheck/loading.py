@@ -25,7 +25,7 @@ import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from pytest_saecheck import hookspecs
@@ -41,6 +41,11 @@ from pytest_saecheck.errors import (
     UnsupportedDictionaryError,
     WeightsUnavailableError,
 )
+
+if TYPE_CHECKING:
+    import torch
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
 
 DEMO = "demo"
 TEXT_COLUMNS = ("text", "content", "document", "story")
@@ -234,7 +239,7 @@ def load_model(
     device: str | None = None,
     dtype: str | None = None,
     model_from_pretrained_kwargs: Mapping[str, Any] | None = None,
-) -> Any:
+) -> HookedTransformer:
     """Load a TransformerLens ``HookedTransformer`` the way the plugin does: hooks first, then the built-ins.
 
     ``spec``: ``"demo"``, a local Hugging Face model directory, or a TransformerLens model name. ``device``: a
@@ -501,7 +506,7 @@ def usable_tokenizer(model: Any) -> Any:
 
 def load_sae(
     spec: str, device: str | None = None, dtype: str | None = None, hook_name: str | None = None
-) -> Any:
+) -> SAE:
     """Load an SAE the way the plugin does: hooks first, then the built-in loaders.
 
     ``spec``: ``"demo/<name>"``, a local directory (SAE Lens ``cfg.json`` + weights, or an EleutherAI sparsify
@@ -870,12 +875,12 @@ def prepend_bos(sae: Any) -> bool:
 
 def load_tokens(
     spec: str,
-    model: Any,
-    sae: Any = None,
+    model: HookedTransformer,
+    sae: SAE | None = None,
     n_tokens: int = DEFAULT_N_TOKENS,
     context_size: int | None = None,
     seed: int = 0,
-) -> Any:
+) -> torch.Tensor:
     """Load evaluation tokens the way the plugin does: hooks first, then the built-in sources.
 
     ``spec``: ``"demo"``, ``"hf:<dataset>[?split=...&name=...&column=...]"``, or a local ``.txt``/``.jsonl``/

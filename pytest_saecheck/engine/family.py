@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +15,9 @@ from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.policy import TokenPolicy
 from pytest_saecheck.scaling import ScalingLaw, fit_scaling_law
 from pytest_saecheck.scoring import score_batch
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 # Training tokens of model suites whose members were all trained on the same data budget (name pattern, D).
 # Pythia (Biderman et al. 2023): 143,000 steps of 1,024 sequences of 2,048 tokens = 299,892,736,000 tokens.
@@ -30,7 +33,7 @@ def known_train_tokens(name: str) -> int | None:
 
 
 def model_loss(
-    model: Any,
+    model: HookedTransformer,
     tokens: torch.Tensor,
     *,
     policy: TokenPolicy | None = None,
@@ -55,7 +58,7 @@ def model_loss(
 
 
 def fit_scaling_law_from_models(
-    models: Sequence[Any],
+    models: Sequence[HookedTransformer],
     tokens: torch.Tensor,
     *,
     n_params: Sequence[float] | None = None,

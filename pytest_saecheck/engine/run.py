@@ -25,7 +25,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -59,6 +59,10 @@ from pytest_saecheck.scaling import DEFAULT_LAW, ScalingLaw, as_scaling_law
 from pytest_saecheck.scoring import BatchScores, chunk_rows_for, score_batch
 from pytest_saecheck.stats import DEFAULT_LEVEL, bootstrap_intervals
 
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
 PARTICIPATION_RATIO_MAX_WIDTH = 4096
 """Above this activation width the d×d covariance for the participation ratio (128 MiB in float64) is skipped."""
 
@@ -87,8 +91,8 @@ RECONSTRUCTION_METRICS = (
 
 
 def evaluate(
-    model: Any,
-    sae: Any,
+    model: HookedTransformer,
+    sae: SAE | Sequence[SAE] | Mapping[str, SAE],
     tokens: torch.Tensor,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,

@@ -118,8 +118,14 @@ def _coarse(record: Mapping[str, Any]) -> dict[str, Any]:
     return {key: str_or_none(record.get(key)) for key in _SUBJECT_FIELDS}
 
 
+def _settings_of(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The record's ``settings`` mapping, or an empty one."""
+    settings = record.get("settings")
+    return settings if isinstance(settings, Mapping) else {}
+
+
 def _fine(record: Mapping[str, Any]) -> dict[str, Any]:
-    settings = record.get("settings") if isinstance(record.get("settings"), Mapping) else {}
+    settings = _settings_of(record)
     return {
         **_coarse(record),
         "resolved_sae": str_or_none(record.get("resolved_sae")),
@@ -167,7 +173,7 @@ def _interval(value: Any) -> list[float | None] | None:
 def sae_entry(identity: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
     """An SAE's document entry from its subject or evaluation record (numbers only from an evaluation)."""
     evaluated = record.get("kind") == "evaluation"
-    settings = record.get("settings") if isinstance(record.get("settings"), Mapping) else {}
+    settings = _settings_of(record)
     metrics: dict[str, float] = {}
     undefined: dict[str, str] = {}
     for name, reason in (record.get("undefined") or {}).items() if evaluated else ():
@@ -440,8 +446,10 @@ class Collector:
                     if label is None:  # e.g. reported metrics checked without an SAE under test
                         unattached.append(entry)
                         continue
-                    sae_id = current.get(str(label))
-                    if sae_id is None:  # an assertion on an Evaluation made outside the fixture
+                    attached = current.get(str(label))
+                    if attached is not None:
+                        sae_id = attached
+                    else:  # an assertion on an Evaluation made outside the fixture
                         coarse = _coarse(record)
                         sae_id = _identity_id(coarse)
                         if sae_id not in saes:

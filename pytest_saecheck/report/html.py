@@ -9,7 +9,7 @@ alone: a merged document renders exactly like a single run's.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jinja2
@@ -233,7 +233,7 @@ def assertion_outcome(assertion: Mapping[str, Any]) -> str:
 
 
 def _view(
-    sae: Mapping[str, Any], info: Mapping[str, Any], sections: list[Mapping[str, Any]], short_label: str
+    sae: Mapping[str, Any], info: Mapping[str, Any], sections: Sequence[Mapping[str, Any]], short_label: str
 ) -> dict[str, Any]:
     known = {name for rows in (LOSS_ROWS, SCORE_ROWS, R2_ROWS, OTHER_ROWS) for name, _ in rows}
     extra = sorted(set(sae.get("metrics", {})) - known)
