@@ -22,7 +22,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from factories import CORPUS, TINY_CONFTEST, build_tokenizer, make_identity_sae, make_random_sae, make_tokens
+from factories import (
+    CORPUS,
+    TINY_CONFTEST,
+    build_tokenizer,
+    make_identity_sae,
+    make_random_sae,
+    make_token_ids,
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -82,7 +89,7 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("saecheck_assets")
     make_identity_sae().save_model(root / "sae_identity")
     make_random_sae().save_model(root / "sae_random")
-    np.save(root / "tokens.npy", make_tokens(40, seed=0).numpy())
+    np.save(root / "tokens.npy", make_token_ids())
     return root
 
 

@@ -11,13 +11,12 @@ from factories import (
     D_MODEL,
     D_VOCAB,
     N_CTX,
-    SAE_LENS_POOLED_R2,
     identity_sae,
     make_engine_model,
     make_tokens,
     random_sae,
-    sae_lens_reference,
 )
+from references import SAE_LENS_POOLED_R2, sae_lens_reference
 from sae_lens import StandardSAE, StandardSAEConfig
 from transformer_lens import HookedTransformer
 
