@@ -46,7 +46,7 @@ define pytest
 endef
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-slow test-all lint FORCE
+.PHONY: help setup demo test test-slow test-all lint typecheck FORCE
 
 help:
 	@echo "make demo       set up $(VENV), then the example acceptance tests on the demo, writing $(REPORT)"
@@ -54,6 +54,7 @@ help:
 	@echo "make test-slow  set up $(VENV), then only the slow end-to-end tests (CI runs both)"
 	@echo "make test-all   set up $(VENV), then every test"
 	@echo "make lint       set up $(VENV), then ruff check and ruff format --check"
+	@echo "make typecheck  set up $(VENV), then mypy on the package (configured in pyproject.toml)"
 	@echo "make setup      only set up $(VENV)"
 	@echo "Choose the torch build with TORCH=... (and TORCH_INDEX=...); see the top of this Makefile."
 
@@ -86,5 +87,8 @@ test-all: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV_PYTHON) -m mypy
 
 FORCE:

@@ -54,8 +54,8 @@ _LAZY: dict[str, str] = {
     "AuxLossAdapter": "pytest_saecheck.training",
     "AuxLossAdapterBase": "pytest_saecheck.training",
     "resolve_training_adapter": "pytest_saecheck.training",
-    "SAELensTopKAdapter": "pytest_saecheck.training_adapters",
-    "SparsifyAdapter": "pytest_saecheck.training_adapters",
+    "SAELensTopKAdapter": "pytest_saecheck.training",
+    "SparsifyAdapter": "pytest_saecheck.training",
 }
 
 if TYPE_CHECKING:
@@ -70,6 +70,8 @@ if TYPE_CHECKING:
     from pytest_saecheck.training import (
         AuxLossAdapter,
         AuxLossAdapterBase,
+        SAELensTopKAdapter,
+        SparsifyAdapter,
         assert_aux_k_scaling,
         assert_aux_loss_zero_without_dead,
         assert_aux_residual_detached,
@@ -77,7 +79,6 @@ if TYPE_CHECKING:
         assert_training_objective,
         resolve_training_adapter,
     )
-    from pytest_saecheck.training_adapters import SAELensTopKAdapter, SparsifyAdapter
 
 
 def __getattr__(name: str) -> Any:

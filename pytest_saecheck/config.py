@@ -28,14 +28,16 @@ from typing import Any
 
 import pytest
 
+from pytest_saecheck.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CONTEXT_SIZE, DEFAULT_N_TOKENS
 from pytest_saecheck.errors import ConfigError
-from pytest_saecheck.scaling import DEFAULT_LAW, ScalingLaw, as_scaling_law
+from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS, ScalingLaw, as_scaling_law
 
 MARKER = "saecheck"
 _UNSET = object()
 
 
-class SettingsUsageError(ConfigError, pytest.UsageError):
+# pytest.UsageError is final to type checkers, but a subclass is what pytest reports as a usage error
+class SettingsUsageError(ConfigError, pytest.UsageError):  # type: ignore[misc]
     """A malformed ``--saecheck-*`` option or ``saecheck_*`` ini value: pytest reports it as a usage error."""
 
 
@@ -283,10 +285,12 @@ def _activation_scaler(name: str, value: Any) -> float | str | None:
         raise ConfigError(
             f"saecheck setting {name!r} must be 'auto', a positive number or a path, got {value!r}"
         )
+    if isinstance(value, os.PathLike):
+        return str(os.fspath(value))
     try:
         factor = float(value)
-    except (TypeError, ValueError):
-        return str(os.fspath(value))
+    except ValueError:
+        return str(value)
     if not (factor > 0 and factor != float("inf")):
         raise ConfigError(f"saecheck setting {name!r} must be a positive finite number, got {value!r}")
     return factor
@@ -362,6 +366,8 @@ class Setting:
         return "saecheck_" + self.name
 
 
+_RELEASE_GROUP_MIB = 2048
+
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "model",
@@ -390,15 +396,27 @@ SETTINGS: tuple[Setting, ...] = (
         "SOURCE",
         path=True,
     ),
-    Setting("n_tokens", _positive_int, 16_384, "number of tokens to evaluate (default 16384)", "N"),
+    Setting(
+        "n_tokens",
+        _positive_int,
+        DEFAULT_N_TOKENS,
+        f"number of tokens to evaluate (default {DEFAULT_N_TOKENS})",
+        "N",
+    ),
     Setting(
         "context_size",
         _optional_positive_int,
         None,
-        "tokens per sequence. Default: the SAE's training context size, else 128",
+        f"tokens per sequence. Default: the SAE's training context size, else {DEFAULT_CONTEXT_SIZE}",
         "N",
     ),
-    Setting("batch_size", _positive_int, 16, "sequences per forward pass (default 16)", "N"),
+    Setting(
+        "batch_size",
+        _positive_int,
+        DEFAULT_BATCH_SIZE,
+        f"sequences per forward pass (default {DEFAULT_BATCH_SIZE})",
+        "N",
+    ),
     Setting(
         "device", _device, None, "device for model and SAE (default: cuda when available, else cpu)", "DEVICE"
     ),
@@ -447,9 +465,10 @@ SETTINGS: tuple[Setting, ...] = (
         "scaling_law",
         _scaling_law,
         DEFAULT_LAW,
-        "the model family's compute scaling law L(C) = E + A*C^-gamma, for compute_fraction: a preset "
-        '("chinchilla", the default, "epoch" or "kaplan": none is fitted for your model), "E,gamma", the path of '
-        'a fit file from pytest_saecheck.fit_scaling_law, or "none"',
+        "the model family's compute scaling law L(C) = E + A*C^-gamma, for compute_fraction: a preset ("
+        + ", ".join(f'"{name}"' + (", the default" if name == DEFAULT_LAW.name else "") for name in PRESETS)
+        + ': none is fitted for your model), "E,gamma", the path of a fit file from '
+        'pytest_saecheck.fit_scaling_law, or "none"',
         "PRESET|E,GAMMA|PATH",
     ),
     Setting(
@@ -463,9 +482,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "release_group_mib",
         lambda name, value: _positive_int(name, value, minimum=0),
-        2048,
+        _RELEASE_GROUP_MIB,
         "SAEs of one run that share model, tokens and settings are evaluated together in one pass, up to this many "
-        "MiB of SAE weights per pass (default 2048; 0 evaluates each SAE alone)",
+        f"MiB of SAE weights per pass (default {_RELEASE_GROUP_MIB}; 0 evaluates each SAE alone)",
         "MIB",
     ),
     Setting(
@@ -497,31 +516,41 @@ SETTINGS: tuple[Setting, ...] = (
 SETTINGS_BY_NAME: Mapping[str, Setting] = {setting.name: setting for setting in SETTINGS}
 
 
+def _default(name: str) -> Any:
+    """The default of setting ``name`` (:data:`SETTINGS` is the one place defaults are written)."""
+    default = SETTINGS_BY_NAME[name].default
+    if isinstance(default, (list, dict, set)):  # one object would be shared by every test's settings
+        raise TypeError(f"setting {name!r} has a mutable default {default!r}")
+    return default
+
+
 @dataclasses.dataclass(frozen=True)
 class SAECheckSettings:
     """The resolved settings of one test. Hashable; ``sources`` says where each value came from, and ``written``
-    holds the ``model``/``sae``/``tokens`` values as written where a relative path was made absolute."""
+    holds the ``model``/``sae``/``tokens`` values as written where a relative path was made absolute.
 
-    model: str | None = None
-    sae: str | tuple[str, ...] | None = None
-    tokens: str | None = None
-    n_tokens: int = 16_384
-    context_size: int | None = None
-    batch_size: int = 16
-    device: str | None = None
-    dtype: str | None = None
-    n_devices: int | None = None
-    exclude_bos: bool = True
-    exclude_special_tokens: bool = True
-    exclude_token_ids: tuple[int, ...] = ()
-    activation_scaler: float | str | None = None
-    seed: int = 0
-    scaling_law: ScalingLaw | None = DEFAULT_LAW
-    splice: str = "separate"
-    release_group_mib: int = 2048
-    unavailable: str = "skip"
-    model_from_pretrained_kwargs: FrozenKwargs | None = None
-    hook_name: str | None = None
+    One field per entry of :data:`SETTINGS`, whose defaults are the only ones (read here by name)."""
+
+    model: str | None = _default("model")
+    sae: str | tuple[str, ...] | None = _default("sae")
+    tokens: str | None = _default("tokens")
+    n_tokens: int = _default("n_tokens")
+    context_size: int | None = _default("context_size")
+    batch_size: int = _default("batch_size")
+    device: str | None = _default("device")
+    dtype: str | None = _default("dtype")
+    n_devices: int | None = _default("n_devices")
+    exclude_bos: bool = _default("exclude_bos")
+    exclude_special_tokens: bool = _default("exclude_special_tokens")
+    exclude_token_ids: tuple[int, ...] = _default("exclude_token_ids")
+    activation_scaler: float | str | None = _default("activation_scaler")
+    seed: int = _default("seed")
+    scaling_law: ScalingLaw | None = _default("scaling_law")
+    splice: str = _default("splice")
+    release_group_mib: int = _default("release_group_mib")
+    unavailable: str = _default("unavailable")
+    model_from_pretrained_kwargs: FrozenKwargs | None = _default("model_from_pretrained_kwargs")
+    hook_name: str | None = _default("hook_name")
     sources: Mapping[str, str] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False
     )

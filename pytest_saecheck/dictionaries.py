@@ -12,8 +12,9 @@ its reconstruction), a transcoder that does not say where it writes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pytest_saecheck.errors import ConfigError, UnsupportedDictionaryError
 
@@ -21,6 +22,47 @@ if TYPE_CHECKING:
     import torch
 
 SAE, TRANSCODER, SKIP_TRANSCODER = "sae", "transcoder", "skip_transcoder"
+
+
+class DictionaryConfig(Protocol):
+    """The config fields the engine reads (SAE Lens 6's ``SAEConfig`` has them).
+
+    ``metadata`` holds ``hook_name`` (required: the hook read), and optionally ``hook_name_out`` (a
+    transcoder's output hook), ``hook_head_index``, ``context_size``, ``prepend_bos``; each falls back to an
+    attribute of the config itself of the same name. ``normalize_activations``, ``d_out`` and
+    ``architecture()`` are read when present.
+    """
+
+    @property
+    def d_in(self) -> int: ...
+
+    @property
+    def d_sae(self) -> int: ...
+
+    @property
+    def metadata(self) -> Any: ...
+
+
+class Dictionary(Protocol):
+    """What the engine needs of an SAE (or transcoder): SAE Lens' ``SAE`` and its subclasses satisfy it.
+
+    ``encode(x)`` maps ``[..., d_in]`` activations to ``[..., d_sae]`` latents and ``decode(latents)`` back to
+    ``[..., d_out]``; a transcoder's reconstruction is ``forward_with_activations(x)`` or ``__call__`` when it has
+    them (:meth:`DictionaryInfo.reconstruct`). ``named_parameters`` are checked for NaN/inf before the pass;
+    ``dtype`` names the weights' dtype in messages.
+    """
+
+    @property
+    def cfg(self) -> DictionaryConfig: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor: ...
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
 
 
 def _metadata(sae: Any, key: str) -> Any:
@@ -57,15 +99,17 @@ class DictionaryInfo:
     def is_transcoder(self) -> bool:
         return self.kind != SAE
 
-    def reconstruct(self, sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(self, sae: Dictionary, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(latents [.., d_sae], reconstruction [.., d_out])`` of ``x [.., d_in]`` by the object's own code."""
         if not self.is_transcoder:
             latents = sae.encode(x)
             return latents, sae.decode(latents)
-        if hasattr(sae, "forward_with_activations"):
-            recon, latents = sae.forward_with_activations(x)
+        forward_with_activations = getattr(sae, "forward_with_activations", None)
+        if callable(forward_with_activations):
+            recon, latents = forward_with_activations(x)
             return latents, recon
-        return sae.encode(x), sae(x)
+        forward: Any = sae  # a transcoder's forward is its reconstruction
+        return sae.encode(x), forward(x)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import operator
 import warnings
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
 from pytest_saecheck import baselines, loading, records
 from pytest_saecheck.config import FrozenKwargs, SAECheckSettings, resolve_for_item
-from pytest_saecheck.defaults import INTERVAL_LEVEL
+from pytest_saecheck.defaults import DEFAULT_CONTEXT_SIZE, INTERVAL_LEVEL
 from pytest_saecheck.devices import auto_device
 from pytest_saecheck.errors import ConfigError, SAECheckError, WeightsUnavailableError
 from pytest_saecheck.session_cache import SessionCache
 
 if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
     from pytest_saecheck.engine import Evaluation
 
 CACHE_KEY = pytest.StashKey[SessionCache]()
@@ -34,6 +39,95 @@ def session_cache(config: pytest.Config) -> SessionCache:
     if cache is None:
         cache = config.stash[CACHE_KEY] = SessionCache()
     return cache
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedSpecs:
+    """What one test's settings leave to the SAE's config, read once.
+
+    Built by :func:`resolve_specs` at most once per settings in a run (kept by the session cache), so that
+    computing a cache key never loads (or downloads) an SAE again, even after the SAE was dropped from the
+    cache. ``model`` and ``tokens`` are ``None`` when they cannot be resolved; ``model_problem`` and
+    ``tokens_problem`` then say why (raised as :class:`ConfigError` by the property that needs them).
+    """
+
+    model: str | None
+    tokens: str | None
+    context_size: int
+    prepend_bos: bool
+    model_from_pretrained_kwargs: FrozenKwargs
+    activation_scalers: tuple[tuple[str, float | str | None], ...]
+    model_problem: str | None = None
+    tokens_problem: str | None = None
+
+
+def _activation_scaler(settings: SAECheckSettings, spec: str) -> float | str | None:
+    """The ``activation_scaler`` setting; with ``auto``, the checkpoint directory when it holds
+    ``activation_scaler.json`` (else None: the engine estimates a factor if the SAE needs one)."""
+    if settings.activation_scaler is not None:
+        return settings.activation_scaler
+    from pytest_saecheck.normalisation import ACTIVATION_SCALER_FILENAME
+
+    path = loading.local_path(spec)
+    if path is not None and (path / ACTIVATION_SCALER_FILENAME).is_file():
+        return str(path)
+    return None
+
+
+_NO_SAE = (
+    "no SAE is configured for this test; add @pytest.mark.saecheck(sae=...) to the test, class or "
+    "module (pytestmark), or pass --saecheck-sae / set the ini key saecheck_sae"
+)
+_NO_MODEL = (
+    "no model is configured for this test; add @pytest.mark.saecheck(model=...) (or sae=..., whose "
+    "config names its model), or pass --saecheck-model / set the ini key saecheck_model"
+)
+
+
+def resolve_specs(
+    settings: SAECheckSettings, sae_specs: tuple[str, ...], load_sae: Callable[[str], Any]
+) -> ResolvedSpecs:
+    """The :class:`ResolvedSpecs` of ``settings``: ``sae_specs`` are its SAE specs (empty when it names none);
+    ``load_sae(spec)`` is called at most once, for the first SAE, and only when one is configured.
+
+    Raises what ``load_sae`` raises (:class:`~pytest_saecheck.errors.LoadError`,
+    :class:`~pytest_saecheck.errors.WeightsUnavailableError`).
+    """
+    first = sae_specs[0] if sae_specs else None
+    sae = load_sae(first) if first is not None else None
+    demo = first is not None and loading.demo_sae_name(first) is not None
+    model, model_problem = settings.model, None
+    if model is None and first is None:
+        model_problem = _NO_MODEL
+    elif model is None and first is not None:
+        try:
+            model = loading.DEMO if demo else loading.default_model_spec(first, sae)
+        except ConfigError as error:
+            model_problem = str(error)
+    tokens, tokens_problem = settings.tokens, None
+    if tokens is None and first is not None:
+        try:
+            tokens = loading.DEMO if demo else loading.default_token_source(first, sae)
+        except ConfigError as error:
+            tokens_problem = str(error)
+    if settings.context_size is not None:
+        context_size = settings.context_size
+    else:
+        context_size = DEFAULT_CONTEXT_SIZE if sae is None else loading.default_context_size(None, sae)
+    kwargs = settings.model_from_pretrained_kwargs
+    if kwargs is None:
+        from_sae = loading.sae_metadata(sae, "model_from_pretrained_kwargs") if sae is not None else None
+        kwargs = FrozenKwargs(from_sae or {})
+    return ResolvedSpecs(
+        model=model,
+        tokens=tokens,
+        context_size=context_size,
+        prepend_bos=loading.prepend_bos(sae) if sae is not None else True,
+        model_from_pretrained_kwargs=kwargs,
+        activation_scalers=tuple((spec, _activation_scaler(settings, spec)) for spec in sae_specs),
+        model_problem=model_problem,
+        tokens_problem=tokens_problem,
+    )
 
 
 class SAECheck:
@@ -52,6 +146,7 @@ class SAECheck:
         self._cache = cache
         self._item = item
         self._evaluation_recorded = False
+        self._specs: ResolvedSpecs | None = None
 
     # -- specs -------------------------------------------------------------------------------------------
 
@@ -60,10 +155,7 @@ class SAECheck:
         """Every SAE under test: one, or several spliced jointly (``sae=[...]`` with ``splice="joint"``)."""
         sae = self.settings.sae
         if sae is None:
-            raise ConfigError(
-                "no SAE is configured for this test; add @pytest.mark.saecheck(sae=...) to the test, class or "
-                "module (pytestmark), or pass --saecheck-sae / set the ini key saecheck_sae"
-            )
+            raise ConfigError(_NO_SAE)
         specs = sae if isinstance(sae, tuple) else (sae,)
         if len(specs) > 1 and self.settings.splice != "joint":
             raise ConfigError(
@@ -91,35 +183,34 @@ class SAECheck:
         return specs[0]
 
     @property
-    def model_spec(self) -> str:
-        if self.settings.model is not None:
-            return self.settings.model
-        if self.settings.sae is None:
-            raise ConfigError(
-                "no model is configured for this test; add @pytest.mark.saecheck(model=...) (or sae=..., whose "
-                "config names its model), or pass --saecheck-model / set the ini key saecheck_model"
+    def specs(self) -> ResolvedSpecs:
+        """The specs resolved once for these settings in this run (see :class:`ResolvedSpecs`)."""
+        if self._specs is None:
+            sae_specs = self.sae_specs if self.settings.sae is not None else ()
+            self._specs = self._guard(
+                lambda: self._cache.resolved_specs(
+                    self.settings, lambda: resolve_specs(self.settings, sae_specs, self._load_sae)
+                )
             )
-        first = self.sae_specs[0]
-        if loading.demo_sae_name(first) is not None:
-            return loading.DEMO
-        return loading.default_model_spec(first, self._load_sae(first))
+        return self._specs
+
+    @property
+    def model_spec(self) -> str:
+        specs = self.specs
+        if specs.model is None:
+            raise ConfigError(specs.model_problem or _NO_MODEL)
+        return specs.model
 
     @property
     def token_source(self) -> str:
-        if self.settings.tokens is not None:
-            return self.settings.tokens
-        first = self.sae_specs[0]
-        if loading.demo_sae_name(first) is not None:
-            return loading.DEMO
-        return loading.default_token_source(first, self._load_sae(first))
+        specs = self.specs
+        if specs.tokens is None:
+            raise ConfigError(specs.tokens_problem or _NO_SAE)
+        return specs.tokens
 
     @property
     def context_size(self) -> int:
-        if self.settings.context_size is not None:
-            return self.settings.context_size
-        if self.settings.sae is None:
-            return loading.DEFAULT_CONTEXT_SIZE
-        return loading.default_context_size(None, self._load_sae(self.sae_specs[0]))
+        return self.specs.context_size
 
     @property
     def activation_scaler(self) -> float | str | None:
@@ -128,14 +219,9 @@ class SAECheck:
         return self._activation_scaler_for(self.sae_spec)
 
     def _activation_scaler_for(self, spec: str) -> float | str | None:
-        if self.settings.activation_scaler is not None:
-            return self.settings.activation_scaler
-        from pytest_saecheck.normalisation import ACTIVATION_SCALER_FILENAME
-
-        path = loading.local_path(spec)
-        if path is not None and (path / ACTIVATION_SCALER_FILENAME).is_file():
-            return str(path)
-        return None
+        """The resolved scaler of one of this test's SAEs, or of a release-group sibling's ``spec``."""
+        own = dict(self.specs.activation_scalers)
+        return own[spec] if spec in own else _activation_scaler(self.settings, spec)
 
     @property
     def label(self) -> str:
@@ -151,13 +237,7 @@ class SAECheck:
     def model_from_pretrained_kwargs(self) -> dict[str, Any]:
         """The model's loading kwargs: the ``model_from_pretrained_kwargs`` setting, else the SAE config's, else
         {}; with ``n_devices`` from the ``n_devices`` setting when it is given."""
-        if self.settings.model_from_pretrained_kwargs is not None:
-            kwargs = dict(self.settings.model_from_pretrained_kwargs)
-        elif self.settings.sae is None:
-            kwargs = {}
-        else:
-            first = self._load_sae(self.sae_specs[0])
-            kwargs = dict(loading.sae_metadata(first, "model_from_pretrained_kwargs") or {})
+        kwargs = dict(self.specs.model_from_pretrained_kwargs)
         if self.settings.n_devices is not None:
             kwargs["n_devices"] = self.settings.n_devices
         return kwargs
@@ -165,23 +245,19 @@ class SAECheck:
     # -- cache keys --------------------------------------------------------------------------------------
 
     def _model_key(self) -> Hashable:
-        kwargs = FrozenKwargs(self.model_from_pretrained_kwargs)
-        return (self.model_spec, self.device, self.dtype, kwargs)
+        return (self.model_spec, self.device, self.dtype, self.specs.model_from_pretrained_kwargs)
 
     def _sae_key(self, spec: str | None = None) -> Hashable:
         return (spec or self.sae_specs, self.device, self.dtype, self.settings.hook_name)
 
     def _tokens_key(self) -> Hashable:
-        bos = (
-            loading.prepend_bos(self._load_sae(self.sae_specs[0])) if self.settings.sae is not None else True
-        )
         return (
             self.token_source,
             self.model_spec,
             self.settings.n_tokens,
             self.context_size,
             self.settings.seed,
-            bos,
+            self.specs.prepend_bos,
         )
 
     def evaluation_key(self) -> Hashable:
@@ -193,7 +269,7 @@ class SAECheck:
             self.settings.exclude_bos,
             self.settings.exclude_special_tokens,
             self.settings.exclude_token_ids,
-            tuple(self._activation_scaler_for(spec) for spec in self.sae_specs),
+            self.specs.activation_scalers,
             self.settings.scaling_law,
             self.settings.splice,
         )
@@ -201,12 +277,12 @@ class SAECheck:
     # -- loaded objects ----------------------------------------------------------------------------------
 
     @property
-    def sae(self) -> Any:
+    def sae(self) -> SAE:
         """The SAE under test (an SAE Lens ``SAE``); ``saes`` when several are spliced jointly."""
         return self._load_sae(self.sae_spec)
 
     @property
-    def saes(self) -> dict[str, Any]:
+    def saes(self) -> dict[str, SAE]:
         """Every SAE under test, ``spec → SAE`` (one entry unless ``splice="joint"``)."""
         return {spec: self._load_sae(spec) for spec in self.sae_specs}
 
@@ -219,7 +295,7 @@ class SAECheck:
         )
 
     @property
-    def model(self) -> Any:
+    def model(self) -> HookedTransformer:
         spec = self.model_spec
         key = self._model_key()
 
@@ -317,7 +393,9 @@ class SAECheck:
             # one SAE of the group cannot be evaluated: each SAE's own test reports its own problem
             return self._evaluate({self.sae_spec: self.sae})
         for member in group[1:]:
-            self._cache.evaluation(member.evaluation_key(), lambda member=member: result[member.sae_spec])
+            self._cache.evaluation(
+                member.evaluation_key(), functools.partial(operator.getitem, result, member.sae_spec)
+            )
         return result[self.sae_spec]
 
     @property

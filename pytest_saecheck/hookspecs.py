@@ -8,9 +8,13 @@ This module imports no torch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
 
 _active_hook: Any = None
 
@@ -54,7 +58,7 @@ def pytest_saecheck_load_sae(spec: str, device: str, dtype: str | None) -> Any:
 
 @pytest.hookspec(firstresult=True)
 def pytest_saecheck_load_tokens(
-    spec: str, model: Any, sae: Any, n_tokens: int, context_size: int, seed: int
+    spec: str, model: HookedTransformer, sae: SAE | None, n_tokens: int, context_size: int, seed: int
 ) -> Any:
     """Return a 2-D integer tensor of token ids ``[n_sequences, context_size]`` for ``spec``, or ``None``.
 
@@ -66,4 +70,4 @@ def pytest_saecheck_load_tokens(
 
 @pytest.hookspec(firstresult=True)
 def pytest_saecheck_training_adapter(training_sae: Any) -> Any:
-    """Return an adapter (see ``pytest_saecheck.training.AuxLossAdapter``) for a training SAE, or ``None``."""
+    """Return an adapter (see ``pytest_saecheck.AuxLossAdapter``) for a training SAE, or ``None``."""

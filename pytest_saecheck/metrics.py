@@ -27,7 +27,6 @@ from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS, ScalingLaw, as_scaling
 
 __all__ = [
     "BOOTSTRAPPABLE",
-    "CHINCHILLA_SCALING_LAW",
     "METRICS",
     "METRIC_NAMES",
     "WHOLE_SET_METRICS",
@@ -40,9 +39,6 @@ __all__ = [
     "reconstruction_terms",
     "total_variance",
 ]
-
-# The default law of compute_fraction (Chinchilla's, not fitted for any model under test): see scaling.py.
-CHINCHILLA_SCALING_LAW: ScalingLaw = DEFAULT_LAW
 
 
 def reconstruction_terms(x: Any, x_hat: Any, latents: Any, reference: Any) -> dict[str, Any]:
@@ -111,7 +107,7 @@ def compute_fraction_by_preset(ce_orig: float, ce_sae: float) -> dict[str, float
 
 def metrics_from_sums(
     sums: Mapping[str, np.ndarray],
-    scaling_law: ScalingLaw | tuple[float, float] | None = CHINCHILLA_SCALING_LAW,
+    scaling_law: ScalingLaw | tuple[float, float] | None = DEFAULT_LAW,
 ) -> dict[str, np.ndarray]:
     """Every bootstrappable metric from (possibly resampled) sums; undefined values come back as NaN.
 

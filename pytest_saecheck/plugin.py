@@ -222,7 +222,7 @@ def xdist_group_name(settings: settings_config.SAECheckSettings) -> str:
     but the SAE), else its spec (and model), as characters safe in a node id suffix."""
     sae = " + ".join(settings.sae) if isinstance(settings.sae, tuple) else settings.sae
     if isinstance(settings.sae, str) and settings.splice == "separate" and settings.release_group_mib > 0:
-        key = repr(release_group_key(settings))
+        key: str | None = repr(release_group_key(settings))
         slug = "release"
     else:
         key = sae if settings.model is None else f"{sae}@{settings.model}"

@@ -70,6 +70,8 @@ class SessionCache:
         self.loads: dict[str, int] = {"model": 0, "sae": 0, "tokens": 0, "evaluation": 0, "pass": 0}
         # SAE specs that share every other setting, planned at collection (fixtures.plan_release_groups)
         self.release_plan: dict[Hashable, list[str]] = {}
+        # each test's specs resolved from its settings (fixtures.ResolvedSpecs): small, kept all run
+        self._resolved_specs: dict[Hashable, Any] = {}
         self.frees = 0
 
     # -- models -------------------------------------------------------------------------------------------
@@ -109,12 +111,20 @@ class SessionCache:
     def evaluation(self, key: Hashable, compute: Callable[[], T]) -> T:
         return self._lru(self._evaluations, key, compute, "evaluation", self.max_evaluations)
 
+    def resolved_specs(self, settings: Hashable, resolve: Callable[[], T]) -> T:
+        """The specs resolved from ``settings`` (computed once per run; they hold no tensor)."""
+        if settings not in self._resolved_specs:
+            self._resolved_specs[settings] = resolve()
+        value: T = self._resolved_specs[settings]
+        return value
+
     def has_evaluation(self, key: Hashable) -> bool:
         return key in self._evaluations
 
     def clear(self) -> None:
         """Drop everything (end of the run)."""
         self._evaluations.clear()
+        self._resolved_specs.clear()
         self._failures.clear()
         self.model_loads.clear()
         self.release_model()

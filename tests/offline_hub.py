@@ -31,7 +31,7 @@ def build_offline_hub(root: Path, name: str = "gpt2", seed: int = 0) -> Path:
     on ``conftest.CORPUS``; its ``config.json`` carries ``n_ctx`` as the official GPT-2 checkpoints do.
     """
     import torch
-    from conftest import CORPUS, build_tokenizer
+    from factories import CORPUS, build_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
     snapshot = root / "hub" / f"models--{name.replace('/', '--')}" / "snapshots" / COMMIT

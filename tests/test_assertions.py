@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_identity_sae, make_random_sae, make_tiny_model, make_tokens
+from factories import make_identity_sae, make_random_sae, make_tiny_model, make_token_ids
 
 from pytest_saecheck import records
 from pytest_saecheck.assertions import (
@@ -193,7 +193,7 @@ def _tensors_reachable_from(error: BaseException) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_evaluations() -> dict[str, Any]:
     model = make_tiny_model()
-    tokens = torch.as_tensor(make_tokens(n_sequences=24))
+    tokens = torch.as_tensor(make_token_ids(n_sequences=24))
     return {
         "identity": evaluate(model, make_identity_sae(), tokens, batch_size=8),
         "random": evaluate(model, make_random_sae(), tokens, batch_size=8),
@@ -220,7 +220,7 @@ def test_planted_good_sae_passes_and_planted_bad_sae_fails(tiny_evaluations: dic
 def test_failures_keep_no_tensor_or_model_alive() -> None:
     model = make_tiny_model()
     sae = make_random_sae()
-    evaluation = evaluate(model, sae, torch.as_tensor(make_tokens(n_sequences=8)), batch_size=8)
+    evaluation = evaluate(model, sae, torch.as_tensor(make_token_ids(n_sequences=8)), batch_size=8)
     bundle = types.SimpleNamespace(
         evaluation=evaluation, settings=None, model=model, subject=lambda: {"label": "x"}
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HOOK, make_identity_sae, make_tiny_model, make_tokens
+from factories import HOOK, make_identity_sae, make_tiny_model, make_token_ids
 
 from pytest_saecheck import baselines
 from pytest_saecheck.engine import evaluate
@@ -130,7 +130,7 @@ def test_improved_sae_passes_and_is_reported_as_improved(recorded: pytest.Pytest
 
 
 def test_other_tokens_are_a_clear_error_and_unpaired_is_opt_in(recorded: pytest.Pytester) -> None:
-    np.save(recorded.path / "other_tokens.npy", make_tokens(seed=5))
+    np.save(recorded.path / "other_tokens.npy", make_token_ids(seed=5))
     suite(recorded, tokens="other_tokens.npy")
     result = run(recorded)
     result.assert_outcomes(failed=1)
@@ -249,7 +249,7 @@ def test_update_under_xdist_writes_each_baseline_once(tiny_pytester: pytest.Pyte
 @pytest.fixture(scope="module")
 def evaluation():  # type: ignore[no-untyped-def]
     model = make_tiny_model()
-    tokens = torch.as_tensor(make_tokens())
+    tokens = torch.as_tensor(make_token_ids())
     result = evaluate(model, make_identity_sae(), tokens, batch_size=8)
     return result, tokens
 

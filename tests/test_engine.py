@@ -7,11 +7,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from factories import (
+    D_MODEL,
+    D_VOCAB,
+    N_CTX,
+    identity_sae,
+    make_engine_model,
+    make_tokens,
+    random_sae,
+)
+from references import SAE_LENS_POOLED_R2, sae_lens_reference
 from sae_lens import StandardSAE, StandardSAEConfig
-from sae_lens import evals as sae_lens_evals
-from sae_lens.evals import get_recons_loss, get_sparsity_and_variance_metrics
-from sae_lens.training.activation_scaler import ActivationScaler
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 from pytest_saecheck import (
     DegenerateActivationsError,
@@ -26,11 +33,6 @@ from pytest_saecheck.engine import member as engine_member
 from pytest_saecheck.engine.cut import HookedTransformerCut
 from pytest_saecheck.metrics import metrics_from_sums
 
-D_MODEL, N_CTX, D_VOCAB, N_HEADS = 32, 16, 61, 4
-# Older sae-lens 6.x computed `explained_variance` and `mse` with formulas that differ from the current (and
-# our) definitions; the pooled R² arrived with ExplainedVarianceCalculator. CI also runs this file against
-# sae-lens 6.5.1, where only the metrics both sides define the same way are compared.
-SAE_LENS_POOLED_R2 = hasattr(sae_lens_evals, "ExplainedVarianceCalculator")
 HOOKS = [
     ("blocks.1.hook_resid_pre", None),
     ("blocks.1.hook_mlp_out", None),
@@ -46,131 +48,14 @@ def raw_metrics(result) -> dict[str, float]:
     return {name: float(value) for name, value in metrics_from_sums(totals, result.scaling_law).items()}
 
 
-def make_model(dtype: torch.dtype = torch.float32, seed: int = 0, act_fn: str = "gelu") -> HookedTransformer:
-    torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(
-        n_layers=3,
-        d_model=D_MODEL,
-        n_ctx=N_CTX,
-        d_head=D_MODEL // N_HEADS,
-        n_heads=N_HEADS,
-        d_mlp=4 * D_MODEL,
-        d_vocab=D_VOCAB,
-        act_fn=act_fn,
-        normalization_type="LN",
-        seed=seed,
-    )
-    model = HookedTransformer(cfg)
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    return model.eval()
-
-
-def make_sae(
-    hook: str, head: int | None = None, *, d_sae: int = 64, seed: int = 1, **cfg_kwargs
-) -> StandardSAE:
-    d_in = D_MODEL // N_HEADS if head is not None else D_MODEL
-    cfg = StandardSAEConfig(d_in=d_in, d_sae=d_sae, **cfg_kwargs)
-    cfg.metadata.hook_name = hook
-    cfg.metadata.hook_head_index = head
-    if hook.endswith("hook_z") and head is None:
-        cfg.reshape_activations = "hook_z"
-    sae = StandardSAE(cfg)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in sae.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return sae
-
-
-def identity_sae(hook: str, d_in: int = D_MODEL, **cfg_kwargs) -> StandardSAE:
-    """ReLU(x) − ReLU(−x) = x: latent pairs (e_i, −e_i) reconstruct every input exactly."""
-    cfg = StandardSAEConfig(d_in=d_in, d_sae=2 * d_in, apply_b_dec_to_input=False, **cfg_kwargs)
-    cfg.metadata.hook_name = hook
-    sae = StandardSAE(cfg)
-    eye = torch.eye(d_in)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
-
-
-def make_tokens(n: int = 12, seq_len: int = N_CTX, seed: int = 2, bos: int | None = 0) -> torch.Tensor:
-    tokens = torch.randint(1, D_VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
-    if bos is not None:
-        tokens[:, 0] = bos
-    return tokens
-
-
-class _Store:
-    """The slice of SAE Lens' ActivationsStore that its eval functions use."""
-
-    def __init__(self, tokens: torch.Tensor) -> None:
-        self.tokens, self.row = tokens, 0
-
-    def get_batch_tokens(self, n: int) -> torch.Tensor:
-        batch = self.tokens[self.row : self.row + n]
-        self.row += n
-        return batch
-
-
-def sae_lens_reference(model, sae, tokens, batch_size, ignore_tokens=None, exclude_targets=False):
-    """SAE Lens' numbers; ``exclude_targets`` also drops predictions whose target is an ignored token (our rule)."""
-    if sae.cfg.metadata.hook_name.endswith("hook_z"):
-        sae.turn_off_forward_pass_hook_z_reshaping()
-    parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(tokens), batch_size):
-        batch = tokens[start : start + batch_size]
-        values = get_recons_loss(
-            sae,
-            model,
-            ActivationScaler(),
-            batch,
-            compute_kl=True,
-            compute_ce_loss=True,
-            ignore_tokens=set(ignore_tokens or ()),
-        )
-        for name, value in values.items():
-            if ignore_tokens:
-                ignored = torch.isin(batch, torch.tensor(ignore_tokens))
-                mask = ~ignored[:, : value.shape[1]]
-                if exclude_targets and value.shape[1] < batch.shape[1]:  # a CE: position t predicts t + 1
-                    mask = mask & ~ignored[:, 1:]
-                value = value[mask]
-            parts.setdefault(name, []).append(value.flatten())
-    ref = {name: torch.cat(values).mean().item() for name, values in parts.items()}
-    sparsity, _ = get_sparsity_and_variance_metrics(
-        sae,
-        model,
-        _Store(tokens),
-        ActivationScaler(),
-        n_batches=math.ceil(len(tokens) / batch_size),
-        compute_l2_norms=True,
-        compute_sparsity_metrics=True,
-        compute_variance_metrics=True,
-        compute_featurewise_density_statistics=False,
-        eval_batch_size_prompts=batch_size,
-        model_kwargs={},
-        ignore_tokens=set(ignore_tokens or ()),  # sae-lens < 6.3x rejects None
-    )
-    ref.update(sparsity)
-    ref["kl_div_score"] = (ref["kl_div_with_ablation"] - ref["kl_div_with_sae"]) / ref["kl_div_with_ablation"]
-    ref["ce_loss_score"] = (ref["ce_loss_with_ablation"] - ref["ce_loss_with_sae"]) / (
-        ref["ce_loss_with_ablation"] - ref["ce_loss_without_sae"]
-    )
-    return ref
-
-
 @pytest.fixture(scope="module")
 def model() -> HookedTransformer:
-    return make_model()
+    return make_engine_model()
 
 
 @pytest.mark.parametrize(("hook", "head"), HOOKS, ids=[f"{h}-head{i}" for h, i in HOOKS])
 def test_agrees_with_sae_lens(model, hook, head):
-    sae = make_sae(hook, head)
+    sae = random_sae(hook, head)
     tokens = make_tokens(12)
     result = evaluate(model, sae, tokens, batch_size=4, exclude_bos=False, progress=False)
     ours = dict(result.metrics)
@@ -216,7 +101,7 @@ def test_splice_agrees_with_sae_lens_ignore_tokens(model):
     (SAE Lens zero-ablates every position, excluded or not; our token policy leaves excluded positions
     untouched in the ablations too, so ce_zero is deliberately not compared here.)
     """
-    sae = make_sae("blocks.1.hook_resid_pre")
+    sae = random_sae("blocks.1.hook_resid_pre")
     tokens = make_tokens(8)
     tokens[:, 7] = 5
     ours = evaluate(
@@ -278,7 +163,7 @@ def independent_metrics(model, sae, tokens, hook):
     "hook", ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.0.hook_attn_out"]
 )
 def test_matches_independent_computation_with_bos_excluded(model, hook):
-    sae = make_sae(hook)
+    sae = random_sae(hook)
     tokens = make_tokens(10)
     ours = evaluate(model, sae, tokens, batch_size=3, progress=False).metrics
     ref = independent_metrics(model, sae, tokens, hook)
@@ -289,7 +174,7 @@ def test_matches_independent_computation_with_bos_excluded(model, hook):
 
 
 def test_token_independent_ablation_shortcut_equals_full_computation(model, monkeypatch):
-    sae = make_sae("blocks.1.hook_resid_pre")
+    sae = random_sae("blocks.1.hook_resid_pre")
     tokens = make_tokens(9)
     fast = evaluate(model, sae, tokens, batch_size=4, progress=False)
     monkeypatch.setattr(engine_member, "token_independent", lambda site, tokens, kept: False)
@@ -356,7 +241,7 @@ def test_mean_predictor_has_zero_r2_and_equals_mean_ablation(model):
 
 
 def test_supplied_mean_activation_is_used(model):
-    sae = make_sae("blocks.1.hook_mlp_out")
+    sae = random_sae("blocks.1.hook_mlp_out")
     tokens = make_tokens(6)
     default = evaluate(model, sae, tokens, progress=False)
     zero_mean = evaluate(model, sae, tokens, mean_activation=torch.zeros(D_MODEL), progress=False)
@@ -366,7 +251,7 @@ def test_supplied_mean_activation_is_used(model):
 
 @pytest.mark.parametrize("hook", ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_z"])
 def test_batch_size_invariance(model, hook):
-    sae = make_sae(hook)
+    sae = random_sae(hook)
     tokens = make_tokens(12)
     one = evaluate(model, sae, tokens, batch_size=12, progress=False).metrics
     other = evaluate(model, sae, tokens, batch_size=5, progress=False).metrics
@@ -378,10 +263,10 @@ def test_batch_size_invariance(model, hook):
 
 def test_bf16_model_within_tolerance():
     """A bf16 model changes CE metrics by bf16 rounding only: within 0.02 nats / 0.02 score on this model."""
-    sae = make_sae("blocks.1.hook_resid_pre")
+    sae = random_sae("blocks.1.hook_resid_pre")
     tokens = make_tokens(12)
-    full = raw_metrics(evaluate(make_model(), sae, tokens, progress=False))
-    half = evaluate(make_model(torch.bfloat16), sae, tokens, progress=False)
+    full = raw_metrics(evaluate(make_engine_model(), sae, tokens, progress=False))
+    half = evaluate(make_engine_model(torch.bfloat16), sae, tokens, progress=False)
     assert half.model_dtype == "bfloat16"
     half_raw = raw_metrics(half)
     for name in (
@@ -398,7 +283,7 @@ def test_bf16_model_within_tolerance():
 
 def test_explained_variance_about_mean_not_zero():
     """Regression test for the explained-variance-about-zero bug (seeds/000): a large mean inflates it."""
-    model = make_model(seed=3)
+    model = make_engine_model(seed=3)
     with torch.no_grad():
         model.W_pos.add_(40.0)  # every residual gets a large common offset
     hook = "blocks.1.hook_resid_pre"
@@ -423,17 +308,17 @@ def test_explained_variance_about_mean_not_zero():
 
 
 def test_kl_is_finite_on_saturated_logits():
-    model = make_model()
+    model = make_engine_model()
     with torch.no_grad():
         model.W_U.mul_(1e4)
-    m = evaluate(model, make_sae("blocks.1.hook_resid_pre"), make_tokens(4), progress=False).metrics
+    m = evaluate(model, random_sae("blocks.1.hook_resid_pre"), make_tokens(4), progress=False).metrics
     assert math.isfinite(m["kl_sae"]) and math.isfinite(m["kl_zero"])
 
 
 def test_confidence_interval_matches_scipy_percentile_bootstrap(model):
     from scipy.stats import bootstrap
 
-    result = evaluate(model, make_sae("blocks.1.hook_resid_pre"), make_tokens(40, seed=7), progress=False)
+    result = evaluate(model, random_sae("blocks.1.hook_resid_pre"), make_tokens(40, seed=7), progress=False)
     low, high = result.confidence_interval("delta_ce", 0.9, n_resamples=4000)
     seq = result.per_sequence
     per_seq_delta = (seq["ce_sum_sae"] - seq["ce_sum_orig"]) / seq["n_ce"]  # equal counts per sequence
@@ -448,7 +333,7 @@ def test_confidence_interval_matches_scipy_percentile_bootstrap(model):
 
 
 def test_per_position_curves_and_density(model):
-    sae = make_sae("blocks.1.hook_resid_pre")
+    sae = random_sae("blocks.1.hook_resid_pre")
     result = evaluate(model, sae, make_tokens(6), progress=False)
     assert len(result.delta_ce_by_position) == N_CTX - 1
     assert result.delta_ce_by_position[0] is None  # BOS excluded
@@ -471,7 +356,7 @@ def test_per_position_curves_and_density(model):
 
 
 def test_undefined_metric_is_absent_not_nan(model):
-    sae = make_sae("blocks.1.hook_resid_pre")
+    sae = random_sae("blocks.1.hook_resid_pre")
     result = evaluate(model, sae, make_tokens(4), scaling_law=(100.0, 0.15), progress=False)
     assert "compute_fraction" not in result.metrics
     assert "irreducible loss" in result.undefined["compute_fraction"]
@@ -484,7 +369,7 @@ def test_undefined_metric_is_absent_not_nan(model):
 
 
 def test_unknown_hook_names_closest(model):
-    sae = make_sae("blocks.1.hook_resid_pree")
+    sae = random_sae("blocks.1.hook_resid_pree")
     with pytest.raises(HookNotFoundError, match=r"blocks\.1\.hook_resid_pre"):
         evaluate(model, sae, make_tokens(2), progress=False)
 
@@ -509,17 +394,17 @@ def test_width_mismatch(model):
 )
 def test_bad_tokens(model, tokens, error, message):
     with pytest.raises(error, match=message):
-        evaluate(model, make_sae("blocks.1.hook_resid_pre"), tokens, progress=False)
+        evaluate(model, random_sae("blocks.1.hook_resid_pre"), tokens, progress=False)
 
 
 def test_all_tokens_excluded(model):
     tokens = torch.full((3, 6), 7)
     with pytest.raises(EmptyTokenSetError):
-        evaluate(model, make_sae("blocks.1.hook_resid_pre"), tokens, exclude_token_ids=[7], progress=False)
+        evaluate(model, random_sae("blocks.1.hook_resid_pre"), tokens, exclude_token_ids=[7], progress=False)
 
 
 def test_nan_weights(model):
-    sae = make_sae("blocks.1.hook_resid_pre")
+    sae = random_sae("blocks.1.hook_resid_pre")
     with torch.no_grad():
         sae.W_dec[3, 4] = float("nan")
     with pytest.raises(NonFiniteError, match="W_dec"):
@@ -527,7 +412,7 @@ def test_nan_weights(model):
 
 
 def test_non_finite_output(model):
-    sae = make_sae("blocks.1.hook_resid_pre")
+    sae = random_sae("blocks.1.hook_resid_pre")
     with torch.no_grad():
         sae.W_dec.fill_(3e38)
     with pytest.raises(NonFiniteError, match="reconstruction"):
@@ -535,7 +420,7 @@ def test_non_finite_output(model):
 
 
 def test_zero_variance_activations():
-    model = make_model()
+    model = make_engine_model()
     with torch.no_grad():
         model.W_pos.zero_()
     tokens = torch.full((4, 8), 3)
@@ -545,7 +430,7 @@ def test_zero_variance_activations():
 
 def test_sae_dtype_invariance(model):
     """A float64 copy of the SAE gives the float32 SAE's metrics up to float32 rounding."""
-    sae = make_sae("blocks.1.hook_resid_pre")
+    sae = random_sae("blocks.1.hook_resid_pre")
     tokens = make_tokens(8)
     single = evaluate(model, sae, tokens, progress=False).metrics
     double = evaluate(model, sae.to(torch.float64), tokens, progress=False).metrics
@@ -557,7 +442,7 @@ def test_sae_dtype_invariance(model):
 def test_scoring_in_small_row_chunks_changes_nothing(model, hook, head, monkeypatch):
     import pytest_saecheck.engine.run as engine_module
 
-    sae = make_sae(hook, head)
+    sae = random_sae(hook, head)
     tokens = make_tokens(7)
     whole = evaluate(model, sae, tokens, batch_size=3, progress=False)
     monkeypatch.setattr(engine_module, "chunk_rows_for", lambda d_vocab, device: 5)
@@ -582,8 +467,8 @@ def test_direct_unembedding_gives_the_models_own_logits(model):
 
 
 def test_hooks_on_the_unembedding_are_honoured():
-    model = make_model()
-    sae = make_sae("blocks.1.hook_resid_pre")
+    model = make_engine_model()
+    sae = random_sae("blocks.1.hook_resid_pre")
     tokens = make_tokens(4)
     plain = evaluate(model, sae, tokens, progress=False).metrics
     # A forward hook that sharpens the logits changes every CE; the engine must run it, not bypass it.
@@ -601,7 +486,7 @@ def test_hooks_on_the_unembedding_are_honoured():
 
 
 def test_logit_soft_cap_uses_the_models_forward():
-    model = make_model()
+    model = make_engine_model()
     model.cfg.output_logits_soft_cap = 2.0
     assert not HookedTransformerCut(model).plain_unembed
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_engine import SAE_LENS_POOLED_R2, sae_lens_reference
+from references import SAE_LENS_POOLED_R2, sae_lens_reference
 
 from pytest_saecheck import demo, evaluate
 

@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
+from factories import D_MODEL, make_engine_model, make_tokens, mlp_transcoder, random_sae, relu_model
 from sae_lens import StandardSAE, StandardSAEConfig
-from test_engine import D_MODEL, make_model, make_sae, make_tokens
 from transformer_lens import HookedTransformer
 
 from pytest_saecheck import ConfigError, SAECheckWarning, demo, evaluate
@@ -21,37 +21,9 @@ from pytest_saecheck.normalisation import ACTIVATION_SCALER_FILENAME
 D_MLP = 4 * D_MODEL
 
 
-def relu_model(seed: int = 0) -> HookedTransformer:
-    """The engine tests' 3-layer LN model with ReLU MLPs, so a ReLU transcoder can copy an MLP exactly."""
-    return make_model(seed=seed, act_fn="relu")
-
-
 @pytest.fixture(scope="module")
 def model() -> HookedTransformer:
     return relu_model()
-
-
-def mlp_transcoder(model, layer: int, hook_in: str = "ln2.hook_normalized", cls_name: str = "Transcoder"):
-    """A transcoder whose weights are the MLP's own: forward(normalised resid_mid) == hook_mlp_out exactly."""
-    import sae_lens
-
-    if not hasattr(sae_lens, cls_name):
-        pytest.skip(f"this SAE Lens has no {cls_name}")
-    cls = getattr(sae_lens, cls_name)
-    cfg_cls = getattr(sae_lens, cls_name + "Config")
-    cfg = cfg_cls(d_in=D_MODEL, d_sae=D_MLP, d_out=D_MODEL, apply_b_dec_to_input=False)
-    cfg.metadata.hook_name = f"blocks.{layer}.{hook_in}"
-    cfg.metadata.hook_name_out = f"blocks.{layer}.hook_mlp_out"
-    tc = cls(cfg)
-    mlp = model.blocks[layer].mlp
-    with torch.no_grad():
-        tc.W_enc.copy_(mlp.W_in)
-        tc.b_enc.copy_(mlp.b_in)
-        tc.W_dec.copy_(mlp.W_out)
-        tc.b_dec.copy_(mlp.b_out)
-        if hasattr(tc, "W_skip"):
-            tc.W_skip.zero_()
-    return tc
 
 
 def test_exact_transcoder_is_lossless(model):
@@ -299,7 +271,7 @@ def test_policy_and_its_parts_are_exclusive(model):
     with pytest.raises(ConfigError, match="either policy= or"):
         evaluate(
             model,
-            make_sae("blocks.1.hook_resid_pre"),
+            random_sae("blocks.1.hook_resid_pre"),
             make_tokens(4),
             policy=TokenPolicy(),
             exclude_bos=False,
@@ -314,7 +286,7 @@ def test_attached_saes_are_refused(model):
     from sae_lens import HookedSAETransformer
 
     hooked = HookedSAETransformer(model.cfg)
-    sae = make_sae("blocks.1.hook_resid_pre")
+    sae = random_sae("blocks.1.hook_resid_pre")
     hooked.add_sae(sae)
     with pytest.raises(ModelStateError, match=r"reset_saes\(\)"):
         evaluate(hooked, sae, make_tokens(4), progress=False)
@@ -327,14 +299,14 @@ def test_transformer_bridge_is_refused():
         pass
 
     with pytest.raises(ModelStateError, match="HookedTransformer"):
-        evaluate(TransformerBridge(), make_sae("blocks.1.hook_resid_pre"), make_tokens(4), progress=False)
+        evaluate(TransformerBridge(), random_sae("blocks.1.hook_resid_pre"), make_tokens(4), progress=False)
 
 
 def test_hooks_on_the_model_are_named_and_recorded(model):
     model.add_hook("blocks.0.hook_resid_post", lambda a, hook: a * 1.0, is_permanent=True)
     try:
         with pytest.warns(SAECheckWarning, match=r"blocks\.0\.hook_resid_post \(permanent hook\)"):
-            result = evaluate(model, make_sae("blocks.1.hook_resid_pre"), make_tokens(4), progress=False)
+            result = evaluate(model, random_sae("blocks.1.hook_resid_pre"), make_tokens(4), progress=False)
     finally:
         model.reset_hooks(including_permanent=True)
     assert result.model_hooks == ["blocks.0.hook_resid_post (permanent hook)"]
@@ -371,9 +343,10 @@ def test_a_good_evaluation_has_no_warnings(demo_model, demo_tokens):
 
 def test_a_ratio_score_with_an_unresolved_denominator_is_undefined():
     """Issue 17, case 6: ce_loss_score -6.88 with an interval [-1.50, 3.55]; min_score would fail a fine SAE."""
-    from test_engine import make_model
 
-    result = evaluate(make_model(), make_sae("blocks.1.attn.hook_z", 2), make_tokens(12), progress=False)
+    result = evaluate(
+        make_engine_model(), random_sae("blocks.1.attn.hook_z", 2), make_tokens(12), progress=False
+    )
     assert "ce_loss_score" not in result.metrics
     assert "not resolved from zero" in result.undefined["ce_loss_score"]
     assert "delta_ce" in result.metrics
@@ -479,13 +452,13 @@ def test_bos_separators_in_a_packed_text_file_are_left_out(pytester, tmp_path):
 def test_new_user_errors_name_the_problem(model):
     """Found by a new user: raw errors and a message that blamed the wrong hook."""
     with pytest.raises(ConfigError, match=r"exclude_token_ids=\[5, 7\]"):
-        evaluate(model, make_sae("blocks.1.hook_resid_pre"), make_tokens(4), exclude_token_ids="5,7")
+        evaluate(model, random_sae("blocks.1.hook_resid_pre"), make_tokens(4), exclude_token_ids="5,7")
     d_vocab = model.cfg.d_vocab
     with pytest.raises(
         ConfigError, match=rf"exclude_token_ids \[-1, {d_vocab}\] lie outside the model's vocabulary"
     ):
         evaluate(
-            model, make_sae("blocks.1.hook_resid_pre"), make_tokens(4), exclude_token_ids=[3, -1, d_vocab]
+            model, random_sae("blocks.1.hook_resid_pre"), make_tokens(4), exclude_token_ids=[3, -1, d_vocab]
         )
     tc = mlp_transcoder(model, 1)
     tc.cfg.metadata.hook_name_out = "blocks.1.hook_mlp_outt"
@@ -497,5 +470,9 @@ def test_new_user_errors_name_the_problem(model):
         SAECheckWarning, match="applied although the SAE's config says normalize_activations='none'"
     ):
         evaluate(
-            model, make_sae("blocks.1.hook_resid_pre"), make_tokens(4), activation_scaler=3.0, progress=False
+            model,
+            random_sae("blocks.1.hook_resid_pre"),
+            make_tokens(4),
+            activation_scaler=3.0,
+            progress=False,
         )

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_engine import identity_sae, make_sae, make_tokens
-from test_engine_faithful import mlp_transcoder, relu_model
+from factories import identity_sae, make_tokens, mlp_transcoder, random_sae, relu_model
 
 from pytest_saecheck import ConfigError, EvaluationSet, evaluate
 
@@ -22,13 +21,13 @@ def mixed_release(model):
         for param in transcoder.parameters():
             param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(8)) * 0.05)
     return {
-        "resid": make_sae("blocks.1.hook_resid_pre"),
-        "mlp": make_sae("blocks.1.hook_mlp_out", seed=2),
-        "attn": make_sae("blocks.0.hook_attn_out", seed=3),
-        "z_all": make_sae("blocks.1.attn.hook_z", seed=4),
-        "z_head": make_sae("blocks.2.attn.hook_z", 1, seed=5),
+        "resid": random_sae("blocks.1.hook_resid_pre"),
+        "mlp": random_sae("blocks.1.hook_mlp_out", seed=2),
+        "attn": random_sae("blocks.0.hook_attn_out", seed=3),
+        "z_all": random_sae("blocks.1.attn.hook_z", seed=4),
+        "z_head": random_sae("blocks.2.attn.hook_z", 1, seed=5),
         "transcoder": transcoder,
-        "late": make_sae("blocks.2.hook_resid_post", seed=6),
+        "late": random_sae("blocks.2.hook_resid_post", seed=6),
     }
 
 
@@ -51,8 +50,8 @@ def test_each_sae_in_a_set_equals_evaluating_it_alone(model):
 
 def test_default_names_are_hooks_with_an_index_where_they_repeat(model):
     saes = [
-        make_sae("blocks.1.hook_resid_pre"),
-        make_sae("blocks.1.hook_resid_pre", seed=9),
+        random_sae("blocks.1.hook_resid_pre"),
+        random_sae("blocks.1.hook_resid_pre", seed=9),
         mlp_transcoder(model, 1),
     ]
     result = evaluate(model, saes, make_tokens(4), progress=False)
@@ -115,8 +114,8 @@ def independent_joint(model, saes, tokens):
 
 def test_two_real_saes_jointly_equal_an_independent_computation(model):
     saes = {
-        "early": make_sae("blocks.0.hook_resid_post", seed=3),
-        "late": make_sae("blocks.2.hook_mlp_out", seed=4),
+        "early": random_sae("blocks.0.hook_resid_post", seed=3),
+        "late": random_sae("blocks.2.hook_mlp_out", seed=4),
     }
     tokens = make_tokens(9)
     result = evaluate(
@@ -150,7 +149,7 @@ def test_a_transcoder_in_a_joint_splice_reads_the_spliced_model(model):
 
 
 def test_two_saes_on_one_hook_cannot_be_spliced_jointly(model):
-    saes = [make_sae("blocks.1.hook_resid_pre"), make_sae("blocks.1.hook_resid_pre", seed=2)]
+    saes = [random_sae("blocks.1.hook_resid_pre"), random_sae("blocks.1.hook_resid_pre", seed=2)]
     with pytest.raises(ConfigError, match=r"both write 'blocks\.1\.hook_resid_pre'"):
         evaluate(model, saes, make_tokens(4), joint=True, progress=False)
 
@@ -167,9 +166,9 @@ def test_two_saes_on_one_hook_cannot_be_spliced_jointly(model):
 )
 def test_set_options_are_checked(model, kwargs, message):
     saes = (
-        [make_sae("blocks.1.hook_resid_pre")]
+        [random_sae("blocks.1.hook_resid_pre")]
         if kwargs.get("joint")
-        else {"a": make_sae("blocks.1.hook_resid_pre")}
+        else {"a": random_sae("blocks.1.hook_resid_pre")}
     )
     if kwargs.get("joint"):
         saes = saes[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_engine import D_MODEL, N_CTX, make_model, make_sae, make_tokens
+from factories import D_MODEL, N_CTX, make_engine_model, make_tokens, random_sae
 
 from pytest_saecheck import SAECheckWarning, evaluate
 from pytest_saecheck.metrics import participation_ratios
@@ -15,7 +15,7 @@ HOOK = "blocks.1.hook_resid_pre"
 
 @pytest.fixture(scope="module")
 def model():
-    return make_model()
+    return make_engine_model()
 
 
 def per_token(model, sae, tokens):
@@ -36,7 +36,7 @@ def per_token(model, sae, tokens):
 
 
 def test_within_and_beyond_the_training_context_against_a_direct_computation(model):
-    sae = make_sae(HOOK)
+    sae = random_sae(HOOK)
     sae.cfg.metadata.context_size = 6
     tokens = make_tokens(10)
     result = evaluate(model, sae, tokens, batch_size=4, progress=False)
@@ -63,7 +63,7 @@ def test_within_and_beyond_the_training_context_against_a_direct_computation(mod
 
 
 def test_context_metrics_are_undefined_with_a_reason(model):
-    sae = make_sae(HOOK)
+    sae = random_sae(HOOK)
     result = evaluate(model, sae, make_tokens(4), progress=False)
     assert "no training context size" in result.undefined["delta_ce_beyond_context"]
     sae.cfg.metadata.context_size = N_CTX
@@ -86,7 +86,7 @@ def test_participation_ratio_of_a_known_spectrum():
 
 def test_participation_ratio_of_the_activations_matches_numpy(model):
     tokens = make_tokens(8)
-    result = evaluate(model, make_sae(HOOK), tokens, progress=False)
+    result = evaluate(model, random_sae(HOOK), tokens, progress=False)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=[HOOK])
     x = cache[HOOK][:, 1:].reshape(-1, D_MODEL).double().numpy()
@@ -99,11 +99,11 @@ def test_participation_ratio_of_the_activations_matches_numpy(model):
 
 
 def test_a_dominant_direction_flags_r2():
-    model = make_model(seed=4)
+    model = make_engine_model(seed=4)
     direction = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(1))
     signs = torch.tensor([(-1.0) ** t for t in range(N_CTX)])
     with torch.no_grad():
         model.W_pos.add_(300.0 * signs[:, None] * direction / direction.norm())
     with pytest.warns(SAECheckWarning, match="participation ratio .* explained_variance .* is inflated"):
-        result = evaluate(model, make_sae(HOOK), make_tokens(8), progress=False)
+        result = evaluate(model, random_sae(HOOK), make_tokens(8), progress=False)
     assert result.metrics["participation_ratio"] < 2.0

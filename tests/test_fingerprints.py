@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import HOOK, make_identity_sae, make_tiny_model, make_tokens
+from factories import HOOK, make_identity_sae, make_tiny_model, make_token_ids
 
 from pytest_saecheck import assert_r2_matches_legacy, evaluate
 from pytest_saecheck.checks import fingerprints
@@ -84,7 +84,7 @@ def shifted(
     its pooled and legacy R² do not depend on the shift."""
     torch.set_grad_enabled(False)
     model = make_tiny_model()
-    tokens = torch.as_tensor(make_tokens(n_sequences=N_SEQUENCES))
+    tokens = torch.as_tensor(make_token_ids(n_sequences=N_SEQUENCES))
     sae = make_identity_sae()
     sae.cfg.apply_b_dec_to_input = True
     sae.W_dec.add_(noise * torch.randn(sae.W_dec.shape, generator=torch.Generator().manual_seed(2)) / 32**0.5)
@@ -272,7 +272,7 @@ def test_dictionary_learning_frac_variance_explained_is_offset_blind() -> None:
 
     torch.set_grad_enabled(False)
     model = make_tiny_model()
-    tokens = torch.as_tensor(make_tokens(n_sequences=N_SEQUENCES))
+    tokens = torch.as_tensor(make_token_ids(n_sequences=N_SEQUENCES))
     sae = make_identity_sae()  # x̂ = x + b_dec: exact up to a constant offset
     sae.b_dec.fill_(0.3)
     x = capture(model, tokens).double()

@@ -9,7 +9,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, D_MODEL, HOOK, make_identity_sae, make_tiny_model, make_tokens
+from factories import (
+    CORPUS,
+    D_MODEL,
+    HOOK,
+    build_tokenizer,
+    make_identity_sae,
+    make_tiny_model,
+    make_token_ids,
+)
 
 from pytest_saecheck import loading
 from pytest_saecheck.errors import (
@@ -148,7 +156,6 @@ def test_offline_error_detection_walks_the_exception_chain() -> None:
 
 @pytest.fixture(scope="module")
 def hf_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import build_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
     directory = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
@@ -206,7 +213,6 @@ def test_directory_without_config_is_not_a_model(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from conftest import build_tokenizer
     from transformers import AutoTokenizer
 
     directory = tmp_path_factory.mktemp("tokenizer")
@@ -264,7 +270,7 @@ def test_jsonl_parquet_and_saved_dataset_give_the_same_tokens(tmp_path: Path, te
 def test_pretokenised_npy_and_pt_files(tmp_path: Path) -> None:
     model = make_tiny_model()
     sae = make_identity_sae()
-    rows = make_tokens(n_sequences=6, seq_len=16)
+    rows = make_token_ids(n_sequences=6, seq_len=16)
     np.save(tmp_path / "rows.npy", rows)
     torch.save(torch.as_tensor(rows), tmp_path / "rows.pt")
     torch.save({"input_ids": torch.as_tensor(rows)}, tmp_path / "dict.pt")
@@ -283,7 +289,7 @@ def test_pretokenised_npy_and_pt_files(tmp_path: Path) -> None:
 
 def test_token_source_shorter_than_asked_warns_and_too_short_errors(tmp_path: Path) -> None:
     model, sae = make_tiny_model(), make_identity_sae()
-    np.save(tmp_path / "few.npy", make_tokens(n_sequences=2, seq_len=16))
+    np.save(tmp_path / "few.npy", make_token_ids(n_sequences=2, seq_len=16))
     with pytest.warns(UserWarning, match="ran out after 2 sequences"):
         tokens = loading.load_tokens(
             str(tmp_path / "few.npy"), model, sae, n_tokens=160, context_size=16, seed=0

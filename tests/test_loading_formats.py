@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, D_MODEL, HOOK, build_tokenizer, make_identity_sae, make_tiny_model
+from factories import CORPUS, D_MODEL, HOOK, TESTS_DIR, build_tokenizer, make_identity_sae, make_tiny_model
 
 import pytest_saecheck
 from pytest_saecheck import loading
@@ -134,30 +134,21 @@ def test_an_empty_tokenizer_on_a_model_is_not_used(tmp_path: Path) -> None:
 def test_hook_loaders_receive_the_kwargs(tiny_pytester: pytest.Pytester) -> None:
     tiny_pytester.makeconftest(
         textwrap.dedent(
-            """
-            from conftest_tiny import make
+            f"""
+            import sys
+
+            sys.path.insert(0, {str(TESTS_DIR)!r})
+            from factories import make_tiny_model
 
             SEEN = []
 
             def pytest_saecheck_load_model(spec, device, model_from_pretrained_kwargs):
                 SEEN.append(dict(model_from_pretrained_kwargs))
-                return make(device)
+                return make_tiny_model(device)
             """
         )
     )
     tiny_pytester.makepyfile(
-        conftest_tiny=textwrap.dedent(
-            f"""
-            import torch
-            from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-            def make(device):
-                torch.manual_seed(0)
-                return HookedTransformer(HookedTransformerConfig(
-                    n_layers=2, d_model={D_MODEL}, n_ctx=16, d_head=8, n_heads=4, d_mlp=64, d_vocab=61,
-                    act_fn="gelu", device=device)).eval()
-            """
-        ),
         test_hook=textwrap.dedent(
             """
             import pytest

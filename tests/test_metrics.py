@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 from pytest_saecheck import ConfigError
 from pytest_saecheck.metrics import (
     BOOTSTRAPPABLE,
-    CHINCHILLA_SCALING_LAW,
     METRIC_NAMES,
     METRICS,
     metrics_from_sums,
 )
+from pytest_saecheck.scaling import DEFAULT_LAW
 from pytest_saecheck.stats import bootstrap_interval
 
 
@@ -77,7 +77,7 @@ def test_ce_scores_from_sums():
     assert m["ce_loss_score_mean_ablation"] == pytest.approx((4.0 - 2.5) / (4.0 - 2.0))
     assert m["ce_rec"] == pytest.approx(2 - 2.5 / 2.0)
     assert m["kl_div_score"] == pytest.approx((2.0 - 0.1) / 2.0)
-    irreducible, gamma = CHINCHILLA_SCALING_LAW.irreducible, CHINCHILLA_SCALING_LAW.gamma
+    irreducible, gamma = DEFAULT_LAW.irreducible, DEFAULT_LAW.gamma
     assert gamma == pytest.approx(0.34 * 0.28 / 0.62)
     assert m["compute_fraction"] == pytest.approx(((2.5 - irreducible) / (2.0 - irreducible)) ** (-1 / gamma))
     assert m["explained_variance"] == pytest.approx(1.0)

@@ -512,3 +512,47 @@ def test_the_marker_help_names_every_setting() -> None:
 
     for setting in SETTINGS:
         assert f"{setting.name}=..." in MARKER_HELP, setting.name
+
+
+def test_settings_dataclass_has_one_field_per_setting_with_its_default() -> None:
+    """SAECheckSettings restates no default: each field's default is the one in config.SETTINGS."""
+    import dataclasses
+
+    from pytest_saecheck.config import SETTINGS, SAECheckSettings
+
+    fields = {f.name: f for f in dataclasses.fields(SAECheckSettings) if f.name not in ("sources", "written")}
+    assert list(fields) == [setting.name for setting in SETTINGS]
+    defaults = SAECheckSettings()
+    for setting in SETTINGS:
+        assert getattr(defaults, setting.name) is setting.default, setting.name
+
+
+def test_help_texts_state_the_shared_defaults() -> None:
+    """The defaults a help text names are the values used (one source each: pytest_saecheck.defaults, the
+    scaling-law presets)."""
+    from pytest_saecheck import defaults
+    from pytest_saecheck.config import SETTINGS_BY_NAME
+    from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS
+
+    assert SETTINGS_BY_NAME["n_tokens"].default == defaults.DEFAULT_N_TOKENS
+    assert f"(default {defaults.DEFAULT_N_TOKENS})" in SETTINGS_BY_NAME["n_tokens"].help
+    assert SETTINGS_BY_NAME["batch_size"].default == defaults.DEFAULT_BATCH_SIZE
+    assert f"(default {defaults.DEFAULT_BATCH_SIZE})" in SETTINGS_BY_NAME["batch_size"].help
+    assert f"else {defaults.DEFAULT_CONTEXT_SIZE}" in SETTINGS_BY_NAME["context_size"].help
+    law = SETTINGS_BY_NAME["scaling_law"]
+    assert law.default is DEFAULT_LAW
+    assert f'"{DEFAULT_LAW.name}", the default' in law.help
+    for name in PRESETS:
+        assert f'"{name}"' in law.help
+    group = SETTINGS_BY_NAME["release_group_mib"]
+    assert f"(default {group.default};" in group.help
+
+
+def test_demo_name_has_one_home() -> None:
+    from pytest_saecheck import demo, loading
+    from pytest_saecheck.demo import build, language, tokenizer
+
+    assert (
+        demo.MODEL_NAME == build.MODEL_NAME == build.DATASET_PATH == tokenizer.TOKENIZER_NAME == language.NAME
+    )
+    assert loading.DEMO_MODEL_NAME == language.NAME

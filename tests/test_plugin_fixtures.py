@@ -441,3 +441,89 @@ def test_sae_lens_deprecation_warnings_are_hidden_but_the_users_are_not(
     result.stdout.fnmatch_lines(["*DeprecationWarning: the user's own deprecation"])
     # SAE Lens importing TransformerLens' deprecated utils, at the plugin's first load
     assert "sae_lens/" not in result.stdout.str() and "'utils' module" not in result.stdout.str()
+
+
+def _counting_sae_loader(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Replace the SAE loader by one that counts its calls and returns an object with an SAE Lens config."""
+    from types import SimpleNamespace
+
+    from pytest_saecheck import loading
+
+    loads: list[str] = []
+    metadata = {
+        "model_name": "gpt2",
+        "dataset_path": "some/dataset",
+        "context_size": 32,
+        "prepend_bos": False,
+        "model_from_pretrained_kwargs": {"center_writing_weights": False},
+    }
+
+    def load_sae(spec: str, *args: object, **kwargs: object) -> object:
+        loads.append(spec)
+        return SimpleNamespace(cfg=SimpleNamespace(metadata=dict(metadata)))
+
+    monkeypatch.setattr(loading, "load_sae", load_sae)
+    return loads
+
+
+def test_cache_keys_load_the_sae_once_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The specs the settings leave to the SAE's config are resolved once into a frozen value: computing keys
+    again (after the SAE left the cache, as it does when another model loads) or for another test with the same
+    settings loads no SAE."""
+    import dataclasses
+
+    from pytest_saecheck.config import SAECheckSettings
+    from pytest_saecheck.fixtures import ResolvedSpecs, SAECheck
+    from pytest_saecheck.session_cache import SessionCache
+
+    loads = _counting_sae_loader(monkeypatch)
+    cache = SessionCache()
+    settings = SAECheckSettings(sae="org/release-id")
+    check = SAECheck(settings, "cpu", cache)
+    key = check.evaluation_key()
+    assert loads == ["org/release-id"]
+    specs = check.specs
+    assert isinstance(specs, ResolvedSpecs)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        specs.model = "other"  # type: ignore[misc]
+    assert (check.model_spec, check.token_source, check.context_size) == ("gpt2", "hf:some/dataset", 32)
+    assert check.model_from_pretrained_kwargs == {"center_writing_weights": False}
+    assert specs.prepend_bos is False
+
+    cache.release_model()  # drops the cached SAEs, as loading a different model does
+    assert check.evaluation_key() == key
+    assert SAECheck(settings, "cpu", cache).evaluation_key() == key  # the next test with the same settings
+    assert loads == ["org/release-id"]
+
+    other = SAECheck(
+        dataclasses.replace(settings, n_tokens=64), "cpu", cache
+    )  # other settings: resolved anew
+    other.evaluation_key()
+    assert loads == ["org/release-id", "org/release-id"]
+
+
+def test_explicit_specs_still_need_the_sae_config_only_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_saecheck.config import FrozenKwargs, SAECheckSettings
+    from pytest_saecheck.errors import ConfigError
+    from pytest_saecheck.fixtures import SAECheck
+    from pytest_saecheck.session_cache import SessionCache
+
+    loads = _counting_sae_loader(monkeypatch)
+    settings = SAECheckSettings(
+        model="tiny",
+        sae="org/release-id",
+        tokens="tokens.npy",
+        context_size=8,
+        model_from_pretrained_kwargs=FrozenKwargs({}),
+    )
+    check = SAECheck(settings, "cpu", SessionCache())
+    assert (check.model_spec, check.token_source, check.context_size) == ("tiny", "tokens.npy", 8)
+    assert check.model_from_pretrained_kwargs == {}
+    assert len(loads) == 1  # prepend_bos comes from the SAE's config
+
+    no_sae = SAECheck(SAECheckSettings(), "cpu", SessionCache())
+    with pytest.raises(ConfigError, match="no model is configured"):
+        no_sae.model_spec  # noqa: B018
+    with pytest.raises(ConfigError, match="no SAE is configured"):
+        no_sae.token_source  # noqa: B018
+    assert len(loads) == 1

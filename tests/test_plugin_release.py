@@ -37,7 +37,7 @@ def _counts(pytester: pytest.Pytester) -> dict:
 
 @pytest.fixture
 def release_pytester(tiny_pytester: pytest.Pytester, tiny_assets) -> pytest.Pytester:
-    from conftest import make_random_sae
+    from factories import make_random_sae
 
     make_random_sae(seed=7).save_model(tiny_pytester.path / "sae_random2")
     make_random_sae(seed=8, hook_name="blocks.0.hook_mlp_out").save_model(tiny_pytester.path / "sae_mlp0")
@@ -102,7 +102,7 @@ def test_joint_marker_end_to_end_with_the_report(release_pytester: pytest.Pytest
 
 def test_a_broken_sae_fails_only_its_own_test(release_pytester: pytest.Pytester) -> None:
     """One SAE of a release group that cannot be evaluated must not fail the others (found by a new user)."""
-    from conftest import make_random_sae
+    from factories import make_random_sae
 
     make_random_sae(d_in=16).save_model(release_pytester.path / "sae_too_narrow")
     release_pytester.makepyfile(

@@ -250,13 +250,13 @@ def test_the_evaluation_records_the_law_and_the_preset_band(tiny_pytester: pytes
 
 def test_a_family_fit_scores_each_model_as_evaluate_does():
     import torch
-    from test_engine import make_model, make_sae, make_tokens
+    from factories import make_engine_model, make_tokens, random_sae
 
     from pytest_saecheck import evaluate, fit_scaling_law_from_models
     from pytest_saecheck.engine.family import model_loss
 
     tokens = make_tokens(6)
-    models = [make_model(seed=seed) for seed in range(4)]
+    models = [make_engine_model(seed=seed) for seed in range(4)]
     n_params, n_train_tokens = [1e6, 4e6, 1.6e7, 6.4e7], [2e7, 8e7, 3.2e8, 1.28e9]
     law = fit_scaling_law_from_models(
         models, tokens, n_params=n_params, n_train_tokens=n_train_tokens, batch_size=4, n_bootstrap=0
@@ -264,7 +264,7 @@ def test_a_family_fit_scores_each_model_as_evaluate_does():
     with torch.no_grad():
         expected = [
             evaluate(
-                model, make_sae("blocks.1.hook_resid_pre"), tokens, progress=False, scaling_law=None
+                model, random_sae("blocks.1.hook_resid_pre"), tokens, progress=False, scaling_law=None
             ).metrics["ce_orig"]
             for model in models
         ]
@@ -277,7 +277,7 @@ def test_a_family_fit_scores_each_model_as_evaluate_does():
 
 
 def test_a_family_fit_needs_training_tokens_unless_the_suite_is_known():
-    from test_engine import make_model, make_tokens
+    from factories import make_engine_model, make_tokens
 
     from pytest_saecheck import fit_scaling_law_from_models
     from pytest_saecheck.engine.family import known_train_tokens
@@ -285,6 +285,6 @@ def test_a_family_fit_needs_training_tokens_unless_the_suite_is_known():
     assert known_train_tokens("EleutherAI/pythia-70m-deduped") == 299_892_736_000
     assert known_train_tokens("gpt2-small") is None
     with pytest.raises(ConfigError, match=r"training tokens of .* are unknown.*n_train_tokens"):
-        fit_scaling_law_from_models([make_model()], make_tokens(2))
+        fit_scaling_law_from_models([make_engine_model()], make_tokens(2))
     with pytest.raises(ConfigError, match="n_params needs one value per model"):
-        fit_scaling_law_from_models([make_model()], make_tokens(2), n_params=[1.0, 2.0])
+        fit_scaling_law_from_models([make_engine_model()], make_tokens(2), n_params=[1.0, 2.0])

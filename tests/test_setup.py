@@ -161,7 +161,7 @@ def test_ci_runs_the_readme_commands_with_the_cpu_build() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert 'TORCH="torch==2.13.0"' in ci
     targets = re.findall(r'^run_make "\$VENV" ([\w-]+)', ci, flags=re.MULTILINE)
-    assert targets == ["setup", "lint", "demo", "test", "test-slow"]
+    assert targets == ["setup", "lint", "typecheck", "demo", "test", "test-slow"]
     assert "pytest" not in ci.split('run_make "$VENV" setup', 1)[1].split("OLD_VENV=", 1)[0].replace(
         "pytest_saecheck", ""
     ), "the main run calls pytest only through the make targets"
@@ -220,3 +220,31 @@ def test_the_slow_marker_is_registered_and_used(request: pytest.FixtureRequest) 
     assert any(line.startswith("slow:") for line in markers)
     sources = [path.read_text(encoding="utf-8") for path in (ROOT / "tests").glob("test_*.py")]
     assert sum(source.count("pytest.mark.slow") for source in sources) >= 3
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared builders live in tests/factories.py: a test module imports no other test module."""
+    import ast
+
+    tests_dir = Path(__file__).resolve().parent
+    for path in sorted(tests_dir.glob("test_*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert not name.split(".")[0].startswith("test_"), (
+                    f"{path.name} imports the test module {name}"
+                )
+
+
+def test_the_typecheck_target_runs_mypy_on_the_package() -> None:
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipe = makefile.split("\ntypecheck: setup\n", 1)[1].split("\n\n", 1)[0]
+    assert recipe.strip() == "$(VENV_PYTHON) -m mypy"
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'packages = ["pytest_saecheck"]' in pyproject.split("[tool.mypy]", 1)[1]

@@ -18,15 +18,18 @@ from pytest_saecheck.errors import ConfigError, TrainingCheckError
 from pytest_saecheck.training import (
     AuxLossAdapter,
     AuxLossAdapterBase,
+    ResolvedAdapter,
+    SAELensTopKAdapter,
+    SparsifyAdapter,
     assert_aux_k_scaling,
     assert_aux_loss_zero_without_dead,
     assert_aux_residual_detached,
     assert_no_aux_bias_double_count,
     assert_training_objective,
     gao_k_aux_and_scale,
+    resolve,
     resolve_training_adapter,
 )
-from pytest_saecheck.training_adapters import SAELensTopKAdapter, SparsifyAdapter
 
 # sae-lens 6.0-6.5 warn about model_from_pretrained_kwargs when a config is built without a model
 pytestmark = pytest.mark.filterwarnings(
@@ -385,6 +388,112 @@ def test_object_satisfying_protocol_is_its_own_adapter():
     assert_no_aux_bias_double_count(adapter)
 
 
+def test_resolver_fills_every_optional_member_once():
+    """An adapter with only the required members gets AuxLossAdapterBase's defaults from the resolver."""
+
+    class Bare:
+        def __init__(self, sae):
+            self.sae = sae
+
+        def decoder_bias(self):
+            return self.sae.b_dec
+
+        def decoder_weight(self):
+            return self.sae.W_dec
+
+        def aux_pre_activations(self, x):
+            return self.sae.pre_acts(x)
+
+        def reconstruction(self, x):
+            return self.sae(x)
+
+        def aux_loss(self, x, dead_mask):
+            return self.sae.aux_loss(x, dead_mask)
+
+        def reduce_aux_error(self, squared_error, x):
+            return squared_error.sum(dim=-1).mean()
+
+    sae = ToyTopKSAE()
+    resolved = resolve(sae, adapter=Bare(sae))
+    assert isinstance(resolved, ResolvedAdapter)
+    assert resolved.name == Bare.__qualname__
+    assert (resolved.selection, resolved.shift_invariant) == ("value", False)
+    assert resolved.module is sae  # the object under test is a module: its state is restored
+    assert resolved.k_aux_and_scale(3, 16) == gao_k_aux_and_scale(3, 16)
+    assert resolved.aux_groups(torch.zeros(2, 8)) is None
+    assert set(resolved.gradient_tensors()) == {name for name, _ in sae.named_parameters()}
+    assert resolve(sae, adapter=resolved) is resolved  # resolving twice is a no-op
+    assert_training_objective(sae, adapter=Bare(sae))
+
+
+def test_training_package_imports_run_one_way():
+    """checks → reference → resolve → adapters → protocol: each module imports only the ones after it, at the
+    top (no function-local import hiding a cycle), and only the resolver reads adapter members with defaults."""
+    import ast
+    import importlib
+
+    layers = ["checks", "reference", "resolve", "adapters", "protocol"]
+    for position, name in enumerate(layers):
+        module = importlib.import_module(f"pytest_saecheck.training.{name}")
+        tree = ast.parse(inspect.getsource(module))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "pytest_saecheck.training."
+            ):
+                target = node.module.split(".")[2]
+                assert layers.index(target) > position, f"{name} imports {target}"
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner = [n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+                assert not inner, f"function-local import in training/{name}.py: {node.name}"
+            if (
+                name != "resolve"
+                and isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "getattr"
+            ):
+                first = node.args[0]
+                assert not (isinstance(first, ast.Name) and first.id in ("adapter", "ad")), (
+                    f"training/{name}.py reads an adapter member with a default of its own"
+                )
+
+
+def test_k_scaling_records_the_measured_deviation(monkeypatch):
+    """The recorded value is max |impl/ref - 1| as measured, not a number read back from the message's table
+    (the old table cell showed the ratio to 4 significant digits, "1", so a failing check recorded 0)."""
+    from pytest_saecheck import records
+
+    factor = 1.0 + 3.12345678e-4
+
+    class Inflated(ToyTopKSAE):
+        def aux_loss(self, x, dead_mask):
+            return factor * super().aux_loss(x, dead_mask)
+
+    captured = []
+    monkeypatch.setattr(records, "record", lambda entry, item=None: captured.append(entry))
+    sae = Inflated()
+    with pytest.raises(AssertionError, match="does not follow the documented k_aux"):
+        assert_aux_k_scaling(sae, adapter=ToyAdapter(sae))
+    (entry,) = captured
+    assert entry["assertion"] == "assert_aux_k_scaling"
+    assert entry["metric"] == "max_relative_deviation"
+    assert entry["passed"] is False
+    # float32 losses: the deviation is the factor's to float32 precision
+    assert entry["value"] == pytest.approx(factor - 1.0, rel=1e-3)
+    assert entry["implementation"] == f"{Inflated.__qualname__} (via ToyAdapter)"
+
+    captured.clear()
+    assert_aux_k_scaling(ToyTopKSAE(), adapter=ToyAdapter)
+    (entry,) = captured
+    assert entry["passed"] is True and entry["message"] is None
+    assert 0.0 <= entry["value"] <= 1e-4
+
+
+def test_non_finite_tolerance_is_a_config_error():
+    with pytest.raises(ConfigError, match="atol must be a finite number"):
+        assert_aux_k_scaling(ToyTopKSAE(), adapter=ToyAdapter, atol=math.inf)
+    with pytest.raises(ConfigError, match="rtol must be a finite number"):
+        assert_no_aux_bias_double_count(ToyTopKSAE(), adapter=ToyAdapter, rtol=math.nan)
+
+
 class _FakeRelay:
     def __init__(self, result):
         self.result = result
@@ -542,7 +651,8 @@ def test_hook_in_conftest_supplies_adapter(pytester):
         ]
     )
     # __tracebackhide__ keeps the check's own frames out of the report
-    assert "_reference_loss" not in result.stdout.str()
+    assert "reference_loss(" not in result.stdout.str()
+    assert "conclude(" not in result.stdout.str()
 
 
 # ==============================================================================================================

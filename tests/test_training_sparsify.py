@@ -14,6 +14,7 @@ sparsify = pytest.importorskip("sparsify")
 from sparsify import SparseCoder, SparseCoderConfig  # noqa: E402
 
 from pytest_saecheck.training import (  # noqa: E402
+    SparsifyAdapter,
     assert_aux_k_scaling,
     assert_aux_loss_zero_without_dead,
     assert_aux_residual_detached,
@@ -21,7 +22,6 @@ from pytest_saecheck.training import (  # noqa: E402
     assert_training_objective,
     resolve_training_adapter,
 )
-from pytest_saecheck.training_adapters import SparsifyAdapter  # noqa: E402
 
 SPARSIFY_VERSION = Version(importlib.metadata.version("eai-sparsify"))
 #: first release whose AuxK loss decodes without b_dec (EleutherAI/sparsify#134; 1.3.2 and earlier call decode())

@@ -249,9 +249,9 @@ class Provenance:
         version = _version(self.version)
         if version is None:
             return None
-        if _version(first_bad) <= version < _version(first_fixed):  # type: ignore[operator]
+        if _version(first_bad) <= version < _version(first_fixed):
             return "collapsed"
-        return "pooled" if version >= _version(first_fixed) else None  # type: ignore[operator]
+        return "pooled" if version >= _version(first_fixed) else None
 
     def mse_is_per_token(self) -> bool | None:
         """Whether its ``mse`` is E‖x − x̂‖² (True), divided by the tokens per batch (False), or unknown."""
@@ -260,7 +260,7 @@ class Provenance:
         version = _version(self.version) if self.version else None
         if version is None:
             return None
-        return bool(version >= _version(SAE_LENS_MSE_PER_BATCH_FIXED))  # type: ignore[operator]
+        return bool(version >= _version(SAE_LENS_MSE_PER_BATCH_FIXED))
 
     def describe(self) -> str:
         name = {"sae_lens": "SAE Lens", "sae_bench": "SAEBench core"}[self.library]

@@ -33,6 +33,7 @@ from pytest_saecheck.demo.language import (
     CONSTRUCTS,
     EOS_ID,
     LATENTS,
+    NAME,
     PAD_ID,
     UNK_ID,
     VOCAB,
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 ASSETS_DIR: Path = Path(__file__).resolve().parent / "assets"
-MODEL_NAME = "saecheck-demo"
+MODEL_NAME = NAME
 HOOK_NAME = "blocks.1.hook_resid_post"
 """The hook every demo SAE reads (the residual stream after the second of three layers)."""
 SAE_NAMES: tuple[str, ...] = ("good", "variance_only", "dead")

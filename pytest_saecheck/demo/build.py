@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_saecheck.demo.language import VOCAB, make_sequences, unigram_entropy
+from pytest_saecheck.demo.language import NAME, VOCAB, make_sequences, unigram_entropy
 
 if TYPE_CHECKING:
     import torch
@@ -43,8 +43,8 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 MODEL_WEIGHTS_FILENAME = "model.safetensors"
 METADATA_FILENAME = "metadata.json"
 SAES_DIRNAME = "saes"
-MODEL_NAME = "saecheck-demo"
-DATASET_PATH = "saecheck-demo"
+MODEL_NAME = NAME
+DATASET_PATH = NAME
 
 CHECK_TOLERANCE: dict[str, float] = {
     "nats": 0.02,  # absolute, for every cross-entropy and delta_ce

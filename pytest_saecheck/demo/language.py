@@ -36,6 +36,9 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+NAME = "saecheck-demo"
+"""The demo's name: its model's ``model_name``, its SAEs' ``dataset_path`` and its tokenizer's name."""
+
 # ----------------------------------------------------------------------------------------------------------
 # vocabulary
 # ----------------------------------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pytest_saecheck.demo.language import BOS, BOS_ID, EOS, PAD, TOKEN_TO_ID, UNK
+from pytest_saecheck.demo.language import BOS, BOS_ID, EOS, NAME, PAD, TOKEN_TO_ID, UNK
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-TOKENIZER_NAME = "saecheck-demo"
+TOKENIZER_NAME = NAME
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

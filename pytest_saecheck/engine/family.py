@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from pytest_saecheck.defaults import DEFAULT_BATCH_SIZE
 from pytest_saecheck.engine.run import _check_tokens, check_model
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.policy import TokenPolicy
 from pytest_saecheck.scaling import ScalingLaw, fit_scaling_law
 from pytest_saecheck.scoring import score_batch
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 # Training tokens of model suites whose members were all trained on the same data budget (name pattern, D).
 # Pythia (Biderman et al. 2023): 143,000 steps of 1,024 sequences of 2,048 tokens = 299,892,736,000 tokens.
@@ -29,7 +33,11 @@ def known_train_tokens(name: str) -> int | None:
 
 
 def model_loss(
-    model: Any, tokens: torch.Tensor, *, policy: TokenPolicy | None = None, batch_size: int = 16
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    *,
+    policy: TokenPolicy | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> float:
     """Mean next-token cross-entropy (nats/token) of ``model`` on ``tokens`` ``[n_sequences, seq_len]``, pooled
     over the predictions the token policy keeps: the ``ce_orig`` that :func:`evaluate` reports on these tokens."""
@@ -50,13 +58,13 @@ def model_loss(
 
 
 def fit_scaling_law_from_models(
-    models: Sequence[Any],
+    models: Sequence[HookedTransformer],
     tokens: torch.Tensor,
     *,
     n_params: Sequence[float] | None = None,
     n_train_tokens: Sequence[float] | None = None,
     policy: TokenPolicy | None = None,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | None = None,
     n_bootstrap: int = 200,
     seed: int = 0,

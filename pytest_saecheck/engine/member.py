@@ -5,16 +5,19 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pytest_saecheck import normalisation as norm
-from pytest_saecheck.dictionaries import DictionaryInfo, describe
+from pytest_saecheck.dictionaries import Dictionary, DictionaryInfo, describe
 from pytest_saecheck.engine.accumulate import Accumulator
 from pytest_saecheck.engine.cut import ModelCut
 from pytest_saecheck.errors import ConfigError, HookNotFoundError, NonFiniteError, ShapeMismatchError
 from pytest_saecheck.hookpoints import HookSite, resolve_hook
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 class Variant(enum.Enum):
@@ -67,7 +70,9 @@ def token_independent(site: HookSite, tokens: torch.Tensor, kept: torch.Tensor) 
 class Member:
     """One dictionary in an evaluation, with its own sums."""
 
-    def __init__(self, name: str, sae: Any, model: Any, given: norm.Normalisation | None) -> None:
+    def __init__(
+        self, name: str, sae: Dictionary, model: HookedTransformer, given: norm.Normalisation | None
+    ) -> None:
         self.name = name
         self.sae = sae
         self.info: DictionaryInfo = describe(sae)

@@ -28,12 +28,13 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pytest_saecheck import normalisation as norm
+from pytest_saecheck.defaults import DEFAULT_BATCH_SIZE
 from pytest_saecheck.engine.accumulate import Accumulator, totals
 from pytest_saecheck.engine.cut import HookedTransformerCut
 from pytest_saecheck.engine.member import AblationPlan, Member, Template, Variant, token_independent
@@ -48,7 +49,6 @@ from pytest_saecheck.errors import (
 )
 from pytest_saecheck.hookpoints import required_flags
 from pytest_saecheck.metrics import (
-    CHINCHILLA_SCALING_LAW,
     METRIC_NAMES,
     RATIO_DENOMINATORS,
     WHOLE_SET_METRICS,
@@ -58,9 +58,13 @@ from pytest_saecheck.metrics import (
     total_variance,
 )
 from pytest_saecheck.policy import TokenPolicy
-from pytest_saecheck.scaling import ScalingLaw, as_scaling_law
+from pytest_saecheck.scaling import DEFAULT_LAW, ScalingLaw, as_scaling_law
 from pytest_saecheck.scoring import BatchScores, chunk_rows_for, score_batch
 from pytest_saecheck.stats import DEFAULT_LEVEL, bootstrap_intervals
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
 
 PARTICIPATION_RATIO_MAX_WIDTH = 4096
 """Above this activation width the d×d covariance for the participation ratio (128 MiB in float64) is skipped."""
@@ -90,11 +94,11 @@ RECONSTRUCTION_METRICS = (
 
 
 def evaluate(
-    model: Any,
-    sae: Any,
+    model: HookedTransformer,
+    sae: SAE | Sequence[SAE] | Mapping[str, SAE],
     tokens: torch.Tensor,
     *,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     exclude_bos: bool = True,
     exclude_special_tokens: bool = True,
     exclude_token_ids: Sequence[int] = (),
@@ -103,7 +107,7 @@ def evaluate(
     activation_scaler: Any = None,
     mean_activation: Any = None,
     mean_ablation: bool = True,
-    scaling_law: ScalingLaw | str | tuple[float, float] | None = CHINCHILLA_SCALING_LAW,
+    scaling_law: ScalingLaw | str | tuple[float, float] | None = DEFAULT_LAW,
     joint: bool = False,
     progress: bool | None = None,
     template_budget_bytes: int | None = None,

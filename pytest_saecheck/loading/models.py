@@ -10,7 +10,7 @@ import json
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_saecheck.devices import auto_device
 from pytest_saecheck.errors import (
@@ -20,6 +20,9 @@ from pytest_saecheck.errors import (
 from pytest_saecheck.loading.offline import is_unavailable_error, offline_state, quiet_deprecations
 from pytest_saecheck.loading.resolve import hooks_then_builtin
 from pytest_saecheck.loading.specs import DEMO, absolute_path, local_path, looks_like_path
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 # --------------------------------------------------------------------------------------------------------
 # models
@@ -97,7 +100,7 @@ def load_model(
     device: str | None = None,
     dtype: str | None = None,
     model_from_pretrained_kwargs: Mapping[str, Any] | None = None,
-) -> Any:
+) -> HookedTransformer:
     """Load a TransformerLens ``HookedTransformer`` the way the plugin does: hooks first, then the built-ins.
 
     ``spec``: ``"demo"``, a local Hugging Face model directory, or a TransformerLens model name. ``device``: a

@@ -8,7 +8,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_saecheck.devices import auto_device
 from pytest_saecheck.errors import (
@@ -28,13 +28,16 @@ from pytest_saecheck.loading.specs import (
     split_release,
 )
 
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
 # --------------------------------------------------------------------------------------------------------
 # SAEs
 
 
 def load_sae(
     spec: str, device: str | None = None, dtype: str | None = None, hook_name: str | None = None
-) -> Any:
+) -> SAE:
     """Load an SAE the way the plugin does: hooks first, then the built-in loaders.
 
     ``spec``: ``"demo/<name>"``, a local directory (SAE Lens ``cfg.json`` + weights, or an EleutherAI sparsify

@@ -11,13 +11,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pytest_saecheck.defaults import DEFAULT_CONTEXT_SIZE
+from pytest_saecheck.demo import (
+    NAME as DEMO_MODEL_NAME,  # model_name and dataset_path in the demo SAEs' configs
+)
 from pytest_saecheck.errors import (
     ConfigError,
 )
 
 DEMO = "demo"
-DEMO_MODEL_NAME = "saecheck-demo"  # model_name and dataset_path in the demo SAEs' configs
-DEFAULT_CONTEXT_SIZE = 128
 
 
 # --------------------------------------------------------------------------------------------------------

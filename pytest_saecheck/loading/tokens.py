@@ -7,9 +7,10 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+from pytest_saecheck.defaults import DEFAULT_N_TOKENS
 from pytest_saecheck.errors import (
     ConfigError,
     LoadError,
@@ -28,6 +29,11 @@ from pytest_saecheck.loading.specs import (
     sae_metadata,
 )
 
+if TYPE_CHECKING:
+    import torch
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
 TEXT_COLUMNS = ("text", "content", "document", "story")
 TOKEN_COLUMNS = ("input_ids", "tokens", "token_ids")
 
@@ -38,18 +44,19 @@ TOKEN_COLUMNS = ("input_ids", "tokens", "token_ids")
 
 def load_tokens(
     spec: str,
-    model: Any,
-    sae: Any = None,
-    n_tokens: int = 16_384,
+    model: HookedTransformer,
+    sae: SAE | None = None,
+    n_tokens: int = DEFAULT_N_TOKENS,
     context_size: int | None = None,
     seed: int = 0,
-) -> Any:
+) -> torch.Tensor:
     """Load evaluation tokens the way the plugin does: hooks first, then the built-in sources.
 
     ``spec``: ``"demo"``, ``"hf:<dataset>[?split=...&name=...&column=...]"``, or a local ``.txt``/``.jsonl``/
     ``.parquet``/``.npy``/``.pt`` file or ``datasets.save_to_disk`` directory (relative to the working
     directory). ``model`` tokenises text (its tokenizer) and gives BOS; ``sae`` (optional) says whether rows
-    start with BOS (``prepend_bos``) and the default ``context_size`` (its training context, else 128).
+    start with BOS (``prepend_bos``) and the default ``context_size`` (its training context, else
+    :data:`~pytest_saecheck.defaults.DEFAULT_CONTEXT_SIZE`).
     ``n_tokens``: about how many tokens, in whole rows. ``seed``: for sources that sample (the demo corpus).
 
     Returns a LongTensor ``[ceil(n_tokens / context_size), context_size]`` on the CPU (fewer rows, with a

@@ -45,7 +45,7 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
     start = math.floor(low / step + 1e-9) * step
-    ticks = []
+    ticks: list[float] = []
     value = start
     while value <= high + step * 0.5 and len(ticks) < 50:
         ticks.append(round(value, 12))
@@ -130,14 +130,14 @@ def line_chart(
     legend_x = left + plot_w
     for entry in series:
         name, values, colour = entry[0], entry[1], entry[2]
-        style = {"stroke-width": "1.8", **(entry[3] if len(entry) > 3 else {})}  # type: ignore[misc]
+        style = {"stroke-width": "1.8", **(entry[3] if len(entry) > 3 else {})}
         line_style = " ".join(f'{key}="{escape(str(value))}"' for key, value in style.items())
         runs: list[list[str]] = [[]]
-        for x, y in enumerate(values):
-            if y is None:
+        for x, point in enumerate(values):
+            if point is None:
                 runs.append([])
             else:
-                runs[-1].append(f"{sx(x):.1f},{sy(y):.1f}")
+                runs[-1].append(f"{sx(x):.1f},{sy(point):.1f}")
         for run in runs:
             if len(run) > 1:
                 body.append(

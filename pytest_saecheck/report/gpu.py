@@ -14,16 +14,17 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Mapping, MutableMapping
 
 WORKER_ENV = "PYTEST_XDIST_WORKER"
 DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
 _MIG = re.compile(r"^\s+MIG .*\(UUID:\s*(MIG-[^)\s]+)\)")
 
 
-def visible_gpus(environ: dict[str, str] | None = None, nvidia_smi: str | None = "auto") -> list[str]:
+def visible_gpus(environ: Mapping[str, str] | None = None, nvidia_smi: str | None = "auto") -> list[str]:
     """The identifiers of the GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries."""
-    environ = os.environ if environ is None else environ
-    listed = environ.get(DEVICES_ENV)
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    listed = env.get(DEVICES_ENV)
     if listed is not None:
         gpus = []
         for entry in (part.strip() for part in listed.split(",")):
@@ -78,22 +79,24 @@ def cuda_initialised() -> bool:
         return False
 
 
-def pin_worker_gpu(environ: dict[str, str] | None = None, nvidia_smi: str | None = "auto") -> str | None:
+def pin_worker_gpu(
+    environ: MutableMapping[str, str] | None = None, nvidia_smi: str | None = "auto"
+) -> str | None:
     """Narrow ``CUDA_VISIBLE_DEVICES`` to this worker's GPU; return it (``None`` when nothing was changed)."""
-    environ = os.environ if environ is None else environ
-    index = worker_index(environ.get(WORKER_ENV))
+    env: MutableMapping[str, str] = os.environ if environ is None else environ
+    index = worker_index(env.get(WORKER_ENV))
     if index is None:
         return None
-    gpus = visible_gpus(environ, nvidia_smi)
+    gpus = visible_gpus(env, nvidia_smi)
     if len(gpus) < 2:
         return None
     chosen = gpus[index % len(gpus)]
     if cuda_initialised():
         warnings.warn(
-            f"saecheck: CUDA was initialised before worker {environ.get(WORKER_ENV)} could be pinned to GPU "
+            f"saecheck: CUDA was initialised before worker {env.get(WORKER_ENV)} could be pinned to GPU "
             f"{chosen}; every worker may share one GPU. Do not touch CUDA at import time in conftest files.",
             stacklevel=2,
         )
         return None
-    environ[DEVICES_ENV] = chosen
+    env[DEVICES_ENV] = chosen
     return chosen

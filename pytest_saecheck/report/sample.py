@@ -15,7 +15,8 @@ import numpy as np
 
 from pytest_saecheck.checks.messages import fmt
 from pytest_saecheck.defaults import INTERVAL_LEVEL
-from pytest_saecheck.metrics import CHINCHILLA_SCALING_LAW, metrics_from_sums
+from pytest_saecheck.metrics import metrics_from_sums
+from pytest_saecheck.scaling import DEFAULT_LAW
 
 
 @dataclass
@@ -68,9 +69,7 @@ def evaluation_record(
         "kl_sum_sae": 0.8 * (ce_sae - ce_orig) + 0.01,
         "kl_sum_zero": 7.1,
     }
-    computed = metrics_from_sums(
-        {key: np.asarray(value) for key, value in sums.items()}, CHINCHILLA_SCALING_LAW
-    )
+    computed = metrics_from_sums({key: np.asarray(value) for key, value in sums.items()}, DEFAULT_LAW)
     metrics: dict[str, float] = {name: float(value) for name, value in computed.items()}
     metrics |= {
         "explained_variance": ev,
@@ -111,7 +110,7 @@ def evaluation_record(
         "hook_name": "blocks.1.hook_resid_pre",
         "hook_head_index": None,
         "token_policy": {"exclude_bos": True, "exclude_token_ids": [], "pad_token_id": None},
-        "scaling_law": [CHINCHILLA_SCALING_LAW.irreducible, CHINCHILLA_SCALING_LAW.gamma],
+        "scaling_law": [DEFAULT_LAW.irreducible, DEFAULT_LAW.gamma],
         "batch_size": 16,
         "model_dtype": "float32",
         "duration_s": 1.5 + rng.random(),
@@ -202,7 +201,9 @@ def sae_test_reports(
         {"kind": "subject", **subject(label)},
         evaluation,
         ce_assertion(label, metrics["ce_loss_score"], min_score=min_score),
-        ce_assertion(label, metrics["delta_ce"], metric="delta_ce", max_value=max_delta, confidence=0.95),
+        ce_assertion(
+            label, metrics["delta_ce"], metric="delta_ce", max_value=max_delta, confidence=INTERVAL_LEVEL
+        ),
     ]
     second = [
         {"kind": "subject", **subject(label)},

@@ -1,4 +1,4 @@
-"""Built-in :class:`~pytest_saecheck.training.AuxLossAdapter` implementations.
+"""Built-in :class:`~pytest_saecheck.training.protocol.AuxLossAdapter` implementations.
 
 - :class:`SAELensTopKAdapter`: SAE Lens 6.x ``TopKTrainingSAE`` and its subclasses (``BatchTopKTrainingSAE``,
   ``MatryoshkaBatchTopKTrainingSAE`` including ``use_matryoshka_aux_loss``, ``AbsTopKTrainingSAE``), through the
@@ -6,20 +6,19 @@
 - :class:`SparsifyAdapter`: EleutherAI sparsify's ``SparseCoder`` (PyPI ``eai-sparsify``, imported lazily).
 
 Both carry their library's normalisation of the aux loss; the reference formula itself lives in
-:mod:`pytest_saecheck.training`.
+:mod:`pytest_saecheck.training.reference`. This module imports only the protocol from its package.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from pytest_saecheck.errors import TrainingCheckError
-from pytest_saecheck.training import AuxLossAdapterBase
+from pytest_saecheck.training.protocol import AuxGroups, AuxLossAdapterBase
 
 __all__ = ["SAELensTopKAdapter", "SparsifyAdapter", "builtin_training_adapter"]
 
@@ -123,7 +122,7 @@ class SAELensTopKAdapter(AuxLossAdapterBase):
 
     # -- optional members --
 
-    def aux_groups(self, x: torch.Tensor) -> Sequence[tuple[int, int, torch.Tensor]] | None:
+    def aux_groups(self, x: torch.Tensor) -> AuxGroups | None:
         cfg = self.training_sae.cfg
         if not getattr(cfg, "use_matryoshka_aux_loss", False):
             return None
@@ -170,7 +169,7 @@ class SAELensTopKAdapter(AuxLossAdapterBase):
         return self._step_input_cls(**kwargs)
 
 
-def _sae_lens_adapter(training_sae: Any) -> Any:
+def _sae_lens_adapter(training_sae: Any) -> SAELensTopKAdapter | None:
     if not _from_package(training_sae, "sae_lens"):
         return None
     topk_cls = _import_optional("sae_lens.saes.topk_sae", "TopKTrainingSAE")
@@ -245,7 +244,7 @@ class SparsifyAdapter(AuxLossAdapterBase):
         return squared_error.sum() / (x - x.mean(0)).pow(2).sum()
 
 
-def _sparsify_adapter(training_sae: Any) -> Any:
+def _sparsify_adapter(training_sae: Any) -> SparsifyAdapter | None:
     if not _from_package(training_sae, "sparsify"):
         return None
     cls = _import_optional("sparsify.sparse_coder", "SparseCoder")
@@ -254,10 +253,7 @@ def _sparsify_adapter(training_sae: Any) -> Any:
     return None
 
 
-def builtin_training_adapter(training_sae: Any) -> Any:
+def builtin_training_adapter(training_sae: Any) -> AuxLossAdapterBase | None:
     """The built-in adapter for ``training_sae``, or ``None`` when no built-in one applies."""
-    for factory in (_sae_lens_adapter, _sparsify_adapter):
-        adapter = factory(training_sae)
-        if adapter is not None:
-            return adapter
-    return None
+    adapter: AuxLossAdapterBase | None = _sae_lens_adapter(training_sae)
+    return adapter if adapter is not None else _sparsify_adapter(training_sae)

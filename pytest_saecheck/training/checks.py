@@ -1,0 +1,465 @@
+"""The AuxK checks: each one resolves the adapter, measures against the reference, and concludes.
+
+Every check follows the one check workflow (:mod:`pytest_saecheck.checks.workflow`): validate its arguments,
+measure (the object under test is changed while it runs and restored on any exit), build a
+:class:`~pytest_saecheck.checks.workflow.CheckOutcome` and hand it to
+:func:`~pytest_saecheck.checks.workflow.conclude`, which records it on the running test and raises the failure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pytest_saecheck.checks.messages import INDENT, fmt_exact, table
+from pytest_saecheck.checks.workflow import CheckOutcome, conclude
+from pytest_saecheck.errors import ConfigError, TrainingCheckError
+from pytest_saecheck.training.reference import (
+    check_tolerances,
+    close,
+    default_dead_counts,
+    gradient_norm,
+    gradients,
+    implementation_loss,
+    make_batch,
+    make_dead_mask,
+    preserved,
+    probe_vector,
+    reference_inputs,
+    reference_loss,
+    separating_probe,
+    set_bias,
+    setup_of,
+)
+from pytest_saecheck.training.resolve import ResolvedAdapter, resolve
+
+__all__ = [
+    "assert_aux_k_scaling",
+    "assert_aux_loss_zero_without_dead",
+    "assert_aux_residual_detached",
+    "assert_no_aux_bias_double_count",
+    "assert_training_objective",
+]
+
+_TABLE_INDENT = INDENT * 2
+
+
+def _outcome(
+    assertion: str,
+    adapter: ResolvedAdapter,
+    *,
+    failure: str | None,
+    details: Sequence[str],
+    metric: str,
+    value: float,
+    tol: float,
+    **fields: Any,
+) -> CheckOutcome:
+    """The outcome of one AuxK check: no SAE label (the subject is an implementation, named in the record)."""
+    return CheckOutcome(
+        assertion=assertion,
+        label=None,
+        failures=() if failure is None else (failure,),
+        details=tuple(details),
+        metric=metric,
+        value=value,
+        fields={"implementation": adapter.name, "tol": tol, **fields},
+    )
+
+
+def assert_no_aux_bias_double_count(
+    training_sae: Any,
+    *,
+    atol: float = 1e-6,
+    rtol: float = 1e-4,
+    adapter: Any = None,
+    batch: torch.Tensor | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> None:
+    """Fail if the AuxK loss adds ``b_dec`` to the aux reconstruction (so ``b_dec`` is counted twice).
+
+    Sets ``b_dec`` to a clearly nonzero probe, marks every latent dead, and compares the implementation's aux
+    loss with the reference computed without ``b_dec`` and with the value the double-counting formula would
+    give. Where the encoder sees ``x - b_dec`` (adapter ``shift_invariant``), also checks that shifting ``x``
+    and ``b_dec`` by the same vector leaves the aux loss unchanged. The object is restored afterwards.
+
+    ``batch`` (``[n, d_in]``) replaces the synthetic seeded batch; ``atol``/``rtol`` compare the
+    implementation's value with the reference (float64).
+
+    Raises:
+        AssertionError: the loss matches the double-counting formula, neither formula, or fails the shift check.
+        ConfigError: a negative or non-finite tolerance, a malformed ``batch`` or ``batch_size``.
+        TrainingCheckError: no adapter, or the two formulas cannot be told apart on this object.
+    """
+    __tracebackhide__ = True
+    atol, rtol = check_tolerances(atol, rtol)
+    ad = resolve(training_sae, adapter)
+    with preserved(ad):
+        setup = setup_of(ad)
+        x = make_batch(setup, batch, batch_size, seed)
+        dead = make_dead_mask(setup, setup.d_sae, seed)
+        probe, ref, dbl = separating_probe(ad, x, dead, setup, seed)
+        set_bias(ad, probe)
+        impl = float(implementation_loss(ad, x, dead))
+        if close(dbl, ref, 10 * atol, 10 * rtol):
+            raise TrainingCheckError(
+                f"{ad.name}: with b_dec set to a probe vector the correct and double-counting AuxK "
+                f"losses are indistinguishable ({fmt_exact(ref)} vs {fmt_exact(dbl)}); is the aux-loss "
+                "coefficient zero?"
+            )
+        shifted: float | None = None
+        if ad.shift_invariant:
+            shift = probe_vector(setup, x, seed + 100, scale=1.0)
+            set_bias(ad, probe + shift)
+            shifted = float(implementation_loss(ad, x + shift, dead))
+        probe_norm = float(probe.double().norm())
+
+    matches_ref = close(impl, ref, atol, rtol)
+    matches_dbl = close(impl, dbl, atol, rtol)
+    shift_ok = shifted is None or close(shifted, impl, atol, rtol)
+    fields: dict[str, Any] = {"reference": ref, "double_counting": dbl, "shifted": shifted, "atol": atol}
+    passed = matches_ref and shift_ok
+    matched = (
+        "reference (b_dec excluded)"
+        if matches_ref
+        else "double-counting formula (b_dec added to the aux reconstruction)"
+        if matches_dbl
+        else "neither"
+    )
+    rows = [
+        ["implementation aux loss", fmt_exact(impl)],
+        ["reference: ê = z_aux W_dec (no b_dec)", fmt_exact(ref)],
+        ["double-counting formula: ê + b_dec", fmt_exact(dbl)],
+    ]
+    if shifted is not None:
+        rows.append(["implementation at (x + v, b_dec + v)", fmt_exact(shifted)])
+    details = [
+        f"{INDENT}b_dec set to a probe with norm {fmt_exact(probe_norm)}, all {setup.d_sae} latents dead, "
+        f"batch of {x.shape[0]}:",
+        *table(rows, indent=_TABLE_INDENT),
+        f"{INDENT}matched: {matched}",
+    ]
+    if not shift_ok:
+        details.append(
+            f"{INDENT}metamorphic check failed: shifting x and b_dec by the same vector v changed the aux loss "
+            "(a correct aux loss is unchanged)"
+        )
+    details.append(f"{INDENT}tolerance: atol={fmt_exact(atol)}, rtol={fmt_exact(rtol)}")
+    if matches_dbl:
+        details.append(
+            f"{INDENT}x̂ already contains b_dec, so the aux latents must be decoded with the decoder weights "
+            "alone; decoding them through a decode() that adds b_dec pulls dead latents toward e - b_dec."
+        )
+    if not passed:
+        fields["matched"] = matched
+    conclude(
+        _outcome(
+            "assert_no_aux_bias_double_count",
+            ad,
+            failure=None
+            if passed
+            else f"AuxK loss of {ad.name} does not exclude b_dec from the aux reconstruction",
+            details=details,
+            metric="aux_loss",
+            value=impl,
+            tol=rtol,
+            **fields,
+        )
+    )
+
+
+_DETACH_LABELS = {
+    (True, False): "residual detached, b_dec excluded (correct)",
+    (True, True): "residual detached, b_dec double-counted",
+    (False, False): "residual NOT detached, b_dec excluded",
+    (False, True): "residual NOT detached, b_dec double-counted",
+}
+
+
+def assert_aux_residual_detached(
+    training_sae: Any,
+    *,
+    rtol: float = 1e-3,
+    atol: float = 1e-9,
+    adapter: Any = None,
+    batch: torch.Tensor | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> None:
+    """Fail if gradient from the AuxK loss reaches the main reconstruction through the residual target e.
+
+    Compares the gradient of the implementation's aux loss (with respect to ``gradient_tensors()``: by default
+    every trainable parameter) with the gradients of four reference formulas: residual detached or not, ``b_dec``
+    excluded or double-counted. Passes when a detached formula matches (the ``b_dec`` question is
+    :func:`assert_no_aux_bias_double_count`'s). ``rtol`` bounds ‖g_impl - g_ref‖ / ‖g_ref‖; ``atol`` the
+    absolute distance (for gradients near zero).
+
+    Raises:
+        AssertionError: no detached formula matches the implementation's gradient.
+        ConfigError: a negative or non-finite tolerance, a malformed ``batch`` or ``batch_size``.
+        TrainingCheckError: no adapter, no trainable tensor, a loss without a graph, or indistinguishable
+            reference gradients.
+    """
+    __tracebackhide__ = True
+    atol, rtol = check_tolerances(atol, rtol)
+    ad = resolve(training_sae, adapter)
+    with preserved(ad):
+        setup = setup_of(ad)
+        x = make_batch(setup, batch, batch_size, seed)
+        probe = probe_vector(setup, x, seed + 1)
+        dead = make_dead_mask(setup, setup.d_sae, seed)
+        set_bias(ad, probe)
+        tensors = {
+            k: t for k, t in ad.gradient_tensors().items() if isinstance(t, torch.Tensor) and t.requires_grad
+        }
+        if not tensors:
+            raise TrainingCheckError(
+                f"{ad.name}: no tensor that requires grad to compare aux-loss gradients on."
+            )
+        with torch.enable_grad():
+            impl_loss = implementation_loss(ad, x, dead, grad=True)
+            if not impl_loss.requires_grad:
+                raise TrainingCheckError(
+                    f"{ad.name}: the aux loss carries no autograd graph to any of "
+                    f"{', '.join(tensors)}; it would train nothing."
+                )
+            g_impl = gradients(impl_loss, tensors)
+            inputs = reference_inputs(ad, x, setup, differentiable=True)
+            cands: dict[tuple[bool, bool], list[torch.Tensor]] = {}
+            for detach in (True, False):
+                for dbl in (False, True):
+                    ref = reference_loss(ad, inputs, dead, setup, double_count=dbl, detach=detach)
+                    cands[(detach, dbl)] = gradients(ref, tensors, retain_graph=True)
+            del inputs
+        names = ", ".join(tensors)
+
+    impl_norm = gradient_norm(g_impl)
+    dists: dict[tuple[bool, bool], float] = {}
+    abs_dists: dict[tuple[bool, bool], float] = {}
+    for key, g in cands.items():
+        abs_dists[key] = gradient_norm(g_impl, g)
+        dists[key] = abs_dists[key] / max(gradient_norm(g), impl_norm, 1e-300)
+    sep = gradient_norm(cands[(True, False)], cands[(False, False)]) / max(
+        gradient_norm(cands[(True, False)]), 1e-300
+    )
+    if sep <= 10 * rtol:
+        raise TrainingCheckError(
+            f"{ad.name}: the detached and undetached reference gradients are indistinguishable "
+            f"(relative difference {fmt_exact(sep)}); cannot decide."
+        )
+    ok = [key for key, d in dists.items() if d <= rtol or abs_dists[key] <= atol]
+    passed = any(detach for detach, _ in ok)
+    matched = ", ".join(_DETACH_LABELS[k] for k in ok) or "none"
+    rows = [["formula", "relative gradient distance"]]
+    rows += [[_DETACH_LABELS[k], fmt_exact(dists[k])] for k in _DETACH_LABELS]
+    details = [
+        f"{INDENT}gradients of the aux loss with respect to {names}, all {setup.d_sae} latents dead, "
+        f"batch of {x.shape[0]}:",
+        *table(rows, indent=_TABLE_INDENT),
+        f"{INDENT}‖g_impl‖ = {fmt_exact(impl_norm)}; matched: {matched}; tolerance rtol={fmt_exact(rtol)}",
+        f"{INDENT}Use e = (x - x̂).detach() as the aux target; otherwise the aux loss pulls the live latents "
+        "toward the dead latents' reconstruction and fights the main loss.",
+    ]
+    conclude(
+        _outcome(
+            "assert_aux_residual_detached",
+            ad,
+            failure=None
+            if passed
+            else f"AuxK loss of {ad.name} sends gradient into the main reconstruction through the residual "
+            "target e (e is not detached)",
+            details=details,
+            metric="relative_gradient_distance",
+            value=dists[(True, False)],
+            tol=rtol,
+            **({} if passed else {"matched": matched}),
+        )
+    )
+
+
+def _relative_deviation(impl: float, ref: float) -> float:
+    """``|impl / ref - 1|``: 0 when equal, NaN when it is undefined (a zero or non-finite reference)."""
+    if impl == ref:
+        return 0.0
+    if ref == 0 or not (math.isfinite(impl) and math.isfinite(ref)):
+        return math.nan
+    return abs(impl / ref - 1.0)
+
+
+def assert_aux_k_scaling(
+    training_sae: Any,
+    *,
+    atol: float = 1e-6,
+    rtol: float = 1e-4,
+    adapter: Any = None,
+    batch: torch.Tensor | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    dead_counts: Sequence[int] | None = None,
+) -> None:
+    """Fail unless ``k_aux`` and the dead-latent scaling follow the documented formula.
+
+    For several numbers of dead latents (1, k_aux/2, k_aux, 2·k_aux, all; ``dead_counts`` overrides) compares
+    the implementation's aux loss with the reference using the adapter's ``k_aux_and_scale`` (default
+    ``k_aux = d_in // 2`` capped at the number dead, ``scale = min(num_dead / (d_in // 2), 1)``). ``b_dec`` is
+    zeroed while this runs, so the answer does not depend on the ``b_dec`` question. The recorded value is the
+    largest ``|implementation / reference - 1|`` over the dead counts (NaN when one is undefined).
+
+    Raises:
+        AssertionError: some dead count's loss differs from the reference beyond ``atol + rtol·|reference|``.
+        ConfigError: a negative or non-finite tolerance, a dead count outside ``[1, d_sae]``, a malformed batch.
+        TrainingCheckError: no adapter for ``training_sae``.
+    """
+    __tracebackhide__ = True
+    atol, rtol = check_tolerances(atol, rtol)
+    ad = resolve(training_sae, adapter)
+    rows: list[list[str]] = []
+    deviations: list[float] = []
+    failed = False
+    with preserved(ad):
+        setup = setup_of(ad)
+        x = make_batch(setup, batch, batch_size, seed)
+        set_bias(ad, torch.zeros(setup.d_in, dtype=setup.dtype, device=setup.device))
+        counts = list(dead_counts) if dead_counts is not None else default_dead_counts(setup, ad)
+        for n in counts:
+            if not 1 <= n <= setup.d_sae:
+                raise ConfigError(f"dead_counts must lie in [1, d_sae={setup.d_sae}], got {n}.")
+        inputs = reference_inputs(ad, x, setup)
+        for i, n in enumerate(counts):
+            dead = make_dead_mask(setup, n, seed + 10 + i)
+            impl = float(implementation_loss(ad, x, dead))
+            ref = float(reference_loss(ad, inputs, dead, setup))
+            alternatives = {
+                "no scale (scale = 1)": float(reference_loss(ad, inputs, dead, setup, scale_override=1.0)),
+                "k_aux from d_sae instead of d_in": float(
+                    reference_loss(ad, inputs, dead, setup, k_dim=setup.d_sae)
+                ),
+            }
+            k_aux, scale = ad.k_aux_and_scale(n, setup.d_in)
+            ok = close(impl, ref, atol, rtol)
+            failed = failed or not ok
+            if ok:
+                match = "documented formula"
+            else:
+                match = (
+                    ", ".join(
+                        name
+                        for name, v in alternatives.items()
+                        if close(impl, v, atol, rtol) and not close(v, ref, atol, rtol)
+                    )
+                    or "neither"
+                )
+            deviations.append(_relative_deviation(impl, ref))
+            ratio = impl / ref if ref != 0 else math.nan
+            rows.append(
+                [
+                    str(n),
+                    str(k_aux),
+                    fmt_exact(scale),
+                    fmt_exact(impl),
+                    fmt_exact(ref),
+                    fmt_exact(ratio),
+                    match,
+                ]
+            )
+    worst = math.nan if any(math.isnan(d) for d in deviations) else max(deviations, default=0.0)
+    header = ["dead", "k_aux", "scale", "implementation", "reference", "impl/ref", "matched"]
+    details = [
+        f"{INDENT}d_in={setup.d_in}, d_sae={setup.d_sae}, b_dec zeroed, batch of {x.shape[0]}; reference: "
+        "k_aux = d_in // 2 capped at the number dead, scale = min(num_dead / (d_in // 2), 1) (or the adapter's "
+        "k_aux_and_scale):",
+        *table([header, *rows], indent=_TABLE_INDENT),
+        f"{INDENT}tolerance: atol={fmt_exact(atol)}, rtol={fmt_exact(rtol)}",
+    ]
+    conclude(
+        _outcome(
+            "assert_aux_k_scaling",
+            ad,
+            failure=f"AuxK loss of {ad.name} does not follow the documented k_aux / dead-latent scaling"
+            if failed
+            else None,
+            details=details,
+            metric="max_relative_deviation",
+            value=worst,
+            tol=rtol,
+        )
+    )
+
+
+def assert_aux_loss_zero_without_dead(
+    training_sae: Any,
+    *,
+    atol: float = 0.0,
+    adapter: Any = None,
+    batch: torch.Tensor | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> None:
+    """Fail unless the AuxK loss is exactly zero (``|L| <= atol``) when no latent is dead (``b_dec`` set to a
+    nonzero probe, so a loss that decodes ``b_dec`` alone is caught too).
+
+    Raises:
+        AssertionError: the loss is nonzero (or NaN) with no latent dead.
+        ConfigError: a negative or non-finite ``atol``, a malformed batch.
+        TrainingCheckError: no adapter for ``training_sae``.
+    """
+    __tracebackhide__ = True
+    atol, _ = check_tolerances(atol, 0.0)
+    ad = resolve(training_sae, adapter)
+    with preserved(ad):
+        setup = setup_of(ad)
+        x = make_batch(setup, batch, batch_size, seed)
+        set_bias(ad, probe_vector(setup, x, seed + 1))
+        impl = float(implementation_loss(ad, x, make_dead_mask(setup, 0, seed)))
+    passed = math.isfinite(impl) and abs(impl) <= atol
+    details = [
+        *table([["implementation aux loss", fmt_exact(impl)], ["expected", "0"]], indent=_TABLE_INDENT),
+        f"{INDENT}tolerance: atol={fmt_exact(atol)}; d_sae={setup.d_sae}, b_dec set to a nonzero probe, "
+        f"batch of {x.shape[0]}",
+    ]
+    conclude(
+        _outcome(
+            "assert_aux_loss_zero_without_dead",
+            ad,
+            failure=None if passed else f"AuxK loss of {ad.name} is not zero when no latent is dead",
+            details=details,
+            metric="aux_loss",
+            value=impl,
+            tol=atol,
+        )
+    )
+
+
+def assert_training_objective(training_sae: Any, *, adapter: Any = None, **kwargs: Any) -> None:
+    """Run the four AuxK checks and report every failure in one AssertionError (each check records its own
+    outcome).
+
+    ``kwargs`` (``batch``, ``batch_size``, ``seed``) are passed to each check; tolerances keep their defaults.
+
+    Raises:
+        AssertionError: one or more checks failed; their messages, each under ``[check name]``.
+        ConfigError: an argument other than ``batch``, ``batch_size``, ``seed``.
+    """
+    __tracebackhide__ = True
+    allowed = {"batch", "batch_size", "seed"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise ConfigError(f"unknown argument(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    ad = resolve(training_sae, adapter)
+    failures: list[str] = []
+    for check in (
+        assert_no_aux_bias_double_count,
+        assert_aux_residual_detached,
+        assert_aux_k_scaling,
+        assert_aux_loss_zero_without_dead,
+    ):
+        try:
+            check(training_sae, adapter=ad, **kwargs)
+        except AssertionError as exc:
+            failures.append(f"[{check.__name__}]\n{exc}")
+    if failures:
+        raise AssertionError("\n\n".join(failures))
