@@ -440,7 +440,8 @@ SETTINGS: tuple[Setting, ...] = (
         DEFAULT_LAW,
         "the model family's compute scaling law L(C) = E + A*C^-gamma, for compute_fraction: a preset "
         '("chinchilla", the default, "epoch" or "kaplan": none is fitted for your model), "E,gamma", the path of '
-        'a fit file from pytest_saecheck.fit_scaling_law, or "none"',
+        'a fit file from pytest_saecheck.fit_scaling_law, "demo" (the demo family\'s fit, the default on the demo '
+        'model), or "none"',
         "PRESET|E,GAMMA|PATH",
     ),
     Setting(

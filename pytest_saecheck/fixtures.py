@@ -23,6 +23,7 @@ from pytest_saecheck.session_cache import SessionCache
 
 if TYPE_CHECKING:
     from pytest_saecheck.engine import Evaluation
+    from pytest_saecheck.scaling import ScalingLaw
 
 CACHE_KEY = pytest.StashKey[SessionCache]()
 
@@ -128,6 +129,16 @@ class SAECheck:
         return loading.default_context_size(None, self._load_sae(self.sae_specs[0]))
 
     @property
+    def scaling_law(self) -> ScalingLaw | None:
+        """The law of ``compute_fraction``: the ``scaling_law`` setting; left at its default on the demo model,
+        the law the demo build fitted for the demo's model family (:func:`pytest_saecheck.demo.scaling_law`)."""
+        if self.settings.sources.get("scaling_law") == "default" and self.model_spec == loading.DEMO:
+            from pytest_saecheck import demo
+
+            return demo.scaling_law()
+        return self.settings.scaling_law
+
+    @property
     def activation_scaler(self) -> float | str | None:
         """The ``activation_scaler`` setting; with ``auto``, the checkpoint directory when it holds
         ``activation_scaler.json`` (else None: the engine estimates a factor if the SAE needs one)."""
@@ -195,7 +206,7 @@ class SAECheck:
             self.settings.exclude_special_tokens,
             self.settings.exclude_token_ids,
             tuple(self._activation_scaler_for(spec) for spec in self.sae_specs),
-            self.settings.scaling_law,
+            self.scaling_law,
             self.settings.splice,
         )
 
@@ -285,7 +296,7 @@ class SAECheck:
             exclude_special_tokens=self.settings.exclude_special_tokens,
             exclude_token_ids=self.settings.exclude_token_ids,
             activation_scaler=next(iter(scalers.values())) if single else scalers,
-            scaling_law=self.settings.scaling_law,
+            scaling_law=self.scaling_law,
             joint=joint,
         )
 
