@@ -319,8 +319,10 @@ def test_the_compute_curve_places_each_sae_on_the_law():
     )
     root = ElementTree.fromstring(svg)  # well-formed, every label escaped
     texts = [t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text")]
-    assert any(t.startswith("good: L_orig") and "0.1 of the training compute" in t for t in texts)
-    assert any(t.startswith("<b>lowered</b>") and "2 of the training compute (above 1" in t for t in texts)
+    assert any(t.startswith("good: L_orig") and "0.100 of the training compute" in t for t in texts)
+    assert any(
+        t.startswith("<b>lowered</b>") and "2.000 of the training compute (above 1" in t for t in texts
+    )
     assert any(t == f"E = {law.irreducible:.3g}" for t in texts)
     circles = list(root.iter("{http://www.w3.org/2000/svg}circle"))
     fit_points = [

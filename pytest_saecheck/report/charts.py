@@ -435,13 +435,14 @@ def compute_curve(
             sae = law.loss_at(c_sae)
             x1, y1 = sx(c_sae), sy(sae)
             fraction = c_sae / c_orig
+            shown = f"{fraction:.3f}" if fraction >= 0.1 else _fmt(fraction)
             body.append(
                 f'<line x1="{x0:.1f}" x2="{x1:.1f}" y1="{y1:.1f}" y2="{y1:.1f}" stroke="{colour}" '
                 f'stroke-dasharray="2 2"/><circle cx="{x1:.1f}" cy="{y1:.1f}" r="4" fill="{colour}"><title>'
                 f"{escape(label)}: L_sae {escape(_fmt(sae))} at C {escape(_fmt(c_sae))}: compute_fraction "
-                f"{escape(_fmt(fraction))}</title></circle>"
+                f"{escape(shown)}</title></circle>"
             )
-            text += f" → L_sae {_fmt(sae)}: {_fmt(fraction)} of the training compute"
+            text += f" → L_sae {_fmt(sae)}: {shown} of the training compute"
             if fraction > 1:
                 text += " (above 1: the splice lowered the loss)"
         body.append(

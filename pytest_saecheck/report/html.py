@@ -291,7 +291,10 @@ def compute_charts(saes: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> 
     "chart"}`` per law, in the order the SAEs come. Laws without a curve (presets, ``(E, gamma)`` pairs) are
     left out: their ``compute_fraction`` has no absolute compute to draw."""
     groups: dict[str, tuple[ScalingLaw, list[charts.CurveMark]]] = {}
+    repeated = {label for label in labels if labels.count(label) > 1}
     for sae, label in zip(saes, labels, strict=True):
+        if label in repeated:  # the same SAE evaluated on other tokens (e.g. a baseline's token count)
+            label = f"{label} ({sae.get('tokens', {}).get('n_tokens')} tokens)"
         record = sae.get("compute_law")
         if not isinstance(record, Mapping) or "A" not in (record.get("parameters") or {}):
             continue
