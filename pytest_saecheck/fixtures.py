@@ -362,7 +362,10 @@ class SAECheck:
             "resolved_model": self.model_spec,
             "model_loading": how.to_dict() if (how := self.model_loading) is not None else None,
             "resolved_tokens": self.token_source,
-            "settings": self.settings.to_dict(),
+            "settings": {  # the law used: the demo family's on the demo model when left at the default
+                **self.settings.to_dict(),
+                "scaling_law": None if (law := self.scaling_law) is None else law.spec,
+            },
             **data,
             "latent_density_histogram": _density_histogram(density),
             "interval_level": INTERVAL_LEVEL,

@@ -246,6 +246,10 @@ def test_the_evaluation_records_the_law_and_the_preset_band(tiny_pytester: pytes
     html = (tiny_pytester.path / "report.html").read_text()
     assert html.count("law not fitted") == 1  # the overview marks the default's value, not the fit's
     assert "under each published preset" in html
+    # the fitted law (not the preset, which has no curve) is drawn, with its points and the SAE on it
+    chart = html[html.index('id="effective-compute"') : html.index('<section class="sae')]
+    assert chart.count("<svg") == 1 and chart.count("fit point: C") == 6 and "sae_random @ tiny" in chart
+    assert "fitted for this model family" in chart and "NOT fitted" not in chart
 
 
 def test_a_family_fit_scores_each_model_as_evaluate_does():
