@@ -317,7 +317,7 @@ def compute_curve(
     *,
     title: str = "The model family's compute scaling law, with each SAE's loss on it",
     width: int = 640,
-    height: int = 300,
+    height: int = 260,
 ) -> Markup:
     """The fitted law ``L(C) = E + A C^-gamma`` over log compute, its fit points, and each SAE's ``L_orig`` and
     ``L_sae`` placed on it: at the compute where the law reaches them (``law.compute_at``), so the horizontal
@@ -325,7 +325,8 @@ def compute_curve(
     points' compute range and dashed where it extrapolates; E is a dashed horizontal line. A loss at or below E
     has no compute on the law and is listed under the chart as such.
 
-    ``law``: a law with an amplitude A (a fit); ``marks``: :data:`CurveMark` per SAE. Raises
+    ``law``: a law with an amplitude A (a fit); ``marks``: :data:`CurveMark` per SAE; ``height``: of the plot
+    and its axes, one 14-pixel legend line per SAE added below. Raises
     :class:`~pytest_saecheck.errors.ConfigError` for a law without A (as :meth:`ScalingLaw.loss_at`).
     """
     law.loss_at(1.0)  # a law without A raises here, naming the fix
@@ -351,8 +352,9 @@ def compute_curve(
     y_ticks = nice_ticks(min(ys), max(ys), 5)
     y_low, y_high = y_ticks[0], y_ticks[-1]
     left, right, top, bottom = 58, 16, 26, 40
-    legend_h = 14 * (len(placed) + len(unplaced))
-    plot_w, plot_h = width - left - right, height - top - bottom - legend_h
+    legend_h = 14 * (len(placed) + len(unplaced))  # one line per SAE under the plot: the chart grows with it
+    plot_w, plot_h = width - left - right, height - top - bottom
+    height += legend_h
 
     def sx(compute: float) -> float:
         return left + (math.log10(compute) - log_low) / (log_high - log_low) * plot_w
