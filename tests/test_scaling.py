@@ -322,7 +322,7 @@ def test_the_compute_curve_places_each_sae_on_the_law():
         compute_curve(law, [("good", orig, worse), ("<b>lowered</b>", orig, better), ("below E", orig, 1.0)])
     )
     root = ElementTree.fromstring(svg)  # well-formed, every label escaped
-    assert root.get("height") == str(260 + 14 * 3)  # one legend line per SAE below the plot
+    assert root.get("height") == str(260 + 14 * 4)  # a legend line per SAE, and one for the L_sae below E
     texts = [t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text")]
     assert any(t.startswith("good: L_orig") and "0.100 of the training compute" in t for t in texts)
     assert any(
