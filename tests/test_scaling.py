@@ -389,3 +389,23 @@ def test_the_shipped_demo_fit_is_the_fit_of_its_shipped_points():
     for name, metrics in meta["saes"].items():
         fraction = float(compute_fraction(metrics["ce_orig"], metrics["ce_sae"], law))
         assert 0 < fraction <= 1, name
+
+
+@pytest.mark.parametrize(
+    ("sae", "model", "law", "source", "expected"),
+    [
+        ("demo/good", None, DEFAULT_LAW, "default", "demo"),  # the demo family's fit replaces the default
+        ("demo/good", "demo", DEFAULT_LAW, "default", "demo"),
+        ("demo/good", None, PRESETS["epoch"], "marker", "epoch"),  # a chosen law is kept, even a preset
+        ("demo/good", None, None, "command line", None),  # as is "none"
+        ("sae_dir", "gpt2", DEFAULT_LAW, "default", "chinchilla"),  # another model keeps the default
+    ],
+)
+def test_the_demo_model_defaults_to_its_family_law(sae, model, law, source, expected):
+    from pytest_saecheck.config import SAECheckSettings
+    from pytest_saecheck.fixtures import SAECheck
+    from pytest_saecheck.session_cache import SessionCache
+
+    settings = SAECheckSettings(sae=sae, model=model, scaling_law=law, sources={"scaling_law": source})
+    chosen = SAECheck(settings, "cpu", SessionCache()).scaling_law
+    assert (None if chosen is None else chosen.spec) == expected
