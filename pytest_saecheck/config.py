@@ -468,7 +468,7 @@ SETTINGS: tuple[Setting, ...] = (
         "the model family's compute scaling law L(C) = E + A*C^-gamma, for compute_fraction: a preset ("
         + ", ".join(f'"{name}"' + (", the default" if name == DEFAULT_LAW.name else "") for name in PRESETS)
         + ': none is fitted for your model), "E,gamma", the path of a fit file from '
-        'pytest_saecheck.fit_scaling_law, or "none"',
+        'pytest_saecheck.fit_scaling_law, "demo" (the demo family\'s fit, the default on the demo model), or "none"',
         "PRESET|E,GAMMA|PATH",
     ),
     Setting(

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from pytest_saecheck.engine import Evaluation
+    from pytest_saecheck.scaling import ScalingLaw
 
 CACHE_KEY = pytest.StashKey[SessionCache]()
 
@@ -213,6 +214,16 @@ class SAECheck:
         return self.specs.context_size
 
     @property
+    def scaling_law(self) -> ScalingLaw | None:
+        """The law of ``compute_fraction``: the ``scaling_law`` setting; left at its default on the demo model,
+        the law the demo build fitted for the demo's model family (:func:`pytest_saecheck.demo.scaling_law`)."""
+        if self.settings.sources.get("scaling_law") == "default" and self.model_spec == loading.DEMO:
+            from pytest_saecheck import demo
+
+            return demo.scaling_law()
+        return self.settings.scaling_law
+
+    @property
     def activation_scaler(self) -> float | str | None:
         """The ``activation_scaler`` setting; with ``auto``, the checkpoint directory when it holds
         ``activation_scaler.json`` (else None: the engine estimates a factor if the SAE needs one)."""
@@ -270,7 +281,7 @@ class SAECheck:
             self.settings.exclude_special_tokens,
             self.settings.exclude_token_ids,
             self.specs.activation_scalers,
-            self.settings.scaling_law,
+            self.scaling_law,
             self.settings.splice,
         )
 
@@ -360,7 +371,7 @@ class SAECheck:
             exclude_special_tokens=self.settings.exclude_special_tokens,
             exclude_token_ids=self.settings.exclude_token_ids,
             activation_scaler=next(iter(scalers.values())) if single else scalers,
-            scaling_law=self.settings.scaling_law,
+            scaling_law=self.scaling_law,
             joint=joint,
         )
 
@@ -428,7 +439,10 @@ class SAECheck:
                 "resolved_model": self.model_spec,
                 "model_loading": how.to_dict() if (how := self.model_loading) is not None else None,
                 "resolved_tokens": self.token_source,
-                "settings": self.settings.to_dict(),
+                "settings": {  # the law used: the demo family's on the demo model when left at the default
+                    **self.settings.to_dict(),
+                    "scaling_law": None if (law := self.scaling_law) is None else law.spec,
+                },
                 **data,
                 "latent_density_histogram": _density_histogram(density),
                 "interval_level": INTERVAL_LEVEL,

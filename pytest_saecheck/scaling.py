@@ -33,6 +33,8 @@ from pytest_saecheck.errors import ConfigError
 
 FIT_FILE_FORMAT = "pytest-saecheck scaling law fit"
 FIT_FILE_VERSION = 1
+DEMO_LAW = "demo"
+"""The ``scaling_law`` setting's name for the fit shipped with the demo (:func:`pytest_saecheck.demo.scaling_law`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +70,7 @@ class ScalingLaw:
     @property
     def spec(self) -> str:
         """How to write this law in the ``scaling_law`` setting."""
-        if self.origin == "preset":
+        if self.origin == "preset" or self.name == DEMO_LAW:
             return self.name
         if self.path is not None:
             return self.path
@@ -83,6 +85,32 @@ class ScalingLaw:
         if self.origin == "fit":
             return f"{what}; fitted for this model family: {self.source})"
         return f"{what}; given by the user)"
+
+    def loss_at(self, compute: float) -> float:
+        """The law's loss ``E + A C^-gamma`` (nats/token) at training compute ``compute`` (the fit's unit, e.g.
+        FLOPs). Needs the amplitude ``A``, which a fit records (:func:`fit_scaling_law`); raises
+        :class:`ConfigError` for a law without one (a preset, an ``(E, gamma)`` pair) or compute <= 0."""
+        amplitude = self._amplitude()
+        if not (math.isfinite(compute) and compute > 0):
+            raise ConfigError(f"training compute must be finite and > 0, got {compute}")
+        return self.irreducible + amplitude * compute ** (-self.gamma)
+
+    def compute_at(self, loss: float) -> float | None:
+        """The training compute at which the law reaches ``loss`` (the inverse of :meth:`loss_at`); None when
+        ``loss`` is at or below the irreducible loss E, which no compute reaches. Raises as :meth:`loss_at`."""
+        amplitude = self._amplitude()
+        if not (math.isfinite(loss) and loss > self.irreducible):
+            return None
+        return float((amplitude / (loss - self.irreducible)) ** (1.0 / self.gamma))
+
+    def _amplitude(self) -> float:
+        amplitude = dict(self.parameters).get("A")
+        if self.form != "compute" or amplitude is None or not amplitude > 0:
+            raise ConfigError(
+                f"the scaling law {self.spec!r} has no amplitude A of L(C) = E + A*C^-gamma (only a fit records "
+                "one); fit the law with pytest_saecheck.fit_scaling_law"
+            )
+        return float(amplitude)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types: the record of the law an evaluation used."""
@@ -100,13 +128,37 @@ class ScalingLaw:
             "default": self.default,
             "intervals": {name: [low, high] for name, low, high in self.intervals},
             "n_points": len(self.points),
+            "points": [list(point) for point in self.points],
             "path": self.path,
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write this law (with a fit's points and intervals) to a JSON file the ``scaling_law`` setting reads."""
-        target = Path(path)
-        data = {
+    @classmethod
+    def from_dict(cls, record: Any) -> ScalingLaw:
+        """The law of a record written by :meth:`to_dict` (e.g. a JSON report's ``compute_law``); raises
+        :class:`ConfigError` when it is not one."""
+        try:
+            return cls(
+                name=str(record["name"]),
+                form=str(record["form"]),
+                irreducible=float(record["irreducible"]),
+                gamma=float(record["gamma"]),
+                source=str(record.get("source") or ""),
+                corpus=str(record.get("corpus") or "unknown"),
+                origin=str(record["origin"]),
+                parameters=tuple((str(k), float(v)) for k, v in dict(record.get("parameters") or {}).items()),
+                default=bool(record.get("default", False)),
+                intervals=tuple(
+                    (str(k), float(v[0]), float(v[1])) for k, v in dict(record.get("intervals") or {}).items()
+                ),
+                points=tuple((float(c), float(loss)) for c, loss in record.get("points") or ()),
+                path=None if record.get("path") is None else str(record["path"]),
+            )
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+            raise ConfigError(f"not a scaling law record ({error!r}): {record!r:.200}") from None
+
+    def to_file_dict(self) -> dict[str, Any]:
+        """The fit file's contents (plain JSON types; :func:`law_from_file_dict` reads them back)."""
+        return {
             "format": FIT_FILE_FORMAT,
             "version": FIT_FILE_VERSION,
             "form": self.form,
@@ -118,7 +170,11 @@ class ScalingLaw:
             "source": self.source,
             "corpus": self.corpus,
         }
-        target.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+    def save(self, path: str | Path) -> Path:
+        """Write this law (with a fit's points and intervals) to a JSON file the ``scaling_law`` setting reads."""
+        target = Path(path)
+        target.write_text(json.dumps(self.to_file_dict(), indent=2) + "\n", encoding="utf-8")
         return target
 
 
@@ -208,9 +264,20 @@ def load_scaling_law(path: str | Path) -> ScalingLaw:
         ) from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"the scaling law file {str(target)!r} is not JSON: {error}") from None
+    law = law_from_file_dict(data, repr(str(target)), default_source=f"fit file {target.name}")
+    return dataclasses.replace(law, path=str(target.resolve()))
+
+
+def law_from_file_dict(
+    data: Any, where: str, *, default_source: str = "a fit", name: str = "fit"
+) -> ScalingLaw:
+    """The :class:`ScalingLaw` of a fit file's contents (:meth:`ScalingLaw.to_file_dict`), named ``name``.
+
+    ``where`` names the contents in errors. Raises :class:`ConfigError` naming what is wrong.
+    """
     if not isinstance(data, dict) or data.get("format") != FIT_FILE_FORMAT:
         raise ConfigError(
-            f'{str(target)!r} is not a scaling law fit file (no "format": {FIT_FILE_FORMAT!r}); '
+            f'{where} is not a scaling law fit file (no "format": {FIT_FILE_FORMAT!r}); '
             "write one with pytest_saecheck.fit_scaling_law(...).save(path)"
         )
     try:
@@ -221,27 +288,25 @@ def load_scaling_law(path: str | Path) -> ScalingLaw:
         )
         points = tuple((float(c), float(loss)) for c, loss in data.get("points") or ())
     except (KeyError, TypeError, ValueError, IndexError, ConfigError) as error:
-        raise ConfigError(
-            f"the scaling law file {str(target)!r} is malformed ({error}); refit and save it"
-        ) from None
+        raise ConfigError(f"the scaling law file {where} is malformed ({error}); refit and save it") from None
     return dataclasses.replace(
         law,
-        name="fit",
+        name=name,
         form=str(data.get("form") or "compute"),
-        source=str(data.get("source") or f"fit file {target.name}"),
+        source=str(data.get("source") or default_source),
         corpus=str(data.get("corpus") or "unknown"),
         origin="fit",
         parameters=parameters,
         intervals=intervals,
         points=points,
-        path=str(target.resolve()),
     )
 
 
 def as_scaling_law(value: Any) -> ScalingLaw | None:
     """A :class:`ScalingLaw` from a law, a preset name, ``"E,gamma"``/``(E, gamma)``, a fit file path, or None.
 
-    ``"none"`` and ``None`` mean no ``compute_fraction``; ``"default"`` is :data:`DEFAULT_LAW`. Raises
+    ``"none"`` and ``None`` mean no ``compute_fraction``; ``"default"`` is :data:`DEFAULT_LAW`; ``"demo"`` is the
+    fit shipped with the demo for its model family (:func:`pytest_saecheck.demo.scaling_law`). Raises
     :class:`ConfigError` for anything else.
     """
     if value is None or isinstance(value, ScalingLaw):
@@ -257,6 +322,10 @@ def as_scaling_law(value: Any) -> ScalingLaw | None:
             return None
         if key in PRESETS:
             return PRESETS[key]
+        if key == DEMO_LAW:
+            from pytest_saecheck import demo
+
+            return demo.scaling_law()
         if key.endswith(".json") or Path(text).expanduser().is_file():
             return load_scaling_law(text)
         parts = [part for part in text.strip("()[] ").replace(",", " ").split() if part]
@@ -271,7 +340,7 @@ def as_scaling_law(value: Any) -> ScalingLaw | None:
                 return given_law(irreducible, gamma)
     raise ConfigError(
         "a scaling law must be (E, gamma) with E >= 0 nats and gamma > 0 for L(C) = E + A*C^-gamma, a preset "
-        f'({", ".join(PRESETS)}), the path of a fit file (.json), or "none"; got {value!r}, '
+        f'({", ".join(PRESETS)}), the path of a fit file (.json), "demo" (the demo family fit) or "none"; got {value!r}, '
         "e.g. scaling_law=(1.69, 0.1535) or --saecheck-scaling-law=epoch"
     )
 

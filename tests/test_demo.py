@@ -246,7 +246,7 @@ def test_pca_sae_is_an_exact_projection():
 def test_tiny_build_is_deterministic(tmp_path):
     from sae_lens import SAE
 
-    from pytest_saecheck.demo.build import BuildConfig, build, compare_metadata
+    from pytest_saecheck.demo.build import BuildConfig, FamilyMember, build, compare_metadata
 
     tiny = BuildConfig(
         n_layers=1,
@@ -266,12 +266,19 @@ def test_tiny_build_is_deterministic(tmp_path):
         dead_d_sae=32,
         dead_k=4,
         dead_steps=3,
+        family=tuple(
+            FamilyMember(name, 1, width, 2, steps, 4)
+            for name, width, steps in (("a", 4, 2), ("b", 6, 2), ("c", 8, 3), ("d", 12, 3))
+        ),
+        family_bootstrap=5,
     )
     threads = torch.get_num_threads()
     metas = [build(tmp_path / str(i), tiny, log=lambda *a: None) for i in range(2)]
     assert torch.get_num_threads() == threads
     for meta in metas:
         meta.pop("build_seconds")
+        meta["family"].pop("seconds")
+        assert [row["name"] for row in meta["family"]["members"]] == ["a", "b", "c", "d", "saecheck-demo"]
     assert metas[0] == metas[1]
     assert compare_metadata(metas[0], metas[1]) == []
     worse = dataclasses.replace(tiny, seed=1)

@@ -48,7 +48,15 @@ def _outcomes(result: pytest.RunResult) -> dict[str, str]:
 
 def test_examples_pass_and_xfail_as_documented(examples: pytest.Pytester) -> None:
     result = examples.runpytest_inprocess(
-        "-v", "-p", "no:randomly", "--saecheck-n-tokens=2048", "-rxX", "--saecheck-baseline-dir", "baselines"
+        "-v",
+        "-p",
+        "no:randomly",
+        "--saecheck-n-tokens=2048",
+        "-rxX",
+        "--saecheck-baseline-dir",
+        "baselines",
+        "--saecheck-report",
+        "report.html",
     )
     outcomes = _outcomes(result)
     assert outcomes == {
@@ -58,6 +66,8 @@ def test_examples_pass_and_xfail_as_documented(examples: pytest.Pytester) -> Non
         "test_r2_looks_excellent": "PASSED",
         "test_ce_gate_catches_it": "XFAIL",
         "test_saebench_core_result_names_its_explained_variance_defect": "XFAIL",
+        "test_keeps_its_training_compute": "PASSED",
+        "test_compute_fraction_shows_it": "XFAIL",
         "test_flat_training_log_is_consistent": "PASSED",
         "test_about_zero_bug_in_reported_metrics_is_caught": "XFAIL",
         "test_reported_r2_matches_our_computation": "PASSED",
@@ -69,8 +79,20 @@ def test_examples_pass_and_xfail_as_documented(examples: pytest.Pytester) -> Non
         "test_variance_only_regresses_against_good": "XFAIL",
     }, result.stdout.str()[-6000:]
     result.stdout.fnmatch_lines(
-        ["*= saecheck summary =*", "demo/good * 7 passed", "demo/variance_only * 3 passed, 2 xfailed"]
+        ["*= saecheck summary =*", "demo/good * 8 passed", "demo/variance_only * 3 passed, 3 xfailed"]
     )
+    # the demo's own fitted law is the default there, so the report draws it with every SAE's losses on it
+    from pytest_saecheck import demo
+
+    law = demo.scaling_law()
+    html = (examples.path / "report.html").read_text()
+    assert 'id="effective-compute"' in html and "law not fitted" not in html
+    section = html[html.index('id="effective-compute"') : html.index('<section class="sae')]
+    assert section.count("<svg") == 1 and "compute scaling law, with each SAE" in section
+    assert f"demo (E={law.irreducible:.4g}, gamma={law.gamma:.4g}; fitted for this model family" in section
+    for name in ("good", "variance_only"):  # the SAEs the examples test
+        assert f"demo/{name}: L_orig" in section, name
+    assert section.count("fit point: C") == len(law.points)
 
 
 def test_the_xfailed_gates_fail_for_the_documented_reason(examples: pytest.Pytester) -> None:
@@ -78,15 +100,17 @@ def test_the_xfailed_gates_fail_for_the_documented_reason(examples: pytest.Pytes
         "--runxfail",
         "--saecheck-n-tokens=2048",
         "test_demo_variance_only.py::test_ce_gate_catches_it",
+        "test_demo_variance_only.py::test_compute_fraction_shows_it",
         "test_reported_metrics.py::test_about_zero_bug_in_reported_metrics_is_caught",
         "test_demo_baselines.py::test_variance_only_regresses_against_good",
         "--saecheck-baseline-dir",
         "baselines",
     )
-    result.assert_outcomes(failed=3)
+    result.assert_outcomes(failed=4)
     result.stdout.fnmatch_lines(
         [
             "*assert_ce_recovery failed for demo/variance_only: the upper bound of the 95% interval of delta_ce*",
+            "*assert_ce_recovery failed for demo/variance_only:*compute_fraction*",
             "*explained_variance is the wrong number*variance was computed about zero, not the mean*",
             "*assert_no_regression failed for demo/variance_only: delta_ce got worse:*",
             "*baseline of demo/good: *demo_good-*.json (paired: same tokens*",

@@ -16,7 +16,7 @@ from pytest_saecheck.assertions import assert_ce_recovery
 from pytest_saecheck.config import _scaling_law
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.metrics import compute_fraction, compute_fraction_by_preset
-from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS, as_scaling_law, given_law
+from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS, ScalingLaw, as_scaling_law, given_law
 
 MARK = 'pytest.mark.saecheck(model="tiny", sae="sae_random", tokens="tokens.npy", n_tokens=160)'
 
@@ -246,6 +246,10 @@ def test_the_evaluation_records_the_law_and_the_preset_band(tiny_pytester: pytes
     html = (tiny_pytester.path / "report.html").read_text()
     assert html.count("law not fitted") == 1  # the overview marks the default's value, not the fit's
     assert "under each published preset" in html
+    # the fitted law (not the preset, which has no curve) is drawn, with its points and the SAE on it
+    chart = html[html.index('id="effective-compute"') : html.index('<section class="sae')]
+    assert chart.count("<svg") == 1 and chart.count("fit point: C") == 6 and "sae_random @ tiny" in chart
+    assert "fitted for this model family" in chart and "NOT fitted" not in chart
 
 
 def test_a_family_fit_scores_each_model_as_evaluate_does():
@@ -288,3 +292,120 @@ def test_a_family_fit_needs_training_tokens_unless_the_suite_is_known():
         fit_scaling_law_from_models([make_engine_model()], make_tokens(2))
     with pytest.raises(ConfigError, match="n_params needs one value per model"):
         fit_scaling_law_from_models([make_engine_model()], make_tokens(2), n_params=[1.0, 2.0])
+
+
+def test_a_law_record_round_trips_and_the_law_inverts():
+    compute = np.logspace(12, 15, 6)
+    law = fit_scaling_law(compute, 1.2 + 50 * compute**-0.2, n_bootstrap=10)
+    assert ScalingLaw.from_dict(json.loads(json.dumps(law.to_dict()))) == law
+    for c in (1e10, 3e13, 1e17):
+        assert law.compute_at(law.loss_at(c)) == pytest.approx(c, rel=1e-9)
+    assert law.compute_at(law.irreducible) is None and law.compute_at(0.5) is None
+    # the compute_fraction of two losses is the ratio of the computes at which the law reaches them
+    assert float(compute_fraction(1.5, 1.6, law)) == pytest.approx(law.compute_at(1.6) / law.compute_at(1.5))
+    for no_curve in (PRESETS["chinchilla"], given_law(1.0, 0.2)):
+        with pytest.raises(ConfigError, match="no amplitude A"):
+            no_curve.loss_at(1e12)
+    with pytest.raises(ConfigError, match="not a scaling law record"):
+        ScalingLaw.from_dict({"name": "x"})
+
+
+def test_the_compute_curve_places_each_sae_on_the_law():
+    from xml.etree import ElementTree
+
+    from pytest_saecheck.report.charts import compute_curve
+
+    compute = np.logspace(12, 15, 6)
+    law = fit_scaling_law(compute, 1.2 + 50 * compute**-0.2, n_bootstrap=0)
+    orig, worse, better = float(law.loss_at(1e15)), float(law.loss_at(1e14)), float(law.loss_at(2e15))
+    svg = str(
+        compute_curve(law, [("good", orig, worse), ("<b>lowered</b>", orig, better), ("below E", orig, 1.0)])
+    )
+    root = ElementTree.fromstring(svg)  # well-formed, every label escaped
+    assert root.get("height") == str(260 + 14 * 4)  # a legend line per SAE, and one for the L_sae below E
+    texts = [t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert any(t.startswith("good: L_orig") and "0.100 of the training compute" in t for t in texts)
+    assert any(
+        t.startswith("<b>lowered</b>") and "2.000 of the training compute (above 1" in t for t in texts
+    )
+    assert any(t == f"E = {law.irreducible:.3g}" for t in texts)
+    circles = list(root.iter("{http://www.w3.org/2000/svg}circle"))
+    fit_points = [
+        c for c in circles if (c.findtext("{http://www.w3.org/2000/svg}title") or "").startswith("fit")
+    ]
+    assert len(fit_points) == 6
+    # each SAE's marks sit on the curve at C(L_orig) = 1e15 and C(L_sae) = compute_fraction * C(L_orig)
+    svg_ns = "{http://www.w3.org/2000/svg}"
+    titles = [(c, c.findtext(f"{svg_ns}title") or "") for c in circles]
+    origs = [float(c.get("cx")) for c, title in titles if "L_orig" in title]
+    x_worse, x_better = (float(c.get("cx")) for c, title in titles if "L_sae" in title)
+    ticks = {t.text: float(t.get("x")) for t in root.iter(f"{svg_ns}text") if (t.text or "").startswith("1e")}
+    decade = ticks["1e15"] - ticks["1e14"]
+    assert origs == pytest.approx([ticks["1e15"]] * 3, abs=0.1)
+    assert x_worse == pytest.approx(ticks["1e14"], abs=0.1)
+    assert x_better == pytest.approx(ticks["1e15"] + decade * math.log10(2), abs=0.1)
+    assert any(t.startswith("below E: L_sae 1 at or below E") for t in texts)  # listed, not drawn
+    with pytest.raises(ConfigError, match="no amplitude A"):
+        compute_curve(PRESETS["epoch"], [("x", 2.0, 2.1)])
+
+
+def test_the_shipped_demo_fit_is_the_fit_of_its_shipped_points():
+    from pytest_saecheck import demo
+    from pytest_saecheck.demo.build import BuildConfig
+
+    meta = demo.metadata()
+    law = demo.scaling_law()
+    assert (law.name, law.spec, law.origin, law.fitted, law.default) == ("demo", "demo", "fit", True, False)
+    assert as_scaling_law("demo") == law == _scaling_law("scaling_law", "demo")
+    assert "fitted for this model family" in law.label()
+    rows = meta["family"]["members"]
+    assert [list(point) for point in law.points] == [[row["compute"], row["loss"]] for row in rows]
+    for row in rows:
+        assert row["compute"] == 6.0 * row["n_params"] * row["train_tokens"]
+    # the demo model is the family's largest member, with its own shape and token budget
+    config, last = meta["model_config"], rows[-1]
+    assert last["name"] == demo.MODEL_NAME and last["train_tokens"] == meta["model"]["train_tokens"]
+    assert (last["n_layers"], last["d_model"], last["n_heads"]) == (
+        config["n_layers"],
+        config["d_model"],
+        config["n_heads"],
+    )
+    assert last["compute"] == max(row["compute"] for row in rows)
+    assert [row["name"] for row in rows[:-1]] == [member.name for member in BuildConfig().family]
+    # refitting the shipped points gives the shipped parameters and bootstrap intervals
+    compute, loss = zip(*law.points, strict=True)
+    refit = fit_scaling_law(compute, loss, n_bootstrap=meta["build_config"]["family_bootstrap"], seed=0)
+    for name, value in law.parameters:
+        assert dict(refit.parameters)[name] == pytest.approx(value, rel=1e-4)
+    for (name, low, high), (_, refit_low, refit_high) in zip(law.intervals, refit.intervals, strict=True):
+        assert (refit_low, refit_high) == pytest.approx((low, high), rel=1e-3), name
+    # how far the demo model lies from the curve, as recorded (and shown in the README)
+    record = meta["family"]["demo_model"]
+    assert record["fit_loss"] == pytest.approx(law.loss_at(record["compute"]), rel=1e-12)
+    assert record["residual"] == pytest.approx(record["loss"] - record["fit_loss"], abs=1e-12)
+    without = fit_scaling_law(compute[:-1], loss[:-1], n_bootstrap=0)
+    assert record["predicted_without_demo_model"] == pytest.approx(without.loss_at(compute[-1]), rel=1e-4)
+    # so compute_fraction is defined for every demo SAE: every loss of the demo lies above E
+    for name, metrics in meta["saes"].items():
+        fraction = float(compute_fraction(metrics["ce_orig"], metrics["ce_sae"], law))
+        assert 0 < fraction <= 1, name
+
+
+@pytest.mark.parametrize(
+    ("sae", "model", "law", "source", "expected"),
+    [
+        ("demo/good", None, DEFAULT_LAW, "default", "demo"),  # the demo family's fit replaces the default
+        ("demo/good", "demo", DEFAULT_LAW, "default", "demo"),
+        ("demo/good", None, PRESETS["epoch"], "marker", "epoch"),  # a chosen law is kept, even a preset
+        ("demo/good", None, None, "command line", None),  # as is "none"
+        ("sae_dir", "gpt2", DEFAULT_LAW, "default", "chinchilla"),  # another model keeps the default
+    ],
+)
+def test_the_demo_model_defaults_to_its_family_law(sae, model, law, source, expected):
+    from pytest_saecheck.config import SAECheckSettings
+    from pytest_saecheck.fixtures import SAECheck
+    from pytest_saecheck.session_cache import SessionCache
+
+    settings = SAECheckSettings(sae=sae, model=model, scaling_law=law, sources={"scaling_law": source})
+    chosen = SAECheck(settings, "cpu", SessionCache()).scaling_law
+    assert (None if chosen is None else chosen.spec) == expected

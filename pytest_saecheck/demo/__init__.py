@@ -15,6 +15,9 @@ Everything here works with no network: the tokenizer is built in code, the model
                      of its latents never fire, while its behavioural metrics stay good.
 - :func:`load_tokens` - held-out text (a generator seed namespace disjoint from training), ``<bos>`` first.
 - :func:`metadata` - the build's numbers (held-out CE, unigram entropy, per-SAE metrics, seeds, tolerances).
+- :func:`scaling_law` - the compute scaling law fitted by the build for the demo's model family (the demo model
+  and smaller siblings): the default ``scaling_law`` of tests on the demo model, so ``compute_fraction`` is
+  defined and may be gated on.
 
 Token ids: ``PAD_ID`` = 0, ``BOS_ID`` = 1, ``EOS_ID`` = 2, ``UNK_ID`` = 3.
 
@@ -51,6 +54,8 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
     from transformers import PreTrainedTokenizerFast
 
+    from pytest_saecheck.scaling import ScalingLaw
+
 ASSETS_DIR: Path = Path(__file__).resolve().parent / "assets"
 MODEL_NAME = NAME
 HOOK_NAME = "blocks.1.hook_resid_post"
@@ -69,6 +74,23 @@ def metadata() -> dict[str, Any]:
             f"demo assets missing: {path} not found; rebuild them with `python -m pytest_saecheck.demo.build`"
         )
     return json.loads(path.read_text())
+
+
+def scaling_law() -> ScalingLaw:
+    """The compute scaling law ``L(C) = E + A C^-gamma`` fitted for the demo's model family by the build.
+
+    The demo model and its smaller siblings (``metadata()["family"]``), each evaluated on the held-out tokens the
+    demo SAEs are evaluated on; compute is ``6 N D``. It is the default ``scaling_law`` of tests on the demo
+    model (``scaling_law="demo"`` names it anywhere). Raises :class:`LoadError` when the assets lack the fit.
+    """
+    from pytest_saecheck.scaling import law_from_file_dict
+
+    data = metadata().get("scaling_law")
+    if data is None:
+        raise LoadError(
+            "the demo assets carry no scaling law fit; rebuild them with `python -m pytest_saecheck.demo.build`"
+        )
+    return law_from_file_dict(data, "the demo metadata's scaling_law", name="demo")
 
 
 def _default_device(device: Any) -> Any:
@@ -218,4 +240,5 @@ __all__ = [
     "make_sequences",
     "metadata",
     "sae_path",
+    "scaling_law",
 ]

@@ -14,6 +14,7 @@ from html import escape
 from markupsafe import Markup
 
 from pytest_saecheck.checks.messages import fmt_tick
+from pytest_saecheck.scaling import ScalingLaw
 
 PALETTE = {
     "axis": "#555",
@@ -293,4 +294,161 @@ def loss_scale(metrics: dict[str, float], *, width: int = 640, height: int = 106
     body.append(
         f'<text x="{width / 2}" y="{height - 4}" text-anchor="middle" fill="{PALETTE["axis"]}">nats per token</text>'
     )
+    return _svg(width, height, title, body)
+
+
+#: ``(label, L_orig, L_sae)`` of one SAE for :func:`compute_curve` (nats/token; None where not measured).
+CurveMark = tuple[str, float | None, float | None]
+
+
+def compute_curve(
+    law: ScalingLaw,
+    marks: Sequence[CurveMark],
+    *,
+    title: str = "The model family's compute scaling law, with each SAE's loss on it",
+    width: int = 640,
+    height: int = 260,
+) -> Markup:
+    """The fitted law ``L(C) = E + A C^-gamma`` over log compute, its fit points, and each SAE's ``L_orig`` and
+    ``L_sae`` placed on it: at the compute where the law reaches them (``law.compute_at``), so the horizontal
+    gap between the two is ``compute_fraction`` (``C(L_sae) / C(L_orig)``). The curve is solid over the fit
+    points' compute range and dashed where it extrapolates; E is a dashed horizontal line. A loss at or below E
+    has no compute on the law and is listed under the chart as such.
+
+    ``law``: a law with an amplitude A (a fit); ``marks``: :data:`CurveMark` per SAE; ``height``: of the plot
+    and its axes, one 14-pixel legend line per SAE added below. Raises
+    :class:`~pytest_saecheck.errors.ConfigError` for a law without A (as :meth:`ScalingLaw.loss_at`).
+    """
+    law.loss_at(1.0)  # a law without A raises here, naming the fix
+    placed: list[tuple[str, float, float, float | None]] = []  # label, C_orig, L_orig, C_sae (None: below E)
+    unplaced: list[str] = []
+    for label, orig, sae in marks:
+        c_orig = None if orig is None else law.compute_at(orig)
+        if c_orig is None or orig is None:
+            unplaced.append(
+                f"{label}: L_orig {'not measured' if orig is None else f'{fmt_tick(orig)} at or below E'}"
+            )
+            continue
+        c_sae = None if sae is None else law.compute_at(sae)
+        if sae is not None and c_sae is None:
+            unplaced.append(
+                f"{label}: L_sae {fmt_tick(sae)} at or below E, which no compute reaches: not drawn"
+            )
+        placed.append((label, c_orig, orig, c_sae))
+    xs = [c for c, _ in law.points] + [c for _, c, _, _ in placed] + [c for *_, c in placed if c is not None]
+    if not xs:
+        return _empty(width, height, title, "no fit points and no SAE loss to place on the law")
+    log_low, log_high = math.floor(math.log10(min(xs)) - 0.25), math.ceil(math.log10(max(xs)) + 0.25)
+    ys = [law.irreducible, law.loss_at(10**log_high)] + [loss for _, loss in law.points]
+    ys += [loss for _, orig, sae in marks for loss in (orig, sae) if loss is not None and math.isfinite(loss)]
+    y_ticks = nice_ticks(min(ys), max(ys), 5)
+    y_low, y_high = y_ticks[0], y_ticks[-1]
+    left, right, top, bottom = 58, 16, 26, 40
+    legend_h = 14 * (len(placed) + len(unplaced))  # one line per SAE under the plot: the chart grows with it
+    plot_w, plot_h = width - left - right, height - top - bottom
+    height += legend_h
+
+    def sx(compute: float) -> float:
+        return left + (math.log10(compute) - log_low) / (log_high - log_low) * plot_w
+
+    def sy(loss: float) -> float:
+        return top + (1 - (loss - y_low) / (y_high - y_low)) * plot_h
+
+    body: list[str] = []
+    for tick in y_ticks:
+        y = sy(tick)
+        body.append(
+            f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="{PALETTE["grid"]}"/>'
+        )
+        body.append(
+            f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="{PALETTE["axis"]}">{escape(fmt_tick(tick))}</text>'
+        )
+    for decade in range(log_low, log_high + 1):
+        x = sx(10.0**decade)
+        body.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="{PALETTE["grid"]}"/>'
+            f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle" fill="{PALETTE["axis"]}">1e{decade}</text>'
+        )
+    body.append(
+        f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="{PALETTE["axis"]}"/>'
+        f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="{PALETTE["axis"]}"/>'
+        f'<text x="{left + plot_w / 2}" y="{top + plot_h + 32}" text-anchor="middle" fill="{PALETTE["axis"]}">'
+        "training compute C (FLOPs, log scale)</text>"
+        f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" text-anchor="middle" fill="{PALETTE["axis"]}">'
+        "loss (nats per token)</text>"
+    )
+    e_y = sy(law.irreducible)
+    body.append(
+        f'<line x1="{left}" x2="{left + plot_w}" y1="{e_y:.1f}" y2="{e_y:.1f}" stroke="{PALETTE["zero"]}" '
+        f'stroke-dasharray="4 3"/><text x="{left + plot_w - 4}" y="{e_y - 4:.1f}" text-anchor="end" '
+        f'fill="{PALETTE["zero"]}">E = {escape(fmt_tick(law.irreducible))}</text>'
+    )
+    fitted = [c for c, _ in law.points]
+    span = (min(fitted), max(fitted)) if fitted else (math.inf, -math.inf)
+    steps = 120
+    solid: list[str] = []
+    dashed: list[list[str]] = [[]]
+    for i in range(steps + 1):
+        compute = 10 ** (log_low + (log_high - log_low) * i / steps)
+        loss = law.loss_at(compute)
+        point = f"{sx(compute):.1f},{sy(loss):.1f}"
+        if loss > y_high:  # above the plot: leave it out
+            if dashed[-1]:
+                dashed.append([])
+        elif span[0] <= compute <= span[1]:
+            solid.append(point)
+            if dashed[-1]:
+                dashed.append([])
+        else:
+            dashed[-1].append(point)
+    for run in dashed:
+        if len(run) > 1:
+            body.append(
+                f'<polyline fill="none" stroke="{PALETTE["primary"]}" stroke-width="1.5" stroke-dasharray="5 4" '
+                f'points="{" ".join(run)}"/>'
+            )
+    if len(solid) > 1:
+        body.append(
+            f'<polyline fill="none" stroke="{PALETTE["primary"]}" stroke-width="2" points="{" ".join(solid)}"/>'
+        )
+    for compute, loss in law.points:
+        body.append(
+            f'<circle cx="{sx(compute):.1f}" cy="{sy(loss):.1f}" r="3.5" fill="white" stroke="{PALETTE["primary"]}" '
+            f'stroke-width="1.5"><title>fit point: C {escape(fmt_tick(compute))} FLOPs, L {escape(fmt_tick(loss))}</title></circle>'
+        )
+    legend_y = top + plot_h + 48
+    for index, (label, c_orig, orig, c_sae) in enumerate(placed):
+        colour = PALETTE["secondary"] if index % 2 == 0 else PALETTE["dead"]
+        x0, y0 = sx(c_orig), sy(orig)
+        body.append(
+            f'<circle cx="{x0:.1f}" cy="{y0:.1f}" r="4" fill="{PALETTE["text"]}"><title>{escape(label)}: L_orig '
+            f"{escape(fmt_tick(orig))} at C {escape(fmt_tick(c_orig))}</title></circle>"
+        )
+        text = f"{label}: L_orig {fmt_tick(orig)}"
+        if c_sae is not None:
+            sae = law.loss_at(c_sae)
+            x1, y1 = sx(c_sae), sy(sae)
+            fraction = c_sae / c_orig
+            shown = f"{fraction:.3f}" if fraction >= 0.1 else fmt_tick(fraction)
+            body.append(
+                f'<line x1="{x0:.1f}" x2="{x1:.1f}" y1="{y1:.1f}" y2="{y1:.1f}" stroke="{colour}" '
+                f'stroke-dasharray="2 2"/><circle cx="{x1:.1f}" cy="{y1:.1f}" r="4" fill="{colour}"><title>'
+                f"{escape(label)}: L_sae {escape(fmt_tick(sae))} at C {escape(fmt_tick(c_sae))}: compute_fraction "
+                f"{escape(shown)}</title></circle>"
+            )
+            text += f" → L_sae {fmt_tick(sae)}: {shown} of the training compute"
+            if fraction > 1:
+                text += " (above 1: the splice lowered the loss)"
+        body.append(
+            f'<circle cx="{left + 4}" cy="{legend_y + 14 * index - 4}" r="4" fill="{colour}"/>'
+            f'<text x="{left + 12}" y="{legend_y + 14 * index}" fill="{PALETTE["text"]}">{escape(text)}</text>'
+        )
+    formula = f"L(C) = {fmt_tick(law.irreducible)} + {fmt_tick(dict(law.parameters)['A'])} C^-{law.gamma:.3g}"
+    body.append(
+        f'<text x="{left + plot_w}" y="14" text-anchor="end" fill="{PALETTE["axis"]}">{escape(formula)}</text>'
+    )
+    for index, text in enumerate(unplaced, start=len(placed)):
+        body.append(
+            f'<text x="{left + 12}" y="{legend_y + 14 * index}" fill="{PALETTE["axis"]}">{escape(text)}</text>'
+        )
     return _svg(width, height, title, body)

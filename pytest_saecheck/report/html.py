@@ -8,6 +8,7 @@ alone: a merged document renders exactly like a single run's.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,9 +25,11 @@ from pytest_saecheck.checks.messages import (
     fmt_threshold,
 )
 from pytest_saecheck.config import short_id
+from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.report import charts
 from pytest_saecheck.report.display import outcome_counts, row_labels
 from pytest_saecheck.report.schema import STATUSES
+from pytest_saecheck.scaling import ScalingLaw
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
@@ -220,6 +223,39 @@ def _view(sae: Mapping[str, Any], sections: Sequence[Mapping[str, Any]], short_l
     }
 
 
+def compute_charts(saes: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[dict[str, Any]]:
+    """One chart per scaling law with a fitted curve (a law with an amplitude A), with the ``L_orig`` and
+    ``L_sae`` of every SAE evaluated under it (:func:`charts.compute_curve`): ``{"label", "source", "corpus",
+    "chart"}`` per law, in the order the SAEs come. Laws without a curve (presets, ``(E, gamma)`` pairs) are
+    left out: their ``compute_fraction`` has no absolute compute to draw."""
+    groups: dict[str, tuple[ScalingLaw, list[charts.CurveMark]]] = {}
+    repeated = {label for label in labels if labels.count(label) > 1}
+    for sae, label in zip(saes, labels, strict=True):
+        if label in repeated:  # the same SAE evaluated on other tokens (e.g. a baseline's token count)
+            label = f"{label} ({sae.get('tokens', {}).get('n_tokens')} tokens)"
+        record = sae.get("compute_law")
+        if not isinstance(record, Mapping) or "A" not in (record.get("parameters") or {}):
+            continue
+        try:
+            law = ScalingLaw.from_dict(record)
+        except ConfigError:
+            continue
+        if law.form != "compute":
+            continue
+        metrics = sae.get("metrics", {})
+        key = json.dumps(law.to_dict(), sort_keys=True, default=str)
+        groups.setdefault(key, (law, []))[1].append((label, metrics.get("ce_orig"), metrics.get("ce_sae")))
+    return [
+        {
+            "label": law.label(),
+            "source": law.source,
+            "corpus": law.corpus,
+            "chart": charts.compute_curve(law, marks),
+        }
+        for law, marks in groups.values()
+    ]
+
+
 def _environment() -> jinja2.Environment:
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("pytest_saecheck.report", "templates"),
@@ -248,6 +284,7 @@ def render_html(document: Mapping[str, Any]) -> str:
         doc=document,
         csp=CONTENT_SECURITY_POLICY,
         views=[_view(sae, prepared, label) for sae, label in zip(saes, labels, strict=True)],
+        compute_charts=compute_charts(saes, labels),
         overview_columns=OVERVIEW,
         overview_formats={
             name: column_format(sae.get("metrics", {}).get(name) for sae in saes) for name, _ in OVERVIEW
