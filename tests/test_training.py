@@ -468,7 +468,13 @@ def test_k_scaling_records_the_measured_deviation(monkeypatch):
             return factor * super().aux_loss(x, dead_mask)
 
     captured = []
-    monkeypatch.setattr(records, "record", lambda entry, item=None: captured.append(entry))
+    monkeypatch.setattr(
+        records,
+        "record",
+        lambda entry, item=None: captured.append(
+            entry.to_plain() if hasattr(entry, "to_plain") else dict(entry)
+        ),
+    )
     sae = Inflated()
     with pytest.raises(AssertionError, match="does not follow the documented k_aux"):
         assert_aux_k_scaling(sae, adapter=ToyAdapter(sae))
