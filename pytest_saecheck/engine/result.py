@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from pytest_saecheck.engine.grouping import GroupResult
 from pytest_saecheck.errors import ConfigError, SAECheckWarning
 from pytest_saecheck.metrics import BOOTSTRAPPABLE, METRIC_NAMES, metrics_from_sums
 from pytest_saecheck.policy import TokenPolicy
@@ -25,7 +26,8 @@ class Evaluation:
     absent from ``metrics`` and explained in ``undefined``. ``scaling_law`` is the law of ``compute_fraction``
     (its source, and ``fitted``: whether it was fitted for this model); ``compute_fraction_by_preset`` is
     ``compute_fraction`` under every published preset (None where undefined), the sensitivity band of an
-    unfitted law.
+    unfitted law. ``groups`` (with ``evaluate(..., token_groups=...)``): group name →
+    :class:`~pytest_saecheck.engine.grouping.GroupResult`, the metrics restricted to that group's positions.
     """
 
     metrics: dict[str, float]
@@ -53,6 +55,7 @@ class Evaluation:
     warnings: list[str] = field(default_factory=list)
     members: dict[str, dict[str, float]] = field(default_factory=dict)
     compounding: dict[str, Any] | None = None
+    groups: dict[str, GroupResult] = field(default_factory=dict)
     _interval_cache: dict[tuple[float, int, int], dict[str, tuple[float, float]]] = field(
         default_factory=dict, repr=False
     )
@@ -149,6 +152,7 @@ class Evaluation:
             "warnings": list(self.warnings),
             "members": {name: dict(values) for name, values in self.members.items()},
             "compounding": dict(self.compounding) if self.compounding is not None else None,
+            "groups": {name: group.to_dict() for name, group in self.groups.items()},
             "token_policy": self.token_policy.to_dict(),
             "latent_density": list(self.latent_density),
             "delta_ce_by_position": list(self.delta_ce_by_position),
