@@ -197,6 +197,7 @@ class SAECheck:
             tuple(self._activation_scaler_for(spec) for spec in self.sae_specs),
             self.settings.scaling_law,
             self.settings.splice,
+            self.settings.token_groups,
         )
 
     # -- loaded objects ----------------------------------------------------------------------------------
@@ -276,6 +277,11 @@ class SAECheck:
         self._cache.loads["pass"] = self._cache.loads.get("pass", 0) + 1
         single = len(saes) == 1 and not joint
         scalers = {spec: self._activation_scaler_for(spec) for spec in saes}
+        grouping = None
+        if self.settings.token_groups is not None:
+            from pytest_saecheck.groups import resolve
+
+            grouping = resolve(self.settings.token_groups, self.model, self.tokens)
         return evaluate(
             self.model,
             next(iter(saes.values())) if single else saes,
@@ -287,6 +293,7 @@ class SAECheck:
             activation_scaler=next(iter(scalers.values())) if single else scalers,
             scaling_law=self.settings.scaling_law,
             joint=joint,
+            token_groups=grouping,
         )
 
     def _evaluate_with_release_group(self) -> Evaluation:
