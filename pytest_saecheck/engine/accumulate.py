@@ -131,6 +131,10 @@ class Accumulator:
         ce_orig = masked(scores.ce_orig, kept_ce)
         self.current["ce_sum_orig"] = ce_orig.sum(1)
         self.current["n_ce"] = kept_ce.double().sum(1)
+        if "sae" in scores.ce:  # per sequence and position, for the per-position curve's interval band
+            self.current[POSITION_PREFIX + "ce_sum_orig"] = ce_orig
+            self.current[POSITION_PREFIX + "ce_sum_sae"] = masked(scores.ce["sae"], kept_ce)
+            self.current[POSITION_PREFIX + "n_ce"] = kept_ce.double()
         self.current["n_kl"] = kept.double().sum(1)
         self._add_position("ce_orig", ce_orig.sum(0))
         self._add_position("n_ce", kept_ce.double().sum(0))
@@ -223,8 +227,15 @@ class Accumulator:
             row += n
 
     def per_sequence(self) -> dict[str, np.ndarray]:
-        keys = [key for key in self.batches[0] if not key.startswith(GROUP_PREFIX)]
+        keys = [key for key in self.batches[0] if not key.startswith((GROUP_PREFIX, POSITION_PREFIX))]
         return {key: torch.cat([b[key] for b in self.batches]).numpy() for key in keys}
+
+    def position_per_sequence(self) -> dict[str, np.ndarray]:
+        """Per-sequence CE sums at each position ``[n_sequences, seq_len - 1]`` (keys without the prefix)."""
+        keys = [key for key in self.batches[0] if key.startswith(POSITION_PREFIX)]
+        return {
+            key[len(POSITION_PREFIX) :]: torch.cat([b[key] for b in self.batches]).numpy() for key in keys
+        }
 
     def group_per_sequence(self) -> dict[str, np.ndarray]:
         """The per-sequence, per-group sums ``[n_sequences, n_groups, ...]`` (keys with ``GROUP_PREFIX``)."""
@@ -255,6 +266,31 @@ class Accumulator:
             kl = pos["kl_sae"] / pos["n_kl"]
         # Positions with no evaluated token (the excluded BOS, the last position for CE) have no value: None.
         return finite_or_none(delta), finite_or_none(kl)
+
+
+POSITION_PREFIX = "position/"
+"""Accumulator keys of per-sequence, per-position CE sums (the per-position curve's bootstrap band)."""
+
+
+def position_intervals(per_position: Mapping[str, np.ndarray], level: float) -> list[list[float] | None]:
+    """The paired bootstrap interval of ΔCE at each position (None where undefined or with < 2 sequences)."""
+    from pytest_saecheck.stats import bootstrap_intervals
+
+    if not per_position or len(per_position["n_ce"]) < 2:
+        return []
+    n_positions = per_position["n_ce"].shape[1]
+
+    def statistics(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            delta = (sums["ce_sum_sae"] - sums["ce_sum_orig"]) / sums["n_ce"]
+        return {str(t): delta[..., t] for t in range(n_positions)}
+
+    found = bootstrap_intervals(per_position, statistics, level=level)
+    out: list[list[float] | None] = []
+    for t in range(n_positions):
+        low, high = found[str(t)]
+        out.append([low, high] if math.isfinite(low) and math.isfinite(high) else None)
+    return out
 
 
 def finite_or_none(values: np.ndarray) -> list[float | None]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from pytest_saecheck.engine.accumulate import position_intervals
 from pytest_saecheck.engine.grouping import GroupResult
 from pytest_saecheck.errors import ConfigError, SAECheckWarning
 from pytest_saecheck.metrics import BOOTSTRAPPABLE, METRIC_NAMES, metrics_from_sums
@@ -56,7 +57,11 @@ class Evaluation:
     members: dict[str, dict[str, float]] = field(default_factory=dict)
     compounding: dict[str, Any] | None = None
     groups: dict[str, GroupResult] = field(default_factory=dict)
+    per_position: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _interval_cache: dict[tuple[float, int, int], dict[str, tuple[float, float]]] = field(
+        default_factory=dict, repr=False
+    )
+    _position_cache: dict[tuple[float, int, int], list[list[float] | None]] = field(
         default_factory=dict, repr=False
     )
 
@@ -105,6 +110,14 @@ class Evaluation:
                         self.warnings.append(message)
                         warnings.warn(message, SAECheckWarning, stacklevel=2)
         return dict(self._interval_cache[key])
+
+    def delta_ce_by_position_interval(self, level: float = DEFAULT_LEVEL) -> list[list[float] | None]:
+        """The paired bootstrap interval over sequences of ``delta_ce_by_position`` at each position (None where
+        no prediction is evaluated; empty with fewer than 2 sequences). Cached per level."""
+        key = (float(level), -1, 0)
+        if key not in self._position_cache:
+            self._position_cache[key] = position_intervals(self.per_position, level)
+        return list(self._position_cache[key])
 
     def compute_law(self) -> dict[str, Any] | None:
         """The law behind ``compute_fraction`` as plain values: the law's record (``ScalingLaw.to_dict``),
@@ -156,6 +169,7 @@ class Evaluation:
             "token_policy": self.token_policy.to_dict(),
             "latent_density": list(self.latent_density),
             "delta_ce_by_position": list(self.delta_ce_by_position),
+            "delta_ce_by_position_interval": self.delta_ce_by_position_interval(),
             "kl_by_position": list(self.kl_by_position),
             "scaling_law": [self.scaling_law.irreducible, self.scaling_law.gamma]
             if self.scaling_law is not None

@@ -319,7 +319,9 @@ class _Pass:
     def _group_labels(self, rows: slice) -> torch.Tensor | None:
         return self.groups[0][rows] if self.groups is not None else None
 
-    def _with_groups(self, evaluation: Evaluation, acc: Accumulator) -> Evaluation:
+    def _with_breakdowns(self, evaluation: Evaluation, acc: Accumulator) -> Evaluation:
+        """The evaluation with its token groups and its per-sequence, per-position CE sums."""
+        evaluation.per_position = acc.position_per_sequence()
         if self.groups is not None:
             evaluation.groups = group_results(acc.group_per_sequence(), self.groups[1])
         return evaluation
@@ -632,7 +634,7 @@ class _Pass:
         evaluation.warnings.extend(self.notes[m.name])
         evaluation.warnings.extend(_preflight(m, evaluation))
         _note_compute_fraction(evaluation)
-        return self._with_groups(evaluation, m.acc)
+        return self._with_breakdowns(evaluation, m.acc)
 
     def _common(
         self,
@@ -713,7 +715,7 @@ class _Pass:
             members=members,
         )
         _note_compute_fraction(evaluation)
-        return self._with_groups(evaluation, self.joint_acc)
+        return self._with_breakdowns(evaluation, self.joint_acc)
 
 
 def _compounding(members: Sequence[Member], joint_acc: Accumulator | None) -> dict[str, Any]:

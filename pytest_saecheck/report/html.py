@@ -16,6 +16,7 @@ import jinja2
 from markupsafe import Markup
 
 from pytest_saecheck.config import short_id
+from pytest_saecheck.defaults import INTERVAL_LEVEL as DEFAULT_INTERVAL_LEVEL
 from pytest_saecheck.report import charts
 from pytest_saecheck.report.display import column_format, outcome_counts, short_labels
 from pytest_saecheck.report.schema import STATUSES
@@ -232,6 +233,37 @@ def assertion_outcome(assertion: Mapping[str, Any]) -> str:
     return outcome
 
 
+#: The columns of the "where it hurts" table: (metric, heading).
+GROUP_COLUMNS = (("delta_ce", "ΔCE"), ("kl_sae", "KL"), ("explained_variance", "R²"))
+
+
+def _group_rows(sae: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The token groups, worst ΔCE first (undefined last), each with its share of the added loss."""
+    groups = list(sae.get("groups") or ())
+    added = {
+        group["name"]: (group.get("n_predictions") or 0) * group["metrics"]["delta_ce"]
+        for group in groups
+        if "delta_ce" in group.get("metrics", {})
+    }
+    total = sum(added.values())
+    rows = []
+    for group in groups:
+        metrics, intervals = group.get("metrics", {}), group.get("intervals", {})
+        rows.append(
+            {
+                "name": group["name"],
+                "n_tokens": group.get("n_tokens"),
+                "cells": [
+                    (fmt(metrics.get(name)), fmt_interval(intervals.get(name)) if name in intervals else "")
+                    for name, _ in GROUP_COLUMNS
+                ],
+                "share": fmt(added[group["name"]] / total) if group["name"] in added and total > 0 else "n/a",
+                "sort": -metrics["delta_ce"] if "delta_ce" in metrics else math.inf,
+            }
+        )
+    return sorted(rows, key=lambda row: row["sort"])
+
+
 def _view(
     sae: Mapping[str, Any], info: Mapping[str, Any], sections: list[Mapping[str, Any]], short_label: str
 ) -> dict[str, Any]:
@@ -243,6 +275,11 @@ def _view(
         series.append(("KL(orig ‖ SAE)", sae["kl_by_position"], charts.PALETTE["secondary"], charts.UNDERLAY))
     if sae.get("delta_ce_by_position"):
         series.append(("ΔCE", sae["delta_ce_by_position"], charts.PALETTE["primary"]))
+    band_values = sae.get("delta_ce_by_position_interval")
+    level = sae.get("interval_level") or DEFAULT_INTERVAL_LEVEL
+    band = (f"ΔCE {level:.0%} interval", band_values, charts.PALETTE["primary"]) if band_values else None
+    context = (sae.get("dictionary") or {}).get("context_size")
+    markers = [(context - 0.5, f"SAE training context ({context})")] if isinstance(context, int) else []
     passed = sum(1 for a in sae.get("assertions", ()) if a.get("outcome") == "passed")
     assertions = list(sae.get("assertions", ()))
     show = column_format(
@@ -272,9 +309,13 @@ def _view(
             title="ΔCE and KL by token position",
             x_label="token position",
             y_label="nats per token",
+            band=band,
+            markers=markers,
         )
         if series
         else None,
+        "group_rows": _group_rows(sae),
+        "task_rows": list(sae.get("tasks") or ()),
         "density_chart": charts.density_histogram(sae.get("latent_density_histogram")),
         "assertions_passed": passed,
         "assertions_total": len(sae.get("assertions", ())),
@@ -317,6 +358,7 @@ def render_html(document: Mapping[str, Any]) -> str:
         csp=CONTENT_SECURITY_POLICY,
         views=[_view(sae, info, prepared, label) for sae, label in zip(saes, labels, strict=True)],
         overview_columns=OVERVIEW,
+        group_columns=GROUP_COLUMNS,
         overview_formats={
             name: column_format(sae.get("metrics", {}).get(name) for sae in saes) for name, _ in OVERVIEW
         },
