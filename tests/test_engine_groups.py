@@ -151,3 +151,20 @@ def test_bad_labels_are_refused(model, labels, names, error, message):
 def test_group_names_without_labels_are_refused(model):
     with pytest.raises(ConfigError, match="give token_groups too"):
         evaluate(model, make_sae(HOOK), make_tokens(4), progress=False, group_names=["a"])
+
+
+def test_the_per_position_band_against_a_direct_bootstrap(model):
+    from pytest_saecheck.stats import bootstrap_interval
+
+    sae = make_sae(HOOK)
+    tokens = make_tokens(10)
+    result = evaluate(model, sae, tokens, batch_size=4, progress=False)
+    band = result.delta_ce_by_position_interval(0.9)
+    assert len(band) == tokens.shape[1] - 1 and band[0] is None  # position 0 (BOS) is not evaluated
+    ce_orig, ce_sae, _, _ = per_token(model, sae, tokens)
+    for t in (1, 7, tokens.shape[1] - 2):
+        direct = {"d": (ce_sae - ce_orig)[:, t].numpy(), "n": torch.ones(tokens.shape[0]).double().numpy()}
+        low, high = bootstrap_interval(direct, lambda s: s["d"] / s["n"], level=0.9)
+        assert band[t] == pytest.approx([low, high], abs=1e-5)
+        assert band[t][0] <= result.delta_ce_by_position[t] <= band[t][1]
+    assert result.to_dict()["delta_ce_by_position_interval"] == result.delta_ce_by_position_interval()
