@@ -85,6 +85,15 @@ def _empty(width: int, height: int, title: str, message: str) -> Markup:
     )
 
 
+def _band_intervals(band: Band | None) -> list[tuple[float, float] | None]:
+    """A band's ``(low, high)`` per x, None where it has no interval."""
+    out: list[tuple[float, float] | None] = []
+    for value in band[1] if band else ():
+        low, high = (value[0], value[1]) if value is not None and len(value) == 2 else (None, None)
+        out.append((float(low), float(high)) if low is not None and high is not None else None)
+    return out
+
+
 def line_chart(
     series: Sequence[Series],
     *,
@@ -102,11 +111,7 @@ def line_chart(
     [low, high] or None per x, colour)``, a shaded interval drawn under the lines (gaps where None).
     ``markers``: ``(x, label)`` vertical dashed lines, e.g. the SAE's training context.
     """
-    band_values = [
-        (x, value)
-        for x, value in enumerate(band[1] if band else ())
-        if value is not None and None not in value
-    ]
+    band_values = [(x, value) for x, value in enumerate(_band_intervals(band)) if value is not None]
     points = [(x, y) for entry in series for x, y in enumerate(entry[1]) if y is not None]
     points += [(x, bound) for x, value in band_values for bound in value]
     if not points:
@@ -150,9 +155,9 @@ def line_chart(
     )
     legend_x = left + plot_w
     if band is not None and band_values:
-        runs_band: list[list[tuple[int, Sequence[float]]]] = [[]]
-        for x, value in enumerate(band[1]):
-            if value is None or None in value:
+        runs_band: list[list[tuple[int, tuple[float, float]]]] = [[]]
+        for x, value in enumerate(_band_intervals(band)):
+            if value is None:
                 runs_band.append([])
             else:
                 runs_band[-1].append((x, value))

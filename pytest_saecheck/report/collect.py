@@ -280,7 +280,7 @@ def sae_entry(identity: Mapping[str, Any], record: Mapping[str, Any]) -> dict[st
         "kl_by_position": _series(record.get("kl_by_position")) if evaluated else None,
         "latent_density_histogram": json_safe(histogram) if histogram else None,
         "evaluation_duration_s": finite_or_none(record.get("duration_s")) if evaluated else None,
-        "grouping": str_or_none(settings.get("token_groups")),
+        "grouping": str_or_none(settings.get("token_groups")) if isinstance(settings, Mapping) else None,
         "groups": group_entries(record.get("groups")) if evaluated else None,
         "tasks": [],
         "baseline": None,
