@@ -183,3 +183,40 @@ def test_thresholds_are_validated(model):
         assert_task_preserved(pair, demo_task("copying", 1), max_accuracy_drop=0.1, confidence=0.9)
     with pytest.raises(ConfigError, match="expects the saecheck fixture or a"):
         assert_task_preserved(model, task, max_accuracy_drop=0.1)
+
+
+def test_a_transcoder_writes_at_its_output_hook(model):
+    """The task splice is the engine's: a transcoder reads ln2.hook_normalized and replaces hook_mlp_out."""
+    import sae_lens
+
+    cfg = sae_lens.TranscoderConfig(d_in=128, d_sae=64, d_out=128, apply_b_dec_to_input=False)
+    cfg.metadata.hook_name = "blocks.0.ln2.hook_normalized"
+    cfg.metadata.hook_name_out = "blocks.0.hook_mlp_out"
+    tc = sae_lens.Transcoder(cfg)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in tc.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    task = demo_task("copying", n_prompts=6)
+    result = measure_task(model, tc, task)
+    for index, item in enumerate(task.items):
+        tokens = model.to_tokens(item.prompt)
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        keep[:, 0] = False
+        read = {}
+
+        def capture(activation, hook, read=read):
+            read["x"] = activation
+
+        def replace(activation, hook, keep=keep, read=read):
+            return torch.where(keep[..., None], tc(read["x"]), activation)
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(
+                tokens,
+                fwd_hooks=[("blocks.0.ln2.hook_normalized", capture), ("blocks.0.hook_mlp_out", replace)],
+            )[0, -1].double()
+        right, wrong = model.to_single_token(item.answer), model.to_single_token(item.wrong[0])
+        assert result.per_prompt["diff_sae"][index] == pytest.approx(
+            float(logits[right] - logits[wrong]), abs=1e-4
+        )
