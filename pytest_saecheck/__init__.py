@@ -56,15 +56,23 @@ _LAZY: dict[str, str] = {
     "resolve_training_adapter": "pytest_saecheck.training",
     "SAELensTopKAdapter": "pytest_saecheck.training",
     "SparsifyAdapter": "pytest_saecheck.training",
+    "assert_task_preserved": "pytest_saecheck.checks.tasks",
+    "measure_task": "pytest_saecheck.checks.tasks",
+    "load_task": "pytest_saecheck.checks.tasks",
+    "Task": "pytest_saecheck.checks.tasks",
+    "TaskResult": "pytest_saecheck.checks.tasks",
+    "Grouping": "pytest_saecheck.groups",
 }
 
 if TYPE_CHECKING:
     from pytest_saecheck.assertions import assert_ce_recovery, assert_no_regression, assert_r2_matches_legacy
     from pytest_saecheck.baselines import BaselineError
+    from pytest_saecheck.checks.tasks import Task, TaskResult, assert_task_preserved, load_task, measure_task
     from pytest_saecheck.config import SAECheckSettings, saecheck_param
     from pytest_saecheck.engine import Evaluation, EvaluationSet, TokenPolicy, evaluate
     from pytest_saecheck.engine.family import fit_scaling_law_from_models
     from pytest_saecheck.fixtures import SAECheck
+    from pytest_saecheck.groups import Grouping
     from pytest_saecheck.loading import load_model, load_sae, load_tokens
     from pytest_saecheck.scaling import ScalingLaw, fit_scaling_law, load_scaling_law
     from pytest_saecheck.training import (
@@ -103,6 +111,7 @@ __all__ = [
     "EmptyTokenSetError",
     "Evaluation",
     "EvaluationSet",
+    "Grouping",
     "HookNotFoundError",
     "LoadError",
     "ModelStateError",
@@ -115,6 +124,8 @@ __all__ = [
     "ScalingLaw",
     "ShapeMismatchError",
     "SparsifyAdapter",
+    "Task",
+    "TaskResult",
     "TokenPolicy",
     "TrainingCheckError",
     "UnsupportedDictionaryError",
@@ -127,6 +138,7 @@ __all__ = [
     "assert_no_aux_bias_double_count",
     "assert_no_regression",
     "assert_r2_matches_legacy",
+    "assert_task_preserved",
     "assert_training_objective",
     "evaluate",
     "fit_scaling_law",
@@ -134,7 +146,9 @@ __all__ = [
     "load_model",
     "load_sae",
     "load_scaling_law",
+    "load_task",
     "load_tokens",
+    "measure_task",
     "resolve_training_adapter",
     "saecheck_param",
 ]

@@ -66,6 +66,14 @@ def _sae_specs(name: str, value: Any) -> str | tuple[str, ...] | None:
 SPLICE_MODES = ("separate", "joint")
 
 
+def _token_groups(name: str, value: Any) -> str | None:
+    """A grouping: ``token_class``, ``position``, ``demo_constructs`` or ``module:attribute``."""
+    from pytest_saecheck.groups import check_spec
+
+    text = _text(name, value)
+    return None if text is None or text.lower() == "none" else check_spec(text)
+
+
 def _splice(name: str, value: Any) -> str:
     text = str(value).strip().lower()
     if text not in SPLICE_MODES:
@@ -511,6 +519,16 @@ SETTINGS: tuple[Setting, ...] = (
         "layer folder is not layers.N). Default: the SAE config's hook_name",
         "HOOK",
     ),
+    Setting(
+        "token_groups",
+        _token_groups,
+        None,
+        'break every metric down by token group ("where it hurts"): "token_class" (special, whitespace, digits, '
+        'punctuation, word start, word continuation), "position" (doubling position buckets), "demo_constructs" '
+        '(the demo language\'s agreement, brackets, copying, arithmetic), or a python path "module:attribute" '
+        "naming a pytest_saecheck.groups.Grouping (or a function (tokens, model) returning one). Default: none",
+        "GROUPING",
+    ),
 )
 
 SETTINGS_BY_NAME: Mapping[str, Setting] = {setting.name: setting for setting in SETTINGS}
@@ -551,6 +569,7 @@ class SAECheckSettings:
     unavailable: str = _default("unavailable")
     model_from_pretrained_kwargs: FrozenKwargs | None = _default("model_from_pretrained_kwargs")
     hook_name: str | None = _default("hook_name")
+    token_groups: str | None = _default("token_groups")
     sources: Mapping[str, str] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False
     )

@@ -283,6 +283,7 @@ class SAECheck:
             self.specs.activation_scalers,
             self.scaling_law,
             self.settings.splice,
+            self.settings.token_groups,
         )
 
     # -- loaded objects ----------------------------------------------------------------------------------
@@ -362,6 +363,11 @@ class SAECheck:
         self._cache.loads["pass"] = self._cache.loads.get("pass", 0) + 1
         single = len(saes) == 1 and not joint
         scalers = {spec: self._activation_scaler_for(spec) for spec in saes}
+        grouping = None
+        if self.settings.token_groups is not None:
+            from pytest_saecheck.groups import resolve
+
+            grouping = resolve(self.settings.token_groups, self.model, self.tokens)
         return evaluate(
             self.model,
             next(iter(saes.values())) if single else saes,
@@ -373,6 +379,7 @@ class SAECheck:
             activation_scaler=next(iter(scalers.values())) if single else scalers,
             scaling_law=self.scaling_law,
             joint=joint,
+            token_groups=grouping,
         )
 
     def _evaluate_with_release_group(self) -> Evaluation:

@@ -149,6 +149,7 @@ class EvaluationRecord(_Record):
     latent_density: list[float] | None = None
     latent_density_histogram: dict[str, Any] | None = None
     delta_ce_by_position: list[float | None] | None = None
+    delta_ce_by_position_interval: list[Any] | None = None
     kl_by_position: list[float | None] | None = None
     scaling_law: list[float] | None = None
     compute_law: dict[str, Any] | None = None
@@ -156,6 +157,7 @@ class EvaluationRecord(_Record):
     model_dtype: str | None = None
     duration_s: float | None = None
     baseline_document: dict[str, Any] | None = None
+    groups: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -88,3 +88,22 @@ def sae_lens_reference(
         ref["ce_loss_with_ablation"] - ref["ce_loss_without_sae"]
     )
     return ref
+
+
+def per_token(
+    model: Any, sae: Any, tokens: torch.Tensor, hook: str = "blocks.1.hook_resid_pre"
+) -> tuple[Any, ...]:
+    """Independent per-position CE (orig, spliced) and KL, BOS kept untouched, float64."""
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    keep[:, 0] = False
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=[hook])
+        x = cache[hook]
+        spliced = torch.where(keep[..., None], sae.decode(sae.encode(x)), x)
+        sae_logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda a, hook: spliced)])
+    lp, lq = torch.log_softmax(logits.double(), -1), torch.log_softmax(sae_logits.double(), -1)
+    targets = tokens[:, 1:, None]
+    ce_orig = -lp[:, :-1].gather(-1, targets).squeeze(-1)
+    ce_sae = -lq[:, :-1].gather(-1, targets).squeeze(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    return ce_orig, ce_sae, kl, keep

@@ -26,6 +26,7 @@ from pytest_saecheck.assertions import (
 )
 from pytest_saecheck.engine import evaluate
 from pytest_saecheck.errors import ConfigError
+from pytest_saecheck.metrics import METRICS
 from pytest_saecheck.policy import TokenPolicy
 
 GOOD_METRICS = {
@@ -44,6 +45,10 @@ GOOD_METRICS = {
     "explained_variance": 0.80,
     "explained_variance_legacy": 0.78,
     "explained_variance_about_zero": 0.98,
+    "delta_ce_within_context": 0.09,
+    "delta_ce_beyond_context": 0.2,
+    "kl_sae_within_context": 0.07,
+    "kl_sae_beyond_context": 0.15,
 }
 
 
@@ -158,7 +163,7 @@ def test_thresholds_are_validated(kwargs: dict[str, Any], match: str) -> None:
 
 def test_every_ce_metric_is_accepted() -> None:
     for metric in CE_METRICS:
-        lower_is_better = metric in ("delta_ce", "kl_sae")
+        lower_is_better = not METRICS[metric].higher_is_better
         bound = {"max_value": 1e6} if lower_is_better else {"min_score": -1e6}
         assert_ce_recovery(fake(), metric=metric, **bound)
 
@@ -423,3 +428,52 @@ def test_assertions_record_plain_values_on_the_running_test(request: pytest.Fixt
 def test_outside_pytest_nothing_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(records, "_current_item", None)
     assert_ce_recovery(fake(), min_score=0.5)  # no item: no error, nothing to record to
+
+
+# --------------------------------------------------------------------------------------------------------
+# assert_ce_recovery(group=...)
+
+
+@pytest.fixture(scope="module")
+def grouped() -> Any:
+    model = make_tiny_model()
+    tokens = torch.as_tensor(make_token_ids(n_sequences=12))
+    labels = torch.zeros_like(tokens)
+    labels[:, tokens.shape[1] // 2 :] = 1
+    return {
+        "identity": evaluate(
+            model, make_identity_sae(), tokens, token_groups=labels, group_names=["early", "late"]
+        ),
+        "random": evaluate(
+            model, make_random_sae(), tokens, token_groups=labels, group_names=["early", "late"]
+        ),
+        "plain": evaluate(model, make_identity_sae(), tokens),
+    }
+
+
+def test_a_group_is_gated_on_its_own_metric(grouped: dict[str, Any], request: pytest.FixtureRequest) -> None:
+    records.take(request.node)
+    assert_ce_recovery(grouped["identity"], metric="delta_ce", max_value=1e-5, confidence=0.95, group="late")
+    found = records.take(request.node)
+    assert found[-1]["group"] == "late"
+    assert found[-1]["value"] == grouped["identity"].groups["late"].metrics["delta_ce"]
+    assert found[-1]["n_tokens"] == grouped["identity"].groups["late"].n_tokens
+    random = grouped["random"].groups["early"]
+    low, high = random.confidence_interval("kl_sae")
+    with pytest.raises(
+        AssertionError, match=r"in token group 'early', the upper bound of the 95% interval of kl_sae"
+    ):
+        assert_ce_recovery(grouped["random"], metric="kl_sae", max_value=low, confidence=0.95, group="early")
+    # the group's number, not the whole evaluation's
+    assert_ce_recovery(
+        grouped["random"], metric="kl_sae", max_value=high + 1e-12, confidence=0.95, group="early"
+    )
+
+
+def test_an_unknown_group_or_a_metric_not_measured_per_group_is_refused(grouped: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="unknown group 'middle'; the groups are 'early', 'late'"):
+        assert_ce_recovery(grouped["identity"], metric="delta_ce", max_value=0.1, group="middle")
+    with pytest.raises(ConfigError, match="has no token groups: set token_groups"):
+        assert_ce_recovery(grouped["plain"], metric="delta_ce", max_value=0.1, group="early")
+    with pytest.raises(ConfigError, match="ce_loss_score is not measured per token group"):
+        assert_ce_recovery(grouped["identity"], min_score=0.5, group="early")

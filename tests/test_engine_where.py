@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from factories import D_MODEL, N_CTX, make_engine_model, make_tokens, random_sae
+from references import per_token
 
 from pytest_saecheck import SAECheckWarning, evaluate
 from pytest_saecheck.metrics import participation_ratios
@@ -16,23 +17,6 @@ HOOK = "blocks.1.hook_resid_pre"
 @pytest.fixture(scope="module")
 def model():
     return make_engine_model()
-
-
-def per_token(model, sae, tokens):
-    """Independent per-position CE (orig, spliced) and KL, BOS kept untouched, float64."""
-    keep = torch.ones_like(tokens, dtype=torch.bool)
-    keep[:, 0] = False
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=[HOOK])
-        x = cache[HOOK]
-        spliced = torch.where(keep[..., None], sae.decode(sae.encode(x)), x)
-        sae_logits = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda a, hook: spliced)])
-    lp, lq = torch.log_softmax(logits.double(), -1), torch.log_softmax(sae_logits.double(), -1)
-    targets = tokens[:, 1:, None]
-    ce_orig = -lp[:, :-1].gather(-1, targets).squeeze(-1)
-    ce_sae = -lq[:, :-1].gather(-1, targets).squeeze(-1)
-    kl = (lp.exp() * (lp - lq)).sum(-1)
-    return ce_orig, ce_sae, kl, keep
 
 
 def test_within_and_beyond_the_training_context_against_a_direct_computation(model):

@@ -5,6 +5,7 @@ Runs in-process (pytester) with few tokens. Skipped until the demo assets exist.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import sae_lens  # noqa: F401
 import transformer_lens  # noqa: F401
 
 import pytest_saecheck
+
+CONSTRUCTS = ("agreement", "brackets", "copying", "arithmetic")  # the demo's constructs and tasks, in order
+LOST = {"copying": "XFAIL", "arithmetic": "XFAIL"}  # what variance_only loses (examples/test_demo_where.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -57,6 +61,8 @@ def test_examples_pass_and_xfail_as_documented(examples: pytest.Pytester) -> Non
         "baselines",
         "--saecheck-report",
         "report.html",
+        "--saecheck-json",
+        "result.json",
     )
     outcomes = _outcomes(result)
     assert outcomes == {
@@ -77,9 +83,36 @@ def test_examples_pass_and_xfail_as_documented(examples: pytest.Pytester) -> Non
         "test_r2_is_consistent[pca-18]": "PASSED",
         "test_good_has_not_regressed": "PASSED",
         "test_variance_only_regresses_against_good": "XFAIL",
+        **{f"test_good_in_every_construct[{name}]": "PASSED" for name in CONSTRUCTS},
+        **{f"test_good_keeps_every_capability[{name}]": "PASSED" for name in CONSTRUCTS},
+        **{f"test_variance_only_by_construct[{name}]": LOST.get(name, "PASSED") for name in CONSTRUCTS},
+        **{f"test_variance_only_capabilities[{name}]": LOST.get(name, "PASSED") for name in CONSTRUCTS},
     }, result.stdout.str()[-6000:]
     result.stdout.fnmatch_lines(
-        ["*= saecheck summary =*", "demo/good * 8 passed", "demo/variance_only * 3 passed, 3 xfailed"]
+        ["*= saecheck summary =*", "demo/good * 16 passed", "demo/variance_only * 7 passed, 7 xfailed"]
+    )
+    # the main job's JSON carries the demo's token groups and downstream tasks
+    document = json.loads((examples.path / "result.json").read_text())
+    saes = {sae["label"]: sae for sae in document["saes"]}
+    for label in ("demo/good", "demo/variance_only"):
+        sae = saes[label]
+        assert sae["grouping"] == "demo_constructs"
+        groups = {group["name"]: group for group in sae["groups"]}
+        assert list(groups) == list(CONSTRUCTS)
+        # the groups cover every evaluated token but <eos> (no construct): their token-weighted ΔCE is the
+        # share of the whole that lies in constructs
+        assert sum(group["n_tokens"] for group in groups.values()) <= sae["tokens"]["n_tokens"]
+        assert all(
+            group["intervals"]["delta_ce"][0] <= group["metrics"]["delta_ce"] for group in groups.values()
+        )
+        tasks = {task["name"]: task for task in sae["tasks"]}
+        assert sorted(tasks) == sorted(CONSTRUCTS)
+        assert all(task["n_prompts"] == 64 and task["accuracy_orig"] > 0.9 for task in tasks.values())
+    good, lossy = saes["demo/good"], saes["demo/variance_only"]
+    assert all(task["outcome"] == "passed" for task in good["tasks"])
+    assert {task["name"] for task in lossy["tasks"] if task["outcome"] == "failed"} == set(LOST)
+    assert max(g["metrics"]["delta_ce"] for g in lossy["groups"]) == next(
+        g["metrics"]["delta_ce"] for g in lossy["groups"] if g["name"] == "arithmetic"
     )
     # the demo's own fitted law is the default there, so the report draws it with every SAE's losses on it
     from pytest_saecheck import demo

@@ -6,6 +6,7 @@ metric catalogue (direction and bounds), measure, build a :class:`CheckOutcome`,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -32,6 +33,10 @@ CE_METRICS: tuple[str, ...] = (
     "kl_div_score",
     "kl_sae",
     "compute_fraction",
+    "delta_ce_within_context",
+    "delta_ce_beyond_context",
+    "kl_sae_within_context",
+    "kl_sae_beyond_context",
 )
 #: The raw losses shown above the gated metric in a failure message.
 LOSS_ROWS = ("ce_orig", "ce_sae", "ce_zero", "ce_mean")
@@ -79,6 +84,7 @@ def assert_ce_recovery(
     min_score: float | None = None,
     max_value: float | None = None,
     confidence: float | None = None,
+    group: str | None = None,
 ) -> None:
     """Assert that a cross-entropy metric of the spliced model meets a threshold.
 
@@ -88,10 +94,17 @@ def assert_ce_recovery(
     under ``max_value``. Without it, the point estimate is gated. An undefined or NaN metric fails.
     Gating on ``compute_fraction`` under the default scaling law (published for another model family, not
     fitted for this one) raises :class:`ConfigError`: fit or choose the law (the ``scaling_law`` setting).
+
+    ``group`` gates one token group's metric instead (``Evaluation.groups``, from the ``token_groups`` setting or
+    ``evaluate(..., token_groups=...)``); per group only ``delta_ce``, ``kl_sae`` and the other
+    :data:`~pytest_saecheck.engine.grouping.GROUP_METRICS` exist. An unknown group, or a metric not measured per
+    group, raises :class:`ConfigError` naming the choices.
     """
     __tracebackhide__ = True
     low, high, level = _validate_ce_thresholds(metric, min_score, max_value, confidence)
     evaluation, facts = subject_of(check)
+    if group is not None:
+        evaluation, facts = _group_subject(evaluation, facts, group, metric)
     law = getattr(evaluation, "scaling_law", None)
     if metric == "compute_fraction" and law is not None and getattr(law, "default", False):
         raise ConfigError(
@@ -109,6 +122,8 @@ def assert_ce_recovery(
     del evaluation, check  # nothing below (nor the exception) may keep tensors or the model alive
 
     failures = _ce_failures(metric, value, interval, low, high, level, facts)
+    if group is not None:
+        failures = [f"in token group {group!r}, {failure}" for failure in failures]
     conclude(
         CheckOutcome(
             assertion="assert_ce_recovery",
@@ -128,9 +143,38 @@ def assert_ce_recovery(
                 "max_value": high,
                 "gate": "point estimate" if level is None else "interval bound",
                 "n_tokens": facts.n_tokens,
+                **({"group": group} if group is not None else {}),
             },
         )
     )
+
+
+def _group_subject(evaluation: Any, facts: Subject, group: Any, metric: str) -> tuple[Any, Subject]:
+    """(the group's result, the facts restricted to it), else :class:`ConfigError` naming the choices."""
+    from pytest_saecheck.engine.grouping import GROUP_METRICS
+
+    groups = getattr(evaluation, "groups", None) or {}
+    if not isinstance(group, str) or group not in groups:
+        choices = (
+            f"the groups are {', '.join(map(repr, groups))}"
+            if groups
+            else "this evaluation has no token groups: set token_groups (e.g. @pytest.mark.saecheck("
+            'token_groups="token_class")) or pass token_groups= to evaluate()'
+        )
+        raise ConfigError(f"assert_ce_recovery: unknown group {group!r}; {choices}")
+    if metric not in GROUP_METRICS:
+        per_group = ", ".join(name for name in GROUP_METRICS if name in CE_METRICS)
+        raise ConfigError(
+            f"assert_ce_recovery: {metric} is not measured per token group; with group= choose one of {per_group}"
+        )
+    result = groups[group]
+    restricted = dataclasses.replace(
+        facts,
+        metrics=dict(result.metrics),
+        undefined=dict(result.undefined),
+        n_tokens=result.n_tokens,
+    )
+    return result, restricted
 
 
 def _ce_failures(

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from pytest_saecheck.engine.grouping import GROUP_PREFIX, sums_by_group_positions, sums_by_group_rows
 from pytest_saecheck.metrics import reconstruction_terms
 from pytest_saecheck.scoring import BatchScores
 
@@ -36,9 +37,12 @@ class Accumulator:
         *,
         context: int | None = None,
         covariance_width: int | None = None,
+        n_groups: int = 0,
     ) -> None:
         """``context``: the SAE's training context size (sums split at it); ``covariance_width``: accumulate the
-        d×d second moment of the written activation (for the participation ratio) when given."""
+        d×d second moment of the written activation (for the participation ratio) when given; ``n_groups``: also
+        sum per token group (``engine.grouping``) when the batch's labels are given."""
+        self.n_groups = n_groups
         self.context_given = context is not None
         self.context = context if context is not None and 0 < context < seq_len else None
         self.second_moment = (
@@ -76,8 +80,10 @@ class Accumulator:
         latents: torch.Tensor,
         kept: torch.Tensor,
         x_in: torch.Tensor,
+        groups: torch.Tensor | None = None,
     ) -> None:
-        """``x``: the written activation (the target), ``recon`` its reconstruction, ``x_in`` the read one."""
+        """``x``: the written activation (the target), ``recon`` its reconstruction, ``x_in`` the read one;
+        ``groups``: the batch's token-group labels ``[batch, seq_len]`` (with ``n_groups``)."""
         self._input_norm_sum += float(x_in[kept.to(x_in.device)].double().norm(dim=-1).sum())
         self._input_count += int(kept.sum())
         kept_r = kept.to(recon.device)
@@ -95,24 +101,40 @@ class Accumulator:
             # Sums are centred on the first batch's mean so Σ‖x − x̄‖² does not cancel catastrophically.
             self.reference = xs.mean(0)
         n_batch = kept.shape[0]
+        group_ids = groups.to(recon.device)[kept_r] if groups is not None and self.n_groups else None
         for key, values in reconstruction_terms(xs, xh, z, self.reference).items():
             shape = (n_batch, *values.shape[1:])
             self.current[key] = torch.zeros(shape, dtype=torch.float64, device=values.device).index_add_(
                 0, seq_index, values.double()
             )
+            if group_ids is not None:
+                self.current[GROUP_PREFIX + key] = sums_by_group_rows(
+                    values, seq_index, group_ids, n_batch, self.n_groups
+                )
         if self.firing is not None:
             self.firing += (z != 0).sum(0).double()
         if self.second_moment is not None:
             centered = xs - self.reference
             self.second_moment += centered.T @ centered
 
-    def add_scores(self, scores: BatchScores, kept: torch.Tensor, predicted: torch.Tensor) -> None:
-        """``kept``: the positions averaged into KL; ``predicted``: the predictions averaged into CE."""
+    def add_scores(
+        self,
+        scores: BatchScores,
+        kept: torch.Tensor,
+        predicted: torch.Tensor,
+        groups: torch.Tensor | None = None,
+    ) -> None:
+        """``kept``: the positions averaged into KL; ``predicted``: the predictions averaged into CE;
+        ``groups``: the batch's token-group labels ``[batch, seq_len]`` (with ``n_groups``)."""
         kept = kept.to(scores.ce_orig.device)
         kept_ce = predicted.to(scores.ce_orig.device)
         ce_orig = masked(scores.ce_orig, kept_ce)
         self.current["ce_sum_orig"] = ce_orig.sum(1)
         self.current["n_ce"] = kept_ce.double().sum(1)
+        if "sae" in scores.ce:  # per sequence and position, for the per-position curve's interval band
+            self.current[POSITION_PREFIX + "ce_sum_orig"] = ce_orig
+            self.current[POSITION_PREFIX + "ce_sum_sae"] = masked(scores.ce["sae"], kept_ce)
+            self.current[POSITION_PREFIX + "n_ce"] = kept_ce.double()
         self.current["n_kl"] = kept.double().sum(1)
         self._add_position("ce_orig", ce_orig.sum(0))
         self._add_position("n_ce", kept_ce.double().sum(0))
@@ -127,6 +149,15 @@ class Accumulator:
             self.current[f"kl_sum_{name}"] = kl_kept.sum(1)
             if name == "sae":
                 self._add_position("kl_sae", kl_kept.sum(0))
+        if groups is not None and self.n_groups and "sae" in scores.ce:
+            self._add_group_sums(
+                ce_orig,
+                masked(scores.ce["sae"], kept_ce),
+                kept_ce,
+                masked(scores.kl["sae"], kept),
+                kept,
+                groups,
+            )
         if self.context_given and "sae" in scores.ce:
             self._add_context_sums(
                 ce_orig, masked(scores.ce["sae"], kept_ce), kept_ce, masked(scores.kl["sae"], kept), kept
@@ -148,6 +179,25 @@ class Accumulator:
             self.current[f"n_ce_{part}"] = kept_ce[:, columns].double().sum(1)
             self.current[f"kl_sum_sae_{part}"] = kl_sae[:, columns].sum(1)
             self.current[f"n_kl_{part}"] = kept[:, columns].double().sum(1)
+
+    def _add_group_sums(
+        self,
+        ce_orig: torch.Tensor,
+        ce_sae: torch.Tensor,
+        kept_ce: torch.Tensor,
+        kl_sae: torch.Tensor,
+        kept: torch.Tensor,
+        groups: torch.Tensor,
+    ) -> None:
+        """Per-sequence CE/KL sums by token group; the prediction made at position t counts for t's group."""
+        labels = groups.to(ce_orig.device)
+        labels_ce = labels[:, : ce_orig.shape[1]]
+        n = self.n_groups
+        self.current[GROUP_PREFIX + "ce_sum_orig"] = sums_by_group_positions(ce_orig, labels_ce, n)
+        self.current[GROUP_PREFIX + "ce_sum_sae"] = sums_by_group_positions(ce_sae, labels_ce, n)
+        self.current[GROUP_PREFIX + "n_ce"] = sums_by_group_positions(kept_ce.double(), labels_ce, n)
+        self.current[GROUP_PREFIX + "kl_sum_sae"] = sums_by_group_positions(kl_sae, labels, n)
+        self.current[GROUP_PREFIX + "n_kl"] = sums_by_group_positions(kept.double(), labels, n)
 
     def _add_position(self, key: str, values: torch.Tensor) -> None:
         # the logits live on the unembedding's device, which differs from the first block's with n_devices > 1
@@ -177,7 +227,19 @@ class Accumulator:
             row += n
 
     def per_sequence(self) -> dict[str, np.ndarray]:
-        keys = self.batches[0].keys()
+        keys = [key for key in self.batches[0] if not key.startswith((GROUP_PREFIX, POSITION_PREFIX))]
+        return {key: torch.cat([b[key] for b in self.batches]).numpy() for key in keys}
+
+    def position_per_sequence(self) -> dict[str, np.ndarray]:
+        """Per-sequence CE sums at each position ``[n_sequences, seq_len - 1]`` (keys without the prefix)."""
+        keys = [key for key in self.batches[0] if key.startswith(POSITION_PREFIX)]
+        return {
+            key[len(POSITION_PREFIX) :]: torch.cat([b[key] for b in self.batches]).numpy() for key in keys
+        }
+
+    def group_per_sequence(self) -> dict[str, np.ndarray]:
+        """The per-sequence, per-group sums ``[n_sequences, n_groups, ...]`` (keys with ``GROUP_PREFIX``)."""
+        keys = [key for key in self.batches[0] if key.startswith(GROUP_PREFIX)]
         return {key: torch.cat([b[key] for b in self.batches]).numpy() for key in keys}
 
     def participation_ratios(self) -> tuple[float, float] | None:
@@ -204,6 +266,31 @@ class Accumulator:
             kl = pos["kl_sae"] / pos["n_kl"]
         # Positions with no evaluated token (the excluded BOS, the last position for CE) have no value: None.
         return finite_or_none(delta), finite_or_none(kl)
+
+
+POSITION_PREFIX = "position/"
+"""Accumulator keys of per-sequence, per-position CE sums (the per-position curve's bootstrap band)."""
+
+
+def position_intervals(per_position: Mapping[str, np.ndarray], level: float) -> list[list[float] | None]:
+    """The paired bootstrap interval of ΔCE at each position (None where undefined or with < 2 sequences)."""
+    from pytest_saecheck.stats import bootstrap_intervals
+
+    if not per_position or len(per_position["n_ce"]) < 2:
+        return []
+    n_positions = per_position["n_ce"].shape[1]
+
+    def statistics(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            delta = (sums["ce_sum_sae"] - sums["ce_sum_orig"]) / sums["n_ce"]
+        return {str(t): delta[..., t] for t in range(n_positions)}
+
+    found = bootstrap_intervals(per_position, statistics, level=level)
+    out: list[list[float] | None] = []
+    for t in range(n_positions):
+        low, high = found[str(t)]
+        out.append([low, high] if math.isfinite(low) and math.isfinite(high) else None)
+    return out
 
 
 def finite_or_none(values: np.ndarray) -> list[float | None]:

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from pytest_saecheck.engine.accumulate import position_intervals
+from pytest_saecheck.engine.grouping import GroupResult
 from pytest_saecheck.errors import ConfigError, SAECheckWarning
 from pytest_saecheck.metrics import BOOTSTRAPPABLE, METRIC_NAMES, metrics_from_sums
 from pytest_saecheck.policy import TokenPolicy
@@ -25,7 +27,8 @@ class Evaluation:
     absent from ``metrics`` and explained in ``undefined``. ``scaling_law`` is the law of ``compute_fraction``
     (its source, and ``fitted``: whether it was fitted for this model); ``compute_fraction_by_preset`` is
     ``compute_fraction`` under every published preset (None where undefined), the sensitivity band of an
-    unfitted law.
+    unfitted law. ``groups`` (with ``evaluate(..., token_groups=...)``): group name →
+    :class:`~pytest_saecheck.engine.grouping.GroupResult`, the metrics restricted to that group's positions.
     """
 
     metrics: dict[str, float]
@@ -53,7 +56,12 @@ class Evaluation:
     warnings: list[str] = field(default_factory=list)
     members: dict[str, dict[str, float]] = field(default_factory=dict)
     compounding: dict[str, Any] | None = None
+    groups: dict[str, GroupResult] = field(default_factory=dict)
+    per_position: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _interval_cache: dict[tuple[float, int, int], dict[str, tuple[float, float]]] = field(
+        default_factory=dict, repr=False
+    )
+    _position_cache: dict[tuple[float, int, int], list[list[float] | None]] = field(
         default_factory=dict, repr=False
     )
 
@@ -103,6 +111,14 @@ class Evaluation:
                         warnings.warn(message, SAECheckWarning, stacklevel=2)
         return dict(self._interval_cache[key])
 
+    def delta_ce_by_position_interval(self, level: float = DEFAULT_LEVEL) -> list[list[float] | None]:
+        """The paired bootstrap interval over sequences of ``delta_ce_by_position`` at each position (None where
+        no prediction is evaluated; empty with fewer than 2 sequences). Cached per level."""
+        key = (float(level), -1, 0)
+        if key not in self._position_cache:
+            self._position_cache[key] = position_intervals(self.per_position, level)
+        return list(self._position_cache[key])
+
     def compute_law(self) -> dict[str, Any] | None:
         """The law behind ``compute_fraction`` as plain values: the law's record (``ScalingLaw.to_dict``),
         ``label``, ``by_preset``, ``band`` (min, max over the presets where defined), ``above_one`` (the splice
@@ -149,9 +165,11 @@ class Evaluation:
             "warnings": list(self.warnings),
             "members": {name: dict(values) for name, values in self.members.items()},
             "compounding": dict(self.compounding) if self.compounding is not None else None,
+            "groups": {name: group.to_dict() for name, group in self.groups.items()},
             "token_policy": self.token_policy.to_dict(),
             "latent_density": list(self.latent_density),
             "delta_ce_by_position": list(self.delta_ce_by_position),
+            "delta_ce_by_position_interval": self.delta_ce_by_position_interval(),
             "kl_by_position": list(self.kl_by_position),
             "scaling_law": [self.scaling_law.irreducible, self.scaling_law.gamma]
             if self.scaling_law is not None

@@ -37,6 +37,7 @@ from pytest_saecheck import normalisation as norm
 from pytest_saecheck.defaults import DEFAULT_BATCH_SIZE
 from pytest_saecheck.engine.accumulate import Accumulator, totals
 from pytest_saecheck.engine.cut import HookedTransformerCut
+from pytest_saecheck.engine.grouping import group_results, resolve_labels
 from pytest_saecheck.engine.member import AblationPlan, Member, Template, Variant, token_independent
 from pytest_saecheck.engine.result import Evaluation, EvaluationSet
 from pytest_saecheck.errors import (
@@ -111,6 +112,8 @@ def evaluate(
     joint: bool = False,
     progress: bool | None = None,
     template_budget_bytes: int | None = None,
+    token_groups: Any = None,
+    group_names: Sequence[str] | None = None,
 ) -> Any:
     """Evaluate ``sae`` spliced into ``model`` on ``tokens`` (``[n_sequences, seq_len]`` token ids).
 
@@ -146,6 +149,11 @@ def evaluate(
     computed once, ``[seq_len, d_vocab_out]`` float32 log-probs each). Default: one batch of logits,
     ``min(batch_size, n_sequences) × seq_len × d_vocab_out × 4`` bytes; SAEs beyond it unembed their template
     again for each batch instead (the same numbers, a little more time). ``0`` holds none.
+    ``token_groups``: an integer tensor ``[n_sequences, seq_len]`` labelling each position with a group id
+    (``-1`` = no group), or a callable of the tokens returning one (e.g. a :mod:`pytest_saecheck.groups`
+    grouping); ``group_names[k]`` names group ``k``. ``Evaluation.groups[name]`` then holds the group's ΔCE, KL,
+    R² (and the other :data:`~pytest_saecheck.engine.grouping.GROUP_METRICS`) with bootstrap intervals over
+    sequences, and its token count (:mod:`pytest_saecheck.engine.grouping` says which position counts where).
 
     Raises :class:`ConfigError`, :class:`ShapeMismatchError`, :class:`HookNotFoundError`,
     :class:`UnsupportedDictionaryError`, :class:`ModelStateError`, :class:`EmptyTokenSetError`,
@@ -195,6 +203,9 @@ def evaluate(
     if joint:
         _check_joint(members)
     tokens = _check_tokens(model, tokens, policy)
+    groups = resolve_labels(token_groups, group_names, tokens) if token_groups is not None else None
+    if token_groups is None and group_names is not None:
+        raise ConfigError("group_names names the groups of token_groups=; give token_groups too")
     hook_names = sorted({name for m in members for name in (m.read.hook_name, m.write.hook_name)})
     run = _Pass(
         HookedTransformerCut(model),
@@ -206,6 +217,7 @@ def evaluate(
         joint,
         template_budget_bytes,
     )
+    run.groups = groups
     with (
         torch.inference_mode(),
         _hook_z_reshaping_off(list(named.values())),
@@ -335,6 +347,17 @@ class _Pass:
         self.notes: dict[str, list[str]] = {m.name: [] for m in members}
         self.joint_acc: Accumulator | None = None
         self.chunk_rows = chunk_rows_for(int(cut.model.cfg.d_vocab_out), cut.device)
+        self.groups: tuple[torch.Tensor, tuple[str, ...]] | None = None  # token-group labels and names
+
+    def _group_labels(self, rows: slice) -> torch.Tensor | None:
+        return self.groups[0][rows] if self.groups is not None else None
+
+    def _with_breakdowns(self, evaluation: Evaluation, acc: Accumulator) -> Evaluation:
+        """The evaluation with its token groups and its per-sequence, per-position CE sums."""
+        evaluation.per_position = acc.position_per_sequence()
+        if self.groups is not None:
+            evaluation.groups = group_results(acc.group_per_sequence(), self.groups[1])
+        return evaluation
 
     def run(
         self, tokens: torch.Tensor, means: Mapping[str, Any], progress: bool | None
@@ -367,10 +390,12 @@ class _Pass:
                 for m in self.members:
                     if start == 0:
                         m.check_firing_order(order)
-                    self._member_batch(m, captured, batch, kept, predicted, logits_orig)
+                    self._member_batch(
+                        m, captured, batch, kept, predicted, logits_orig, self._group_labels(rows)
+                    )
                 del captured
                 if self.joint:
-                    self._joint_batch(batch, kept, predicted, logits_orig)
+                    self._joint_batch(batch, kept, predicted, logits_orig, self._group_labels(rows))
                 del logits_orig
                 bar.update(int(kept.sum()))
         finally:
@@ -436,11 +461,18 @@ class _Pass:
                 m.sae_device,
                 context=m.info.context_size,
                 covariance_width=m.info.d_out if m.info.d_out <= PARTICIPATION_RATIO_MAX_WIDTH else None,
+                n_groups=self._n_groups,
             )
             if self.joint:
                 m.joint_acc = Accumulator(seq_len, d_sae, self.cut.output_device, m.sae_device)
         if self.joint:
-            self.joint_acc = Accumulator(seq_len, None, self.cut.output_device, self.cut.output_device)
+            self.joint_acc = Accumulator(
+                seq_len, None, self.cut.output_device, self.cut.output_device, n_groups=self._n_groups
+            )
+
+    @property
+    def _n_groups(self) -> int:
+        return len(self.groups[1]) if self.groups is not None else 0
 
     def _prepass(self, tokens: torch.Tensor, kept_all: torch.Tensor) -> None:
         """One run to the hooks when a member needs E‖x_in‖ (a normalisation estimate) or the mean of x_out."""
@@ -531,12 +563,13 @@ class _Pass:
         kept: torch.Tensor,
         predicted: torch.Tensor,
         logits_orig: torch.Tensor,
+        groups: torch.Tensor | None = None,
     ) -> None:
         assert m.acc is not None
         base, x_in, x_out, x_out_full = m.views(captured, self.cut)
         m.check_widths(x_in, x_out)
         latents, recon = m.reconstruct(x_in)
-        m.acc.add_reconstruction(x_out, recon, latents, kept, x_in)
+        m.acc.add_reconstruction(x_out, recon, latents, kept, x_in, groups)
         values = m.variant_values(x_out, kept, m.plan.per_batch, recon)
         del latents, recon
         finals = self.cut.continue_from(m.write, base, [m.write.write_back(x_out_full, v) for v in values])
@@ -564,11 +597,16 @@ class _Pass:
             )
             del logits
         del finals, templates
-        m.acc.add_scores(BatchScores.merged(parts), kept, predicted)
+        m.acc.add_scores(BatchScores.merged(parts), kept, predicted, groups)
         m.acc.end_batch()
 
     def _joint_batch(
-        self, batch: torch.Tensor, kept: torch.Tensor, predicted: torch.Tensor, logits_orig: torch.Tensor
+        self,
+        batch: torch.Tensor,
+        kept: torch.Tensor,
+        predicted: torch.Tensor,
+        logits_orig: torch.Tensor,
+        groups: torch.Tensor | None = None,
     ) -> None:
         """Every member spliced at once; a transcoder reads the (already spliced) model at its read hook."""
         assert self.joint_acc is not None
@@ -607,7 +645,7 @@ class _Pass:
             chunk_rows=self.chunk_rows,
         )
         del logits
-        self.joint_acc.add_scores(scores, kept, predicted)
+        self.joint_acc.add_scores(scores, kept, predicted, groups)
         self.joint_acc.end_batch()
         for m in self.members:
             assert m.joint_acc is not None
@@ -664,7 +702,7 @@ class _Pass:
         evaluation.warnings.extend(self.notes[m.name])
         evaluation.warnings.extend(_preflight(m, evaluation))
         _note_compute_fraction(evaluation)
-        return evaluation
+        return self._with_breakdowns(evaluation, m.acc)
 
     def _common(
         self,
@@ -745,7 +783,7 @@ class _Pass:
             members=members,
         )
         _note_compute_fraction(evaluation)
-        return evaluation
+        return self._with_breakdowns(evaluation, self.joint_acc)
 
 
 def _compounding(members: Sequence[Member], joint_acc: Accumulator | None) -> dict[str, Any]:

@@ -31,6 +31,8 @@ FONT = 'font-family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif" fon
 UNDERLAY: Mapping[str, str] = {"stroke-width": "4", "stroke-opacity": "0.45", "stroke-dasharray": "6 3"}
 #: ``(name, values, colour)``, or with a fourth item: SVG attributes of its line (e.g. :data:`UNDERLAY`).
 Series = tuple[str, Sequence[float | None], str] | tuple[str, Sequence[float | None], str, Mapping[str, str]]
+#: ``(name, [low, high] or None per x, colour)``: an interval band.
+Band = tuple[str, Sequence[Sequence[float | None] | None], str]
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -75,6 +77,15 @@ def _empty(width: int, height: int, title: str, message: str) -> Markup:
     )
 
 
+def _band_intervals(band: Band | None) -> list[tuple[float, float] | None]:
+    """A band's ``(low, high)`` per x, None where it has no interval."""
+    out: list[tuple[float, float] | None] = []
+    for value in band[1] if band else ():
+        low, high = (value[0], value[1]) if value is not None and len(value) == 2 else (None, None)
+        out.append((float(low), float(high)) if low is not None and high is not None else None)
+    return out
+
+
 def line_chart(
     series: Sequence[Series],
     *,
@@ -83,12 +94,18 @@ def line_chart(
     y_label: str,
     width: int = 640,
     height: int = 240,
+    band: Band | None = None,
+    markers: Sequence[tuple[float, str]] = (),
 ) -> Markup:
     """Lines over integer x = 0, 1, 2, ...; ``None`` values leave gaps. Drawn in order: the last is on top.
 
-    ``series``: ``(name, values, colour)`` or ``(name, values, colour, line attributes)``.
+    ``series``: ``(name, values, colour)`` or ``(name, values, colour, line attributes)``. ``band``: ``(name,
+    [low, high] or None per x, colour)``, a shaded interval drawn under the lines (gaps where None).
+    ``markers``: ``(x, label)`` vertical dashed lines, e.g. the SAE's training context.
     """
+    band_values = [(x, value) for x, value in enumerate(_band_intervals(band)) if value is not None]
     points = [(x, y) for entry in series for x, y in enumerate(entry[1]) if y is not None]
+    points += [(x, bound) for x, value in band_values for bound in value]
     if not points:
         return _empty(width, height, title, "no data")
     left, right, top, bottom = 58, 16, 26, 40
@@ -129,6 +146,42 @@ def line_chart(
         f"{escape(y_label)}</text>"
     )
     legend_x = left + plot_w
+    if band is not None and band_values:
+        runs_band: list[list[tuple[int, tuple[float, float]]]] = [[]]
+        for x, value in enumerate(_band_intervals(band)):
+            if value is None:
+                runs_band.append([])
+            else:
+                runs_band[-1].append((x, value))
+        for run_band in runs_band:
+            if not run_band:
+                continue
+            if len(run_band) == 1:  # a lone position: a short bar
+                ((x, (low, high)),) = run_band
+                body.append(
+                    f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(low):.1f}" y2="{sy(high):.1f}" '
+                    f'stroke="{band[2]}" stroke-opacity="0.35" stroke-width="4"/>'
+                )
+                continue
+            upper = [f"{sx(x):.1f},{sy(value[1]):.1f}" for x, value in run_band]
+            lower = [f"{sx(x):.1f},{sy(value[0]):.1f}" for x, value in reversed(run_band)]
+            body.append(
+                f'<polygon fill="{band[2]}" fill-opacity="0.18" stroke="none" points="{" ".join(upper + lower)}"/>'
+            )
+        legend_x -= 8 + 7 * len(band[0]) + 16
+        body.append(
+            f'<rect x="{legend_x}" y="6" width="14" height="8" fill="{band[2]}" fill-opacity="0.3"/>'
+            f'<text x="{legend_x + 18}" y="14" fill="{PALETTE["text"]}">{escape(band[0])}</text>'
+        )
+    for x_mark, label in markers:
+        if not 0 <= x_mark <= n - 1:
+            continue
+        x = sx(x_mark)
+        body.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="{PALETTE["dead"]}" '
+            f'stroke-dasharray="4 3"/>'
+            f'<text x="{x - 4:.1f}" y="{top + 12}" text-anchor="end" fill="{PALETTE["dead"]}">{escape(label)}</text>'
+        )
     for entry in series:
         name, values, colour = entry[0], entry[1], entry[2]
         style = {"stroke-width": "1.8", **(entry[3] if len(entry) > 3 else {})}

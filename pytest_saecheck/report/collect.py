@@ -149,6 +149,34 @@ def _interval(value: Any) -> list[float | None] | None:
     return None if low is None and high is None else [low, high]
 
 
+def group_entries(groups: Any) -> list[dict[str, Any]] | None:
+    """An evaluation record's token groups (``name → group``) as the document's list, in the grouping's order."""
+    if not isinstance(groups, Mapping) or not groups:
+        return None
+    out = []
+    for name, group in groups.items():
+        if not isinstance(group, Mapping):
+            continue
+        metrics = {
+            str(k): v for k, v in (group.get("metrics") or {}).items() if finite_or_none(v) is not None
+        }
+        intervals = {
+            str(k): i for k, v in (group.get("intervals") or {}).items() if (i := _interval(v)) is not None
+        }
+        out.append(
+            {
+                "name": str(name),
+                "n_tokens": int_or_none(group.get("n_tokens")),
+                "n_predictions": int_or_none(group.get("n_predictions")),
+                "metrics": dict(sorted(metrics.items())),
+                "intervals": dict(sorted(intervals.items())),
+                "interval_level": finite_or_none(group.get("interval_level")),
+                "undefined": {str(k): str(v) for k, v in sorted((group.get("undefined") or {}).items())},
+            }
+        )
+    return out or None
+
+
 def _mapping(value: Any) -> dict[str, Any] | None:
     return json_safe(value) if isinstance(value, Mapping) else None
 
@@ -223,9 +251,17 @@ def sae_entry(identity: Mapping[str, Any], record: Record) -> dict[str, Any]:
         "scaling_law": _series(evaluation.scaling_law),
         "compute_law": _mapping(evaluation.compute_law),
         "delta_ce_by_position": _series(evaluation.delta_ce_by_position),
+        "delta_ce_by_position_interval": [
+            _interval(value) for value in evaluation.delta_ce_by_position_interval
+        ]
+        if isinstance(evaluation.delta_ce_by_position_interval, list)
+        else None,
         "kl_by_position": _series(evaluation.kl_by_position),
         "latent_density_histogram": json_safe(histogram) if histogram else None,
         "evaluation_duration_s": finite_or_none(evaluation.duration_s),
+        "grouping": str_or_none(settings.get("token_groups")),
+        "groups": group_entries(evaluation.groups),
+        "tasks": [],
         "baseline": None,
         "assertions": [],
         "tests": [],
@@ -445,6 +481,10 @@ class Collector:
                     if sae_id not in saes:
                         saes[sae_id] = sae_entry(identity, record)
                         coarse_of[sae_id] = _identity_id(_coarse(record))
+                    elif not saes[sae_id].get("groups") and group_entries(record.groups):
+                        # the same SAE evaluated again with a token grouping: its groups join the entry
+                        saes[sae_id]["groups"] = group_entries(record.groups)
+                        saes[sae_id]["grouping"] = str_or_none((record.settings or {}).get("token_groups"))
                     current[str(label)] = sae_id
                     test_saes.add(sae_id)
                 else:

@@ -25,6 +25,7 @@ from pytest_saecheck.checks.messages import (
     fmt_threshold,
 )
 from pytest_saecheck.config import short_id
+from pytest_saecheck.defaults import INTERVAL_LEVEL as DEFAULT_INTERVAL_LEVEL
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.report import charts
 from pytest_saecheck.report.display import outcome_counts, row_labels
@@ -175,6 +176,42 @@ def assertion_outcome(assertion: Mapping[str, Any]) -> str:
     return outcome
 
 
+#: The columns of the "where it hurts" table: (metric, heading).
+GROUP_COLUMNS = (("delta_ce", "ΔCE"), ("kl_sae", "KL"), ("explained_variance", "R²"))
+
+
+def _group_rows(sae: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The token groups, worst ΔCE first (undefined last), each with its share of the added loss."""
+    groups = list(sae.get("groups") or ())
+    added = {
+        group["name"]: (group.get("n_predictions") or 0) * group["metrics"]["delta_ce"]
+        for group in groups
+        if "delta_ce" in group.get("metrics", {})
+    }
+    total = sum(added.values())
+    rows = []
+    for group in groups:
+        metrics, intervals = group.get("metrics", {}), group.get("intervals", {})
+        rows.append(
+            {
+                "name": group["name"],
+                "n_tokens": group.get("n_tokens"),
+                "cells": [
+                    (
+                        fmt_readable(metrics.get(name)),
+                        fmt_interval(intervals.get(name), fmt_readable) if name in intervals else "",
+                    )
+                    for name, _ in GROUP_COLUMNS
+                ],
+                "share": fmt_readable(added[group["name"]] / total)
+                if group["name"] in added and total > 0
+                else "n/a",
+                "sort": -metrics["delta_ce"] if "delta_ce" in metrics else math.inf,
+            }
+        )
+    return sorted(rows, key=lambda row: row["sort"])
+
+
 def _view(sae: Mapping[str, Any], sections: Sequence[Mapping[str, Any]], short_label: str) -> dict[str, Any]:
     known = {name for rows in (LOSS_ROWS, SCORE_ROWS, R2_ROWS, OTHER_ROWS) for name, _ in rows}
     extra = sorted(set(sae.get("metrics", {})) - known)
@@ -184,6 +221,11 @@ def _view(sae: Mapping[str, Any], sections: Sequence[Mapping[str, Any]], short_l
         series.append(("KL(orig ‖ SAE)", sae["kl_by_position"], charts.PALETTE["secondary"], charts.UNDERLAY))
     if sae.get("delta_ce_by_position"):
         series.append(("ΔCE", sae["delta_ce_by_position"], charts.PALETTE["primary"]))
+    band_values = sae.get("delta_ce_by_position_interval")
+    level = sae.get("interval_level") or DEFAULT_INTERVAL_LEVEL
+    band = (f"ΔCE {level:.0%} interval", band_values, charts.PALETTE["primary"]) if band_values else None
+    context = (sae.get("dictionary") or {}).get("context_size")
+    markers = [(context - 0.5, f"SAE training context ({context})")] if isinstance(context, int) else []
     passed = sum(1 for a in sae.get("assertions", ()) if a.get("outcome") == "passed")
     assertions = list(sae.get("assertions", ()))
     show = column_format(
@@ -213,9 +255,13 @@ def _view(sae: Mapping[str, Any], sections: Sequence[Mapping[str, Any]], short_l
             title="ΔCE and KL by token position",
             x_label="token position",
             y_label="nats per token",
+            band=band,
+            markers=markers,
         )
         if series
         else None,
+        "group_rows": _group_rows(sae),
+        "task_rows": list(sae.get("tasks") or ()),
         "density_chart": charts.density_histogram(sae.get("latent_density_histogram")),
         "assertions_passed": passed,
         "assertions_total": len(sae.get("assertions", ())),
@@ -286,6 +332,7 @@ def render_html(document: Mapping[str, Any]) -> str:
         views=[_view(sae, prepared, label) for sae, label in zip(saes, labels, strict=True)],
         compute_charts=compute_charts(saes, labels),
         overview_columns=OVERVIEW,
+        group_columns=GROUP_COLUMNS,
         overview_formats={
             name: column_format(sae.get("metrics", {}).get(name) for sae in saes) for name, _ in OVERVIEW
         },

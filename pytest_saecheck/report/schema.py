@@ -155,6 +155,7 @@ SAE_SCHEMA: dict[str, Any] = {
         "scaling_law": _SERIES,
         "compute_law": {"type": ["object", "null"]},
         "delta_ce_by_position": _SERIES,
+        "delta_ce_by_position_interval": {"type": ["array", "null"], "items": _INTERVAL},
         "kl_by_position": _SERIES,
         "latent_density_histogram": {
             "type": ["object", "null"],
@@ -167,6 +168,45 @@ SAE_SCHEMA: dict[str, Any] = {
             },
         },
         "evaluation_duration_s": _NUMBER,
+        "grouping": _STRING_OR_NULL,
+        "groups": {
+            "type": ["array", "null"],
+            "items": {
+                "type": "object",
+                "required": ["name", "n_tokens", "n_predictions", "metrics", "intervals", "undefined"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "n_tokens": {"type": ["integer", "null"]},
+                    "n_predictions": {"type": ["integer", "null"]},
+                    "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
+                    "intervals": {"type": "object", "additionalProperties": _INTERVAL},
+                    "interval_level": _NUMBER,
+                    "undefined": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+        },
+        "tasks": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "kind", "n_prompts", "accuracy_orig", "accuracy_sae", "accuracy_drop"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "kind": {"enum": ["next_token", "multiple_choice"]},
+                    "source": _STRING_OR_NULL,
+                    "n_prompts": {"type": "integer", "minimum": 1},
+                    "accuracy_orig": _NUMBER,
+                    "accuracy_sae": _NUMBER,
+                    "accuracy_drop": _NUMBER,
+                    "logit_diff_orig": _NUMBER,
+                    "logit_diff_sae": _NUMBER,
+                    "logit_diff_drop": _NUMBER,
+                    "intervals": {"type": "object", "additionalProperties": _INTERVAL},
+                    "interval_level": _NUMBER,
+                    "outcome": {"enum": ["passed", "failed"]},
+                },
+            },
+        },
         "baseline": {
             "type": ["object", "null"],
             "properties": {
@@ -439,6 +479,19 @@ def _intervals_from_assertions(sae: dict[str, Any]) -> None:
     sae["intervals"] = dict(sorted(intervals.items()))
 
 
+def _tasks_from_assertions(sae: dict[str, Any]) -> list[dict[str, Any]]:
+    """An SAE's downstream tasks: the first ``assert_task_preserved`` measurement of each task, in canonical
+    assertion order (so a merge of shards gives the same list as one run)."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for assertion in sae.get("assertions", []):
+        task = (assertion.get("details") or {}).get("task")
+        if assertion.get("assertion") == "assert_task_preserved" and isinstance(task, Mapping):
+            tasks.setdefault(
+                str(task.get("name")), {**copy.deepcopy(dict(task)), "outcome": assertion["outcome"]}
+            )
+    return list(tasks.values())
+
+
 def finalise(document: dict[str, Any]) -> dict[str, Any]:
     """Recompute the derived fields (outcome counts, statuses) and put every list in its canonical order.
 
@@ -455,6 +508,7 @@ def finalise(document: dict[str, Any]) -> dict[str, Any]:
         for assertion in sae["assertions"]:
             assertion["test_outcome"] = outcomes.get(assertion["test_id"])
         _intervals_from_assertions(sae)
+        sae["tasks"] = _tasks_from_assertions(sae)
         sae["outcomes"] = count(outcomes[test] for test in sae["tests"] if test in outcomes)
         sae["status"] = sae_status(sae, outcomes)
     document["saes"] = sorted(document.get("saes", []), key=lambda sae: (sae["label"], sae["id"]))

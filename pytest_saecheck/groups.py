@@ -1,0 +1,236 @@
+"""Built-in token groupings for ``evaluate(..., token_groups=...)`` and the ``token_groups`` setting.
+
+A :class:`Grouping` is a callable of the tokens ``[n_sequences, seq_len]`` returning integer labels of the same
+shape (``-1`` = no group), with the names of its groups. Built in:
+
+- :func:`token_class`: each token's class from the tokenizer's strings: ``special`` (the tokenizer's special
+  tokens), ``whitespace``, ``digits``, ``punctuation`` (every character a Unicode punctuation or symbol),
+  ``word start`` (a word token that starts with a space, a ``Ġ``/``▁`` space marker, or any word token of a
+  tokenizer that has no space markers, such as a word-level one) and ``word continuation`` (the rest, e.g. a
+  WordPiece ``##`` piece);
+- :func:`position_buckets`: the position in the sequence, in doubling buckets ``0``, ``1``, ``2-3``, ``4-7``,
+  ... (or the edges you give);
+- :func:`demo_constructs`: for the bundled demo language, the construct each token belongs to (``agreement``,
+  ``brackets``, ``copying`` (the names construct), ``arithmetic``), the same ground truth the demo generator
+  labels (:mod:`pytest_saecheck.demo.language`).
+
+:func:`resolve` turns a setting value (``"token_class"``, ``"position"``, ``"demo_constructs"`` or a python path
+``"module:attribute"``) into a grouping. Importing this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_saecheck.errors import ConfigError
+
+BUILTIN_GROUPINGS: tuple[str, ...] = ("token_class", "position", "demo_constructs")
+"""The setting values naming a built-in grouping (anything else must be ``module:attribute``)."""
+
+TOKEN_CLASSES: tuple[str, ...] = (
+    "special",
+    "whitespace",
+    "digits",
+    "punctuation",
+    "word start",
+    "word continuation",
+)
+DEMO_CONSTRUCTS: tuple[str, ...] = ("agreement", "brackets", "copying", "arithmetic")
+_SPACE_MARKERS = ("Ġ", "▁")
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """Named groups and the function labelling tokens with them.
+
+    ``label(tokens)`` maps token ids ``[n_sequences, seq_len]`` to int64 labels of the same shape: ``k`` for
+    ``names[k]``, ``-1`` for no group. Calling the grouping calls ``label``.
+    """
+
+    kind: str
+    names: tuple[str, ...]
+    label: Callable[[Any], Any]
+
+    def __call__(self, tokens: Any) -> Any:
+        return self.label(tokens)
+
+
+def _lookup(table: Sequence[int]) -> Callable[[Any], Any]:
+    """Labels by token id from a per-id table (ids outside it get -1)."""
+
+    def label(tokens: Any) -> Any:
+        import torch
+
+        lookup = torch.tensor([*table, -1], dtype=torch.long)
+        ids = tokens.to("cpu").long()
+        ids = torch.where((ids >= 0) & (ids < len(table)), ids, torch.full_like(ids, len(table)))
+        return lookup[ids]
+
+    return label
+
+
+def classify_token(text: str, raw: str, special: bool, markers: bool) -> str:
+    """The class (one of :data:`TOKEN_CLASSES`) of one token, from its decoded ``text`` and ``raw`` vocabulary
+    string; ``markers``: whether the tokenizer marks word starts (a leading space, ``Ġ`` or ``▁``)."""
+    if special:
+        return "special"
+    body = text.strip()
+    if not body:
+        return "whitespace"
+    if body.isdigit():
+        return "digits"
+    if all(unicodedata.category(char)[0] in "PS" for char in body):
+        return "punctuation"
+    if raw.startswith("##"):
+        return "word continuation"
+    starts = text[:1].isspace() or raw.startswith(_SPACE_MARKERS)
+    return "word start" if starts or not markers else "word continuation"
+
+
+def token_class(tokenizer: Any) -> Grouping:
+    """Group tokens by their class (:data:`TOKEN_CLASSES`), read from a Hugging Face ``tokenizer``'s strings.
+
+    Raises :class:`ConfigError` when ``tokenizer`` is None (a model without a tokenizer).
+    """
+    if tokenizer is None:
+        raise ConfigError(
+            "token_groups='token_class' reads the tokenizer's strings, but the model has no tokenizer; "
+            "attach one (model.set_tokenizer) or choose token_groups='position'"
+        )
+    size = len(tokenizer)
+    raws = tokenizer.convert_ids_to_tokens(list(range(size)))
+    special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    raw_strings = [raw if isinstance(raw, str) else "" for raw in raws]
+    markers = any(raw.startswith(_SPACE_MARKERS) or raw.startswith(" ") for raw in raw_strings)
+    table = []
+    for index, raw in enumerate(raw_strings):
+        text = tokenizer.decode([index], clean_up_tokenization_spaces=False)
+        table.append(TOKEN_CLASSES.index(classify_token(text, raw, index in special_ids, markers)))
+    return Grouping("token_class", TOKEN_CLASSES, _lookup(table))
+
+
+def position_buckets(seq_len: int, edges: Sequence[int] | None = None) -> Grouping:
+    """Group positions into buckets ``[edges[k], edges[k+1])``; default doubling edges 0, 1, 2, 4, 8, ...
+
+    Raises :class:`ConfigError` for edges that do not start at 0 or do not increase.
+    """
+    if edges is None:
+        edges = [0, 1]
+        while edges[-1] < seq_len:
+            edges.append(edges[-1] * 2)
+    edges = [int(edge) for edge in edges]
+    if not edges or edges[0] != 0 or any(b <= a for a, b in itertools.pairwise(edges)):
+        raise ConfigError(f"position bucket edges must start at 0 and increase, got {list(edges)}")
+    if edges[-1] < seq_len:
+        edges.append(seq_len)
+    bounds = [(a, min(b, seq_len)) for a, b in itertools.pairwise(edges) if a < seq_len]
+    names = tuple(str(a) if b - a == 1 else f"{a}-{b - 1}" for a, b in bounds)
+    table = [next(k for k, (a, b) in enumerate(bounds) if a <= t < b) for t in range(seq_len)]
+
+    def label(tokens: Any) -> Any:
+        import torch
+
+        if tokens.shape[1] != seq_len:
+            raise ConfigError(
+                f"the position grouping was built for {seq_len} positions, the tokens have {tokens.shape[1]}"
+            )
+        return torch.tensor(table, dtype=torch.long).expand(tokens.shape[0], -1).clone()
+
+    return Grouping("position", names, label)
+
+
+def demo_construct_labels(ids: Sequence[int]) -> list[int]:
+    """The construct (index into :data:`DEMO_CONSTRUCTS`, ``-1`` for special tokens) of each demo token id.
+
+    Every demo sentence starts a construct with a distinctive token (``the`` agreement, an opening bracket,
+    ``when`` names, a digit arithmetic) and ends with ``.``; special tokens (``<bos>``, ``<eos>``) belong to
+    none. This recovers the generator's ``construct`` latent from the tokens alone.
+    """
+    from pytest_saecheck.demo.language import NUMBERS, OPENERS, SPECIAL_TOKENS, VOCAB
+
+    starts = {"the": 0, **dict.fromkeys(OPENERS, 1), "when": 2, **dict.fromkeys(NUMBERS, 3)}
+    labels, current = [], -1
+    for token_id in ids:
+        word = VOCAB[token_id] if 0 <= token_id < len(VOCAB) else None
+        if word is None or word in SPECIAL_TOKENS:
+            labels.append(-1)
+            current = -1
+            continue
+        if current == -1:
+            current = starts.get(word, -1)
+        labels.append(current)
+        if word == ".":
+            current = -1
+    return labels
+
+
+def demo_constructs() -> Grouping:
+    """Group demo tokens by the construct they belong to (:data:`DEMO_CONSTRUCTS`)."""
+
+    def label(tokens: Any) -> Any:
+        import torch
+
+        rows = [demo_construct_labels(row) for row in tokens.to("cpu").tolist()]
+        return torch.tensor(rows, dtype=torch.long)
+
+    return Grouping("demo_constructs", DEMO_CONSTRUCTS, label)
+
+
+def check_spec(value: str) -> str:
+    """A ``token_groups`` setting value: a built-in name or ``module:attribute``, else :class:`ConfigError`."""
+    if value in BUILTIN_GROUPINGS:
+        return value
+    module, _, attribute = value.partition(":")
+    if not module or not attribute or not all(part.isidentifier() for part in module.split(".")):
+        raise ConfigError(
+            f"token_groups must be one of {', '.join(BUILTIN_GROUPINGS)} or a python path 'module:attribute' "
+            f"naming a Grouping (or a function (tokens, model) returning one), got {value!r}"
+        )
+    return value
+
+
+def resolve(spec: str, model: Any, tokens: Any) -> Grouping:
+    """The grouping a ``token_groups`` setting names, for ``model`` and the evaluation ``tokens``.
+
+    ``module:attribute`` names a :class:`Grouping`, or a function ``(tokens, model)`` returning one. Raises
+    :class:`ConfigError` when the module or attribute is missing or gives something else.
+    """
+    spec = check_spec(spec)
+    if spec == "token_class":
+        return token_class(getattr(model, "tokenizer", None))
+    if spec == "position":
+        return position_buckets(int(tokens.shape[1]))
+    if spec == "demo_constructs":
+        return demo_constructs()
+    module_name, _, attribute = spec.partition(":")
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"token_groups={spec!r} cannot be imported: {error}") from None
+    grouping = target if isinstance(target, Grouping) else target(tokens, model) if callable(target) else None
+    if not isinstance(grouping, Grouping):
+        raise ConfigError(
+            f"token_groups={spec!r} must name a pytest_saecheck.groups.Grouping or a function (tokens, model) "
+            f"returning one, got {type(grouping if callable(target) else target).__name__}"
+        )
+    return grouping
+
+
+__all__ = [
+    "BUILTIN_GROUPINGS",
+    "DEMO_CONSTRUCTS",
+    "TOKEN_CLASSES",
+    "Grouping",
+    "check_spec",
+    "classify_token",
+    "demo_construct_labels",
+    "demo_constructs",
+    "position_buckets",
+    "resolve",
+    "token_class",
+]
