@@ -11,10 +11,11 @@ the demo model (:mod:`.pipeline_subjects`) whose right answer is known, and comp
                                 sizes (exempt: ``explained_variance_legacy``, taken about each batch's mean, and
                                 ``relative_reconstruction_bias``, a ratio of per-batch means).
 ``saturated_logits``            a model whose softmax underflows to exact zeros still gives a finite KL.
-``normalised_excluded_tokens``  an identity SAE trained at activation scale 4 with BOS and EOS positions excluded:
+``normalised_excluded_tokens``  an identity SAE on ``blocks.1.hook_attn_out`` at activation scale 4, with BOS
+                                and EOS positions excluded:
                                 CE with SAE = CE without (excluded positions are neither spliced, scaled nor
                                 unscaled).
-``explained_variance``          activations with a large mean and an SAE keeping 16 principal directions: R²
+``explained_variance``          activations with a large mean and an SAE keeping 4 principal directions: R²
                                 equals the pooled definition 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²; the message names the
                                 formula the pipeline's number matched.
 ``transcoder_splice``           a transcoder holding a ReLU MLP's own weights, spliced at its output hook: CE with
@@ -236,7 +237,8 @@ def check_saturated_logits(run: _Run, result: PropertyResult) -> None:
 
 def check_normalised_excluded_tokens(run: _Run, result: PropertyResult) -> None:
     s = run.subjects
-    sae = subjects.identity_sae(s.model.cfg.d_model, s.hook_name, next(s.model.parameters()).device)
+    device = next(s.model.parameters()).device
+    sae = subjects.identity_sae(s.model.cfg.d_model, subjects.NORMALISED_HOOK, device)
     sae.cfg.normalize_activations = "expected_average_only_in"
     metrics = run.call(
         "normalised",

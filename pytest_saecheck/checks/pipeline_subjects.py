@@ -32,11 +32,15 @@ ACTIVATION_SCALE = 4.0
 """The activation scale of the normalised SAE (any factor ≠ 1 shows the fault)."""
 SATURATION = 50.0
 """The unembedding factor of the saturated model: the demo's logits span about 15 nats, so about 750 after."""
-OFFSET_NORM = 20.0
+OFFSET_NORM = 5.0
 """The norm of the offset added to the activations, in units of their root-mean-square spread about the mean."""
-PROJECTION_RANK = 16
+PROJECTION_RANK = 4
 """Principal directions kept by :func:`projection_sae` (of the demo's 128)."""
 TRANSCODER_LAYER = 1
+NORMALISED_HOOK = "blocks.1.hook_attn_out"
+"""Where the normalised SAE reads and writes. Not a residual-stream hook: a residual activation scaled at a few
+positions is undone by the next LayerNorm for every other position, so a wrongly scaled excluded position would
+change only its own (excluded, unscored) prediction there and the fault would stay hidden."""
 
 
 def _device(model: Any) -> torch.device:
