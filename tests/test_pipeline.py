@@ -315,3 +315,15 @@ def test_a_pipeline_that_raises_breaks_the_property() -> None:
 
     with pytest.raises(AssertionError, match=r"identity broken[\s\S]*RuntimeError: out of tokens"):
         assert_metric_pipeline(crashes, checks=["identity"], device="cpu")
+
+
+def test_the_table_reads_release_ranges() -> None:
+    assert battery.sae_lens_expected_broken("6.54.12") == {"transcoder_splice"}
+    assert battery.sae_lens_expected_broken("6.5.1") == set(battery.PROPERTIES) - {"identity"}
+    assert battery.sae_lens_expected_broken("6.45.1") == {
+        "batch_size_invariance",
+        "normalised_excluded_tokens",
+        "transcoder_splice",
+        "agreement",
+    }
+    assert battery.sae_lens_expected_broken("5.11.0") is None

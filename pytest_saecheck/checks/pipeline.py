@@ -72,6 +72,37 @@ CAUSES: dict[str, str] = {
 """The likely cause of each broken property, with the SAE Lens releases measured to have it (README table)."""
 
 
+SAE_LENS_MEASURED: tuple[str, str] = ("6.0.0", "6.54.12")
+"""The SAE Lens releases the table below was measured on (README, "Which SAE Lens releases break what")."""
+
+SAE_LENS_RELEASES: dict[str, tuple[str, str | None]] = {
+    "mean_predictor": ("6.0.0", "6.45.1"),
+    "batch_size_invariance": ("6.0.0", "6.45.2"),
+    "saturated_logits": ("6.0.0", "6.6.5"),
+    "normalised_excluded_tokens": ("6.0.0", "6.53.1"),
+    "explained_variance": ("6.0.0", "6.45.1"),
+    "transcoder_splice": ("6.5.0", None),
+    "agreement": ("6.0.0", "6.45.2"),
+}
+"""Property → (first SAE Lens release measured to break it, first release measured to pass it again, or None).
+Releases before 6.5.0 have no ``Transcoder``: there ``transcoder_splice`` is not checked."""
+
+
+def sae_lens_expected_broken(version: str) -> frozenset[str] | None:
+    """The properties SAE Lens ``version``'s ``run_evals`` breaks by :data:`SAE_LENS_RELEASES`, or None outside
+    the measured releases :data:`SAE_LENS_MEASURED`."""
+    from packaging.version import Version
+
+    v = Version(version)
+    if not Version(SAE_LENS_MEASURED[0]) <= v <= Version(SAE_LENS_MEASURED[1]):
+        return None
+    return frozenset(
+        name
+        for name, (bad, fixed) in SAE_LENS_RELEASES.items()
+        if Version(bad) <= v and (fixed is None or v < Version(fixed))
+    )
+
+
 @dataclass
 class Finding:
     """One compared number: ``metric``, the pipeline's value (text), the right value (text), whether it held."""
@@ -449,6 +480,9 @@ __all__: Sequence[str] = (
     "CAUSES",
     "DEFAULT_TOL",
     "PROPERTIES",
+    "SAE_LENS_MEASURED",
+    "SAE_LENS_RELEASES",
     "assert_metric_pipeline",
     "run_battery",
+    "sae_lens_expected_broken",
 )
