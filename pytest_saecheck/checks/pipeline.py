@@ -53,24 +53,6 @@ FORMULA_NAMES: dict[str, str] = {
     "legacy": "the per-token legacy R² about each batch's mean",
 }
 
-CAUSES: dict[str, str] = {
-    "identity": "the splice does not put the SAE's output where and when it read the input (wrong hook, "
-    "position or batch alignment), or the reconstruction metrics are not taken against that input",
-    "mean_predictor": "R² is not taken about the mean of the evaluated activations",
-    "batch_size_invariance": "a metric normalised by the batch: MSE divided by the tokens per evaluation batch "
-    "(SAE Lens 6.0.0–6.45.1, fixed in 6.45.2)",
-    "saturated_logits": "KL computed as Σ p (log p − log q) with log(softmax(·)), so 0 · (−∞) = NaN where a "
-    "probability underflows (SAE Lens 6.0.0–6.6.4, fixed in 6.6.5); use log_softmax",
-    "normalised_excluded_tokens": "excluded positions are handed the scaled activations instead of the model's "
-    "own (SAE Lens 6.0.0–6.53.0, fixed in 6.53.1)",
-    "explained_variance": "the variance term is not Σ‖x − x̄‖² (SAE Lens 6.0.0–6.45.0 and SAEBench 0.6.0 use "
-    "E‖x‖² − (mean_d E[x_d²])²; fixed in SAE Lens 6.45.1)",
-    "transcoder_splice": "the transcoder's output is written into its input hook instead of its output hook "
-    "(SAE Lens run_evals, every release with transcoders measured, 6.6.4–6.54.12)",
-    "agreement": "the pipeline's definition or aggregation of this metric differs from the reference definition",
-}
-"""The likely cause of each broken property, with the SAE Lens releases measured to have it (README table)."""
-
 
 SAE_LENS_MEASURED: tuple[str, str] = ("6.0.0", "6.54.12")
 """The SAE Lens releases the table below was measured on (README, "Which SAE Lens releases break what")."""
@@ -101,6 +83,36 @@ def sae_lens_expected_broken(version: str) -> frozenset[str] | None:
         for name, (bad, fixed) in SAE_LENS_RELEASES.items()
         if Version(bad) <= v and (fixed is None or v < Version(fixed))
     )
+
+
+CAUSES: dict[str, str] = {
+    "identity": "the splice does not put the SAE's output where and when it read the input (wrong hook, "
+    "position or batch alignment), or the reconstruction metrics are not taken against that input",
+    "mean_predictor": "R² is not taken about the mean of the evaluated activations, e.g. the variance term "
+    "E‖x‖² − (mean_d E[x_d²])²",
+    "batch_size_invariance": "a metric normalised by the batch: MSE divided by the tokens per evaluation batch",
+    "saturated_logits": "KL computed as Σ p (log p − log q) with log(softmax(·)), so 0 · (−∞) = NaN where a "
+    "probability underflows; use log_softmax",
+    "normalised_excluded_tokens": "excluded positions are handed the scaled activations instead of the model's "
+    "own",
+    "explained_variance": "the variance term is not Σ‖x − x̄‖²; SAEBench 0.6.0 and old SAE Lens use "
+    "E‖x‖² − (mean_d E[x_d²])²",
+    "transcoder_splice": "the transcoder's output is written into its input hook instead of its output hook",
+    "agreement": "the pipeline's definition or aggregation of this metric differs from the reference definition",
+}
+"""The likely cause of each broken property (:func:`cause` adds the SAE Lens releases measured to have it)."""
+
+
+def cause(name: str) -> str:
+    """The likely cause of broken property ``name``, with the SAE Lens releases measured to break it."""
+    text = CAUSES[name]
+    if name in SAE_LENS_RELEASES:
+        bad, fixed = SAE_LENS_RELEASES[name]
+        if fixed:
+            text += f"; measured in SAE Lens from {bad} until {fixed}, which fixed it"
+        else:
+            text += f"; measured in SAE Lens from {bad} on, not fixed as of {SAE_LENS_MEASURED[1]}"
+    return text
 
 
 @dataclass
@@ -444,7 +456,7 @@ def assert_metric_pipeline(
         details += messages.table(rows)
         details.append("likely causes:")
         for r in broken:
-            details.append(f"{messages.INDENT}{r.name}: {CAUSES[r.name]}")
+            details.append(f"{messages.INDENT}{r.name}: {cause(r.name)}")
     for r in results:
         if r.note and (r.broken or r.name == "explained_variance"):
             details.append(f"{r.name}: {r.note}")
@@ -483,6 +495,7 @@ __all__: Sequence[str] = (
     "SAE_LENS_MEASURED",
     "SAE_LENS_RELEASES",
     "assert_metric_pipeline",
+    "cause",
     "run_battery",
     "sae_lens_expected_broken",
 )
