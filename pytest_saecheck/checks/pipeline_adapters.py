@@ -262,9 +262,42 @@ def sae_lens_pipeline(
 # SAEBench core
 
 
+class _FlatConfig:
+    """An SAE Lens 6 config read the SAE Lens 5 way SAEBench 0.6.0 reads it: ``cfg.hook_name`` falls back to
+    ``cfg.metadata.hook_name``."""
+
+    def __init__(self, cfg: Any) -> None:
+        self._cfg = cfg
+
+    def __getattr__(self, name: str) -> Any:
+        if hasattr(self._cfg, name):
+            return getattr(self._cfg, name)
+        metadata = getattr(self._cfg, "metadata", None)
+        value = getattr(metadata, name, None) if metadata is not None else None
+        if name == "hook_layer" and value is None:  # SAE Lens 5's layer of the hook, read from its name
+            from sae_lens.util import extract_layer_from_tlens_hook_name
+
+            return extract_layer_from_tlens_hook_name(str(self.hook_name))
+        if metadata is not None and hasattr(metadata, name):
+            return value
+        raise AttributeError(name)
+
+
+class _FlatConfigSAE:
+    """The SAE with a :class:`_FlatConfig`; everything else (encode, decode, device, ...) is the SAE's own."""
+
+    def __init__(self, sae: Any) -> None:
+        self._sae = sae
+        self.cfg = _FlatConfig(sae.cfg)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sae, name)
+
+
 def sae_bench_pipeline(model: Any, sae: Any, tokens: Any, *, batch_size: int) -> Any:
     """The ``"sae_bench"`` adapter: SAEBench core's ``get_downstream_reconstruction_metrics`` and
-    ``get_sparsity_and_variance_metrics`` (its fork of SAE Lens' evals) on exactly ``tokens``.
+    ``get_sparsity_and_variance_metrics`` (its fork of SAE Lens' evals) on exactly ``tokens``. SAEBench 0.6.0 reads
+    SAE Lens 5 configs (``sae.cfg.hook_name``): an SAE Lens 6 SAE is handed over with its metadata readable there.
 
     Raises:
         ConfigError: SAEBench is not installed.
@@ -278,6 +311,7 @@ def sae_bench_pipeline(model: Any, sae: Any, tokens: Any, *, batch_size: int) ->
         ) from None
     n_batches = int(tokens.shape[0]) // batch_size
     store = TokenStore(tokens, batch_size)
+    sae = _FlatConfigSAE(sae)
     reconstruction = core.get_downstream_reconstruction_metrics(
         sae,
         model,
@@ -299,7 +333,7 @@ def sae_bench_pipeline(model: Any, sae: Any, tokens: Any, *, batch_size: int) ->
         compute_variance_metrics=True,
         compute_featurewise_density_statistics=False,
         eval_batch_size_prompts=batch_size,
-        exclude_special_tokens_from_reconstruction=False,
+        model_kwargs={},
     )
     metrics = variance[0] if isinstance(variance, tuple) else variance
     return {**dict(reconstruction), **dict(metrics)}
