@@ -10,7 +10,8 @@ the demo model (:mod:`.pipeline_subjects`) whose right answer is known, and comp
 ``batch_size_invariance``       every metric whose definition does not involve the batch is the same at two batch
                                 sizes (exempt: ``explained_variance_legacy``, taken about each batch's mean, and
                                 ``relative_reconstruction_bias``, a ratio of per-batch means).
-``saturated_logits``            a model whose softmax underflows to exact zeros still gives a finite KL.
+``saturated_logits``            a model whose softmax underflows to exact zeros still gives a finite KL (equal to our
+                                engine's).
 ``normalised_excluded_tokens``  an identity SAE on ``blocks.1.hook_attn_out`` at activation scale 4, with BOS
                                 and EOS positions excluded:
                                 CE with SAE = CE without (excluded positions are neither spliced, scaled nor
@@ -272,7 +273,7 @@ def check_saturated_logits(run: _Run, result: PropertyResult) -> None:
         if metric in metrics:
             value = metrics[metric]
             right = ours.get(metric)
-            ok = math.isfinite(value) and (right is None or equal(value, right, max(run.tol, 1e-3)))
+            ok = equal(value, right, run.tol) if right is not None else math.isfinite(value)
             result.findings.append(Finding(metric, messages.fmt_exact(value), messages.fmt_exact(right), ok))
     if not result.findings:
         raise _NotApplicable("the pipeline reports no KL")
