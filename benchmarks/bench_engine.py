@@ -51,23 +51,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# (ours, SAE Lens group, SAE Lens name): every metric both sides compute.
-SHARED_METRICS: tuple[tuple[str, str, str], ...] = (
-    ("ce_orig", "model_performance_preservation", "ce_loss_without_sae"),
-    ("ce_sae", "model_performance_preservation", "ce_loss_with_sae"),
-    ("ce_zero", "model_performance_preservation", "ce_loss_with_ablation"),
-    ("ce_loss_score", "model_performance_preservation", "ce_loss_score"),
-    ("kl_sae", "model_behavior_preservation", "kl_div_with_sae"),
-    ("kl_zero", "model_behavior_preservation", "kl_div_with_ablation"),
-    ("kl_div_score", "model_behavior_preservation", "kl_div_score"),
-    ("explained_variance", "reconstruction_quality", "explained_variance"),
-    ("explained_variance_legacy", "reconstruction_quality", "explained_variance_legacy"),
-    ("mse", "reconstruction_quality", "mse"),
-    ("cosine_sim", "reconstruction_quality", "cossim"),
-    ("l2_ratio", "shrinkage", "l2_ratio"),
-    ("l0", "sparsity", "l0"),
-    ("l1", "sparsity", "l1"),
+from pytest_saecheck.checks.pipeline_adapters import (  # noqa: F401  (TokenStore: re-exported for the tests)
+    SHARED_METRICS,
+    TokenStore,
+    run_sae_lens_evals,
+    sae_lens_eval_config,
 )
+
 DENSITY_ROW = "latent_density (worst latent)"
 
 RELEASE_KEY = "4"
@@ -266,27 +256,6 @@ def worst_metric(rows: Sequence[tuple]) -> dict[str, Any]:
 # --- the three implementations -------------------------------------------------------------------------------
 
 
-class TokenStore:
-    """The slice of SAE Lens' ActivationsStore that ``run_evals`` uses, serving fixed token batches in order."""
-
-    def __init__(self, tokens: Any, batch_size: int) -> None:
-        self.tokens = tokens
-        self.store_batch_size_prompts = batch_size
-        self.context_size = int(tokens.shape[1])
-        self.row = 0
-
-    def get_batch_tokens(self, batch_size: int | None = None, raise_at_epoch_end: bool = False) -> Any:
-        n = batch_size or self.store_batch_size_prompts
-        if self.row + n > self.tokens.shape[0]:
-            raise RuntimeError("TokenStore ran out of tokens: n_batches x batch_size exceeds the token set")
-        batch = self.tokens[self.row : self.row + n]
-        self.row += n
-        return batch
-
-    def reset_input_dataset(self) -> None:
-        self.row = 0
-
-
 def run_ours(model: Any, sae: Any, tokens: Any, batch_size: int, *, joint: bool = False) -> Any:
     """One ``evaluate`` call; ``sae`` may be a mapping ``name -> SAE`` (one shared pass, ``joint`` allowed)."""
     from pytest_saecheck import evaluate
@@ -304,36 +273,11 @@ def run_ours(model: Any, sae: Any, tokens: Any, batch_size: int, *, joint: bool 
 
 
 def anchor_config(batch_size: int, n_batches: int) -> Any:
-    from sae_lens.evals import EvalConfig
-
-    return EvalConfig(
-        batch_size_prompts=batch_size,
-        n_eval_reconstruction_batches=n_batches,
-        compute_kl=True,
-        compute_ce_loss=True,
-        n_eval_sparsity_variance_batches=n_batches,
-        compute_l2_norms=True,
-        compute_sparsity_metrics=True,
-        compute_variance_metrics=True,
-        compute_featurewise_density_statistics=True,
-        compute_featurewise_weight_based_metrics=False,
-        library_version="benchmark",
-        git_hash="benchmark",
-    )
+    return sae_lens_eval_config(batch_size, n_batches)
 
 
 def run_anchor(model: Any, sae: Any, tokens: Any, batch_size: int, eval_config: Any) -> Any:
-    from sae_lens.evals import run_evals
-    from sae_lens.training.activation_scaler import ActivationScaler
-
-    return run_evals(
-        sae,
-        TokenStore(tokens, batch_size),  # type: ignore[arg-type]
-        model,
-        ActivationScaler(),
-        eval_config,
-        exclude_special_tokens=False,
-    )
+    return run_sae_lens_evals(model, sae, tokens, batch_size, eval_config)
 
 
 def run_floor(model: Any, tokens: Any, batch_size: int) -> None:

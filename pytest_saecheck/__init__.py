@@ -31,6 +31,7 @@ _LAZY: dict[str, str] = {
     "assert_ce_recovery": "pytest_saecheck.assertions",
     "assert_r2_matches_legacy": "pytest_saecheck.assertions",
     "assert_no_regression": "pytest_saecheck.assertions",
+    "assert_metric_pipeline": "pytest_saecheck.checks.pipeline",
     "BaselineError": "pytest_saecheck.baselines",
     "saecheck_param": "pytest_saecheck.config",
     "SAECheckSettings": "pytest_saecheck.config",
@@ -67,6 +68,7 @@ _LAZY: dict[str, str] = {
 if TYPE_CHECKING:
     from pytest_saecheck.assertions import assert_ce_recovery, assert_no_regression, assert_r2_matches_legacy
     from pytest_saecheck.baselines import BaselineError
+    from pytest_saecheck.checks.pipeline import assert_metric_pipeline
     from pytest_saecheck.checks.tasks import Task, TaskResult, assert_task_preserved, load_task, measure_task
     from pytest_saecheck.config import SAECheckSettings, saecheck_param
     from pytest_saecheck.engine import Evaluation, EvaluationSet, TokenPolicy, evaluate
@@ -135,6 +137,7 @@ __all__ = [
     "assert_aux_loss_zero_without_dead",
     "assert_aux_residual_detached",
     "assert_ce_recovery",
+    "assert_metric_pipeline",
     "assert_no_aux_bias_double_count",
     "assert_no_regression",
     "assert_r2_matches_legacy",
