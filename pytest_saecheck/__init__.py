@@ -32,10 +32,10 @@ _LAZY: dict[str, str] = {
     "assert_r2_matches_legacy": "pytest_saecheck.assertions",
     "assert_no_regression": "pytest_saecheck.assertions",
     "assert_metric_pipeline": "pytest_saecheck.checks.pipeline",
-    "BaselineError": "pytest_saecheck.baselines",
-    "saecheck_param": "pytest_saecheck.config",
-    "SAECheckSettings": "pytest_saecheck.config",
-    "SAECheck": "pytest_saecheck.fixtures",
+    "BaselineError": "pytest_saecheck.checks.baselines",
+    "saecheck_param": "pytest_saecheck.plugin.settings",
+    "SAECheckSettings": "pytest_saecheck.plugin.settings",
+    "SAECheck": "pytest_saecheck.plugin.fixtures",
     "evaluate": "pytest_saecheck.engine",
     "Evaluation": "pytest_saecheck.engine",
     "EvaluationSet": "pytest_saecheck.engine",
@@ -45,7 +45,7 @@ _LAZY: dict[str, str] = {
     "load_tokens": "pytest_saecheck.loading",
     "ScalingLaw": "pytest_saecheck.scaling",
     "fit_scaling_law": "pytest_saecheck.scaling",
-    "fit_scaling_law_from_models": "pytest_saecheck.engine.family",
+    "fit_scaling_law_from_models": "pytest_saecheck.family",
     "load_scaling_law": "pytest_saecheck.scaling",
     "assert_no_aux_bias_double_count": "pytest_saecheck.training",
     "assert_aux_residual_detached": "pytest_saecheck.training",
@@ -67,15 +67,15 @@ _LAZY: dict[str, str] = {
 
 if TYPE_CHECKING:
     from pytest_saecheck.assertions import assert_ce_recovery, assert_no_regression, assert_r2_matches_legacy
-    from pytest_saecheck.baselines import BaselineError
+    from pytest_saecheck.checks.baselines import BaselineError
     from pytest_saecheck.checks.pipeline import assert_metric_pipeline
     from pytest_saecheck.checks.tasks import Task, TaskResult, assert_task_preserved, load_task, measure_task
-    from pytest_saecheck.config import SAECheckSettings, saecheck_param
     from pytest_saecheck.engine import Evaluation, EvaluationSet, TokenPolicy, evaluate
-    from pytest_saecheck.engine.family import fit_scaling_law_from_models
-    from pytest_saecheck.fixtures import SAECheck
+    from pytest_saecheck.family import fit_scaling_law_from_models
     from pytest_saecheck.groups import Grouping
     from pytest_saecheck.loading import load_model, load_sae, load_tokens
+    from pytest_saecheck.plugin.fixtures import SAECheck
+    from pytest_saecheck.plugin.settings import SAECheckSettings, saecheck_param
     from pytest_saecheck.scaling import ScalingLaw, fit_scaling_law, load_scaling_law
     from pytest_saecheck.training import (
         AuxLossAdapter,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from factories import HOOK, make_identity_sae, make_tiny_model, make_token_ids
 
-from pytest_saecheck import baselines
+from pytest_saecheck.checks import baselines
 from pytest_saecheck.engine import evaluate
 from pytest_saecheck.report.files import load_document
 

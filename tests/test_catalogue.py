@@ -84,7 +84,7 @@ def test_derivation_needs_every_symbol_to_be_a_metric() -> None:
 def test_the_terminal_and_the_report_show_only_catalogued_metrics() -> None:
     """Every metric a table names has its formula, scale and direction in the catalogue."""
     from pytest_saecheck.report import html
-    from pytest_saecheck.terminal import HEADLINE
+    from pytest_saecheck.report.terminal import HEADLINE
 
     shown = [*HEADLINE, *html.OVERVIEW, *html.LOSS_ROWS, *html.SCORE_ROWS, *html.R2_ROWS, *html.OTHER_ROWS]
     assert {name for name, _ in shown} <= set(catalogue.METRICS)

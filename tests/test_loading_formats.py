@@ -352,7 +352,7 @@ def test_a_missing_relative_path_names_the_absolute_path_tried(pytester: pytest.
 
 
 def test_resolve_path_spec() -> None:
-    from pytest_saecheck.config import resolve_path_spec
+    from pytest_saecheck.plugin.settings import resolve_path_spec
 
     base = Path(__file__).parent
     assert resolve_path_spec("conftest.py", base) == str(base / "conftest.py")

@@ -8,9 +8,9 @@ import weakref
 import pytest
 import torch
 
-from pytest_saecheck import session_cache as session_cache_module
 from pytest_saecheck.errors import LoadError
-from pytest_saecheck.session_cache import SessionCache
+from pytest_saecheck.plugin import session_cache as session_cache_module
+from pytest_saecheck.plugin.session_cache import SessionCache
 
 
 class Weighty(torch.nn.Module):
@@ -125,7 +125,7 @@ def test_a_run_over_several_models_holds_one_model_at_a_time(tiny_pytester: pyte
         test_models="""
         import gc, weakref
         import pytest
-        from pytest_saecheck.fixtures import session_cache
+        from pytest_saecheck.plugin.fixtures import session_cache
 
         REFS = []
 

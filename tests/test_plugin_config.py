@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from pytest_saecheck.config import SETTINGS, SAECheckSettings, SettingsUsageError, marker_kwargs
 from pytest_saecheck.errors import ConfigError, SAECheckError
+from pytest_saecheck.plugin.settings import SETTINGS, SAECheckSettings, SettingsUsageError, marker_kwargs
 from pytest_saecheck.scaling import ScalingLaw
 
 SHOW_SETTINGS = """
@@ -237,7 +237,7 @@ def fake_devices(monkeypatch: pytest.MonkeyPatch):
     """Pretend this machine has ``n`` CUDA devices (0: none); the device check's cache is cleared around it."""
     import torch
 
-    from pytest_saecheck.config import _device_problem
+    from pytest_saecheck.plugin.settings import _device_problem
 
     def set_count(n: int) -> None:
         _device_problem.cache_clear()
@@ -312,7 +312,7 @@ def test_a_markers_device_is_checked_when_its_test_starts(pytester: pytest.Pytes
 
 def test_the_device_check_keeps_the_plugin_import_torch_free() -> None:
     code = (
-        "import sys, pytest_saecheck.plugin, pytest_saecheck.config as c; "
+        "import sys, pytest_saecheck.plugin, pytest_saecheck.plugin.settings as c; "
         "c.SETTINGS_BY_NAME['device'].parse('device', 'gpu'); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -410,7 +410,7 @@ def test_saecheck_param_runs_one_case_per_sae_with_readable_ids(pytester: pytest
     pytester.makepyfile(
         """
         import pytest
-        from pytest_saecheck.config import saecheck_param
+        from pytest_saecheck.plugin.settings import saecheck_param
 
         @pytest.mark.parametrize(("min_score", "max_delta"), [
             saecheck_param("release/id", 0.9, 0.1),
@@ -437,7 +437,7 @@ def test_saecheck_param_runs_one_case_per_sae_with_readable_ids(pytester: pytest
 
 
 def test_saecheck_param_rejects_bad_keys_at_collection() -> None:
-    from pytest_saecheck.config import saecheck_param
+    from pytest_saecheck.plugin.settings import saecheck_param
 
     assert saecheck_param("demo/good").values == ("demo/good",)  # no thresholds: the value is the spec
     assert saecheck_param("demo/good", 0.9, 0.1).values == (0.9, 0.1)
@@ -508,8 +508,8 @@ def test_a_malformed_override_is_a_usage_error(
 
 
 def test_the_marker_help_names_every_setting() -> None:
-    from pytest_saecheck.config import SETTINGS
     from pytest_saecheck.plugin import MARKER_HELP
+    from pytest_saecheck.plugin.settings import SETTINGS
 
     for setting in SETTINGS:
         assert f"{setting.name}=..." in MARKER_HELP, setting.name
@@ -519,7 +519,7 @@ def test_settings_dataclass_has_one_field_per_setting_with_its_default() -> None
     """SAECheckSettings restates no default: each field's default is the one in config.SETTINGS."""
     import dataclasses
 
-    from pytest_saecheck.config import SETTINGS, SAECheckSettings
+    from pytest_saecheck.plugin.settings import SETTINGS, SAECheckSettings
 
     fields = {f.name: f for f in dataclasses.fields(SAECheckSettings) if f.name not in ("sources", "written")}
     assert list(fields) == [setting.name for setting in SETTINGS]
@@ -532,7 +532,7 @@ def test_help_texts_state_the_shared_defaults() -> None:
     """The defaults a help text names are the values used (one source each: pytest_saecheck.defaults, the
     scaling-law presets)."""
     from pytest_saecheck import defaults
-    from pytest_saecheck.config import SETTINGS_BY_NAME
+    from pytest_saecheck.plugin.settings import SETTINGS_BY_NAME
     from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS
 
     assert SETTINGS_BY_NAME["n_tokens"].default == defaults.DEFAULT_N_TOKENS

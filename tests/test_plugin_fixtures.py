@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pytest_saecheck.report.collect import build_document
-from pytest_saecheck.terminal import summary_lines
+from pytest_saecheck.report.terminal import summary_lines
 
 MARK = 'pytest.mark.saecheck(model="tiny", sae="sae_identity", tokens="tokens.npy", n_tokens=160)'
 
@@ -37,7 +37,7 @@ def test_evaluation_is_computed_once_and_shared(tiny_pytester: pytest.Pytester) 
         f"""
         import pytest
         import conftest
-        from pytest_saecheck.fixtures import session_cache
+        from pytest_saecheck.plugin.fixtures import session_cache
         pytestmark = {MARK}
 
         def test_first(saecheck):
@@ -472,9 +472,9 @@ def test_cache_keys_load_the_sae_once_per_run(monkeypatch: pytest.MonkeyPatch) -
     settings loads no SAE."""
     import dataclasses
 
-    from pytest_saecheck.config import SAECheckSettings
-    from pytest_saecheck.fixtures import ResolvedSpecs, SAECheck
-    from pytest_saecheck.session_cache import SessionCache
+    from pytest_saecheck.plugin.fixtures import ResolvedSpecs, SAECheck
+    from pytest_saecheck.plugin.session_cache import SessionCache
+    from pytest_saecheck.plugin.settings import SAECheckSettings
 
     loads = _counting_sae_loader(monkeypatch)
     cache = SessionCache()
@@ -503,10 +503,10 @@ def test_cache_keys_load_the_sae_once_per_run(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_explicit_specs_still_need_the_sae_config_only_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_saecheck.config import FrozenKwargs, SAECheckSettings
     from pytest_saecheck.errors import ConfigError
-    from pytest_saecheck.fixtures import SAECheck
-    from pytest_saecheck.session_cache import SessionCache
+    from pytest_saecheck.plugin.fixtures import SAECheck
+    from pytest_saecheck.plugin.session_cache import SessionCache
+    from pytest_saecheck.plugin.settings import FrozenKwargs, SAECheckSettings
 
     loads = _counting_sae_loader(monkeypatch)
     settings = SAECheckSettings(

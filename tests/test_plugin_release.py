@@ -10,7 +10,7 @@ SEVERAL = """
     import pytest
     import conftest
     from pytest_saecheck import saecheck_param, evaluate
-    from pytest_saecheck.fixtures import session_cache
+    from pytest_saecheck.plugin.fixtures import session_cache
 
     pytestmark = pytest.mark.saecheck(model="tiny", tokens="tokens.npy", n_tokens=160{extra})
 
@@ -159,7 +159,7 @@ PLACED = """
     import json, os
     import pytest
     from pytest_saecheck import saecheck_param
-    from pytest_saecheck.fixtures import session_cache
+    from pytest_saecheck.plugin.fixtures import session_cache
 
     pytestmark = pytest.mark.saecheck(model="tiny", tokens="tokens.npy", n_tokens=160{extra})
 
@@ -235,7 +235,7 @@ def test_an_explicit_dist_mode_is_left_to_xdist(release_pytester: pytest.Pyteste
 
 def test_the_scheduler_groups_only_saecheck_suffixes() -> None:
     pytest.importorskip("xdist")
-    from pytest_saecheck.xdist_scheduling import group_of, without_group
+    from pytest_saecheck.plugin.xdist import group_of, without_group
 
     assert group_of("t.py::test[a]@saecheck-release-1a2b3c4d") == "saecheck-release-1a2b3c4d"
     assert without_group("t.py::test[a]@saecheck-release-1a2b3c4d") == "t.py::test[a]"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_saecheck.checks.messages import column_format
+from pytest_saecheck.messages import column_format
 from pytest_saecheck.report import charts
 from pytest_saecheck.report.__main__ import main
 from pytest_saecheck.report.collect import build_document
@@ -25,7 +25,7 @@ from pytest_saecheck.report.sample import (
     subject,
 )
 from pytest_saecheck.report.schema import validate
-from pytest_saecheck.terminal import summary_lines
+from pytest_saecheck.report.terminal import summary_lines
 
 
 def xfail_reports(label: str = "demo/variance_only") -> list[FakeReport]:

@@ -17,7 +17,7 @@ from pytest_saecheck.report.display import row_labels
 from pytest_saecheck.report.html import render_html
 from pytest_saecheck.report.sample import FakeReport, ce_assertion, evaluation_record
 from pytest_saecheck.report.schema import comparable, validate
-from pytest_saecheck.terminal import summary_lines
+from pytest_saecheck.report.terminal import summary_lines
 
 LABEL = "demo/good"
 

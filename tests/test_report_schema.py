@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_saecheck.report import gpu
+from pytest_saecheck.files import write_atomic
+from pytest_saecheck.plugin import gpu
 from pytest_saecheck.report.__main__ import main
 from pytest_saecheck.report.collect import build_document, latent_density_histogram
-from pytest_saecheck.report.files import dumps, load_document, write_atomic
+from pytest_saecheck.report.files import dumps, load_document
 from pytest_saecheck.report.html import render_html, worst_first
 from pytest_saecheck.report.merge import merge_documents
 from pytest_saecheck.report.sample import FakeReport, evaluation_record, sae_test_reports, sample_reports

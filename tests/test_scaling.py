@@ -13,9 +13,9 @@ import pytest
 
 from pytest_saecheck import fit_scaling_law, load_scaling_law
 from pytest_saecheck.assertions import assert_ce_recovery
-from pytest_saecheck.config import _scaling_law
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.metrics import compute_fraction, compute_fraction_by_preset
+from pytest_saecheck.plugin.settings import _scaling_law
 from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS, ScalingLaw, as_scaling_law, given_law
 
 MARK = 'pytest.mark.saecheck(model="tiny", sae="sae_random", tokens="tokens.npy", n_tokens=160)'
@@ -187,7 +187,7 @@ def test_gating_compute_fraction_on_the_unfitted_default_is_refused():
 
 def test_the_scaling_module_imports_no_numpy():
     code = (
-        "import sys; import pytest_saecheck.scaling, pytest_saecheck.config; "
+        "import sys; import pytest_saecheck.scaling, pytest_saecheck.plugin.settings; "
         "print(sorted(m for m in ('numpy', 'scipy', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -257,7 +257,7 @@ def test_a_family_fit_scores_each_model_as_evaluate_does():
     from factories import make_engine_model, make_tokens, random_sae
 
     from pytest_saecheck import evaluate, fit_scaling_law_from_models
-    from pytest_saecheck.engine.family import model_loss
+    from pytest_saecheck.family import model_loss
 
     tokens = make_tokens(6)
     models = [make_engine_model(seed=seed) for seed in range(4)]
@@ -284,7 +284,7 @@ def test_a_family_fit_needs_training_tokens_unless_the_suite_is_known():
     from factories import make_engine_model, make_tokens
 
     from pytest_saecheck import fit_scaling_law_from_models
-    from pytest_saecheck.engine.family import known_train_tokens
+    from pytest_saecheck.family import known_train_tokens
 
     assert known_train_tokens("EleutherAI/pythia-70m-deduped") == 299_892_736_000
     assert known_train_tokens("gpt2-small") is None
@@ -402,9 +402,9 @@ def test_the_shipped_demo_fit_is_the_fit_of_its_shipped_points():
     ],
 )
 def test_the_demo_model_defaults_to_its_family_law(sae, model, law, source, expected):
-    from pytest_saecheck.config import SAECheckSettings
-    from pytest_saecheck.fixtures import SAECheck
-    from pytest_saecheck.session_cache import SessionCache
+    from pytest_saecheck.plugin.fixtures import SAECheck
+    from pytest_saecheck.plugin.session_cache import SessionCache
+    from pytest_saecheck.plugin.settings import SAECheckSettings
 
     settings = SAECheckSettings(sae=sae, model=model, scaling_law=law, sources={"scaling_law": source})
     chosen = SAECheck(settings, "cpu", SessionCache()).scaling_law

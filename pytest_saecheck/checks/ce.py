@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 from pytest_saecheck import catalogue
-from pytest_saecheck.checks.messages import fmt, fmt_interval, table
 from pytest_saecheck.checks.workflow import (
     CheckOutcome,
     Subject,
@@ -23,6 +22,7 @@ from pytest_saecheck.checks.workflow import (
 )
 from pytest_saecheck.defaults import INTERVAL_LEVEL as DISPLAY_LEVEL
 from pytest_saecheck.errors import ConfigError
+from pytest_saecheck.messages import fmt, fmt_interval, table
 
 #: The metrics ``assert_ce_recovery`` gates (see the catalogue for their formulas and directions).
 CE_METRICS: tuple[str, ...] = (

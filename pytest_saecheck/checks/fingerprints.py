@@ -39,10 +39,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_saecheck.checks.messages import fmt, table
 from pytest_saecheck.checks.workflow import CheckOutcome, Subject, conclude, finite_number, number_or_nan
 from pytest_saecheck.checks.workflow import subject_of as _unwrap
 from pytest_saecheck.errors import ConfigError
+from pytest_saecheck.messages import fmt, table
 
 ASSERTION = "assert_r2_matches_legacy"
 

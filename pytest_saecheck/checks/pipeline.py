@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_saecheck.checks import messages
+from pytest_saecheck import messages
 from pytest_saecheck.checks import pipeline_adapters as adapters
 from pytest_saecheck.checks import pipeline_subjects as subjects
 from pytest_saecheck.checks.workflow import CheckOutcome, conclude, finite_number

@@ -1,7 +1,7 @@
 """``assert_no_regression``: the SAE's metrics against its recorded baseline (paired bootstrap intervals).
 
 It follows the one check workflow (:mod:`pytest_saecheck.checks.workflow`): validate the arguments, find the
-baseline (:mod:`pytest_saecheck.baselines`), compare, build a :class:`CheckOutcome`, :func:`conclude`. Metric
+baseline (:mod:`pytest_saecheck.checks.baselines`), compare, build a :class:`CheckOutcome`, :func:`conclude`. Metric
 directions come from the metric catalogue (:mod:`pytest_saecheck.catalogue`).
 """
 
@@ -11,12 +11,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_saecheck import baselines, catalogue, records
-from pytest_saecheck.baselines import DEFAULT_METRICS
-from pytest_saecheck.checks.messages import fmt, fmt_interval, fmt_significant, table
+from pytest_saecheck import catalogue, records
+from pytest_saecheck.checks import baselines
+from pytest_saecheck.checks.baselines import DEFAULT_METRICS
 from pytest_saecheck.checks.workflow import CheckOutcome, Subject, conclude, confidence_level, subject_of
 from pytest_saecheck.defaults import INTERVAL_LEVEL as DISPLAY_LEVEL
 from pytest_saecheck.errors import ConfigError
+from pytest_saecheck.messages import fmt, fmt_interval, fmt_significant, table
 
 ASSERTION = "assert_no_regression"
 
@@ -62,7 +63,7 @@ def assert_no_regression(
     *regressed* when the whole interval lies on the worse side (by the metric catalogue's ``higher_is_better``)
     beyond ``tol`` (in the metric's own units: nats/token for ``delta_ce`` and ``kl_sae``, latents per token for
     ``l0``; a number for every metric, or a mapping metric → number; default: a numerical noise floor of
-    0.1% of the baseline value + 1e-5, :func:`pytest_saecheck.baselines.default_tolerance`). It *improved* when
+    0.1% of the baseline value + 1e-5, :func:`pytest_saecheck.checks.baselines.default_tolerance`). It *improved* when
     the whole interval lies on the better side. A metric undefined on one side fails. ``baseline`` names another
     SAE (its spec as written in the marker, e.g. ``"demo/good"``) whose baseline to compare with, for a retrained
     or candidate SAE judged against the released one.

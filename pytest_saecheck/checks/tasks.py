@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_saecheck.checks import messages
+from pytest_saecheck import messages
 from pytest_saecheck.checks.workflow import (
     CheckOutcome,
     conclude,

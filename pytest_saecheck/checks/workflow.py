@@ -15,8 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_saecheck import records
-from pytest_saecheck.checks import messages
+from pytest_saecheck import messages, records
 from pytest_saecheck.errors import ConfigError, SAECheckError
 
 

@@ -549,9 +549,9 @@ def _family_point(
     name: str, model: HookedTransformer, shape: dict[str, int], train_tokens: int, eval_tokens: torch.Tensor
 ) -> dict[str, Any]:
     """A member's record: shape, N (every parameter, embeddings included), D, compute 6ND (FLOPs) and its
-    held-out loss measured as an evaluation measures ``ce_orig`` (:func:`pytest_saecheck.engine.family.model_loss`
+    held-out loss measured as an evaluation measures ``ce_orig`` (:func:`pytest_saecheck.family.model_loss`
     with the default token policy)."""
-    from pytest_saecheck.engine.family import model_loss
+    from pytest_saecheck.family import model_loss
 
     n_params = int(sum(p.numel() for p in model.parameters()))
     return {

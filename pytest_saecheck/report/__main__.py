@@ -68,7 +68,8 @@ def _repeated(paths: Sequence[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pytest_saecheck.report.files import dumps, load_document, write_atomic
+    from pytest_saecheck.files import write_atomic
+    from pytest_saecheck.report.files import dumps, load_document
     from pytest_saecheck.report.merge import merge_documents
 
     arguments = _parser().parse_args(argv)

@@ -13,7 +13,7 @@ from html import escape
 
 from markupsafe import Markup
 
-from pytest_saecheck.checks.messages import fmt_tick
+from pytest_saecheck.messages import fmt_tick
 from pytest_saecheck.scaling import ScalingLaw
 
 PALETTE = {

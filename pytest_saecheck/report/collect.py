@@ -9,7 +9,7 @@ test report as ``report.saecheck_records``, and :class:`Collector` reads them ba
 worker) and :meth:`Collector.document` builds the document in a canonical order: tests sorted by node id,
 phases in order. The first evaluation record of an SAE in that order supplies its numbers, so a serial run and
 an ``-n N`` run choose the same one. Every renderer reads that document: the JSON file, the HTML page and the
-terminal table (:mod:`pytest_saecheck.terminal`). Records are read defensively: a missing field becomes ``None``.
+terminal table (:mod:`pytest_saecheck.report.terminal`). Records are read defensively: a missing field becomes ``None``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from typing import Any
 
 from pytest_saecheck import records as _records
+from pytest_saecheck.files import package_version
 from pytest_saecheck.records import AssertionRecord, EvaluationRecord, Record
 from pytest_saecheck.report.schema import (
     SCHEMA_ID,
@@ -73,13 +73,6 @@ HISTOGRAM_FLOOR = -10.0
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def environment() -> dict[str, Any]:

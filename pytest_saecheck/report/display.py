@@ -1,6 +1,6 @@
 """How the terminal table and the HTML report show outcome counts and SAE names (one home for both).
 
-Numbers are formatted by :mod:`pytest_saecheck.checks.messages` (``column_format``). Pure Python: imported by
+Numbers are formatted by :mod:`pytest_saecheck.messages` (``column_format``). Pure Python: imported by
 the plugin's terminal summary, so it imports neither torch nor jinja2.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pytest_saecheck.config import short_id
+from pytest_saecheck.naming import short_id
 from pytest_saecheck.report.schema import OUTCOMES
 
 

@@ -2,39 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from pytest_saecheck.report.schema import json_safe, validate
-
-
-def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part.
-
-    The text goes to a temporary file in the same directory (same file system), is flushed to disk, and
-    replaces ``path`` in one ``os.replace``. If anything fails (or the process is killed) before that, ``path``
-    is untouched and the temporary file is removed (or, after a kill, left as a hidden ``.*.tmp`` file).
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        with contextlib.suppress(OSError):
-            os.chmod(temporary, 0o644)
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    return target
 
 
 def dumps(document: Any) -> str:

@@ -17,16 +17,16 @@ import jinja2
 from markupsafe import Markup
 
 from pytest_saecheck import catalogue
-from pytest_saecheck.checks.messages import (
+from pytest_saecheck.defaults import INTERVAL_LEVEL as DEFAULT_INTERVAL_LEVEL
+from pytest_saecheck.errors import ConfigError
+from pytest_saecheck.messages import (
     NOT_AVAILABLE,
     column_format,
     fmt_interval,
     fmt_readable,
     fmt_threshold,
 )
-from pytest_saecheck.config import short_id
-from pytest_saecheck.defaults import INTERVAL_LEVEL as DEFAULT_INTERVAL_LEVEL
-from pytest_saecheck.errors import ConfigError
+from pytest_saecheck.naming import short_id
 from pytest_saecheck.report import charts
 from pytest_saecheck.report.display import outcome_counts, row_labels
 from pytest_saecheck.report.schema import STATUSES

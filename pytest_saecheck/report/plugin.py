@@ -7,8 +7,6 @@
   ``pytest_sessionfinish``: also when tests fail or error, and when the run is interrupted (the document then
   says ``"interrupted": true``). Each file is written atomically (temporary file + ``os.replace``). A run that
   executes no test (``--collect-only``, ``-k`` matching nothing) writes nothing, so the last report stays.
-- Under xdist with several GPUs visible, each worker is pinned to its own GPU (``CUDA_VISIBLE_DEVICES``)
-  before CUDA initialises; ``--saecheck-no-gpu-pinning`` turns this off.
 - Extension hooks: :mod:`pytest_saecheck.report.hookspecs`.
 
 The core plugin imports this module from its ``pytest_addhooks``; ``-p pytest_saecheck.report.plugin`` also
@@ -18,15 +16,14 @@ registered once per run). Imports no torch, and no jinja2 until a report is rend
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pytest_saecheck.files import option_path
 from pytest_saecheck.report import hookspecs
-from pytest_saecheck.report.gpu import pin_worker_gpu
 
 WRITER_NAME = "saecheck-report-writer"
 _HOOK_NAMES = ("pytest_saecheck_json_fields", "pytest_saecheck_report_sections")
@@ -54,13 +51,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="write a self-contained HTML report of every SAE checked to PATH",
     )
-    group.addoption(
-        "--saecheck-no-gpu-pinning",
-        dest="saecheck_no_gpu_pinning",
-        action="store_true",
-        default=False,
-        help="under pytest-xdist, do not pin each worker to its own GPU (pinned by default when several are visible)",
-    )
     parser.addini(
         "saecheck_json", help="default for --saecheck-json (relative to the ini file)", default=None
     )
@@ -69,41 +59,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def _pin(config: pytest.Config, namespace: Any) -> None:
-    if not getattr(namespace, "saecheck_no_gpu_pinning", False):
-        pin_worker_gpu()
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_load_initial_conftests(
-    early_config: pytest.Config, parser: pytest.Parser, args: list[str]
-) -> None:
-    """Pin before conftest files are imported, in case one imports torch and touches CUDA."""
-    _pin(early_config, early_config.known_args_namespace)
-
-
-def _path(config: pytest.Config, option: str) -> Path | None:
-    value = config.getoption(option, default=None)
-    if value:
-        return Path(config.invocation_params.dir, os.path.expanduser(str(value)))
-    try:
-        ini = config.getini(option)
-    except ValueError:
-        return None
-    if isinstance(ini, list):
-        ini = " ".join(ini)
-    if not ini or not str(ini).strip():
-        return None
-    base = config.inipath.parent if config.inipath is not None else config.rootpath
-    return Path(base, os.path.expanduser(str(ini).strip()))
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    _pin(config, config.option)  # no-op when already pinned at start-up
     if hasattr(config, "workerinput"):  # an xdist worker: the controller writes the files
         return
-    json_path, html_path = _path(config, "saecheck_json"), _path(config, "saecheck_report")
+    json_path, html_path = option_path(config, "saecheck_json"), option_path(config, "saecheck_report")
     if json_path is None and html_path is None:
         return
     if not config.pluginmanager.has_plugin(WRITER_NAME):
@@ -194,7 +154,8 @@ class ReportWriter:
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        from pytest_saecheck.report.files import dumps, write_atomic
+        from pytest_saecheck.files import write_atomic
+        from pytest_saecheck.report.files import dumps
 
         if not self.ran_tests():  # --collect-only, or -k matching nothing: keep the last real report
             return

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from pytest_saecheck.checks.messages import fmt
 from pytest_saecheck.defaults import INTERVAL_LEVEL
+from pytest_saecheck.messages import fmt
 from pytest_saecheck.metrics import metrics_from_sums
 from pytest_saecheck.scaling import DEFAULT_LAW
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from pytest_saecheck.checks.messages import INDENT, fmt_exact, table
 from pytest_saecheck.checks.workflow import CheckOutcome, conclude
 from pytest_saecheck.errors import ConfigError, TrainingCheckError
+from pytest_saecheck.messages import INDENT, fmt_exact, table
 from pytest_saecheck.training.reference import (
     check_tolerances,
     close,

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
-from pytest_saecheck import baselines, loading, records
-from pytest_saecheck.config import FrozenKwargs, SAECheckSettings, resolve_for_item
+from pytest_saecheck import loading, records
+from pytest_saecheck.checks import baselines
 from pytest_saecheck.defaults import DEFAULT_CONTEXT_SIZE, INTERVAL_LEVEL
 from pytest_saecheck.devices import auto_device
 from pytest_saecheck.errors import ConfigError, SAECheckError, WeightsUnavailableError
-from pytest_saecheck.session_cache import SessionCache
+from pytest_saecheck.plugin.session_cache import SessionCache
+from pytest_saecheck.plugin.settings import FrozenKwargs, SAECheckSettings, resolve_for_item
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -256,7 +257,7 @@ class SAECheck:
     # -- cache keys --------------------------------------------------------------------------------------
 
     def _model_key(self) -> Hashable:
-        return (self.model_spec, self.device, self.dtype, self.specs.model_from_pretrained_kwargs)
+        return (self.model_spec, self.device, self.dtype, FrozenKwargs(self.model_from_pretrained_kwargs))
 
     def _sae_key(self, spec: str | None = None) -> Hashable:
         return (spec or self.sae_specs, self.device, self.dtype, self.settings.hook_name)

@@ -1,4 +1,4 @@
-"""Terminal output: the header line and the end-of-run table of every SAE checked.
+"""Terminal output: the end-of-run table of every SAE checked (the third renderer beside JSON and HTML).
 
 The table is rendered from the run's result document (:mod:`pytest_saecheck.report.collect` gathers the records
 that ride on the test reports, on the xdist controller too), as the JSON file and the HTML page are. Imports no
@@ -7,16 +7,11 @@ torch.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from typing import Any
 
-import pytest
-
-from pytest_saecheck.checks.messages import column_format, fmt_significant, table
-from pytest_saecheck.config import SETTINGS, resolve, short_id
-from pytest_saecheck.report.collect import Collector
+from pytest_saecheck.messages import column_format, fmt_significant, table
+from pytest_saecheck.naming import short_id
 from pytest_saecheck.report.display import outcome_counts, row_labels
 
 HEADLINE = (
@@ -26,52 +21,6 @@ HEADLINE = (
     ("explained_variance", "R²"),
     ("l0", "L0"),
 )
-
-
-def _version(distribution: str) -> str:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def header_lines(config: pytest.Config) -> list[str]:
-    """``saecheck: device=..., versions, defaults``, resolved from the command line and ini (markers excluded)."""
-    settings = resolve(config)
-    if settings.device is not None:
-        device = f"{settings.device} ({settings.sources.get('device')})"
-    elif "torch" in sys.modules:
-        torch = sys.modules["torch"]
-        device = ("cuda" if torch.cuda.is_available() else "cpu") + " (auto)"
-    else:
-        device = "auto: cuda when available, else cpu"
-    versions = ", ".join(
-        f"{name} {_version(name)}" for name in ("pytest-saecheck", "torch", "transformer-lens", "sae-lens")
-    )
-    defaults = ", ".join(
-        f"{setting.name}={_show(getattr(settings, setting.name), setting.name)}"
-        for setting in SETTINGS
-        if setting.name != "device"
-    )
-    return [f"saecheck: device={device}; {versions}", f"saecheck defaults: {defaults}"]
-
-
-def _show(value: Any, name: str) -> str:
-    if value is None:
-        return {
-            "context_size": "from SAE",
-            "dtype": "float32",
-            "tokens": "SAE's dataset",
-            "scaling_law": "none",
-            "activation_scaler": "auto",
-        }.get(name, "-")
-    if isinstance(value, bool):
-        return str(value).lower()
-    if name == "scaling_law":
-        return value.spec + ("" if value.fitted else " (not fitted)")
-    if isinstance(value, tuple):
-        return ",".join(map(str, value)) or "none"
-    return str(value)
 
 
 def summary_lines(document: Mapping[str, Any]) -> list[str]:
@@ -125,31 +74,3 @@ def _compute_law_notes(labels: Sequence[str], saes: Sequence[Mapping[str, Any]])
 
 def _short(spec: str | None) -> str:
     return "-" if spec is None else short_id(spec)
-
-
-class SummaryReporter:
-    """Per-run plugin object: collects the reports (on the xdist controller) and prints the table at the end.
-
-    It holds a :class:`~pytest_saecheck.report.collect.Collector`, the one collector of the run's records, and
-    renders the table from its finalised document (:func:`summary_lines`).
-    """
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self.collector = Collector.for_config(config)
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.collector.add_report(report)
-
-    def lines(self) -> list[str]:
-        return summary_lines(self.collector.document(environment_info={}))
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if hasattr(self.config, "workerinput"):  # xdist worker: the controller prints the table
-            return
-        lines = self.lines()
-        if not lines:
-            return
-        terminalreporter.write_sep("=", "saecheck summary")
-        for line in lines:
-            terminalreporter.write_line(line)

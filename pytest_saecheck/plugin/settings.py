@@ -30,6 +30,7 @@ import pytest
 
 from pytest_saecheck.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CONTEXT_SIZE, DEFAULT_N_TOKENS
 from pytest_saecheck.errors import ConfigError
+from pytest_saecheck.naming import short_id
 from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS, ScalingLaw, as_scaling_law
 
 MARKER = "saecheck"
@@ -813,21 +814,6 @@ def shadowed_options(config: pytest.Config, markers: Iterable[pytest.Mark]) -> d
         if differs:
             shadowed[name] = (option, marked)
     return shadowed
-
-
-def short_id(spec: str) -> str:
-    """A short name for a model, SAE or token spec in test ids and tables: a local path's last component.
-
-    A spec that is a path (absolute, ``./``, ``../``, ``~``, or an existing file or directory) becomes its last
-    component (``/data/runs/run-42/`` -> ``run-42``); anything else (``gpt2``, ``release/id``, ``hf:...``,
-    ``demo/good``) is returned as it is.
-    """
-    text = str(spec)
-    path = os.path.expanduser(text)
-    path_like = os.path.isabs(path) or text.startswith(("./", "../", ".\\", "..\\", "~"))
-    if not path_like and not os.path.exists(path):
-        return text
-    return os.path.basename(os.path.normpath(path)) or text
 
 
 def saecheck_param(sae: str | os.PathLike[str], *values: Any, id: str | None = None, **settings: Any) -> Any:

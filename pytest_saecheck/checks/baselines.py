@@ -87,7 +87,7 @@ def add_options(parser: pytest.Parser) -> None:
 def baseline_dir(config: pytest.Config) -> Path | None:
     """The baseline directory: the option (relative to the invocation directory), else the ini key (relative to
     the ini file), else None."""
-    from pytest_saecheck.report.plugin import _path
+    from pytest_saecheck.files import option_path as _path
 
     return _path(config, "saecheck_baseline_dir")
 
@@ -125,7 +125,7 @@ def baseline_key(subject: Mapping[str, Any], hook_name: str | None) -> str:
     """The file stem of an SAE's baseline: a readable slug of its spec and a hash of (SAE spec, model spec, hook
     setting), all as written. Device, dtype and tokens are not part of it: a baseline recorded on a CPU is
     compared with a GPU run, and other tokens are an error, not a missing baseline."""
-    from pytest_saecheck.config import short_id
+    from pytest_saecheck.naming import short_id
 
     sae = str(subject.get("sae") or "none")
     identity = json.dumps([sae, subject.get("model"), hook_name], sort_keys=True)
@@ -191,7 +191,7 @@ def _expanded(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def versions() -> dict[str, str | None]:
-    from pytest_saecheck.report.collect import package_version
+    from pytest_saecheck.files import package_version
 
     return {name: package_version(name) for name in _VERSIONED_PACKAGES}
 
@@ -532,7 +532,7 @@ class BaselineWriter:
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        from pytest_saecheck.report.files import write_atomic
+        from pytest_saecheck.files import write_atomic
 
         for key in sorted(self.documents):
             found = sorted(self.documents[key], key=lambda pair: pair[0])

@@ -1,9 +1,10 @@
-"""Pin each pytest-xdist worker to its own GPU, before CUDA initialises.
+"""Pin each pytest-xdist worker to its own GPU, before CUDA initialises (a pytest plugin module).
 
 Worker ``gwK`` gets the (K mod G)-th of the G visible GPUs by narrowing ``CUDA_VISIBLE_DEVICES`` to that one
 GPU; CUDA reads the variable when it initialises, so this must run before anything touches CUDA. GPUs are
 counted without initialising CUDA: from ``CUDA_VISIBLE_DEVICES`` when it is set, else from ``nvidia-smi -L``.
-With one GPU or none, nothing changes. Imports no torch.
+With one GPU or none, nothing changes. ``--saecheck-no-gpu-pinning`` turns this off. Registered by the core
+plugin from its ``pytest_addhooks``. Imports no torch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import pytest
 
 WORKER_ENV = "PYTEST_XDIST_WORKER"
 DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
@@ -100,3 +104,32 @@ def pin_worker_gpu(
         return None
     env[DEVICES_ENV] = chosen
     return chosen
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("saecheck", "sparse autoencoder acceptance tests (pytest-saecheck)")
+    group.addoption(
+        "--saecheck-no-gpu-pinning",
+        dest="saecheck_no_gpu_pinning",
+        action="store_true",
+        default=False,
+        help="under pytest-xdist, do not pin each worker to its own GPU (pinned by default when several are visible)",
+    )
+
+
+def _pin(config: pytest.Config, namespace: Any) -> None:
+    if not getattr(namespace, "saecheck_no_gpu_pinning", False):
+        pin_worker_gpu()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(
+    early_config: pytest.Config, parser: pytest.Parser, args: list[str]
+) -> None:
+    """Pin before conftest files are imported, in case one imports torch and touches CUDA."""
+    _pin(early_config, early_config.known_args_namespace)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    _pin(config, config.option)  # no-op when already pinned at start-up

@@ -23,10 +23,11 @@ import _pytest
 import pluggy
 import pytest
 
-from pytest_saecheck import baselines, hookspecs, records
-from pytest_saecheck import config as settings_config
+from pytest_saecheck import hookspecs, records
+from pytest_saecheck.checks import baselines
 from pytest_saecheck.errors import ConfigError, SAECheckError
-from pytest_saecheck.fixtures import (
+from pytest_saecheck.plugin import settings as settings_config
+from pytest_saecheck.plugin.fixtures import (
     CACHE_KEY,
     plan_release_groups,
     release_group_key,
@@ -37,7 +38,7 @@ from pytest_saecheck.fixtures import (
     saecheck_settings,
     saecheck_tokens,
 )
-from pytest_saecheck.terminal import SummaryReporter, header_lines
+from pytest_saecheck.plugin.terminal import SummaryReporter, header_lines
 
 __all__ = [
     "saecheck",
@@ -60,8 +61,9 @@ MARKER_HELP = (
     "override --saecheck-* options and saecheck_* ini keys (only --saecheck-override NAME=VALUE overrides markers)"
 )
 # frames hidden from an SAECheckError's traceback: this package's, and pytest's and pluggy's around them
-HIDDEN_DIRS = tuple(
-    Path(module.__file__).resolve().parent for module in (settings_config, _pytest, pluggy) if module.__file__
+HIDDEN_DIRS = (
+    Path(__file__).resolve().parent.parent,
+    *(Path(module.__file__).resolve().parent for module in (_pytest, pluggy) if module.__file__),
 )
 #: The fixtures that load an SAE: tests using one of them are grouped per SAE under pytest-xdist.
 SAE_FIXTURES = frozenset({"saecheck", "saecheck_sae", "saecheck_model", "saecheck_tokens"})
@@ -76,6 +78,7 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     # The report plugin has its own options (pytest_addoption is historic, so they still register) and
     # hookspecs; importing it here keeps `-p no:saecheck` disabling everything.
     pluginmanager.import_plugin("pytest_saecheck.report.plugin")
+    pluginmanager.import_plugin("pytest_saecheck.plugin.gpu")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -90,7 +93,9 @@ def pytest_configure(config: pytest.Config) -> None:
     hookspecs.set_active_hook(config.hook)
     config.pluginmanager.register(SummaryReporter(config), "saecheck-summary")
     if config.pluginmanager.hasplugin("xdist") and not config.pluginmanager.hasplugin("saecheck-xdist"):
-        from pytest_saecheck import xdist_scheduling  # imports pytest-xdist, which is installed and active
+        from pytest_saecheck.plugin import (
+            xdist as xdist_scheduling,  # imports pytest-xdist, which is installed and active
+        )
 
         config.pluginmanager.register(xdist_scheduling, "saecheck-xdist")
     baselines.configure(config)
