@@ -198,6 +198,8 @@ class SAECheck:
 
     @property
     def model_spec(self) -> str:
+        if self.settings.model is not None:  # given: no need to read the SAE's config
+            return self.settings.model
         specs = self.specs
         if specs.model is None:
             raise ConfigError(specs.model_problem or _NO_MODEL)
@@ -205,6 +207,8 @@ class SAECheck:
 
     @property
     def token_source(self) -> str:
+        if self.settings.tokens is not None:
+            return self.settings.tokens
         specs = self.specs
         if specs.tokens is None:
             raise ConfigError(specs.tokens_problem or _NO_SAE)
