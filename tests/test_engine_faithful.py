@@ -476,3 +476,30 @@ def test_new_user_errors_name_the_problem(model):
             activation_scaler=3.0,
             progress=False,
         )
+
+
+def test_a_ratio_score_whose_denominator_is_resolved_negative_is_undefined():
+    """Found by a new user: English text on the demo model (half its tokens <unk>) gave ce_loss_score 2.25,
+    because zero ablation lowered the loss (L_zero < L_orig). A negative denominator makes no recovery fraction."""
+    import numpy as np
+
+    from pytest_saecheck.engine.run import unresolved_ratios
+
+    rng = np.random.default_rng(0)
+    n = 16
+    per_sequence = {
+        "n_ce": np.full(n, 100.0),
+        "ce_sum_orig": 880.0 + rng.normal(0, 5, n),
+        "ce_sum_zero": 820.0 + rng.normal(0, 5, n),  # ablation is better by ~0.6 nats/token, well resolved
+        "ce_sum_sae": 850.0 + rng.normal(0, 5, n),
+        "n_kl": np.full(n, 100.0),
+        "kl_sum_zero": 30.0 + rng.normal(0, 1, n),
+    }
+    totals = {key: np.asarray(values.sum()) for key, values in per_sequence.items()}
+    reasons = unresolved_ratios(per_sequence, totals)
+    assert "is negative on this data" in reasons["ce_loss_score"]
+    assert "kl_div_score" not in reasons  # a positive, resolved denominator stays defined
+    resolved = {**per_sequence, "ce_sum_zero": 980.0 + rng.normal(0, 5, n)}
+    assert "ce_loss_score" not in unresolved_ratios(
+        resolved, {k: np.asarray(v.sum()) for k, v in resolved.items()}
+    )

@@ -330,6 +330,8 @@ def test_provenance_fields_and_arguments() -> None:
     pair = {"explained_variance": 0.93, "explained_variance_legacy": 0.90}
     assert_r2_matches_legacy(pair)
     assert_r2_matches_legacy({**pair, "eval_cfg": {"library_version": "6.54.12"}})
+    with pytest.raises(ConfigError, match="no valid version after '=='"):  # found by a new user: it passed
+        assert_r2_matches_legacy(pair, producer="sae_lens==banana")
     message = message_of({**pair, "eval_cfg": {"library_version": "6.44.0"}})
     assert "producer: SAE Lens 6.44.0" in message
     assert "collapsed" in message_of(pair, producer="sae_bench==0.6.0")

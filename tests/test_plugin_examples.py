@@ -6,6 +6,7 @@ Runs in-process (pytester) with few tokens. Skipped until the demo assets exist.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -89,13 +90,21 @@ def test_examples_pass_and_xfail_as_documented(examples: pytest.Pytester) -> Non
         **{f"test_variance_only_capabilities[{name}]": LOST.get(name, "PASSED") for name in CONSTRUCTS},
     }, result.stdout.str()[-6000:]
     result.stdout.fnmatch_lines(
-        ["*= saecheck summary =*", "demo/good * 16 passed", "demo/variance_only * 7 passed, 7 xfailed"]
+        [
+            "*= saecheck summary =*",
+            "demo/good (token_groups=demo_constructs) * 8 passed",
+            "demo/good (token_groups=None) * 8 passed",
+            "demo/variance_only (token_groups=None) * 3 passed, 3 xfailed",
+            "demo/variance_only (token_groups=demo_constructs) * 4 passed, 4 xfailed",
+        ]
     )
     # the main job's JSON carries the demo's token groups and downstream tasks
     document = json.loads((examples.path / "result.json").read_text())
-    saes = {sae["label"]: sae for sae in document["saes"]}
+    # an evaluation with a token grouping is its own entry (the grouping distinguishes it), with its groups
+    grouped = {sae["label"]: sae for sae in document["saes"] if sae["grouping"] is not None}
+    assert all(sae["groups"] is None for sae in document["saes"] if sae["grouping"] is None)
     for label in ("demo/good", "demo/variance_only"):
-        sae = saes[label]
+        sae = grouped[label]
         assert sae["grouping"] == "demo_constructs"
         groups = {group["name"]: group for group in sae["groups"]}
         assert list(groups) == list(CONSTRUCTS)
@@ -108,7 +117,7 @@ def test_examples_pass_and_xfail_as_documented(examples: pytest.Pytester) -> Non
         tasks = {task["name"]: task for task in sae["tasks"]}
         assert sorted(tasks) == sorted(CONSTRUCTS)
         assert all(task["n_prompts"] == 64 and task["accuracy_orig"] > 0.9 for task in tasks.values())
-    good, lossy = saes["demo/good"], saes["demo/variance_only"]
+    good, lossy = grouped["demo/good"], grouped["demo/variance_only"]
     assert all(task["outcome"] == "passed" for task in good["tasks"])
     assert {task["name"] for task in lossy["tasks"] if task["outcome"] == "failed"} == set(LOST)
     assert max(g["metrics"]["delta_ce"] for g in lossy["groups"]) == next(
@@ -124,7 +133,7 @@ def test_examples_pass_and_xfail_as_documented(examples: pytest.Pytester) -> Non
     assert section.count("<svg") == 1 and "compute scaling law, with each SAE" in section
     assert f"demo (E={law.irreducible:.4g}, gamma={law.gamma:.4g}; fitted for this model family" in section
     for name in ("good", "variance_only"):  # the SAEs the examples test
-        assert f"demo/{name}: L_orig" in section, name
+        assert re.search(rf"demo/{name}( \([^)]*\))?: L_orig", section), name
     assert section.count("fit point: C") == len(law.points)
 
 

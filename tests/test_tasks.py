@@ -166,6 +166,14 @@ def test_answers_must_be_one_token_of_the_models_tokenizer(model, tmp_path):
     path.write_text(GOOD + "\n" + json.dumps({"prompt": "3 + 4 =", "answer": "7 .", "wrong": ["8"]}) + "\n")
     with pytest.raises(LoadError, match=r"two.jsonl' line 2: the answer '7 \.' is 2 tokens"):
         measure_task(model, make_identity_sae(d_in=128), path)
+    # found by a new user: a word the demo's tokenizer does not know became <unk>, and a task that can never be
+    # right passed its accuracy gate (0 -> 0)
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text(json.dumps({"prompt": "3 + 4 =", "answer": " zebra"}) + "\n")
+    with pytest.raises(
+        LoadError, match=r"unknown.jsonl' line 1: the answer ' zebra' is not in this model's vocabulary"
+    ):
+        measure_task(model, make_identity_sae(d_in=128), unknown)
     with pytest.raises(LoadError, match="not found"):
         load_task(tmp_path / "missing.jsonl")
     with pytest.raises(ConfigError, match="a pytest_saecheck Task or the path"):
@@ -220,3 +228,16 @@ def test_a_transcoder_writes_at_its_output_hook(model):
         assert result.per_prompt["diff_sae"][index] == pytest.approx(
             float(logits[right] - logits[wrong]), abs=1e-4
         )
+
+
+def test_a_relative_task_path_resolves_against_the_test_file(pytester: pytest.Pytester) -> None:
+    """Found by a new user: `pytest proj/` looked for proj's task file in the working directory."""
+    project = pytester.mkdir("proj")
+    (project / "tasks").mkdir()
+    (project / "tasks" / "sums.jsonl").write_text(json.dumps({"prompt": "3 + 4 =", "answer": " 7"}) + "\n")
+    (project / "test_x.py").write_text(
+        "from pytest_saecheck import load_task\n\n"
+        "def test_reads_its_own_task():\n"
+        "    assert load_task('tasks/sums.jsonl').items[0].answer == ' 7'\n"
+    )
+    pytester.runpytest_inprocess("proj", "-p", "no:cacheprovider").assert_outcomes(passed=1)

@@ -290,6 +290,11 @@ def _provenance(flat: Mapping[str, Any], producer: str | None) -> Provenance | N
                 "'sae_lens==X.Y.Z' or 'sae_bench==X.Y.Z'"
             )
         if version:
+            if _version(version.strip()) is None:
+                raise ConfigError(
+                    f"{ASSERTION}: producer={producer!r} has no valid version after '=='; write it as "
+                    "producer='sae_lens==6.36.2' (or 'sae_bench==0.6.0')"
+                )
             return Provenance(library, version.strip(), f"producer={producer!r}")
         if library == "sae_lens":
             from importlib.metadata import PackageNotFoundError

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_saecheck import messages
+from pytest_saecheck import messages, records
 from pytest_saecheck.checks.workflow import (
     CheckOutcome,
     conclude,
@@ -151,11 +151,18 @@ _FORMAT = (
 def load_task(path: str | os.PathLike[str], name: str | None = None) -> Task:
     """Read a task from a JSONL file (named after the file's stem unless ``name`` is given).
 
+    A relative path inside a running test resolves against that test file's directory (as the marker's paths
+    resolve against the file that wrote them), so ``pytest proj/`` and ``cd proj; pytest`` read the same file;
+    outside a test, against the working directory.
+
     Raises :class:`LoadError` when the file is missing or malformed (with the line number, :func:`parse_task`).
     """
-    file = Path(path)
+    file = Path(os.path.expanduser(os.fspath(path)))
+    item = records.current_item()
+    if not file.is_absolute() and item is not None and getattr(item, "path", None) is not None:
+        file = Path(item.path).parent / file
     if not file.is_file():
-        raise LoadError(f"task file {str(file)!r} not found (looked for {file.resolve()})")
+        raise LoadError(f"task file {str(path)!r} not found (looked for {file.resolve()})")
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -255,6 +262,13 @@ def _one_token(model: Any, text: str, what: str, item: TaskItem, task: Task) -> 
             f"task {task.source or task.name!r} line {item.line}: the {what} {text!r} is {len(ids)} tokens {shown} "
             "for this model's tokenizer; every answer and wrong candidate must be exactly one token (write it as it "
             "follows the prompt, usually with its leading space)"
+        )
+    unk = getattr(model.tokenizer, "unk_token_id", None)
+    if isinstance(unk, int) and ids[0] == unk:
+        raise LoadError(
+            f"task {task.source or task.name!r} line {item.line}: the {what} {text!r} is not in this model's "
+            f"vocabulary (it tokenises to the unknown token {model.tokenizer.decode([unk])!r}), so no prediction "
+            "can be right or wrong about it; write candidates the tokenizer knows"
         )
     return int(ids[0])
 

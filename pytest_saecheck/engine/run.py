@@ -962,10 +962,17 @@ def unresolved_ratios(
     reasons = {}
     for name, (low, high) in intervals.items():
         value = float(point[name])
-        if low > 0 or high < 0:
-            if abs(value) > (high - low) / 2:
-                continue
         label = RATIO_DENOMINATORS[name]
+        if high < 0 and abs(value) > (high - low) / 2:
+            reasons[name] = (
+                f"its denominator {label} = {value:.3g} is negative on this data (its {level:.0%} bootstrap "
+                f"interval over sequences is [{low:.3g}, {high:.3g}]): the ablated model does better than the "
+                "original, so the score is no fraction of anything (often tokens the model does not know, e.g. "
+                "text of another tokenizer); read delta_ce and kl_sae instead"
+            )
+            continue
+        if low > 0 and value > (high - low) / 2:
+            continue
         reasons[name] = (
             f"its denominator {label} = {value:.3g} is not resolved from zero on this data (its {level:.0%} "
             f"bootstrap interval over sequences is [{low:.3g}, {high:.3g}]), so the score divides by noise; "

@@ -65,6 +65,7 @@ _FINE_SETTINGS = (
     "seed",
     "model_from_pretrained_kwargs",
     "hook_name",
+    "token_groups",
 )
 MESSAGE_LIMIT = 2000
 HISTOGRAM_STEP = 0.25  # bins of a quarter decade
@@ -474,10 +475,6 @@ class Collector:
                     if sae_id not in saes:
                         saes[sae_id] = sae_entry(identity, record)
                         coarse_of[sae_id] = _identity_id(_coarse(record))
-                    elif not saes[sae_id].get("groups") and group_entries(record.groups):
-                        # the same SAE evaluated again with a token grouping: its groups join the entry
-                        saes[sae_id]["groups"] = group_entries(record.groups)
-                        saes[sae_id]["grouping"] = str_or_none((record.settings or {}).get("token_groups"))
                     current[str(label)] = sae_id
                     test_saes.add(sae_id)
                 else:
