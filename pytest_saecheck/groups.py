@@ -212,11 +212,20 @@ def resolve(spec: str, model: Any, tokens: Any) -> Grouping:
         target = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise ConfigError(f"token_groups={spec!r} cannot be imported: {error}") from None
-    grouping = target if isinstance(target, Grouping) else target(tokens, model) if callable(target) else None
+    grouping: Any = target
+    if not isinstance(target, Grouping) and callable(target):
+        try:
+            grouping = target(tokens, model)
+        except Exception as error:  # a user's function: say which one failed and how it is called
+            raise ConfigError(
+                f"token_groups={spec!r} was called as {attribute}(tokens, model) and raised "
+                f"{type(error).__name__}: {error}; it must take the token ids [n_sequences, seq_len] and the model "
+                "and return a pytest_saecheck.groups.Grouping"
+            ) from None
     if not isinstance(grouping, Grouping):
         raise ConfigError(
             f"token_groups={spec!r} must name a pytest_saecheck.groups.Grouping or a function (tokens, model) "
-            f"returning one, got {type(grouping if callable(target) else target).__name__}"
+            f"returning one, got {type(grouping).__name__}"
         )
     return grouping
 

@@ -104,5 +104,8 @@ def test_resolve_a_setting():
         groups.resolve("test_groups:missing", None, tokens)
     with pytest.raises(ConfigError, match=r"must name a pytest_saecheck\.groups\.Grouping"):
         groups.resolve("test_groups:CORPUS", None, tokens)
+    # found by a new user: a function of another signature gave a raw TypeError from deep in the plugin
+    with pytest.raises(ConfigError, match=r"was called as join\(tokens, model\) and raised TypeError"):
+        groups.resolve("os.path:join", None, tokens)
     with pytest.raises(ConfigError, match="one of token_class, position, demo_constructs"):
         groups.check_spec("by vibes")
