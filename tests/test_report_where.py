@@ -106,16 +106,20 @@ def test_groups_and_tasks_in_the_document_and_the_page() -> None:
     assert "SAE training context (16)" in html and "ΔCE 95% interval" in html
 
 
-def test_groups_join_the_entry_from_a_later_grouped_evaluation_and_shards_merge_the_same() -> None:
+def test_a_grouped_evaluation_is_its_own_entry_and_shards_merge_the_same() -> None:
+    """The token grouping distinguishes two evaluations of one SAE (found by a new user: one row took the groups
+    of whichever evaluation had them, and a group assertion landed on a row without that group)."""
     first = reports("a.py", "demo/x", with_groups=False)
     second = reports("b.py", "demo/x")
     whole = build_document(first + second)
     validate(whole)
-    [sae] = whole["saes"]
-    assert [g["name"] for g in sae["groups"]] == ["agreement", "arithmetic"]
+    by_grouping = {sae["grouping"]: sae for sae in whole["saes"]}
+    assert set(by_grouping) == {None, "demo_constructs"}
+    assert by_grouping[None]["groups"] is None
+    assert [g["name"] for g in by_grouping["demo_constructs"]["groups"]] == ["agreement", "arithmetic"]
     merged = merge_documents([build_document(first), build_document(second)])
     validate(merged)
-    assert comparable(merged)["saes"][0]["tasks"] == comparable(whole)["saes"][0]["tasks"]
+    assert comparable(merged)["saes"] == comparable(whole)["saes"]
 
 
 def test_the_position_chart_draws_the_band_and_marks_the_training_context() -> None:
