@@ -30,7 +30,7 @@ NOT_AVAILABLE = "n/a"
 MAX_DECIMALS = 6
 
 
-def _finite(value: Any) -> float | None:
+def finite_or_none(value: Any) -> float | None:
     """``value`` as a finite float, or ``None`` (missing, a bool, not a number, NaN or infinite)."""
     if value is None or isinstance(value, bool):
         return None
@@ -129,9 +129,9 @@ def column_format(
     of Python ints is written as integers with thousands separators. Missing, NaN and infinite values become
     ``missing``. Returns the formatter (``value -> str``).
     """
-    present = [value for value in values if _finite(value) is not None]
+    present = [value for value in values if finite_or_none(value) is not None]
     if present and all(isinstance(value, int) and not isinstance(value, bool) for value in present):
-        return lambda value: missing if _finite(value) is None else f"{int(value):,}"
+        return lambda value: missing if finite_or_none(value) is None else f"{int(value):,}"
     numbers = [float(value) for value in present]
     nonzero = [abs(number) for number in numbers if number != 0]
     scientific = False
@@ -143,7 +143,7 @@ def column_format(
     template = f"{{:.{significant - 1}e}}" if scientific else f"{{:.{decimals}f}}"
 
     def show(value: Any) -> str:
-        number = _finite(value)
+        number = finite_or_none(value)
         return missing if number is None else template.format(number)
 
     return show

@@ -27,6 +27,7 @@ from typing import Any
 
 from pytest_saecheck import records as _records
 from pytest_saecheck.files import package_version
+from pytest_saecheck.messages import finite_or_none
 from pytest_saecheck.records import AssertionRecord, EvaluationRecord, Record
 from pytest_saecheck.report.schema import (
     SCHEMA_ID,
@@ -34,7 +35,6 @@ from pytest_saecheck.report.schema import (
     Outcome,
     combine_outcomes,
     finalise,
-    finite_or_none,
     int_or_none,
     json_safe,
     str_or_none,

@@ -376,17 +376,6 @@ def validate(document: Any) -> None:
 # plain values
 
 
-def finite_or_none(value: Any) -> float | None:
-    """``value`` as a float, or ``None`` when it is missing, not a number, NaN or infinite (JSON has no NaN)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def int_or_none(value: Any) -> int | None:
     if value is None or isinstance(value, bool):
         return None
