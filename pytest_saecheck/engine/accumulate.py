@@ -265,7 +265,7 @@ class Accumulator:
             delta = (pos["ce_sae"] - pos["ce_orig"]) / pos["n_ce"]
             kl = pos["kl_sae"] / pos["n_kl"]
         # Positions with no evaluated token (the excluded BOS, the last position for CE) have no value: None.
-        return finite_or_none(delta), finite_or_none(kl)
+        return finite_list(delta), finite_list(kl)
 
 
 POSITION_PREFIX = "position/"
@@ -293,7 +293,7 @@ def position_intervals(per_position: Mapping[str, np.ndarray], level: float) -> 
     return out
 
 
-def finite_or_none(values: np.ndarray) -> list[float | None]:
+def finite_list(values: np.ndarray) -> list[float | None]:
     return [float(v) if math.isfinite(v) else None for v in values]
 
 
