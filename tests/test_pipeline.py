@@ -277,6 +277,14 @@ def test_bad_arguments_are_config_errors() -> None:
         assert_metric_pipeline("sae-lens", checks=["identity"])
     with pytest.raises(ConfigError, match="pipeline must be a callable"):
         assert_metric_pipeline(3, checks=["identity"])
+
+    def wrong_signature(model, sae):  # found by a new user: it was reported as "identity broken"
+        return {}
+
+    with pytest.raises(
+        ConfigError, match=r"'wrong_signature' cannot be called as \(model, sae, tokens, \*, batch_size\)"
+    ):
+        assert_metric_pipeline(wrong_signature, checks=["identity"])
     with pytest.raises(ConfigError, match="tol must be positive"):
         assert_metric_pipeline("saecheck", checks=["identity"], tol=0)
     with pytest.raises(ConfigError, match="returned str"):

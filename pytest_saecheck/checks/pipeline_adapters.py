@@ -370,6 +370,16 @@ def resolve_pipeline(pipeline: Any) -> tuple[str, PipelineFn]:
             f"pipeline must be a callable (model, sae, tokens, *, batch_size) -> mapping, or one of "
             f"{', '.join(ADAPTERS)}; got {type(pipeline).__name__}"
         )
+    try:
+        inspect.signature(pipeline).bind(None, None, None, batch_size=1)
+    except TypeError as error:
+        raise ConfigError(
+            f"pipeline {getattr(pipeline, '__name__', pipeline)!r} cannot be called as "
+            f"(model, sae, tokens, *, batch_size): {error}; give it that signature (it may take more keywords "
+            "with defaults, e.g. exclude_token_ids=(), activation_scale=None)"
+        ) from None
+    except ValueError:  # a callable whose signature cannot be read: it is tried as it is
+        pass
     return getattr(pipeline, "__name__", type(pipeline).__name__), pipeline
 
 
