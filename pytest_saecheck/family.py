@@ -14,7 +14,7 @@ from pytest_saecheck.engine.run import _check_tokens, check_model
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.policy import TokenPolicy
 from pytest_saecheck.scaling import ScalingLaw, fit_scaling_law
-from pytest_saecheck.scoring import score_batch
+from pytest_saecheck.scoring import prepare_original
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -50,7 +50,7 @@ def model_loss(
         for start in range(0, tokens.shape[0], batch_size):
             batch = tokens[start : start + batch_size].to(device)
             logits = model(batch, return_type="logits")
-            ce = score_batch(logits, batch, {}, {}, ()).ce_orig
+            ce = prepare_original(logits, batch, in_place=True).ce
             mask = policy.prediction_mask(batch)
             total += ce[mask].double().sum().cpu()
             count += int(mask.sum())

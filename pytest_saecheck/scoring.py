@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BatchScores", "chunk_rows_for", "score_batch"]
+__all__ = ["BatchScores", "Original", "chunk_rows_for", "prepare_original", "score_batch"]
 
 # Bytes of one float32 [rows, vocab] chunk: cache-sized on a CPU; on an accelerator, large enough that kernel
 # launches do not dominate and small enough to bound the temporaries.
@@ -45,52 +45,92 @@ class BatchScores:
         )
 
 
+@dataclass
+class Original:
+    """The original model's side of one batch, prepared once and scored against by every variant.
+
+    ``log_probs``: ``[batch, seq_len, vocab]`` float32 log-softmax of the original logits; ``targets``:
+    ``[batch * seq_len, 1]`` next-token ids (a dummy 0 at each sequence's last position, which has none);
+    ``ce``: ``[batch, seq_len - 1]`` float32 next-token cross-entropy (nats).
+    """
+
+    log_probs: torch.Tensor
+    targets: torch.Tensor
+    ce: torch.Tensor
+
+
 def chunk_rows_for(d_vocab: int, device: torch.device) -> int:
     budget = _CHUNK_BYTES.get(device.type, _ACCELERATOR_CHUNK_BYTES)
     return max(1, budget // (4 * d_vocab))
 
 
-def score_batch(
-    logits_orig: torch.Tensor,
-    tokens: torch.Tensor,
-    variant_logits: Mapping[str, torch.Tensor],
-    template_log_probs: Mapping[str, torch.Tensor],
-    kl_for: Collection[str],
-    chunk_rows: int | None = None,
-) -> BatchScores:
-    """CE of the original and of every variant, and KL(original ‖ variant) for the variants in ``kl_for``.
+def prepare_original(
+    logits: torch.Tensor, tokens: torch.Tensor, *, in_place: bool = False, chunk_rows: int | None = None
+) -> Original:
+    """The original's log-probs and CE from its ``[batch, seq_len, vocab]`` logits and ``[batch, seq_len]``
+    tokens, computed once per batch however many variants are scored against them.
 
-    ``variant_logits[name]`` has the shape of ``logits_orig`` (``[batch, seq_len, vocab]``);
-    ``template_log_probs[name]`` is ``[seq_len, vocab]`` log-probabilities shared by every sequence.
+    With ``in_place`` and float32 ``logits``, the log-probs overwrite ``logits`` (no second ``[batch, seq_len,
+    vocab]`` tensor); otherwise they are a new float32 tensor and ``logits`` is left as it was.
     """
-    batch, seq_len, d_vocab = logits_orig.shape
+    batch, seq_len, d_vocab = logits.shape
     n_rows = batch * seq_len
-    device = logits_orig.device
+    device = logits.device
     rows = chunk_rows or chunk_rows_for(d_vocab, device)
     # Position s is scored against token s + 1; the last position has no target, a dummy 0 is cut off below.
     targets = torch.zeros((batch, seq_len), dtype=torch.long, device=device)
     targets[:, :-1] = tokens[:, 1:].to(device)
     targets = targets.reshape(n_rows, 1)
+    if in_place and logits.dtype == torch.float32:
+        log_probs = logits
+    else:
+        log_probs = torch.empty((batch, seq_len, d_vocab), dtype=torch.float32, device=device)
+    source, flat = logits.reshape(n_rows, d_vocab), log_probs.view(n_rows, d_vocab)
+    ce = torch.empty(n_rows, dtype=torch.float32, device=device)
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        chunk = torch.log_softmax(source[start:stop].float(), dim=-1)
+        ce[start:stop] = chunk.gather(-1, targets[start:stop]).squeeze(-1).neg()
+        flat[start:stop] = chunk
+    return Original(log_probs, targets, ce.reshape(batch, seq_len)[:, : seq_len - 1])
+
+
+def score_batch(
+    original: Original,
+    variant_logits: Mapping[str, torch.Tensor],
+    template_log_probs: Mapping[str, torch.Tensor],
+    kl_for: Collection[str],
+    chunk_rows: int | None = None,
+) -> BatchScores:
+    """CE of every variant, and KL(original ‖ variant) for the variants in ``kl_for``, against ``original``.
+
+    ``variant_logits[name]`` has the shape of the original's log-probs (``[batch, seq_len, vocab]``);
+    ``template_log_probs[name]`` is ``[seq_len, vocab]`` log-probabilities shared by every sequence (an expanded
+    view of one row, stride 0, when they are the same at every position: it is then read as that one row).
+    KL is Σ_v p_v (log p_v − log q_v), summed term by term so that a variant equal to the original scores 0.
+    """
+    batch, seq_len, d_vocab = original.log_probs.shape
+    n_rows = batch * seq_len
+    device = original.log_probs.device
+    rows = chunk_rows or chunk_rows_for(d_vocab, device)
     positions = torch.arange(seq_len, device=device).repeat(batch)
     names = [*variant_logits, *template_log_probs]
     flat = {name: value.reshape(n_rows, d_vocab) for name, value in variant_logits.items()}
-    orig = logits_orig.reshape(n_rows, d_vocab)
+    log_p_all = original.log_probs.view(n_rows, d_vocab)
 
-    ce_orig = torch.empty(n_rows, dtype=torch.float32, device=device)
     ce = {name: torch.empty(n_rows, dtype=torch.float32, device=device) for name in names}
     kl = {name: torch.empty(n_rows, dtype=torch.float32, device=device) for name in names if name in kl_for}
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
-        target = targets[start:stop]
-        log_p = torch.log_softmax(orig[start:stop].float(), dim=-1)
-        ce_orig[start:stop] = log_p.gather(-1, target).squeeze(-1).neg()
+        target = original.targets[start:stop]
+        log_p = log_p_all[start:stop]
         p = log_p.exp() if kl else None
         for name in names:
             if name in flat:
                 log_q = torch.log_softmax(flat[name][start:stop].float(), dim=-1)
             else:
-                log_q = template_log_probs[name].float()[positions[start:stop]]
-            ce[name][start:stop] = log_q.gather(-1, target).squeeze(-1).neg()
+                log_q = _template_rows(template_log_probs[name], positions[start:stop])
+            ce[name][start:stop] = log_q.expand(stop - start, -1).gather(-1, target).squeeze(-1).neg()
             if name in kl:
                 assert p is not None
                 kl[name][start:stop] = torch.sub(log_p, log_q).mul_(p).sum(-1)
@@ -99,7 +139,15 @@ def score_batch(
         return values.reshape(batch, seq_len)[:, :length]
 
     return BatchScores(
-        ce_orig=per_token(ce_orig, seq_len - 1),
+        ce_orig=original.ce,
         ce={name: per_token(values, seq_len - 1) for name, values in ce.items()},
         kl={name: per_token(values, seq_len) for name, values in kl.items()},
     )
+
+
+def _template_rows(template: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The template's log-probs at ``positions``: ``[len(positions), vocab]``, or ``[1, vocab]`` to broadcast
+    when the template is one row expanded over every position (nothing is copied)."""
+    if template.shape[0] == 1 or template.stride(0) == 0:
+        return template[:1].float()
+    return template.float()[positions]

@@ -44,6 +44,7 @@ def make_model(
     seed: int = 0,
     device: str | None = "cpu",
     tokenizer: Any = None,
+    positional_embedding_type: str = "standard",
 ) -> Any:
     """A randomly initialised LN ``HookedTransformer`` (seeded), in eval mode; ``device=None``: TransformerLens'
     default device."""
@@ -60,6 +61,7 @@ def make_model(
         d_vocab=D_VOCAB if tokenizer is None else len(tokenizer),
         act_fn=act_fn,
         normalization_type="LN",
+        positional_embedding_type=positional_embedding_type,
         seed=seed,
         device=device,
     )

@@ -13,6 +13,7 @@ from factories import (
     N_CTX,
     identity_sae,
     make_engine_model,
+    make_model,
     make_tokens,
     random_sae,
 )
@@ -174,13 +175,21 @@ def test_matches_independent_computation_with_bos_excluded(model, hook):
     assert ours["ce_rec"] == pytest.approx(2 - ref["ce_sae"] / ref["ce_orig"], abs=2e-5)
 
 
-def test_token_independent_ablation_shortcut_equals_full_computation(model, monkeypatch):
+# With the BOS excluded the template is computed at every position from the first sequence; with every position
+# replaced, at one position (attention mixes equal values: its pattern, rotary or not, cannot matter).
+@pytest.mark.parametrize("exclude_bos", [True, False])
+@pytest.mark.parametrize("positions", ["standard", "rotary"])
+def test_token_independent_ablation_shortcut_equals_full_computation(
+    model, monkeypatch, exclude_bos, positions
+):
+    if positions != "standard":
+        model = make_model(n_layers=3, positional_embedding_type=positions, device=None)
     sae = random_sae("blocks.1.hook_resid_pre")
     tokens = make_tokens(9)
-    fast = evaluate(model, sae, tokens, batch_size=4, progress=False)
+    fast = evaluate(model, sae, tokens, batch_size=4, exclude_bos=exclude_bos, progress=False)
     monkeypatch.setattr(engine_member, "token_independent", lambda site, tokens, kept: False)
     monkeypatch.setattr("pytest_saecheck.engine.run.token_independent", lambda site, tokens, kept: False)
-    full = evaluate(model, sae, tokens, batch_size=4, progress=False)
+    full = evaluate(model, sae, tokens, batch_size=4, exclude_bos=exclude_bos, progress=False)
     for name in (
         "ce_zero",
         "ce_mean",

@@ -45,10 +45,15 @@ RESIDUAL_HOOKS = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.
 
 
 def peak_bytes(
-    n_sequences: int, n_saes: int | None = None, hooks: tuple[str, ...] | None = None, **options: object
+    n_sequences: int,
+    n_saes: int | None = None,
+    hooks: tuple[str, ...] | None = None,
+    *,
+    same_first_token: bool = False,
+    **options: object,
 ) -> int:
     """Peak live tensor bytes of one evaluation; ``n_saes`` evaluates a set of that many SAEs (one per hook, or
-    cycling through ``hooks``)."""
+    cycling through ``hooks``); ``same_first_token``: every sequence starts with token 1 (a BOS)."""
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(
         n_layers=2,
@@ -76,6 +81,8 @@ def peak_bytes(
             cfg_i.metadata.hook_name = hooks[index % len(hooks)]
             subject[f"{cfg_i.metadata.hook_name}#{index}"] = StandardSAE(cfg_i)
     tokens = torch.randint(0, 2000, (n_sequences, 32), generator=torch.Generator().manual_seed(1))
+    if same_first_token:
+        tokens[:, 0] = 1
     tracker = LiveTensorBytes()
     with tracker:
         result = evaluate(model, subject, tokens, batch_size=8, progress=False, **options)
@@ -120,30 +127,42 @@ def test_a_sets_peak_memory_grows_with_saes_only_by_their_sums_not_with_tokens()
     assert four - one < 2 * logits_of_one_batch, (one, four)
 
 
-# exclude_bos=False on residual hooks: every SAE's zero ablation is a token-independent template of
-# [seq_len, vocab] log-probs (32 x 2000 x 4 B = 256 KB here, 25 MB for GPT-2 at 128 tokens).
+# Residual hooks with a BOS excluded (every sequence starting with the same token): every SAE's zero ablation is
+# a token-independent template of [seq_len, vocab] log-probs (32 x 2000 x 4 B = 256 KB here, 25 MB for GPT-2
+# at 128 tokens). With every position replaced (exclude_bos=False) it is one row: 8 KB.
 TEMPLATE = 32 * 2000 * 4
 PER_SAE_SUMS = 64 * 1024
 """Generous bound of what one more SAE may add besides its weights (created outside the tracker here): its
 accumulator (a 32 x 32 float64 second moment, per-latent firing counts, per-sequence sums: about 20 KB) and its
 template's final residual (32 x 32 x 4 B)."""
+PER_POSITION = {"hooks": RESIDUAL_HOOKS, "exclude_bos": True, "same_first_token": True}
 
 
 def test_templates_beyond_the_budget_are_not_held_through_the_pass():
     """With no template budget, more SAEs add only their sums: 8 more SAEs holding templates would add 2 MB."""
-    few = peak_bytes(16, n_saes=4, hooks=RESIDUAL_HOOKS, exclude_bos=False, template_budget_bytes=0)
-    many = peak_bytes(16, n_saes=12, hooks=RESIDUAL_HOOKS, exclude_bos=False, template_budget_bytes=0)
+    few = peak_bytes(16, n_saes=4, template_budget_bytes=0, **PER_POSITION)
+    many = peak_bytes(16, n_saes=12, template_budget_bytes=0, **PER_POSITION)
     assert many - few < 8 * PER_SAE_SUMS, (few, many)
     assert 8 * TEMPLATE > 2 * 8 * PER_SAE_SUMS  # the bound would catch templates held per SAE
 
 
 def test_a_sets_peak_memory_is_bounded_by_one_batch_of_logits_beyond_the_sums():
-    """The default budget holds templates up to one batch of logits (8 x 32 x 2000 x 4 B = 2 MB: 8 templates):
-    past it, more SAEs add only their sums; in all, the templates never add more than one batch of logits."""
+    """The default budget holds templates up to one batch of logits (8 x 32 x 2000 x 4 B = 2 MB: 8 templates, or
+    7 and room for one unembedded again once they spill): past it, more SAEs add only their sums; in all, the
+    templates never add more than one batch of logits."""
     logits_of_one_batch = 8 * 32 * 2000 * 4
-    one = peak_bytes(16, n_saes=1, hooks=RESIDUAL_HOOKS, exclude_bos=False)
-    eight = peak_bytes(16, n_saes=8, hooks=RESIDUAL_HOOKS, exclude_bos=False)
-    sixteen = peak_bytes(16, n_saes=16, hooks=RESIDUAL_HOOKS, exclude_bos=False)
+    one = peak_bytes(16, n_saes=1, **PER_POSITION)
+    eight = peak_bytes(16, n_saes=8, **PER_POSITION)
+    sixteen = peak_bytes(16, n_saes=16, **PER_POSITION)
     assert eight - one >= 7 * TEMPLATE  # within the budget, templates are held (no recomputation)
     assert eight - one < logits_of_one_batch + 7 * PER_SAE_SUMS, (one, eight)
-    assert sixteen - eight < 8 * PER_SAE_SUMS, (eight, sixteen)
+    assert sixteen - one < logits_of_one_batch + 15 * PER_SAE_SUMS, (one, sixteen)
+
+
+def test_a_template_the_same_at_every_position_is_held_as_one_row():
+    """With every position replaced, each SAE's zero-ablation template is one row (8 KB): sixteen SAEs add their
+    sums and nothing of the size of a [seq_len, vocab] template each (256 KB)."""
+    one = peak_bytes(16, n_saes=1, hooks=RESIDUAL_HOOKS, exclude_bos=False)
+    sixteen = peak_bytes(16, n_saes=16, hooks=RESIDUAL_HOOKS, exclude_bos=False)
+    assert sixteen - one < 15 * PER_SAE_SUMS, (one, sixteen)
+    assert 15 * TEMPLATE > 2 * 15 * PER_SAE_SUMS  # the bound would catch templates of every position

@@ -200,7 +200,7 @@ def test_the_template_budget_changes_no_number(model, monkeypatch):
     calls = []
     unembed = engine_run._Pass._log_probs
     monkeypatch.setattr(
-        engine_run._Pass, "_log_probs", lambda self, final: calls.append(1) or unembed(self, final)
+        engine_run._Pass, "_log_probs", lambda self, *args: calls.append(1) or unembed(self, *args)
     )
     release = mixed_release(model)
     tokens = make_tokens(10)  # one BOS: "resid" and "late" (residual hooks) are templated; 3 batches of 4

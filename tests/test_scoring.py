@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_saecheck.scoring import BatchScores, chunk_rows_for, score_batch
+from pytest_saecheck.scoring import BatchScores, chunk_rows_for, prepare_original, score_batch
 
 BATCH, SEQ, VOCAB = 3, 7, 53
 
@@ -36,8 +36,7 @@ def data():
 def test_chunked_scores_equal_direct_computation(data, chunk_rows):
     logits, other, template, tokens = data
     scores = score_batch(
-        logits,
-        tokens,
+        prepare_original(logits, tokens),
         {"sae": other},
         {"zero": torch.log_softmax(template, -1)},
         kl_for=("sae", "zero"),
@@ -56,7 +55,11 @@ def test_chunked_scores_equal_direct_computation(data, chunk_rows):
 def test_kl_only_where_asked_and_identical_variant_has_zero_kl(data):
     logits, _, template, tokens = data
     scores = score_batch(
-        logits, tokens, {"sae": logits.clone()}, {"mean": template}, kl_for=("sae",), chunk_rows=5
+        prepare_original(logits, tokens),
+        {"sae": logits.clone()},
+        {"mean": template},
+        kl_for=("sae",),
+        chunk_rows=5,
     )
     assert set(scores.kl) == {"sae"} and set(scores.ce) == {"sae", "mean"}
     torch.testing.assert_close(scores.kl["sae"], torch.zeros(BATCH, SEQ), atol=1e-6, rtol=0)
@@ -65,8 +68,16 @@ def test_kl_only_where_asked_and_identical_variant_has_zero_kl(data):
 
 def test_chunk_size_does_not_change_the_scores(data):
     logits, other, _, tokens = data
-    whole = score_batch(logits, tokens, {"sae": other}, {}, kl_for=("sae",), chunk_rows=BATCH * SEQ)
-    rows = score_batch(logits, tokens, {"sae": other}, {}, kl_for=("sae",), chunk_rows=1)
+    whole = score_batch(
+        prepare_original(logits, tokens, chunk_rows=BATCH * SEQ),
+        {"sae": other},
+        {},
+        kl_for=("sae",),
+        chunk_rows=BATCH * SEQ,
+    )
+    rows = score_batch(
+        prepare_original(logits, tokens, chunk_rows=1), {"sae": other}, {}, kl_for=("sae",), chunk_rows=1
+    )
     assert torch.equal(whole.ce_orig, rows.ce_orig)
     assert torch.equal(whole.ce["sae"], rows.ce["sae"])
     torch.testing.assert_close(whole.kl["sae"], rows.kl["sae"], atol=1e-6, rtol=0)
@@ -75,7 +86,11 @@ def test_chunk_size_does_not_change_the_scores(data):
 def test_low_precision_logits_are_scored_in_float32(data):
     logits, other, _, tokens = data
     scores = score_batch(
-        logits.bfloat16(), tokens, {"sae": other.bfloat16()}, {}, kl_for=("sae",), chunk_rows=4
+        prepare_original(logits.bfloat16(), tokens),
+        {"sae": other.bfloat16()},
+        {},
+        kl_for=("sae",),
+        chunk_rows=4,
     )
     ce_p, ce_q, kl = direct(logits.bfloat16().float(), tokens, other.bfloat16().float())
     assert scores.ce_orig.dtype == torch.float32
@@ -95,11 +110,19 @@ def test_chunk_rows_fit_the_budget():
 def test_scores_of_variants_scored_separately_merge_into_one(data):
     logits, other, template, tokens = data
     together = score_batch(
-        logits, tokens, {"sae": other}, {"zero": template}, kl_for=("sae", "zero"), chunk_rows=4
+        prepare_original(logits, tokens),
+        {"sae": other},
+        {"zero": template},
+        kl_for=("sae", "zero"),
+        chunk_rows=4,
     )
     parts = [
-        score_batch(logits, tokens, {"sae": other}, {}, kl_for=("sae", "zero"), chunk_rows=4),
-        score_batch(logits, tokens, {}, {"zero": template}, kl_for=("sae", "zero"), chunk_rows=4),
+        score_batch(
+            prepare_original(logits, tokens), {"sae": other}, {}, kl_for=("sae", "zero"), chunk_rows=4
+        ),
+        score_batch(
+            prepare_original(logits, tokens), {}, {"zero": template}, kl_for=("sae", "zero"), chunk_rows=4
+        ),
     ]
     merged = BatchScores.merged(parts)
     assert merged.ce.keys() == together.ce.keys() and merged.kl.keys() == together.kl.keys()
@@ -109,3 +132,42 @@ def test_scores_of_variants_scored_separately_merge_into_one(data):
     assert torch.equal(merged.ce_orig, together.ce_orig)
     with pytest.raises(ValueError, match="no scores"):
         BatchScores.merged([])
+
+
+def test_the_original_is_prepared_once_in_place_only_when_asked(data):
+    logits, _, _, tokens = data
+    kept = logits.clone()
+    copied = prepare_original(logits, tokens, chunk_rows=4)
+    assert torch.equal(logits, kept)  # not in place: the caller's logits are untouched
+    torch.testing.assert_close(copied.log_probs, torch.log_softmax(kept, -1), atol=1e-6, rtol=0)
+    ce_p, _, _ = direct(kept, tokens, kept)
+    torch.testing.assert_close(copied.ce.double(), ce_p, atol=1e-5, rtol=0)
+    overwritten = prepare_original(logits, tokens, in_place=True, chunk_rows=4)
+    assert overwritten.log_probs.data_ptr() == logits.data_ptr()  # no second [batch, pos, vocab] tensor
+    assert torch.equal(overwritten.log_probs, copied.log_probs)
+    assert torch.equal(overwritten.ce, copied.ce)
+    low = kept.bfloat16()
+    from_low = prepare_original(low, tokens, in_place=True)  # not float32: a float32 copy, the input kept
+    assert from_low.log_probs.dtype == torch.float32 and low.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 1000])
+def test_a_template_of_one_row_scores_as_that_row_at_every_position(data, chunk_rows):
+    """A template the same at every position is one row expanded (stride 0): read as that row, it scores
+    exactly as the same row written out at every position."""
+    logits, _, template, tokens = data
+    row = torch.log_softmax(template[:1], -1)
+    expanded = row.expand(SEQ, -1)
+    assert expanded.stride(0) == 0
+    written_out = expanded.clone()
+    one = score_batch(
+        prepare_original(logits, tokens), {}, {"zero": expanded}, kl_for=("zero",), chunk_rows=chunk_rows
+    )
+    full = score_batch(
+        prepare_original(logits, tokens), {}, {"zero": written_out}, kl_for=("zero",), chunk_rows=chunk_rows
+    )
+    assert torch.equal(one.ce["zero"], full.ce["zero"])
+    torch.testing.assert_close(one.kl["zero"], full.kl["zero"], atol=1e-6, rtol=0)
+    _, ce_z, kl_z = direct(logits, tokens, template[:1].expand(BATCH, SEQ, -1))
+    torch.testing.assert_close(one.ce["zero"].double(), ce_z, atol=1e-5, rtol=0)
+    torch.testing.assert_close(one.kl["zero"].double(), kl_z, atol=1e-5, rtol=0)

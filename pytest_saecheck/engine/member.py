@@ -45,8 +45,10 @@ class AblationPlan:
 class Template:
     """A token-independent ablated continuation (``AblationPlan.templated``), shared by every sequence.
 
-    ``final``: its final residual, ``[1, seq_len, d_model]`` (the model's dtype, on the unembedding's device).
-    ``log_probs``: its ``[seq_len, d_vocab_out]`` float32 log-probabilities when held for the
+    ``final``: its final residual, ``[1, seq_len, d_model]``, or ``[1, 1, d_model]`` when it is the same at every
+    position (the model's dtype, on the unembedding's device).
+    ``log_probs``: its ``[seq_len, d_vocab_out]`` float32 log-probabilities (one row expanded over the positions
+    in the second case) when held for the
     whole pass, or None when the pass's template budget is spent and they are recomputed from ``final`` for each
     batch (the same operations on the same input: the same numbers).
     """
@@ -165,7 +167,9 @@ class Member:
 
     def _check_weights(self) -> None:
         for name, param in self.sae.named_parameters():
-            if not torch.isfinite(param).all():
+            # One sum (no [d_in, d_sae] boolean temporary) decides for a finite tensor; a NaN or inf makes it
+            # non-finite, and so may an overflow, which the elementwise check then tells apart.
+            if not torch.isfinite(param.detach().sum(dtype=torch.float32)) and not torch.isfinite(param).all():
                 raise NonFiniteError(
                     f"SAE parameter {name!r} contains NaN or inf; the SAE file is corrupt or training diverged. "
                     "Re-export the SAE from a finite checkpoint."

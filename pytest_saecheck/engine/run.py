@@ -7,15 +7,17 @@ Per batch:
 2. each dictionary reconstructs its written activation from its read one (inside the activation normalisation
    it was trained with) and its spliced, zero- and mean-ablated continuations start from its own write hook,
    replacing the activation only at the positions the token policy keeps; each is unembedded one after
-   another and CE/KL are scored a few rows at a time against the shared original logits
-   (``pytest_saecheck.scoring``), so at most two ``[batch, pos, vocab]`` tensors are alive;
+   another and CE/KL are scored a few rows at a time against the original's log-probs, computed once per batch
+   in place of its logits (``pytest_saecheck.scoring``), so at most two ``[batch, pos, vocab]`` tensors are
+   alive;
 3. with ``joint=True``, one more run splices every dictionary at once, each reading the activation of the model
    with the dictionaries upstream of it already spliced in;
 4. per-sequence sums are accumulated in float64 (``engine.accumulate``); every metric is a function of those
    sums (``pytest_saecheck.metrics``), which also gives paired bootstrap intervals over sequences.
 
 Where the ablated continuation does not depend on the tokens (a residual write hook with at most position 0
-excluded), it is computed once for one sequence and reused (``AblationPlan.templated``): the zero-ablation
+excluded), it is computed once for one sequence and reused (``AblationPlan.templated``); with every position
+replaced it is the same at every position too, and is computed for one position. The zero-ablation
 template's log-probs are held through the pass within a budget (one batch of logits by default; beyond it a
 member unembeds its template's final residual again per batch), and the mean-ablation template, scored by CE
 only, is scored for every sequence after the pass, one member at a time.
@@ -60,7 +62,7 @@ from pytest_saecheck.metrics import (
 )
 from pytest_saecheck.policy import TokenPolicy
 from pytest_saecheck.scaling import DEFAULT_LAW, ScalingLaw, as_scaling_law
-from pytest_saecheck.scoring import BatchScores, chunk_rows_for, score_batch
+from pytest_saecheck.scoring import BatchScores, Original, chunk_rows_for, prepare_original, score_batch
 from pytest_saecheck.stats import DEFAULT_LEVEL, bootstrap_intervals
 
 if TYPE_CHECKING:
@@ -385,18 +387,21 @@ class _Pass:
                 rows = slice(start, start + self.batch_size)
                 batch, kept, predicted = tokens[rows], kept_all[rows], predicted_all[rows]
                 final, captured, order = self.cut.forward_capturing(batch, names)
-                logits_orig = self.cut.logits(final)
+                # The original's log-softmax, once per batch, in place of its logits.
+                original = prepare_original(
+                    self.cut.logits(final), batch, in_place=True, chunk_rows=self.chunk_rows
+                )
                 del final
                 for m in self.members:
                     if start == 0:
                         m.check_firing_order(order)
                     self._member_batch(
-                        m, captured, batch, kept, predicted, logits_orig, self._group_labels(rows)
+                        m, captured, batch, kept, predicted, original, self._group_labels(rows)
                     )
                 del captured
                 if self.joint:
-                    self._joint_batch(batch, kept, predicted, logits_orig, self._group_labels(rows))
-                del logits_orig
+                    self._joint_batch(batch, kept, predicted, original, self._group_labels(rows))
+                del original
                 bar.update(int(kept.sum()))
         finally:
             bar.close()
@@ -409,7 +414,8 @@ class _Pass:
                 # log-probs live for one member at a time, never through the pass.
                 if m.mean is None:
                     m.mean = m.acc.mean_activation().to(self.cut.device_at(m.write))
-                log_probs = self._log_probs(self._template_final(m, Variant.MEAN, tokens, kept_all))
+                final = self._template_final(m, Variant.MEAN, tokens, kept_all)
+                log_probs = self._log_probs(final, tokens.shape[1])
                 m.acc.add_template_ce(Variant.MEAN.value, log_probs, tokens, predicted_all)
                 del log_probs
         evaluations = {m.name: self._finish(m, tokens) for m in self.members}
@@ -514,42 +520,59 @@ class _Pass:
 
         Log-probs are held for the whole pass while their total stays within the template budget (default: one
         batch of float32 logits, ``min(batch_size, n_sequences) × seq_len × d_vocab_out × 4`` bytes); beyond
-        it a member keeps only its template's final residual (``[1, seq_len, d_model]``) and unembeds it again
-        for each batch, so peak memory grows with the number of SAEs by their weights, not by a
-        ``[seq_len, vocab]`` tensor each.
+        it a member keeps only its template's final residual and unembeds it again for each batch, so peak
+        memory grows with the number of SAEs by their weights, not by a ``[seq_len, vocab]`` tensor each. When
+        templates spill, room for the one unembedded again is kept inside the budget. A template the same at
+        every position (see :meth:`_template_final`) holds one row: ``d_vocab_out × 4`` bytes.
         """
         n_sequences, seq_len = tokens.shape
         d_vocab = int(self.cut.model.cfg.d_vocab_out)
         budget = self.template_budget
         if budget is None:
             budget = min(self.batch_size, n_sequences) * seq_len * d_vocab * 4
+        finals = {
+            m.name: self._template_final(m, Variant.ZERO, tokens, kept_all).to(self.cut.output_device)
+            for m in self.members
+            if m.plan.templated
+        }
+        sizes = {name: final.shape[1] * d_vocab * 4 for name, final in finals.items()}
+        if sum(sizes.values()) > budget:
+            budget -= max(sizes.values())  # the one unembedded again, per batch, while a member is scored
         spent = 0
         for m in self.members:
-            if not m.plan.templated:
+            if m.name not in finals:
                 continue
-            final = self._template_final(m, Variant.ZERO, tokens, kept_all).to(self.cut.output_device)
-            size = seq_len * d_vocab * 4
+            final, size = finals[m.name], sizes[m.name]
             if spent + size <= budget:
-                m.templates[Variant.ZERO] = Template(final, self._log_probs(final))
+                m.templates[Variant.ZERO] = Template(final, self._log_probs(final, seq_len))
                 spent += size
             else:
                 m.templates[Variant.ZERO] = Template(final, None)
 
-    def _log_probs(self, final: torch.Tensor) -> torch.Tensor:
-        """``[seq_len, vocab]`` float32 log-probs of a template's ``[1, seq_len, d_model]`` final residual."""
-        return torch.log_softmax(self.cut.logits(final).float(), dim=-1)[0]
+    def _log_probs(self, final: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """``[seq_len, vocab]`` float32 log-probs of a template's final residual ``[1, rows, d_model]``; one row
+        (``rows == 1``, a template the same at every position) is expanded over the positions without a copy."""
+        log_probs = torch.log_softmax(self.cut.logits(final).float(), dim=-1)[0]
+        return log_probs.expand(seq_len, -1) if log_probs.shape[0] == 1 else log_probs
 
     def _template_final(
         self, m: Member, variant: Variant, tokens: torch.Tensor, kept_all: torch.Tensor
     ) -> torch.Tensor:
-        """``[1, seq_len, d_model]`` final residual of an ablated continuation that is the same for every sequence."""
+        """The final residual of an ablated continuation that is the same for every sequence.
+
+        When every position is replaced, the residual stream at the (residual) write hook is one vector at every
+        position, and so is everything computed from it: each block acts position by position except attention,
+        which mixes values that are all equal, so whatever its pattern (causal mask, rotary, ALiBi) it returns
+        that value. One position then stands for all: ``[1, 1, d_model]``. Otherwise (position 0 kept, e.g. an
+        excluded BOS) the continuation differs by position: ``[1, seq_len, d_model]`` from the first sequence.
+        """
         if bool(kept_all[:1].all()):
-            # every position replaced: the prefix is not needed
-            base = self.cut.zeros_residual(tokens.shape[1], m.write)
+            base = self.cut.zeros_residual(1, m.write)
+            kept = kept_all[:1, :1]
         else:
             _, captured, _ = self.cut.forward_capturing(tokens[:1], [m.write.hook_name])
-            base = captured[m.write.hook_name]
-        (value,) = m.variant_values(base, kept_all[:1], [variant], None)
+            base, kept = captured[m.write.hook_name], kept_all[:1]
+        (value,) = m.variant_values(base, kept, [variant], None)
         (final,) = self.cut.continue_from(m.write, base, [value])
         return final
 
@@ -562,7 +585,7 @@ class _Pass:
         batch: torch.Tensor,
         kept: torch.Tensor,
         predicted: torch.Tensor,
-        logits_orig: torch.Tensor,
+        original: Original,
         groups: torch.Tensor | None = None,
     ) -> None:
         assert m.acc is not None
@@ -577,18 +600,16 @@ class _Pass:
         templates = {
             variant.value: template.log_probs
             if template.log_probs is not None
-            else self._log_probs(template.final)
+            else self._log_probs(template.final, batch.shape[1])
             for variant, template in m.templates.items()
         }
         parts = []
-        # One variant's logits at a time: re-deriving the original's log-softmax per chunk is cheap, a third
-        # [batch, pos, vocab] tensor is not.
+        # One variant's logits at a time: with the original's log-probs, at most two [batch, pos, vocab] tensors.
         for index, variant in enumerate(m.plan.per_batch):
             logits = self.cut.logits(finals[index])
             parts.append(
                 score_batch(
-                    logits_orig,
-                    batch,
+                    original,
                     {variant.value: logits},
                     templates if index == 0 else {},
                     kl_for=(Variant.SAE.value, Variant.ZERO.value),
@@ -605,7 +626,7 @@ class _Pass:
         batch: torch.Tensor,
         kept: torch.Tensor,
         predicted: torch.Tensor,
-        logits_orig: torch.Tensor,
+        original: Original,
         groups: torch.Tensor | None = None,
     ) -> None:
         """Every member spliced at once; a transcoder reads the (already spliced) model at its read hook."""
@@ -637,8 +658,7 @@ class _Pass:
         logits = self.cut.logits(final)
         del final
         scores = score_batch(
-            logits_orig,
-            batch,
+            original,
             {Variant.SAE.value: logits},
             {},
             kl_for=(Variant.SAE.value,),
