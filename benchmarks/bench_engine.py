@@ -332,6 +332,19 @@ def run_anchor_release(
     return {name: run_anchor(model, sae, tokens, batch_size, eval_config) for name, sae in saes.items()}
 
 
+def sums_bytes(sae: Any, seq_len: int) -> int:
+    """Bytes of the sums one SAE keeps through a pass (``engine.accumulate.Accumulator``): the d×d float64 second
+    moment of its written activation (for the participation ratio, up to
+    ``PARTICIPATION_RATIO_MAX_WIDTH``), its float64 firing count per latent, the reference vector its sums are
+    centred on and its per-position curves (5 float64 vectors of ``seq_len``). Per-sequence sums are left out:
+    a few hundred float64 numbers per sequence."""
+    from pytest_saecheck.engine.run import PARTICIPATION_RATIO_MAX_WIDTH
+
+    d_out = int(getattr(sae.cfg, "d_out", None) or sae.cfg.d_in)
+    second_moment = d_out * d_out * 8 if d_out <= PARTICIPATION_RATIO_MAX_WIDTH else 0
+    return second_moment + int(sae.cfg.d_sae) * 8 + d_out * 8 + 5 * seq_len * 8
+
+
 def run_release_bound(model: Any, saes: dict[str, Any], tokens: Any, batch_size: int) -> dict[str, float]:
     """The least work of any exact evaluation of a release of residual-stream SAEs: the original forward pass
     once (run in stages that stop at each SAE's layer) and, per SAE, one SAE pass and its spliced suffix with
@@ -591,7 +604,44 @@ def measure_release(
     if memory:
         one_sae = next(iter(saes.values()))
         one_batch["ours_one_sae"] = lambda: run_ours(model, one_sae, warm_tokens, batch_size)
-    return interleaved(impls, one_batch, repeats, device, memory, log)
+    timings, results, peak = interleaved(impls, one_batch, repeats, device, memory, log)
+    log("  ours once more, under cProfile, part by part")
+    results["ours_parts"] = ours_parts(impls["ours"], device)
+    return timings, results, peak
+
+
+OURS_PARTS = {
+    ("engine/cut.py", "forward_capturing"): "original forward pass, capturing every hook",
+    ("engine/cut.py", "continue_from"): "continuations from each hook (spliced, templates)",
+    ("engine/cut.py", "logits"): "unembeddings",
+    ("engine/member.py", "reconstruct"): "SAE passes",
+    ("engine/accumulate.py", "add_reconstruction"): "reconstruction sums",
+    ("scoring.py", "prepare_original"): "the original's log-softmax",
+    ("scoring.py", "score_batch"): "scoring CE and KL",
+    ("engine/run.py", "_finish"): "metrics, intervals, participation ratios",
+}
+"""The engine's parts that ``ours_parts`` times: (file suffix, function) -> label. None calls another, so their
+cumulative times add up; what they leave is bookkeeping."""
+
+
+def ours_parts(fn: Callable[[], Any], device: str) -> dict[str, float]:
+    """Wall seconds of one more run of ``fn`` under cProfile (``total``) and the cumulative seconds of each of
+    :data:`OURS_PARTS` in it (profiling adds some overhead to the small calls; the shares are what matter)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    _sync(device)
+    start = time.perf_counter()
+    profiler.runcall(fn)
+    _sync(device)
+    total = time.perf_counter() - start
+    parts = dict.fromkeys(OURS_PARTS.values(), 0.0)
+    for (filename, _, function), row in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
+        for (suffix, name), label in OURS_PARTS.items():
+            if function == name and filename.replace(os.sep, "/").endswith("pytest_saecheck/" + suffix):
+                parts[label] += row[3]
+    return {"total": total, **parts}
 
 
 # --- configurations -----------------------------------------------------------------------------------------------
@@ -867,6 +917,10 @@ def release_report(
     growth_in_logits = (
         (whole_set - one_sae) / logits_bytes if one_sae is not None and whole_set is not None else None
     )
+    sums = sum(sums_bytes(sae, case.tokens.shape[1]) for sae in list(case.saes.values())[1:])
+    beyond_sums = (
+        (whole_set - one_sae - sums) / logits_bytes if one_sae is not None and whole_set is not None else None
+    )
     parts = results["bound"]
     record: dict[str, Any] = {
         "name": case.name or case.key,
@@ -898,6 +952,10 @@ def release_report(
         "peak_bytes_one_batch_of_logits": logits_bytes,
         "peak_growth_in_batches_of_logits": round(growth_in_logits, 3)
         if growth_in_logits is not None
+        else None,
+        "peak_bytes_sums_of_extra_saes": sums,
+        "peak_growth_beyond_sums_in_batches_of_logits": round(beyond_sums, 3)
+        if beyond_sums is not None
         else None,
         "bound_parts_seconds": {name: round(value, 3) for name, value in parts.items()},
         "per_sae": per_sae,
@@ -957,7 +1015,9 @@ def release_report(
         )
         out.append(
             f"  the set's peak exceeds one SAE's by {growth_in_logits:.2f} x one batch of logits "
-            f"({fmt_bytes(logits_bytes)}; the target is at most 1 plus the SAEs' own sums)"
+            f"({fmt_bytes(logits_bytes)}); the {n - 1} extra SAEs' own sums are {fmt_bytes(sums)} "
+            f"(sums_bytes), and beyond them the growth is {beyond_sums:.2f} x one batch of logits (the target: "
+            "at most 1)"
         )
     total_parts = sum(parts.values())
     share = {name: 100 * value / total_parts if total_parts else math.nan for name, value in parts.items()}
@@ -971,6 +1031,20 @@ def release_report(
         f"({share['suffix']:.0f}%); ours / bound, pair by pair: median {med:.2f} (min {lo:.2f}, max {hi:.2f}; "
         "the rest of ours: zero-ablation templates, scoring, bookkeeping)"
     )
+    own = results.get("ours_parts")
+    if own:
+        total = own["total"]
+        rest = total - sum(value for name, value in own.items() if name != "total")
+        shares = ", ".join(
+            f"{name} {value:.2f} s ({100 * value / total:.0f}%)"
+            for name, value in own.items()
+            if name != "total"
+        )
+        out.append(
+            f"  where ours' time goes (one more run under cProfile, {total:.2f} s): {shares}, the rest "
+            f"(bookkeeping) {rest:.2f} s ({100 * rest / total:.0f}%)"
+        )
+        record["ours_parts_seconds"] = {name: round(value, 3) for name, value in own.items()}
     out.append(
         f"  {'SAE':28}{'ce_sae':>12}{'kl_sae':>12}{'max |diff|':>12}  {'metric':26}{'f32 ulps':>9}"
         f"{'f64 err ours':>14}{'f64 err SAE Lens':>18}"

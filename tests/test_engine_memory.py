@@ -30,11 +30,15 @@ class LiveTensorBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for key in [k for k, (ref, _) in self.tracked.items() if ref.expired()]:
             self.live -= self.tracked.pop(key)[1]
+        # Views and in-place results alias an input (a parameter's detach, W_U.T): they allocate nothing.
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 storage = tensor.untyped_storage()
                 key = storage.data_ptr()
-                if key and key not in self.tracked:
+                if key and key not in self.tracked and key not in inputs:
                     self.tracked[key] = (StorageWeakRef(storage), storage.nbytes())
                     self.live += storage.nbytes()
         self.peak = max(self.peak, self.live)

@@ -126,3 +126,43 @@ def test_bootstrap_rejects_bad_level(level):
 def test_bootstrap_needs_two_sequences():
     with pytest.raises(ConfigError, match="at least 2 sequences"):
         bootstrap_interval({"a": np.ones(1)}, lambda s: s["a"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n_tokens=st.integers(0, 40),
+    d_sae=st.integers(1, 300),
+    density=st.sampled_from([0.0, 0.01, 0.05, 0.3, 1.0]),
+    dtype=st.sampled_from(["float32", "bfloat16", "float64"]),
+    seed=st.integers(0, 2**16),
+)
+def test_latent_counts_equal_counting_nonzero_entries(n_tokens, d_sae, density, dtype, seed):
+    """L0 per token (the 0-norm) and firing per latent (from the nonzero indices when sparse, a boolean sum when
+    dense) both equal counting ``latents != 0`` directly, for sparse and dense codes and low-precision latents."""
+    import torch
+
+    from pytest_saecheck.engine.accumulate import firing_counts
+    from pytest_saecheck.metrics import reconstruction_terms
+
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.rand(n_tokens, d_sae, generator=generator) + 0.5
+    mask = torch.rand(n_tokens, d_sae, generator=generator) < density
+    latents = torch.where(mask, values, torch.zeros(())).to(getattr(torch, dtype))
+    active = latents != 0
+    assert torch.equal(firing_counts(latents), active.sum(0))
+    x = torch.randn(n_tokens, 4, generator=generator, dtype=torch.float64)
+    terms = reconstruction_terms(x, x, latents, torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(terms["l0_sum"], active.sum(-1).double())
+
+
+def test_l0_counts_exactly_on_a_wide_bfloat16_code():
+    """bfloat16 holds integers exactly only up to 256: the count is made in float32 whatever the latents' dtype."""
+    import torch
+
+    from pytest_saecheck.metrics import reconstruction_terms
+
+    latents = torch.ones(2, 4097, dtype=torch.bfloat16)
+    latents[1, :1000] = 0
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    terms = reconstruction_terms(x, x, latents, torch.zeros(3, dtype=torch.float64))
+    assert terms["l0_sum"].tolist() == [4097.0, 3097.0]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pytest_saecheck.engine.grouping import GROUP_PREFIX, sums_by_group_positions, sums_by_group_rows
-from pytest_saecheck.metrics import reconstruction_terms
+from pytest_saecheck.metrics import nonzero_count, reconstruction_terms
 from pytest_saecheck.scoring import BatchScores
 
 
@@ -112,7 +112,7 @@ class Accumulator:
                     values, seq_index, group_ids, n_batch, self.n_groups
                 )
         if self.firing is not None:
-            self.firing += (z != 0).sum(0).double()
+            self.firing += firing_counts(z).double()
         if self.second_moment is not None:
             centered = xs - self.reference
             self.second_moment += centered.T @ centered
@@ -291,6 +291,20 @@ def position_intervals(per_position: Mapping[str, np.ndarray], level: float) -> 
         low, high = found[str(t)]
         out.append([low, high] if math.isfinite(low) and math.isfinite(high) else None)
     return out
+
+
+def firing_counts(latents: torch.Tensor) -> torch.Tensor:
+    """How many of the ``[tokens, d_sae]`` latents' rows each latent is nonzero in: ``[d_sae]`` int64.
+
+    A sparse code (the usual SAE: a few dozen of thousands active) is counted from its nonzero entries' latent
+    indices, about 5x faster on a CPU than summing a ``[tokens, d_sae]`` boolean over tokens; a dense one (more
+    than 1 in 16 active, where the index tensors would outgrow the latents) by that sum.
+    """
+    d_sae = latents.shape[-1]
+    active = int(nonzero_count(latents).item())
+    if active * 16 <= latents.numel():
+        return torch.bincount(latents.nonzero(as_tuple=True)[-1], minlength=d_sae)
+    return (latents != 0).sum(0)
 
 
 def finite_list(values: np.ndarray) -> list[float | None]:

@@ -169,7 +169,10 @@ class Member:
         for name, param in self.sae.named_parameters():
             # One sum (no [d_in, d_sae] boolean temporary) decides for a finite tensor; a NaN or inf makes it
             # non-finite, and so may an overflow, which the elementwise check then tells apart.
-            if not torch.isfinite(param.detach().sum(dtype=torch.float32)) and not torch.isfinite(param).all():
+            if (
+                not torch.isfinite(param.detach().sum(dtype=torch.float32))
+                and not torch.isfinite(param).all()
+            ):
                 raise NonFiniteError(
                     f"SAE parameter {name!r} contains NaN or inf; the SAE file is corrupt or training diverged. "
                     "Re-export the SAE from a finite checkpoint."
