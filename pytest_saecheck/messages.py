@@ -57,11 +57,19 @@ def fmt_exact(value: float | None) -> str:
     return f"{value:.9g}"
 
 
-def fmt_significant(value: float | None, digits: int = 2) -> str:
-    """``value`` with ``digits`` significant digits (tolerances, notes: ``0.0024``, ``1e-05``), ``—`` when missing."""
+def fmt_significant(value: float | None, digits: int = 2, *, apart_from: float | None = None) -> str:
+    """``value`` with ``digits`` significant digits (tolerances, notes: ``0.0024``, ``1e-05``), ``—`` when missing.
+
+    ``apart_from``: a value that is not it is never shown as it (more digits, up to 9, are given as needed):
+    a compute_fraction of 1.002 reads ``1.002``, not ``1``, next to "above 1".
+    """
     if value is None:
         return MISSING
-    return f"{value:.{digits}g}"
+    text = f"{value:.{digits}g}"
+    while apart_from is not None and value != apart_from and float(text) == apart_from and digits < 9:
+        digits += 1
+        text = f"{value:.{digits}g}"
+    return text
 
 
 def fmt_readable(value: Any, digits: int = 4) -> str:

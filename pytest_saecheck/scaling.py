@@ -22,6 +22,7 @@ This module imports no numpy, scipy or torch at import time (the plugin imports 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from collections.abc import Sequence
@@ -260,7 +261,8 @@ def load_scaling_law(path: str | Path) -> ScalingLaw:
         data = json.loads(target.read_text(encoding="utf-8"))
     except OSError as error:
         raise ConfigError(
-            f"cannot read the scaling law file {str(target)!r}: {error.strerror or error}"
+            f"cannot read the scaling law file {str(target.absolute())!r}: {error.strerror or error}; a relative "
+            "path is read from the directory pytest runs in (give an absolute path, or a preset name)"
         ) from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"the scaling law file {str(target)!r} is not JSON: {error}") from None
@@ -311,6 +313,8 @@ def as_scaling_law(value: Any) -> ScalingLaw | None:
     """
     if value is None or isinstance(value, ScalingLaw):
         return value
+    given = value
+    hint = ""
     if isinstance(value, Path):
         return load_scaling_law(value)
     if isinstance(value, str):
@@ -330,6 +334,8 @@ def as_scaling_law(value: Any) -> ScalingLaw | None:
             return load_scaling_law(text)
         parts = [part for part in text.strip("()[] ").replace(",", " ").split() if part]
         value = parts
+        close = difflib.get_close_matches(key, [*PRESETS, DEMO_LAW, "none", "default"], n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
     if isinstance(value, (tuple, list)) and len(value) == 2:
         try:
             irreducible, gamma = float(value[0]), float(value[1])
@@ -340,8 +346,8 @@ def as_scaling_law(value: Any) -> ScalingLaw | None:
                 return given_law(irreducible, gamma)
     raise ConfigError(
         "a scaling law must be (E, gamma) with E >= 0 nats and gamma > 0 for L(C) = E + A*C^-gamma, a preset "
-        f'({", ".join(PRESETS)}), the path of a fit file (.json), "demo" (the demo family fit) or "none"; got {value!r}, '
-        "e.g. scaling_law=(1.69, 0.1535) or --saecheck-scaling-law=epoch"
+        f'({", ".join(PRESETS)}), the path of a fit file (.json), "demo" (the demo family fit) or "none"; got '
+        f"{given!r}{hint}, e.g. scaling_law=(1.69, 0.1535) or --saecheck-scaling-law=epoch"
     )
 
 

@@ -202,13 +202,14 @@ def test_malformed_option_is_a_usage_error(pytester: pytest.Pytester, option: st
     result.stderr.fnmatch_lines([message])
 
 
-def test_malformed_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
-    pytester.makeini("[pytest]\nsaecheck_context_size = -4\n")
+@pytest.mark.parametrize("value", ["-4", "1"])  # one token has no next token to predict
+def test_malformed_ini_value_is_a_usage_error(pytester: pytest.Pytester, value: str) -> None:
+    pytester.makeini(f"[pytest]\nsaecheck_context_size = {value}\n")
     pytester.makepyfile("def test_nothing(): pass")
     result = pytester.runpytest_inprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
-        ["*saecheck_context_size: saecheck setting 'context_size' must be at least 1, got -4*"]
+        [f"*saecheck_context_size: saecheck setting 'context_size' must be at least 2, got {value}*"]
     )
 
 

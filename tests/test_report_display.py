@@ -158,3 +158,14 @@ def test_the_command_line_help_render_and_merge(tmp_path: Path, capsys: pytest.C
         assert main(["merge", *inputs, "--json", str(tmp_path / "m.json")]) == 2
         assert "each shard can be merged once" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
+
+
+def test_a_number_is_never_rounded_onto_the_value_it_is_compared_with() -> None:
+    from pytest_saecheck.messages import fmt_significant
+
+    assert fmt_significant(1.002, 3) == "1"  # plain: 3 significant digits
+    assert fmt_significant(1.002, 3, apart_from=1.0) == "1.002"
+    assert fmt_significant(0.99996, 3, apart_from=1.0) == "0.99996"
+    assert fmt_significant(1.0, 3, apart_from=1.0) == "1"
+    assert fmt_significant(0.734, 3, apart_from=1.0) == "0.734"
+    assert fmt_significant(1 + 1e-12, 3, apart_from=1.0) == "1"  # at most 9 digits

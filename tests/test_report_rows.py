@@ -127,7 +127,7 @@ def test_a_new_users_three_evaluations_of_one_sae_are_three_distinct_rows() -> N
 def test_the_label_rule_names_what_differs_and_falls_back_to_the_id() -> None:
     base = build_document(one_test("t.py::test_a", evaluation(ce_sae=2.5)))["saes"][0]
     twin = {**base, "id": "sae-000000000001", "settings": {**base["settings"], "splice": "joint"}}
-    assert row_labels([base, twin]) == [f"{LABEL} (splice=None)", f"{LABEL} (splice=joint)"]
+    assert row_labels([base, twin]) == [f"{LABEL} (splice=none)", f"{LABEL} (splice=joint)"]
     same = {**base, "id": "sae-000000000002"}
     assert row_labels([base, same]) == [f"{LABEL} [{base['id']}]", f"{LABEL} [sae-000000000002]"]
     assert row_labels([base]) == [LABEL]

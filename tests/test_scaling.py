@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -159,8 +160,13 @@ def test_bad_fit_files_and_specs_are_config_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="is not JSON"):
         as_scaling_law(str(tmp_path / "bad.json"))
-    with pytest.raises(ConfigError, match=r"must be \(E, gamma\).*chinchilla, epoch, kaplan"):
+    with pytest.raises(ConfigError, match=r"must be \(E, gamma\).*chinchilla, epoch, kaplan.*got 'gpt4',"):
         _scaling_law("scaling_law", "gpt4")
+    with pytest.raises(ConfigError, match=r"got 'chinchila' \(did you mean 'chinchilla'\?\)"):
+        as_scaling_law("chinchila")
+    with pytest.raises(ConfigError, match="directory pytest runs in") as missing:
+        as_scaling_law("missing-law.json")
+    assert str(Path("missing-law.json").absolute()) in str(missing.value)
     assert _scaling_law("scaling_law", "Epoch") is PRESETS["epoch"]
     assert _scaling_law("scaling_law", "none") is None
     assert _scaling_law("scaling_law", "default") is DEFAULT_LAW and DEFAULT_LAW.default

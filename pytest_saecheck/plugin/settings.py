@@ -106,10 +106,15 @@ def _positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
     return number
 
 
-def _optional_positive_int(name: str, value: Any) -> int | None:
-    if isinstance(value, str) and value.strip().lower() in ("", "auto", "none"):
+def _optional_positive_int(name: str, value: Any, *, minimum: int = 1) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto", "none")):
         return None
-    return _positive_int(name, value)
+    return _positive_int(name, value, minimum=minimum)
+
+
+def _context_size(name: str, value: Any) -> int | None:
+    """Tokens per sequence: at least 2, since a sequence of one token has no next token to predict."""
+    return _optional_positive_int(name, value, minimum=2)
 
 
 def _seed(name: str, value: Any) -> int:
@@ -414,7 +419,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "context_size",
-        _optional_positive_int,
+        _context_size,
         None,
         f"tokens per sequence. Default: the SAE's training context size, else {DEFAULT_CONTEXT_SIZE}",
         "N",

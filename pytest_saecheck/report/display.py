@@ -73,6 +73,8 @@ DISTINGUISHING: tuple[tuple[str, Callable[[Mapping[str, Any]], Any]], ...] = (
 
 
 def _shown(value: Any) -> str:
+    if value is None:  # a setting left unset: "(token_groups=none)", as the settings are written
+        return "none"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):

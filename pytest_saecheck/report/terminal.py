@@ -57,7 +57,7 @@ def _compute_law_notes(labels: Sequence[str], saes: Sequence[Mapping[str, Any]])
         law, value = sae.get("compute_law"), sae["metrics"].get("compute_fraction")
         if not isinstance(law, Mapping) or value is None or (law.get("fitted") and not law.get("above_one")):
             continue
-        text = f"  {label}: compute_fraction {fmt_significant(value, 3)}"
+        text = f"  {label}: compute_fraction {fmt_significant(value, 3, apart_from=1.0)}"
         band = law.get("band")
         if not law.get("fitted") and isinstance(band, list) and len(band) == 2:
             text += f" (published presets: {fmt_significant(band[0], 3)} to {fmt_significant(band[1], 3)})"
