@@ -9,7 +9,8 @@ Usage::
 
 Four things are timed on identical token batches:
 
-``ours``    ``pytest_saecheck.evaluate(..., exclude_bos=False, mean_ablation=False)``: CE (original, spliced,
+``ours``    ``pytest_saecheck.evaluate(..., exclude_bos=False, exclude_special_tokens=False,
+            mean_ablation=False)``: CE (original, spliced,
             zero-ablated), KL, explained variance (both formulas), MSE, cosine, L2 ratio, L0, L1, latent density.
 ``anchor``  SAE Lens' ``run_evals`` with the equivalent ``EvalConfig`` (KL, CE, L2 norms, sparsity, variance,
             featurewise density), ``exclude_special_tokens=False``, fed the same batches by a minimal stand-in for
@@ -260,16 +261,25 @@ def run_ours(model: Any, sae: Any, tokens: Any, batch_size: int, *, joint: bool 
     """One ``evaluate`` call; ``sae`` may be a mapping ``name -> SAE`` (one shared pass, ``joint`` allowed)."""
     from pytest_saecheck import evaluate
 
-    return evaluate(
+    result = evaluate(
         model,
         sae,
         tokens,
         batch_size=batch_size,
         exclude_bos=False,
+        exclude_special_tokens=False,
         mean_ablation=False,
         joint=joint,
         progress=False,
     )
+    # Both sides must score every position: a token policy that left some out would compare other averages.
+    evaluations = [result] if hasattr(result, "n_tokens") else list(result.values())
+    for evaluation in evaluations:
+        if evaluation.n_tokens != tokens.numel():
+            raise RuntimeError(
+                f"ours evaluated {evaluation.n_tokens} of {tokens.numel()} positions; the comparison needs all"
+            )
+    return result
 
 
 def anchor_config(batch_size: int, n_batches: int) -> Any:
@@ -1131,7 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"pytest-saecheck engine vs SAE Lens evaluation ({describe_machine(device)}, device {device})",
         "Both compute the same metric set on the same positions: every position spliced, zero-ablated and scored",
-        "(ours: exclude_bos=False, mean_ablation=False; SAE Lens: run_evals, exclude_special_tokens=False);",
+        "(ours: exclude_bos=False, exclude_special_tokens=False, mean_ablation=False; SAE Lens: run_evals, exclude_special_tokens=False);",
         "the same SAE object serves both. Times are per evaluation of the whole token set.",
     ]
     records: dict[str, Any] = {}

@@ -193,3 +193,17 @@ def test_bound_starts_after_the_hook(bench):
     # Inside a block the rest of the block is skipped too (a lower bound on the work), and the zero-ablated
     # run depends on the tokens.
     assert bench.suffix_start(model, "blocks.1.hook_mlp_out") == (2, True)
+
+
+def test_the_demo_case_scores_every_position_on_both_sides(bench):
+    """The demo's tokens hold special tokens, which ``evaluate`` leaves out by default while ``run_evals`` (as
+    configured) keeps them: the benchmark turns that off, so both average over the same positions and agree."""
+    from pytest_saecheck import evaluate
+
+    case = bench.demo_case(512, 4, "cpu", seq_len=32)
+    default = evaluate(case.model, case.sae, case.tokens, exclude_bos=False, progress=False)
+    assert default.n_tokens < case.tokens.numel()  # there are special tokens to leave out
+    timings, ours, anchor, peak = bench.measure_case(case, 4, 1, "cpu", False, lambda message: None)
+    assert ours.n_tokens == case.tokens.numel()
+    lines, record = bench.case_report(case, timings, ours, anchor, peak, 4)
+    assert record["max_abs_diff"] <= 1e-4, "\n".join(lines)

@@ -235,6 +235,58 @@ def test_exact_dictionaries_are_exact() -> None:
         )
 
 
+class _HookedLayerNorm(torch.nn.Module):
+    """A LayerNorm whose ``hook_normalized`` sees its normalised input before the weight and bias (TransformerLens
+    3) or its output (``after_affine``, TransformerLens 2)."""
+
+    def __init__(self, ln: Any, *, after_affine: bool) -> None:
+        from transformer_lens.hook_points import HookPoint
+
+        super().__init__()
+        self.w, self.b, self.hook_normalized, self.after_affine = ln.w, ln.b, HookPoint(), after_affine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x - x.mean(-1, keepdim=True)
+        x = x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+        if self.after_affine:
+            return self.hook_normalized(x * self.w + self.b)
+        return self.hook_normalized(x) * self.w + self.b
+
+
+@pytest.mark.parametrize("after_affine", [False, True])
+def test_the_transcoder_subject_reads_where_hook_normalized_sits(after_affine: bool) -> None:
+    """The subject folds the LayerNorm's weight and bias into the encoder only where ``hook_normalized`` sees the
+    input before them; either way (and with the installed TransformerLens's own LayerNorm) it copies the MLP."""
+    model = subjects.relu_model("cpu")
+    tokens = subjects.build_subjects("cpu").tokens
+    assert (
+        subjects.transcoder_gap(model, subjects.mlp_transcoder(model, 1), tokens)
+        <= subjects.EXACT_SUBJECT_RTOL
+    )
+    ln2 = model.blocks[1].ln2
+    assert not torch.allclose(ln2.w, torch.ones_like(ln2.w))  # a trained LayerNorm: the two cases differ
+    model.blocks[1].ln2 = _HookedLayerNorm(ln2, after_affine=after_affine)
+    model.setup()  # register the new hook point under its name
+    assert subjects._hook_normalized_before_affine(model.blocks[1].ln2) is not after_affine
+    transcoder = subjects.mlp_transcoder(model, 1)
+    assert torch.equal(transcoder.W_enc, model.blocks[1].mlp.W_in) is after_affine  # folded or not
+    assert subjects.transcoder_gap(model, transcoder, tokens) <= subjects.EXACT_SUBJECT_RTOL
+
+
+def test_a_subject_that_does_not_copy_the_model_leaves_its_property_not_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(subjects, "transcoder_gap", lambda model, transcoder, tokens: 0.023)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, results = battery.run_battery(
+            adapters.saecheck_pipeline, device="cpu", checks=["transcoder_splice"]
+        )
+    (result,) = [r for r in results if r.name == "transcoder_splice"]
+    assert not result.broken
+    assert "does not reproduce this model's MLP" in result.not_checked and "0.023" in result.not_checked
+
+
 def test_variance_candidates_against_numpy() -> None:
     import numpy as np
 

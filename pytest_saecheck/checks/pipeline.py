@@ -346,6 +346,13 @@ def check_transcoder_splice(run: _Run, result: PropertyResult) -> None:
         transcoder = run.once("transcoder", lambda: subjects.mlp_transcoder(model, subjects.TRANSCODER_LAYER))
     except ImportError as error:
         raise _NotApplicable(f"the installed SAE Lens has no Transcoder ({error})") from None
+    gap = run.once("transcoder_gap", lambda: subjects.transcoder_gap(model, transcoder, run.tokens()))
+    if not gap <= subjects.EXACT_SUBJECT_RTOL:
+        raise _NotApplicable(
+            f"the transcoder subject does not reproduce this model's MLP on the installed TransformerLens "
+            f"(relative gap {messages.fmt_significant(gap)} > {subjects.EXACT_SUBJECT_RTOL:g}), so a faithful "
+            "splice would not score CE unchanged either"
+        )
     metrics = run.call("transcoder", model, transcoder, BATCH)
     _exact_splice(result, metrics, run.tol)
 

@@ -118,14 +118,60 @@ def mlp_transcoder(model: Any, layer: int) -> Any:
     transcoder.cfg.metadata.hook_name_out = f"blocks.{layer}.hook_mlp_out"
     transcoder.cfg.metadata.model_name = "saecheck-demo"
     transcoder = transcoder.to(_device(model))
+    ln2 = model.blocks[layer].ln2
     with torch.no_grad():
-        # hook_normalized is the LayerNorm's output before its weight and bias: fold them into the encoder.
-        ln2 = model.blocks[layer].ln2
-        transcoder.W_enc.copy_(ln2.w[:, None] * mlp.W_in)
-        transcoder.b_enc.copy_(mlp.b_in + ln2.b @ mlp.W_in)
+        if _hook_normalized_before_affine(ln2):
+            # TransformerLens 3: hook_normalized is the LayerNorm's output before its weight and bias: fold them
+            # into the encoder.
+            transcoder.W_enc.copy_(ln2.w[:, None] * mlp.W_in)
+            transcoder.b_enc.copy_(mlp.b_in + ln2.b @ mlp.W_in)
+        else:  # TransformerLens 2: hook_normalized is the LayerNorm's output, weight and bias applied
+            transcoder.W_enc.copy_(mlp.W_in)
+            transcoder.b_enc.copy_(mlp.b_in)
         transcoder.W_dec.copy_(mlp.W_out)
         transcoder.b_dec.copy_(mlp.b_out)
     return transcoder
+
+
+def _hook_normalized_before_affine(ln: Any) -> bool:
+    """Whether a TransformerLens ``LayerNorm``'s ``hook_normalized`` sees its input normalised but before its weight
+    and bias (TransformerLens 3) or its output (TransformerLens 2): decided by running it on one vector."""
+    import torch
+
+    seen: list[torch.Tensor] = []
+    handle = ln.hook_normalized.register_forward_hook(lambda module, args, out: seen.append(out.detach()))
+    try:
+        with torch.no_grad():
+            x = torch.linspace(-1.0, 2.0, int(ln.w.shape[0]), device=ln.w.device, dtype=ln.w.dtype)[
+                None, None
+            ]
+            out = ln(x)
+    finally:
+        handle.remove()
+    return not torch.allclose(seen[0], out)
+
+
+EXACT_SUBJECT_RTOL = 1e-5
+"""The largest relative gap (to the largest |activation|) at which a subject built to copy the model counts as
+exact. Measured for the transcoder subject on the battery's tokens: 2.9e-7 with TransformerLens 3.9 (float32
+rounding). Before the subject read where ``hook_normalized`` sits (before the LayerNorm's weight and bias in
+TransformerLens 3, after them in 2), it was 2.3e-2 off with TransformerLens 2.18."""
+
+
+def transcoder_gap(model: Any, transcoder: Any, tokens: torch.Tensor) -> float:
+    """How far ``transcoder`` is from the MLP it copies on ``tokens``: ``max |T(x_in) − x_out| / max |x_out|`` at
+    its read and write hooks (0 when exact). A subject that does not reproduce the model on this stack (another
+    TransformerLens's hook semantics) cannot tell a faithful splice from a faulty one."""
+    import torch
+
+    metadata = transcoder.cfg.metadata
+    x_in = activations(model, tokens, metadata.hook_name)
+    x_out = activations(model, tokens, metadata.hook_name_out)
+    with torch.inference_mode():
+        device = next(transcoder.parameters()).device
+        recon = transcoder.decode(transcoder.encode(x_in.to(device))).to(x_out.device)
+    scale = float(x_out.abs().max())
+    return float((recon - x_out).abs().max()) / scale if scale > 0 else float((recon - x_out).abs().max())
 
 
 def relu_model(device: Any = None) -> Any:
@@ -227,6 +273,7 @@ def build_subjects(device: Any = None) -> Subjects:
 __all__ = [
     "ACTIVATION_SCALE",
     "BATCH_SIZES",
+    "EXACT_SUBJECT_RTOL",
     "N_SEQUENCES",
     "Subjects",
     "activations",
@@ -238,5 +285,6 @@ __all__ = [
     "projection_sae",
     "relu_model",
     "saturated_model",
+    "transcoder_gap",
     "variance_candidates",
 ]
