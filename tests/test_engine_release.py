@@ -251,3 +251,36 @@ def test_a_model_spread_with_n_devices_gives_identical_results(model):
     _assert_identical(one, two)
     assert one.joint is not None and two.joint is not None
     assert one.joint.metrics == two.joint.metrics
+
+
+def test_an_error_or_warning_about_one_sae_of_a_set_names_it(model):
+    """In a release of a dozen SAEs, "W_dec contains NaN" or "expects d_in=48" must say which SAE; the same error
+    class as evaluating that SAE alone, which does not repeat its name."""
+    import warnings
+
+    from pytest_saecheck import NonFiniteError, ShapeMismatchError
+
+    good = random_sae("blocks.1.hook_resid_pre")
+    broken = random_sae("blocks.2.hook_resid_pre", seed=3)
+    with torch.no_grad():
+        broken.W_dec[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"^SAE 'broken': SAE parameter 'W_dec' contains NaN"):
+        evaluate(model, {"good": good, "broken": broken}, make_tokens(4), progress=False)
+    with pytest.raises(NonFiniteError, match=r"^SAE parameter 'W_dec'"):
+        evaluate(model, broken, make_tokens(4), progress=False)
+    wide = random_sae("blocks.2.hook_resid_pre", d_in=48)
+    with pytest.raises(ShapeMismatchError, match=r"^SAE 'wide': .*d_in=48"):
+        evaluate(model, {"good": good, "wide": wide}, make_tokens(4), progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate(model, {"good": good, "other": broken_free(broken)}, make_tokens(4), progress=False)
+    assert any(evaluation.warnings for evaluation in result.values())
+    for name, evaluation in result.items():
+        for message in evaluation.warnings:  # recorded without the name, shown with it
+            assert any(str(w.message) == f"SAE {name!r}: {message}" for w in caught), message
+
+
+def broken_free(sae):
+    with torch.no_grad():
+        sae.W_dec.nan_to_num_(0.0)
+    return sae

@@ -93,8 +93,8 @@ def test_examples_pass_and_xfail_as_documented(examples: pytest.Pytester) -> Non
         [
             "*= saecheck summary =*",
             "demo/good (token_groups=demo_constructs) * 8 passed",
-            "demo/good (token_groups=None) * 8 passed",
-            "demo/variance_only (token_groups=None) * 3 passed, 3 xfailed",
+            "demo/good (token_groups=none) * 8 passed",
+            "demo/variance_only (token_groups=none) * 3 passed, 3 xfailed",
             "demo/variance_only (token_groups=demo_constructs) * 4 passed, 4 xfailed",
         ]
     )

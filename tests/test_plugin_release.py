@@ -79,13 +79,19 @@ def test_joint_marker_end_to_end_with_the_report(release_pytester: pytest.Pytest
         @pytest.mark.saecheck(model="tiny", tokens="tokens.npy", sae=["sae_identity", "sae_random"])
         def test_a_list_without_joint_is_refused(saecheck):
             saecheck.evaluation
+
+        @pytest.mark.saecheck(model="tiny", tokens="tokens.npy", sae=["sae_identity", "./sae_identity"],
+                              splice="joint")
+        def test_one_sae_twice_is_refused(saecheck):
+            saecheck.evaluation
         """
     )
     result = release_pytester.runpytest_inprocess(
         "-p", "no:cacheprovider", "--saecheck-json", "r.json", "--saecheck-report", "r.html"
     )
-    result.assert_outcomes(passed=1, failed=1)
+    result.assert_outcomes(passed=1, failed=2)
     result.stdout.fnmatch_lines(['*add splice="joint"*'])
+    result.stdout.fnmatch_lines(["*sae= lists '*sae_identity' more than once*list distinct SAEs*"])
     document = json.loads((release_pytester.path / "r.json").read_text())
     [joint] = [entry for entry in document["saes"] if entry["evaluated"] and "joint" in entry["label"]]
     assert "delta_ce" in joint["metrics"] and "explained_variance" not in joint["metrics"]

@@ -415,3 +415,28 @@ def test_the_demo_model_defaults_to_its_family_law(sae, model, law, source, expe
     settings = SAECheckSettings(sae=sae, model=model, scaling_law=law, sources={"scaling_law": source})
     chosen = SAECheck(settings, "cpu", SessionCache()).scaling_law
     assert (None if chosen is None else chosen.spec) == expected
+
+
+def test_an_interval_undefined_in_some_resamples_is_called_undefined_not_skewed():
+    """On few short sequences of the demo, some resampled losses fall below the demo law's E, so compute_fraction
+    is undefined there: the interval is (nan, nan) and the warning says why (it used to blame skew)."""
+    import warnings
+
+    from pytest_saecheck import demo, evaluate
+
+    tokens = demo.load_tokens(n_sequences=32, seq_len=32, device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate(
+            demo.load_model(device="cpu"),
+            demo.load_sae("good", device="cpu"),
+            tokens,
+            scaling_law="demo",
+            progress=False,
+        )
+        low, high = result.confidence_interval("compute_fraction")
+    assert math.isfinite(result.metrics["compute_fraction"])
+    assert math.isnan(low) and math.isnan(high)
+    (message,) = [str(w.message) for w in caught if "interval of compute_fraction" in str(w.message)]
+    assert "is undefined" in message and "irreducible loss E" in message and "skewed" not in message
+    assert message in result.warnings

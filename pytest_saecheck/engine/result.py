@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -100,15 +101,24 @@ class Evaluation:
             self._interval_cache[key] = intervals
             for name, (low, high) in intervals.items():
                 value = self.metrics[name]
-                if not low <= value <= high:
+                if math.isnan(low) or math.isnan(high):
+                    message = (
+                        f"the {level:.0%} bootstrap interval of {name} is undefined: the metric is undefined in "
+                        "some resamples of the sequences (for compute_fraction, a resampled loss not above the "
+                        "scaling law's irreducible loss E; for a ratio, a zero denominator); evaluate more "
+                        "sequences, or gate on the value without confidence="
+                    )
+                elif not low <= value <= high:
                     message = (
                         f"the {level:.0%} bootstrap interval of {name} [{low:.4g}, {high:.4g}] does not contain "
                         f"its value {value:.4g}: the resampled values are strongly skewed (a near-zero "
                         "denominator or a few dominant sequences); do not gate on this interval"
                     )
-                    if message not in self.warnings:
-                        self.warnings.append(message)
-                        warnings.warn(message, SAECheckWarning, stacklevel=2)
+                else:
+                    continue
+                if message not in self.warnings:
+                    self.warnings.append(message)
+                    warnings.warn(message, SAECheckWarning, stacklevel=2)
         return dict(self._interval_cache[key])
 
     def delta_ce_by_position_interval(self, level: float = DEFAULT_LEVEL) -> list[list[float] | None]:

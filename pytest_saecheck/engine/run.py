@@ -47,6 +47,7 @@ from pytest_saecheck.errors import (
     DegenerateActivationsError,
     EmptyTokenSetError,
     ModelStateError,
+    SAECheckError,
     SAECheckWarning,
     ShapeMismatchError,
 )
@@ -199,9 +200,10 @@ def evaluate(
     policy = policy.resolved_for(model)
     scalers = _per_member("activation_scaler", activation_scaler, named, single)
     means = _per_member("mean_activation", mean_activation, named, single)
-    members = [
-        Member(name, one, model, norm.as_normalisation(scalers.get(name))) for name, one in named.items()
-    ]
+    members = []
+    for name, one in named.items():
+        with _naming(name, not single):
+            members.append(Member(name, one, model, norm.as_normalisation(scalers.get(name))))
     if joint:
         _check_joint(members)
     tokens = _check_tokens(model, tokens, policy)
@@ -232,11 +234,28 @@ def evaluate(
         if model_hooks:
             evaluation.warnings.insert(0, _hooks_warning(model_hooks))
         evaluation.duration_s = duration
-    for message in dict.fromkeys(m for e in evaluations.values() for m in e.warnings):
+    shown = {
+        (message if single else f"SAE {name!r}: {message}"): None
+        for name, evaluation in evaluations.items()
+        for message in evaluation.warnings
+    }
+    for message in shown:
         warnings.warn(message, SAECheckWarning, stacklevel=2)
     if single:
         return next(iter(evaluations.values()))
     return EvaluationSet(evaluations, joint_evaluation, compounding)
+
+
+@contextlib.contextmanager
+def _naming(name: str, several: bool) -> Iterator[None]:
+    """In a set, an error about one SAE names it: ``SAE 'blocks.3.hook_resid_pre': <the error>`` (same class)."""
+    try:
+        yield
+    except SAECheckError as error:
+        prefix = f"SAE {name!r}: "
+        if not several or str(error).startswith(prefix):
+            raise
+        raise type(error)(prefix + str(error)) from error
 
 
 def _named(saes: Any) -> tuple[bool, dict[str, Any]]:
@@ -393,11 +412,12 @@ class _Pass:
                 )
                 del final
                 for m in self.members:
-                    if start == 0:
-                        m.check_firing_order(order)
-                    self._member_batch(
-                        m, captured, batch, kept, predicted, original, self._group_labels(rows)
-                    )
+                    with _naming(m.name, len(self.members) > 1):
+                        if start == 0:
+                            m.check_firing_order(order)
+                        self._member_batch(
+                            m, captured, batch, kept, predicted, original, self._group_labels(rows)
+                        )
                 del captured
                 if self.joint:
                     self._joint_batch(batch, kept, predicted, original, self._group_labels(rows))

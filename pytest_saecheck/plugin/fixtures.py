@@ -164,6 +164,12 @@ class SAECheck:
                 f'sae= names {len(specs)} SAEs but splice is {self.settings.splice!r}: add splice="joint" to '
                 "splice them all at once, or test them one by one with pytest.mark.parametrize and saecheck_param"
             )
+        repeated = sorted({spec for spec in specs if specs.count(spec) > 1})
+        if repeated:
+            raise ConfigError(
+                f"sae= lists {', '.join(map(repr, repeated))} more than once; a joint splice puts each SAE in the "
+                "model once: list distinct SAEs"
+            )
         if len(specs) < 2 and self.settings.splice == "joint":
             raise ConfigError(
                 'splice="joint" needs several SAEs: give sae=["release/id-a", "release/id-b", ...]'
@@ -300,7 +306,8 @@ class SAECheck:
 
     @property
     def saes(self) -> dict[str, SAE]:
-        """Every SAE under test, ``spec → SAE`` (one entry unless ``splice="joint"``)."""
+        """Every SAE under test, ``resolved spec → SAE`` (a local directory by its absolute path; one entry unless
+        ``splice="joint"``)."""
         return {spec: self._load_sae(spec) for spec in self.sae_specs}
 
     def _load_sae(self, spec: str) -> Any:
