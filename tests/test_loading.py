@@ -97,6 +97,19 @@ def test_unknown_release_suggests_close_names() -> None:
         loading.builtin_load_sae("gpt2-small-res-jbb/blocks.8.hook_resid_pre", "cpu", None)
 
 
+def test_a_missing_sae_inside_an_existing_directory_names_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``saes/nope`` where ``saes/`` exists is a missing local SAE, not an unknown release (found by a new user)."""
+    (tmp_path / "saes").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        LoadError, match=r"no SAE directory at .*saes/nope \(the directory .*saes exists"
+    ) as error:
+        loading.builtin_load_sae("saes/nope", "cpu", None)
+    assert str(tmp_path / "saes" / "nope") in str(error.value)
+
+
 def test_unknown_sae_id_in_a_known_release() -> None:
     with pytest.raises(LoadError, match=r"has no SAE id 'blocks.88.hook_resid_pre'.*blocks.8.hook_resid_pre"):
         loading.builtin_load_sae("gpt2-small-res-jb/blocks.88.hook_resid_pre", "cpu", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -312,11 +313,19 @@ def load_sae_release(release: str, sae_id: str, device: str, dtype: str | None) 
     elif "/" in release:
         repo_id, folder = release, sae_id
     else:
+        spec = f"{release}/{sae_id}"
+        if os.path.isdir(os.path.expanduser(release)):
+            # "saes/nope" where saes/ exists: a local SAE directory that is missing, not a release name.
+            raise LoadError(
+                f"no SAE directory at {absolute_path(spec)} (the directory {absolute_path(release)} exists, and "
+                f"{release!r} is not an SAE Lens release); check the name, or save the SAE there with "
+                "sae.save_model(path)"
+            )
         close = difflib.get_close_matches(release, list(directory), n=3, cutoff=0.5)
         hint = f" Close releases: {', '.join(close)}." if close else ""
         raise LoadError(
-            f"{release!r} is not an SAE Lens release (nor a local directory).{hint} "
-            "See sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory() for the list"
+            f"{release!r} is not an SAE Lens release (nor a local directory: looked for {absolute_path(spec)})."
+            f"{hint} See sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory() for the list"
         )
     try:
         with quiet_deprecations():
