@@ -284,3 +284,27 @@ def broken_free(sae):
     with torch.no_grad():
         sae.W_dec.nan_to_num_(0.0)
     return sae
+
+
+@pytest.mark.parametrize(
+    ("isolated", "ratio"), [((0.2, 0.1), 1.5), ((-0.05, -0.03), None), ((0.0, 0.0), None)]
+)
+def test_the_compounding_ratio_is_defined_only_for_added_loss(isolated, ratio):
+    """joint ΔCE / Σ isolated ΔCE reads "errors compound" above 1; when the isolated splices lowered the loss
+    (a sum ≤ 0) that reading is backwards, so the ratio is None while excess stays defined."""
+    from types import SimpleNamespace
+
+    from pytest_saecheck.engine import run as engine_run
+
+    n = np.full(4, 10.0)
+
+    def acc(delta):
+        sums = {"ce_sum_orig": np.full(4, 20.0), "ce_sum_sae": 20.0 + delta * n, "n_ce": n}
+        return SimpleNamespace(per_sequence=lambda: sums)
+
+    members = [SimpleNamespace(acc=acc(delta)) for delta in isolated]
+    joint_delta = 1.5 * sum(isolated) if ratio else 0.01
+    out = engine_run._compounding(members, acc(joint_delta))
+    assert out["delta_ce_isolated_sum"] == pytest.approx(sum(isolated))
+    assert out["excess"] == pytest.approx(joint_delta - sum(isolated))
+    assert out["ratio"] == (pytest.approx(ratio) if ratio else None)

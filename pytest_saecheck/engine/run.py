@@ -848,7 +848,8 @@ def _compounding(members: Sequence[Member], joint_acc: Accumulator | None) -> di
         "delta_ce_joint": joint_delta,
         "delta_ce_isolated_sum": isolated,
         "excess": joint_delta - isolated,
-        "ratio": joint_delta / isolated if isolated != 0 else None,
+        # A ratio of added losses: read backwards when the isolated splices lowered the loss, so undefined there.
+        "ratio": joint_delta / isolated if isolated > 0 else None,
         "excess_interval": None,
     }
     if len(per_sequence["n_ce"]) >= 2:
