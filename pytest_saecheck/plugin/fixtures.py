@@ -583,6 +583,10 @@ def saecheck(
 ) -> SAECheck:
     """The SAE under test with its model, tokens and evaluation (computed once, shared across tests)."""
     bundle = SAECheck(saecheck_settings, str(saecheck_device), session_cache(request.config), request.node)
+    if saecheck_settings.sae is not None:
+        _ = (
+            bundle.sae_specs
+        )  # a list without splice="joint", or one SAE twice: an error at setup, not a failure
     records.record(records.SubjectRecord(**bundle.subject()), request.node)
     return bundle
 
