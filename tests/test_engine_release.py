@@ -308,3 +308,9 @@ def test_the_compounding_ratio_is_defined_only_for_added_loss(isolated, ratio):
     assert out["delta_ce_isolated_sum"] == pytest.approx(sum(isolated))
     assert out["excess"] == pytest.approx(joint_delta - sum(isolated))
     assert out["ratio"] == (pytest.approx(ratio) if ratio else None)
+
+
+@pytest.mark.parametrize("name", [1, "", None])
+def test_a_set_is_named_by_non_empty_strings(model, name):
+    with pytest.raises(ConfigError, match="named by non-empty strings"):
+        evaluate(model, {name: random_sae("blocks.1.hook_resid_pre")}, make_tokens(4), progress=False)

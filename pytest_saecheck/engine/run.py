@@ -263,7 +263,13 @@ def _named(saes: Any) -> tuple[bool, dict[str, Any]]:
     if isinstance(saes, Mapping):
         if not saes:
             raise ConfigError("the mapping of SAEs is empty")
-        return False, {str(name): sae for name, sae in saes.items()}
+        for name in saes:
+            if not isinstance(name, str) or not name:
+                raise ConfigError(
+                    f"SAEs are named by non-empty strings (report rows, test ids, EvaluationSet keys); got the "
+                    f"{type(name).__name__} {name!r}: name it, e.g. {{'layer-8': sae}}"
+                )
+        return False, dict(saes)
     if isinstance(saes, (list, tuple)) or type(saes).__name__ == "ModuleList":
         if not len(saes):
             raise ConfigError("the sequence of SAEs is empty")
