@@ -156,7 +156,7 @@ class HookedTransformerCut:
         layer = site.layer
         batched = base.repeat(len(replacements), *([1] * (base.ndim - 1)))
         with self.model.hooks(fwd_hooks=[(site.hook_name, replace)]):
-            block_out = self.model(batched, start_at_layer=layer, stop_at_layer=layer + 1)
+            block_out = self._blocks(batched, layer, layer + 1)
         return list(self._to_final(block_out, layer + 1).chunk(len(replacements), dim=0))
 
     def forward_with_hooks(self, tokens: torch.Tensor, hooks: Sequence[tuple[str, Hook]]) -> torch.Tensor:
@@ -166,7 +166,22 @@ class HookedTransformerCut:
     def _to_final(self, resid: torch.Tensor, start: int) -> torch.Tensor:
         if start >= self.n_layers:
             return resid
-        return self.model(resid, start_at_layer=start, stop_at_layer=self.n_layers)
+        return self._blocks(resid, start, self.n_layers)
+
+    def _blocks(self, resid: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Blocks ``start`` to ``stop - 1`` on the residual ``[batch, pos, d_model]``. A shortformer model adds its
+        positional embedding to every attention layer's queries and keys, not to the residual stream: a run that
+        starts from the residual must be given it (``shortformer_pos_embed``), or its attention is position-blind.
+        """
+        if self.model.cfg.positional_embedding_type != "shortformer":
+            return self.model(resid, start_at_layer=start, stop_at_layer=stop)
+        positions = self.model.W_pos[: resid.shape[1]].to(device=resid.device, dtype=resid.dtype)
+        return self.model(
+            resid,
+            start_at_layer=start,
+            stop_at_layer=stop,
+            shortformer_pos_embed=positions.unsqueeze(0).expand(resid.shape[0], -1, -1),
+        )
 
     def logits(self, final_resid: torch.Tensor) -> torch.Tensor:
         if not self.plain_unembed:
