@@ -255,7 +255,11 @@ def _naming(name: str, several: bool) -> Iterator[None]:
         prefix = f"SAE {name!r}: "
         if not several or str(error).startswith(prefix):
             raise
-        raise type(error)(prefix + str(error)) from error
+        try:
+            named = type(error)(prefix + str(error))
+        except TypeError:  # an error class built from other arguments: raised as it is
+            raise error from None
+        raise named from error
 
 
 def _named(saes: Any) -> tuple[bool, dict[str, Any]]:
