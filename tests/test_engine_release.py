@@ -314,3 +314,14 @@ def test_the_compounding_ratio_is_defined_only_for_added_loss(isolated, ratio):
 def test_a_set_is_named_by_non_empty_strings(model, name):
     with pytest.raises(ConfigError, match="named by non-empty strings"):
         evaluate(model, {name: random_sae("blocks.1.hook_resid_pre")}, make_tokens(4), progress=False)
+
+
+def test_a_joint_evaluation_says_why_each_per_sae_metric_is_not_its_own(model):
+    release = {"a": random_sae("blocks.1.hook_resid_pre"), "b": random_sae("blocks.2.hook_resid_pre", seed=2)}
+    result = evaluate(model, release, make_tokens(4), joint=True, progress=False)
+    assert result.joint is not None
+    undefined = result.joint.undefined
+    assert "evaluation.members" in undefined["mse"] and set(result.joint.members) == {"a", "b"}
+    assert "ablation baseline" in undefined["ce_loss_score"] and "ablation baseline" in undefined["ce_zero"]
+    assert "training context" in undefined["delta_ce_within_context"]
+    assert "ablation" not in undefined["kl_sae_beyond_context"]  # not a ratio score

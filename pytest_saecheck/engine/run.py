@@ -806,11 +806,7 @@ class _Pass:
         )
         for name in METRIC_NAMES:
             if name not in metrics and name not in undefined:
-                undefined[name] = (
-                    "defined per SAE, not for a joint splice as a whole: each SAE's reconstruction metrics inside "
-                    "the joint model are in members, and the ratio scores need an ablation baseline, which a joint "
-                    "splice of several hooks does not have (see the isolated evaluations)"
-                )
+                undefined[name] = _joint_reason(name)
         members: dict[str, dict[str, float]] = {}
         for m in self.members:
             assert m.joint_acc is not None
@@ -834,6 +830,30 @@ class _Pass:
         )
         _note_compute_fraction(evaluation)
         return self._with_breakdowns(evaluation, self.joint_acc)
+
+
+def _joint_reason(name: str) -> str:
+    """Why metric ``name`` is not defined for a joint splice as a whole (it is for each SAE)."""
+    if name in RECONSTRUCTION_METRICS or name in (
+        "alive_fraction",
+        "participation_ratio",
+        "participation_ratio_deflated",
+    ):
+        return (
+            "a reconstruction metric is one SAE's: each SAE's value inside the joint model is in "
+            "evaluation.members[name]"
+        )
+    if name in RATIO_DENOMINATORS or name in ("ce_zero", "ce_mean", "kl_zero"):
+        return (
+            "an ablation baseline ablates one hook, and a joint splice has several: read it in each SAE's isolated "
+            "evaluation"
+        )
+    if "_context" in name:
+        return (
+            "split at one SAE's training context size, which the SAEs of a joint splice need not share: read it in "
+            "each SAE's isolated evaluation"
+        )
+    return "defined per SAE, not for a joint splice as a whole: read it in each SAE's isolated evaluation"
 
 
 def _compounding(members: Sequence[Member], joint_acc: Accumulator | None) -> dict[str, Any]:
