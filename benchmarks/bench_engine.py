@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_saecheck.checks.pipeline_adapters import (  # noqa: F401  (TokenStore: re-exported for the tests)
+    AS_RUN_EVALS,
     SHARED_METRICS,
     TokenStore,
     run_sae_lens_evals,
@@ -261,17 +262,7 @@ def run_ours(model: Any, sae: Any, tokens: Any, batch_size: int, *, joint: bool 
     """One ``evaluate`` call; ``sae`` may be a mapping ``name -> SAE`` (one shared pass, ``joint`` allowed)."""
     from pytest_saecheck import evaluate
 
-    result = evaluate(
-        model,
-        sae,
-        tokens,
-        batch_size=batch_size,
-        exclude_bos=False,
-        exclude_special_tokens=False,
-        mean_ablation=False,
-        joint=joint,
-        progress=False,
-    )
+    result = evaluate(model, sae, tokens, batch_size=batch_size, joint=joint, progress=False, **AS_RUN_EVALS)
     # Both sides must score every position: a token policy that left some out would compare other averages.
     evaluations = [result] if hasattr(result, "n_tokens") else list(result.values())
     for evaluation in evaluations:
@@ -1141,7 +1132,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"pytest-saecheck engine vs SAE Lens evaluation ({describe_machine(device)}, device {device})",
         "Both compute the same metric set on the same positions: every position spliced, zero-ablated and scored",
-        "(ours: exclude_bos=False, exclude_special_tokens=False, mean_ablation=False; SAE Lens: run_evals, exclude_special_tokens=False);",
+        f"(ours: {', '.join(f'{key}={value}' for key, value in AS_RUN_EVALS.items())}; SAE Lens: run_evals, "
+        "exclude_special_tokens=False);",
         "the same SAE object serves both. Times are per evaluation of the whole token set.",
     ]
     records: dict[str, Any] = {}

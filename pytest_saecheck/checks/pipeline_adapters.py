@@ -118,6 +118,16 @@ def accepts(pipeline: PipelineFn, option: str) -> bool:
 # our engine
 
 
+AS_RUN_EVALS: Mapping[str, Any] = {
+    "exclude_bos": False,
+    "exclude_special_tokens": False,
+    "mean_ablation": False,
+}
+"""``evaluate`` options under which our engine scores the positions and variants SAE Lens' ``run_evals`` does with
+``exclude_special_tokens=False``: every position (no BOS or special token left out) and no mean ablation. Shared
+by the ``"saecheck"`` adapter and the engine benchmark."""
+
+
 def saecheck_pipeline(
     model: Any,
     sae: Any,
@@ -139,13 +149,11 @@ def saecheck_pipeline(
         sae,
         tokens,
         batch_size=batch_size,
-        exclude_bos=False,
-        exclude_special_tokens=False,
         exclude_token_ids=list(exclude_token_ids),
         activation_scaler=activation_scale,
-        mean_ablation=False,
         scaling_law=None,
         progress=False,
+        **AS_RUN_EVALS,
     )
     return {
         theirs: float(evaluation.metrics[ours])
