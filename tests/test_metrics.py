@@ -166,3 +166,14 @@ def test_l0_counts_exactly_on_a_wide_bfloat16_code():
     x = torch.zeros(2, 3, dtype=torch.float64)
     terms = reconstruction_terms(x, x, latents, torch.zeros(3, dtype=torch.float64))
     assert terms["l0_sum"].tolist() == [4097.0, 3097.0]
+
+
+def test_firing_counts_off_the_cpu_take_the_sum_without_a_synchronisation():
+    """On an accelerator the count is the boolean sum: no nonzero() or item(), which would wait for the device.
+    The meta device (no data; item() raises there) stands in for one on this CPU-only machine."""
+    import torch
+
+    from pytest_saecheck.engine.accumulate import firing_counts
+
+    counts = firing_counts(torch.zeros(5, 7, device="meta"))
+    assert counts.shape == (7,) and counts.device.type == "meta"

@@ -301,6 +301,9 @@ def firing_counts(latents: torch.Tensor) -> torch.Tensor:
     than 1 in 16 active, where the index tensors would outgrow the latents) by that sum.
     """
     d_sae = latents.shape[-1]
+    if latents.device.type != "cpu":
+        # On an accelerator the boolean sum is cheap and, unlike nonzero() and item(), needs no synchronisation.
+        return (latents != 0).sum(0)
     active = int(nonzero_count(latents).item())
     if active * 16 <= latents.numel():
         return torch.bincount(latents.nonzero(as_tuple=True)[-1], minlength=d_sae)
