@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pytest_saecheck.errors import ConfigError, HookNotFoundError
 
@@ -72,6 +72,26 @@ class HookSite:
         if self.has_head_dim:
             return replacement.reshape(activation.shape)
         return replacement
+
+
+@dataclass(frozen=True)
+class ModulePoint:
+    """A point in a PyTorch module tree (a Hugging Face model): what flows into or out of one module.
+
+    ``path`` is the module's dotted name as ``model.named_modules()`` gives it (``"model.layers.12"``,
+    ``"model.layers.12.pre_feedforward_layernorm"``). ``io="output"`` is the module's output (the first element
+    when it returns a tuple, as decoder layers do); ``io="input"`` is its first positional argument (the hidden
+    states). ``layer`` is the index of the decoder layer the point belongs to, or ``None`` outside the layers.
+    This is the one description of a read or write point that the hook-point resolver produces and that a
+    module-based model backend consumes.
+    """
+
+    path: str
+    io: Literal["input", "output"]
+    layer: int | None
+
+    def __str__(self) -> str:
+        return f"{self.path}.{self.io}"
 
 
 def resolve_hook(hook_name: str, head_index: int | None, n_layers: int, hook_names: list[str]) -> HookSite:
