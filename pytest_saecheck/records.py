@@ -23,6 +23,9 @@ import pytest
 
 RECORDS_KEY = pytest.StashKey[list[dict[str, Any]]]()
 REPORT_ATTRIBUTE = "saecheck_records"
+#: The test report attribute holding the message of an SAECheckError the test raised (a plain string, so it
+#: rides to the xdist controller): the report stores it, since the traceback it came with may be all hidden.
+ERROR_ATTRIBUTE = "saecheck_error"
 #: The fields that name what was evaluated; every record carries them.
 SUBJECT_FIELDS = ("label", "model", "sae", "tokens", "device", "dtype")
 

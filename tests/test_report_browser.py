@@ -397,3 +397,36 @@ def test_empty_run_renders(browser: Browser, tmp_path: Path) -> None:
         assert "No SAE was checked" in page.evaluate("document.body.innerText")
     finally:
         page.close()
+
+
+SECTION_ATTACK = (
+    "<style>.banner.bad{display:none}</style>"
+    '<meta http-equiv="refresh" content="0; url=about:blank#moved">'
+    '<base href="https://example.invalid/"><link rel="stylesheet" href="https://example.invalid/x.css">'
+    '<div class="banner good" style="position:fixed;inset:0;z-index:9">Every SAE passed</div>'
+)
+
+
+@pytest.mark.parametrize("markup_from_hooks", [False, True], ids=["from a file", "from an in-process hook"])
+def test_a_section_cannot_hide_or_redirect_the_verdict(
+    browser: Browser, tmp_path: Path, markup_from_hooks: bool
+) -> None:
+    document = build_document(sample_reports())
+    failing = [sae for sae in document["saes"] if sae["status"] == "failed"]
+    assert failing
+    document["report_sections"].append({"title": "Shard", "text": None, "html": SECTION_ATTACK, "sae": None})
+    path = tmp_path / "report.html"
+    path.write_text(render_html(document, markup_from_hooks=markup_from_hooks), encoding="utf-8")
+    page = browser.open(path.as_uri())
+    try:
+        page.browser.drain(1.5)  # time for a refresh to fire
+        assert page.evaluate("location.href") == path.as_uri()
+        assert [url for url in page.requests() if url != path.as_uri()] == []
+        assert page.evaluate("document.querySelectorAll('style').length") == 1
+        assert page.evaluate("document.querySelectorAll('meta[http-equiv=refresh], base, link').length") == 0
+        assert page.evaluate("document.querySelectorAll('.banner.good').length") == 0
+        banner = "[...document.querySelectorAll('.banner.bad')].find(e => e.innerText.includes('failed'))"
+        assert page.evaluate(f"getComputedStyle({banner}).display") != "none"
+        assert f"{len(failing)} of {len(document['saes'])} SAEs failed" in page.evaluate(f"{banner}.innerText")
+    finally:
+        page.close()

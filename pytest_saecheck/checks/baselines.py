@@ -37,6 +37,8 @@ from pytest_saecheck.errors import ConfigError, SAECheckError
 if TYPE_CHECKING:
     import numpy as np
 
+    from pytest_saecheck.files import RunLock
+
 FORMAT = "pytest-saecheck-baseline"
 FORMAT_VERSION = 1
 BASELINE_DIR_OPTION = "--saecheck-baseline-dir"
@@ -520,6 +522,7 @@ class BaselineWriter:
         self.mode = mode
         self.documents: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # key -> [(nodeid, document)]
         self.lines: list[tuple[str, bool]] = []  # (line, is a problem)
+        self.lock: RunLock | None = None  # held for the whole run (configure)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for plain in getattr(report, records.REPORT_ATTRIBUTE, None) or ():
@@ -532,7 +535,9 @@ class BaselineWriter:
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        from pytest_saecheck.files import write_atomic
+        """Write each baseline (atomically); one that cannot be written is one red line and a non-zero exit,
+        and the others are still written."""
+        from pytest_saecheck.files import commit_files, failed_exit_status
 
         for key in sorted(self.documents):
             found = sorted(self.documents[key], key=lambda pair: pair[0])
@@ -557,7 +562,11 @@ class BaselineWriter:
                         continue
                 except OSError:
                     pass
-            write_atomic(path, text)
+            [written] = commit_files([(path, text)])
+            if written.error is not None:
+                self.lines.append((f"saecheck: baseline not written: {written.error}", True))
+                session.exitstatus = failed_exit_status(session.exitstatus)
+                continue
             self.lines.append((f"saecheck: baseline written to {path}", False))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
@@ -573,12 +582,25 @@ def configure(config: pytest.Config) -> None:
         return
     directory = baseline_dir(config)
     assert directory is not None
-    config.pluginmanager.register(BaselineWriter(config, directory, mode), WRITER_NAME)
+    from pytest_saecheck.files import RunLock
+
+    lock = RunLock(directory)
+    if not lock.acquire():
+        raise pytest.UsageError(
+            f"saecheck: another pytest run (process {lock.holder()}) is recording baselines in {directory} right "
+            f"now (lock {lock.lock_path}); two runs recording at once would silently drop one run's numbers. "
+            f"Wait for it to finish, or record into another {BASELINE_DIR_OPTION}"
+        )
+    writer = BaselineWriter(config, directory, mode)
+    writer.lock = lock
+    config.pluginmanager.register(writer, WRITER_NAME)
 
 
 def unconfigure(config: pytest.Config) -> None:
     writer = config.pluginmanager.get_plugin(WRITER_NAME)
     if writer is not None:
+        if writer.lock is not None:
+            writer.lock.release()
         config.pluginmanager.unregister(writer, WRITER_NAME)
 
 

@@ -291,15 +291,16 @@ def _without_plugin_frames(tb: types.TracebackType | None) -> types.TracebackTyp
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     excinfo = call.excinfo
-    if (
-        excinfo is not None
-        and isinstance(excinfo.value, SAECheckError)
-        and not item.config.getoption("fulltrace", False)
-    ):
+    own_error = excinfo is not None and isinstance(excinfo.value, SAECheckError)
+    if own_error and excinfo is not None and not item.config.getoption("fulltrace", False):
         # its message names the problem and the fix: show the user's frames only, as the assertions do
         chain = _without_plugin_frames(excinfo.tb)
         excinfo.traceback = type(excinfo.traceback)(chain if chain is not None else [])
     report = yield
+    if (
+        own_error and excinfo is not None
+    ):  # the report keeps the message, not "All traceback entries are hidden"
+        setattr(report, records.ERROR_ATTRIBUTE, f"{type(excinfo.value).__name__}: {excinfo.value}")
     gathered = records.take(item)
     if gathered:
         setattr(report, records.REPORT_ATTRIBUTE, gathered)

@@ -2,8 +2,10 @@
 
 ``merge`` combines the documents of sharded runs into the document one run over all shards would have written
 (see :mod:`pytest_saecheck.report.merge`); without ``--json`` or ``--html`` it prints the merged JSON. The same
-shard given twice is refused. ``render`` needs ``--html``. Exit status: 0 when the files were written (whatever
-the tests' outcomes), 2 on bad input. ``--help`` shows the commands.
+shard given twice is refused. ``render`` needs ``--html``. The JSON and HTML are written as one commit; HTML
+sections read from a file are shown as text, never as markup. ``check`` tells whether a JSON result and an HTML
+report are one run's. Exit status: 0 when the files were written (whatever the tests' outcomes), 1 when a file
+could not be written or ``check`` finds two runs, 2 on bad input. ``--help`` shows the commands.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ DESCRIPTION = "Merge the JSON results of saecheck runs and render HTML reports, 
 EPILOG = f"""examples:
   {PROG} merge shard-*.json --html report.html --json report.json
   {PROG} render result.json --html report.html
+  {PROG} check report.json report.html (are they one run's?)
   {PROG} sample --html sample.html      (a report of invented numbers, to preview the layout)
 
-merge prints the merged JSON when given neither --json nor --html. Exit status: 0 when the
-files were written (whatever the tests' outcomes), 2 on bad input."""
+merge prints the merged JSON when given neither --json nor --html. HTML sections read from a
+JSON file are shown as text. Exit status: 0 when the files were written (whatever the tests'
+outcomes), 1 when a file could not be written or check finds two runs, 2 on bad input."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{merge,render,sample}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{merge,render,check,sample}")
     merge = commands.add_parser(
         "merge",
         help="merge the JSON results of sharded runs (each shard once)",
@@ -50,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         help="a report of synthetic numbers, to preview the layout",
         description="Write a report of invented numbers, to preview the layout.",
     )
+    check = commands.add_parser(
+        "check",
+        help="check that a JSON result and an HTML report are one run's",
+        description="Check that a JSON result and an HTML report come from the same run (exit 1 if not).",
+    )
+    check.add_argument("inputs", nargs=2, metavar=("RESULT.json", "REPORT.html"))
     sample.set_defaults(inputs=[])
     sample.add_argument("--json", metavar="PATH", help="write the JSON result here")
     sample.add_argument("--html", metavar="PATH", help="write the HTML report here")
@@ -68,11 +78,13 @@ def _repeated(paths: Sequence[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pytest_saecheck.files import write_atomic
+    from pytest_saecheck.files import commit_files
     from pytest_saecheck.report.files import dumps, load_document
     from pytest_saecheck.report.merge import merge_documents
 
     arguments = _parser().parse_args(argv)
+    if arguments.command == "check":
+        return _check(arguments.inputs)
     json_path = getattr(arguments, "json", None)
     try:
         if arguments.command == "sample":
@@ -88,14 +100,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if json_path:
-        print(f"JSON result written to {write_atomic(json_path, dumps(document))}")
-    if arguments.html:
-        from pytest_saecheck.report.html import render_html
-
-        print(f"HTML report written to {write_atomic(arguments.html, render_html(document))}")
     if not json_path and not arguments.html:
         sys.stdout.write(dumps(document))
+        return 0
+    from pytest_saecheck.report.html import render_html
+
+    # sections' HTML read from a file is shown as text, never as markup (render_html's default)
+    targets = [("JSON result", json_path, dumps(document))] if json_path else []
+    if arguments.html:
+        targets.append(("HTML report", arguments.html, render_html(document)))
+    status = 0
+    for (what, _, _), result in zip(targets, commit_files([(p, t) for _, p, t in targets]), strict=True):
+        if result.error is None:
+            print(f"{what} written to {result.path}")
+        else:
+            print(f"error: {what} not written: {result.error}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def _check(paths: Sequence[str]) -> int:
+    from pytest_saecheck.report.files import check_pair
+
+    try:
+        run_id = check_pair(*paths)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{paths[0]} and {paths[1]} are one run's (run {run_id})")
     return 0
 
 

@@ -343,6 +343,9 @@ def merge_baseline(first: dict[str, Any] | None, later: dict[str, Any]) -> dict[
 
 
 def _short_message(report: Any) -> str | None:
+    own = getattr(report, _records.ERROR_ATTRIBUTE, None)
+    if isinstance(own, str):  # an SAECheckError: its own message (its traceback may be all hidden)
+        return own[:MESSAGE_LIMIT]
     longrepr = getattr(report, "longrepr", None)
     if longrepr is None:
         return None
@@ -533,6 +536,7 @@ class Collector:
             "generator": {"name": "pytest-saecheck", "version": package_version("pytest-saecheck")},
             "created": created or now_iso(),
             "run": {
+                "id": None,
                 "started": None,
                 "finished": None,
                 "duration_s": None,

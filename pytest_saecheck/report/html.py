@@ -29,6 +29,7 @@ from pytest_saecheck.messages import (
 from pytest_saecheck.naming import short_id
 from pytest_saecheck.report import charts
 from pytest_saecheck.report.display import outcome_counts, row_labels
+from pytest_saecheck.report.markup import sanitise_html
 from pytest_saecheck.report.schema import STATUSES
 from pytest_saecheck.scaling import ScalingLaw
 
@@ -316,12 +317,39 @@ def _environment() -> jinja2.Environment:
     return environment
 
 
-def render_html(document: Mapping[str, Any]) -> str:
-    """The report page of a (validated) result document."""
-    prepared = [  # an extension's html is trusted markup (the page's CSP still blocks scripts and fetches)
-        {**section, "html": Markup(section["html"]) if section.get("html") is not None else None}
-        for section in document.get("report_sections", [])
-    ]
+#: Put before a section's HTML when it is shown as text (it came from a file, not from an in-process hook).
+HTML_AS_TEXT = "[this section's HTML came from a result file, so it is shown as text]"
+
+
+def prepare_sections(sections: Sequence[Mapping[str, Any]], *, markup: bool) -> list[dict[str, Any]]:
+    """The report sections as the template shows them.
+
+    With ``markup`` (only for sections an in-process ``pytest_saecheck_report_sections`` hook returned in this
+    run) a section's ``html`` is sanitised (:func:`~pytest_saecheck.report.markup.sanitise_html`) and inserted
+    as markup. Without it (a document read from a file: ``render``, ``merge``) the ``html`` is shown as escaped
+    text, so a result file can never restyle, hide or redirect the report's verdict.
+    """
+    prepared = []
+    for section in sections:
+        html = section.get("html")
+        if html is None:
+            prepared.append({**section, "html": None})
+        elif markup:
+            prepared.append({**section, "html": Markup(sanitise_html(str(html)))})
+        else:
+            text = "\n\n".join(part for part in (section.get("text"), HTML_AS_TEXT, str(html)) if part)
+            prepared.append({**section, "html": None, "text": text})
+    return prepared
+
+
+def render_html(document: Mapping[str, Any], *, markup_from_hooks: bool = False) -> str:
+    """The report page of a (validated) result document.
+
+    ``markup_from_hooks``: the document's ``report_sections`` were returned by in-process hooks in this run
+    (the pytest plugin's writer), so their ``html`` is kept as sanitised markup; otherwise (every document read
+    from a file) it is shown as text (:func:`prepare_sections`).
+    """
+    prepared = prepare_sections(document.get("report_sections", []), markup=markup_from_hooks)
     saes = worst_first(list(document.get("saes", [])))
     known_ids = {sae.get("id") for sae in saes}
     labels = row_labels(saes)

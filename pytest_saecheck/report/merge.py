@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -122,6 +123,8 @@ def merge_documents(documents: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "generator": copy.deepcopy(documents[0].get("generator", {})),
         "created": now_iso(),
         "run": {
+            "id": uuid.uuid4().hex,  # the merged files are one commit of their own
+            "merged_from": [run.get("id") for run in runs],
             "started": min(started) if started else None,
             "finished": max(finished) if finished else None,
             "duration_s": max(durations) if durations else None,

@@ -16,13 +16,18 @@ registered once per run). Imports no torch, and no jinja2 until a report is rend
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pytest_saecheck.files import option_path
+from pytest_saecheck.files import RunLock, failed_exit_status, option_path
 from pytest_saecheck.report import hookspecs
 
 WRITER_NAME = "saecheck-report-writer"
@@ -67,13 +72,55 @@ def pytest_configure(config: pytest.Config) -> None:
     if json_path is None and html_path is None:
         return
     if not config.pluginmanager.has_plugin(WRITER_NAME):
-        config.pluginmanager.register(ReportWriter(config, json_path, html_path), WRITER_NAME)
+        writer = ReportWriter(config, json_path, html_path)
+        writer.lock()
+        config.pluginmanager.register(writer, WRITER_NAME)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     writer = config.pluginmanager.get_plugin(WRITER_NAME)
     if writer is not None:
+        writer.unlock()
         config.pluginmanager.unregister(writer, WRITER_NAME)
+
+
+def partial_path(path: Path) -> Path:
+    """Where an interrupted run's file goes when ``path`` holds a complete run's: ``r.json`` -> ``r.partial.json``."""
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def _holds_complete_run(path: Path) -> bool:
+    """Whether ``path`` is a report file of a run that finished (JSON: ``run.complete``; HTML: its meta)."""
+    from pytest_saecheck.report.files import html_run_state, load_document
+
+    try:
+        if path.suffix.lower() == ".json":
+            run = load_document(path)["run"]
+            return bool(run.get("complete")) and not run.get("interrupted")
+        with open(path, encoding="utf-8") as stream:
+            return html_run_state(stream.read(4096)) == "complete"
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
+@contextlib.contextmanager
+def _ctrl_c_noted(noted: list[int]) -> Iterator[None]:
+    """While the report is written, a first Ctrl-C is noted (``noted`` grows) instead of raised, so the files
+    are finished; a second raises ``KeyboardInterrupt`` (the caller abandons the write). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        noted.append(signum)
+        if len(noted) > 1:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _workers(config: pytest.Config) -> int | None:
@@ -100,8 +147,30 @@ class ReportWriter:
         self.started = now_iso()
         self.started_clock = time.perf_counter()
         self.interrupted = False
+        self.ctrl_c = False
+        self.run_id = uuid.uuid4().hex
         self.written: list[tuple[str, Path]] = []
         self.problems: list[str] = []
+        self.notes: list[str] = []
+        self.locks: list[RunLock] = []
+
+    def lock(self) -> None:
+        """Hold each report path for this run: a second live run on one of them is a usage error."""
+        for path in dict.fromkeys(p for p in (self.json_path, self.html_path) if p is not None):
+            lock = RunLock(path)
+            if not lock.acquire():
+                self.unlock()
+                raise pytest.UsageError(
+                    f"saecheck: another pytest run (process {lock.holder()}) is writing {path} right now "
+                    f"(lock {lock.lock_path}); two runs on one report path would mix their results. Wait for it "
+                    "to finish, or give this run another --saecheck-json / --saecheck-report path"
+                )
+            self.locks.append(lock)
+
+    def unlock(self) -> None:
+        for lock in self.locks:
+            lock.release()
+        self.locks = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.collector.add_report(report)
@@ -112,6 +181,8 @@ class ReportWriter:
 
     def pytest_keyboard_interrupt(self, excinfo: Any) -> None:
         self.interrupted = True
+        # Ctrl-C (or SIGINT), not pytest stopping on a collection error (Session.Interrupted)
+        self.ctrl_c = self.ctrl_c or type(excinfo.value) is KeyboardInterrupt
 
     def document(self, session: pytest.Session, exitstatus: int) -> dict[str, Any]:
         from pytest_saecheck.report.collect import environment, now_iso
@@ -121,6 +192,7 @@ class ReportWriter:
         interrupted = self.interrupted or status == int(pytest.ExitCode.INTERRUPTED)
         stopped = bool(session.shouldstop or session.shouldfail)
         run = {
+            "id": self.run_id,
             "started": self.started,
             "finished": now_iso(),
             "duration_s": round(time.perf_counter() - self.started_clock, 3),
@@ -142,6 +214,8 @@ class ReportWriter:
             for sections in hook.pytest_saecheck_report_sections(document=document, config=self.config):
                 for section in sections or ():
                     document["report_sections"].append(_section(section))
+        except KeyboardInterrupt:
+            raise
         except Exception as error:
             self.problems.append(f"pytest_saecheck_report_sections failed: {error!r}")
         finalise(document)
@@ -152,20 +226,60 @@ class ReportWriter:
         """Whether the run produced a result: a test ran (even only its setup) or a collection error."""
         return not self.config.getoption("collectonly", False) and bool(self.collector.tests)
 
+    def _targets(self, document: dict[str, Any]) -> list[tuple[str, Path, str]]:
+        """(what, path, text) of each file to write. An interrupted run's files go beside a complete run's
+        report (``r.partial.json``), which stays where it is."""
+        from pytest_saecheck.report.files import dumps
+        from pytest_saecheck.report.html import render_html
+
+        json_path, html_path = self.json_path, self.html_path
+        given = [path for path in (json_path, html_path) if path is not None]
+        if self.ctrl_c and any(_holds_complete_run(path) for path in given):
+            json_path = None if json_path is None else partial_path(json_path)
+            html_path = None if html_path is None else partial_path(html_path)
+            self.notes.append(
+                "saecheck: the run was interrupted, so its partial results were written beside the last "
+                f"complete report, which is kept: {' and '.join(map(str, given))}"
+            )
+        targets = []
+        if json_path is not None:
+            targets.append(("JSON result", json_path, dumps(document)))
+        if html_path is not None:
+            targets.append(("HTML report", html_path, render_html(document, markup_from_hooks=True)))
+        return targets
+
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        from pytest_saecheck.files import write_atomic
-        from pytest_saecheck.report.files import dumps
+        """Write the JSON and HTML as one commit (:func:`~pytest_saecheck.files.commit_files`).
+
+        A file that cannot be written is one line at the end and a non-zero exit; the other file is still
+        written, and nothing here stops the other ``pytest_sessionfinish`` hooks (baselines) or the summary.
+        Ctrl-C while writing: the first is held until the files are written (exit 2), a second abandons the
+        write and leaves the previous files as they were.
+        """
+        from pytest_saecheck.files import commit_files
 
         if not self.ran_tests():  # --collect-only, or -k matching nothing: keep the last real report
             return
-        document = self.document(session, exitstatus)
-        if self.json_path is not None:
-            self.written.append(("JSON result", write_atomic(self.json_path, dumps(document))))
-        if self.html_path is not None:
-            from pytest_saecheck.report.html import render_html
-
-            self.written.append(("HTML report", write_atomic(self.html_path, render_html(document))))
+        noted: list[int] = []
+        try:
+            with _ctrl_c_noted(noted):
+                targets = self._targets(self.document(session, exitstatus))
+                results = commit_files([(path, text) for _, path, text in targets])
+        except KeyboardInterrupt:
+            self.problems.append("interrupted twice while writing the report: the previous files were kept")
+            session.exitstatus = pytest.ExitCode.INTERRUPTED
+            return
+        for (what, _, _), result in zip(targets, results, strict=True):
+            if result.error is None:
+                self.written.append((what, result.path))
+                continue
+            removed = "; the previous file there was removed" if result.removed_stale else ""
+            self.problems.append(f"{what} not written: {result.error}{removed}")
+            session.exitstatus = failed_exit_status(session.exitstatus)
+        if noted:
+            self.notes.append("saecheck: interrupted while writing the report; it was written in full first")
+            session.exitstatus = pytest.ExitCode.INTERRUPTED
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.ran_tests() and not self.config.getoption("collectonly", False):
@@ -173,16 +287,21 @@ class ReportWriter:
             terminalreporter.write_line(f"saecheck: no test ran, so {kept} was left as it was")
         for what, path in self.written:
             terminalreporter.write_line(f"saecheck: {what} written to {path}")
+        for note in self.notes:
+            terminalreporter.write_line(note, yellow=True)
         for problem in self.problems:
             terminalreporter.write_line(f"saecheck: {problem}", red=True)
 
 
 def _section(section: Any) -> dict[str, Any]:
+    """A section from an in-process hook, its markup sanitised (:mod:`pytest_saecheck.report.markup`)."""
+    from pytest_saecheck.report.markup import sanitise_html
+
     if not isinstance(section, dict) or not isinstance(section.get("title"), str):
         raise TypeError(f"a report section must be a dict with a 'title' string, got {section!r:.200}")
     return {
         "title": section["title"],
         "text": None if section.get("text") is None else str(section["text"]),
-        "html": None if section.get("html") is None else str(section["html"]),
+        "html": None if section.get("html") is None else sanitise_html(str(section["html"])),
         "sae": None if section.get("sae") is None else str(section["sae"]),
     }

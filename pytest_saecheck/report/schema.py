@@ -47,7 +47,7 @@ STATUSES = ("failed", "error", "passed", "skipped", "not run")
 #: Fields that differ between equivalent runs (wall-clock times, durations, worker count, shard count).
 TIMING_FIELDS = {
     "": ("created",),
-    "run": ("started", "finished", "duration_s", "workers", "shards"),
+    "run": ("id", "merged_from", "started", "finished", "duration_s", "workers", "shards"),
     "tests[]": ("duration_s",),
     "saes[]": ("evaluation_duration_s",),
 }
@@ -253,6 +253,8 @@ JSON_SCHEMA: dict[str, Any] = {
             "type": "object",
             "required": ["exit_status", "interrupted", "complete", "outcomes", "n_tests"],
             "properties": {
+                "id": _STRING_OR_NULL,
+                "merged_from": {"type": "array", "items": _STRING_OR_NULL},
                 "started": _STRING_OR_NULL,
                 "finished": _STRING_OR_NULL,
                 "duration_s": _NUMBER,
