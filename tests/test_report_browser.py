@@ -427,6 +427,8 @@ def test_a_section_cannot_hide_or_redirect_the_verdict(
         assert page.evaluate("document.querySelectorAll('.banner.good').length") == 0
         banner = "[...document.querySelectorAll('.banner.bad')].find(e => e.innerText.includes('failed'))"
         assert page.evaluate(f"getComputedStyle({banner}).display") != "none"
-        assert f"{len(failing)} of {len(document['saes'])} SAEs failed" in page.evaluate(f"{banner}.innerText")
+        assert f"{len(failing)} of {len(document['saes'])} SAEs failed" in page.evaluate(
+            f"{banner}.innerText"
+        )
     finally:
         page.close()
