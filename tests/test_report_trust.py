@@ -306,3 +306,38 @@ def test_an_interrupted_run_keeps_the_last_complete_report(tiny_pytester: pytest
     assert partial["run"]["interrupted"] is True
     assert check_pair(tiny_pytester.path / "r.partial.json", tiny_pytester.path / "r.partial.html")
     json.dumps(partial)
+
+
+# -- item 15: names derive from what is evaluated, not from where pytest starts ------------------------
+
+
+def test_test_ids_and_baseline_names_do_not_depend_on_the_starting_directory(
+    tiny_pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.factories import make_identity_sae
+
+    root = tiny_pytester.path
+    (root / "pytest.ini").write_text("[pytest]\nsaecheck_baseline_dir = baselines\n")
+    tests = root / "tests"
+    make_identity_sae().save_model(tests / "saes" / "sae_l2")
+    (tests / "test_release.py").write_text(
+        "import pytest\n"
+        "from pytest_saecheck import assert_no_regression\n"
+        "from pytest_saecheck.plugin.settings import saecheck_param\n\n"
+        '@pytest.mark.parametrize("sae", [saecheck_param("saes/sae_l2", model="tiny", tokens="../tokens.npy", '
+        "n_tokens=160)])\n"
+        "def test_no_regression(saecheck, sae):\n"
+        "    assert_no_regression(saecheck)\n"
+    )
+    recorded = tiny_pytester.runpytest_inprocess("--saecheck-update-baselines=all", "tests")
+    recorded.assert_outcomes(passed=1)
+    [baseline] = (root / "baselines").glob("*.json")
+    ids = {}
+    for start in (root, tests):
+        monkeypatch.chdir(start)
+        collected = tiny_pytester.runpytest_inprocess("--collect-only", "-q", str(tests))
+        ids[start] = [line for line in collected.outlines if "::" in line]
+        result = tiny_pytester.runpytest_inprocess(str(tests))
+        result.assert_outcomes(passed=1)  # the baseline recorded from the root is found
+    assert ids[root] == ids[tests] and ids[root] == ["tests/test_release.py::test_no_regression[saes/sae_l2]"]
+    assert baseline.name.startswith("saes_sae_l2-")

@@ -115,7 +115,15 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """A malformed ``saecheck`` marker, or a marker's device this machine has not got, errors the test."""
+    """A malformed ``saecheck`` marker, a marker's device this machine has not got, or a misspelt ``saecheck``
+    mark on a test that uses the saecheck fixtures, errors the test."""
+    if set(__all__) & set(getattr(item, "fixturenames", ())):  # a test that reads the saecheck marker
+        misspelt = settings_config.misspelt_marks(item)
+        if misspelt:
+            raise ConfigError(
+                f"@pytest.mark.{misspelt[0]} is not a saecheck marker (did you mean @pytest.mark.saecheck?): its "
+                "settings would be ignored and the test would check another SAE; rename it"
+            )
     if item.get_closest_marker(settings_config.MARKER) is not None:
         settings = settings_config.resolve_for_item(item)
         if settings.sources.get("device") == "marker":

@@ -658,14 +658,59 @@ def _raw_ini(config: pytest.Config, setting: Setting) -> Any:
     return value
 
 
+#: How close (difflib ratio) a name must be to a saecheck name to be taken for a misspelling of it.
+TYPO_CUTOFF = 0.75
+
+
+def _ini_names(config: pytest.Config) -> list[str]:
+    """Every ini key registered so far (pytest keeps them in its parser; the settings' own as a fallback)."""
+    registered = getattr(getattr(config, "_parser", None), "_inidict", None)
+    return list(registered) if isinstance(registered, Mapping) else [s.ini for s in SETTINGS]
+
+
+def check_ini_keys(config: pytest.Config) -> None:
+    """An ini key that no plugin registered and that starts with ``saecheck`` (or is close to one of ours) is a
+    usage error with a suggestion: pytest itself only warns, and a misspelt key silently keeps the default
+    (``saecheck_n_token = 2048`` would run 16,384 tokens).
+
+    Raises:
+        SettingsUsageError: naming the key, the ini file, the closest known key and every saecheck key.
+    """
+    unknown = getattr(config, "_get_unknown_ini_keys", None)  # pytest >= 6: the keys it warns about
+    if unknown is None:
+        return
+    ours = sorted(name for name in _ini_names(config) if name.startswith("saecheck"))
+    for key in sorted(unknown()):
+        close = difflib.get_close_matches(key, ours, n=1, cutoff=TYPO_CUTOFF)
+        if not key.lower().startswith("saecheck") and not close:
+            continue
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        where = f" in {config.inipath}" if config.inipath is not None else ""
+        raise SettingsUsageError(
+            f"unknown ini key {key!r}{where}{hint}; saecheck's ini keys: {', '.join(ours)}"
+        )
+
+
+def misspelt_marks(item: pytest.Item) -> list[str]:
+    """The names of ``item``'s marks that look like a misspelt ``saecheck`` (``saechek``, ``sae_check``)."""
+    names = {mark.name for mark in item.iter_markers()} - {MARKER}
+    return sorted(
+        name
+        for name in names
+        if difflib.SequenceMatcher(None, name.lower().replace("_", ""), MARKER).ratio() >= TYPO_CUTOFF
+    )
+
+
 def validate_command_line(config: pytest.Config) -> None:
     """Parse every override, option and ini value once at start-up so that a typo fails the run, not each test.
 
-    A ``device`` is also checked against this machine (:func:`check_device`, which imports torch then).
+    A ``device`` is also checked against this machine (:func:`check_device`, which imports torch then); an
+    unknown ``saecheck_*`` ini key is refused (:func:`check_ini_keys`).
 
     Raises:
         SettingsUsageError: the first malformed value, naming the option or ini key and the fix.
     """
+    check_ini_keys(config)
     try:
         forced = overrides(config)
     except ConfigError as error:
