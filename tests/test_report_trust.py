@@ -86,7 +86,7 @@ def test_sections_from_a_json_file_are_shown_as_text(tmp_path: Path, command: st
     assert html.count("<style>") == 1  # the report's own
     assert "&lt;style&gt;.banner.bad{display:none}&lt;/style&gt;" in html  # shown, escaped
     assert "shown as text" in html
-    assert '<div class="banner bad">' in html
+    assert '<div class="banner bad" id="verdict">' in html
 
 
 def test_in_process_section_markup_is_sanitised_in_json_and_html(tiny_pytester: pytest.Pytester) -> None:
@@ -341,3 +341,87 @@ def test_test_ids_and_baseline_names_do_not_depend_on_the_starting_directory(
         result.assert_outcomes(passed=1)  # the baseline recorded from the root is found
     assert ids[root] == ids[tests] and ids[root] == ["tests/test_release.py::test_no_regression[saes/sae_l2]"]
     assert baseline.name.startswith("saes_sae_l2-")
+
+
+# -- items 7 and 10: a run whose gates were all skipped is never green ---------------------------------
+
+UNAVAILABLE = """
+    import pytest
+    from pytest_saecheck.assertions import assert_ce_recovery
+
+    @pytest.mark.saecheck(model="tiny", sae="sae_identity", tokens="{tokens}", n_tokens=160)
+    def test_impossible_gate(saecheck):
+        assert_ce_recovery(saecheck, metric="delta_ce", max_value=1e-12)
+"""
+
+
+@pytest.mark.parametrize("ci", [None, "true"])
+def test_a_run_that_checked_no_sae_is_never_green(
+    tiny_pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: str | None
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    if ci is not None:
+        monkeypatch.setenv("CI", ci)
+    tiny_pytester.makepyfile(UNAVAILABLE.format(tokens="hf:saecheck-nobody/not-cached-anywhere"))
+    result = run(tiny_pytester, "--saecheck-report", "r.html")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["saecheck: No SAE was checked: the tests of all 1 SAE were skipped*"])
+    assert result.ret == (pytest.ExitCode.TESTS_FAILED if ci else pytest.ExitCode.OK)
+    if ci:
+        result.stdout.fnmatch_lines(["saecheck: exit status 1: CI is set and a CI run that checked no SAE*"])
+    html = (tiny_pytester.path / "r.html").read_text(encoding="utf-8")
+    assert '<div class="banner bad" id="verdict">No SAE was checked' in html
+    assert "banner good" not in html.split("</header>")[0].split("<header>")[1]
+
+
+def test_a_misspelt_split_offline_is_a_load_error_not_a_skip(
+    tiny_pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = tiny_pytester.mkdir("localdata")
+    (data / "train.jsonl").write_text('{"text": "the cat sat"}\n{"text": "on the mat"}\n')
+    tiny_pytester.makepyfile(
+        test_split=UNAVAILABLE.format(tokens="hf:./localdata?split=tran"),
+        test_config=UNAVAILABLE.format(tokens="hf:./localdata?split=train&name=no_such_config"),
+        test_folder=UNAVAILABLE.format(tokens="hf:./no_such_folder?split=train"),
+    )
+    result = run(tiny_pytester)
+    result.assert_outcomes(failed=3)  # the tokens load in the test body: failed, not skipped
+    result.stdout.fnmatch_lines(
+        [
+            "*LoadError: token source 'hf:./localdata?split=train&name=no_such_config' could not be loaded*",
+            "*LoadError: token source 'hf:./no_such_folder?split=train' could not be loaded*",
+            "*LoadError: token source 'hf:./localdata?split=tran' could not be loaded: *Bad split: tran*",
+        ],  # in file order: test_config, test_folder, test_split
+        consecutive=False,
+    )
+
+
+# -- item 20: a worker killed after its test finished is one teardown error, not a second run ----------
+
+
+def test_a_worker_killed_after_its_test_passed_is_one_teardown_error(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    pytester.makepyfile(
+        test_crash="""
+            import os
+            import pytest
+
+            @pytest.fixture
+            def dies_after():
+                yield
+                os._exit(3)
+
+            def test_killed_in_teardown(dies_after):
+                pass
+        """,
+        test_fine="def test_a():\n    pass\n",
+    )
+    result = run(pytester, "-n", "2", "--saecheck-json", "r.json")
+    result.assert_outcomes(passed=2, errors=1)  # pytest's count for a passed test whose teardown failed
+    tests = {test["id"]: test for test in load_document(pytester.path / "r.json")["tests"]}
+    killed = tests["test_crash.py::test_killed_in_teardown"]
+    assert killed["outcome"] == "error" and tests["test_fine.py::test_a"]["outcome"] == "passed"
+    assert "crashed" in killed["message"] and "after the test itself had passed" in killed["message"]

@@ -18,13 +18,14 @@ from pytest_saecheck.errors import (
     WeightsUnavailableError,
 )
 from pytest_saecheck.loading.models import usable_tokenizer
-from pytest_saecheck.loading.offline import hub_offline, is_unavailable_error, offline_state
+from pytest_saecheck.loading.offline import is_unavailable_error, offline_state
 from pytest_saecheck.loading.resolve import hooks_then_builtin
 from pytest_saecheck.loading.specs import (
     DEMO,
     absolute_path,
     default_context_size,
     local_path,
+    looks_like_path,
     prepend_bos,
     sae_metadata,
 )
@@ -225,10 +226,16 @@ def hf_documents(spec: str) -> Iterator[Any]:
         kwargs["data_dir"] = options["data_dir"]
     try:
         dataset = datasets.load_dataset(name, **kwargs)
-    except Exception as error:
-        if is_unavailable_error(error) or hub_offline() or isinstance(error, FileNotFoundError):
+    except Exception as error:  # every failure becomes one of the package's load errors, naming the spec
+        # only "not cached here and no network" is unavailable (a skip by default); a misspelt split, config
+        # or a missing local folder is the user's error, offline or not
+        remote = not looks_like_path(name) and not Path(name).exists()
+        if is_unavailable_error(error) or (remote and isinstance(error, FileNotFoundError)):
             raise _dataset_unavailable(name, split, error) from None
-        raise
+        raise LoadError(
+            f"token source {spec!r} could not be loaded: {type(error).__name__}: {error}. Check the dataset "
+            "name and the split=, name= (config) and data_dir= of the spec"
+        ) from None
     return _stream_rows(dataset, spec, name, split, options.get("column"))
 
 
@@ -244,12 +251,20 @@ def _stream_rows(dataset: Any, spec: str, name: str, split: str, column: str | N
         raise
 
 
+#: Rows the suggested offline copy of a hub dataset streams (documents of a few hundred tokens: enough for the
+#: default n_tokens many times over).
+SAVED_ROWS = 20_000
+
+
 def _dataset_unavailable(name: str, split: str, error: BaseException) -> WeightsUnavailableError:
     return WeightsUnavailableError(
         f"dataset {name!r} (split {split!r}) is not available on this machine ({offline_state()}). "
-        f"Download it once with network access: python -c \"import datasets; datasets.load_dataset('{name}', "
-        f"split='{split}').save_to_disk('{name.replace('/', '_')}')\" and set tokens= to that directory, "
-        f"or run with network access and the same HF_HOME. Original error: {type(error).__name__}: {error}"
+        f'Save only the rows a test needs, once, with network access: python -c "import datasets; '
+        f"rows = datasets.load_dataset('{name}', split='{split}', streaming=True).take({SAVED_ROWS}); "
+        f"datasets.Dataset.from_list(list(rows)).save_to_disk('{name.replace('/', '_')}')\" (streams "
+        f"{SAVED_ROWS:,} rows instead of downloading the whole split; take more if the run says the tokens ran "
+        "short) and set tokens= to that directory; or give tokens= a local token file (.npy, .pt, .jsonl). "
+        f"Original error: {type(error).__name__}: {error}"
     )
 
 

@@ -98,6 +98,8 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
         config.pluginmanager.register(xdist_scheduling, "saecheck-xdist")
+        if not hasattr(config, "workerinput"):
+            config.pluginmanager.register(xdist_scheduling.CrashAfterTest(), "saecheck-xdist-crashes")
     baselines.configure(config)
 
 

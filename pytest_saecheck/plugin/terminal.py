@@ -4,15 +4,27 @@ torch."""
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import metadata
 from typing import Any
 
 import pytest
 
+from pytest_saecheck.files import failed_exit_status
 from pytest_saecheck.plugin.settings import SETTINGS, resolve
 from pytest_saecheck.report.collect import Collector
+from pytest_saecheck.report.display import verdict
 from pytest_saecheck.report.terminal import summary_lines
+
+#: The environment variable CI services set; when it is set (and not "0"/"false"/"no"/"off"), a run in which
+#: no SAE was checked exits non-zero.
+CI_VARIABLE = "CI"
+
+
+def in_ci() -> bool:
+    """Whether this run is under CI (:data:`CI_VARIABLE` set to anything but an empty or false value)."""
+    return os.environ.get(CI_VARIABLE, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _version(distribution: str) -> str:
@@ -71,12 +83,26 @@ class SummaryReporter:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.collector = Collector.for_config(config)
+        self.failed_in_ci = False
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.collector.add_report(report)
 
     def lines(self) -> list[str]:
         return summary_lines(self.collector.document(environment_info={}))
+
+    def verdict(self) -> tuple[str, str] | None:
+        return verdict(self.collector.document(environment_info={})["saes"])
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        """Under CI, a run in which no SAE was checked (all skipped) is not a pass: exit 1."""
+        if hasattr(self.config, "workerinput") or not in_ci():
+            return
+        found = self.verdict()
+        if found is not None and found[0] == "unchecked":
+            self.failed_in_ci = True
+            session.exitstatus = failed_exit_status(session.exitstatus)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if hasattr(self.config, "workerinput"):  # xdist worker: the controller prints the table
@@ -87,3 +113,16 @@ class SummaryReporter:
         terminalreporter.write_sep("=", "saecheck summary")
         for line in lines:
             terminalreporter.write_line(line)
+        found = self.verdict()
+        if found is not None and found[0] == "unchecked":
+            terminalreporter.write_line(f"saecheck: {found[1]}", red=True)
+            if self.failed_in_ci:
+                terminalreporter.write_line(
+                    f"saecheck: exit status 1: {CI_VARIABLE} is set and a CI run that checked no SAE must not "
+                    "pass. Make the data and models available to this job, or deselect these tests here",
+                    red=True,
+                )
+            else:
+                terminalreporter.write_line(
+                    f"saecheck: (under CI, with {CI_VARIABLE} set, such a run exits 1)", yellow=True
+                )

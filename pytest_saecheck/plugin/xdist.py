@@ -129,3 +129,32 @@ def uses_groups(config: pytest.Config) -> bool:
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> SAEGroupScheduling | None:
     """Our scheduler under ``--dist load`` (what ``-n N`` implies); None (xdist's own) under any other mode."""
     return SAEGroupScheduling(config, log) if uses_groups(config) else None
+
+
+class CrashAfterTest:
+    """On the controller: a worker that dies after a test's call phase had finished (in its teardown, or at a
+    later kill) is reported as that test's teardown error, once, not as a second, failed run of the test.
+
+    pytest-xdist reports every crash as a failure of the test the worker was running (phase ``???``), so a
+    test whose call had passed was counted passed and failed, and the result document kept only the failure.
+    With its phase set to ``teardown`` the crash is what pytest calls a teardown error ("1 passed, 1 error"),
+    and the test's own outcome stands beside it. A crash during the call phase stays xdist's failure. xdist does
+    not re-run a crashed test.
+    """
+
+    def __init__(self) -> None:
+        self.finished: dict[str, str] = {}  # node id -> outcome of its call phase
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call":
+            self.finished[report.nodeid] = report.outcome
+
+    def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport, sched: Any) -> None:
+        outcome = self.finished.get(crashitem)
+        if outcome is None or report.outcome != "failed":
+            return
+        report.when = "teardown"
+        report.longrepr = (
+            f"{report.longrepr}, after the test itself had {outcome} (during its teardown): counted as a "
+            "teardown error; the test's own result stands"
+        )

@@ -131,3 +131,37 @@ def _names(facts: Sequence[Mapping[str, Any]]) -> list[str]:
     names = [name for name, _ in DISTINGUISHING]
     names += sorted({name for fact in facts for name in fact} - set(names))
     return names
+
+
+#: SAE statuses that mean the SAE was checked (a gate ran on it, whatever it decided).
+CHECKED_STATUSES = ("failed", "error", "passed")
+
+
+def verdict(saes: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
+    """The run's one-line verdict on its SAEs, as ``(kind, text)`` with kind ``"bad"``, ``"good"`` or
+    ``"unchecked"``; ``None`` when no SAE was under test. One home for the HTML banner and the terminal line.
+
+    A run in which no SAE was checked (every SAE's tests skipped or never run: the data or model was not on
+    this machine, ``unavailable=skip``) is never good: it says so. When some SAEs passed and others were
+    skipped, the good verdict names the skipped ones' count.
+    """
+    if not saes:
+        return None
+    plural = "" if len(saes) == 1 else "s"
+    failing = [sae for sae in saes if sae.get("status") in ("failed", "error")]
+    if failing:
+        return "bad", f"{len(failing)} of {len(saes)} SAE{plural} failed or errored."
+    unchecked = [sae for sae in saes if sae.get("status") not in CHECKED_STATUSES]
+    if len(unchecked) == len(saes):
+        return (
+            "unchecked",
+            f"No SAE was checked: the tests of all {len(saes)} SAE{plural} were skipped or did not run, "
+            "so nothing passed.",
+        )
+    if unchecked:
+        return (
+            "good",
+            f"Every SAE checked passed; {len(unchecked)} of {len(saes)} SAE{plural} were skipped or not run "
+            "and were not checked.",
+        )
+    return "good", "Every SAE passed the tests that ran."

@@ -28,7 +28,7 @@ from pytest_saecheck.messages import (
 )
 from pytest_saecheck.naming import short_id
 from pytest_saecheck.report import charts
-from pytest_saecheck.report.display import outcome_counts, row_labels
+from pytest_saecheck.report.display import outcome_counts, row_labels, verdict
 from pytest_saecheck.report.markup import sanitise_html
 from pytest_saecheck.report.schema import STATUSES
 from pytest_saecheck.scaling import ScalingLaw
@@ -356,6 +356,7 @@ def render_html(document: Mapping[str, Any], *, markup_from_hooks: bool = False)
     template = _environment().get_template("report.html.j2")
     return template.render(
         doc=document,
+        verdict=verdict(saes),
         csp=CONTENT_SECURITY_POLICY,
         views=[_view(sae, prepared, label) for sae, label in zip(saes, labels, strict=True)],
         compute_charts=compute_charts(saes, labels),
