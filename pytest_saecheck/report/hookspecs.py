@@ -36,7 +36,10 @@ def pytest_saecheck_report_sections(
     """Return sections to add to the HTML report, or ``None``.
 
     Each section is a dict: ``title`` (str), and ``text`` (str, shown escaped, whitespace kept) or ``html``
-    (str, trusted markup inserted as is; the report's Content-Security-Policy still blocks scripts and any
-    network fetch), and optionally ``sae`` (an SAE id from ``document["saes"]``) to place it in that SAE's
-    section instead of at the end. Sections are stored in ``document["report_sections"]``.
+    (str: markup, sanitised by :func:`~pytest_saecheck.report.markup.sanitise_html`, which keeps text
+    structure, tables and links and drops ``style``, ``meta``, ``link``, ``base``, scripts and ``class``/``id``/
+    ``style`` attributes, so no section can restyle, hide or redirect the verdict), and optionally ``sae`` (an
+    SAE id from ``document["saes"]``) to place it in that SAE's section instead of at the end. Sections are
+    stored in ``document["report_sections"]``; a report rendered later from that JSON file (``python -m
+    pytest_saecheck.report render/merge``) shows their ``html`` as text, never as markup.
     """

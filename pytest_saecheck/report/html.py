@@ -2,8 +2,9 @@
 
 jinja2 with autoescape on; CSS inline; charts inline SVG (:mod:`~pytest_saecheck.report.charts`); no script.
 The page carries a Content-Security-Policy that forbids every network fetch, scripts included, so it opens
-offline and cannot phone home even if an extension section misbehaves. The page is a function of the document
-alone: a merged document renders exactly like a single run's.
+offline and cannot phone home even if an extension section misbehaves. Sections' HTML is markup only when an
+in-process hook returned it in this run (sanitised); from a file it is text (:func:`prepare_sections`). The page
+is otherwise a function of the document alone: a merged document renders exactly like a single run's.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@
 - Results travel on the test reports as plain values (``report.saecheck_records``), so under xdist they reach
   the controller with the reports. Only the controller collects them and writes the files, once, at
   ``pytest_sessionfinish``: also when tests fail or error, and when the run is interrupted (the document then
-  says ``"interrupted": true``). Each file is written atomically (temporary file + ``os.replace``). A run that
-  executes no test (``--collect-only``, ``-k`` matching nothing) writes nothing, so the last report stays.
+  says ``"interrupted": true``; beside a complete run's report it goes to ``NAME.partial.*``). The JSON and
+  HTML are one commit with one run id (:func:`~pytest_saecheck.files.commit_files`), and a live run locks its
+  report paths (:class:`~pytest_saecheck.files.RunLock`). A run that executes no test (``--collect-only``,
+  ``-k`` matching nothing) writes nothing, so the last report stays. Guarantees: ``docs/reliability.md``.
 - Extension hooks: :mod:`pytest_saecheck.report.hookspecs`.
 
 The core plugin imports this module from its ``pytest_addhooks``; ``-p pytest_saecheck.report.plugin`` also
@@ -255,7 +257,7 @@ class ReportWriter:
         A file that cannot be written is one line at the end and a non-zero exit; the other file is still
         written, and nothing here stops the other ``pytest_sessionfinish`` hooks (baselines) or the summary.
         Ctrl-C while writing: the first is held until the files are written (exit 2), a second abandons the
-        write and leaves the previous files as they were.
+        write (see ``docs/reliability.md``).
         """
         from pytest_saecheck.files import commit_files
 
@@ -267,7 +269,10 @@ class ReportWriter:
                 targets = self._targets(self.document(session, exitstatus))
                 results = commit_files([(path, text) for _, path, text in targets])
         except KeyboardInterrupt:
-            self.problems.append("interrupted twice while writing the report: the previous files were kept")
+            self.problems.append(
+                "interrupted twice while writing the report: the write was abandoned (the files are the previous "
+                "pair, or the new pair if the replacements had begun)"
+            )
             session.exitstatus = pytest.ExitCode.INTERRUPTED
             return
         for (what, _, _), result in zip(targets, results, strict=True):
