@@ -63,8 +63,12 @@ from pytest_saecheck.checks.pipeline_adapters import (  # noqa: F401  (TokenStor
 DENSITY_ROW = "latent_density (worst latent)"
 
 RELEASE_KEY = "4"
-CONFIG_KEYS = ("1", "2", "3", RELEASE_KEY)
-CONFIG_ALIASES = {"release": RELEASE_KEY}
+HF_KEY = "5"
+CONFIG_KEYS = ("1", "2", "3", RELEASE_KEY, HF_KEY)
+CONFIG_ALIASES = {"release": RELEASE_KEY, "hf": HF_KEY}
+HF_HOOK = "transformer.h.5"
+"""Configuration 5's point: the output of GPT-2's block 5, the residual stream TransformerLens calls
+``blocks.6.hook_resid_pre`` (configuration 1's hook)."""
 
 GPT2_SHAPE = {
     "n_layers": 12,
@@ -117,12 +121,12 @@ class Timings:
 
 
 def parse_configs(text: str) -> list[str]:
-    """``"1,3"`` -> ``["1", "3"]``; 1, 2, 3 and 4 exist, and ``release`` names 4."""
+    """``"1,3"`` -> ``["1", "3"]``; 1 to 5 exist, ``release`` names 4 and ``hf`` names 5."""
     keys = [CONFIG_ALIASES.get(part.strip(), part.strip()) for part in text.split(",") if part.strip()]
     unknown = [key for key in keys if key not in CONFIG_KEYS]
     if unknown or not keys:
         raise argparse.ArgumentTypeError(
-            f"--configs takes a comma-separated subset of 1,2,3,4 (4 = release), got {text!r}"
+            f"--configs takes a comma-separated subset of 1,2,3,4,5 (4 = release, 5 = hf), got {text!r}"
         )
     return list(dict.fromkeys(keys))
 
@@ -339,7 +343,7 @@ def sums_bytes(sae: Any, seq_len: int) -> int:
     ``PARTICIPATION_RATIO_MAX_WIDTH``), its float64 firing count per latent, the reference vector its sums are
     centred on and its per-position curves (5 float64 vectors of ``seq_len``). Per-sequence sums are left out:
     a few hundred float64 numbers per sequence."""
-    from pytest_saecheck.engine.run import PARTICIPATION_RATIO_MAX_WIDTH
+    from pytest_saecheck.engine.finish import PARTICIPATION_RATIO_MAX_WIDTH
 
     d_out = int(getattr(sae.cfg, "d_out", None) or sae.cfg.d_in)
     second_moment = d_out * d_out * 8 if d_out <= PARTICIPATION_RATIO_MAX_WIDTH else 0
@@ -612,14 +616,14 @@ def measure_release(
 
 
 OURS_PARTS = {
-    ("engine/cut.py", "forward_capturing"): "original forward pass, capturing every hook",
+    ("engine/cut.py", "capture"): "original forward pass, capturing every hook",
     ("engine/cut.py", "continue_from"): "continuations from each hook (spliced, templates)",
     ("engine/cut.py", "logits"): "unembeddings",
     ("engine/member.py", "reconstruct"): "SAE passes",
     ("engine/accumulate.py", "add_reconstruction"): "reconstruction sums",
     ("scoring.py", "prepare_original"): "the original's log-softmax",
     ("scoring.py", "score_batch"): "scoring CE and KL",
-    ("engine/run.py", "_finish"): "metrics, intervals, participation ratios",
+    ("engine/finish.py", "member"): "metrics, intervals, participation ratios",
 }
 """The engine's parts that ``ours_parts`` times: (file suffix, function) -> label. None calls another, so their
 cumulative times add up; what they leave is bookkeeping."""
@@ -749,6 +753,116 @@ def demo_case(n_tokens: int | None, batch_size: int, device: str, seq_len: int |
         f"context {seq_len}) + its 'good' SAE ({sae.cfg.architecture()}, d_sae {sae.cfg.d_sae}) at {hook}"
     )
     return Case("3", title, model.eval(), sae.eval(), tokens, f"demo 'good' SAE at {hook}")
+
+
+# --- configuration 5: the Hugging Face backend -----------------------------------------------------------------------
+
+
+def hf_gpt2_shaped_model(device: str) -> Any:
+    """A GPT-2-small-shaped transformers ``GPT2LMHeadModel`` (random weights, seed 0), float32, eval mode."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=GPT2_SHAPE["n_layers"],
+        n_embd=GPT2_SHAPE["d_model"],
+        n_head=GPT2_SHAPE["n_heads"],
+        n_positions=GPT2_SHAPE["n_ctx"],
+        vocab_size=GPT2_SHAPE["d_vocab"],
+    )
+    return GPT2LMHeadModel(config).to(device).eval()
+
+
+def run_hf_floor(model: Any, tokens: Any, batch_size: int) -> None:
+    """One plain forward pass of the Hugging Face model (logits) over the batches."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, tokens.shape[0], batch_size):
+            model(input_ids=tokens[start : start + batch_size].to(device), use_cache=False)
+
+
+def run_hf_bound(model: Any, sae: Any, tokens: Any, batch_size: int, start: int) -> None:
+    """The least work of an exact evaluation on the Hugging Face model, in plain transformers calls: the original
+    forward pass (logits), one SAE pass, and the spliced run's blocks from ``start`` with the final norm and head
+    (the zero-ablated run at a residual point is the same at every position: one position, left out)."""
+    import torch
+
+    device = next(model.parameters()).device
+    blocks, ln_f, head = model.transformer.h, model.transformer.ln_f, model.lm_head
+    with torch.inference_mode():
+        for first in range(0, tokens.shape[0], batch_size):
+            batch = tokens[first : first + batch_size].to(device)
+            hidden = model(input_ids=batch, use_cache=False, output_hidden_states=True).hidden_states[start]
+            hidden = sae.decode(sae.encode(hidden))
+            for block in blocks[start:]:
+                hidden = block(hidden)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            head(ln_f(hidden))
+
+
+def measure_hf(
+    n_tokens: int | None,
+    batch_size: int,
+    repeats: int,
+    device: str,
+    seq_len: int | None,
+    log: Callable[[str], None],
+) -> tuple[list[str], dict[str, Any]]:
+    """Configuration 5: ours on the Hugging Face backend (``backend="hf"``) against its floor and bound."""
+    import statistics
+
+    model = hf_gpt2_shaped_model(device)
+    sae = topk_sae(HF_HOOK, GPT2_SHAPE["d_model"], device)
+    length = min(seq_len or GPT2_SHAPE["n_ctx"], GPT2_SHAPE["n_ctx"])
+    tokens = random_tokens(
+        n_sequences_for(n_tokens or 1024, length, batch_size), length, GPT2_SHAPE["d_vocab"]
+    )
+    warm = tokens[:batch_size]
+
+    def ours(batch: Any) -> Any:
+        from pytest_saecheck import evaluate
+
+        return evaluate(
+            model, sae, batch, batch_size=batch_size, progress=False, backend="hf", **AS_RUN_EVALS
+        )
+
+    start = int(HF_HOOK.rsplit(".", 1)[1]) + 1
+    impls = {
+        "ours": lambda: ours(tokens),
+        "floor": lambda: run_hf_floor(model, tokens, batch_size),
+        "bound": lambda: run_hf_bound(model, sae, tokens, batch_size, start),
+    }
+    one_batch = {
+        "ours": lambda: ours(warm),
+        "floor": lambda: run_hf_floor(model, warm, batch_size),
+        "bound": lambda: run_hf_bound(model, sae, warm, batch_size, start),
+    }
+    timings, results, _ = interleaved(impls, one_batch, repeats, device, False, log)
+    seconds = {name: statistics.median(values) for name, values in timings.seconds.items()}
+    ratio = statistics.median(pairwise_ratios(timings.seconds["ours"], timings.seconds["bound"]))
+    passes = statistics.median(pairwise_ratios(timings.seconds["ours"], timings.seconds["floor"]))
+    evaluation = results["ours"]
+    lines = [
+        f"\nConfiguration {HF_KEY}: GPT-2-small-shaped transformers GPT2LMHeadModel (random weights) + TopK SAE "
+        f"(k 32, d_sae 12288) at {HF_HOOK} (output), backend hf; {tokens.numel()} tokens",
+        f"  ours {seconds['ours']:.2f} s, bound {seconds['bound']:.2f} s, floor {seconds['floor']:.2f} s (medians)",
+        f"  ours / bound, pair by pair: median {ratio:.3f}; ours = {passes:.2f} forward passes",
+        f"  delta_ce {evaluation.metrics['delta_ce']:.6g}, kl_sae {evaluation.metrics['kl_sae']:.6g}, "
+        f"explained_variance {evaluation.metrics['explained_variance']:.6g}",
+        "  SAE Lens' run_evals on its Hugging Face path (HookedProxyLM) is not timed here",
+    ]
+    record = {
+        "name": f"hf: {HF_HOOK}",
+        "seconds_ours": round(seconds["ours"], 3),
+        "seconds_bound": round(seconds["bound"], 3),
+        "seconds_floor": round(seconds["floor"], 3),
+        "ours_over_bound": round(ratio, 3),
+        "forward_passes": round(passes, 3),
+    }
+    return lines, record
 
 
 # --- report --------------------------------------------------------------------------------------------------------
@@ -1081,7 +1195,8 @@ def main(argv: list[str] | None = None) -> int:
         "--configs",
         type=parse_configs,
         default=["1", "2", "3"],
-        help="subset of 1,2,3,4 (4 or 'release': 12 SAEs in one pass; default 1,2,3)",
+        help="subset of 1,2,3,4,5 (4 or 'release': 12 SAEs in one pass; 5 or 'hf': the Hugging Face backend; "
+        "default 1,2,3)",
     )
     parser.add_argument(
         "--quick",
@@ -1128,7 +1243,15 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     started = time.perf_counter()
-    cases, skipped = build_cases(args.configs, n_tokens, args.batch_size, device, log, seq_len, n_release)
+    cases, skipped = build_cases(
+        [key for key in args.configs if key != HF_KEY],
+        n_tokens,
+        args.batch_size,
+        device,
+        log,
+        seq_len,
+        n_release,
+    )
     lines = [
         f"pytest-saecheck engine vs SAE Lens evaluation ({describe_machine(device)}, device {device})",
         "Both compute the same metric set on the same positions: every position spliced, zero-ablated and scored",
@@ -1149,6 +1272,10 @@ def main(argv: list[str] | None = None) -> int:
                 case, args.batch_size, repeats, device, not args.no_memory, log
             )
             text, records[case.key] = case_report(case, timings, ours, anchor, peak, args.batch_size)
+        lines += text
+    if HF_KEY in args.configs:
+        log(f"configuration {HF_KEY}: the Hugging Face backend")
+        text, records[HF_KEY] = measure_hf(n_tokens, args.batch_size, repeats, device, seq_len, log)
         lines += text
     for key, reason in skipped.items():
         lines.append(f"\nConfiguration {key}: SKIPPED - {reason}")

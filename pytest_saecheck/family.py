@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pytest_saecheck.defaults import DEFAULT_BATCH_SIZE
-from pytest_saecheck.engine.run import _check_tokens, check_model
+from pytest_saecheck.engine.backends import check_model, cut_for
+from pytest_saecheck.engine.plan import check_tokens
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.policy import TokenPolicy
 from pytest_saecheck.scaling import ScalingLaw, fit_scaling_law
@@ -33,23 +34,24 @@ def known_train_tokens(name: str) -> int | None:
 
 
 def model_loss(
-    model: HookedTransformer,
+    model: Any,
     tokens: torch.Tensor,
     *,
     policy: TokenPolicy | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> float:
     """Mean next-token cross-entropy (nats/token) of ``model`` on ``tokens`` ``[n_sequences, seq_len]``, pooled
-    over the predictions the token policy keeps: the ``ce_orig`` that :func:`evaluate` reports on these tokens."""
-    policy = (policy or TokenPolicy()).resolved_for(model)
-    tokens = _check_tokens(model, tokens, policy)
-    device = next(model.parameters()).device
+    over the predictions the token policy keeps: the ``ce_orig`` that :func:`evaluate` reports on these tokens.
+    ``model``: any model an evaluation takes (:func:`~pytest_saecheck.engine.backends.cut_for`)."""
+    cut = cut_for(model)
+    policy = (policy or TokenPolicy()).resolved_for(cut)
+    tokens = check_tokens(cut, tokens, policy)
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     with torch.inference_mode():
         for start in range(0, tokens.shape[0], batch_size):
-            batch = tokens[start : start + batch_size].to(device)
-            logits = model(batch, return_type="logits")
+            batch = tokens[start : start + batch_size]
+            logits = cut.logits(cut.capture(batch, []).take_final())
             ce = prepare_original(logits, batch, in_place=True).ce
             mask = policy.prediction_mask(batch)
             total += ce[mask].double().sum().cpu()

@@ -61,7 +61,7 @@ class TokenPolicy:
             ConfigError: an ``exclude_token_ids`` entry lies outside the model's vocabulary ``[0, d_vocab)``, so
                 it could never exclude anything (a typo, or ids of another tokenizer).
         """
-        d_vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
+        d_vocab = getattr(model, "d_vocab", getattr(getattr(model, "cfg", None), "d_vocab", None))
         if isinstance(d_vocab, int):
             outside = [i for i in self.exclude_token_ids if not 0 <= i < d_vocab]
             if outside:

@@ -158,6 +158,8 @@ class EvaluationRecord(_Record):
     compute_law: dict[str, Any] | None = None
     batch_size: int | None = None
     model_dtype: str | None = None
+    sae_dtype: str | None = None
+    backend: str | None = None
     duration_s: float | None = None
     baseline_document: dict[str, Any] | None = None
     groups: dict[str, Any] | None = None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BatchScores", "Original", "chunk_rows_for", "prepare_original", "score_batch"]
+__all__ = ["BatchScores", "Original", "chunk_rows_for", "prepare_original", "score_batch", "score_dtype"]
 
 # Bytes of one float32 [rows, vocab] chunk: cache-sized on a CPU; on an accelerator, large enough that kernel
 # launches do not dominate and small enough to bound the temporaries.
@@ -23,7 +23,7 @@ _ACCELERATOR_CHUNK_BYTES = 256 * 2**20
 
 @dataclass
 class BatchScores:
-    """Per-token scores of one batch, float32.
+    """Per-token scores of one batch, float32 (float64 for a float64 model: :func:`score_dtype`).
 
     ``ce_orig`` and ``ce[name]`` are ``[batch, seq_len - 1]`` (position ``s`` predicts token ``s + 1``);
     ``kl[name]`` is ``[batch, seq_len]``, KL(original ‖ variant) at every position.
@@ -49,14 +49,20 @@ class BatchScores:
 class Original:
     """The original model's side of one batch, prepared once and scored against by every variant.
 
-    ``log_probs``: ``[batch, seq_len, vocab]`` float32 log-softmax of the original logits; ``targets``:
+    ``log_probs``: ``[batch, seq_len, vocab]`` log-softmax (in :func:`score_dtype`) of the original logits; ``targets``:
     ``[batch * seq_len, 1]`` next-token ids (a dummy 0 at each sequence's last position, which has none);
-    ``ce``: ``[batch, seq_len - 1]`` float32 next-token cross-entropy (nats).
+    ``ce``: ``[batch, seq_len - 1]`` next-token cross-entropy (nats).
     """
 
     log_probs: torch.Tensor
     targets: torch.Tensor
     ce: torch.Tensor
+
+
+def score_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores are computed in: float64 for a float64 model (``dtype=float64`` means float64 throughout),
+    float32 otherwise (bf16/fp16 logits are upcast; every sum over tokens is float64 either way)."""
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
 
 
 def chunk_rows_for(d_vocab: int, device: torch.device) -> int:
@@ -70,26 +76,27 @@ def prepare_original(
     """The original's log-probs and CE from its ``[batch, seq_len, vocab]`` logits and ``[batch, seq_len]``
     tokens, computed once per batch however many variants are scored against them.
 
-    With ``in_place`` and float32 ``logits``, the log-probs overwrite ``logits`` (no second ``[batch, seq_len,
-    vocab]`` tensor); otherwise they are a new float32 tensor and ``logits`` is left as it was.
+    With ``in_place`` and ``logits`` already in :func:`score_dtype`, the log-probs overwrite ``logits`` (no second
+    ``[batch, seq_len, vocab]`` tensor); otherwise they are a new tensor and ``logits`` is left as it was.
     """
     batch, seq_len, d_vocab = logits.shape
     n_rows = batch * seq_len
     device = logits.device
+    dtype = score_dtype(logits.dtype)
     rows = chunk_rows or chunk_rows_for(d_vocab, device)
     # Position s is scored against token s + 1; the last position has no target, a dummy 0 is cut off below.
     targets = torch.zeros((batch, seq_len), dtype=torch.long, device=device)
     targets[:, :-1] = tokens[:, 1:].to(device)
     targets = targets.reshape(n_rows, 1)
-    if in_place and logits.dtype == torch.float32:
+    if in_place and logits.dtype == dtype:
         log_probs = logits
     else:
-        log_probs = torch.empty((batch, seq_len, d_vocab), dtype=torch.float32, device=device)
+        log_probs = torch.empty((batch, seq_len, d_vocab), dtype=dtype, device=device)
     source, flat = logits.reshape(n_rows, d_vocab), log_probs.view(n_rows, d_vocab)
-    ce = torch.empty(n_rows, dtype=torch.float32, device=device)
+    ce = torch.empty(n_rows, dtype=dtype, device=device)
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
-        chunk = torch.log_softmax(source[start:stop].float(), dim=-1)
+        chunk = torch.log_softmax(source[start:stop].to(dtype), dim=-1)
         ce[start:stop] = chunk.gather(-1, targets[start:stop]).squeeze(-1).neg()
         flat[start:stop] = chunk
     return Original(log_probs, targets, ce.reshape(batch, seq_len)[:, : seq_len - 1])
@@ -118,8 +125,9 @@ def score_batch(
     flat = {name: value.reshape(n_rows, d_vocab) for name, value in variant_logits.items()}
     log_p_all = original.log_probs.view(n_rows, d_vocab)
 
-    ce = {name: torch.empty(n_rows, dtype=torch.float32, device=device) for name in names}
-    kl = {name: torch.empty(n_rows, dtype=torch.float32, device=device) for name in names if name in kl_for}
+    dtype = original.log_probs.dtype
+    ce = {name: torch.empty(n_rows, dtype=dtype, device=device) for name in names}
+    kl = {name: torch.empty(n_rows, dtype=dtype, device=device) for name in names if name in kl_for}
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         target = original.targets[start:stop]
@@ -127,9 +135,9 @@ def score_batch(
         p = log_p.exp() if kl else None
         for name in names:
             if name in flat:
-                log_q = torch.log_softmax(flat[name][start:stop].float(), dim=-1)
+                log_q = torch.log_softmax(flat[name][start:stop].to(dtype), dim=-1)
             else:
-                log_q = _template_rows(template_log_probs[name], positions[start:stop])
+                log_q = _template_rows(template_log_probs[name], positions[start:stop], dtype)
             ce[name][start:stop] = log_q.expand(stop - start, -1).gather(-1, target).squeeze(-1).neg()
             if name in kl:
                 assert p is not None
@@ -145,9 +153,9 @@ def score_batch(
     )
 
 
-def _template_rows(template: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _template_rows(template: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The template's log-probs at ``positions``: ``[len(positions), vocab]``, or ``[1, vocab]`` to broadcast
     when the template is one row expanded over every position (nothing is copied)."""
     if template.shape[0] == 1 or template.stride(0) == 0:
-        return template[:1].float()
-    return template.float()[positions]
+        return template[:1].to(dtype)
+    return template.to(dtype)[positions]

@@ -188,7 +188,7 @@ def test_token_independent_ablation_shortcut_equals_full_computation(
     tokens = make_tokens(9)
     fast = evaluate(model, sae, tokens, batch_size=4, exclude_bos=exclude_bos, progress=False)
     monkeypatch.setattr(engine_member, "token_independent", lambda site, tokens, kept: False)
-    monkeypatch.setattr("pytest_saecheck.engine.run.token_independent", lambda site, tokens, kept: False)
+    monkeypatch.setattr("pytest_saecheck.engine.passes.token_independent", lambda site, tokens, kept: False)
     full = evaluate(model, sae, tokens, batch_size=4, exclude_bos=exclude_bos, progress=False)
     for name in (
         "ce_zero",
@@ -484,7 +484,7 @@ def test_sae_dtype_invariance(model):
 
 @pytest.mark.parametrize(("hook", "head"), HOOKS)
 def test_scoring_in_small_row_chunks_changes_nothing(model, hook, head, monkeypatch):
-    import pytest_saecheck.engine.run as engine_module
+    import pytest_saecheck.engine.passes as engine_module
 
     sae = random_sae(hook, head)
     tokens = make_tokens(7)

@@ -483,7 +483,7 @@ def test_a_ratio_score_whose_denominator_is_resolved_negative_is_undefined():
     because zero ablation lowered the loss (L_zero < L_orig). A negative denominator makes no recovery fraction."""
     import numpy as np
 
-    from pytest_saecheck.engine.run import unresolved_ratios
+    from pytest_saecheck.engine import unresolved_ratios
 
     rng = np.random.default_rng(0)
     n = 16

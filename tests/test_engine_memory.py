@@ -109,7 +109,7 @@ def test_peak_memory_does_not_grow_with_tokens():
 def test_scoring_allocates_no_vocabulary_wide_temporaries(
     monkeypatch: pytest.MonkeyPatch, exclude_bos: bool
 ) -> None:
-    import pytest_saecheck.engine.run as engine_module
+    import pytest_saecheck.engine.passes as engine_module
 
     logits = 8 * 32 * 2000 * 4  # one batch of float32 logits
     whole = peak_bytes(16, exclude_bos=exclude_bos)

@@ -195,12 +195,12 @@ def _assert_identical(one, two):
 def test_the_template_budget_changes_no_number(model, monkeypatch):
     """Templates beyond the budget are unembedded again per batch from their final residual: the same
     operations on the same input, so the same numbers, bit for bit (mean ablation given and estimated)."""
-    from pytest_saecheck.engine import run as engine_run
+    from pytest_saecheck.engine import passes
 
     calls = []
-    unembed = engine_run._Pass._log_probs
+    unembed = passes.Pass._log_probs
     monkeypatch.setattr(
-        engine_run._Pass, "_log_probs", lambda self, *args: calls.append(1) or unembed(self, *args)
+        passes.Pass, "_log_probs", lambda self, *args: calls.append(1) or unembed(self, *args)
     )
     release = mixed_release(model)
     tokens = make_tokens(10)  # one BOS: "resid" and "late" (residual hooks) are templated; 3 batches of 4
@@ -294,7 +294,7 @@ def test_the_compounding_ratio_is_defined_only_for_added_loss(isolated, ratio):
     (a sum ≤ 0) that reading is backwards, so the ratio is None while excess stays defined."""
     from types import SimpleNamespace
 
-    from pytest_saecheck.engine import run as engine_run
+    from pytest_saecheck.engine.finish import compounding
 
     n = np.full(4, 10.0)
 
@@ -304,7 +304,7 @@ def test_the_compounding_ratio_is_defined_only_for_added_loss(isolated, ratio):
 
     members = [SimpleNamespace(acc=acc(delta)) for delta in isolated]
     joint_delta = 1.5 * sum(isolated) if ratio else 0.01
-    out = engine_run._compounding(members, acc(joint_delta))
+    out = compounding(members, acc(joint_delta))
     assert out["delta_ce_isolated_sum"] == pytest.approx(sum(isolated))
     assert out["excess"] == pytest.approx(joint_delta - sum(isolated))
     assert out["ratio"] == (pytest.approx(ratio) if ratio else None)

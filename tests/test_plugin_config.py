@@ -57,6 +57,9 @@ def test_every_setting_has_an_option_an_ini_key_and_a_marker_key(pytester: pytes
         "device": "cpu",
         "dtype": "bfloat16",
         "n_devices": "2",
+        "backend": "hf",
+        "device_map": '{"model.layers.0": "cpu", "lm_head": "cpu"}',
+        "max_memory": '{"cpu": "1GiB"}',
         "exclude_bos": "false",
         "exclude_special_tokens": "false",
         "exclude_token_ids": "5,7",
@@ -361,7 +364,7 @@ def test_header_names_device_versions_and_defaults(pytester: pytest.Pytester) ->
         [
             "saecheck: device=cpu (command line); pytest-saecheck *, torch *, transformer-lens *, sae-lens *",
             "saecheck defaults: model=-, sae=-, tokens=SAE's dataset, n_tokens=4096, context_size=from SAE, "
-            "batch_size=16, dtype=float32, n_devices=-, exclude_bos=true, exclude_special_tokens=true, exclude_token_ids=none, "
+            "batch_size=16, dtype=float32, n_devices=-, backend=auto, device_map=-, max_memory=-, exclude_bos=true, exclude_special_tokens=true, exclude_token_ids=none, "
             "activation_scaler=auto, seed=0, scaling_law=chinchilla (not fitted), splice=separate, release_group_mib=2048, "
             "unavailable=skip, model_from_pretrained_kwargs=-, "
             "hook_name=-, token_groups=-",

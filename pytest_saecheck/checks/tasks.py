@@ -254,46 +254,47 @@ def _statistics(sums: Mapping[str, Any], n: Any) -> dict[str, Any]:
     return out
 
 
-def _one_token(model: Any, text: str, what: str, item: TaskItem, task: Task) -> int:
-    ids = model.to_tokens(text, prepend_bos=False)[0].tolist()
+def _one_token(cut: Any, text: str, what: str, item: TaskItem, task: Task) -> int:
+    ids = cut.tokenize(text, prepend_bos=False)
     if len(ids) != 1:
-        shown = [model.tokenizer.decode([i]) for i in ids]
+        shown = [cut.tokenizer.decode([i]) for i in ids]
         raise LoadError(
             f"task {task.source or task.name!r} line {item.line}: the {what} {text!r} is {len(ids)} tokens {shown} "
             "for this model's tokenizer; every answer and wrong candidate must be exactly one token (write it as it "
             "follows the prompt, usually with its leading space)"
         )
-    unk = getattr(model.tokenizer, "unk_token_id", None)
+    unk = getattr(cut.tokenizer, "unk_token_id", None)
     if isinstance(unk, int) and ids[0] == unk:
         raise LoadError(
             f"task {task.source or task.name!r} line {item.line}: the {what} {text!r} is not in this model's "
-            f"vocabulary (it tokenises to the unknown token {model.tokenizer.decode([unk])!r}), so no prediction "
+            f"vocabulary (it tokenises to the unknown token {cut.tokenizer.decode([unk])!r}), so no prediction "
             "can be right or wrong about it; write candidates the tokenizer knows"
         )
     return int(ids[0])
 
 
-def tokenized(model: Any, task: Task) -> list[tuple[list[int], int, list[int]]]:
-    """``(prompt ids, right id, wrong ids)`` per prompt, with the model's tokenizer (BOS as the model adds it).
+def tokenized(cut: Any, task: Task) -> list[tuple[list[int], int, list[int]]]:
+    """``(prompt ids, right id, wrong ids)`` per prompt, with the tokenizer of the model reached through ``cut``
+    (a :class:`~pytest_saecheck.engine.cut.ModelCut`; BOS as the model adds it).
 
     Raises :class:`ConfigError` when the model has no tokenizer, :class:`LoadError` (with the line) when an
     answer is not one token, candidates repeat, or a prompt does not fit the model's context.
     """
-    if getattr(model, "tokenizer", None) is None:
+    if cut.tokenizer is None:
         raise ConfigError(
             "task prompts are text, but the model has no tokenizer; attach one (model.set_tokenizer)"
         )
     out = []
-    n_ctx = int(model.cfg.n_ctx)
+    n_ctx = cut.n_ctx
     for item in task.items:
-        prompt = model.to_tokens(item.prompt)[0].tolist()
-        if len(prompt) > n_ctx:
+        prompt = cut.tokenize(item.prompt, prepend_bos=None)
+        if n_ctx is not None and len(prompt) > n_ctx:
             raise LoadError(
                 f"task {task.source or task.name!r} line {item.line}: the prompt is {len(prompt)} tokens, more than "
                 f"the model's context n_ctx={n_ctx}"
             )
-        right = _one_token(model, item.answer, "answer", item, task)
-        wrong = [_one_token(model, text, "wrong candidate", item, task) for text in item.wrong]
+        right = _one_token(cut, item.answer, "answer", item, task)
+        wrong = [_one_token(cut, text, "wrong candidate", item, task) for text in item.wrong]
         if right in wrong or len(set(wrong)) != len(wrong):
             raise LoadError(
                 f"task {task.source or task.name!r} line {item.line}: two candidates are the same token; each "
@@ -325,61 +326,50 @@ def measure_task(
     import torch
 
     from pytest_saecheck import normalisation as norm
-    from pytest_saecheck.engine.cut import HookedTransformerCut
-    from pytest_saecheck.engine.member import Member, Variant
-    from pytest_saecheck.engine.run import _hook_flags_on, _hook_z_reshaping_off, check_model
+    from pytest_saecheck.engine.backends import cut_for
+    from pytest_saecheck.engine.member import Member, Variant, hook_z_reshaping_off
+    from pytest_saecheck.engine.splice import prepass, splice
     from pytest_saecheck.policy import TokenPolicy
 
     task = as_task(task)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    check_model(model)
-    items = tokenized(model, task)
-    member = Member(task.name, sae, model, norm.as_normalisation(activation_scaler))
-    cut = HookedTransformerCut(model)
-    policy = TokenPolicy().resolved_for(model)
-    names = sorted(set(member.capture_names(cut)))
+    cut = cut_for(model)
+    cut.check()
+    items = tokenized(cut, task)
+    member = Member(task.name, sae, cut, norm.as_normalisation(activation_scaler))
+    policy = TokenPolicy().resolved_for(cut)
+    sites = member.capture_sites(cut)
     order = sorted(range(len(items)), key=lambda index: len(items[index][0]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    pad = getattr(model.tokenizer, "pad_token_id", None) or 0
+    pad = getattr(cut.tokenizer, "pad_token_id", None) or 0
 
     def padded(indices: list[int]) -> tuple[Any, Any, Any]:
-        """Right-padded tokens, the real-token mask and each prompt's last position: a causal model's logits at
-        a prompt's positions do not depend on the padding after it."""
+        """Right-padded tokens, the positions kept for the splice (the token policy's, real tokens only) and each
+        prompt's last position: a causal model's logits at a prompt's positions do not depend on the padding
+        after it."""
         width = max(len(items[i][0]) for i in indices)
         rows = [items[i][0] + [pad] * (width - len(items[i][0])) for i in indices]
         lengths = torch.tensor([len(items[i][0]) for i in indices], device=cut.device)
         tokens = torch.tensor(rows, dtype=torch.long, device=cut.device)
         real = torch.arange(width, device=cut.device)[None, :] < lengths[:, None]
-        return tokens, real, lengths - 1
+        return tokens, policy.kept_mask(tokens) & real, lengths - 1
 
     notes: list[str] = []
     correct = {"orig": np.zeros(len(items)), "sae": np.zeros(len(items))}
     diff = {"orig": np.zeros(len(items)), "sae": np.zeros(len(items))}
-    with torch.inference_mode(), _hook_z_reshaping_off([sae]), _hook_flags_on(model, names):
+    with torch.inference_mode(), hook_z_reshaping_off([sae]), cut.prepared(sites):
         if norm.needs_estimate(member.info.normalize_activations, member.given):
-            total, count = 0.0, 0
-            for indices in batches:
-                tokens, real, _ = padded(indices)
-                _, captured, _ = cut.forward_capturing(tokens, names)
-                _, x_in, _, _ = member.views(captured, cut)
-                kept = (policy.kept_mask(tokens) & real).to(x_in.device)
-                total += float(x_in[kept].double().norm(dim=-1).sum())
-                count += int(kept.sum())
-            member.normalisation = norm.estimated(member.info.d_in, total / max(count, 1))
+            found = prepass(cut, [member], [], (padded(indices)[:2] for indices in batches))
+            member.normalisation = norm.estimated(member.info.d_in, found.input_norm[member.name])
             notes.append(
                 f"activation scaling factor estimated on the task's prompts: {member.normalisation.scaling_factor:.6g}"
             )
         for indices in batches:
-            tokens, real, last = padded(indices)
-            kept = policy.kept_mask(tokens) & real
-            final, captured, _ = cut.forward_capturing(tokens, names)
-            base, x_in, x_out, x_out_full = member.views(captured, cut)
-            member.check_widths(x_in, x_out)
-            _, recon = member.reconstruct(x_in)
-            (value,) = member.variant_values(x_out, kept, [Variant.SAE], recon)
-            (final_sae,) = cut.continue_from(member.write, base, [member.write.write_back(x_out_full, value)])
-            for variant, resid in (("orig", final), ("sae", final_sae)):
+            tokens, kept, last = padded(indices)
+            run = cut.capture(tokens, sites)
+            (final_sae,) = splice(cut, member, run, kept, [Variant.SAE])
+            for variant, resid in (("orig", run.take_final()), ("sae", final_sae)):
                 at_last = resid[torch.arange(len(indices), device=resid.device), last.to(resid.device)]
                 logits = cut.logits(at_last[:, None]).double()[:, 0]
                 for row, index in enumerate(indices):

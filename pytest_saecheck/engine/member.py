@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from pytest_saecheck import normalisation as norm
 from pytest_saecheck.dictionaries import Dictionary, DictionaryInfo, describe
 from pytest_saecheck.engine.accumulate import Accumulator
-from pytest_saecheck.engine.cut import ModelCut
+from pytest_saecheck.engine.cut import ModelCut, Site
 from pytest_saecheck.errors import ConfigError, HookNotFoundError, NonFiniteError, ShapeMismatchError
-from pytest_saecheck.hookpoints import HookSite, resolve_hook
-
-if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
 
 
 class Variant(enum.Enum):
@@ -57,7 +54,7 @@ class Template:
     log_probs: torch.Tensor | None
 
 
-def token_independent(site: HookSite, tokens: torch.Tensor, kept: torch.Tensor) -> bool:
+def token_independent(site: Site, tokens: torch.Tensor, kept: torch.Tensor) -> bool:
     """True when ablating ``site`` at the kept positions gives the same continuation for every sequence."""
     if not site.is_residual:
         return False
@@ -72,20 +69,15 @@ def token_independent(site: HookSite, tokens: torch.Tensor, kept: torch.Tensor) 
 class Member:
     """One dictionary in an evaluation, with its own sums."""
 
-    def __init__(
-        self, name: str, sae: Dictionary, model: HookedTransformer, given: norm.Normalisation | None
-    ) -> None:
+    def __init__(self, name: str, sae: Dictionary, cut: ModelCut, given: norm.Normalisation | None) -> None:
         self.name = name
         self.sae = sae
         self.info: DictionaryInfo = describe(sae)
-        n_layers, hook_names = int(model.cfg.n_layers), list(model.hook_dict)
-        self.read: HookSite = resolve_hook(
-            self.info.hook_name, self.info.hook_head_index, n_layers, hook_names
-        )
-        self.write: HookSite = self.read
+        self.read: Site = cut.site(self.info.hook_name, self.info.hook_head_index)
+        self.write: Site = self.read
         if self.info.is_transcoder:
             try:
-                self.write = resolve_hook(self.info.hook_name_out, None, n_layers, hook_names)
+                self.write = cut.site(self.info.hook_name_out, None)
             except HookNotFoundError as error:
                 raise HookNotFoundError(
                     str(error)
@@ -98,7 +90,7 @@ class Member:
         self._check_order()
         self.given = given
         self.normalisation = given or norm.NONE
-        self.sae_device = torch.device(getattr(sae, "device", None) or _first_device(model))
+        self.sae_device = torch.device(getattr(sae, "device", None) or cut.device)
         self._check_weights()
         self.plan = AblationPlan(False, (Variant.SAE,))
         self.mean: torch.Tensor | None = None
@@ -132,11 +124,13 @@ class Member:
                 "hook_name must come before hook_name_out"
             )
 
-    def capture_names(self, cut: ModelCut) -> list[str]:
-        names = [self.read.hook_name, self.write.hook_name]
+    def capture_sites(self, cut: ModelCut) -> list[Site]:
+        """The sites one original run must capture for this dictionary (read, write, and where the
+        continuation starts)."""
+        sites = [self.read, self.write]
         if not self.write.is_residual:
-            names.append(cut.residual_name(self.write.entry))
-        return names
+            sites.append(cut.residual_site(self.write.entry))
+        return sites
 
     def views(
         self, captured: Mapping[str, torch.Tensor], cut: ModelCut
@@ -147,7 +141,9 @@ class Member:
         activations as the dictionary sees them; ``x_out_full`` the whole written activation (all heads).
         """
         x_out_full = captured[self.write.hook_name]
-        base = x_out_full if self.write.is_residual else captured[cut.residual_name(self.write.entry)]
+        base = (
+            x_out_full if self.write.is_residual else captured[cut.residual_site(self.write.entry).hook_name]
+        )
         x_in = self.read.select(captured[self.read.hook_name])
         return base, x_in, self.write.select(x_out_full), x_out_full
 
@@ -162,6 +158,12 @@ class Member:
                     f"the SAE expects {label}={expected} but hook {site.hook_name!r}{head} has width {width}; "
                     "the SAE was trained on a different model or hook"
                 )
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype the dictionary computes in (its first parameter's), e.g. ``"float32"``."""
+        first = next((param for _, param in self.sae.named_parameters()), None)
+        return dtype_name(first.dtype) if first is not None else ""
 
     # --- reconstruction ---------------------------------------------------------------------------------
 
@@ -215,8 +217,19 @@ class Member:
         return out
 
 
-def _first_device(model: Any) -> torch.device:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"`` (as results record dtypes)."""
+    return str(dtype).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def hook_z_reshaping_off(saes: Sequence[Any]) -> Iterator[None]:
+    """SAE Lens SAEs on hook_z may reshape [.., heads, d_head] themselves; the engine feeds them flat input."""
+    switched = [sae for sae in saes if getattr(sae, "hook_z_reshaping_mode", False)]
     try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+        for sae in switched:
+            sae.turn_off_forward_pass_hook_z_reshaping()
+        yield
+    finally:
+        for sae in switched:
+            sae.turn_on_forward_pass_hook_z_reshaping()

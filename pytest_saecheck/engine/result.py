@@ -49,6 +49,8 @@ class Evaluation:
     batch_size: int = 0
     model_dtype: str = ""
     device: str = ""
+    sae_dtype: str = ""
+    backend: str = ""
     duration_s: float = 0.0
     hook_name_out: str = ""
     dictionary: dict[str, Any] = field(default_factory=dict)
@@ -187,6 +189,8 @@ class Evaluation:
             "compute_law": self.compute_law(),
             "batch_size": self.batch_size,
             "model_dtype": self.model_dtype,
+            "sae_dtype": self.sae_dtype,
+            "backend": self.backend,
             "device": self.device,
             "duration_s": self.duration_s,
         }

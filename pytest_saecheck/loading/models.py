@@ -38,6 +38,7 @@ PROCESSING_FLAGS = (
 )
 TL_LOADER = "HookedTransformer.from_pretrained_no_processing"
 HF_DIRECTORY_LOADER = "pytest_saecheck.loading.load_hf_directory"
+HF_LOADER = "AutoModelForCausalLM.from_pretrained"
 DEMO_LOADER = "pytest_saecheck.demo.load_model"
 HOOK_LOADER = "pytest_saecheck_load_model hook"
 
@@ -100,8 +101,15 @@ def load_model(
     device: str | None = None,
     dtype: str | None = None,
     model_from_pretrained_kwargs: Mapping[str, Any] | None = None,
+    *,
+    backend: str = "transformer_lens",
+    device_map: str | Mapping[str, Any] | None = None,
+    max_memory: Mapping[str, Any] | None = None,
 ) -> HookedTransformer:
     """Load a TransformerLens ``HookedTransformer`` the way the plugin does: hooks first, then the built-ins.
+
+    With ``backend="hf"`` the model is a Hugging Face ``AutoModelForCausalLM`` instead (:func:`load_hf_model`:
+    a local directory or a hub id in the local cache; ``device_map``/``max_memory`` spread it over devices).
 
     ``spec``: ``"demo"``, a local Hugging Face model directory, or a TransformerLens model name. ``device``: a
     torch device string (default: CUDA when available, else CPU). ``dtype``: ``"float32"``, ``"float16"``,
@@ -113,7 +121,15 @@ def load_model(
     Raises :class:`LoadError` (not found, not convertible), :class:`WeightsUnavailableError` (not on this
     machine and no network).
     """
-    return load_model_recorded(spec, device, dtype, model_from_pretrained_kwargs)[0]
+    return load_model_recorded(
+        spec,
+        device,
+        dtype,
+        model_from_pretrained_kwargs,
+        backend=backend,
+        device_map=device_map,
+        max_memory=max_memory,
+    )[0]
 
 
 def load_model_recorded(
@@ -121,15 +137,33 @@ def load_model_recorded(
     device: str | None,
     dtype: str | None,
     model_from_pretrained_kwargs: Mapping[str, Any] | None = None,
+    *,
+    backend: str = "transformer_lens",
+    device_map: str | Mapping[str, Any] | None = None,
+    max_memory: Mapping[str, Any] | None = None,
 ) -> tuple[Any, ModelLoad]:
     """:func:`load_model`, also returning the :class:`ModelLoad` that says how the model was made."""
     resolved_device = device if device is not None else auto_device()
     offered = dict(model_from_pretrained_kwargs or {})
+
+    def builtin() -> tuple[Any, ModelLoad]:
+        if backend == "hf" and spec != DEMO:
+            model = load_hf_model(spec, resolved_device, dtype, device_map, max_memory)
+            return model, ModelLoad(
+                HF_LOADER,
+                {
+                    "dtype": str(model.dtype).replace("torch.", ""),
+                    "device_map": device_map,
+                    "max_memory": max_memory,
+                },
+            )
+        return builtin_load_model_recorded(spec, resolved_device, dtype, model_from_pretrained_kwargs)
+
     loaded, from_hook = hooks_then_builtin(
         lambda hook: hook.pytest_saecheck_load_model(
             spec=spec, device=resolved_device, dtype=dtype, model_from_pretrained_kwargs=offered
         ),
-        lambda: builtin_load_model_recorded(spec, resolved_device, dtype, model_from_pretrained_kwargs),
+        builtin,
     )
     return (loaded, ModelLoad(HOOK_LOADER, offered)) if from_hook else loaded
 
@@ -166,8 +200,95 @@ def builtin_load_model_recorded(
     )
 
 
+def load_hf_model(
+    spec: str,
+    device: str,
+    dtype: str | None,
+    device_map: str | Mapping[str, Any] | None = None,
+    max_memory: Mapping[str, Any] | None = None,
+) -> Any:
+    """A Hugging Face ``AutoModelForCausalLM`` from a local directory or a hub id already in the local cache, in
+    eval mode, with its tokenizer as ``model.tokenizer`` (None when it has none).
+
+    ``dtype``: ``"float32"``, ``"bfloat16"``, ... or None for the dtype policy's default (:func:`default_dtype`:
+    the model's configured dtype on CUDA, float32 elsewhere). ``device_map`` (``"auto"``, ``"balanced"``, or a
+    mapping of module paths to devices) and ``max_memory`` spread the model over devices through accelerate;
+    without them the whole model goes to ``device``.
+
+    Raises :class:`LoadError` (not a causal language model, no such directory or cached id) and
+    :class:`WeightsUnavailableError` (not on this machine and no network).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = local_path(spec)
+    source = str(path) if path is not None else spec
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as error:
+        if is_unavailable_error(error) or path is None:
+            raise WeightsUnavailableError(
+                f"model {spec!r} is not a local directory and not in the Hugging Face cache on this machine "
+                f"({offline_state()}): download it once with network access or give its directory"
+            ) from None
+        raise LoadError(f"could not read the Hugging Face config of {spec!r}: {error}") from None
+    chosen = getattr(torch, dtype.removeprefix("torch.")) if dtype else default_dtype(config, device)
+    placement: dict[str, Any] = {"device_map": _plain(device_map) if device_map is not None else device}
+    if max_memory is not None:
+        placement["max_memory"] = {(int(k) if str(k).isdigit() else k): v for k, v in max_memory.items()}
+    try:
+        with quiet_deprecations():
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=chosen, **placement)
+    except Exception as error:
+        if is_unavailable_error(error):
+            raise WeightsUnavailableError(
+                f"the weights of {spec!r} are not on this machine ({offline_state()})"
+            ) from None
+        raise LoadError(f"could not load {spec!r} as a Hugging Face causal language model: {error}") from None
+    if isinstance(device_map, Mapping) and getattr(model, "hf_device_map", None) is None:
+        # transformers dispatches a map that spans one device as a plain move; dispatch it through accelerate
+        # anyway (its hooks move each activation to its module's device), as a map over several devices is.
+        from accelerate import dispatch_model  # type: ignore[import-untyped]
+
+        model = dispatch_model(model, device_map=dict(device_map), force_hooks=True)
+        model.hf_device_map = dict(device_map)
+    model.eval()
+    model.tokenizer = _hf_tokenizer(source)
+    return model
+
+
+def default_dtype(config: Any, device: str) -> Any:
+    """The dtype policy's default: on CUDA the model's configured dtype (``config.dtype``, e.g. bfloat16), on any
+    other device float32 (CPUs are slow, and some inexact, in half precision)."""
+    import torch
+
+    configured = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if str(device).startswith("cuda") and configured is not None:
+        return (
+            getattr(torch, str(configured).removeprefix("torch."))
+            if isinstance(configured, str)
+            else configured
+        )
+    return torch.float32
+
+
+def _hf_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception:
+        return None
+    return tokenizer if _tokenizer_has_vocabulary(tokenizer) else None
+
+
 def load_transformer_lens_model(name: str, device: str, kwargs: Mapping[str, Any]) -> Any:
     """``HookedTransformer.from_pretrained_no_processing(name, device=device, **kwargs)``, with clear errors."""
+    from pytest_saecheck.engine.backends import transformer_lens_refusal
+
+    refusal = transformer_lens_refusal()
+    if refusal is not None:
+        raise LoadError(refusal)
     from transformer_lens import HookedTransformer
     from transformer_lens.loading_from_pretrained import get_official_model_name
 

@@ -168,7 +168,12 @@ def pack_documents(
                     )
                 if not document.strip():
                     continue
-                ids = model.to_tokens(document, prepend_bos=False, truncate=False, move_to_device=False)[0]
+                if hasattr(model, "to_tokens"):  # a HookedTransformer
+                    ids = model.to_tokens(document, prepend_bos=False, truncate=False, move_to_device=False)[
+                        0
+                    ]
+                else:  # a Hugging Face model with its tokenizer
+                    ids = torch.tensor(model.tokenizer(document, add_special_tokens=False)["input_ids"])
             else:
                 ids = torch.as_tensor(document).reshape(-1)
             if ids.numel():

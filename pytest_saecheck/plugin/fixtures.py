@@ -267,7 +267,30 @@ class SAECheck:
     # -- cache keys --------------------------------------------------------------------------------------
 
     def _model_key(self) -> Hashable:
-        return (self.model_spec, self.device, self.dtype, FrozenKwargs(self.model_from_pretrained_kwargs))
+        return (
+            self.model_spec,
+            self.device,
+            self.dtype,
+            FrozenKwargs(self.model_from_pretrained_kwargs),
+            self.backend,
+            self.settings.device_map,
+            self.settings.max_memory,
+        )
+
+    @property
+    def backend(self) -> str:
+        """The model backend: the ``backend`` setting, or with ``auto`` ``hf`` when a ``device_map`` is set or the
+        SAE names a module path (no TransformerLens hook: ``blocks.L.*``/``hook_*``), else ``transformer_lens``."""
+        if self.settings.backend != "auto":
+            return self.settings.backend
+        if self.settings.device_map is not None:
+            return "hf"
+        if self.settings.sae is None or self.model_spec == loading.DEMO:
+            return "transformer_lens"
+        from pytest_saecheck.dictionaries import describe
+
+        hook = self.settings.hook_name or describe(self._load_sae(self.sae_specs[0])).hook_name
+        return "transformer_lens" if hook.startswith(("blocks.", "hook_")) else "hf"
 
     def _sae_key(self, spec: str | None = None) -> Hashable:
         return (spec or self.sae_specs, self.device, self.dtype, self.settings.hook_name)
@@ -325,7 +348,13 @@ class SAECheck:
 
         def load() -> Any:
             model, how = loading.load_model_recorded(
-                spec, self.device, self.dtype, self.model_from_pretrained_kwargs
+                spec,
+                self.device,
+                self.dtype,
+                self.model_from_pretrained_kwargs,
+                backend=self.backend,
+                device_map=self.settings.device_map,
+                max_memory=self.settings.max_memory,
             )
             self._cache.model_loads[key] = how
             return model
@@ -392,6 +421,7 @@ class SAECheck:
             scaling_law=self.scaling_law,
             joint=joint,
             token_groups=grouping,
+            backend=self.backend,
         )
 
     def _evaluate_with_release_group(self) -> Evaluation:

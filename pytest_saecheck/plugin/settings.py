@@ -85,6 +85,30 @@ def _splice(name: str, value: Any) -> str:
     return text
 
 
+BACKEND_NAMES = ("auto", "transformer_lens", "hf")
+"""The ``backend`` setting's values (the engine's :data:`pytest_saecheck.engine.backends.BACKENDS`, named here
+without importing torch)."""
+
+
+def _backend(name: str, value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in BACKEND_NAMES:
+        raise ConfigError(
+            f"saecheck setting {name!r} must be one of {', '.join(BACKEND_NAMES)}, got {value!r}: 'transformer_lens' "
+            "loads a HookedTransformer, 'hf' a Hugging Face AutoModelForCausalLM, 'auto' the one the SAE's hook "
+            "names fit"
+        )
+    return text
+
+
+def _device_map(name: str, value: Any) -> str | FrozenKwargs | None:
+    """``"auto"``/``"balanced"``/... (accelerate's strategies), or a module → device mapping (a JSON object)."""
+    if isinstance(value, str) and not value.strip().startswith("{"):
+        text = value.strip()
+        return None if not text or text.lower() == "none" else text
+    return _kwargs_object(name, value)
+
+
 def _positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"saecheck setting {name!r} must be an integer, got the boolean {value!r}")
@@ -445,6 +469,29 @@ SETTINGS: tuple[Setting, ...] = (
         "N",
     ),
     Setting(
+        "backend",
+        _backend,
+        "auto",
+        "the model backend: transformer_lens (a HookedTransformer), hf (a Hugging Face AutoModelForCausalLM) or "
+        "auto (default: hf when the SAE names a module path or device_map is set, else transformer_lens)",
+        "auto|transformer_lens|hf",
+    ),
+    Setting(
+        "device_map",
+        _device_map,
+        None,
+        'spread a Hugging Face model over devices through accelerate: "auto", "balanced", ... or a JSON object '
+        '{"module path": device} (backend hf). Default: the whole model on the device',
+        "MAP",
+    ),
+    Setting(
+        "max_memory",
+        _kwargs_object,
+        None,
+        'the most memory per device for device_map="auto" (a JSON object, e.g. {"0": "70GiB", "cpu": "100GiB"})',
+        "JSON",
+    ),
+    Setting(
         "exclude_bos", _boolean, True, "leave position 0 (BOS) out of every metric (default true)", "BOOL"
     ),
     Setting(
@@ -564,6 +611,9 @@ class SAECheckSettings:
     device: str | None = _default("device")
     dtype: str | None = _default("dtype")
     n_devices: int | None = _default("n_devices")
+    backend: str = _default("backend")
+    device_map: str | FrozenKwargs | None = _default("device_map")
+    max_memory: FrozenKwargs | None = _default("max_memory")
     exclude_bos: bool = _default("exclude_bos")
     exclude_special_tokens: bool = _default("exclude_special_tokens")
     exclude_token_ids: tuple[int, ...] = _default("exclude_token_ids")

@@ -236,6 +236,8 @@ def sae_entry(identity: Mapping[str, Any], record: Record) -> dict[str, Any]:
         "token_policy": _mapping(evaluation.token_policy),
         "device": subject["device"],
         "dtype": str_or_none(dtype),
+        "sae_dtype": str_or_none(evaluation.sae_dtype),
+        "backend": str_or_none(evaluation.backend),
         "batch_size": int_or_none(settings.get("batch_size") or evaluation.batch_size),
         "settings": json_safe(dict(settings)) if settings else None,
         "metrics": dict(sorted(metrics.items())),

@@ -63,6 +63,8 @@ DISTINGUISHING: tuple[tuple[str, Callable[[Mapping[str, Any]], Any]], ...] = (
     ("context_size", lambda sae: sae["tokens"].get("context_size")),
     ("seed", lambda sae: sae["tokens"].get("seed")),
     ("dtype", lambda sae: sae.get("dtype")),
+    ("SAE dtype", lambda sae: sae.get("sae_dtype")),
+    ("backend", lambda sae: sae.get("backend")),
     ("device", lambda sae: sae.get("device")),
     ("exclude_bos", lambda sae: _setting(sae, "exclude_bos")),
     ("exclude_special_tokens", lambda sae: _setting(sae, "exclude_special_tokens")),

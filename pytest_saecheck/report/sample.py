@@ -113,6 +113,8 @@ def evaluation_record(
         "scaling_law": [DEFAULT_LAW.irreducible, DEFAULT_LAW.gamma],
         "batch_size": 16,
         "model_dtype": "float32",
+        "sae_dtype": "float32",
+        "backend": "transformer_lens",
         "duration_s": 1.5 + rng.random(),
     }
     if with_intervals:

@@ -146,6 +146,8 @@ SAE_SCHEMA: dict[str, Any] = {
         "token_policy": {"type": ["object", "null"]},
         "device": _STRING_OR_NULL,
         "dtype": _STRING_OR_NULL,
+        "sae_dtype": _STRING_OR_NULL,
+        "backend": _STRING_OR_NULL,
         "batch_size": {"type": ["integer", "null"]},
         "settings": {"type": ["object", "null"]},
         "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
