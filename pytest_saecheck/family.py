@@ -95,7 +95,7 @@ def fit_scaling_law_from_models(
     for index, spec in enumerate(specs):
         model = load_model(spec, device=device) if isinstance(spec, str) else spec
         check_model(model)
-        name = spec if isinstance(spec, str) else str(getattr(model.cfg, "model_name", f"model {index}"))
+        name = spec if isinstance(spec, str) else _model_name(model, index)
         n = (
             float(n_params[index])
             if n_params is not None
@@ -118,3 +118,10 @@ def fit_scaling_law_from_models(
         source=f"fit_scaling_law_from_models on {int(tokens.numel())} tokens: {', '.join(names)}",
         corpus=corpus,
     )
+
+
+def _model_name(model: Any, index: int) -> str:
+    """A loaded model's name: TransformerLens' ``cfg.model_name`` or Hugging Face's ``config.name_or_path``."""
+    cfg = getattr(model, "cfg", None)
+    name = getattr(cfg, "model_name", None) or getattr(getattr(model, "config", None), "name_or_path", None)
+    return str(name) if name else f"model {index}"

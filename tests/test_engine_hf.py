@@ -265,3 +265,18 @@ def test_both_backends_give_the_same_metrics(arch, tl_hook, module):
     assert on_tl.metrics.keys() == on_hf.metrics.keys()
     for name, value in on_tl.metrics.items():
         assert on_hf.metrics[name] == pytest.approx(value, abs=1e-5, rel=1e-5), name
+
+
+def test_a_captured_run_holds_no_layer_inputs():
+    """A continuation needs each layer's call arguments, not its input: holding every layer's input hidden states
+    would keep n_layers activations of the batch alive through the batch."""
+    from pytest_saecheck.engine.hf import HFCut
+
+    model = ARCHS[1].build()
+    cut = HFCut(model)
+    with torch.inference_mode():
+        run = cut.capture(tokens(), [cut.site("model.layers.1", None)])
+    assert len(run.context.layer_calls) == cut.n_layers
+    for args, kwargs in run.context.layer_calls:
+        assert args[:1] in ((None,), ())
+        assert "hidden_states" not in kwargs

@@ -84,7 +84,8 @@ class ModuleSite:
 
 @dataclass
 class _Context:
-    """What a continuation of one run needs: its tokens and each decoder layer's call ``(args, kwargs)``."""
+    """What a continuation of one run needs: its tokens and each decoder layer's call ``(args, kwargs)`` without
+    the hidden states (``None`` in their place)."""
 
     tokens: torch.Tensor
     layer_calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
@@ -344,7 +345,12 @@ class HFCut:
             return hook
 
         def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            context.layer_calls.append((args, kwargs))
+            # Everything but the hidden states, which a continuation replaces: holding every layer's input would
+            # keep n_layers activations of the batch alive.
+            if args:
+                context.layer_calls.append(((None, *args[1:]), kwargs))
+            else:
+                context.layer_calls.append(((), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
 
         wanted = {site.hook_name: _module_site(site) for site in sites}
         handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.layers]
