@@ -320,7 +320,7 @@ def test_token_source_shorter_than_asked_warns_and_too_short_errors(tmp_path: Pa
         ("cube.npy", np.ones((2, 2, 16), dtype=np.int64), ShapeMismatchError, "must be 1-D"),
         ("notes.csv", "a,b", LoadError, "unknown type '.csv'"),
         ("bad.jsonl", '{"input_ids": [1, 2]}\nnot json', LoadError, "line 2 is not JSON"),
-        ("nocolumn.jsonl", '{"n": 1}', LoadError, "no text or token column"),
+        ("nocolumn.jsonl", '{"n": 1}', LoadError, "no text, token or conversation column"),
     ],
 )
 def test_bad_token_files_name_the_problem(

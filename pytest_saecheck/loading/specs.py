@@ -18,6 +18,7 @@ from pytest_saecheck.demo import (
 from pytest_saecheck.errors import (
     ConfigError,
 )
+from pytest_saecheck.loading.chat import CHAT_PREFIX, default_is_chat
 
 DEMO = "demo"
 
@@ -96,7 +97,12 @@ def default_model_spec(sae_spec: str, sae: Any) -> str:
 
 
 def default_token_source(sae_spec: str | None, sae: Any) -> str:
-    """The SAE's own training dataset (the demo corpus for demo SAEs)."""
+    """The SAE's own training dataset (the demo corpus for demo SAEs), ``chat:``-prefixed when the SAE was trained
+    on chat-formatted data (:func:`pytest_saecheck.loading.chat.default_is_chat`).
+
+    Raises :class:`ConfigError` when the SAE names no dataset (Qwen Scope records ``dataset_path: None``: its
+    training data is not public), so the test must bring its own tokens.
+    """
     if sae_spec is not None and demo_sae_name(sae_spec) is not None:
         return DEMO
     dataset = sae_metadata(sae, "dataset_path")
@@ -104,11 +110,16 @@ def default_token_source(sae_spec: str | None, sae: Any) -> str:
         return DEMO
     if not dataset:
         raise ConfigError(
-            f"no tokens are configured and the SAE {sae_spec!r} does not name its training dataset; "
+            f"no tokens are configured and the SAE {sae_spec!r} does not name its training dataset (its "
+            "dataset_path is empty, as in Qwen Scope releases, whose training data is not public), so this gate "
+            "must bring its own tokens; "
             'set @pytest.mark.saecheck(tokens="...") (a local file, "hf:<dataset>" or "demo") or --saecheck-tokens'
         )
     dataset = str(dataset)
-    return dataset if local_path(dataset) is not None or dataset.startswith("hf:") else "hf:" + dataset
+    source = dataset if local_path(dataset) is not None or dataset.startswith("hf:") else "hf:" + dataset
+    if default_is_chat(sae_metadata(sae, "use_chat_formatting"), dataset):
+        return CHAT_PREFIX + source  # trained on chat-formatted data: rendered with the model's chat template
+    return source
 
 
 def default_context_size(context_size: int | None, sae: Any) -> int:

@@ -17,6 +17,7 @@ from pytest_saecheck.errors import (
     ShapeMismatchError,
     WeightsUnavailableError,
 )
+from pytest_saecheck.loading import chat
 from pytest_saecheck.loading.models import usable_tokenizer
 from pytest_saecheck.loading.offline import is_unavailable_error, offline_state
 from pytest_saecheck.loading.resolve import hooks_then_builtin
@@ -55,7 +56,9 @@ def load_tokens(
 
     ``spec``: ``"demo"``, ``"hf:<dataset>[?split=...&name=...&column=...]"``, or a local ``.txt``/``.jsonl``/
     ``.parquet``/``.npy``/``.pt`` file or ``datasets.save_to_disk`` directory (relative to the working
-    directory). ``model`` tokenises text (its tokenizer) and gives BOS; ``sae`` (optional) says whether rows
+    directory); ``"chat:<source>"`` renders every row with the model's chat template, and a conversation column
+    (``conversation``/``conversations``/``messages``) is rendered without the prefix too
+    (:mod:`pytest_saecheck.loading.chat`). ``model`` tokenises text (its tokenizer) and gives BOS; ``sae`` (optional) says whether rows
     start with BOS (``prepend_bos``) and the default ``context_size`` (its training context, else
     :data:`~pytest_saecheck.defaults.DEFAULT_CONTEXT_SIZE`).
     ``n_tokens``: about how many tokens, in whole rows. ``seed``: for sources that sample (the demo corpus).
@@ -121,21 +124,28 @@ def n_sequences_for(n_tokens: int, context_size: int) -> int:
 
 def builtin_load_tokens(spec: str, model: Any, sae: Any, n_tokens: int, context_size: int, seed: int) -> Any:
     n_sequences = n_sequences_for(n_tokens, context_size)
-    path = local_path(spec)
+    source, is_chat = chat.split_chat(spec)
+    path = local_path(source)
+    if is_chat and path is None and source == DEMO:
+        raise LoadError(
+            f"token source {spec!r}: the demo corpus has no conversations; drop the 'chat:' prefix"
+        )
     if path is None and spec == DEMO:
         from pytest_saecheck import demo
 
         return demo.load_tokens(n_sequences=n_sequences, seq_len=context_size, seed=seed, device="cpu")
-    if path is None and spec.startswith("hf:"):
-        documents = hf_documents(spec)
+    if path is None and source.startswith("hf:"):
+        documents = hf_documents(source)
     elif path is not None:
         documents = local_documents(path)
     else:
         raise LoadError(
-            f"token source {spec!r} is not an existing file or directory (looked for {absolute_path(spec)}); give a "
+            f"token source {spec!r} is not an existing file or directory (looked for {absolute_path(source)}); give a "
             ".txt, .jsonl, .parquet, .npy "
             "or .pt file, a datasets.save_to_disk directory, 'hf:<dataset>' or 'demo'"
         )
+    if is_chat:
+        documents = chat.as_conversations(documents, spec)
     return pack_documents(documents, spec, model, n_sequences, context_size, prepend_bos(sae))
 
 
@@ -150,7 +160,9 @@ def pack_documents(
     """Tokenise and pack documents into ``[n_sequences, context_size]`` rows the way SAE Lens does.
 
     Every row starts with BOS when the SAE was trained with ``prepend_bos`` (SAE Lens' default), and documents
-    are separated by BOS inside a row (SAE Lens' default ``sequence_separator_token="bos"``).
+    are separated by BOS inside a row (SAE Lens' default ``sequence_separator_token="bos"``); neither is doubled
+    when a document already starts with it (a chat template's own BOS). Conversations are rendered with the
+    chat template (:func:`pytest_saecheck.loading.chat.render`).
     """
     import torch
     from sae_lens.tokenization_and_batching import concat_and_batch_sequences
@@ -159,7 +171,9 @@ def pack_documents(
 
     def token_stream() -> Iterator[Any]:
         for document in documents:
-            if isinstance(document, str):
+            if isinstance(document, chat.Conversation):
+                ids = chat.render(document, usable_tokenizer(model), spec)
+            elif isinstance(document, str):
                 if usable_tokenizer(model) is None:
                     raise LoadError(
                         f"token source {spec!r} holds text but the model has no tokenizer (none, or an empty "
@@ -373,12 +387,13 @@ def _iter_rows(rows: Iterator[tuple[str, Any]], spec: str, column: str | None) -
                 f"token source {spec!r}, {location}: a row of type {type(row).__name__}; expected an object"
             )
         if column is None:
-            column = next((c for c in (*TOKEN_COLUMNS, *TEXT_COLUMNS) if c in row), None)
+            column = next((c for c in (*TOKEN_COLUMNS, *chat.CHAT_COLUMNS, *TEXT_COLUMNS) if c in row), None)
             if column is None:
                 column = next((key for key, value in row.items() if isinstance(value, str)), None)
             if column is None:
                 raise LoadError(
-                    f"token source {spec!r} has no text or token column (looked for {TEXT_COLUMNS + TOKEN_COLUMNS}); "
+                    f"token source {spec!r} has no text, token or conversation column (looked for "
+                    f"{TEXT_COLUMNS + TOKEN_COLUMNS + chat.CHAT_COLUMNS}); "
                     f"its columns are {sorted(row)}; for hf: sources name one with ?column=<name>"
                 )
         if column not in row:
@@ -389,7 +404,9 @@ def _iter_rows(rows: Iterator[tuple[str, Any]], spec: str, column: str | None) -
 
 
 def _document(value: Any, spec: str, location: str, column: str) -> Any:
-    """``value`` as a document: text (a string) or token ids (a list of integers), checked."""
+    """``value`` as a document: text (a string), token ids (a list of integers) or a conversation, checked."""
+    if column in chat.CHAT_COLUMNS:
+        return chat.conversation(value, spec, location)
     where = f"token source {spec!r}, {location}: {column!r}"
     shown = "null" if value is None else f"a {type(value).__name__} ({_short(value)})"
     if column in TEXT_COLUMNS:

@@ -481,6 +481,7 @@ class SAECheck:
         data = evaluation.to_dict()
         density = data.pop("latent_density", None)
         data.pop("device", None)  # the subject's device names the same thing
+        data["token_policy"] = self._with_chat_template(data.get("token_policy"), evaluation)
         return records.EvaluationRecord.from_plain(
             {
                 **self.subject(),
@@ -498,6 +499,19 @@ class SAECheck:
                 "intervals": intervals,
                 **baselines.record_fields(self, self._item.config if self._item is not None else None),
             }
+        )
+
+    def _with_chat_template(self, policy: Any, evaluation: Evaluation) -> Any:
+        """The recorded token policy, with what a chat template put in the tokens (``chat_template``) when it did."""
+        from pytest_saecheck.loading import chat, usable_tokenizer
+
+        summary = chat.template_summary(
+            self.tokens, usable_tokenizer(self.model), evaluation.token_policy.kept_mask(self.tokens)
+        )
+        return (
+            policy
+            if summary is None or not isinstance(policy, dict)
+            else {**policy, "chat_template": summary}
         )
 
     def _guard(self, load: Any) -> Any:
