@@ -66,6 +66,10 @@ def reconstruction_terms(x: Any, x_hat: Any, latents: Any, reference: Any) -> di
         "cos_sum": (x * x_hat).sum(-1) / (norm_x * norm_x_hat).clamp(min=1e-8),
         "rel_err_sum": sse.sqrt() / safe,
         "l2_ratio_sum": norm_x_hat / safe,
+        "l2_norm_in_sum": norm_x,
+        "l2_norm_out_sum": norm_x_hat,
+        "sum_sq_norm_out": norm_x_hat * norm_x_hat,
+        "x_dot_x_hat_sum": (x * x_hat).sum(-1),
         "ev_legacy_sum": 1.0 - sse / (batch_centered * batch_centered).sum(-1),
         "l0_sum": nonzero_count(latents, dim=-1).double(),
         "l1_sum": latents.abs().sum(-1).double(),
@@ -167,6 +171,11 @@ def metrics_from_sums(
     out["cosine_sim"] = _ratio(sums["cos_sum"], n_rec)
     out["relative_error_norm"] = _ratio(sums["rel_err_sum"], n_rec)
     out["l2_ratio"] = _ratio(sums["l2_ratio_sum"], n_rec)
+    if "l2_norm_in_sum" in sums:  # sums written before these terms existed (a stored document) lack them
+        out["l2_norm_in"] = _ratio(sums["l2_norm_in_sum"], n_rec)
+        out["l2_norm_out"] = _ratio(sums["l2_norm_out_sum"], n_rec)
+        # Rajamanoharan et al. 2024 (arXiv:2404.16014) eq. 10, pooled over every kept token
+        out["relative_reconstruction_bias"] = _ratio(sums["sum_sq_norm_out"], sums["x_dot_x_hat_sum"])
     out["l0"] = _ratio(sums["l0_sum"], n_rec)
     out["l1"] = _ratio(sums["l1_sum"], n_rec)
     return out

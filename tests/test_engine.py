@@ -85,6 +85,8 @@ def test_agrees_with_sae_lens(model, hook, head):
         "mse": "mse",
         "cosine_sim": "cossim",
         "l2_ratio": "l2_ratio",
+        "l2_norm_in": "l2_norm_in",
+        "l2_norm_out": "l2_norm_out",
         "l0": "l0",
         "l1": "l1",
     }
@@ -158,6 +160,9 @@ def independent_metrics(model, sae, tokens, hook):
         "explained_variance_about_zero": (1 - sse / (xs**2).sum()).item(),
         "mse": (sse / len(xs)).item(),
         "relative_error_norm": ((xs - xh).norm(dim=-1) / xs.norm(dim=-1)).mean().item(),
+        "l2_norm_in": xs.norm(dim=-1).mean().item(),
+        "l2_norm_out": xh.norm(dim=-1).mean().item(),
+        "relative_reconstruction_bias": ((xh**2).sum() / (xs * xh).sum()).item(),
     }
 
 

@@ -233,7 +233,8 @@ def _find_reported(metrics: Mapping[str, Any], names: tuple[str, ...], what: str
 
 @dataclass(frozen=True)
 class Provenance:
-    """Which code produced a report: ``library`` (``"sae_lens"``/``"sae_bench"``), its version, and how we know."""
+    """Which code produced a report: ``library`` (``"sae_lens"``/``"sae_bench"``/``"pytest_saecheck"``, the last
+    for this product's SAEBench-format export), its version, and how we know."""
 
     library: str
     version: str | None
@@ -243,6 +244,8 @@ class Provenance:
         """The formula this producer's explained_variance used, or ``None`` when the version is unknown."""
         if self.library == "sae_bench":
             return "collapsed"
+        if self.library == "pytest_saecheck":
+            return "pooled"
         if self.version is None:
             return None
         first_bad, first_fixed = SAE_LENS_COLLAPSED
@@ -257,13 +260,17 @@ class Provenance:
         """Whether its ``mse`` is E‖x − x̂‖² (True), divided by the tokens per batch (False), or unknown."""
         if self.library == "sae_bench":
             return False
+        if self.library == "pytest_saecheck":
+            return True
         version = _version(self.version) if self.version else None
         if version is None:
             return None
         return bool(version >= _version(SAE_LENS_MSE_PER_BATCH_FIXED))
 
     def describe(self) -> str:
-        name = {"sae_lens": "SAE Lens", "sae_bench": "SAEBench core"}[self.library]
+        name = {"sae_lens": "SAE Lens", "sae_bench": "SAEBench core", "pytest_saecheck": "pytest-saecheck"}[
+            self.library
+        ]
         return f"{name}{' ' + self.version if self.version else ''} ({self.source})"
 
 
@@ -311,6 +318,9 @@ def _provenance(flat: Mapping[str, Any], producer: str | None) -> Provenance | N
                 ) from None
         return Provenance(library, None, f"producer={producer!r}")
     by_segment = {_split(key)[1]: (key, value) for key, value in flat.items()}
+    if "saecheck_version" in by_segment:  # pytest-saecheck's SAEBench-format export: our pooled formula
+        key, value = by_segment["saecheck_version"]
+        return Provenance("pytest_saecheck", None if value is None else str(value), f"{key!r}")
     if "sae_bench_commit_hash" in by_segment or str(by_segment.get("eval_type_id", ("", ""))[1]) == "core":
         key = "sae_bench_commit_hash" if "sae_bench_commit_hash" in by_segment else "eval_type_id"
         return Provenance("sae_bench", None, f"{by_segment[key][0]!r} marks an SAEBench core result")

@@ -482,6 +482,7 @@ class SAECheck:
         density = data.pop("latent_density", None)
         data.pop("device", None)  # the subject's device names the same thing
         data["token_policy"] = self._with_chat_template(data.get("token_policy"), evaluation)
+        data["dictionary"] = self._with_saebench_weights(data.get("dictionary"))
         return records.EvaluationRecord.from_plain(
             {
                 **self.subject(),
@@ -500,6 +501,21 @@ class SAECheck:
                 **baselines.record_fields(self, self._item.config if self._item is not None else None),
             }
         )
+
+    def _with_saebench_weights(self, dictionary: Any) -> Any:
+        """The recorded dictionary, with SAEBench's weight-based cosine statistics (``max_cosine``) when the run
+        writes SAEBench-format results (``--saecheck-saebench-json``): they cost O(d_sae² · d_in), so only then."""
+        config = self._item.config if self._item is not None else None
+        from pytest_saecheck.files import option_path
+
+        if config is None or option_path(config, "saecheck_saebench_json") is None or self.joint:
+            return dictionary
+        if not isinstance(dictionary, dict):
+            return dictionary
+        from pytest_saecheck.report.saebench import max_cosine_statistics
+
+        statistics = max_cosine_statistics(self.sae)
+        return dictionary if statistics is None else {**dictionary, "max_cosine": statistics}
 
     def _with_chat_template(self, policy: Any, evaluation: Evaluation) -> Any:
         """The recorded token policy, with what a chat template put in the tokens (``chat_template``) when it did."""

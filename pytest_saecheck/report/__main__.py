@@ -4,7 +4,8 @@
 (see :mod:`pytest_saecheck.report.merge`); without ``--json`` or ``--html`` it prints the merged JSON. The same
 shard given twice is refused. ``render`` needs ``--html``. The JSON and HTML are written as one commit; HTML
 sections read from a file are shown as text, never as markup. ``check`` tells whether a JSON result and an HTML
-report are one run's. Exit status: 0 when the files were written (whatever the tests' outcomes), 1 when a file
+report are one run's. ``export-saebench`` writes each evaluated SAE of a result in SAEBench's core result format
+(:mod:`pytest_saecheck.report.saebench`). Exit status: 0 when the files were written (whatever the tests' outcomes), 1 when a file
 could not be written or ``check`` finds two runs, 2 on bad input. ``--help`` shows the commands.
 """
 
@@ -21,6 +22,7 @@ EPILOG = f"""examples:
   {PROG} merge shard-*.json --html report.html --json report.json
   {PROG} render result.json --html report.html
   {PROG} check report.json report.html (are they one run's?)
+  {PROG} export-saebench result.json saebench/   (one SAEBench core result per SAE)
   {PROG} sample --html sample.html      (a report of invented numbers, to preview the layout)
 
 merge prints the merged JSON when given neither --json nor --html. HTML sections read from a
@@ -35,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{merge,render,check,sample}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{merge,render,check,export-saebench,sample}")
     merge = commands.add_parser(
         "merge",
         help="merge the JSON results of sharded runs (each shard once)",
@@ -49,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     render.add_argument("inputs", nargs=1, metavar="RESULT.json")
     render.add_argument("--html", metavar="PATH", required=True, help="write the HTML report here (required)")
+    export = commands.add_parser(
+        "export-saebench",
+        help="write each SAE's core numbers in SAEBench's core result format",
+        description="Write one SAEBench core result file per evaluated SAE of a JSON result into DIR.",
+    )
+    export.add_argument("inputs", nargs=1, metavar="RESULT.json")
+    export.add_argument("directory", metavar="DIR", help="the folder the SAEBench files are written to")
+    export.set_defaults(html=None)
     sample = commands.add_parser(
         "sample",
         help="a report of synthetic numbers, to preview the layout",
@@ -96,10 +106,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeated = _repeated(arguments.inputs)
             if repeated is not None:
                 raise ValueError(repeated)
-            document = merge_documents(load_document(path) for path in arguments.inputs)
+            documents = [load_document(path) for path in arguments.inputs]
+            document = documents[0] if len(documents) == 1 else merge_documents(documents)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if arguments.command == "export-saebench":
+        from pytest_saecheck.report.saebench import write_core_results
+
+        written = write_core_results(document, arguments.directory)
+        if not written:
+            print("error: the result holds no evaluated SAE: nothing to export", file=sys.stderr)
+            return 2
+        for path in written:
+            print(f"SAEBench core result written to {path}")
+        return 0
     if not json_path and not arguments.html:
         sys.stdout.write(dumps(document))
         return 0

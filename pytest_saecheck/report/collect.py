@@ -109,7 +109,9 @@ def _fine(record: EvaluationRecord) -> dict[str, Any]:
 
 
 def latent_density_histogram(density: Any) -> dict[str, Any] | None:
-    """Histogram of per-latent firing densities on log10 bins of a quarter decade; zeros counted as dead."""
+    """Histogram of per-latent firing densities on log10 bins of a quarter decade; zeros counted as dead; with
+    SAEBench's density statistics of the exact densities (``saebench``, :func:`~pytest_saecheck.report.saebench.
+    density_statistics`)."""
     if not isinstance(density, (list, tuple)) or not density:
         return None
     values = [finite_or_none(value) for value in density]
@@ -127,7 +129,15 @@ def latent_density_histogram(density: Any) -> dict[str, Any] | None:
     for value in alive:
         position = (math.log10(min(value, 1.0)) - lowest) / HISTOGRAM_STEP
         counts[min(n_bins - 1, max(0, math.floor(position + 1e-9)))] += 1
-    return {"log10_edges": edges, "counts": counts, "dead": dead, "n_latents": len(values)}
+    from pytest_saecheck.report.saebench import density_statistics
+
+    return {
+        "log10_edges": edges,
+        "counts": counts,
+        "dead": dead,
+        "n_latents": len(values),
+        "saebench": density_statistics([value for value in values if value is not None]),
+    }
 
 
 def _series(values: Any) -> list[float | None] | None:

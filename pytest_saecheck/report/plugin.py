@@ -1,7 +1,9 @@
 """pytest plugin: ``--saecheck-json PATH`` and ``--saecheck-report PATH``, safe under pytest-xdist.
 
-- Options ``--saecheck-json PATH`` / ``--saecheck-report PATH`` and ini keys ``saecheck_json`` /
-  ``saecheck_report`` (a relative ini path is relative to the ini file's directory).
+- Options ``--saecheck-json PATH`` / ``--saecheck-report PATH`` / ``--saecheck-saebench-json DIR`` and ini keys
+  ``saecheck_json`` / ``saecheck_report`` / ``saecheck_saebench_json`` (a relative ini path is relative to the ini
+  file's directory). The SAEBench directory gets one SAEBench core result per evaluated SAE
+  (:mod:`pytest_saecheck.report.saebench`), written after the JSON and HTML.
 - Results travel on the test reports as plain values (``report.saecheck_records``), so under xdist they reach
   the controller with the reports. Only the controller collects them and writes the files, once, at
   ``pytest_sessionfinish``: also when tests fail or error, and when the run is interrupted (the document then
@@ -58,8 +60,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="write a self-contained HTML report of every SAE checked to PATH",
     )
+    group.addoption(
+        "--saecheck-saebench-json",
+        dest="saecheck_saebench_json",
+        metavar="DIR",
+        default=None,
+        help="write each evaluated SAE's core numbers in SAEBench's core result format into DIR (one file each)",
+    )
     parser.addini(
         "saecheck_json", help="default for --saecheck-json (relative to the ini file)", default=None
+    )
+    parser.addini(
+        "saecheck_saebench_json",
+        help="default for --saecheck-saebench-json (relative to the ini file)",
+        default=None,
     )
     parser.addini(
         "saecheck_report", help="default for --saecheck-report (relative to the ini file)", default=None
@@ -71,10 +85,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):  # an xdist worker: the controller writes the files
         return
     json_path, html_path = option_path(config, "saecheck_json"), option_path(config, "saecheck_report")
-    if json_path is None and html_path is None:
+    saebench_dir = option_path(config, "saecheck_saebench_json")
+    if json_path is None and html_path is None and saebench_dir is None:
         return
     if not config.pluginmanager.has_plugin(WRITER_NAME):
-        writer = ReportWriter(config, json_path, html_path)
+        writer = ReportWriter(config, json_path, html_path, saebench_dir)
         writer.lock()
         config.pluginmanager.register(writer, WRITER_NAME)
 
@@ -139,12 +154,19 @@ def _workers(config: pytest.Config) -> int | None:
 class ReportWriter:
     """Collects results from reports on the controller and writes the JSON and HTML files at the end."""
 
-    def __init__(self, config: pytest.Config, json_path: Path | None, html_path: Path | None) -> None:
+    def __init__(
+        self,
+        config: pytest.Config,
+        json_path: Path | None,
+        html_path: Path | None,
+        saebench_dir: Path | None = None,
+    ) -> None:
         from pytest_saecheck.report.collect import Collector, now_iso
 
         self.config = config
         self.json_path = json_path
         self.html_path = html_path
+        self.saebench_dir = saebench_dir
         self.collector = Collector.for_config(config)
         self.started = now_iso()
         self.started_clock = time.perf_counter()
@@ -266,8 +288,10 @@ class ReportWriter:
         noted: list[int] = []
         try:
             with _ctrl_c_noted(noted):
-                targets = self._targets(self.document(session, exitstatus))
+                document = self.document(session, exitstatus)
+                targets = self._targets(document)
                 results = commit_files([(path, text) for _, path, text in targets])
+                self._write_saebench(document)
         except KeyboardInterrupt:
             self.problems.append(
                 "interrupted twice while writing the report: the write was abandoned (the files are the previous "
@@ -286,9 +310,22 @@ class ReportWriter:
             self.notes.append("saecheck: interrupted while writing the report; it was written in full first")
             session.exitstatus = pytest.ExitCode.INTERRUPTED
 
+    def _write_saebench(self, document: dict[str, Any]) -> None:
+        """One SAEBench core result per evaluated SAE into ``--saecheck-saebench-json DIR``; a failure is one line."""
+        if self.saebench_dir is None:
+            return
+        from pytest_saecheck.report.saebench import write_core_results
+
+        try:
+            for path in write_core_results(document, self.saebench_dir):
+                self.written.append(("SAEBench core result", path))
+        except OSError as error:
+            self.problems.append(f"SAEBench core results not written to {self.saebench_dir}: {error}")
+
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.ran_tests() and not self.config.getoption("collectonly", False):
-            kept = " and ".join(str(path) for path in (self.json_path, self.html_path) if path is not None)
+            paths = (self.json_path, self.html_path, self.saebench_dir)
+            kept = " and ".join(str(path) for path in paths if path is not None)
             terminalreporter.write_line(f"saecheck: no test ran, so {kept} was left as it was")
         for what, path in self.written:
             terminalreporter.write_line(f"saecheck: {what} written to {path}")
