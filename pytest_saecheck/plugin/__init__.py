@@ -26,6 +26,7 @@ import pytest
 from pytest_saecheck import hookspecs, records
 from pytest_saecheck.checks import baselines
 from pytest_saecheck.errors import ConfigError, SAECheckError
+from pytest_saecheck.plugin import profiles
 from pytest_saecheck.plugin import settings as settings_config
 from pytest_saecheck.plugin.fixtures import (
     CACHE_KEY,
@@ -83,6 +84,7 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     settings_config.add_options(parser)
+    profiles.add_option(parser)
     baselines.add_options(parser)
 
 

@@ -8,7 +8,9 @@ Every setting ``NAME`` can be given four ways, and the first that is present win
    marks, its class, then the module's ``pytestmark``); markers further out fill in the keys closer ones omit;
 3. the command-line option ``--saecheck-NAME`` (underscores become dashes): a default for tests whose markers
    leave the key out (the plugin warns when a marker shadows it);
-4. the ini key ``saecheck_NAME``;
+4. the profile chosen with ``--saecheck-profile NAME`` (:mod:`pytest_saecheck.plugin.profiles`): a named set of
+   settings in the configuration file;
+5. the ini key ``saecheck_NAME``;
 
 and otherwise the default in :data:`SETTINGS`. This module imports nothing heavy (:func:`check_device` imports
 torch when it is called).
@@ -666,7 +668,8 @@ def add_options(parser: pytest.Parser) -> None:
 OVERRIDE_OPTION = "--saecheck-override"
 
 
-def _check_key(key: str, where: str) -> None:
+def check_key(key: str, where: str) -> None:
+    """Raise :class:`ConfigError` unless ``key`` is a setting name (suggesting the closest one)."""
     if key not in SETTINGS_BY_NAME:
         close = difflib.get_close_matches(key, list(SETTINGS_BY_NAME), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -687,7 +690,7 @@ def overrides(config: pytest.Config) -> dict[str, str]:
             raise ConfigError(
                 f"{OVERRIDE_OPTION} takes NAME=VALUE, got {entry!r}; e.g. {OVERRIDE_OPTION} n_tokens=200000"
             )
-        _check_key(key, OVERRIDE_OPTION)
+        check_key(key, OVERRIDE_OPTION)
         raw[key] = value
     return raw
 
@@ -751,8 +754,19 @@ def misspelt_marks(item: pytest.Item) -> list[str]:
     )
 
 
+def _profile_values(config: pytest.Config) -> tuple[dict[str, Any], str]:
+    """The chosen profile's raw values and where they were written (``{}`` without a profile)."""
+    from pytest_saecheck.plugin import profiles
+
+    chosen = profiles.selected(config)
+    if chosen is None:
+        return {}, ""
+    return chosen[1], f"{profiles.PROFILE_OPTION} {chosen[0]}"
+
+
 def validate_command_line(config: pytest.Config) -> None:
-    """Parse every override, option and ini value once at start-up so that a typo fails the run, not each test.
+    """Parse every override, option, profile and ini value once at start-up so that a typo fails the run, not
+    each test.
 
     A ``device`` is also checked against this machine (:func:`check_device`, which imports torch then); an
     unknown ``saecheck_*`` ini key is refused (:func:`check_ini_keys`).
@@ -763,12 +777,14 @@ def validate_command_line(config: pytest.Config) -> None:
     check_ini_keys(config)
     try:
         forced = overrides(config)
+        profile, profile_where = _profile_values(config)
     except ConfigError as error:
         raise SettingsUsageError(str(error)) from None
     for setting in SETTINGS:
         for raw, where in (
             (forced.get(setting.name), f"{OVERRIDE_OPTION} {setting.name}"),
             (_raw_option(config, setting), setting.option),
+            (profile.get(setting.name), f"{profile_where} ({setting.name})"),
             (_raw_ini(config, setting), setting.ini),
         ):
             if raw is None:
@@ -797,7 +813,7 @@ def marker_kwargs(markers: Iterable[pytest.Mark]) -> tuple[dict[str, Any], dict[
                 f'write e.g. @pytest.mark.saecheck(sae="demo/good")'
             )
         for key, value in mark.kwargs.items():
-            _check_key(key, "@pytest.mark.saecheck")
+            check_key(key, "@pytest.mark.saecheck")
             if key not in merged and value is not None:  # None: not set at this level
                 merged[key] = value
                 origin[key] = "marker"
@@ -813,6 +829,7 @@ def _base_directories(config: pytest.Config, test_dir: Path | None) -> dict[str,
         "command line": invocation,
         "override": invocation,
         "ini": Path(inipath).parent if inipath is not None else Path(config.rootpath),
+        "profile": Path(inipath).parent if inipath is not None else Path(config.rootpath),
     }
 
 
@@ -839,7 +856,7 @@ def resolve_path_spec(value: str, base: Path) -> str:
 def resolve(
     config: pytest.Config, markers: Iterable[pytest.Mark] = (), test_dir: Path | None = None
 ) -> SAECheckSettings:
-    """Resolve every setting: ``--saecheck-override`` > marker > command line > ini > default.
+    """Resolve every setting: ``--saecheck-override`` > marker > command line > profile > ini > default.
 
     Relative paths in ``model``, ``sae``, ``tokens`` and a ``scaling_law`` fit file (``.json``) resolve against the directory of the place that gave
     them (:func:`resolve_path_spec`): ``test_dir`` (the test file's directory; default the invocation directory)
@@ -847,6 +864,7 @@ def resolve(
     """
     from_markers, _ = marker_kwargs(markers)
     forced = overrides(config)
+    profile, profile_where = _profile_values(config)
     bases = _base_directories(config, test_dir)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -856,6 +874,7 @@ def resolve(
             (forced.get(setting.name, _UNSET), f"{OVERRIDE_OPTION} {setting.name}", "override"),
             (from_markers.get(setting.name, _UNSET), "@pytest.mark.saecheck", "marker"),
             (_raw_option(config, setting), setting.option, "command line"),
+            (profile.get(setting.name), profile_where, "profile"),
             (_raw_ini(config, setting), setting.ini, "ini"),
         ):
             if raw is _UNSET or raw is None:

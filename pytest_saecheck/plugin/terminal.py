@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from pytest_saecheck.files import failed_exit_status
+from pytest_saecheck.plugin import profiles
 from pytest_saecheck.plugin.settings import SETTINGS, resolve
 from pytest_saecheck.report.collect import Collector
 from pytest_saecheck.report.display import verdict
@@ -52,7 +53,12 @@ def header_lines(config: pytest.Config) -> list[str]:
         for setting in SETTINGS
         if setting.name != "device"
     )
-    return [f"saecheck: device={device}; {versions}", f"saecheck defaults: {defaults}"]
+    lines = [f"saecheck: device={device}; {versions}", f"saecheck defaults: {defaults}"]
+    chosen = profiles.selected(config)
+    if chosen is not None:
+        values = ", ".join(f"{key}={value}" for key, value in chosen[1].items())
+        lines.insert(1, f"saecheck profile: {chosen[0]} ({values or 'no settings'})")
+    return lines
 
 
 def _show(value: Any, name: str) -> str:

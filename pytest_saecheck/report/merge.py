@@ -117,6 +117,8 @@ def merge_documents(documents: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     environment = copy.deepcopy(documents[0]["environment"])
     if len({json.dumps(_machine(doc["environment"]), sort_keys=True) for doc in documents}) > 1:
         environment["shards"] = [copy.deepcopy(doc["environment"]) for doc in documents]
+    # shards of one CI matrix share a profile; shards run under different ones say so
+    profiles = " + ".join(dict.fromkeys(str(run["profile"]) for run in runs if run.get("profile")))
     merged = {
         "schema": SCHEMA_ID,
         "schema_version": SCHEMA_VERSION,
@@ -141,6 +143,8 @@ def merge_documents(documents: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "extensions": extensions,
         "report_sections": sections,
     }
+    if profiles:
+        merged["run"]["profile"] = profiles
     finalise(merged)
     validate(merged)
     return merged

@@ -226,6 +226,9 @@ class ReportWriter:
             "workers": _workers(self.config),
             "shards": 1,
         }
+        profile = _profile(self.config)
+        if profile is not None:  # only then, as in a merge of shards
+            run["profile"] = profile
         document = self.collector.document(run=run, environment_info=environment())
         hook = self.config.hook
         try:
@@ -333,6 +336,16 @@ class ReportWriter:
             terminalreporter.write_line(note, yellow=True)
         for problem in self.problems:
             terminalreporter.write_line(f"saecheck: {problem}", red=True)
+
+
+def _profile(config: pytest.Config) -> str | None:
+    """The ``--saecheck-profile`` in use (None without one, or when the core plugin is not loaded)."""
+    from pytest_saecheck.plugin.profiles import profile_name
+
+    try:
+        return profile_name(config)
+    except ValueError:
+        return None
 
 
 def _section(section: Any) -> dict[str, Any]:

@@ -265,6 +265,7 @@ JSON_SCHEMA: dict[str, Any] = {
                 "complete": {"type": "boolean"},
                 "workers": {"type": ["integer", "null"]},
                 "shards": {"type": "integer", "minimum": 1},
+                "profile": _STRING_OR_NULL,
                 "n_tests": {"type": "integer", "minimum": 0},
                 "outcomes": _COUNTS,
             },
