@@ -46,7 +46,7 @@ define pytest
 endef
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-slow test-all lint typecheck FORCE
+.PHONY: help setup demo test test-slow test-all lint typecheck docs dist FORCE
 
 help:
 	@echo "make demo       set up $(VENV), then the example acceptance tests on the demo, writing $(REPORT)"
@@ -55,6 +55,8 @@ help:
 	@echo "make test-all   set up $(VENV), then every test"
 	@echo "make lint       set up $(VENV), then ruff check and ruff format --check"
 	@echo "make typecheck  set up $(VENV), then mypy on the package (configured in pyproject.toml)"
+	@echo "make docs       set up $(VENV), install the docs extra, then build the site strictly (mkdocs build --strict)"
+	@echo "make dist       set up $(VENV), then build the sdist and wheel into dist/ and check them (twine check)"
 	@echo "make setup      only set up $(VENV)"
 	@echo "Choose the torch build with TORCH=... (and TORCH_INDEX=...); see the top of this Makefile."
 
@@ -90,5 +92,14 @@ lint: setup
 
 typecheck: setup
 	$(VENV_PYTHON) -m mypy
+
+docs: setup
+	$(VENV_PYTHON) -m pip install $(PIP_FLAGS) -e '.[docs]'
+	$(VENV_PYTHON) -m mkdocs build --strict --site-dir $(VENV)/site
+
+dist: setup
+	rm -rf dist
+	$(VENV_PYTHON) -m build --outdir dist .
+	$(VENV_PYTHON) -m twine check --strict dist/*
 
 FORCE:

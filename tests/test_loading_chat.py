@@ -211,3 +211,31 @@ def test_a_chat_dataset_evaluates_and_the_record_reports_template_tokens(
     summary = sae["token_policy"]["chat_template"]
     assert set(summary["template_tokens"]) == set(TURN_TOKENS)
     assert 0 < summary["template_positions"] <= summary["kept_positions"]
+
+
+def test_a_gate_without_tokens_says_so_before_loading_the_model(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    """Qwen Scope records dataset_path None (its data is not public): the test must bring its own tokens."""
+    make_identity_sae(dataset_path=None).save_model(tmp_path / "sae")
+    pytester.makeconftest(
+        """
+        def pytest_saecheck_load_model(spec, device, dtype):
+            raise AssertionError("the model was loaded before the missing tokens were reported")
+        """
+    )
+    pytester.makepyfile(
+        f"""
+        import pytest
+        from pytest_saecheck import assert_ce_recovery
+
+        pytestmark = pytest.mark.saecheck(model="tiny", sae={str(tmp_path / "sae")!r})
+
+        def test_gate(saecheck):
+            assert_ce_recovery(saecheck, metric="delta_ce", max_value=0.1)
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*does not name its training dataset*must bring its own tokens*"])
+    result.stdout.no_fnmatch_line("*the model was loaded*")

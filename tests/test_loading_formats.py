@@ -372,7 +372,7 @@ def test_loaders_are_exported_and_readme_example_runs() -> None:
     assert pytest_saecheck.load_model is loading.load_model
     assert pytest_saecheck.load_sae is loading.load_sae
     assert pytest_saecheck.load_tokens is loading.load_tokens
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "evaluate.md").read_text()
     start = readme.index("<!-- evaluate-without-pytest -->")
     code = readme[start:].split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict[str, Any] = {}

@@ -388,6 +388,7 @@ class SAECheck:
         """
 
         def compute() -> Evaluation:
+            self.token_source  # noqa: B018 - a gate without tokens says so before any model is loaded
             if self.joint:
                 return self._evaluate(self.saes, joint=True).joint
             return self._evaluate_with_release_group()
