@@ -194,19 +194,45 @@ def check_spec(value: str) -> str:
     return value
 
 
-def resolve(spec: str, model: Any, tokens: Any) -> Grouping:
+def without_empty_groups(grouping: Grouping, tokens: Any, kept: Any) -> Grouping:
+    """``grouping`` without the groups that hold no kept position of ``tokens`` (``kept``: boolean
+    ``[n_sequences, seq_len]``, the token policy's): the ``special`` class when the policy excludes every special
+    token, position ``0`` when it excludes BOS. The remaining groups keep their order and are renumbered."""
+    import torch
+
+    labels = grouping(tokens)
+    present = sorted({int(k) for k in torch.unique(labels[kept.to(labels.device)]).tolist() if k >= 0})
+    if len(present) == len(grouping.names):
+        return grouping
+    remap = torch.full((len(grouping.names) + 1,), -1, dtype=torch.long)  # the last slot maps -1 to -1
+    for new, old in enumerate(present):
+        remap[old] = new
+
+    def label(batch: Any) -> Any:
+        original = grouping(batch).long()
+        return remap[torch.where(original >= 0, original, torch.full_like(original, len(grouping.names)))]
+
+    return Grouping(grouping.kind, tuple(grouping.names[k] for k in present), label)
+
+
+def resolve(spec: str, model: Any, tokens: Any, kept: Any = None) -> Grouping:
     """The grouping a ``token_groups`` setting names, for ``model`` and the evaluation ``tokens``.
 
     ``module:attribute`` names a :class:`Grouping`, or a function ``(tokens, model)`` returning one. Raises
-    :class:`ConfigError` when the module or attribute is missing or gives something else.
+    :class:`ConfigError` when the module or attribute is missing or gives something else. With ``kept`` (the
+    token policy's boolean mask of ``tokens``), a built-in grouping leaves out the groups no kept position falls
+    in (:func:`without_empty_groups`), so every group it names has tokens to measure.
     """
     spec = check_spec(spec)
+    builtin: Grouping | None = None
     if spec == "token_class":
-        return token_class(getattr(model, "tokenizer", None))
-    if spec == "position":
-        return position_buckets(int(tokens.shape[1]))
-    if spec == "demo_constructs":
-        return demo_constructs()
+        builtin = token_class(getattr(model, "tokenizer", None))
+    elif spec == "position":
+        builtin = position_buckets(int(tokens.shape[1]))
+    elif spec == "demo_constructs":
+        builtin = demo_constructs()
+    if builtin is not None:
+        return builtin if kept is None else without_empty_groups(builtin, tokens, kept)
     module_name, _, attribute = spec.partition(":")
     try:
         target = getattr(importlib.import_module(module_name), attribute)
@@ -242,4 +268,5 @@ __all__ = [
     "position_buckets",
     "resolve",
     "token_class",
+    "without_empty_groups",
 ]

@@ -109,7 +109,8 @@ class Pass:
             unit="tok",
             unit_scale=True,
             desc="saecheck " + (self.members[0].write.hook_name if len(self.members) == 1 else "release"),
-            disable=progress is False,
+            # None: tqdm's own rule, no bar unless stderr is a terminal, so none leaks into captured output
+            disable=None if progress is None else not progress,
             delay=0.0 if progress else 2.0,
             leave=False,
         )

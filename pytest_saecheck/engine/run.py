@@ -138,7 +138,8 @@ def evaluate(
     :class:`~pytest_saecheck.scaling.ScalingLaw`, a preset name (``"chinchilla"``, ``"epoch"``, ``"kaplan"``),
     ``(E, gamma)`` of ``L(C) = E + A C^-gamma``, the path of a fit file, or ``None`` (default: Chinchilla's,
     which is not fitted for your model: the result says so, with ``compute_fraction`` under every preset in
-    ``Evaluation.compute_fraction_by_preset``). ``progress=None`` shows a bar only after two seconds.
+    ``Evaluation.compute_fraction_by_preset``). ``progress=None`` shows a bar only on an interactive terminal
+    (never into pytest's captured output or a log file) and only after two seconds; ``True`` always shows it.
 
     ``template_budget_bytes`` bounds the memory of zero-ablation templates held through the pass (SAEs writing
     the residual stream with at most position 0 excluded: their ablated run is the same for every sequence and is

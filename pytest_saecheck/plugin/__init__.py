@@ -26,6 +26,7 @@ import pytest
 from pytest_saecheck import hookspecs, records
 from pytest_saecheck.checks import baselines
 from pytest_saecheck.errors import ConfigError, SAECheckError
+from pytest_saecheck.naming import joined
 from pytest_saecheck.plugin import profiles
 from pytest_saecheck.plugin import settings as settings_config
 from pytest_saecheck.plugin.fixtures import (
@@ -237,7 +238,7 @@ def _warn_shadowed_options(config: pytest.Config, items: list[pytest.Item]) -> N
 def xdist_group_name(settings: settings_config.SAECheckSettings) -> str:
     """The pytest-xdist group of a test's SAE: its release group when SAEs are evaluated together (every setting
     but the SAE), else its spec (and model), as characters safe in a node id suffix."""
-    sae = " + ".join(settings.sae) if isinstance(settings.sae, tuple) else settings.sae
+    sae = joined(settings.sae)
     if isinstance(settings.sae, str) and settings.splice == "separate" and settings.release_group_mib > 0:
         key: str | None = repr(release_group_key(settings))
         slug = "release"

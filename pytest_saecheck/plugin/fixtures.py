@@ -22,6 +22,7 @@ from pytest_saecheck.checks import baselines
 from pytest_saecheck.defaults import DEFAULT_CONTEXT_SIZE, INTERVAL_LEVEL
 from pytest_saecheck.devices import auto_device
 from pytest_saecheck.errors import ConfigError, SAECheckError, WeightsUnavailableError
+from pytest_saecheck.naming import joined
 from pytest_saecheck.plugin.session_cache import SessionCache
 from pytest_saecheck.plugin.settings import FrozenKwargs, SAECheckSettings, resolve_for_item
 
@@ -249,7 +250,7 @@ class SAECheck:
     def label(self) -> str:
         """A short readable name: the SAE spec (and the model, when it was given explicitly)."""
         written = self.settings.written  # a relative path as written, not the absolute path it names
-        sae = written.get("sae") or _joined(self.settings.sae) or "(no SAE)"
+        sae = written.get("sae") or joined(self.settings.sae) or "(no SAE)"
         if self.settings.splice == "joint":
             sae += " (joint)"
         model = written.get("model", self.settings.model)
@@ -408,8 +409,16 @@ class SAECheck:
         grouping = None
         if self.settings.token_groups is not None:
             from pytest_saecheck.groups import resolve
+            from pytest_saecheck.policy import TokenPolicy
 
-            grouping = resolve(self.settings.token_groups, self.model, self.tokens)
+            policy = TokenPolicy(
+                self.settings.exclude_bos,
+                self.settings.exclude_special_tokens,
+                tuple(self.settings.exclude_token_ids),
+            ).resolved_for(self.model)
+            grouping = resolve(
+                self.settings.token_groups, self.model, self.tokens, policy.kept_mask(self.tokens)
+            )
         return evaluate(
             self.model,
             next(iter(saes.values())) if single else saes,
@@ -471,7 +480,7 @@ class SAECheck:
         return {
             "label": self.label,
             "model": written.get("model", self.settings.model),
-            "sae": written.get("sae") or _joined(self.settings.sae),
+            "sae": written.get("sae") or joined(self.settings.sae),
             "tokens": written.get("tokens", self.settings.tokens),
             "device": self.device,
             "dtype": self.dtype,
@@ -487,7 +496,7 @@ class SAECheck:
         return records.EvaluationRecord.from_plain(
             {
                 **self.subject(),
-                "resolved_sae": _joined(self.settings.sae),
+                "resolved_sae": joined(self.settings.sae),
                 "resolved_model": self.model_spec,
                 "model_loading": how.to_dict() if (how := self.model_loading) is not None else None,
                 "resolved_tokens": self.token_source,
@@ -542,10 +551,6 @@ class SAECheck:
 
     def __repr__(self) -> str:
         return f"<SAECheck {self.label} on {self.device}>"
-
-
-def _joined(sae: str | tuple[str, ...] | None) -> str | None:
-    return " + ".join(sae) if isinstance(sae, tuple) else sae
 
 
 def _weight_bytes(sae: Any) -> int:

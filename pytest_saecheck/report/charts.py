@@ -26,6 +26,20 @@ PALETTE = {
     "dead": "#b03030",
     "zero": "#888",
 }
+#: One colour per SAE in charts that mark several (distinct from the axis, text and the law's own colour), in
+#: order; a chart with more SAEs than colours starts again at the first.
+SAE_COLOURS: tuple[str, ...] = (
+    "#c46210",
+    "#b03030",
+    "#2a8a5e",
+    "#7b4fa0",
+    "#b8860b",
+    "#d6336c",
+    "#4a7f9e",
+    "#6b6b3a",
+)
+#: The width of one character of :data:`FONT` in SVG units, rounded up, for sizing a chart to its longest text.
+CHAR_WIDTH = 6.6
 FONT = 'font-family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif" font-size="11"'
 #: Line attributes of a series drawn under another (wide, light, dashed) so that the one on top stays visible.
 UNDERLAY: Mapping[str, str] = {"stroke-width": "4", "stroke-opacity": "0.45", "stroke-dasharray": "6 3"}
@@ -350,6 +364,21 @@ def loss_scale(metrics: dict[str, float], *, width: int = 640, height: int = 106
     return _svg(width, height, title, body)
 
 
+def _fraction(fraction: float) -> str:
+    return f"{fraction:.3f}" if fraction >= 0.1 else fmt_tick(fraction)
+
+
+def _curve_legend(law: ScalingLaw, label: str, c_orig: float, orig: float, c_sae: float | None) -> str:
+    """One SAE's legend line under :func:`compute_curve`."""
+    text = f"{label}: L_orig {fmt_tick(orig)}"
+    if c_sae is not None:
+        fraction = c_sae / c_orig
+        text += f" → L_sae {fmt_tick(law.loss_at(c_sae))}: {_fraction(fraction)} of the training compute"
+        if fraction > 1:
+            text += " (above 1: the splice lowered the loss)"
+    return text
+
+
 #: ``(label, L_orig, L_sae)`` of one SAE for :func:`compute_curve` (nats/token; None where not measured).
 CurveMark = tuple[str, float | None, float | None]
 
@@ -400,6 +429,9 @@ def compute_curve(
     legend_h = 14 * (len(placed) + len(unplaced))  # one line per SAE under the plot: the chart grows with it
     plot_w, plot_h = width - left - right, height - top - bottom
     height += legend_h
+    legend = [_curve_legend(law, label, c_orig, orig, c_sae) for label, c_orig, orig, c_sae in placed]
+    longest = max((len(text) for text in [*legend, *unplaced]), default=0)
+    width = max(width, math.ceil(left + 12 + CHAR_WIDTH * longest + right))  # the legend is never clipped
 
     def sx(compute: float) -> float:
         return left + (math.log10(compute) - log_low) / (log_high - log_low) * plot_w
@@ -470,28 +502,22 @@ def compute_curve(
             f'stroke-width="1.5"><title>fit point: C {escape(fmt_tick(compute))} FLOPs, L {escape(fmt_tick(loss))}</title></circle>'
         )
     legend_y = top + plot_h + 48
-    for index, (label, c_orig, orig, c_sae) in enumerate(placed):
-        colour = PALETTE["secondary"] if index % 2 == 0 else PALETTE["dead"]
+    for index, ((label, c_orig, orig, c_sae), text) in enumerate(zip(placed, legend, strict=True)):
+        colour = SAE_COLOURS[index % len(SAE_COLOURS)]
         x0, y0 = sx(c_orig), sy(orig)
         body.append(
             f'<circle cx="{x0:.1f}" cy="{y0:.1f}" r="4" fill="{PALETTE["text"]}"><title>{escape(label)}: L_orig '
             f"{escape(fmt_tick(orig))} at C {escape(fmt_tick(c_orig))}</title></circle>"
         )
-        text = f"{label}: L_orig {fmt_tick(orig)}"
         if c_sae is not None:
             sae = law.loss_at(c_sae)
             x1, y1 = sx(c_sae), sy(sae)
-            fraction = c_sae / c_orig
-            shown = f"{fraction:.3f}" if fraction >= 0.1 else fmt_tick(fraction)
             body.append(
                 f'<line x1="{x0:.1f}" x2="{x1:.1f}" y1="{y1:.1f}" y2="{y1:.1f}" stroke="{colour}" '
                 f'stroke-dasharray="2 2"/><circle cx="{x1:.1f}" cy="{y1:.1f}" r="4" fill="{colour}"><title>'
                 f"{escape(label)}: L_sae {escape(fmt_tick(sae))} at C {escape(fmt_tick(c_sae))}: compute_fraction "
-                f"{escape(shown)}</title></circle>"
+                f"{escape(_fraction(c_sae / c_orig))}</title></circle>"
             )
-            text += f" → L_sae {fmt_tick(sae)}: {shown} of the training compute"
-            if fraction > 1:
-                text += " (above 1: the splice lowered the loss)"
         body.append(
             f'<circle cx="{left + 4}" cy="{legend_y + 14 * index - 4}" r="4" fill="{colour}"/>'
             f'<text x="{left + 12}" y="{legend_y + 14 * index}" fill="{PALETTE["text"]}">{escape(text)}</text>'

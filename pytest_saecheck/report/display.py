@@ -21,15 +21,21 @@ def outcome_counts(counts: Mapping[str, int]) -> str:
 def short_labels(subjects: Sequence[tuple[str, str | None, str | None]]) -> list[str]:
     """Short names for table rows: each ``(label, sae spec, model spec)`` with local paths cut to their last part.
 
-    A label that is the plugin's own ``"<sae>"`` or ``"<sae> @ <model>"`` is rebuilt from :func:`short_id` of
-    each spec (``/long/path/run-42 @ /models/gpt2-ft`` -> ``run-42 @ gpt2-ft``); any other label is kept. When
-    two different labels would get the same short name, both keep their full label.
+    A label that is the plugin's own ``"<sae>"``, ``"<sae> (joint)"`` or either with ``" @ <model>"`` is rebuilt
+    from :func:`short_id` of each spec (``/long/path/run-42 @ /models/gpt2-ft`` -> ``run-42 @ gpt2-ft``; a joint
+    splice's ``/runs/l4 + /runs/l8 (joint)`` -> ``l4 + l8 (joint)``); any other label is kept. When two different
+    labels would get the same short name, both keep their full label.
     """
     shorts = []
     for label, sae, model in subjects:
         short = label
-        if sae is not None and label in (sae, f"{sae} @ {model}"):
-            short = short_id(sae) if label == sae else f"{short_id(sae)} @ {short_id(str(model))}"
+        if sae is not None and label.startswith(sae):
+            rest = label[len(sae) :]
+            at_model = f" @ {model}"
+            if model is not None and rest.endswith(at_model):
+                rest = rest[: -len(at_model)] + f" @ {short_id(str(model))}"
+            if rest in ("", " (joint)") or rest.startswith((" @ ", " (joint) @ ")):
+                short = short_id(sae) + rest
         shorts.append(short)
     owners: dict[str, set[str]] = {}
     for (label, _, _), short in zip(subjects, shorts, strict=True):
