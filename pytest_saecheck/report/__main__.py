@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{merge,render,check,export-saebench,sample}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{merge,render,check,export-saebench,sample}"
+    )
     merge = commands.add_parser(
         "merge",
         help="merge the JSON results of sharded runs (each shard once)",
