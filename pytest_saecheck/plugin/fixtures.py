@@ -372,12 +372,34 @@ class SAECheck:
         source, context_size = self.token_source, self.context_size
 
         def load() -> Any:
+            from pytest_saecheck.loading import chat
+
             sae = self._load_sae(self.sae_specs[0]) if self.settings.sae is not None else None
-            return loading.load_tokens(
+            tokens = loading.load_tokens(
                 source, self.model, sae, self.settings.n_tokens, context_size, self.settings.seed
             )
+            self._cache.chat_templates[self._chat_template_key()] = chat.template_summary(
+                tokens, loading.usable_tokenizer(self.model), self._token_policy().kept_mask(tokens)
+            )
+            return tokens
 
         return self._guard(lambda: self._cache.tokens(self._tokens_key(), load))
+
+    def _chat_template_key(self) -> Hashable:
+        """The token set and the policy settings a chat-template summary counts positions under."""
+        settings = self.settings
+        policy = (settings.exclude_bos, settings.exclude_special_tokens, tuple(settings.exclude_token_ids))
+        return (self._tokens_key(), policy)
+
+    def _token_policy(self) -> Any:
+        """The token policy of this test's settings, resolved for its model (the one ``evaluate`` applies)."""
+        from pytest_saecheck.policy import TokenPolicy
+
+        return TokenPolicy(
+            self.settings.exclude_bos,
+            self.settings.exclude_special_tokens,
+            tuple(self.settings.exclude_token_ids),
+        ).resolved_for(self.model)
 
     @property
     def evaluation(self) -> Evaluation:
@@ -409,16 +431,9 @@ class SAECheck:
         grouping = None
         if self.settings.token_groups is not None:
             from pytest_saecheck.groups import resolve
-            from pytest_saecheck.policy import TokenPolicy
 
-            policy = TokenPolicy(
-                self.settings.exclude_bos,
-                self.settings.exclude_special_tokens,
-                tuple(self.settings.exclude_token_ids),
-            ).resolved_for(self.model)
-            grouping = resolve(
-                self.settings.token_groups, self.model, self.tokens, policy.kept_mask(self.tokens)
-            )
+            kept = self._token_policy().kept_mask(self.tokens)
+            grouping = resolve(self.settings.token_groups, self.model, self.tokens, kept)
         return evaluate(
             self.model,
             next(iter(saes.values())) if single else saes,
@@ -491,7 +506,7 @@ class SAECheck:
         data = evaluation.to_dict()
         density = data.pop("latent_density", None)
         data.pop("device", None)  # the subject's device names the same thing
-        data["token_policy"] = self._with_chat_template(data.get("token_policy"), evaluation)
+        data["token_policy"] = self._with_chat_template(data.get("token_policy"))
         data["dictionary"] = self._with_saebench_weights(data.get("dictionary"))
         return records.EvaluationRecord.from_plain(
             {
@@ -527,13 +542,12 @@ class SAECheck:
         statistics = max_cosine_statistics(self.sae)
         return dictionary if statistics is None else {**dictionary, "max_cosine": statistics}
 
-    def _with_chat_template(self, policy: Any, evaluation: Evaluation) -> Any:
-        """The recorded token policy, with what a chat template put in the tokens (``chat_template``) when it did."""
-        from pytest_saecheck.loading import chat, usable_tokenizer
-
-        summary = chat.template_summary(
-            self.tokens, usable_tokenizer(self.model), evaluation.token_policy.kept_mask(self.tokens)
-        )
+    def _with_chat_template(self, policy: Any) -> Any:
+        """The recorded token policy, with what a chat template put in the tokens (``chat_template``) when it did
+        (found when the tokens were loaded: recording needs no model, so a cached evaluation loads none)."""
+        # made with this test's policy when it loaded the tokens; a test that found them loaded under another
+        # policy records none rather than another policy's counts
+        summary = self._cache.chat_templates.get(self._chat_template_key())
         return (
             policy
             if summary is None or not isinstance(policy, dict)

@@ -67,6 +67,9 @@ class SessionCache:
         self._failures: dict[Hashable, tuple[type[SAECheckError], str]] = {}
         # how each model key was loaded (loader and kwargs), for the evaluation records; small, kept all run
         self.model_loads: dict[Hashable, Any] = {}
+        # what a chat template put in each token set (loading.chat.template_summary), made when the tokens are
+        # loaded so that recording it later needs no model; small, kept all run
+        self.chat_templates: dict[Hashable, Any] = {}
         self.loads: dict[str, int] = {"model": 0, "sae": 0, "tokens": 0, "evaluation": 0, "pass": 0}
         # SAE specs that share every other setting, planned at collection (fixtures.plan_release_groups)
         self.release_plan: dict[Hashable, list[str]] = {}
