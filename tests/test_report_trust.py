@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from factories import make_identity_sae
 
 from pytest_saecheck import files
 from pytest_saecheck.files import RunLock, commit_files
@@ -314,8 +315,6 @@ def test_an_interrupted_run_keeps_the_last_complete_report(tiny_pytester: pytest
 def test_test_ids_and_baseline_names_do_not_depend_on_the_starting_directory(
     tiny_pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.factories import make_identity_sae
-
     root = tiny_pytester.path
     (root / "pytest.ini").write_text("[pytest]\nsaecheck_baseline_dir = baselines\n")
     tests = root / "tests"
