@@ -20,6 +20,7 @@ from pytest_saecheck.errors import (
 from pytest_saecheck.loading.offline import is_unavailable_error, offline_state, quiet_deprecations
 from pytest_saecheck.loading.resolve import hooks_then_builtin
 from pytest_saecheck.loading.specs import DEMO, absolute_path, local_path, looks_like_path
+from pytest_saecheck.loading.validate import PROCESSING_FLAGS
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -27,15 +28,6 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------------------------
 # models
 
-# TransformerLens' weight processing switches; ``from_pretrained`` turns all but the last on, SAE Lens trains and
-# evaluates with every one off (``from_pretrained_no_processing``) unless the SAE's kwargs say otherwise.
-PROCESSING_FLAGS = (
-    "fold_ln",
-    "center_writing_weights",
-    "center_unembed",
-    "fold_value_biases",
-    "refactor_factored_attn_matrices",
-)
 TL_LOADER = "HookedTransformer.from_pretrained_no_processing"
 HF_DIRECTORY_LOADER = "pytest_saecheck.loading.load_hf_directory"
 HF_LOADER = "AutoModelForCausalLM.from_pretrained"
