@@ -537,3 +537,81 @@ def test_a_transcoders_input_hook_r2_is_named_as_the_known_fault() -> None:
         "run_evals measures every dictionary's reconstruction against the activation at its input hook"
         in message
     )
+
+
+@pytest.mark.parametrize(
+    ("release", "sae_id", "version", "named"),
+    [
+        (
+            "sae_bench_gemma-2-2b_topk_width-2pow12_date-1109",
+            "blocks.12.hook_resid_post__trainer_0",
+            "6.51.7",
+            "dictionary_learning TopK checkpoints",
+        ),
+        (
+            "gemma-scope-2-4b-pt-transcoders-all",
+            "layer_0_width_16k_l0_big_affine",
+            "6.49.1",
+            "skip transcoders in half precision",
+        ),
+    ],
+)
+def test_a_release_loader_error_names_the_known_bug_of_the_installed_sae_lens(
+    monkeypatch: pytest.MonkeyPatch, release: str, sae_id: str, version: str, named: str
+) -> None:
+    import sae_lens
+
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("Error(s) in loading state_dict")
+
+    monkeypatch.setattr(sae_lens.SAE, "from_pretrained", fails)
+    monkeypatch.setattr(sae_lens, "__version__", version)
+    with pytest.raises(
+        LoadError, match=f"SAE Lens {version} \\(installed\\) has a known loader bug for {named}"
+    ):
+        loading.load_sae_release(release, sae_id, "cpu", None)
+
+
+def test_a_release_skip_transcoder_on_a_transposing_sae_lens_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sae_lens
+
+    monkeypatch.setattr(sae_lens.SAE, "from_pretrained", lambda *args, **kwargs: skip_transcoder())
+    release, sae_id = "gemma-scope-2-4b-pt-transcoders-all", "layer_0_width_16k_l0_big_affine"
+    assert loading.load_sae_release(release, sae_id, "cpu", None).W_skip.shape == (D_MODEL, D_MODEL)
+    monkeypatch.setattr(sae_lens, "__version__", "6.30.0")
+    with pytest.raises(
+        LoadError, match=r"is a skip transcoder, and SAE Lens 6\.30\.0 \(installed\) has a known"
+    ):
+        loading.load_sae_release(release, sae_id, "cpu", None)
+
+
+def test_a_config_saved_before_sae_lens_6_still_loads(tmp_path: Path) -> None:
+    """The flat layout (hook_point, hook_point_head_index, a boolean normalize_activations) is not refused."""
+    directory = saved(make_identity_sae(), tmp_path / "old")
+    (directory / "cfg.json").write_text(
+        json.dumps(
+            {
+                "d_in": D_MODEL,
+                "d_sae": 2 * D_MODEL,
+                "dtype": "float32",
+                "device": "cpu",
+                "hook_point": HOOK,
+                "hook_point_layer": 1,
+                "hook_point_head_index": None,
+                "model_name": "tiny",
+                "context_size": 16,
+                "prepend_bos": True,
+                "apply_b_dec_to_input": False,
+                "normalize_activations": False,
+                "activation_fn_str": "relu",
+                "dataset_path": "tokens",
+                "finetuning_scaling_factor": False,
+            }
+        )
+    )
+    sae = loading.load_sae(str(directory), "cpu")
+    assert sae.cfg.metadata.hook_name == HOOK
+    x = torch.randn(3, D_MODEL)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), x)

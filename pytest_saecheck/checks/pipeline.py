@@ -20,8 +20,9 @@ the demo model (:mod:`.pipeline_subjects`) whose right answer is known, and comp
                                 equals the pooled definition 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²; the message names the
                                 formula the pipeline's number matched.
 ``explained_variance_half_precision``  the ``explained_variance`` subject with model and SAE in bfloat16 and
-                                float16 (the dtypes the pipeline accepts): R² equals the pooled definition in
-                                float64 on the same half-precision activations (tolerance :data:`HALF_TOL`).
+                                float16 (those of them the pipeline accepts: its ``dtypes`` attribute, when it
+                                has one): R² equals the pooled definition in float64 on the same half-precision
+                                activations (tolerance :data:`HALF_TOL`).
 ``transcoder_splice``           a transcoder holding a ReLU MLP's own weights, spliced at its output hook: CE with
                                 SAE = CE without, KL = 0.
 ``agreement``                   every metric the pipeline shares with our engine (float64 sums) agrees on the same
@@ -67,7 +68,7 @@ SAE_LENS_RELEASES: dict[str, tuple[str, str | None]] = {
     "saturated_logits": ("6.0.0", "6.6.5"),
     "normalised_excluded_tokens": ("6.0.0", "6.53.1"),
     "explained_variance": ("6.0.0", "6.45.1"),
-    "explained_variance_half_precision": ("6.45.1", "6.51.4"),
+    "explained_variance_half_precision": ("6.0.0", "6.51.4"),
     "transcoder_splice": ("6.5.0", None),
     "agreement": ("6.0.0", "6.45.2"),
 }
@@ -381,9 +382,12 @@ def check_explained_variance_half_precision(run: _Run, result: PropertyResult) -
 
     import torch
 
+    accepted = getattr(run.fn, "dtypes", None)
+    dtypes = [d for d in HALF_DTYPES if accepted is None or d in accepted]
+    if not dtypes:
+        raise _NotApplicable(f"the pipeline declares dtypes={tuple(accepted or ())!r}, no half precision")
     model32, sae32, _ = _offset_projection(run)
-    refused = []
-    for dtype in HALF_DTYPES:
+    for dtype in dtypes:
         model = copy.deepcopy(model32).to(getattr(torch, dtype))
         sae = copy.deepcopy(sae32).to(dtype=getattr(torch, dtype))
         if hasattr(sae.cfg, "dtype"):
@@ -393,20 +397,17 @@ def check_explained_variance_half_precision(run: _Run, result: PropertyResult) -
             finding, _ = _explained_variance_finding(
                 run, f"offset_{dtype}", model, sae, shifted, max(run.tol, HALF_TOL), f" ({dtype})"
             )
-        except _NotApplicable:
+        except (_NotApplicable, SAECheckError):
             raise
-        except SAECheckError:
-            raise
-        except Exception as error:  # the pipeline does not accept this dtype: not a finding
-            refused.append(f"{dtype} ({type(error).__name__}: {str(error)[:80]})")
-            continue
+        except Exception as error:  # the pipeline under test raised in this dtype: broken, with the error
+            finding = Finding(
+                f"explained_variance ({dtype})", f"{type(error).__name__}: {error}", "a result", False
+            )
         result.findings.append(finding)
-    if not result.findings:
-        raise _NotApplicable(f"the pipeline accepts no half-precision dtype: {'; '.join(refused)}")
     result.note = (
-        f"the explained_variance subject with model and SAE in {', '.join(HALF_DTYPES)}; right value: the pooled "
-        f"R² in float64 on the same half-precision activations (tol {HALF_TOL:g})"
-        + (f"; not accepted: {'; '.join(refused)}" if refused else "")
+        f"the explained_variance subject with model and SAE in {', '.join(dtypes)}; right value: the pooled R² in "
+        f"float64 on the same half-precision activations (tol {HALF_TOL:g}). A pipeline that takes no half "
+        "precision says so with a dtypes attribute (e.g. pipeline.dtypes = ('float32',))"
     )
 
 

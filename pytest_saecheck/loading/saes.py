@@ -32,6 +32,7 @@ from pytest_saecheck.loading.validate import (
     check_loaded,
     installed_sae_lens,
     known_bugs,
+    refuse_unverifiable,
     validate_sae_config,
 )
 from pytest_saecheck.normalisation import attach_activation_scaler
@@ -362,7 +363,8 @@ def load_sae_release(release: str, sae_id: str, device: str, dtype: str | None) 
                 f"(or: hf download {repo_id} --include '{folder}/*') and run with the same HF_HOME, or save it "
                 "with sae.save_model(dir) and set sae= to that directory"
             ) from None
-        bugs = known_bugs(cfg=_release_cfg(directory, release, sae_id))
+        loader = f"{getattr(directory.get(release), 'conversion_func', '') or ''} {sae_id}"
+        bugs = known_bugs(cfg={}, loader=loader)
         raise LoadError(
             f"could not load {where} (Hugging Face repo {repo_id}, folder {folder}) with SAE Lens "
             f"{installed_sae_lens()}: {type(error).__name__}: {error}"
@@ -372,14 +374,8 @@ def load_sae_release(release: str, sae_id: str, device: str, dtype: str | None) 
     if callable(to_dict):
         validate_sae_config(to_dict(), where)
     check_loaded(sae, where)
+    refuse_unverifiable(sae, where)
     return sae
-
-
-def _release_cfg(directory: Mapping[str, Any], release: str, sae_id: str) -> dict[str, Any]:
-    """What the release directory says of an SAE (its architecture, when it names one), for naming known bugs."""
-    entry = directory.get(release)
-    conversion = str(getattr(entry, "conversion_func", "") or "")
-    return {"architecture": "skip_transcoder" if "skip" in (conversion + sae_id).lower() else ""}
 
 
 TORCH_SAFE_LOAD = (2, 6)

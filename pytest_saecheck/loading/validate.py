@@ -176,13 +176,17 @@ def validate_sae_config(cfg: Any, where: str) -> None:
         written, value = _lookup(cfg, key)
         if value is not None and not isinstance(value, bool):
             raise bad(written, value, "true or false (a JSON boolean, not a string)")
-    normalize = cfg.get("normalize_activations")
-    if normalize is not None and normalize not in _NORMALIZATIONS:
+    normalize = cfg.get("normalize_activations")  # a boolean in configs before SAE Lens 6 (it maps those)
+    if normalize is not None and not isinstance(normalize, bool) and normalize not in _NORMALIZATIONS:
         raise bad("normalize_activations", normalize, f"one of {', '.join(_NORMALIZATIONS)}")
     written, hook = _lookup(cfg, "hook_name")
+    if hook is None:  # the name before SAE Lens 6
+        written, hook = _lookup(cfg, "hook_point")
     if hook is not None and not (isinstance(hook, str) and hook):
         raise bad(written, hook, "a non-empty hook name such as 'blocks.8.hook_resid_pre'")
     written, head = _lookup(cfg, "hook_head_index")
+    if head is None:  # the name before SAE Lens 6
+        written, head = _lookup(cfg, "hook_point_head_index")
     if head is not None and not (_is_int(head) and head >= 0):
         raise bad(written, head, "a non-negative integer (the attention head) or null")
     written, context = _lookup(cfg, "context_size")
@@ -204,7 +208,7 @@ def _check_architecture(cfg: Mapping[str, Any], where: str) -> None:
     if not isinstance(architecture, str) or not isinstance(training, str):
         return
     allowed = _INFERENCE_ARCHITECTURES.get(training)
-    if allowed is not None and architecture not in allowed:
+    if allowed is not None and architecture not in allowed | {training}:  # a training SAE is its own
         raise ConfigError(
             f"{where}: key 'architecture' is {architecture!r} but metadata.training_architecture is "
             f"{training!r}, which SAE Lens saves as {' or '.join(sorted(allowed))}; read as {architecture!r}, its "
@@ -310,9 +314,10 @@ def installed_sae_lens() -> str:
     return str(__version__)
 
 
-def known_bugs(sae: Any = None, cfg: Mapping[str, Any] | None = None) -> list[str]:
-    """Sentences naming the known SAE Lens loader bugs that can touch this artefact (``sae`` loaded, or its
-    ``cfg`` mapping), for the installed version or the version that saved it."""
+def known_bugs(sae: Any = None, cfg: Mapping[str, Any] | None = None, loader: str = "") -> list[str]:
+    """Sentences naming the known SAE Lens loader bugs (:data:`KNOWN_LOADER_BUGS`) that can touch this artefact,
+    for the installed SAE Lens or the one that saved it. ``sae``: the loaded dictionary, or ``cfg``: its config
+    mapping; ``loader``: the SAE Lens release loader (``conversion_func``) and SAE id, when it came from one."""
     installed = installed_sae_lens()
     if cfg is None:
         to_dict = getattr(getattr(sae, "cfg", None), "to_dict", None)
@@ -322,17 +327,48 @@ def known_bugs(sae: Any = None, cfg: Mapping[str, Any] | None = None) -> list[st
     _, saved_by = _lookup(cfg, "sae_lens_training_version")
     if saved_by is None:
         _, saved_by = _lookup(cfg, "sae_lens_version")
-    has_skip = "skip" in architecture or "W_skip" in (dict(sae.named_parameters()) if sae is not None else {})
-    found = []
-    if has_skip:
-        for name in ("w_skip_transposed", "w_skip_dtype"):
-            if KNOWN_LOADER_BUGS[name].covers(installed):
-                found.append(KNOWN_LOADER_BUGS[name].describe(installed))
+    parameters = dict(sae.named_parameters()) if sae is not None and hasattr(sae, "named_parameters") else {}
+    skip = (
+        "skip" in architecture
+        or "W_skip" in parameters
+        or any(w in loader.lower() for w in ("skip", "affine"))
+    )
+    applies = {
+        "w_skip_transposed": skip,
+        "w_skip_dtype": skip,
+        "dictionary_learning_threshold": "dictionary_learning" in loader,
+    }
+    found = [
+        KNOWN_LOADER_BUGS[name].describe(installed)
+        for name, hit in applies.items()
+        if hit and KNOWN_LOADER_BUGS[name].covers(installed)
+    ]
     if training in ("batchtopk", "matryoshka_batchtopk") and architecture == "jumprelu":
         bug = KNOWN_LOADER_BUGS["batchtopk_threshold"]
         if bug.covers(saved_by):
             found.append(bug.describe(str(saved_by)))
     return found
+
+
+def refuse_unverifiable(sae: Any, where: str) -> None:
+    """Refuse a dictionary from an SAE Lens release that the installed SAE Lens is known to load transposed
+    where no shape can show it (a square ``W_skip``; a local directory is checked against its file instead).
+
+    Raises :class:`LoadError` naming ``where`` and the bug.
+    """
+    bug = KNOWN_LOADER_BUGS["w_skip_transposed"]
+    installed = installed_sae_lens()
+    w_skip = dict(sae.named_parameters()).get("W_skip") if hasattr(sae, "named_parameters") else None
+    if (
+        w_skip is not None
+        and bug.covers(installed)
+        and w_skip.ndim == 2
+        and w_skip.shape[0] == w_skip.shape[1]
+    ):
+        raise LoadError(
+            f"{where} is a skip transcoder, and {bug.describe(installed)}. Its W_skip is square, so the "
+            "orientation cannot be checked against its shape: it is refused rather than scored"
+        )
 
 
 # -------------------------------------------------------------------------------------------------------------
