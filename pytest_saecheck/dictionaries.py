@@ -153,8 +153,9 @@ def describe(sae: Any) -> DictionaryInfo:
             "load one with sae_lens.SAE.from_pretrained / SAE.load_from_disk or pytest_saecheck.load_sae"
         )
     to_dict = getattr(cfg, "to_dict", None)
-    if callable(to_dict):
-        validate_sae_config(to_dict(), f"the config of the {type(sae).__name__} (sae.cfg)")
+    as_dict = to_dict() if callable(to_dict) else None
+    if isinstance(as_dict, dict) and "d_in" in as_dict and "d_sae" in as_dict:  # an SAE Lens-shaped config
+        validate_sae_config(as_dict, f"the config of the {type(sae).__name__} (sae.cfg)")
     names = _class_names(sae)
     architecture = str(getattr(cfg, "architecture", lambda: type(sae).__name__)())
     if "TemporalSAE" in names or architecture == "temporal":

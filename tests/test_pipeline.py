@@ -389,7 +389,11 @@ def test_the_table_reads_release_ranges() -> None:
     assert battery.sae_lens_expected_broken("6.45.1") == {
         "batch_size_invariance",
         "normalised_excluded_tokens",
+        "explained_variance_half_precision",
         "transcoder_splice",
         "agreement",
     }
+    # the half-precision sums of 6.45.1–6.51.3 (measured on both sides: 6.51.3 breaks it, 6.51.4 holds)
+    assert "explained_variance_half_precision" in battery.sae_lens_expected_broken("6.51.3")  # type: ignore[operator]
+    assert "explained_variance_half_precision" not in battery.sae_lens_expected_broken("6.51.4")  # type: ignore[operator]
     assert battery.sae_lens_expected_broken("5.11.0") is None
