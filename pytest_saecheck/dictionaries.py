@@ -82,7 +82,9 @@ class DictionaryInfo:
     ``hook_name`` is where it reads, ``hook_name_out`` where it writes (the same hook for an SAE); ``d_in`` and
     ``d_out`` are the widths it reads and writes; ``kind`` is ``"sae"``, ``"transcoder"`` or
     ``"skip_transcoder"``; ``normalize_activations`` is SAE Lens' setting of that name; ``context_size`` the
-    context length it was trained on (``cfg.metadata.context_size``), when known.
+    context length it was trained on (``cfg.metadata.context_size``), when known; ``k`` the latents per token a
+    TopK-family SAE records (its ``k``, or ``metadata.training_architecture_details.k``), ``training_architecture``
+    the architecture it was trained as and ``saved_by`` the SAE Lens version that saved it, when recorded.
     """
 
     kind: str
@@ -94,6 +96,9 @@ class DictionaryInfo:
     d_out: int
     normalize_activations: str
     context_size: int | None = None
+    k: int | None = None
+    training_architecture: str | None = None
+    saved_by: str | None = None
 
     @property
     def is_transcoder(self) -> bool:
@@ -122,15 +127,21 @@ class DictionaryInfo:
             "d_out": self.d_out,
             "normalize_activations": self.normalize_activations,
             "context_size": self.context_size,
+            "k": self.k,
+            "training_architecture": self.training_architecture,
+            "saved_by": self.saved_by,
         }
 
 
 def describe(sae: Any) -> DictionaryInfo:
     """Read how ``sae`` is spliced from its class and config.
 
-    Raises :class:`ConfigError` when the config names no hook, :class:`UnsupportedDictionaryError` for a
+    Raises :class:`ConfigError` when the config names no hook or (an SAE Lens config) breaks a type or range
+    (:func:`~pytest_saecheck.loading.validate.validate_sae_config`), :class:`UnsupportedDictionaryError` for a
     dictionary that cannot be spliced faithfully.
     """
+    from pytest_saecheck.loading.validate import recorded_k, validate_sae_config
+
     cfg = getattr(sae, "cfg", None)
     if (
         cfg is None
@@ -141,6 +152,10 @@ def describe(sae: Any) -> DictionaryInfo:
             f"expected an SAE Lens SAE (an object with .cfg, .encode and .decode), got {type(sae).__name__}; "
             "load one with sae_lens.SAE.from_pretrained / SAE.load_from_disk or pytest_saecheck.load_sae"
         )
+    to_dict = getattr(cfg, "to_dict", None)
+    as_dict = to_dict() if callable(to_dict) else None
+    if isinstance(as_dict, dict) and "d_in" in as_dict and "d_sae" in as_dict:  # an SAE Lens-shaped config
+        validate_sae_config(as_dict, f"the config of the {type(sae).__name__} (sae.cfg)")
     names = _class_names(sae)
     architecture = str(getattr(cfg, "architecture", lambda: type(sae).__name__)())
     if "TemporalSAE" in names or architecture == "temporal":
@@ -164,6 +179,7 @@ def describe(sae: Any) -> DictionaryInfo:
             "not say where it writes; set sae.cfg.metadata.hook_name_out to the output hook (for an MLP "
             "transcoder usually 'blocks.<L>.hook_mlp_out') so its output replaces that activation"
         )
+    k, training = recorded_k(cfg)
     if not is_transcoder:
         kind = SAE
     elif "SkipTranscoder" in names or hasattr(sae, "W_skip"):
@@ -180,4 +196,7 @@ def describe(sae: Any) -> DictionaryInfo:
         d_out=int(d_out_cfg) if d_out_cfg is not None else d_in,
         normalize_activations=str(getattr(cfg, "normalize_activations", "none") or "none"),
         context_size=int(context) if isinstance(context := _metadata(sae, "context_size"), int) else None,
+        k=k,
+        training_architecture=training,
+        saved_by=str(saved) if (saved := _metadata(sae, "sae_lens_training_version")) else None,
     )

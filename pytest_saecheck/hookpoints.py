@@ -94,8 +94,11 @@ class ModulePoint:
         return f"{self.path}.{self.io}"
 
 
-def resolve_hook(hook_name: str, head_index: int | None, n_layers: int, hook_names: list[str]) -> HookSite:
-    """Parse and validate ``hook_name`` against the model's hook points."""
+def resolve_hook(
+    hook_name: str, head_index: int | None, n_layers: int, hook_names: list[str], n_heads: int | None = None
+) -> HookSite:
+    """Parse and validate ``hook_name`` (and ``head_index``, against the model's ``n_heads`` when given) against
+    the model's hook points."""
     if hook_name not in hook_names:
         close = difflib.get_close_matches(hook_name, hook_names, n=3, cutoff=0.6)
         hint = f" Closest hook names: {', '.join(close)}." if close else ""
@@ -121,5 +124,10 @@ def resolve_hook(hook_name: str, head_index: int | None, n_layers: int, hook_nam
         raise ConfigError(
             f"The SAE sets hook_head_index={head_index}, but {hook_name!r} has no head dimension; "
             "hook_head_index applies to attention hooks (hook_q/k/v/z) only."
+        )
+    if head_index is not None and n_heads is not None and not 0 <= head_index < n_heads:
+        raise ConfigError(
+            f"The SAE config's metadata.hook_head_index is {head_index}, but the model's attention layers have "
+            f"{n_heads} heads (0 to {n_heads - 1}); set hook_head_index to the head the SAE was trained on"
         )
     return HookSite(hook_name, layer, resid_layer, head_index, has_head_dim)

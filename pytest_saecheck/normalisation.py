@@ -93,6 +93,27 @@ def read_activation_scaler(directory: str | Path) -> Normalisation | None:
     return Normalisation(float(factor) if factor is not None else None, FROM_FILE, whitening)
 
 
+ATTACHED = "saecheck_normalisation"
+"""The attribute :func:`attach_activation_scaler` sets on an SAE loaded from a checkpoint directory."""
+
+
+def attach_activation_scaler(sae: Any, directory: str | Path) -> None:
+    """Carry the ``activation_scaler.json`` beside a checkpoint on the SAE loaded from it (nothing when there is
+    none), so that ``evaluate(model, load_sae(dir), tokens)`` uses the training factor, as the plugin does.
+
+    Raises :class:`LoadError` when the file exists but cannot be read.
+    """
+    found = read_activation_scaler(directory)
+    if found is not None:
+        setattr(sae, ATTACHED, found)
+
+
+def attached_normalisation(sae: Any) -> Normalisation | None:
+    """The normalisation :func:`attach_activation_scaler` put on ``sae``, or None."""
+    value = getattr(sae, ATTACHED, None)
+    return value if isinstance(value, Normalisation) else None
+
+
 def as_normalisation(value: Any) -> Normalisation | None:
     """``evaluate(activation_scaler=...)``: None, a positive factor, an SAE Lens ``ActivationScaler``, a
     :class:`Normalisation`, or a checkpoint directory holding ``activation_scaler.json``."""

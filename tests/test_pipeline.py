@@ -23,6 +23,7 @@ PROPERTY_BUGS = {
     "saturated_logits": "kl_log_of_softmax",
     "normalised_excluded_tokens": "scaled_excluded_positions",
     "explained_variance": "r2_mean_square_per_dimension",
+    "explained_variance_half_precision": "r2_sums_in_model_dtype",
     "transcoder_splice": "transcoder_at_input_hook",
     "agreement": "l2_ratio_of_means",
 }
@@ -49,7 +50,7 @@ def reference_pipeline(
     ce: dict[str, list[torch.Tensor]] = {"orig": [], "sae": [], "zero": []}
     kl: dict[str, list[torch.Tensor]] = {"sae": [], "zero": []}
     rec: dict[str, list[torch.Tensor]] = {k: [] for k in ("sse", "cos", "ratio", "l0", "l1", "nx", "nxh")}
-    xs = []
+    xs, xs_native = [], []
 
     def kl_of(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
         if "kl_log_of_softmax" in bugs:
@@ -96,12 +97,17 @@ def reference_pipeline(
             rec["l0"].append((z != 0).sum(-1).float())
             rec["l1"].append(z.abs().sum(-1))
             xs.append(x.double())
+            xs_native.append(x)
     mean = {key: float(torch.cat(values).double().mean()) for key, values in {**rec}.items()}
     ce_mean = {key: float(torch.cat(values).double().mean()) for key, values in ce.items()}
     kl_mean = {key: float(torch.cat(values).double().mean()) for key, values in kl.items()}
     flat = torch.cat(xs)
     sse = float(torch.cat(rec["sse"]).double().sum())
-    if "r2_about_zero" in bugs:
+    if "r2_sums_in_model_dtype" in bugs:  # SAE Lens 6.45.1–6.51.3: sums in bfloat16/float16
+        native = torch.cat(xs_native)
+        sse = float(torch.cat(rec["sse"]).sum())
+        variance = float((native - native.mean(0)).pow(2).sum())
+    elif "r2_about_zero" in bugs:
         variance = float(flat.pow(2).sum())
     elif "r2_mean_square_per_dimension" in bugs:
         variance = (float(flat.pow(2).sum(-1).mean()) - float(flat.pow(2).mean(0).mean()) ** 2) * flat.shape[
@@ -383,7 +389,11 @@ def test_the_table_reads_release_ranges() -> None:
     assert battery.sae_lens_expected_broken("6.45.1") == {
         "batch_size_invariance",
         "normalised_excluded_tokens",
+        "explained_variance_half_precision",
         "transcoder_splice",
         "agreement",
     }
+    # the half-precision sums of 6.45.1–6.51.3 (measured on both sides: 6.51.3 breaks it, 6.51.4 holds)
+    assert "explained_variance_half_precision" in battery.sae_lens_expected_broken("6.51.3")  # type: ignore[operator]
+    assert "explained_variance_half_precision" not in battery.sae_lens_expected_broken("6.51.4")  # type: ignore[operator]
     assert battery.sae_lens_expected_broken("5.11.0") is None

@@ -308,7 +308,53 @@ def load(path: Path) -> dict[str, Any]:
     per_sequence = document.get("per_sequence")
     if not isinstance(per_sequence, dict) or not per_sequence:
         raise BaselineError(f"{path} holds no per-sequence sums; record it again with {UPDATE_OPTION}")
+    _check_shape(document, path)
     return document
+
+
+REQUIRED_SUMS = ("n_ce", "n_kl", "ce_sum_orig", "ce_sum_sae", "kl_sum_sae")
+"""The per-sequence sums every baseline holds (what :func:`~pytest_saecheck.metrics.metrics_from_sums` always
+reads)."""
+
+
+def _check_shape(document: Mapping[str, Any], path: Path) -> None:
+    """Raise :class:`BaselineError` naming ``path`` and the key when a baseline's sections are malformed: no
+    ``tokens`` (with ``ids_sha256``, ``policy_sha256`` and ``n_sequences``), ``metrics`` that are not numbers, a
+    required per-sequence sum missing, or per-sequence arrays that are not ``n_sequences`` numbers each."""
+    again = f"delete it and record it again with {UPDATE_OPTION}"
+    tokens = document.get("tokens")
+    if not isinstance(tokens, dict):
+        raise BaselineError(f"{path}: key 'tokens' is missing or not an object; {again}")
+    for key in ("ids_sha256", "policy_sha256"):
+        if not isinstance(tokens.get(key), str):
+            raise BaselineError(f"{path}: key 'tokens.{key}' is missing or not a string; {again}")
+    n_sequences = tokens.get("n_sequences")
+    if not isinstance(n_sequences, int) or isinstance(n_sequences, bool) or n_sequences < 1:
+        raise BaselineError(
+            f"{path}: key 'tokens.n_sequences' must be a positive integer, got {n_sequences!r}; {again}"
+        )
+    metrics = document.get("metrics")
+    if not isinstance(metrics, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()
+    ):
+        raise BaselineError(f"{path}: key 'metrics' must map metric names to numbers; {again}")
+    per_sequence = document["per_sequence"]
+    missing = [name for name in REQUIRED_SUMS if name not in per_sequence]
+    if missing:
+        raise BaselineError(
+            f"{path}: key 'per_sequence' lacks {', '.join(f'per_sequence.{name}' for name in missing)}; {again}"
+        )
+    for name, values in per_sequence.items():
+        if not (
+            isinstance(values, list)
+            and len(values) == n_sequences
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        ):
+            found = f"{len(values)} values" if isinstance(values, list) else type(values).__name__
+            raise BaselineError(
+                f"{path}: key 'per_sequence.{name}' must be a list of {n_sequences} numbers (tokens.n_sequences), "
+                f"got {found}; {again}"
+            )
 
 
 def per_sequence_arrays(document: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -116,6 +116,12 @@ OPENAI_PER_TOKEN_CAUSE = (
     "token's error is divided by its squared norm about zero, not its distance from the mean, so it is inflated by "
     "the mean activation like the about-zero R²"
 )
+TRANSCODER_INPUT_HOOK_CAUSE = (
+    "SAE Lens' run_evals measures every dictionary's reconstruction against the activation at its input hook "
+    "(hook_name); a transcoder writes another hook (hook_name_out), so its R² from run_evals compares the output "
+    "with the input it was never meant to reproduce (issue 24: 0.088 where the R² at the output hook is 0.977). "
+    "Use this package's explained_variance, measured at hook_name_out"
+)
 CAUSES: dict[str, str] = {
     "collapsed": COLLAPSED_CAUSE,
     "about_zero": ABOUT_ZERO_CAUSE,
@@ -817,7 +823,12 @@ def _r2_reported_vs_ours(facts: Subject, reported: Any, tol: float | None) -> Ch
             ("explained_variance_about_zero (ours)", fmt(about_zero), "1 − Σ‖x − x̂‖² / Σ‖x‖²"),
         ]
     )
-    if problem is not None:
+    if facts.dictionary.get("kind") in ("transcoder", "skip_transcoder"):
+        verdict = (
+            f"the SAE is a transcoder ({facts.dictionary.get('hook_name')} → {facts.dictionary.get('hook_name_out')})"
+            f"; likely cause: {TRANSCODER_INPUT_HOOK_CAUSE}."
+        )
+    elif problem is not None:
         verdict = f"the reported number is wrong: {problem}; likely cause: {COLLAPSED_CAUSE}."
     elif (
         about_zero is not None
@@ -861,6 +872,7 @@ __all__: Sequence[str] = (
     "FORMULAS",
     "LEGACY_GAP_RATIO",
     "MIN_LEGACY_TOL",
+    "TRANSCODER_INPUT_HOOK_CAUSE",
     "assert_r2_matches_legacy",
     "formula_values",
     "legacy_tolerance",

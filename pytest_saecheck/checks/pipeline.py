@@ -19,6 +19,10 @@ the demo model (:mod:`.pipeline_subjects`) whose right answer is known, and comp
 ``explained_variance``          activations with a large mean and an SAE keeping 4 principal directions: R²
                                 equals the pooled definition 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²; the message names the
                                 formula the pipeline's number matched.
+``explained_variance_half_precision``  the ``explained_variance`` subject with model and SAE in bfloat16 and
+                                float16 (those of them the pipeline accepts: its ``dtypes`` attribute, when it
+                                has one): R² equals the pooled definition in float64 on the same half-precision
+                                activations (tolerance :data:`HALF_TOL`).
 ``transcoder_splice``           a transcoder holding a ReLU MLP's own weights, spliced at its output hook: CE with
                                 SAE = CE without, KL = 0.
 ``agreement``                   every metric the pipeline shares with our engine (float64 sums) agrees on the same
@@ -64,6 +68,7 @@ SAE_LENS_RELEASES: dict[str, tuple[str, str | None]] = {
     "saturated_logits": ("6.0.0", "6.6.5"),
     "normalised_excluded_tokens": ("6.0.0", "6.53.1"),
     "explained_variance": ("6.0.0", "6.45.1"),
+    "explained_variance_half_precision": ("6.0.0", "6.51.4"),
     "transcoder_splice": ("6.5.0", None),
     "agreement": ("6.0.0", "6.45.2"),
 }
@@ -98,6 +103,8 @@ CAUSES: dict[str, str] = {
     "own",
     "explained_variance": "the variance term is not Σ‖x − x̄‖²; SAEBench 0.6.0 and old SAE Lens use "
     "E‖x‖² − (mean_d E[x_d²])²",
+    "explained_variance_half_precision": "the explained-variance sums are accumulated in the model's half "
+    "precision (bfloat16 or float16) instead of float32 or float64, so the large-mean terms swamp the variance",
     "transcoder_splice": "the transcoder's output is written into its input hook instead of its output hook",
     "agreement": "the pipeline's definition or aggregation of this metric differs from the reference definition",
 }
@@ -296,7 +303,13 @@ def check_normalised_excluded_tokens(run: _Run, result: PropertyResult) -> None:
     result.note = f"activation scale {subjects.ACTIVATION_SCALE}, token ids {list(s.special_token_ids)} (BOS, EOS) excluded"
 
 
-def check_explained_variance(run: _Run, result: PropertyResult) -> None:
+def _offset_projection(run: _Run) -> tuple[Any, Any, Any]:
+    """``(model, sae, activations)`` of the explained-variance subject: activations with a large mean, an SAE
+    keeping their top :data:`~.pipeline_subjects.PROJECTION_RANK` principal directions (float32)."""
+    return run.once("offset_subject", lambda: _build_offset_projection(run))
+
+
+def _build_offset_projection(run: _Run) -> tuple[Any, Any, Any]:
     import torch
 
     s = run.subjects
@@ -314,29 +327,88 @@ def check_explained_variance(run: _Run, result: PropertyResult) -> None:
     _, vectors = torch.linalg.eigh(torch.cov(flat.T))
     directions = vectors[:, -subjects.PROJECTION_RANK :]
     sae = subjects.projection_sae(mean.to(x.dtype), directions.to(x.dtype), s.hook_name)
-    metrics = run.call("offset", model, sae, BATCH)
+    return model, sae, shifted
+
+
+def _explained_variance_finding(
+    run: _Run, key: str, model: Any, sae: Any, shifted: Any, tol: float, label: str = ""
+) -> tuple[Finding, str]:
+    """The pipeline's R² on ``(model, sae)`` against the pooled definition on the same activations and
+    reconstructions in float64, and a note naming the formula it matched."""
+    import torch
+
+    metrics = run.call(key, model, sae, BATCH)
     if "explained_variance" not in metrics:
         raise _NotApplicable("the pipeline reports no explained_variance")
     with torch.inference_mode():
         x_hat = sae.decode(sae.encode(shifted))
     candidates = subjects.variance_candidates(shifted, x_hat, BATCH)
     value = metrics["explained_variance"]
-    matched = [name for name, c in candidates.items() if equal(value, c, run.tol)]
-    result.findings.append(
-        Finding(
-            "explained_variance",
-            messages.fmt_exact(value),
-            messages.fmt_exact(candidates["pooled"]),
-            "pooled" in matched,
-        )
+    matched = [name for name, c in candidates.items() if equal(value, c, tol)]
+    finding = Finding(
+        f"explained_variance{label}",
+        messages.fmt_exact(value),
+        messages.fmt_exact(candidates["pooled"]),
+        "pooled" in matched,
     )
     formulas = ", ".join(f"{name} {messages.fmt_exact(c)}" for name, c in candidates.items())
     if matched:
-        result.note = (
-            f"the pipeline's R² matched {FORMULA_NAMES[matched[0]]} (formulas on this subject: {formulas})"
-        )
+        note = f"the pipeline's R²{label} matched {FORMULA_NAMES[matched[0]]} (formulas on this subject: {formulas})"
     else:
-        result.note = f"the pipeline's R² matched none of the known formulas ({formulas})"
+        note = f"the pipeline's R²{label} matched none of the known formulas ({formulas})"
+    return finding, note
+
+
+def check_explained_variance(run: _Run, result: PropertyResult) -> None:
+    model, sae, shifted = _offset_projection(run)
+    finding, result.note = _explained_variance_finding(run, "offset", model, sae, shifted, run.tol)
+    result.findings.append(finding)
+
+
+HALF_DTYPES = ("bfloat16", "float16")
+"""The half-precision dtypes the battery also runs the explained-variance subject in."""
+
+HALF_TOL = 1e-2
+"""Tolerance of the half-precision R² (absolute, for values within [-1, 1]). The right value is computed in
+float64 from the same half-precision activations and reconstructions, so the pipeline's accumulation (and, on an
+accelerator, kernels that round a batch differently) is all that differs: SAE Lens 6.54.12 on the CPU is
+8.4e-7 (bfloat16) and 2.9e-6 (float16) from it; bfloat16 keeps 8 significant bits (relative rounding 2⁻⁹ per
+value), and 0.01 leaves room for that while the fault it catches is off by 0.24–0.65 (issue 24: 0.0 and 1.0
+where 0.2379 and 0.3520 are right)."""
+
+
+def check_explained_variance_half_precision(run: _Run, result: PropertyResult) -> None:
+    import copy
+
+    import torch
+
+    accepted = getattr(run.fn, "dtypes", None)
+    dtypes = [d for d in HALF_DTYPES if accepted is None or d in accepted]
+    if not dtypes:
+        raise _NotApplicable(f"the pipeline declares dtypes={tuple(accepted or ())!r}, no half precision")
+    model32, sae32, _ = _offset_projection(run)
+    for dtype in dtypes:
+        model = copy.deepcopy(model32).to(getattr(torch, dtype))
+        sae = copy.deepcopy(sae32).to(dtype=getattr(torch, dtype))
+        if hasattr(sae.cfg, "dtype"):
+            sae.cfg.dtype = dtype
+        shifted = subjects.activations(model, run.tokens(), run.subjects.hook_name)
+        try:
+            finding, _ = _explained_variance_finding(
+                run, f"offset_{dtype}", model, sae, shifted, max(run.tol, HALF_TOL), f" ({dtype})"
+            )
+        except (_NotApplicable, SAECheckError):
+            raise
+        except Exception as error:  # the pipeline under test raised in this dtype: broken, with the error
+            finding = Finding(
+                f"explained_variance ({dtype})", f"{type(error).__name__}: {error}", "a result", False
+            )
+        result.findings.append(finding)
+    result.note = (
+        f"the explained_variance subject with model and SAE in {', '.join(dtypes)}; right value: the pooled R² in "
+        f"float64 on the same half-precision activations (tol {HALF_TOL:g}). A pipeline that takes no half "
+        "precision says so with a dtypes attribute (e.g. pipeline.dtypes = ('float32',))"
+    )
 
 
 def check_transcoder_splice(run: _Run, result: PropertyResult) -> None:
@@ -374,6 +446,7 @@ PROPERTIES: dict[str, Callable[[_Run, PropertyResult], None]] = {
     "saturated_logits": check_saturated_logits,
     "normalised_excluded_tokens": check_normalised_excluded_tokens,
     "explained_variance": check_explained_variance,
+    "explained_variance_half_precision": check_explained_variance_half_precision,
     "transcoder_splice": check_transcoder_splice,
     "agreement": check_agreement,
 }

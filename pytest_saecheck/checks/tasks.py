@@ -453,16 +453,20 @@ def assert_task_preserved(
         )
     model, sae, label, scaler = _model_and_sae(check)
     result = measure_task(model, sae, task, activation_scaler=scaler, batch_size=batch_size)
+    chance = chance_accuracy(task, int(model.cfg.d_vocab))
     del model, sae, check
     shown_level = level if level is not None else INTERVAL_LEVEL
     values = result.values()
     intervals = result.intervals(shown_level)
     failures = []
+    undefined = at_chance(values["accuracy_orig"], chance)
+    if undefined is not None:
+        failures.append(f"task {task.name!r}: accuracy_drop is undefined: {undefined}")
     for metric, bound, unit in (
         ("accuracy_drop", high, ""),
         ("logit_diff_drop", logit_high, " logits"),
     ):
-        if bound is None:
+        if bound is None or undefined is not None:
             continue
         gated = values[metric] if level is None else intervals.get(metric, (math.nan, math.nan))[1]
         what = metric if level is None else f"the upper bound of the {level:.0%} interval of {metric}"
@@ -486,9 +490,31 @@ def assert_task_preserved(
                 "max_value": high,
                 "max_logit_diff_drop": logit_high,
                 "gate": "point estimate" if level is None else "interval bound",
-                "task": record,
+                "task": {**record, "chance_accuracy": chance, "undefined": undefined},
             },
         )
+    )
+
+
+def chance_accuracy(task: Task, d_vocab: int) -> float:
+    """The accuracy of guessing: the mean over prompts of 1 / (1 + number of wrong candidates) for multiple
+    choice, 1 / d_vocab for next-token prompts (every token a candidate)."""
+    if task.kind == MULTIPLE_CHOICE:
+        return sum(1.0 / (1 + len(item.wrong)) for item in task.items) / max(1, len(task.items))
+    return 1.0 / max(1, d_vocab)
+
+
+def at_chance(accuracy_orig: float, chance: float) -> str | None:
+    """Why a task gate is undefined (the original model does no better than guessing), or None.
+
+    A drop from a model that cannot do the task measures nothing about the SAE: accuracy 0 → 0 would pass any
+    gate. Undefined when the original model's accuracy is at or below the chance accuracy (or NaN).
+    """
+    if accuracy_orig > chance:
+        return None
+    return (
+        f"the original model does no better than chance on this task (accuracy {messages.fmt(accuracy_orig)}, "
+        f"chance {messages.fmt(chance)}), so a drop measures nothing about the SAE; use a task the model can do"
     )
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_saecheck import messages, records
-from pytest_saecheck.errors import ConfigError, SAECheckError
+from pytest_saecheck.errors import ConfigError, LoadError, SAECheckError
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,7 @@ class Subject:
     seq_len: int | None
     exclude_bos: bool | None
     subject: dict[str, Any]
+    dictionary: dict[str, Any] = field(default_factory=dict)
 
     def tokens_line(self) -> str:
         return messages.tokens_line(self.n_tokens, self.n_sequences, self.seq_len, self.exclude_bos)
@@ -158,6 +159,7 @@ def subject_of(check: Any) -> tuple[Any, Subject]:
             f"got {type(check).__name__}"
         )
     subject = check.subject() if hasattr(check, "subject") else {}
+    _refuse_contradicted_sparsity(evaluation, subject.get("label"))
     policy = getattr(evaluation, "token_policy", None)
     facts = Subject(
         label=subject.get("label") or f"SAE at {getattr(evaluation, 'hook_name', '?')}",
@@ -168,8 +170,26 @@ def subject_of(check: Any) -> tuple[Any, Subject]:
         seq_len=getattr(evaluation, "seq_len", None),
         exclude_bos=getattr(policy, "exclude_bos", None),
         subject=subject,
+        dictionary=dict(getattr(evaluation, "dictionary", None) or {}),
     )
     return evaluation, facts
+
+
+def _refuse_contradicted_sparsity(evaluation: Any, label: str | None) -> None:
+    """Raise :class:`LoadError` when the measured L0 contradicts the ``k`` the dictionary records (a loader or
+    saving fault: :func:`~pytest_saecheck.loading.validate.check_sparsity`), so that no gate judges it."""
+    from pytest_saecheck.loading.validate import check_sparsity
+
+    l0 = getattr(evaluation, "metrics", {}).get("l0")
+    dictionary = getattr(evaluation, "dictionary", None)
+    if l0 is None or not isinstance(dictionary, Mapping):
+        return
+    problem = check_sparsity(dictionary, float(l0))
+    if problem is not None:
+        raise LoadError(
+            f"{label or 'the dictionary'} at {dictionary.get('hook_name')}: {problem}. It is refused rather than "
+            "scored: its metrics would describe a different SAE from the one that was trained"
+        )
 
 
 def interval_of(evaluation: Any, metric: str, level: float) -> tuple[float, float] | None:

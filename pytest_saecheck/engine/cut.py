@@ -256,7 +256,8 @@ class HookedTransformerCut:
     # --- where ----------------------------------------------------------------------------------------
 
     def site(self, name: Any, head_index: int | None) -> HookSite:
-        return resolve_hook(str(name), head_index, self.n_layers, list(self.model.hook_dict))
+        n_heads = getattr(self.model.cfg, "n_heads", None)
+        return resolve_hook(str(name), head_index, self.n_layers, list(self.model.hook_dict), n_heads)
 
     def residual_site(self, entry: int) -> HookSite:
         name = (

@@ -88,8 +88,8 @@ class Member:
                     )
                 ) from None
         self._check_order()
-        self.given = given
-        self.normalisation = given or norm.NONE
+        self.given = given or norm.attached_normalisation(sae)  # evaluate()'s option, else the checkpoint's
+        self.normalisation = self.given or norm.NONE
         self.sae_device = torch.device(getattr(sae, "device", None) or cut.device)
         self._check_weights()
         self.plan = AblationPlan(False, (Variant.SAE,))

@@ -14,7 +14,8 @@ Torch and the model libraries are imported inside functions only.
 
 The package's modules, one job each: :mod:`.specs` (spec parsing and the defaults an SAE implies),
 :mod:`.offline` (is the hub reachable), :mod:`.resolve` (hooks first, then built-ins), :mod:`.models`,
-:mod:`.saes` and :mod:`.tokens` (the built-in loaders and file readers).
+:mod:`.saes` and :mod:`.tokens` (the built-in loaders and file readers), :mod:`.validate` (what an artefact
+says, checked before it is believed).
 """
 
 from __future__ import annotations
@@ -80,8 +81,17 @@ from pytest_saecheck.loading.tokens import (
     n_sequences_for,
     pack_documents,
 )
+from pytest_saecheck.loading.validate import (
+    ARTEFACT_MODEL_KWARGS,
+    KNOWN_LOADER_BUGS,
+    artefact_model_kwargs,
+    check_loaded,
+    check_sparsity,
+    validate_sae_config,
+)
 
 __all__ = [
+    "ARTEFACT_MODEL_KWARGS",
     "DEFAULT_CONTEXT_SIZE",
     "DEMO",
     "DEMO_LOADER",
@@ -89,6 +99,7 @@ __all__ = [
     "DICTIONARY_LEARNING_WEIGHTS",
     "HF_DIRECTORY_LOADER",
     "HOOK_LOADER",
+    "KNOWN_LOADER_BUGS",
     "PROCESSING_FLAGS",
     "SPARSIFY_WEIGHTS",
     "SUMMED_DECODER_CONVERTERS",
@@ -97,11 +108,14 @@ __all__ = [
     "TOKEN_COLUMNS",
     "ModelLoad",
     "absolute_path",
+    "artefact_model_kwargs",
     "as_token_tensor",
     "builtin_load_model",
     "builtin_load_model_recorded",
     "builtin_load_sae",
     "builtin_load_tokens",
+    "check_loaded",
+    "check_sparsity",
     "default_context_size",
     "default_model_spec",
     "default_token_source",
@@ -133,4 +147,5 @@ __all__ = [
     "safe_keys",
     "split_release",
     "usable_tokenizer",
+    "validate_sae_config",
 ]

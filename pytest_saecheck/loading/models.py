@@ -20,6 +20,7 @@ from pytest_saecheck.errors import (
 from pytest_saecheck.loading.offline import is_unavailable_error, offline_state, quiet_deprecations
 from pytest_saecheck.loading.resolve import hooks_then_builtin
 from pytest_saecheck.loading.specs import DEMO, absolute_path, local_path, looks_like_path
+from pytest_saecheck.loading.validate import PROCESSING_FLAGS
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -27,15 +28,6 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------------------------
 # models
 
-# TransformerLens' weight processing switches; ``from_pretrained`` turns all but the last on, SAE Lens trains and
-# evaluates with every one off (``from_pretrained_no_processing``) unless the SAE's kwargs say otherwise.
-PROCESSING_FLAGS = (
-    "fold_ln",
-    "center_writing_weights",
-    "center_unembed",
-    "fold_value_biases",
-    "refactor_factored_attn_matrices",
-)
 TL_LOADER = "HookedTransformer.from_pretrained_no_processing"
 HF_DIRECTORY_LOADER = "pytest_saecheck.loading.load_hf_directory"
 HF_LOADER = "AutoModelForCausalLM.from_pretrained"
@@ -316,7 +308,10 @@ def load_transformer_lens_model(name: str, device: str, kwargs: Mapping[str, Any
                 f"HookedTransformer.from_pretrained('{name}')\" and run with the same HF_HOME, or save it with "
                 f"save_pretrained() and set model= to that directory"
             ) from None
-        raise
+        raise LoadError(
+            f"TransformerLens could not load the model {name!r} (kwargs {sorted(kwargs)}): "
+            f"{type(error).__name__}: {error}"
+        ) from None
 
 
 # Keyword arguments HookedTransformer.from_pretrained hands to the model's constructor, and those it hands to the
@@ -439,6 +434,11 @@ def _config_transformer_lens_reads(path: Path, hf_config: Any) -> Iterator[Path]
         yield copy
 
 
+_TOKENIZER_FILES = frozenset(
+    {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt"}
+)
+
+
 def _directory_tokenizer(path: Path) -> Any:
     """The tokenizer saved in ``path``, or None (with a warning) when there is none or it is empty.
 
@@ -448,7 +448,13 @@ def _directory_tokenizer(path: Path) -> Any:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception:
+    except Exception as error:
+        saved = sorted(p.name for p in path.iterdir() if p.name in _TOKENIZER_FILES)
+        if saved:  # the directory holds a tokenizer that does not load: say so, do not drop it silently
+            raise LoadError(
+                f"the tokenizer saved in {str(path)!r} ({', '.join(saved)}) could not be loaded: "
+                f"{type(error).__name__}: {error}; save it again with tokenizer.save_pretrained(dir)"
+            ) from None
         tokenizer = None
     if tokenizer is not None and not _tokenizer_has_vocabulary(tokenizer):
         tokenizer = None

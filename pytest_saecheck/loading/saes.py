@@ -28,6 +28,14 @@ from pytest_saecheck.loading.specs import (
     looks_like_path,
     split_release,
 )
+from pytest_saecheck.loading.validate import (
+    check_loaded,
+    installed_sae_lens,
+    known_bugs,
+    refuse_unverifiable,
+    validate_sae_config,
+)
+from pytest_saecheck.normalisation import attach_activation_scaler
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -95,6 +103,7 @@ def builtin_load_sae(spec: str, device: str, dtype: str | None, hook_name: str |
 
 
 SPARSIFY_WEIGHTS = "sae.safetensors"
+SAE_LENS_WEIGHTS = "sae_weights.safetensors"
 DICTIONARY_LEARNING_WEIGHTS = "ae.pt"
 # sparsify layer folders SAE Lens' sparsify converter maps to a TransformerLens hook (it also matches
 # "layers.3.mlp", which it would wrongly read as the residual stream, so only whole names count here)
@@ -146,14 +155,22 @@ def load_sae_directory(path: Path, device: str, dtype: str | None, hook_name: st
             f"SAE path {str(path)!r} is not an SAE Lens directory (no cfg.json in {path.resolve()}); save one with "
             "sae.save_model(dir)"
         )
+    cfg_file = path / "cfg.json"
+    validate_sae_config(_read_json(cfg_file), str(cfg_file))
     from sae_lens import SAE
 
     try:
-        return SAE.load_from_disk(path, device=device, dtype=dtype, converter=_sae_lens_disk_converter)
+        sae = SAE.load_from_disk(path, device=device, dtype=dtype, converter=_sae_lens_disk_converter)
     except SAECheckError:
         raise
     except Exception as error:
-        raise LoadError(f"could not load the SAE in {str(path)!r}: {type(error).__name__}: {error}") from None
+        raise LoadError(
+            f"could not load the SAE in {str(path)!r} with SAE Lens {installed_sae_lens()}: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+    check_loaded(sae, f"the SAE in {str(path)!r}", path / SAE_LENS_WEIGHTS)
+    attach_activation_scaler(sae, path)
+    return sae
 
 
 def _sae_lens_disk_converter(
@@ -244,13 +261,16 @@ def load_sparsify_directory(path: Path, device: str, dtype: str | None, hook_nam
         return cfg_dict, state_dict
 
     try:
-        return SAE.load_from_disk(path, device=device, dtype=dtype or "float32", converter=converter)
+        sae = SAE.load_from_disk(path, device=device, dtype=dtype or "float32", converter=converter)
     except SAECheckError:
         raise
     except Exception as error:
         raise LoadError(
-            f"{what}, and SAE Lens' sparsify converter failed on it: {type(error).__name__}: {error}"
+            f"{what}, and SAE Lens' sparsify converter failed on it (SAE Lens {installed_sae_lens()}): "
+            f"{type(error).__name__}: {error}"
         ) from None
+    check_loaded(sae, f"the sparsify SAE in {str(path)!r}")
+    return sae
 
 
 @contextlib.contextmanager
@@ -327,9 +347,13 @@ def load_sae_release(release: str, sae_id: str, device: str, dtype: str | None) 
             f"{release!r} is not an SAE Lens release (nor a local directory: looked for {absolute_path(spec)})."
             f"{hint} See sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory() for the list"
         )
+    where = f"SAE Lens release {release!r}, id {sae_id!r}"
+    require_safe_torch_load(where)
     try:
         with quiet_deprecations():
-            return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype or "float32")
+            sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype or "float32")
+    except SAECheckError:
+        raise
     except Exception as error:
         if is_unavailable_error(error):
             raise WeightsUnavailableError(
@@ -339,4 +363,34 @@ def load_sae_release(release: str, sae_id: str, device: str, dtype: str | None) 
                 f"(or: hf download {repo_id} --include '{folder}/*') and run with the same HF_HOME, or save it "
                 "with sae.save_model(dir) and set sae= to that directory"
             ) from None
-        raise
+        loader = f"{getattr(directory.get(release), 'conversion_func', '') or ''} {sae_id}"
+        bugs = known_bugs(cfg={}, loader=loader)
+        raise LoadError(
+            f"could not load {where} (Hugging Face repo {repo_id}, folder {folder}) with SAE Lens "
+            f"{installed_sae_lens()}: {type(error).__name__}: {error}"
+            + (f". {' '.join(bugs)}" if bugs else "")
+        ) from None
+    to_dict = getattr(sae.cfg, "to_dict", None)
+    if callable(to_dict):
+        validate_sae_config(to_dict(), where)
+    check_loaded(sae, where)
+    refuse_unverifiable(sae, where)
+    return sae
+
+
+TORCH_SAFE_LOAD = (2, 6)
+"""The first torch whose ``torch.load`` defaults to ``weights_only=True``. SAE Lens' hub loaders call
+``torch.load`` without ``weights_only``; on an older torch a pickled checkpoint from the hub could run code."""
+
+
+def require_safe_torch_load(where: str) -> None:
+    """Refuse an SAE Lens release on a torch older than :data:`TORCH_SAFE_LOAD` (raises :class:`LoadError`)."""
+    import torch
+
+    version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    if version < TORCH_SAFE_LOAD:
+        raise LoadError(
+            f"{where} is loaded by SAE Lens' hub loaders, which call torch.load without weights_only; torch "
+            f"{torch.__version__} would unpickle the checkpoint (which can run code). Upgrade torch to "
+            f"{'.'.join(map(str, TORCH_SAFE_LOAD))} or later (its default is weights_only=True)"
+        )

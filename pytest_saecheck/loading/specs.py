@@ -7,6 +7,7 @@ A spec is what users type: ``"demo"``, ``"demo/<name>"``, a local path, a Transf
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,7 @@ from pytest_saecheck.defaults import DEFAULT_CONTEXT_SIZE
 from pytest_saecheck.demo import (
     NAME as DEMO_MODEL_NAME,  # model_name and dataset_path in the demo SAEs' configs
 )
-from pytest_saecheck.errors import (
-    ConfigError,
-)
+from pytest_saecheck.errors import ConfigError, SAECheckWarning
 from pytest_saecheck.loading.chat import CHAT_PREFIX, default_is_chat
 
 DEMO = "demo"
@@ -93,7 +92,18 @@ def default_model_spec(sae_spec: str, sae: Any) -> str:
             f"no model is configured and the SAE {sae_spec!r} does not name its model; "
             'set @pytest.mark.saecheck(model="...") or --saecheck-model'
         )
-    return str(name)
+    if not isinstance(name, str):
+        raise ConfigError(
+            f"the SAE {sae_spec!r} names its model with {name!r}; metadata.model_name must be a string"
+        )
+    if local_path(name) is not None:  # a path chosen by the artefact, not by the test: say so
+        warnings.warn(
+            f"the model is {absolute_path(name)!r}, a local directory chosen by the SAE {sae_spec!r} "
+            "(its metadata.model_name), not by the test; set model= to choose the model yourself",
+            SAECheckWarning,
+            stacklevel=2,
+        )
+    return name
 
 
 def default_token_source(sae_spec: str | None, sae: Any) -> str:
@@ -130,5 +140,12 @@ def default_context_size(context_size: int | None, sae: Any) -> int:
 
 
 def prepend_bos(sae: Any) -> bool:
+    """The SAE's ``prepend_bos`` (default true). Raises :class:`ConfigError` for a value that is not a boolean
+    (a string ``"false"`` would otherwise read as true)."""
     value = sae_metadata(sae, "prepend_bos")
-    return True if value is None else bool(value)
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(
+            f"the SAE config's metadata.prepend_bos must be true or false (a boolean), got "
+            f"{type(value).__name__} {value!r}"
+        )
+    return True if value is None else value

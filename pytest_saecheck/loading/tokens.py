@@ -14,6 +14,7 @@ from pytest_saecheck.defaults import DEFAULT_N_TOKENS
 from pytest_saecheck.errors import (
     ConfigError,
     LoadError,
+    SAECheckError,
     ShapeMismatchError,
     WeightsUnavailableError,
 )
@@ -67,6 +68,8 @@ def load_tokens(
     warning, when the source runs out). Raises :class:`LoadError` (missing, unreadable or malformed source,
     text without a tokenizer), :class:`ShapeMismatchError`, :class:`WeightsUnavailableError`.
     """
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
+        raise ConfigError(f"n_tokens must be a positive integer (tokens to evaluate), got {n_tokens!r}")
     source = (
         "context_size"
         if context_size is not None
@@ -288,7 +291,44 @@ def _dataset_unavailable(name: str, split: str, error: BaseException) -> Weights
 
 
 def local_documents(path: Path) -> Iterator[Any]:
-    """Documents (strings or token-id sequences) from a local file or ``save_to_disk`` directory."""
+    """Documents (strings or token-id sequences) from a local file or ``save_to_disk`` directory.
+
+    Raises :class:`LoadError` naming the file for every read error (not text, not an array, an array of Python
+    objects, which is never unpickled), while opening it or while reading its rows.
+    """
+    try:
+        documents = _local_documents(path)
+    except SAECheckError:
+        raise
+    except (OSError, ValueError, TypeError, RuntimeError, EOFError) as error:
+        raise _unreadable(path, error) from None
+    return _reading(documents, path)
+
+
+def _unreadable(path: Path, error: BaseException) -> LoadError:
+    suffix = path.suffix.lower()
+    if suffix == ".npy" and ("pickle" in str(error) or "allow_pickle" in str(error)):
+        why = (
+            "it is not a .npy file of integer token ids (an array of Python objects or another file type); "
+            "such files are never unpickled: save the ids with np.save(path, ids.astype(np.int64))"
+        )
+    elif isinstance(error, UnicodeDecodeError):
+        why = f"it is not UTF-8 text ({error.reason} at byte {error.start})"
+    else:
+        why = f"{type(error).__name__}: {error}"
+    return LoadError(f"could not read tokens from {str(path)!r}: {why}")
+
+
+def _reading(documents: Iterator[Any], path: Path) -> Iterator[Any]:
+    try:
+        yield from documents
+    except SAECheckError:
+        raise
+    except (OSError, ValueError, TypeError, RuntimeError) as error:
+        raise _unreadable(path, error) from None
+
+
+def _local_documents(path: Path) -> Iterator[Any]:
     suffix = path.suffix.lower()
     if path.is_dir():
         return _saved_dataset_rows(path)

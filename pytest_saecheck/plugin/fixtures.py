@@ -120,7 +120,7 @@ def resolve_specs(
     kwargs = settings.model_from_pretrained_kwargs
     if kwargs is None:
         from_sae = loading.sae_metadata(sae, "model_from_pretrained_kwargs") if sae is not None else None
-        kwargs = FrozenKwargs(from_sae or {})
+        kwargs = FrozenKwargs(loading.artefact_model_kwargs(from_sae, f"the SAE {first!r}"))
     return ResolvedSpecs(
         model=model,
         tokens=tokens,
