@@ -137,10 +137,10 @@ def describe(sae: Any) -> DictionaryInfo:
     """Read how ``sae`` is spliced from its class and config.
 
     Raises :class:`ConfigError` when the config names no hook or (an SAE Lens config) breaks a type or range
-    (:func:`~pytest_saecheck.loading.validate.validate_sae_config`), :class:`UnsupportedDictionaryError` for a
+    (:func:`~pytest_saecheck.validate.validate_sae_config`), :class:`UnsupportedDictionaryError` for a
     dictionary that cannot be spliced faithfully.
     """
-    from pytest_saecheck.loading.validate import recorded_k, validate_sae_config
+    from pytest_saecheck.validate import recorded_k, validate_sae_config
 
     cfg = getattr(sae, "cfg", None)
     if (

@@ -177,8 +177,8 @@ def subject_of(check: Any) -> tuple[Any, Subject]:
 
 def _refuse_contradicted_sparsity(evaluation: Any, label: str | None) -> None:
     """Raise :class:`LoadError` when the measured L0 contradicts the ``k`` the dictionary records (a loader or
-    saving fault: :func:`~pytest_saecheck.loading.validate.check_sparsity`), so that no gate judges it."""
-    from pytest_saecheck.loading.validate import check_sparsity
+    saving fault: :func:`~pytest_saecheck.validate.check_sparsity`), so that no gate judges it."""
+    from pytest_saecheck.validate import check_sparsity
 
     l0 = getattr(evaluation, "metrics", {}).get("l0")
     dictionary = getattr(evaluation, "dictionary", None)

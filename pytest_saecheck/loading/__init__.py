@@ -81,7 +81,7 @@ from pytest_saecheck.loading.tokens import (
     n_sequences_for,
     pack_documents,
 )
-from pytest_saecheck.loading.validate import (
+from pytest_saecheck.validate import (
     ARTEFACT_MODEL_KWARGS,
     KNOWN_LOADER_BUGS,
     artefact_model_kwargs,

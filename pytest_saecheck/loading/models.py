@@ -20,7 +20,7 @@ from pytest_saecheck.errors import (
 from pytest_saecheck.loading.offline import is_unavailable_error, offline_state, quiet_deprecations
 from pytest_saecheck.loading.resolve import hooks_then_builtin
 from pytest_saecheck.loading.specs import DEMO, absolute_path, local_path, looks_like_path
-from pytest_saecheck.loading.validate import PROCESSING_FLAGS
+from pytest_saecheck.validate import PROCESSING_FLAGS
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer

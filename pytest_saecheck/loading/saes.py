@@ -28,14 +28,14 @@ from pytest_saecheck.loading.specs import (
     looks_like_path,
     split_release,
 )
-from pytest_saecheck.loading.validate import (
+from pytest_saecheck.normalisation import attach_activation_scaler
+from pytest_saecheck.validate import (
     check_loaded,
     installed_sae_lens,
     known_bugs,
     refuse_unverifiable,
     validate_sae_config,
 )
-from pytest_saecheck.normalisation import attach_activation_scaler
 
 if TYPE_CHECKING:
     from sae_lens import SAE
