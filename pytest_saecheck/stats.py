@@ -11,6 +11,8 @@ from pytest_saecheck.errors import ConfigError
 
 DEFAULT_RESAMPLES = 2000
 
+_WEIGHTS_BYTES = 8 * 1024 * 1024
+"""Bound of the bootstrap's resampling weights in memory (at most 250 resamples at a time)."""
 _CHUNK = 250  # resamples per matrix product: bounds memory for the [resamples, sequences] weight matrix
 
 
@@ -55,8 +57,11 @@ def bootstrap_intervals(
     rng = np.random.default_rng(seed)
     values: dict[str, list[np.ndarray]] = {}
     uniform = np.full(n_sequences, 1.0 / n_sequences)
-    for start in range(0, n_resamples, _CHUNK):
-        size = min(_CHUNK, n_resamples - start)
+    # The [resamples, sequences] weights (int64 draws and their float64 copy, 16 bytes each) stay within
+    # _WEIGHTS_BYTES however many sequences: chunking the draws gives the same stream of resamples.
+    chunk = max(1, min(_CHUNK, _WEIGHTS_BYTES // (16 * n_sequences)))
+    for start in range(0, n_resamples, chunk):
+        size = min(chunk, n_resamples - start)
         weights = rng.multinomial(n_sequences, uniform, size=size).astype(np.float64)
         summed = {key: np.tensordot(weights, array, axes=(1, 0)) for key, array in per_sequence.items()}
         for name, value in statistics(summed).items():

@@ -1,10 +1,17 @@
 """Streaming: the peak memory of an evaluation does not grow with the number of tokens.
 
-RSS is too noisy on a shared 2-core machine (allocator arenas, other processes), so this counts the bytes of
-live tensor storages created during the evaluation, exactly, with a dispatch mode that sees every op.
+Most tests count the bytes of live tensor storages created during the evaluation, exactly, with a dispatch mode
+that sees every op; the last one measures the process's peak resident memory in fresh subprocesses, which also
+sees numpy arrays, Python objects and the allocator.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +19,6 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from pytest_saecheck import evaluate
 
@@ -45,6 +51,20 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+MEMORY_SCALE = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_scale.py"
+
+
+def _memory_scale():
+    """``benchmarks/memory_scale.py``, which holds the tiny model's shape."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_scale", MEMORY_SCALE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 RESIDUAL_HOOKS = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post")
 
 
@@ -58,22 +78,7 @@ def peak_bytes(
 ) -> int:
     """Peak live tensor bytes of one evaluation; ``n_saes`` evaluates a set of that many SAEs (one per hook, or
     cycling through ``hooks``); ``same_first_token``: every sequence starts with token 1 (a BOS)."""
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_ctx=32,
-        d_head=8,
-        n_heads=4,
-        d_mlp=128,
-        d_vocab=2000,
-        act_fn="gelu",
-        normalization_type="LN",
-    )
-    model = HookedTransformer(cfg).eval()
-    sae_cfg = StandardSAEConfig(d_in=32, d_sae=128)
-    sae_cfg.metadata.hook_name = "blocks.1.hook_resid_pre"
-    sae = StandardSAE(sae_cfg)
+    model, sae = _memory_scale().random_model_and_sae(*_memory_scale().RANDOM_SUBJECTS["tiny"])
     subject: object = sae
     if n_saes is not None:
         if hooks is None:
@@ -170,3 +175,30 @@ def test_a_template_the_same_at_every_position_is_held_as_one_row():
     sixteen = peak_bytes(16, n_saes=16, hooks=RESIDUAL_HOOKS, exclude_bos=False)
     assert sixteen - one < 15 * PER_SAE_SUMS, (one, sixteen)
     assert 15 * TEMPLATE > 2 * 15 * PER_SAE_SUMS  # the bound would catch templates of every position
+
+
+def _process_peak(n_tokens: int) -> dict[str, float]:
+    """One evaluation in a fresh process (``benchmarks/memory_scale.py --one tiny``): its peak RSS."""
+    done = subprocess.run(
+        [sys.executable, str(MEMORY_SCALE), "--one", "tiny", str(n_tokens), "--batch-size", "16"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_process_peak_grows_only_by_the_documented_per_sequence_sums() -> None:
+    """The process's peak resident memory (not only live tensors): 16x the tokens adds at most the per-sequence
+    sums (``accumulate.per_sequence_bytes``: 1.3 KB per sequence here) and 24 MiB of allocator noise. Before the
+    sums were held in one array per name (and the bootstrap's weights bounded), the process grew by about
+    1.9 kB per token beyond ~131k tokens (issue 26): 58 MiB for these 30k more tokens."""
+    from pytest_saecheck.engine.accumulate import per_sequence_bytes
+
+    small, large = _process_peak(2048), _process_peak(32768)
+    grown_mib = (large["peak_mib"] - large["peak_before_mib"]) - (
+        small["peak_mib"] - small["peak_before_mib"]
+    )
+    allowed = per_sequence_bytes(32, 32) * (large["n_sequences"] - small["n_sequences"]) / 2**20 + 24
+    assert grown_mib < allowed, (small, large)

@@ -302,15 +302,25 @@ def test_pretokenised_npy_and_pt_files(tmp_path: Path) -> None:
 
 def test_token_source_shorter_than_asked_warns_and_too_short_errors(tmp_path: Path) -> None:
     model, sae = make_tiny_model(), make_identity_sae()
-    np.save(tmp_path / "few.npy", make_token_ids(n_sequences=2, seq_len=16))
-    with pytest.warns(UserWarning, match="ran out after 2 sequences"):
+    # 2 rows of 15 tokens: within the size bound of 2 sequences of 16, but they pack into one.
+    np.save(tmp_path / "few.npy", make_token_ids(n_sequences=2, seq_len=15))
+    with pytest.warns(UserWarning, match="ran out after 1 sequences"):
         tokens = loading.load_tokens(
-            str(tmp_path / "few.npy"), model, sae, n_tokens=160, context_size=16, seed=0
+            str(tmp_path / "few.npy"), model, sae, n_tokens=32, context_size=16, seed=0
         )
-    assert tokens.shape == (2, 16)
+    assert tokens.shape == (1, 16)
     np.save(tmp_path / "tiny.npy", np.arange(1, 5))
-    with pytest.raises(LoadError, match="fewer than 16 tokens"):
+    with pytest.raises(
+        ConfigError, match=r"n_tokens=16 asks for 16 tokens but token source .*tiny.npy.* at most 6"
+    ):
         loading.load_tokens(str(tmp_path / "tiny.npy"), model, sae, n_tokens=16, context_size=16, seed=0)
+    np.save(
+        tmp_path / "short_rows.npy", np.arange(1, 13).reshape(4, 3)
+    )  # 12 ids + separators: not 16 in a row
+    with pytest.raises(LoadError, match="fewer than 16 tokens"):
+        loading.load_tokens(
+            str(tmp_path / "short_rows.npy"), model, sae, n_tokens=16, context_size=16, seed=0
+        )
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ from pytest_saecheck.demo.language import (
     generate_corpus,
     generate_document,
     iter_documents,
+    iter_sequences,
     make_sequences,
 )
 from pytest_saecheck.errors import ConfigError, LoadError
@@ -203,8 +204,16 @@ def load_tokens(
         raise ConfigError(
             f"seq_len must be an integer in [2, {n_ctx}] (the demo model's n_ctx), got {seq_len!r}"
         )
-    ids, _ = make_sequences(n_sequences, seq_len, seed=seed, split=HELDOUT_SPLIT)
-    return torch.tensor(ids, dtype=torch.long, device=_default_device(device))
+    from pytest_saecheck.loading.progress import loading_bar
+
+    # Row by row into one tensor: no Python list of every token (8 bytes per token, not about 40).
+    out = torch.empty((n_sequences, seq_len), dtype=torch.long)
+    rows = iter_sequences(seq_len, seed=seed, split=HELDOUT_SPLIT, latents=False)
+    with loading_bar(n_sequences * seq_len, "demo tokens") as bar:
+        for index, (ids, _) in zip(range(n_sequences), rows, strict=False):
+            out[index] = torch.tensor(ids, dtype=torch.long)
+            bar.update(seq_len)
+    return out.to(_default_device(device))
 
 
 def load_tokens_with_latents(

@@ -32,6 +32,7 @@ seeds are hashed by SHA-512 inside :mod:`random`, so they do not depend on ``PYT
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -275,6 +276,34 @@ def generate_corpus(n_documents: int, seed: int = 0, split: str = "train") -> li
     return [next(docs) for _ in range(n_documents)]
 
 
+def iter_sequences(
+    seq_len: int, seed: int = 0, split: str = "train", *, latents: bool = True
+) -> Iterator[tuple[list[int], dict[str, list[int]]]]:
+    """An endless stream of packed sequences ``(ids [seq_len], latents name -> [seq_len])`` (see
+    :func:`make_sequences` for the packing); ``latents=False`` yields empty latents and skips their work."""
+    if seq_len < 2:
+        from pytest_saecheck.errors import ConfigError
+
+        raise ConfigError(f"seq_len must be >= 2, got {seq_len}")
+    docs = iter_documents(seed, split)
+    while True:
+        ids = [BOS_ID]
+        lat: dict[str, list[int]] = (
+            {name: [-1 if name == "copy_src" else 0] for name in LATENTS} if latents else {}
+        )
+        while len(ids) < seq_len:
+            doc = next(docs)
+            offset = len(ids)
+            take = min(len(doc.tokens), seq_len - len(ids))
+            ids.extend(TOKEN_TO_ID[t] for t in doc.tokens[:take])
+            for name in lat:
+                vals = doc.latents[name][:take]
+                if name == "copy_src":
+                    vals = [v + offset if v >= 0 else -1 for v in vals]
+                lat[name].extend(vals)
+        yield ids, lat
+
+
 def make_sequences(
     n_sequences: int, seq_len: int, seed: int = 0, split: str = "train"
 ) -> tuple[list[list[int]], dict[str, list[list[int]]]]:
@@ -285,26 +314,9 @@ def make_sequences(
     of ``<bos>`` are 0 (``copy_src`` -1); ``copy_src`` is re-based to the position within the sequence (or -1 if
     the source was cut away, which cannot happen because sources precede their copies).
     """
-    if seq_len < 2:
-        from pytest_saecheck.errors import ConfigError
-
-        raise ConfigError(f"seq_len must be >= 2, got {seq_len}")
-    docs = iter_documents(seed, split)
     ids_out: list[list[int]] = []
     lat_out: dict[str, list[list[int]]] = {name: [] for name in LATENTS}
-    for _ in range(n_sequences):
-        ids = [BOS_ID]
-        lat = {name: [-1 if name == "copy_src" else 0] for name in LATENTS}
-        while len(ids) < seq_len:
-            doc = next(docs)
-            offset = len(ids)
-            take = min(len(doc.tokens), seq_len - len(ids))
-            ids.extend(TOKEN_TO_ID[t] for t in doc.tokens[:take])
-            for name in LATENTS:
-                vals = doc.latents[name][:take]
-                if name == "copy_src":
-                    vals = [v + offset if v >= 0 else -1 for v in vals]
-                lat[name].extend(vals)
+    for ids, lat in itertools.islice(iter_sequences(seq_len, seed, split), n_sequences):
         ids_out.append(ids)
         for name in LATENTS:
             lat_out[name].append(lat[name])
@@ -339,6 +351,7 @@ __all__ = [
     "generate_corpus",
     "generate_document",
     "iter_documents",
+    "iter_sequences",
     "make_sequences",
     "unigram_entropy",
 ]

@@ -7,7 +7,7 @@ sequences) and every bootstrap replicate (sums over resampled sequences) come fr
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -38,10 +38,12 @@ class Accumulator:
         context: int | None = None,
         covariance_width: int | None = None,
         n_groups: int = 0,
+        n_sequences: int | None = None,
     ) -> None:
         """``context``: the SAE's training context size (sums split at it); ``covariance_width``: accumulate the
         d×d second moment of the written activation (for the participation ratio) when given; ``n_groups``: also
-        sum per token group (``engine.grouping``) when the batch's labels are given."""
+        sum per token group (``engine.grouping``) when the batch's labels are given; ``n_sequences``: how many
+        sequences the pass holds (the per-sequence sums are allocated once; they grow by doubling without it)."""
         self.n_groups = n_groups
         self.context_given = context is not None
         self.context = context if context is not None and 0 < context < seq_len else None
@@ -50,8 +52,10 @@ class Accumulator:
             if covariance_width
             else None
         )
-        self.batches: list[dict[str, torch.Tensor]] = []
+        self.rows = SequenceSums(n_sequences)
         self.current: dict[str, torch.Tensor] = {}
+        self._centered_sum: torch.Tensor | None = None  # Σ (x − reference) over every kept position, float64
+        self._n_rec = 0.0
         self.firing = torch.zeros(d_sae, dtype=torch.float64, device=sae_device) if d_sae else None
         # CE exists for positions 0..S-2 (the prediction of the next token), KL for every position.
         lengths = {
@@ -204,60 +208,61 @@ class Accumulator:
         self.position[key] += values.to(self.position[key].device)
 
     def end_batch(self) -> None:
-        self.batches.append({key: value.detach().to("cpu") for key, value in self.current.items()})
+        if "sum_x_centered" in self.current:
+            total = self.current["sum_x_centered"].sum(0)
+            self._centered_sum = total if self._centered_sum is None else self._centered_sum + total
+            self._n_rec += float(self.current["n_rec"].sum())
+        self.rows.append({key: value.detach().to("cpu").numpy() for key, value in self.current.items()})
         self.current = {}
 
     def mean_activation(self) -> torch.Tensor:
         """The mean written activation over every kept position so far (float64, on the CPU)."""
-        assert self.reference is not None
-        centered = torch.stack([b["sum_x_centered"].sum(0) for b in self.batches]).sum(0)
-        count = sum(float(b["n_rec"].sum()) for b in self.batches)
-        return self.reference.to("cpu") + centered / count
+        assert self.reference is not None and self._centered_sum is not None
+        return (self.reference + self._centered_sum / self._n_rec).to("cpu")
 
     def add_template_ce(
-        self, name: str, template: torch.Tensor, tokens: torch.Tensor, predicted_all: torch.Tensor
+        self,
+        name: str,
+        template: torch.Tensor,
+        tokens: torch.Tensor,
+        predicted_all: torch.Tensor,
+        batch_size: int,
     ) -> None:
-        """CE sums of a token-independent continuation ``template`` ``[seq_len, vocab]`` log-probs, afterwards."""
-        row = 0
-        for batch_sums in self.batches:
-            n = batch_sums["n_ce"].shape[0]
-            batch, predicted = tokens[row : row + n], predicted_all[row : row + n]
-            ce = token_ce(template.unsqueeze(0).expand(n, -1, -1), batch)
-            batch_sums[f"ce_sum_{name}"] = masked(ce, predicted.to(ce.device)).sum(1).to("cpu")
-            row += n
+        """CE sums of a token-independent continuation ``template`` ``[seq_len, vocab]`` log-probs, afterwards,
+        ``batch_size`` sequences at a time."""
+        values = np.empty(len(self.rows), dtype=np.float64)
+        for row in range(0, len(self.rows), batch_size):
+            batch, predicted = tokens[row : row + batch_size], predicted_all[row : row + batch_size]
+            ce = token_ce(template.unsqueeze(0).expand(batch.shape[0], -1, -1), batch)
+            values[row : row + batch.shape[0]] = masked(ce, predicted.to(ce.device)).sum(1).cpu().numpy()
+        self.rows.set(f"ce_sum_{name}", values)
 
     def per_sequence(self) -> dict[str, np.ndarray]:
-        keys = [key for key in self.batches[0] if not key.startswith((GROUP_PREFIX, POSITION_PREFIX))]
-        return {key: torch.cat([b[key] for b in self.batches]).numpy() for key in keys}
+        """The per-sequence sums ``name → [n_sequences, ...]`` float64 (views, not copies)."""
+        return self.rows.arrays(lambda key: not key.startswith((GROUP_PREFIX, POSITION_PREFIX)))
 
     def position_per_sequence(self) -> dict[str, np.ndarray]:
         """Per-sequence CE sums at each position ``[n_sequences, seq_len - 1]`` (keys without the prefix)."""
-        keys = [key for key in self.batches[0] if key.startswith(POSITION_PREFIX)]
-        return {
-            key[len(POSITION_PREFIX) :]: torch.cat([b[key] for b in self.batches]).numpy() for key in keys
-        }
+        found = self.rows.arrays(lambda key: key.startswith(POSITION_PREFIX))
+        return {key[len(POSITION_PREFIX) :]: value for key, value in found.items()}
 
     def group_per_sequence(self) -> dict[str, np.ndarray]:
         """The per-sequence, per-group sums ``[n_sequences, n_groups, ...]`` (keys with ``GROUP_PREFIX``)."""
-        keys = [key for key in self.batches[0] if key.startswith(GROUP_PREFIX)]
-        return {key: torch.cat([b[key] for b in self.batches]).numpy() for key in keys}
+        return self.rows.arrays(lambda key: key.startswith(GROUP_PREFIX))
 
     def participation_ratios(self) -> tuple[float, float] | None:
         """Raw and deflated participation ratios of the written activation's centred covariance, or None."""
-        if self.second_moment is None or self.reference is None:
+        if self.second_moment is None or self.reference is None or self._centered_sum is None:
             return None
         from pytest_saecheck.metrics import participation_ratios
 
-        centered_sum = torch.stack([b["sum_x_centered"].sum(0) for b in self.batches]).sum(0)
-        count = sum(float(b["n_rec"].sum()) for b in self.batches)
-        mean_offset = (centered_sum / count).to(self.second_moment.device)
-        covariance = self.second_moment / count - torch.outer(mean_offset, mean_offset)
+        mean_offset = (self._centered_sum / self._n_rec).to(self.second_moment.device)
+        covariance = self.second_moment / self._n_rec - torch.outer(mean_offset, mean_offset)
         return participation_ratios(covariance.cpu().numpy())
 
     def latent_density(self) -> np.ndarray:
-        n_rec = sum(float(b["n_rec"].sum()) for b in self.batches)
         assert self.firing is not None
-        return (self.firing / n_rec).to("cpu").numpy()
+        return (self.firing / self._n_rec).to("cpu").numpy()
 
     def position_curves(self) -> tuple[list[float | None], list[float | None]]:
         pos = {key: value.to("cpu").numpy() for key, value in self.position.items()}
@@ -266,6 +271,65 @@ class Accumulator:
             kl = pos["kl_sae"] / pos["n_kl"]
         # Positions with no evaluated token (the excluded BOS, the last position for CE) have no value: None.
         return finite_list(delta), finite_list(kl)
+
+
+class SequenceSums:
+    """Per-sequence float64 sums, one row per sequence, in one array per name (allocated once when the number
+    of sequences is known, else grown by doubling).
+
+    This is the only state of an evaluation that grows with the tokens: per sequence, 8 bytes for each scalar
+    sum (about 30), for each of the ``d_out`` entries of ``sum_x_centered`` (the bootstrap of explained variance
+    needs each sequence's sum of ``x − x̄``) and for each of the ``3 (seq_len − 1)`` per-position CE sums (the
+    per-position curve's interval band): :func:`per_sequence_bytes`.
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
+        self.count = 0
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, batch: Mapping[str, np.ndarray]) -> None:
+        n = next(iter(batch.values())).shape[0] if batch else 0
+        if self.count + n > self._allocated:
+            self._grow(self.count + n)
+        for key, value in batch.items():
+            if key not in self._arrays:
+                self._arrays[key] = np.zeros((self._allocated, *value.shape[1:]), dtype=np.float64)
+            self._arrays[key][self.count : self.count + n] = value
+        self.count += n
+
+    def set(self, key: str, values: np.ndarray) -> None:
+        """Add (or replace) the whole column ``key`` ``[count, ...]``."""
+        column = np.zeros((self._allocated, *values.shape[1:]), dtype=np.float64)
+        column[: self.count] = values
+        self._arrays[key] = column
+
+    def arrays(self, keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
+        return {key: value[: self.count] for key, value in self._arrays.items() if keep(key)}
+
+    @property
+    def _allocated(self) -> int:
+        return len(next(iter(self._arrays.values()))) if self._arrays else (self.capacity or 0)
+
+    def _grow(self, needed: int) -> None:
+        size = max(needed, 2 * self._allocated, self.capacity or 0)
+        for key, value in self._arrays.items():
+            grown = np.zeros((size, *value.shape[1:]), dtype=np.float64)
+            grown[: self.count] = value[: self.count]
+            self._arrays[key] = grown
+        if not self._arrays:
+            self.capacity = size
+
+
+def per_sequence_bytes(d_out: int, seq_len: int, n_groups: int = 0) -> int:
+    """Bytes an evaluation keeps per sequence and per dictionary (:class:`SequenceSums`): ``8 × (32 + d_out +
+    3 (seq_len − 1))``, plus ``8 × n_groups × (16 + d_out)`` with token groups. The number of scalar sums (32)
+    is an upper bound of :func:`pytest_saecheck.metrics.reconstruction_terms`' scalars, the CE/KL sums and the
+    within/beyond-context sums."""
+    return 8 * (32 + d_out + 3 * (seq_len - 1)) + 8 * n_groups * (16 + d_out)
 
 
 POSITION_PREFIX = "position/"

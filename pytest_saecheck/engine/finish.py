@@ -14,7 +14,7 @@ import torch
 from pytest_saecheck.engine.accumulate import Accumulator, totals
 from pytest_saecheck.engine.grouping import group_results
 from pytest_saecheck.engine.member import Member
-from pytest_saecheck.engine.result import Evaluation
+from pytest_saecheck.engine.result import COMPUTE_FRACTION_NOTE, Evaluation
 from pytest_saecheck.errors import DegenerateActivationsError
 from pytest_saecheck.metrics import (
     METRIC_NAMES,
@@ -372,7 +372,7 @@ def note_compute_fraction(evaluation: Evaluation) -> None:
     value = metrics.get("compute_fraction")
     if value is not None and metrics["ce_sae"] < metrics["ce_orig"]:
         evaluation.warnings.append(
-            f"compute_fraction = {value:.4g} > 1 because the splice lowered the loss (delta_ce = "
+            f"{COMPUTE_FRACTION_NOTE}{value:.4g} > 1 because the splice lowered the loss (delta_ce = "
             f"{metrics['ce_sae'] - metrics['ce_orig']:.3g} nats/token): it is not a fraction of the model's "
             "training compute; read delta_ce"
         )

@@ -146,7 +146,7 @@ class Pass:
                     m.mean = m.acc.mean_activation().to(self.cut.device_at(m.write))
                 final = self._template_final(m, Variant.MEAN, tokens, kept_all)
                 log_probs = self._log_probs(final, tokens.shape[1])
-                m.acc.add_template_ce(Variant.MEAN.value, log_probs, tokens, predicted_all)
+                m.acc.add_template_ce(Variant.MEAN.value, log_probs, tokens, predicted_all, self.batch_size)
                 del log_probs
         self.finish.groups = self.groups
         evaluations = {m.name: self.finish.member(m, tokens, self.notes[m.name]) for m in self.members}
@@ -206,12 +206,20 @@ class Pass:
                 context=m.info.context_size,
                 covariance_width=m.info.d_out if m.info.d_out <= PARTICIPATION_RATIO_MAX_WIDTH else None,
                 n_groups=self._n_groups,
+                n_sequences=tokens.shape[0],
             )
             if self.joint:
-                m.joint_acc = Accumulator(seq_len, d_sae, self.cut.output_device, m.sae_device)
+                m.joint_acc = Accumulator(
+                    seq_len, d_sae, self.cut.output_device, m.sae_device, n_sequences=tokens.shape[0]
+                )
         if self.joint:
             self.joint_acc = Accumulator(
-                seq_len, None, self.cut.output_device, self.cut.output_device, n_groups=self._n_groups
+                seq_len,
+                None,
+                self.cut.output_device,
+                self.cut.output_device,
+                n_groups=self._n_groups,
+                n_sequences=tokens.shape[0],
             )
 
     @property

@@ -195,7 +195,8 @@ def evaluate(
         evaluation.model_hooks = list(model_hooks)
         if model_hooks:
             evaluation.warnings.insert(0, hooks_warning(model_hooks))
-        evaluation.duration_s = duration
+        # each SAE's share of the shared pass, so that the SAEs' durations add up to the pass's wall time
+        evaluation.duration_s = duration if evaluation is joint_evaluation else duration / len(evaluations)
     shown = {
         (message if single else f"SAE {name!r}: {message}"): None
         for name, evaluation in evaluations.items()

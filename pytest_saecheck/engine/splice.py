@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pytest_saecheck.engine.capture import capture_then_stop
 from pytest_saecheck.engine.cut import CapturedRun, ModelCut, Site, SiteHook
 from pytest_saecheck.engine.member import Member, Variant
 
@@ -84,16 +85,16 @@ def prepass(
     mean_sums: dict[str, torch.Tensor] = {}
     count = 0
     for batch, kept in batches:
-        run = cut.capture(batch, sites)
+        captured = capture_then_stop(cut, batch, sites)  # the blocks after the last point never run
         for m in wanted:
-            _, x_in, x_out, _ = m.views(run.captured, cut)
+            _, x_in, x_out, _ = m.views(captured, cut)
             if m in norm_of:
                 norm_sums[m.name] += float(x_in[kept.to(x_in.device)].double().norm(dim=-1).sum())
             if m in mean_of:
                 total = x_out[kept.to(x_out.device)].double().sum(0)
                 mean_sums[m.name] = mean_sums[m.name] + total if m.name in mean_sums else total
         count += int(kept.sum())
-        del run
+        del captured
     count = max(count, 1)
     return Estimates(
         {name: value / count for name, value in norm_sums.items()},

@@ -84,6 +84,19 @@ def model_loader_kwargs(
     return kwargs
 
 
+def equivalent_load_kwargs(
+    model_from_pretrained_kwargs: Mapping[str, Any] | None, dtype: str | None
+) -> dict[str, Any]:
+    """The kwargs that determine the loaded model, in one form for equivalent settings: every processing flag
+    explicit (``{}`` and ``{"center_writing_weights": False}`` load the same model), the dtype under ``dtype``
+    (not ``torch_dtype``) and as text. Used as the model's cache key, so equivalent settings share one model."""
+    kwargs = _explicit_processing(model_loader_kwargs(model_from_pretrained_kwargs, dtype))
+    if "torch_dtype" in kwargs and "dtype" not in kwargs:
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
+    kwargs["dtype"] = str(kwargs["dtype"]).removeprefix("torch.")
+    return kwargs
+
+
 def _explicit_processing(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {**{flag: False for flag in PROCESSING_FLAGS}, **kwargs}
 

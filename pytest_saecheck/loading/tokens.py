@@ -140,7 +140,8 @@ def builtin_load_tokens(spec: str, model: Any, sae: Any, n_tokens: int, context_
     if path is None and source.startswith("hf:"):
         documents = hf_documents(source)
     elif path is not None:
-        documents = local_documents(path)
+        check_capacity(spec, path, n_tokens, context_size)
+        documents = local_documents(path, n_sequences * context_size)
     else:
         raise LoadError(
             f"token source {spec!r} is not an existing file or directory (looked for {absolute_path(source)}); give a "
@@ -196,29 +197,82 @@ def pack_documents(
             if ids.numel():
                 yield ids.to(torch.long).cpu()
 
-    rows = []
-    for row in concat_and_batch_sequences(
+    from pytest_saecheck.loading.progress import loading_bar
+
+    # Rows go straight into one preallocated tensor: 8 bytes per token, no list of every row or token.
+    out = torch.empty((n_sequences, context_size), dtype=torch.long)
+    filled = 0
+    rows = concat_and_batch_sequences(
         token_stream(),
         context_size=context_size,
         begin_batch_token_id=bos_id if bos else None,
         begin_sequence_token_id=None,
         sequence_separator_token_id=bos_id,
-    ):
-        rows.append(row)
-        if len(rows) == n_sequences:
-            break
-    if not rows:
+    )
+    with loading_bar(n_sequences * context_size, f"loading {spec}") as bar:
+        for row in rows:
+            out[filled] = row
+            filled += 1
+            bar.update(context_size)
+            if filled == n_sequences:
+                break
+    if not filled:
         raise LoadError(
             f"token source {spec!r} holds fewer than {context_size} tokens: not one sequence of "
             f"context_size={context_size} can be built; give more text or a smaller context_size"
         )
-    if len(rows) < n_sequences:
+    if filled < n_sequences:
         warnings.warn(
-            f"token source {spec!r} ran out after {len(rows)} sequences of {context_size} tokens "
-            f"({len(rows) * context_size} tokens; n_tokens asked for {n_sequences * context_size})",
+            f"token source {spec!r} ran out after {filled} sequences of {context_size} tokens "
+            f"({filled * context_size} tokens; n_tokens asked for {n_sequences * context_size})",
             stacklevel=2,
         )
-    return torch.stack(rows)
+        return out[:filled].clone()
+    return out
+
+
+def token_capacity(path: Path) -> int | None:
+    """An upper bound on the tokens a local source can give (``None`` when unknown), read without its contents.
+
+    Text and JSON: every token spans at least one byte of its file (byte-level BPE, byte fallback and word
+    tokenisers alike), plus a separator per line; Parquet: the same of its uncompressed size in its footer;
+    ``.npy``: the array's size from its header, plus a separator per row. Used to refuse ``n_tokens`` beyond
+    the source before any token is read (a mistyped ``200_000_000`` for ``200_000``).
+    """
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir():
+            return None
+        if suffix in (".txt", ".md", ".jsonl"):
+            return 2 * path.stat().st_size + 1
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(path).metadata
+            size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+            return size + 2 * meta.num_rows
+        if suffix == ".npy":
+            import numpy as np
+
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            return int(array.size) + 2 * (int(array.shape[0]) if array.ndim == 2 else 1)
+    except (OSError, ValueError):
+        return None  # unreadable: the loader itself names the problem
+    return None
+
+
+def check_capacity(spec: str, path: Path, n_tokens: int, context_size: int) -> None:
+    """Raise :class:`ConfigError` when ``n_tokens`` exceeds what the local source at ``path`` can hold."""
+    capacity = token_capacity(path)
+    if capacity is None:
+        return
+    asked = n_sequences_for(n_tokens, context_size) * context_size
+    if asked > capacity:
+        raise ConfigError(
+            f"n_tokens={n_tokens:,} asks for {asked:,} tokens but token source {spec!r} holds at most "
+            f"{capacity:,} (from its size on disk); lower n_tokens (the saecheck setting n_tokens) or give a "
+            "bigger source"
+        )
 
 
 def _parse_hf_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -290,14 +344,15 @@ def _dataset_unavailable(name: str, split: str, error: BaseException) -> Weights
     )
 
 
-def local_documents(path: Path) -> Iterator[Any]:
-    """Documents (strings or token-id sequences) from a local file or ``save_to_disk`` directory.
+def local_documents(path: Path, max_tokens: int | None = None) -> Iterator[Any]:
+    """Documents (strings or token-id sequences) from a local file or ``save_to_disk`` directory, read as they
+    are consumed; ``max_tokens``: a one-stream ``.npy`` is read no further than this.
 
     Raises :class:`LoadError` naming the file for every read error (not text, not an array, an array of Python
     objects, which is never unpickled), while opening it or while reading its rows.
     """
     try:
-        documents = _local_documents(path)
+        documents = _local_documents(path, max_tokens)
     except SAECheckError:
         raise
     except (OSError, ValueError, TypeError, RuntimeError, EOFError) as error:
@@ -328,7 +383,7 @@ def _reading(documents: Iterator[Any], path: Path) -> Iterator[Any]:
         raise _unreadable(path, error) from None
 
 
-def _local_documents(path: Path) -> Iterator[Any]:
+def _local_documents(path: Path, max_tokens: int | None) -> Iterator[Any]:
     suffix = path.suffix.lower()
     if path.is_dir():
         return _saved_dataset_rows(path)
@@ -338,14 +393,20 @@ def _local_documents(path: Path) -> Iterator[Any]:
     if suffix == ".jsonl":
         return _iter_rows(_jsonl_rows(path), str(path), None)
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        return _iter_rows(_numbered(table.to_pylist(), "row"), str(path), None)
+        return _iter_rows(_numbered(_parquet_rows(path), "row"), str(path), None)
     if suffix == ".npy":
         import numpy as np
 
-        return _array_documents(np.load(path, allow_pickle=False), path)
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as error:
+            raise LoadError(
+                f"could not read token ids from {str(path)!r}: {error}; save integer ids with "
+                "numpy.save(path, ids) (no object arrays)"
+            ) from None
+        if array.ndim == 1 and max_tokens is not None:
+            array = array[:max_tokens]
+        return _array_documents(array, path)
     if suffix in (".pt", ".pth"):
         import torch
 
@@ -368,19 +429,47 @@ def _local_documents(path: Path) -> Iterator[Any]:
 
 
 def _array_documents(array: Any, path: Path) -> Iterator[Any]:
+    """Documents of a token-id array (a tensor, or a memory-mapped numpy array read row by row)."""
+    import numpy as np
     import torch
 
-    tensor = torch.as_tensor(array)
-    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
-        raise LoadError(f"{str(path)!r} holds {tensor.dtype} values; token ids must be integers")
-    if tensor.ndim == 1:
-        return iter([tensor])
-    if tensor.ndim == 2:
-        return iter(list(tensor))
-    raise ShapeMismatchError(
-        f"{str(path)!r} holds an array of shape {tuple(tensor.shape)}; token ids must be 1-D (one stream) "
-        "or 2-D (one sequence per row)"
-    )
+    if isinstance(array, np.ndarray):
+        if not np.issubdtype(array.dtype, np.integer):
+            raise LoadError(f"{str(path)!r} holds {array.dtype} values; token ids must be integers")
+    else:
+        array = torch.as_tensor(array)
+        if array.dtype.is_floating_point or array.dtype == torch.bool:
+            raise LoadError(f"{str(path)!r} holds {array.dtype} values; token ids must be integers")
+    if array.ndim not in (1, 2):
+        raise ShapeMismatchError(
+            f"{str(path)!r} holds an array of shape {tuple(array.shape)}; token ids must be 1-D (one stream) "
+            "or 2-D (one sequence per row)"
+        )
+    return _array_rows(array)
+
+
+def _array_rows(array: Any) -> Iterator[Any]:
+    """One document for a 1-D array, one per row of a 2-D one; rows are copied only as they are read."""
+    import numpy as np
+    import torch
+
+    for row in [array] if array.ndim == 1 else array:
+        yield torch.from_numpy(np.array(row, dtype=np.int64)) if isinstance(row, np.ndarray) else row
+
+
+def _parquet_rows(path: Path, batch_rows: int = 1024) -> Iterator[Any]:
+    """The rows of a Parquet file as dicts, read row group by row group, ``batch_rows`` rows at a time (never
+    the whole table: +790 MB and 2.2 s where the same tokens as .jsonl took 0.04 s)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        handle = pq.ParquetFile(path)
+    except (OSError, ValueError, pa.ArrowException) as error:
+        raise LoadError(f"could not read Parquet file {str(path)!r}: {error}") from None
+    for group in range(handle.num_row_groups):
+        for batch in handle.iter_batches(batch_size=batch_rows, row_groups=[group]):
+            yield from batch.to_pylist()
 
 
 def _numbered(rows: Iterable[Any], unit: str) -> Iterator[tuple[str, Any]]:

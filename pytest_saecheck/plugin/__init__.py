@@ -104,6 +104,9 @@ def pytest_configure(config: pytest.Config) -> None:
         if not hasattr(config, "workerinput"):
             config.pluginmanager.register(xdist_scheduling.CrashAfterTest(), "saecheck-xdist-crashes")
     baselines.configure(config)
+    from pytest_saecheck.loading.progress import set_quiet
+
+    set_quiet(config.get_verbosity() < 0)  # no progress bars under -q
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import operator
+import time
 import warnings
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -21,7 +22,7 @@ from pytest_saecheck import loading, records
 from pytest_saecheck.checks import baselines
 from pytest_saecheck.defaults import DEFAULT_CONTEXT_SIZE, INTERVAL_LEVEL
 from pytest_saecheck.devices import auto_device
-from pytest_saecheck.errors import ConfigError, SAECheckError, WeightsUnavailableError
+from pytest_saecheck.errors import ConfigError, SAECheckError, SAECheckWarning, WeightsUnavailableError
 from pytest_saecheck.naming import joined
 from pytest_saecheck.plugin.session_cache import SessionCache
 from pytest_saecheck.plugin.settings import FrozenKwargs, SAECheckSettings, resolve_for_item
@@ -268,11 +269,12 @@ class SAECheck:
     # -- cache keys --------------------------------------------------------------------------------------
 
     def _model_key(self) -> Hashable:
+        """What determines the model as loaded (equivalent kwargs give one key: one model for both)."""
+        kwargs = loading.equivalent_load_kwargs(self.model_from_pretrained_kwargs, self.dtype)
         return (
             self.model_spec,
             self.device,
-            self.dtype,
-            FrozenKwargs(self.model_from_pretrained_kwargs),
+            FrozenKwargs(kwargs),
             self.backend,
             self.settings.device_map,
             self.settings.max_memory,
@@ -316,7 +318,6 @@ class SAECheck:
             self.settings.exclude_special_tokens,
             self.settings.exclude_token_ids,
             self.specs.activation_scalers,
-            self.scaling_law,
             self.settings.splice,
             self.settings.token_groups,
         )
@@ -416,7 +417,15 @@ class SAECheck:
                 return self._evaluate(self.saes, joint=True).joint
             return self._evaluate_with_release_group()
 
-        evaluation = self._guard(lambda: self._cache.evaluation(self.evaluation_key(), compute))
+        # The key leaves out the scaling law, which changes only compute_fraction: derived from the same pass.
+        key = self.evaluation_key()
+        evaluation = self._guard(lambda: self._cache.evaluation(key, compute))
+        evaluation = self._cache.derived(
+            (key, self.scaling_law), lambda: evaluation.under_law(self.scaling_law)
+        )
+        for message in self._cache.pending_warnings.pop(key, ()):
+            # a release pass computed this SAE during another SAE's test: its warnings show under its own test
+            warnings.warn(message, SAECheckWarning, stacklevel=2)
         if not self._evaluation_recorded:
             self._evaluation_recorded = True
             records.record(self._evaluation_record(evaluation), self._item)
@@ -434,10 +443,13 @@ class SAECheck:
 
             kept = self._token_policy().kept_mask(self.tokens)
             grouping = resolve(self.settings.token_groups, self.model, self.tokens, kept)
-        return evaluate(
+        tokens = self.tokens
+        cost = self._announce_pass(list(saes.values()), tokens)
+        started = time.perf_counter()
+        result = evaluate(
             self.model,
             next(iter(saes.values())) if single else saes,
-            self.tokens,
+            tokens,
             batch_size=self.settings.batch_size,
             exclude_bos=self.settings.exclude_bos,
             exclude_special_tokens=self.settings.exclude_special_tokens,
@@ -448,6 +460,27 @@ class SAECheck:
             token_groups=grouping,
             backend=self.backend,
         )
+        self._cache.flops_per_second = cost.flops / max(time.perf_counter() - started, 1e-9)
+        return result
+
+    def _announce_pass(self, saes: list[Any], tokens: Any) -> Any:
+        """Say what the pass will evaluate before it starts (tokens, SAEs, memory, time at the rate of the
+        previous pass of this run), on the terminal unless -q; return its cost (``engine.cost``)."""
+        from pytest_saecheck.engine import cost as cost_model
+
+        model_shape, sae_shapes = cost_model.shapes_of(self.model, saes)
+        n_sequences, seq_len = (int(v) for v in tokens.shape)
+        cost = cost_model.pass_cost(
+            model_shape, sae_shapes, n_sequences * seq_len, seq_len, self.settings.batch_size
+        )
+        line = cost_model.describe_pass(
+            cost, len(saes), n_sequences * seq_len, n_sequences, self._cache.flops_per_second
+        )
+        config = self._item.config if self._item is not None else None
+        reporter = config.pluginmanager.get_plugin("terminalreporter") if config is not None else None
+        if reporter is not None and config is not None and config.get_verbosity() >= 0:
+            reporter.write_line(line)
+        return cost
 
     def _evaluate_with_release_group(self) -> Evaluation:
         """This SAE's evaluation, computed in one pass with the not yet evaluated SAEs of its release group."""
@@ -473,14 +506,19 @@ class SAECheck:
         if len(group) == 1:
             return self._evaluate({self.sae_spec: self.sae})
         try:
-            result = self._evaluate({member.sae_spec: member.sae for member in group})
+            with warnings.catch_warnings():
+                # each SAE's warnings are shown under its own test (below, and when its test reads it)
+                warnings.simplefilter("ignore", SAECheckWarning)
+                result = self._evaluate({member.sae_spec: member.sae for member in group})
         except SAECheckError:
             # one SAE of the group cannot be evaluated: each SAE's own test reports its own problem
             return self._evaluate({self.sae_spec: self.sae})
         for member in group[1:]:
-            self._cache.evaluation(
-                member.evaluation_key(), functools.partial(operator.getitem, result, member.sae_spec)
-            )
+            key = member.evaluation_key()
+            self._cache.evaluation(key, functools.partial(operator.getitem, result, member.sae_spec))
+            self._cache.pending_warnings[key] = list(result[member.sae_spec].warnings)
+        for message in result[self.sae_spec].warnings:
+            warnings.warn(message, SAECheckWarning, stacklevel=2)
         return result[self.sae_spec]
 
     @property
@@ -572,8 +610,9 @@ def _weight_bytes(sae: Any) -> int:
 
 
 def release_group_key(settings: SAECheckSettings) -> Hashable:
-    """Every setting but the SAE: tests with equal keys share one pass."""
-    return dataclasses.replace(settings, sae=None)
+    """Every setting but the SAE and the scaling law (which changes no measured number): tests with equal keys
+    share one pass."""
+    return dataclasses.replace(settings, sae=None, scaling_law=None)
 
 
 def plan_release_groups(config: pytest.Config, items: list[pytest.Item]) -> None:

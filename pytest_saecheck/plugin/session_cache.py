@@ -64,6 +64,12 @@ class SessionCache:
         self._saes: OrderedDict[Hashable, Any] = OrderedDict()
         self._tokens: OrderedDict[Hashable, Any] = OrderedDict()
         self._evaluations: OrderedDict[Hashable, Any] = OrderedDict()
+        # evaluations derived from a cached one (another scaling law): no pass, not counted as an evaluation
+        self._derived: OrderedDict[Hashable, Any] = OrderedDict()
+        # warnings of SAEs evaluated in another SAE's release pass, shown when their own test reads them
+        self.pending_warnings: dict[Hashable, list[str]] = {}
+        # the rate of the last pass (engine.cost FLOPs per second), for the time estimate of the next one
+        self.flops_per_second: float | None = None
         self._failures: dict[Hashable, tuple[type[SAECheckError], str]] = {}
         # how each model key was loaded (loader and kwargs), for the evaluation records; small, kept all run
         self.model_loads: dict[Hashable, Any] = {}
@@ -114,6 +120,18 @@ class SessionCache:
     def evaluation(self, key: Hashable, compute: Callable[[], T]) -> T:
         return self._lru(self._evaluations, key, compute, "evaluation", self.max_evaluations)
 
+    def derived(self, key: Hashable, derive: Callable[[], T]) -> T:
+        """A value derived from a cached evaluation without a pass (kept like evaluations, not counted)."""
+        if key in self._derived:
+            self._derived.move_to_end(key)
+            value: T = self._derived[key]
+            return value
+        value = derive()
+        self._derived[key] = value
+        while len(self._derived) > self.max_evaluations:
+            self._derived.popitem(last=False)
+        return value
+
     def resolved_specs(self, settings: Hashable, resolve: Callable[[], T]) -> T:
         """The specs resolved from ``settings`` (computed once per run; they hold no tensor)."""
         if settings not in self._resolved_specs:
@@ -127,6 +145,8 @@ class SessionCache:
     def clear(self) -> None:
         """Drop everything (end of the run)."""
         self._evaluations.clear()
+        self._derived.clear()
+        self.pending_warnings.clear()
         self._resolved_specs.clear()
         self._failures.clear()
         self.model_loads.clear()

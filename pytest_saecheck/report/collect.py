@@ -61,7 +61,6 @@ _FINE_SETTINGS = (
     "exclude_token_ids",
     "activation_scaler",
     "splice",
-    "scaling_law",
     "seed",
     "model_from_pretrained_kwargs",
     "hook_name",
@@ -105,6 +104,13 @@ def _fine(record: EvaluationRecord) -> dict[str, Any]:
         "resolved_model": str_or_none(record.resolved_model),
         "resolved_tokens": str_or_none(record.resolved_tokens),
         **{key: json_safe(settings.get(key)) for key in _FINE_SETTINGS},
+        # the model as loaded: equivalent kwargs ({} and every processing flag off) are one model, one SAE row
+        **(
+            {"model_from_pretrained_kwargs": json_safe(record.model_loading["kwargs"])}
+            if isinstance(record.model_loading, Mapping)
+            and isinstance(record.model_loading.get("kwargs"), Mapping)
+            else {}
+        ),
     }
 
 
