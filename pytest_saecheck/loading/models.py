@@ -289,7 +289,7 @@ def _hf_tokenizer(source: str) -> Any:
 
 def load_transformer_lens_model(name: str, device: str, kwargs: Mapping[str, Any]) -> Any:
     """``HookedTransformer.from_pretrained_no_processing(name, device=device, **kwargs)``, with clear errors."""
-    from pytest_saecheck.engine.backends import transformer_lens_refusal
+    from pytest_saecheck.versions import transformer_lens_refusal
 
     refusal = transformer_lens_refusal()
     if refusal is not None:
