@@ -19,6 +19,12 @@ The package's modules, one job each: :mod:`.specs` (spec parsing and the default
 
 from __future__ import annotations
 
+from pytest_saecheck.loading.clt import (
+    CLT_RELEASE_CONVERTERS,
+    clt_directory_format,
+    load_clt_directory,
+    load_clt_release,
+)
 from pytest_saecheck.loading.models import (
     DEMO_LOADER,
     HF_DIRECTORY_LOADER,
@@ -45,7 +51,6 @@ from pytest_saecheck.loading.offline import (
 from pytest_saecheck.loading.saes import (
     DICTIONARY_LEARNING_WEIGHTS,
     SPARSIFY_WEIGHTS,
-    SUMMED_DECODER_CONVERTERS,
     builtin_load_sae,
     load_sae,
     load_sae_directory,
@@ -82,6 +87,7 @@ from pytest_saecheck.loading.tokens import (
 )
 
 __all__ = [
+    "CLT_RELEASE_CONVERTERS",
     "DEFAULT_CONTEXT_SIZE",
     "DEMO",
     "DEMO_LOADER",
@@ -91,7 +97,6 @@ __all__ = [
     "HOOK_LOADER",
     "PROCESSING_FLAGS",
     "SPARSIFY_WEIGHTS",
-    "SUMMED_DECODER_CONVERTERS",
     "TEXT_COLUMNS",
     "TL_LOADER",
     "TOKEN_COLUMNS",
@@ -102,6 +107,7 @@ __all__ = [
     "builtin_load_model_recorded",
     "builtin_load_sae",
     "builtin_load_tokens",
+    "clt_directory_format",
     "default_context_size",
     "default_model_spec",
     "default_token_source",
@@ -109,6 +115,8 @@ __all__ = [
     "hf_documents",
     "hub_offline",
     "is_unavailable_error",
+    "load_clt_directory",
+    "load_clt_release",
     "load_hf_directory",
     "load_hf_model",
     "load_model",

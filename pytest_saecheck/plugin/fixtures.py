@@ -427,6 +427,9 @@ class SAECheck:
 
         self._cache.loads["pass"] = self._cache.loads.get("pass", 0) + 1
         single = len(saes) == 1 and not joint
+        for sae in saes.values():
+            if not _is_module(sae):  # a cross-layer transcoder: its weights within this test's budget
+                sae.set_weight_budget(self.settings.weight_budget_mib * 2**20)
         scalers = {spec: self._activation_scaler_for(spec) for spec in saes}
         grouping = None
         if self.settings.token_groups is not None:
@@ -451,6 +454,9 @@ class SAECheck:
 
     def _evaluate_with_release_group(self) -> Evaluation:
         """This SAE's evaluation, computed in one pass with the not yet evaluated SAEs of its release group."""
+        if not _is_module(self.sae):
+            # a cross-layer transcoder reads its weights per layer: a replacement model is a pass of its own
+            return self._evaluate({self.sae_spec: self.sae})
         group = [self]
         budget = self.settings.release_group_mib * 2**20
         used = _weight_bytes(self.sae)
@@ -463,6 +469,8 @@ class SAECheck:
                     continue
                 if (sibling._model_key(), sibling._tokens_key()) != (self._model_key(), self._tokens_key()):
                     continue
+                if not _is_module(sibling.sae):
+                    continue  # a cross-layer transcoder is a pass of its own
                 size = _weight_bytes(sibling.sae)
             except (SAECheckError, pytest.skip.Exception):
                 continue  # that SAE's own test reports the problem
@@ -565,6 +573,11 @@ class SAECheck:
 
     def __repr__(self) -> str:
         return f"<SAECheck {self.label} on {self.device}>"
+
+
+def _is_module(sae: Any) -> bool:
+    """Whether ``sae`` holds its weights as module parameters (a cross-layer transcoder reads them per layer)."""
+    return callable(getattr(sae, "parameters", None))
 
 
 def _weight_bytes(sae: Any) -> int:
