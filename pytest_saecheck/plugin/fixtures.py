@@ -290,7 +290,10 @@ class SAECheck:
             return "transformer_lens"
         from pytest_saecheck.dictionaries import describe
 
-        hook = self.settings.hook_name or describe(self._load_sae(self.sae_specs[0])).hook_name
+        sae = self._load_sae(self.sae_specs[0])
+        if not _is_module(sae):  # a cross-layer transcoder records TransformerLens hooks
+            return "transformer_lens"
+        hook = self.settings.hook_name or describe(sae).hook_name
         return "transformer_lens" if hook.startswith(("blocks.", "hook_")) else "hf"
 
     def _sae_key(self, spec: str | None = None) -> Hashable:
