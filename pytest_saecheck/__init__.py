@@ -63,6 +63,8 @@ _LAZY: dict[str, str] = {
     "Task": "pytest_saecheck.checks.tasks",
     "TaskResult": "pytest_saecheck.checks.tasks",
     "Grouping": "pytest_saecheck.groups",
+    "CrossLayerTranscoder": "pytest_saecheck.clt",
+    "load_clt": "pytest_saecheck.loading.clt",
 }
 
 if TYPE_CHECKING:
@@ -70,10 +72,12 @@ if TYPE_CHECKING:
     from pytest_saecheck.checks.baselines import BaselineError
     from pytest_saecheck.checks.pipeline import assert_metric_pipeline
     from pytest_saecheck.checks.tasks import Task, TaskResult, assert_task_preserved, load_task, measure_task
+    from pytest_saecheck.clt import CrossLayerTranscoder
     from pytest_saecheck.engine import Evaluation, EvaluationSet, TokenPolicy, evaluate
     from pytest_saecheck.family import fit_scaling_law_from_models
     from pytest_saecheck.groups import Grouping
     from pytest_saecheck.loading import load_model, load_sae, load_tokens
+    from pytest_saecheck.loading.clt import load_clt
     from pytest_saecheck.plugin.fixtures import SAECheck
     from pytest_saecheck.plugin.settings import SAECheckSettings, saecheck_param
     from pytest_saecheck.scaling import ScalingLaw, fit_scaling_law, load_scaling_law
@@ -109,6 +113,7 @@ __all__ = [
     "AuxLossAdapterBase",
     "BaselineError",
     "ConfigError",
+    "CrossLayerTranscoder",
     "DegenerateActivationsError",
     "EmptyTokenSetError",
     "Evaluation",
@@ -146,6 +151,7 @@ __all__ = [
     "evaluate",
     "fit_scaling_law",
     "fit_scaling_law_from_models",
+    "load_clt",
     "load_model",
     "load_sae",
     "load_scaling_law",

@@ -11,3 +11,7 @@ DEFAULT_CONTEXT_SIZE = 128
 
 INTERVAL_LEVEL = 0.95
 """The confidence level of every interval the plugin computes or shows unless told otherwise."""
+
+WEIGHT_BUDGET_MIB = 2048
+"""MiB of a cross-layer transcoder's weights kept in memory through a pass unless the ``weight_budget_mib`` setting
+says otherwise; a larger CLT is streamed per layer (``pytest_saecheck.clt.WeightCache``)."""

@@ -183,6 +183,98 @@ def mlp_transcoder(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# cross-layer transcoders
+
+
+def clt_tensors_from_mlps(model: Any, spread: bool = False) -> dict[str, list[torch.Tensor]]:
+    """CLT tensors (``pytest_saecheck.clt.TensorSource`` layout) that reproduce a ReLU model's MLPs exactly.
+
+    Features at layer ``l`` are the MLP's hidden units (``W_enc = W_in``, ``b_enc = b_in``) and write only to
+    layer ``l`` (``W_dec[l][:, 0] = W_out``, ``b_dec = b_out``). ``spread=True``: layer 0 gets one more feature
+    whose activation is the constant 1 (zero encoder, bias 1) and writes ``v`` into layer 1 only, while layer
+    1's bias is lowered by ``v``: layer 1's output is spread over two source layers and still sums to the MLP's.
+    """
+    n, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+    blocks = [model.blocks[layer].mlp for layer in range(n)]
+    w_enc = [b.W_in.detach().clone() for b in blocks]
+    b_enc = [b.b_in.detach().clone() for b in blocks]
+    b_dec = [b.b_out.detach().clone() for b in blocks]
+    w_dec = []
+    for layer, block in enumerate(blocks):
+        dec = torch.zeros(d_mlp, n - layer, D_MODEL)
+        dec[:, 0] = block.W_out.detach()
+        w_dec.append(dec)
+    if spread:
+        v = torch.linspace(-1.0, 1.0, D_MODEL)
+        w_enc[0] = torch.cat([w_enc[0], torch.zeros(D_MODEL, 1)], dim=1)
+        b_enc[0] = torch.cat([b_enc[0], torch.ones(1)])
+        extra = torch.zeros(1, n, D_MODEL)
+        extra[0, 1] = v
+        w_dec[0] = torch.cat([w_dec[0], extra], dim=0)
+        b_dec[1] = b_dec[1] - v
+    return {"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec}
+
+
+def clt_hooks(n_layers: int, hook_in: str = "ln2.hook_normalized") -> dict[str, list[str]]:
+    """The read and write points of a CLT over every MLP of an ``n_layers`` model."""
+    return {
+        "hook_names_in": [f"blocks.{layer}.{hook_in}" for layer in range(n_layers)],
+        "hook_names_out": [f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)],
+    }
+
+
+def write_circuit_tracer_clt(
+    path: Path, tensors: dict[str, list[torch.Tensor]], model_name: str = "tiny"
+) -> Path:
+    """``tensors`` as a circuit-tracer CLT folder (the mntss releases' layout: config.yaml, W_enc_l / W_dec_l)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(
+        f"model_name: {model_name}\nmodel_kind: cross_layer_transcoder\n"
+        "feature_input_hook: ln2.hook_normalized\nfeature_output_hook: hook_mlp_out\n"
+    )
+    for layer in range(len(tensors["W_enc"])):
+        encoder = {
+            f"W_enc_{layer}": tensors["W_enc"][layer].T.contiguous(),
+            f"b_enc_{layer}": tensors["b_enc"][layer].contiguous(),
+            f"b_dec_{layer}": tensors["b_dec"][layer].contiguous(),
+        }
+        if "threshold" in tensors:
+            encoder[f"threshold_{layer}"] = tensors["threshold"][layer].contiguous()
+        save_file(encoder, str(path / f"W_enc_{layer}.safetensors"))
+        save_file(
+            {f"W_dec_{layer}": tensors["W_dec"][layer].contiguous()}, str(path / f"W_dec_{layer}.safetensors")
+        )
+    return path
+
+
+def write_gemma_scope_2_clt(path: Path, tensors: dict[str, list[torch.Tensor]]) -> Path:
+    """``tensors`` as a Gemma Scope 2 CLT folder (``layer_l.safetensors`` with w_enc, w_dec over every layer,
+    b_enc, b_dec, threshold; affine_skip_connection when ``tensors`` has ``W_skip``)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    n = len(tensors["W_enc"])
+    for layer in range(n):
+        width = tensors["W_enc"][layer].shape[1]
+        w_dec = torch.zeros(width, n, D_MODEL)
+        w_dec[:, layer:] = tensors["W_dec"][layer]
+        threshold = tensors["threshold"][layer] if "threshold" in tensors else torch.zeros(width)
+        params = {
+            "w_enc": tensors["W_enc"][layer].contiguous(),
+            "b_enc": tensors["b_enc"][layer].contiguous(),
+            "b_dec": tensors["b_dec"][layer].contiguous(),
+            "threshold": threshold.contiguous(),
+            "w_dec": w_dec,
+        }
+        if "W_skip" in tensors:
+            params["affine_skip_connection"] = tensors["W_skip"][layer].contiguous()
+        save_file(params, str(path / f"layer_{layer}.safetensors"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
 # tokens and tokenizer
 
 

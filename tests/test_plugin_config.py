@@ -67,6 +67,7 @@ def test_every_setting_has_an_option_an_ini_key_and_a_marker_key(pytester: pytes
         "seed": "7",
         "splice": "joint",
         "release_group_mib": "512",
+        "weight_budget_mib": "64",
         "unavailable": "error",
         "scaling_law": "0.5,0.2",
         "model_from_pretrained_kwargs": '{"fold_ln": false, "n_ctx": 8}',
@@ -366,7 +367,7 @@ def test_header_names_device_versions_and_defaults(pytester: pytest.Pytester) ->
             "saecheck defaults: model=-, sae=-, tokens=SAE's dataset, n_tokens=4096, context_size=from SAE, "
             "batch_size=16, dtype=float32, n_devices=-, backend=auto, device_map=-, max_memory=-, exclude_bos=true, exclude_special_tokens=true, exclude_token_ids=none, "
             "activation_scaler=auto, seed=0, scaling_law=chinchilla (not fitted), splice=separate, release_group_mib=2048, "
-            "unavailable=skip, model_from_pretrained_kwargs=-, "
+            "weight_budget_mib=2048, unavailable=skip, model_from_pretrained_kwargs=-, "
             "hook_name=-, token_groups=-",
         ]
     )

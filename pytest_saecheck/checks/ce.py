@@ -85,6 +85,7 @@ def assert_ce_recovery(
     max_value: float | None = None,
     confidence: float | None = None,
     group: str | None = None,
+    layer: int | str | None = None,
 ) -> None:
     """Assert that a cross-entropy metric of the spliced model meets a threshold.
 
@@ -103,6 +104,8 @@ def assert_ce_recovery(
     __tracebackhide__ = True
     low, high, level = _validate_ce_thresholds(metric, min_score, max_value, confidence)
     evaluation, facts = subject_of(check)
+    if layer is not None:
+        evaluation, facts = _layer_subject(evaluation, facts, layer)
     if group is not None:
         evaluation, facts = _group_subject(evaluation, facts, group, metric)
     law = getattr(evaluation, "scaling_law", None)
@@ -124,6 +127,8 @@ def assert_ce_recovery(
     failures = _ce_failures(metric, value, interval, low, high, level, facts)
     if group is not None:
         failures = [f"in token group {group!r}, {failure}" for failure in failures]
+    if layer is not None:
+        failures = [f"with only layer {layer!r} replaced, {failure}" for failure in failures]
     conclude(
         CheckOutcome(
             assertion="assert_ce_recovery",
@@ -144,9 +149,33 @@ def assert_ce_recovery(
                 "gate": "point estimate" if level is None else "interval bound",
                 "n_tokens": facts.n_tokens,
                 **({"group": group} if group is not None else {}),
+                **({"layer": layer} if layer is not None else {}),
             },
         )
     )
+
+
+def _layer_subject(evaluation: Any, facts: Subject, layer: Any) -> tuple[Any, Subject]:
+    """(that layer spliced alone, its facts), else :class:`ConfigError` naming the layers there are."""
+    from pytest_saecheck.clt import layer_name
+
+    layers = getattr(evaluation, "layers", None) or {}
+    key = layer_name(layer) if isinstance(layer, int) and not isinstance(layer, bool) else layer
+    if key not in layers:
+        choices = (
+            f"the layers are {', '.join(map(repr, layers))}"
+            if layers
+            else "this evaluation is not a replacement model with layers evaluated alone (a cross-layer transcoder)"
+        )
+        raise ConfigError(f"assert_ce_recovery: unknown layer {layer!r}; {choices}")
+    result = layers[key]
+    restricted = dataclasses.replace(
+        facts,
+        metrics=dict(result.metrics),
+        undefined=dict(result.undefined),
+        n_tokens=result.n_tokens,
+    )
+    return result, restricted
 
 
 def _group_subject(evaluation: Any, facts: Subject, group: Any, metric: str) -> tuple[Any, Subject]:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pytest_saecheck.engine.accumulate import Accumulator, totals
+from pytest_saecheck.engine.compounding import compounding as compounding_of
 from pytest_saecheck.engine.grouping import group_results
 from pytest_saecheck.engine.member import Member
 from pytest_saecheck.engine.result import COMPUTE_FRACTION_NOTE, Evaluation
@@ -235,37 +236,9 @@ def joint_reason(name: str) -> str:
 
 
 def compounding(members: Sequence[Member], joint_acc: Accumulator | None) -> dict[str, Any]:
-    """Joint ΔCE against the sum of the isolated ΔCEs, with a paired bootstrap interval of the excess."""
+    """Joint ΔCE against the sum of the isolated ΔCEs (:func:`pytest_saecheck.engine.compounding.compounding`)."""
     assert joint_acc is not None
-    joint = joint_acc.per_sequence()
-    per_sequence = {
-        "d_joint": joint["ce_sum_sae"] - joint["ce_sum_orig"],
-        "d_sum": sum(
-            (
-                sums["ce_sum_sae"] - sums["ce_sum_orig"]
-                for sums in (m.acc.per_sequence() for m in members if m.acc)
-            ),
-            np.zeros_like(joint["ce_sum_orig"]),
-        ),
-        "n_ce": joint["n_ce"],
-    }
-    sums = totals(per_sequence)
-    joint_delta = float(sums["d_joint"] / sums["n_ce"])
-    isolated = float(sums["d_sum"] / sums["n_ce"])
-    out: dict[str, Any] = {
-        "delta_ce_joint": joint_delta,
-        "delta_ce_isolated_sum": isolated,
-        "excess": joint_delta - isolated,
-        # A ratio of added losses: read backwards when the isolated splices lowered the loss, so undefined there.
-        "ratio": joint_delta / isolated if isolated > 0 else None,
-        "excess_interval": None,
-    }
-    if len(per_sequence["n_ce"]) >= 2:
-        (low, high) = bootstrap_intervals(
-            per_sequence, lambda s: {"excess": (s["d_joint"] - s["d_sum"]) / s["n_ce"]}, level=DEFAULT_LEVEL
-        )["excess"]
-        out["excess_interval"] = [low, high]
-    return out
+    return compounding_of(joint_acc.per_sequence(), [m.acc.per_sequence() for m in members if m.acc])
 
 
 def context_reasons(m: Member, seq_len: int) -> dict[str, str]:

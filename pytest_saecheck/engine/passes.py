@@ -44,6 +44,7 @@ from pytest_saecheck.engine.member import (
     token_independent,
 )
 from pytest_saecheck.engine.plan import naming
+from pytest_saecheck.engine.progress import progress_bar
 from pytest_saecheck.engine.result import Evaluation
 from pytest_saecheck.engine.splice import Observer, joint_splice, prepass, splice, written
 from pytest_saecheck.errors import ShapeMismatchError
@@ -95,8 +96,6 @@ class Pass:
     def run(
         self, tokens: torch.Tensor, means: Mapping[str, Any], progress: bool | None
     ) -> tuple[dict[str, Evaluation], Evaluation | None, dict[str, Any] | None]:
-        from tqdm.auto import tqdm
-
         kept_all = self.policy.kept_mask(tokens)
         predicted_all = self.policy.prediction_mask(tokens)
         self._plan(tokens, kept_all, means)
@@ -104,15 +103,10 @@ class Pass:
         self._zero_templates(tokens, kept_all)
 
         sites = [site for m in self.members for site in m.capture_sites(self.cut)]
-        bar = tqdm(
-            total=int(kept_all.sum()),
-            unit="tok",
-            unit_scale=True,
-            desc="saecheck " + (self.members[0].write.hook_name if len(self.members) == 1 else "release"),
-            # None: tqdm's own rule, no bar unless stderr is a terminal, so none leaks into captured output
-            disable=None if progress is None else not progress,
-            delay=0.0 if progress else 2.0,
-            leave=False,
+        bar = progress_bar(
+            int(kept_all.sum()),
+            "saecheck " + (self.members[0].write.hook_name if len(self.members) == 1 else "release"),
+            progress,
         )
         try:
             for start in range(0, tokens.shape[0], self.batch_size):

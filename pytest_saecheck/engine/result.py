@@ -31,7 +31,8 @@ class Evaluation:
     absent from ``metrics`` and explained in ``undefined``. ``scaling_law`` is the law of ``compute_fraction``
     (its source, and ``fitted``: whether it was fitted for this model); ``compute_fraction_by_preset`` is
     ``compute_fraction`` under every published preset (None where undefined), the sensitivity band of an
-    unfitted law. ``groups`` (with ``evaluate(..., token_groups=...)``): group name →
+    unfitted law. ``layers`` (a cross-layer transcoder's replacement): ``"layer l"`` → that layer spliced alone.
+    ``groups`` (with ``evaluate(..., token_groups=...)``): group name →
     :class:`~pytest_saecheck.engine.grouping.GroupResult`, the metrics restricted to that group's positions.
     """
 
@@ -62,6 +63,7 @@ class Evaluation:
     warnings: list[str] = field(default_factory=list)
     members: dict[str, dict[str, float]] = field(default_factory=dict)
     compounding: dict[str, Any] | None = None
+    layers: dict[str, Evaluation] = field(default_factory=dict, repr=False)
     groups: dict[str, GroupResult] = field(default_factory=dict)
     per_position: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _interval_cache: dict[tuple[float, int, int], dict[str, tuple[float, float]]] = field(

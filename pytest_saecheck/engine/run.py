@@ -30,6 +30,7 @@ from pytest_saecheck.engine.plan import (
     per_member,
     token_policy,
 )
+from pytest_saecheck.engine.replacement import alone_view, evaluate_clt, is_clt, refuse_clt_in_set
 from pytest_saecheck.engine.result import Evaluation, EvaluationSet
 from pytest_saecheck.errors import ConfigError, SAECheckWarning
 from pytest_saecheck.policy import TokenPolicy
@@ -60,6 +61,7 @@ def evaluate(
     token_groups: Any = None,
     group_names: Sequence[str] | None = None,
     backend: str = "auto",
+    keep_layers: Sequence[int] = (),
 ) -> Evaluation: ...
 
 
@@ -85,6 +87,7 @@ def evaluate(
     token_groups: Any = None,
     group_names: Sequence[str] | None = None,
     backend: str = "auto",
+    keep_layers: Sequence[int] = (),
 ) -> EvaluationSet: ...
 
 
@@ -109,6 +112,7 @@ def evaluate(
     token_groups: Any = None,
     group_names: Sequence[str] | None = None,
     backend: str = "auto",
+    keep_layers: Sequence[int] = (),
 ) -> Evaluation | EvaluationSet:
     """Evaluate ``sae`` spliced into ``model`` on ``tokens`` (``[n_sequences, seq_len]`` token ids).
 
@@ -152,6 +156,11 @@ def evaluate(
     R² (and the other :data:`~pytest_saecheck.engine.grouping.GROUP_METRICS`) with bootstrap intervals over
     sequences, and its token count (:mod:`pytest_saecheck.engine.grouping` says which position counts where).
 
+    A cross-layer transcoder (:class:`pytest_saecheck.clt.CrossLayerTranscoder`) is evaluated as its whole
+    replacement model (:func:`pytest_saecheck.engine.replacement.evaluate_replacement`: every MLP output replaced
+    at once; ``keep_layers`` keeps the model's own MLP output at those layers); the returned :class:`Evaluation`
+    also holds each layer spliced alone (``layers``) and the compounding.
+
     Raises :class:`ConfigError`, :class:`ShapeMismatchError`, :class:`HookNotFoundError`,
     :class:`UnsupportedDictionaryError`, :class:`ModelStateError`, :class:`EmptyTokenSetError`,
     :class:`NonFiniteError`, :class:`DegenerateActivationsError` (all :class:`SAECheckError`).
@@ -159,6 +168,25 @@ def evaluate(
     started = time.perf_counter()
     # --- plan: the options checked, the model's cut, one member per dictionary, the tokens ------------------
     scaling_law = as_scaling_law(scaling_law)
+    if is_clt(sae):
+        policy = token_policy(policy, exclude_bos, exclude_special_tokens, exclude_token_ids, pad_token_id)
+        unsupported = {"activation_scaler": activation_scaler, "mean_activation": mean_activation}
+        unsupported["token_groups"] = token_groups
+        return evaluate_clt(
+            model,
+            sae,
+            tokens,
+            unsupported,
+            batch_size=batch_size,
+            policy=policy,
+            scaling_law=scaling_law,
+            keep_layers=keep_layers,
+            progress=progress,
+            backend=backend,
+        )
+    if keep_layers:
+        raise ConfigError("keep_layers applies to a cross-layer transcoder's replacement; this is not one")
+    refuse_clt_in_set(sae)
     single, named = named_dictionaries(sae)
     if joint and len(named) < 2:
         raise ConfigError(
@@ -188,6 +216,8 @@ def evaluate(
     sites = [site for m in members for site in (m.read, m.write)]
     with torch.inference_mode(), hook_z_reshaping_off(list(named.values())), cut.prepared(sites):
         evaluations, joint_evaluation, compounding = run.run(tokens, means, progress)
+    if joint_evaluation is not None:
+        alone_view(joint_evaluation, evaluations)
 
     # --- finish: what every result of this call shares, warnings shown once -----------------------------
     duration = time.perf_counter() - started

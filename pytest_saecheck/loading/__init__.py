@@ -20,6 +20,12 @@ says, checked before it is believed).
 
 from __future__ import annotations
 
+from pytest_saecheck.loading.clt import (
+    CLT_RELEASE_CONVERTERS,
+    clt_directory_format,
+    load_clt_directory,
+    load_clt_release,
+)
 from pytest_saecheck.loading.models import (
     DEMO_LOADER,
     HF_DIRECTORY_LOADER,
@@ -47,7 +53,6 @@ from pytest_saecheck.loading.offline import (
 from pytest_saecheck.loading.saes import (
     DICTIONARY_LEARNING_WEIGHTS,
     SPARSIFY_WEIGHTS,
-    SUMMED_DECODER_CONVERTERS,
     builtin_load_sae,
     load_sae,
     load_sae_directory,
@@ -93,6 +98,7 @@ from pytest_saecheck.validate import (
 
 __all__ = [
     "ARTEFACT_MODEL_KWARGS",
+    "CLT_RELEASE_CONVERTERS",
     "DEFAULT_CONTEXT_SIZE",
     "DEMO",
     "DEMO_LOADER",
@@ -103,7 +109,6 @@ __all__ = [
     "KNOWN_LOADER_BUGS",
     "PROCESSING_FLAGS",
     "SPARSIFY_WEIGHTS",
-    "SUMMED_DECODER_CONVERTERS",
     "TEXT_COLUMNS",
     "TL_LOADER",
     "TOKEN_COLUMNS",
@@ -117,6 +122,7 @@ __all__ = [
     "builtin_load_tokens",
     "check_loaded",
     "check_sparsity",
+    "clt_directory_format",
     "default_context_size",
     "default_model_spec",
     "default_token_source",
@@ -125,6 +131,8 @@ __all__ = [
     "hf_documents",
     "hub_offline",
     "is_unavailable_error",
+    "load_clt_directory",
+    "load_clt_release",
     "load_hf_directory",
     "load_hf_model",
     "load_model",

@@ -16,8 +16,13 @@ from pytest_saecheck.errors import (
     ConfigError,
     LoadError,
     SAECheckError,
-    UnsupportedDictionaryError,
     WeightsUnavailableError,
+)
+from pytest_saecheck.loading.clt import (
+    CLT_RELEASE_CONVERTERS,
+    clt_directory_format,
+    load_clt_directory,
+    load_clt_release,
 )
 from pytest_saecheck.loading.offline import is_unavailable_error, offline_state, quiet_deprecations
 from pytest_saecheck.loading.resolve import hooks_then_builtin
@@ -88,6 +93,13 @@ def builtin_load_sae(spec: str, device: str, dtype: str | None, hook_name: str |
             raise LoadError(f"no demo SAE named {demo_name!r}; the demo SAEs are {', '.join(demo.SAE_NAMES)}")
         sae = demo.load_sae(demo_name, device=device, dtype=dtype)
     elif (path := local_path(spec)) is not None:
+        if clt_directory_format(path) is not None:
+            if hook_name is not None:
+                raise ConfigError(
+                    f"the hook_name setting ({hook_name!r}) cannot apply to the cross-layer transcoder in {spec!r}: "
+                    "it reads and writes one point per layer, recorded in its own files"
+                )
+            return load_clt_directory(path, device, dtype)
         sae = load_sae_directory(path, device, dtype, hook_name)
     elif looks_like_path(spec):
         raise LoadError(
@@ -305,10 +317,6 @@ def safe_keys(path: Path) -> Iterator[set[str]]:
         raise LoadError(f"{str(path)!r} is not a readable safetensors file: {error}") from None
 
 
-SUMMED_DECODER_CONVERTERS = frozenset({"mntss_clt_layer_transcoder"})
-"""SAE Lens release converters that load a cross-layer transcoder layer with its decoders summed."""
-
-
 def load_sae_release(release: str, sae_id: str, device: str, dtype: str | None) -> Any:
     from sae_lens import SAE
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
@@ -323,13 +331,9 @@ def load_sae_release(release: str, sae_id: str, device: str, dtype: str | None) 
             )
             raise LoadError(f"SAE Lens release {release!r} has no SAE id {sae_id!r} ({hint})")
         repo_id, folder = directory[release].repo_id, directory[release].saes_map[sae_id]
-        if getattr(directory[release], "conversion_func", None) in SUMMED_DECODER_CONVERTERS:
-            raise UnsupportedDictionaryError(
-                f"SAE Lens release {release!r} holds cross-layer transcoders, which SAE Lens loads one layer at a "
-                "time with the decoders of every later layer summed into one (its own warning: 'only for finding "
-                "feature activations, not for reconstruction'); spliced at one hook, that sum would be scored as "
-                "a reconstruction it is not. pytest-saecheck does not evaluate cross-layer transcoders yet"
-            )
+        if getattr(directory[release], "conversion_func", None) in CLT_RELEASE_CONVERTERS:
+            # SAE Lens would sum each layer's decoders into one; the repository is one whole CLT
+            return load_clt_release(release, repo_id, dtype)
     elif "/" in release:
         repo_id, folder = release, sae_id
     else:

@@ -292,7 +292,10 @@ class SAECheck:
             return "transformer_lens"
         from pytest_saecheck.dictionaries import describe
 
-        hook = self.settings.hook_name or describe(self._load_sae(self.sae_specs[0])).hook_name
+        sae = self._load_sae(self.sae_specs[0])
+        if not _is_module(sae):  # a cross-layer transcoder records TransformerLens hooks
+            return "transformer_lens"
+        hook = self.settings.hook_name or describe(sae).hook_name
         return "transformer_lens" if hook.startswith(("blocks.", "hook_")) else "hf"
 
     def _sae_key(self, spec: str | None = None) -> Hashable:
@@ -436,6 +439,9 @@ class SAECheck:
 
         self._cache.loads["pass"] = self._cache.loads.get("pass", 0) + 1
         single = len(saes) == 1 and not joint
+        for sae in saes.values():
+            if not _is_module(sae):  # a cross-layer transcoder: its weights within this test's budget
+                sae.set_weight_budget(self.settings.weight_budget_mib * 2**20)
         scalers = {spec: self._activation_scaler_for(spec) for spec in saes}
         grouping = None
         if self.settings.token_groups is not None:
@@ -484,6 +490,9 @@ class SAECheck:
 
     def _evaluate_with_release_group(self) -> Evaluation:
         """This SAE's evaluation, computed in one pass with the not yet evaluated SAEs of its release group."""
+        if not _is_module(self.sae):
+            # a cross-layer transcoder reads its weights per layer: a replacement model is a pass of its own
+            return self._evaluate({self.sae_spec: self.sae})
         group = [self]
         budget = self.settings.release_group_mib * 2**20
         used = _weight_bytes(self.sae)
@@ -496,6 +505,8 @@ class SAECheck:
                     continue
                 if (sibling._model_key(), sibling._tokens_key()) != (self._model_key(), self._tokens_key()):
                     continue
+                if not _is_module(sibling.sae):
+                    continue  # a cross-layer transcoder is a pass of its own
                 size = _weight_bytes(sibling.sae)
             except (SAECheckError, pytest.skip.Exception):
                 continue  # that SAE's own test reports the problem
@@ -603,6 +614,11 @@ class SAECheck:
 
     def __repr__(self) -> str:
         return f"<SAECheck {self.label} on {self.device}>"
+
+
+def _is_module(sae: Any) -> bool:
+    """Whether ``sae`` holds its weights as module parameters (a cross-layer transcoder reads them per layer)."""
+    return callable(getattr(sae, "parameters", None))
 
 
 def _weight_bytes(sae: Any) -> int:

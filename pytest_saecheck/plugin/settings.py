@@ -30,7 +30,12 @@ from typing import Any
 
 import pytest
 
-from pytest_saecheck.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CONTEXT_SIZE, DEFAULT_N_TOKENS
+from pytest_saecheck.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONTEXT_SIZE,
+    DEFAULT_N_TOKENS,
+    WEIGHT_BUDGET_MIB,
+)
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.naming import short_id
 from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS, ScalingLaw, as_scaling_law
@@ -551,6 +556,15 @@ SETTINGS: tuple[Setting, ...] = (
         "MIB",
     ),
     Setting(
+        "weight_budget_mib",
+        _positive_int,
+        WEIGHT_BUDGET_MIB,
+        "a cross-layer transcoder's weights are kept in memory through the pass up to this many MiB; a larger one "
+        f"is streamed one layer's tensor at a time, and one whose single tensor exceeds it is refused (default "
+        f"{WEIGHT_BUDGET_MIB})",
+        "MIB",
+    ),
+    Setting(
         "unavailable",
         _unavailable,
         "skip",
@@ -624,6 +638,7 @@ class SAECheckSettings:
     scaling_law: ScalingLaw | None = _default("scaling_law")
     splice: str = _default("splice")
     release_group_mib: int = _default("release_group_mib")
+    weight_budget_mib: int = _default("weight_budget_mib")
     unavailable: str = _default("unavailable")
     model_from_pretrained_kwargs: FrozenKwargs | None = _default("model_from_pretrained_kwargs")
     hook_name: str | None = _default("hook_name")

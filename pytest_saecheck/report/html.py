@@ -214,6 +214,25 @@ def _group_rows(sae: Mapping[str, Any]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: row["sort"])
 
 
+def _replacement_chart(sae: Mapping[str, Any]) -> Markup | None:
+    """R² of each member (a replacement's layers, in order) inside the joint model, and on the original model's
+    inputs when recorded (``explained_variance_alone``: a cross-layer transcoder's layers); None without members."""
+    members = list((sae.get("members") or {}).values())
+    if not members:
+        return None
+    series: list[charts.Series] = []
+    if any("explained_variance_alone" in values for values in members):
+        alone = [values.get("explained_variance_alone") for values in members]
+        series.append(
+            ("R² on the original model's inputs", alone, charts.PALETTE["secondary"], charts.UNDERLAY)
+        )
+    inside = [values.get("explained_variance") for values in members]
+    series.append(("R² inside the replacement", inside, charts.PALETTE["primary"]))
+    return charts.line_chart(
+        series, title="Reconstruction of each MLP output", x_label="layer (member)", y_label="R²"
+    )
+
+
 def _view(sae: Mapping[str, Any], sections: Sequence[Mapping[str, Any]], short_label: str) -> dict[str, Any]:
     known = {name for rows in (LOSS_ROWS, SCORE_ROWS, R2_ROWS, OTHER_ROWS) for name, _ in rows}
     extra = sorted(set(sae.get("metrics", {})) - known)
@@ -262,6 +281,7 @@ def _view(sae: Mapping[str, Any], sections: Sequence[Mapping[str, Any]], short_l
         )
         if series
         else None,
+        "replacement_chart": _replacement_chart(sae),
         "group_rows": _group_rows(sae),
         "task_rows": list(sae.get("tasks") or ()),
         "density_chart": charts.density_histogram(sae.get("latent_density_histogram")),
