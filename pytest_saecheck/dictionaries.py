@@ -65,7 +65,8 @@ class Dictionary(Protocol):
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
 
 
-def _metadata(sae: Any, key: str) -> Any:
+def metadata_value(sae: Any, key: str) -> Any:
+    """``sae.cfg.metadata.<key>``, else ``sae.cfg.<key>``, else None (SAE Lens 6 keeps the record in metadata)."""
     metadata = getattr(sae.cfg, "metadata", None)
     value = getattr(metadata, key, None) if metadata is not None else None
     return value if value is not None else getattr(sae.cfg, key, None)
@@ -149,12 +150,12 @@ def describe(sae: Any) -> DictionaryInfo:
             "of each activation and drops the part predicted from earlier positions, so the engine would score "
             "a reconstruction the SAE never makes. pytest-saecheck does not evaluate temporal SAEs yet."
         )
-    hook_name = _metadata(sae, "hook_name")
+    hook_name = metadata_value(sae, "hook_name")
     if not hook_name:
         raise ConfigError(
             "the SAE config names no hook (cfg.metadata.hook_name); set it to the hook it reads"
         )
-    hook_name_out = _metadata(sae, "hook_name_out")
+    hook_name_out = metadata_value(sae, "hook_name_out")
     d_in = int(cfg.d_in)
     d_out_cfg = getattr(cfg, "d_out", None)
     is_transcoder = "Transcoder" in names or hook_name_out is not None or d_out_cfg is not None
@@ -175,9 +176,9 @@ def describe(sae: Any) -> DictionaryInfo:
         architecture=architecture,
         hook_name=str(hook_name),
         hook_name_out=str(hook_name_out or hook_name),
-        hook_head_index=_metadata(sae, "hook_head_index"),
+        hook_head_index=metadata_value(sae, "hook_head_index"),
         d_in=d_in,
         d_out=int(d_out_cfg) if d_out_cfg is not None else d_in,
         normalize_activations=str(getattr(cfg, "normalize_activations", "none") or "none"),
-        context_size=int(context) if isinstance(context := _metadata(sae, "context_size"), int) else None,
+        context_size=int(context) if isinstance(context := metadata_value(sae, "context_size"), int) else None,
     )
