@@ -180,5 +180,7 @@ def describe(sae: Any) -> DictionaryInfo:
         d_in=d_in,
         d_out=int(d_out_cfg) if d_out_cfg is not None else d_in,
         normalize_activations=str(getattr(cfg, "normalize_activations", "none") or "none"),
-        context_size=int(context) if isinstance(context := metadata_value(sae, "context_size"), int) else None,
+        context_size=int(context)
+        if isinstance(context := metadata_value(sae, "context_size"), int)
+        else None,
     )

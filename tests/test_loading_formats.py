@@ -16,7 +16,7 @@ from factories import CORPUS, D_MODEL, HOOK, TESTS_DIR, build_tokenizer, make_id
 
 import pytest_saecheck
 from pytest_saecheck import loading
-from pytest_saecheck.errors import LoadError
+from pytest_saecheck.errors import ConfigError, LoadError
 
 # --------------------------------------------------------------------------------------------------------
 # local Hugging Face directories: no processing unless asked, n_ctx, tokenizers
@@ -205,10 +205,19 @@ def test_sparsify_directory_is_converted_faithfully(tmp_path: Path) -> None:
     x = torch.randn(50, D_MODEL)
     with torch.no_grad():
         torch.testing.assert_close(sae(x), coder(x).sae_out, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match=r"contradicts the SAE's own record.*hook_name_override=True"):
+        loading.builtin_load_sae(str(tmp_path / "run" / "layers.1"), "cpu", None, "blocks.1.hook_resid_pre")
+    same = loading.builtin_load_sae(
+        str(tmp_path / "run" / "layers.1"), "cpu", None, "blocks.2.hook_resid_pre"
+    )
+    assert (
+        same.cfg.metadata.hook_name == "blocks.2.hook_resid_pre"
+    )  # the same tensor, named from the next block
     overridden = loading.builtin_load_sae(
-        str(tmp_path / "run" / "layers.1"), "cpu", None, "blocks.1.hook_resid_pre"
+        str(tmp_path / "run" / "layers.1"), "cpu", None, "blocks.1.hook_resid_pre", hook_name_override=True
     )
     assert overridden.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
+    assert overridden.cfg.metadata.hook_name_override is True
 
 
 def test_sparsify_folder_that_is_not_a_layer_needs_hook_name(tmp_path: Path) -> None:

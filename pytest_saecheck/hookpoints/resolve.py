@@ -138,9 +138,10 @@ def split_module_point(text: str, modules: set[str] | None = None) -> tuple[str,
     is itself a module in ``modules`` stays whole (a module may be named ``output``)."""
     if modules is not None and text in modules:
         return text, "output"
-    for io in ("input", "output"):
-        if text.endswith("." + io):
-            return text[: -len(io) - 1], io  # type: ignore[return-value]
+    if text.endswith(".input"):
+        return text[: -len(".input")], "input"
+    if text.endswith(".output"):
+        return text[: -len(".output")], "output"
     return text, "output"
 
 
@@ -156,6 +157,17 @@ def _same(a: tuple[int, Site], b: tuple[int, Site], role: Role, *, post_norms: b
         return (layer - 1, Site.RESID_POST) if site is Site.RESID_PRE and layer > 0 else (layer, site)
 
     return key(*a) == key(*b)
+
+
+def same_point(a: str, b: str) -> bool:
+    """Whether two TransformerLens-style names are one tensor on every architecture (``blocks.0.hook_resid_post``
+    and ``blocks.1.hook_resid_pre``, ``blocks.1.hook_out`` and ``blocks.1.hook_resid_post``)."""
+    if a == b:
+        return True
+    pa, pb = parse_tl_name(a), parse_tl_name(b)
+    if pa is None or pb is None:
+        return False
+    return _same(pa, pb, "write", post_norms=True, parallel=False)
 
 
 def _described(name: str, found: tuple[int, Site] | None) -> str:
@@ -205,7 +217,7 @@ class _TL:
 
     def candidates(self, layer: int | None) -> str:
         layers = [layer] if layer is not None and 0 <= layer < self.n_layers else [0]
-        names = []
+        names: list[str] = []
         for site in Site:
             hook = self.hook(layers[0], site, "read")
             if hook is not None and all(not n.startswith(hook + " ") for n in names):
@@ -258,7 +270,7 @@ def _tl_side(tl: _TL, record: HookRecord, role: Role) -> ResolvedPoint:
                 f"gain, and no hook after it); {HF_BACKEND_HINT}"
             )
         reason = f"{hf_field} {hf!r} is where it was trained" + (
-            f"; {field} {_described(name, parsed)} is another tensor" if disagreement else ""
+            f"; {field} {_described(name, parsed)} is another tensor" if name is not None else ""
         )
         return ResolvedPoint(hook, trained[0], trained[1], hf_field, reason)
     if name is None:

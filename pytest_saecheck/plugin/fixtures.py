@@ -294,7 +294,13 @@ class SAECheck:
         return "transformer_lens" if hook.startswith(("blocks.", "hook_")) else "hf"
 
     def _sae_key(self, spec: str | None = None) -> Hashable:
-        return (spec or self.sae_specs, self.device, self.dtype, self.settings.hook_name)
+        return (
+            spec or self.sae_specs,
+            self.device,
+            self.dtype,
+            self.settings.hook_name,
+            self.settings.hook_name_override,
+        )
 
     def _tokens_key(self) -> Hashable:
         return (
@@ -338,7 +344,13 @@ class SAECheck:
         return self._guard(
             lambda: self._cache.sae(
                 self._sae_key(spec),
-                lambda: loading.load_sae(spec, self.device, self.dtype, self.settings.hook_name),
+                lambda: loading.load_sae(
+                    spec,
+                    self.device,
+                    self.dtype,
+                    self.settings.hook_name,
+                    hook_name_override=self.settings.hook_name_override,
+                ),
             )
         )
 
