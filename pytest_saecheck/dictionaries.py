@@ -83,7 +83,8 @@ class DictionaryInfo:
     ``hook_name`` is where it reads, ``hook_name_out`` where it writes (the same hook for an SAE); ``d_in`` and
     ``d_out`` are the widths it reads and writes; ``kind`` is ``"sae"``, ``"transcoder"`` or
     ``"skip_transcoder"``; ``normalize_activations`` is SAE Lens' setting of that name; ``context_size`` the
-    context length it was trained on (``cfg.metadata.context_size``), when known.
+    context length it was trained on (``cfg.metadata.context_size``), when known; ``points``: where it was
+    spliced on the model and why (:meth:`pytest_saecheck.hookpoints.ResolvedPoints.to_dict`), once resolved.
     """
 
     kind: str
@@ -95,6 +96,7 @@ class DictionaryInfo:
     d_out: int
     normalize_activations: str
     context_size: int | None = None
+    points: dict[str, Any] | None = None
 
     @property
     def is_transcoder(self) -> bool:
@@ -123,6 +125,7 @@ class DictionaryInfo:
             "d_out": self.d_out,
             "normalize_activations": self.normalize_activations,
             "context_size": self.context_size,
+            "points": self.points,
         }
 
 

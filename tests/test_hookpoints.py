@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from factories import identity_sae, make_engine_model, make_tokens
-from tiny_hf import VOCAB, tiny_hf, tl_twin
+from factories import identity_sae, make_engine_model, make_sparse_coder, make_tokens
+from tiny_hf import D_MODEL, VOCAB, tiny_hf, tl_twin
 
 from pytest_saecheck import evaluate
 from pytest_saecheck.errors import HookNotFoundError, NoFaithfulPointError
@@ -154,15 +154,26 @@ def test_sparsify_and_dictionary_learning_module_paths(architecture, sparsify, e
 # the equivalences the maps claim, numerically, on a TransformerLens twin of the same weights
 
 
-@pytest.mark.parametrize("architecture", ["GPT2LMHeadModel", "LlamaForCausalLM", "Gemma3ForCausalLM"])
+TWINNED = (
+    "GPT2LMHeadModel",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM",
+    "GPTNeoXForCausalLM",  # parallel residual
+)
+
+
+@pytest.mark.parametrize("architecture", TWINNED)
 def test_module_points_equal_their_transformer_lens_hooks(architecture):
     hf = tiny_hf(architecture)
     tl = tl_twin(hf)
     ids = tokens()
     pairs = {}
     for site, suffix in TL3_HOOKS.items():
-        if site in (Site.ATTN_NORMED, Site.MLP_NORMED):
-            continue  # before the gain: no module point (checked below)
+        if site in (Site.ATTN_NORMED, Site.MLP_NORMED) or f"blocks.1.{suffix}" not in tl.hook_dict:
+            continue  # before the gain: no module point (checked below); no resid_mid with a parallel residual
         record = HookRecord(
             f"blocks.1.{suffix}", "blocks.1.hook_mlp_out"
         )  # a read point (resid_mid: read-only)
@@ -172,6 +183,7 @@ def test_module_points_equal_their_transformer_lens_hooks(architecture):
     with torch.no_grad(), captured(hf, list(pairs.values())) as found:
         hf(ids)
         _, cache = tl.run_with_cache(ids)
+    assert len(pairs) >= 6
     for hook, point in pairs.items():
         tl_value = cache[hook].flatten(-2) if hook.endswith("hook_z") else cache[hook]
         torch.testing.assert_close(found[point], tl_value, atol=1e-5, rtol=1e-5, msg=f"{hook} vs {point}")
@@ -322,6 +334,39 @@ def test_a_bridge_name_evaluates_at_its_own_tensor():
     assert bridge.metrics == tl.metrics
 
 
+def test_on_a_hooked_transformer_the_hf_record_wins_and_the_result_says_why():
+    hf = tiny_hf("GPT2LMHeadModel")
+    tl = tl_twin(hf)
+    ids = tokens(4, 16)
+    labelled = identity_sae("blocks.1.hook_resid_pre", d_in=D_MODEL)
+    labelled.cfg.metadata.hf_hook_name = "transformer.h.1"  # where it was trained: layer 1's output
+    result = evaluate(tl, labelled, ids, progress=False)
+    reference = evaluate(tl, identity_sae("blocks.1.hook_resid_post", d_in=D_MODEL), ids, progress=False)
+    assert result.hook_name == "blocks.1.hook_resid_post"
+    assert result.metrics == reference.metrics
+    read = result.dictionary["points"]["read"]
+    assert read["source"] == "hf_hook_name" and "'blocks.1.hook_resid_pre'" in read["reason"]
+    agreeing = identity_sae("blocks.1.hook_resid_post", d_in=D_MODEL)
+    agreeing.cfg.metadata.hf_hook_name = "transformer.h.1.output"
+    assert evaluate(tl, agreeing, ids, progress=False).dictionary["points"]["read"]["reason"] == (
+        "hook_name and hf_hook_name 'transformer.h.1.output' name the same tensor"
+    )
+
+
+def test_gemma_scope_1_transcoders_keep_their_transformer_lens_point():
+    """Gemma Scope 1 transcoders read blocks.L.ln2.hook_normalized (no hf_hook_name): TransformerLens has that
+    tensor; a module tree has no point before the norm's gain, so it is refused there, not moved."""
+    tl = tl_twin(tiny_hf("Gemma3ForCausalLM"))
+    record = HookRecord("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
+    points = resolve_points(record, tl)
+    assert (points.read.point, points.write.point) == (
+        "blocks.1.ln2.hook_normalized",
+        "blocks.1.hook_mlp_out",
+    )
+    with pytest.raises(NoFaithfulPointError, match="TransformerLens backend"):
+        resolve_points(record, tiny_hf("Gemma3ForCausalLM"))
+
+
 def test_raw_mlp_output_has_no_hook_where_a_post_norm_follows():
     gemma, llama = tl_twin(tiny_hf("Gemma3ForCausalLM")), tl_twin(tiny_hf("LlamaForCausalLM"))
     with pytest.raises(NoFaithfulPointError, match="before any post-MLP norm"):
@@ -410,3 +455,29 @@ def test_an_override_replaces_a_contradicting_hf_record():
     overridden = HookRecord(record.hook_name, record.hook_name_out, record.hf_hook_name, override=True)
     point = resolve_points(overridden, model).read.point
     assert point == ModulePoint("model.layers.0.pre_feedforward_layernorm", "input", 0)
+
+
+def test_a_sparsify_directory_is_placed_at_its_module_path(tmp_path):
+    """A sparsify SAE trained on an HF Llama's ``layers.1.mlp``: loaded with that record, placed at
+    ``model.layers.1.mlp`` (HF) and ``hook_mlp_out`` (TransformerLens), and spliced it equals sparsify's forward."""
+    from pytest_saecheck import load_sae
+
+    coder = make_sparse_coder()
+    coder.save_to_disk(tmp_path / "run" / "layers.1.mlp")
+    sae = load_sae(str(tmp_path / "run" / "layers.1.mlp"), "cpu")
+    assert sae.cfg.metadata.hook_name == "layers.1.mlp"
+    hf = tiny_hf("LlamaForCausalLM")
+    points = resolve_points(HookRecord.of(sae), hf, transcoder=False)
+    assert (
+        points.read.point == ModulePoint("model.layers.1.mlp", "output", 1)
+        and points.read.site is Site.MLP_OUT
+    )
+    ids = tokens()
+    _, seen = spliced_logits(hf, points.read.point, points.write.point, sae, ids)  # type: ignore[arg-type]
+    with torch.no_grad():
+        own = coder(seen["in"].flatten(0, 1)).sae_out.reshape(seen["in"].shape)
+        torch.testing.assert_close(seen["rec"], own, atol=1e-5, rtol=1e-5)
+    assert (
+        resolve_points(HookRecord.of(sae), tl_twin(hf), transcoder=False).read.point
+        == "blocks.1.hook_mlp_out"
+    )

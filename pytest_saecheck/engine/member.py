@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class Member:
         self.points: ResolvedPoints = resolve_points(
             HookRecord.of(sae), cut.model, transcoder=self.info.is_transcoder
         )
+        self.info = dataclasses.replace(self.info, points=self.points.to_dict())
         self.read: Site = cut.site(self.points.read.point, self.info.hook_head_index)
         self.write: Site = self.read
         if self.info.is_transcoder:

@@ -272,7 +272,8 @@ def _tl_side(tl: _TL, record: HookRecord, role: Role) -> ResolvedPoint:
         reason = f"{hf_field} {hf!r} is where it was trained" + (
             f"; {field} {_described(name, parsed)} is another tensor" if name is not None else ""
         )
-        return ResolvedPoint(hook, trained[0], trained[1], hf_field, reason)
+        site = canonical(trained[1], post_norms=tl.post_norms, parallel=tl.parallel, role=role)
+        return ResolvedPoint(hook, trained[0], site, hf_field, reason)
     if name is None:
         raise ConfigError(f"the dictionary's config names no {field}; set it to the point it reads")
     source = f"{field} (override)" if record.override else field
@@ -398,7 +399,7 @@ def _module_side(mods: _Modules, record: HookRecord, role: Role) -> ResolvedPoin
                 f"the dictionary writes at {hf!r} ({found[1].value}, its {hf_field}), a norm's input: replacing it "
                 "would not change the residual stream. Evaluate it on the TransformerLens backend"
             )
-        site = found[1] if found is not None else None
+        site = layout.canonical(found[1], role) if found is not None and layout is not None else None
         reason = f"{hf_field} {hf!r} is where it was trained"
         if name is not None and parsed is not None and found is not None and layout is not None:
             agree = _same(
@@ -440,7 +441,11 @@ def _module_side(mods: _Modules, record: HookRecord, role: Role) -> ResolvedPoin
             "the residual stream; name a module output"
         )
     return ResolvedPoint(
-        point, point.layer, found[1] if found else None, source, f"{field} {name!r} is a module path"
+        point,
+        point.layer,
+        layout.canonical(found[1], role) if found is not None and layout is not None else None,
+        source,
+        f"{field} {name!r} is a module path",
     )
 
 

@@ -210,8 +210,10 @@ def load_sparsify_directory(path: Path, device: str, dtype: str | None, hook_nam
     """An EleutherAI sparsify ``SparseCoder`` directory as an SAE Lens ``TopKSAE``, via SAE Lens' converter.
 
     SAE Lens' ``sparsify_disk_loader`` maps the layer folder (``layers.N`` to ``blocks.N.hook_resid_post``,
-    ``embed_tokens`` to ``hook_embed``); ``hook_name`` places a folder named otherwise (required there), and is
-    checked against that mapping by :func:`load_sae` for a layer folder. Two of its readings disagree with sparsify's own ``SparseCoder`` (1.x) and are corrected
+    ``embed_tokens`` to ``hook_embed``); a folder named otherwise (``layers.3.mlp``, ``h.3``) keeps its name, a
+    module path relative to the base model, as ``hook_name`` for :func:`pytest_saecheck.hookpoints.resolve_points`
+    to place on the model. ``hook_name`` places it instead, and is checked against the converter's mapping by
+    :func:`load_sae` for a layer folder. Two of its readings disagree with sparsify's own ``SparseCoder`` (1.x) and are corrected
     here: the stored ``W_dec`` is already ``[num_latents, d_in]`` (it transposes it), and sparsify subtracts
     ``b_dec`` before encoding whatever ``normalize_decoder`` says. Transcoders, skip connections and activations
     other than TopK are refused: the converter would drop them. Without a ``config.json`` (sparsify's run
@@ -237,12 +239,7 @@ def load_sparsify_directory(path: Path, device: str, dtype: str | None, hook_nam
             "encode/decode/cfg"
         )
     if hook_name is None and not _SPARSIFY_LAYER.fullmatch(path.name):
-        raise LoadError(
-            f"{what} for the layer {path.name!r}, which is not a TransformerLens hook and which SAE Lens' sparsify "
-            "converter cannot place (it maps only layers.N and embed_tokens). Set the hook_name setting to the "
-            'TransformerLens hook it reads, e.g. @pytest.mark.saecheck(hook_name="blocks.3.hook_resid_post") or '
-            "--saecheck-hook-name=blocks.3.hook_resid_post"
-        )
+        hook_name = path.name  # sparsify's hookpoint, a module path the resolver places on the model
     from sae_lens import SAE
     from sae_lens.loading.pretrained_sae_loaders import sparsify_disk_loader
 
@@ -266,7 +263,7 @@ def load_sparsify_directory(path: Path, device: str, dtype: str | None, hook_nam
         if stored_w_dec:  # sparsify stores W_dec as [num_latents, d_in], SAE Lens' layout; undo its transpose
             state_dict["W_dec"] = state_dict["W_dec"].T.contiguous()
         if hook_name is not None and not _SPARSIFY_LAYER.fullmatch(path.name):
-            cfg_dict["hook_name"] = hook_name  # no record of its own: the setting places it
+            cfg_dict["hook_name"] = hook_name  # the converter cannot name this folder
         return cfg_dict, state_dict
 
     try:
