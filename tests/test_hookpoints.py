@@ -481,3 +481,60 @@ def test_a_sparsify_directory_is_placed_at_its_module_path(tmp_path):
         resolve_points(HookRecord.of(sae), tl_twin(hf), transcoder=False).read.point
         == "blocks.1.hook_mlp_out"
     )
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_what_each_sublayer_adds_sums_to_the_layer_output(architecture):
+    """On every mapped architecture (Gemma 2 and Qwen3-MoE included, which have no TransformerLens twin here):
+    ``layers.0`` output is the model's own hidden state 1, and for layer 1 the residual entering it plus what
+    attention and MLP add (the points of hook_attn_out and hook_mlp_out) is its output."""
+    model = tiny_hf(architecture)
+    names = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+    points = [resolve_points(HookRecord(f"blocks.1.{n}"), model, transcoder=False).read.point for n in names]
+    first = resolve_points(HookRecord("blocks.0.hook_resid_post"), model, transcoder=False).read.point
+    with torch.no_grad(), captured(model, [*points, first]) as found:  # type: ignore[list-item]
+        hidden = model(tokens(), output_hidden_states=True).hidden_states
+    resid_pre, attn_out, mlp_out, resid_post = (found[p] for p in points)  # type: ignore[index]
+    torch.testing.assert_close(found[first], hidden[1], atol=1e-6, rtol=1e-6)  # type: ignore[index]
+    torch.testing.assert_close(resid_pre + attn_out + mlp_out, resid_post, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(attn_out, torch.zeros_like(attn_out)) and not torch.allclose(
+        mlp_out, 0 * mlp_out
+    )
+
+
+def test_an_ini_wide_hook_name_does_not_silently_move_an_sae(tiny_pytester):
+    """ini ``saecheck_hook_name`` (documented for sparsify folders) against an SAE Lens SAE that records its own
+    hook: an error naming both, unless the override is set."""
+    tiny_pytester.makeini("[pytest]\nsaecheck_hook_name = blocks.0.hook_resid_pre\n")
+    tiny_pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.saecheck(model="tiny", sae="sae_identity", tokens="tokens.npy", n_tokens=64)
+        def test_moved(saecheck):
+            assert saecheck.metrics
+        """
+    )
+    result = tiny_pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*ConfigError: the hook_name setting 'blocks.0.hook_resid_pre' contradicts the SAE's own record*"]
+    )
+    result = tiny_pytester.runpytest_inprocess("-p", "no:cacheprovider", "--saecheck-hook-name-override=true")
+    result.assert_outcomes(passed=1)
+
+
+def test_the_mlp_input_is_hook_normalized_only_where_the_norm_has_a_unit_gain():
+    unit = make_engine_model()  # LayerNorm weights 1, biases 0
+    assert resolve_points(HookRecord("blocks.1.mlp.hook_in"), unit, transcoder=False).read.point == (
+        "blocks.1.ln2.hook_normalized"
+    )
+    from transformer_lens import HookedTransformer
+
+    folded = HookedTransformer(unit.cfg.to_dict() | {"normalization_type": "LNPre"})  # gain folded away
+    with pytest.raises(NoFaithfulPointError):
+        resolve_points(HookRecord("blocks.1.mlp.hook_in"), folded, transcoder=False)
+    with torch.no_grad():
+        unit.blocks[1].ln2.w.mul_(2)
+    with pytest.raises(NoFaithfulPointError):
+        resolve_points(HookRecord("blocks.1.mlp.hook_in"), unit, transcoder=False)

@@ -212,8 +212,10 @@ class _TL:
         module = getattr(self.model.blocks[layer], norm, None)
         if module is None or f"blocks.{layer}.{norm}.hook_normalized" not in self.hooks:
             return False
+        # A norm without weights (LNPre / RMSPre) had its gain folded into the next weights: its output is not
+        # the gained tensor a module tree records, so only a gain that is there and is one counts.
         w, b = getattr(module, "w", None), getattr(module, "b", None)
-        return (w is None or bool(torch.all(w == 1))) and (b is None or not bool(torch.any(b != 0)))
+        return w is not None and bool(torch.all(w == 1)) and (b is None or not bool(torch.any(b != 0)))
 
     def candidates(self, layer: int | None) -> str:
         layers = [layer] if layer is not None and 0 <= layer < self.n_layers else [0]
