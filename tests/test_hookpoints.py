@@ -538,3 +538,32 @@ def test_the_mlp_input_is_hook_normalized_only_where_the_norm_has_a_unit_gain():
         unit.blocks[1].ln2.w.mul_(2)
     with pytest.raises(NoFaithfulPointError):
         resolve_points(HookRecord("blocks.1.mlp.hook_in"), unit, transcoder=False)
+
+
+@pytest.mark.parametrize(
+    ("hook_name", "hf_hook_name"),
+    [  # the pairs SAE Lens' Gemma 3 loader writes for Gemma Scope 2 SAEs (res, att, mlp): they agree
+        ("blocks.1.hook_resid_post", "model.layers.1.output"),
+        ("blocks.1.attn.hook_z", "model.layers.1.self_attn.o_proj.input"),
+        ("blocks.1.hook_mlp_out", "model.layers.1.post_feedforward_layernorm.output"),
+    ],
+)
+def test_gemma_scope_2_sae_records_agree_on_both_backends(hook_name, hf_hook_name):
+    hf = tiny_hf("Gemma3ForCausalLM")
+    record = HookRecord(hook_name, None, hf_hook_name)
+    on_tl = resolve_points(record, tl_twin(hf), transcoder=False)
+    on_hf = resolve_points(record, hf, transcoder=False)
+    assert on_tl.read.point == on_tl.write.point == hook_name and "name the same tensor" in on_tl.read.reason
+    assert str(on_hf.read.point) == hf_hook_name and "another tensor" not in on_hf.read.reason
+
+
+def test_a_branch_input_is_read_as_the_residual_but_written_as_the_branch():
+    """Bridge ``ln1.hook_in``: reading it is reading the layer's input; writing it changes attention's input only,
+    which a HookedTransformer has no hook for (hook_attn_in is per head)."""
+    tl = make_engine_model()
+    read = resolve_points(HookRecord("blocks.1.ln1.hook_in", "blocks.1.hook_mlp_out"), tl).read
+    assert read.point == "blocks.1.hook_resid_pre"
+    with pytest.raises(NoFaithfulPointError):
+        resolve_points(HookRecord("blocks.1.ln1.hook_in"), tl, transcoder=False)
+    hf = resolve_points(HookRecord("blocks.1.ln1.hook_in"), tiny_hf("LlamaForCausalLM"), transcoder=False)
+    assert hf.write.point == ModulePoint("model.layers.1.input_layernorm", "input", 1)

@@ -31,6 +31,7 @@ class Site(enum.Enum):
     RESID_PRE = "the residual stream entering the layer"
     RESID_MID = "the residual stream between attention and MLP"
     RESID_POST = "the residual stream leaving the layer"
+    ATTN_RESID_IN = "the residual stream entering the pre-attention norm"
     ATTN_NORMED = "the pre-attention norm's output before its gain (x / rms(x))"
     ATTN_IN = "the attention's input (the pre-attention norm's output, gain applied)"
     ATTN_Z = "the attention heads' outputs, concatenated (the output projection's input)"
@@ -60,7 +61,7 @@ TL_NAMES: dict[str, Site] = {
     # TransformerLens 4 bridge canonical names
     "hook_in": Site.RESID_PRE,
     "hook_out": Site.RESID_POST,
-    "ln1.hook_in": Site.RESID_PRE,
+    "ln1.hook_in": Site.ATTN_RESID_IN,
     "ln1.hook_out": Site.ATTN_IN,
     "attn.hook_in": Site.ATTN_IN,
     "attn.o.hook_in": Site.ATTN_Z,
@@ -104,14 +105,16 @@ def parse_tl_name(name: str) -> tuple[int, Site] | None:
 def canonical(site: Site, *, post_norms: bool, parallel: bool, role: str = "read") -> Site:
     """The site as it is on a model with (or without) post-sublayer norms and a parallel residual, for a read or
     a write: without post norms a sublayer's raw output is what it adds; for a read, the MLP's residual input
-    is the residual between attention and MLP (the layer's input with a parallel residual). A write there
-    changes the MLP's branch only, so it stays its own site."""
+    is the residual between attention and MLP (the layer's input with a parallel residual), and attention's
+    residual input the layer's input. A write there changes that branch only, so it stays its own site."""
     if not post_norms and site is Site.ATTN_RAW_OUT:
         return Site.ATTN_OUT
     if not post_norms and site is Site.MLP_RAW_OUT:
         return Site.MLP_OUT
     if role == "read" and site is Site.MLP_RESID_IN:
         return Site.RESID_PRE if parallel else Site.RESID_MID
+    if role == "read" and site is Site.ATTN_RESID_IN:
+        return Site.RESID_PRE
     return site
 
 
@@ -143,51 +146,51 @@ class Layout:
     def canonical(self, site: Site, role: str = "read") -> Site:
         return canonical(site, post_norms=self.mlp_post_norm is not None, parallel=self.parallel, role=role)
 
-    def _points(self, layer: int) -> Iterator[tuple[Site, ModulePoint, bool]]:
-        """``(site, point, writable)`` for every point of layer ``layer`` this map knows, the preferred point of
-        each site first. A pre-norm's input is read-only as the residual stream (replacing it changes one branch,
-        not the residual add); writing the pre-MLP norm's input is TransformerLens' hook_mlp_in write."""
+    def _points(self, layer: int) -> Iterator[tuple[Site, ModulePoint]]:
+        """``(site, point)`` for every point of layer ``layer`` this map knows, the preferred point of
+        each site first. A pre-norm's input is the residual stream for a read; a write there changes that
+        branch only (TransformerLens' hook_mlp_in write), so it is its own site."""
 
         def at(part: str | None, io: str) -> ModulePoint:
             path = f"{self.layers}.{layer}" + (f".{part}" if part else "")
             return ModulePoint(path, "input" if io == "input" else "output", layer)
 
-        yield Site.RESID_POST, at(None, "output"), True
-        yield Site.RESID_PRE, at(None, "input"), True
-        yield Site.MLP_RESID_IN, at(self.ln2, "input"), True
-        yield Site.ATTN_IN, at(self.ln1, "output"), True
-        yield Site.ATTN_Z, at(self.o_proj, "input"), True
-        yield Site.ATTN_RAW_OUT, at(self.attn, "output"), True
+        yield Site.RESID_POST, at(None, "output")
+        yield Site.RESID_PRE, at(None, "input")
+        yield Site.MLP_RESID_IN, at(self.ln2, "input")
+        yield Site.ATTN_IN, at(self.ln1, "output")
+        yield Site.ATTN_Z, at(self.o_proj, "input")
+        yield Site.ATTN_RAW_OUT, at(self.attn, "output")
         if self.attn_post_norm is not None:
-            yield Site.ATTN_OUT, at(self.attn_post_norm, "output"), True
-            yield Site.ATTN_RAW_OUT, at(self.attn_post_norm, "input"), True
-        yield Site.MLP_IN, at(self.ln2, "output"), True
-        yield Site.MLP_IN, at(self.mlp, "input"), True
-        yield Site.MLP_RAW_OUT, at(self.mlp, "output"), True
+            yield Site.ATTN_OUT, at(self.attn_post_norm, "output")
+            yield Site.ATTN_RAW_OUT, at(self.attn_post_norm, "input")
+        yield Site.MLP_IN, at(self.ln2, "output")
+        yield Site.MLP_IN, at(self.mlp, "input")
+        yield Site.MLP_RAW_OUT, at(self.mlp, "output")
         if self.mlp_post_norm is not None:
-            yield Site.MLP_OUT, at(self.mlp_post_norm, "output"), True
-            yield Site.MLP_RAW_OUT, at(self.mlp_post_norm, "input"), True
-        yield Site.RESID_PRE, at(self.ln1, "input"), False
+            yield Site.MLP_OUT, at(self.mlp_post_norm, "output")
+            yield Site.MLP_RAW_OUT, at(self.mlp_post_norm, "input")
+        yield Site.ATTN_RESID_IN, at(self.ln1, "input")
 
     def point(self, layer: int, site: Site, role: str = "read") -> ModulePoint | None:
         """The module point of ``site`` in layer ``layer`` for a read or a write, or None where this architecture
         has none (a write needs a point whose replacement is what the model goes on with)."""
         wanted = self.canonical(site, role)
-        for found, point, writable in self._points(layer):
-            if self.canonical(found, role) is wanted and (writable or role == "read"):
+        for found, point in self._points(layer):
+            if self.canonical(found, role) is wanted:
                 return point
         return None
 
-    def site_of(self, path: str, io: str) -> tuple[int, Site, bool] | None:
-        """``(layer, site, writable)`` of the module point ``path`` / ``io``, or None if this map has no site
+    def site_of(self, path: str, io: str) -> tuple[int, Site] | None:
+        """``(layer, site)`` of the module point ``path`` / ``io``, or None if this map has no site
         there (the site as recorded, not :meth:`canonical`)."""
         match = re.match(rf"^{re.escape(self.layers)}\.(\d+)(?:\.|$)", path)
         if match is None:
             return None
         layer = int(match.group(1))
-        for site, point, writable in self._points(layer):
+        for site, point in self._points(layer):
             if point.path == path and point.io == io:
-                return layer, site, writable
+                return layer, site
         return None
 
 

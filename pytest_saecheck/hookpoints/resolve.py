@@ -234,8 +234,8 @@ def _module_path_site(tl: _TL, name: str, role: Role) -> tuple[int, Site] | None
     path, io = split_module_point(name)
     for candidate in (path, f"{tl.layout.root}.{path}"):
         found = tl.layout.site_of(candidate, io)
-        if found is not None and (found[2] or role == "read"):
-            return found[0], found[1]
+        if found is not None:
+            return found
     return None
 
 
@@ -255,7 +255,7 @@ def _tl_side(tl: _TL, record: HookRecord, role: Role) -> ResolvedPoint:
                 f"the dictionary's {hf_field} {hf!r} is not a point the {tl.layout.name} map knows; "
                 f"TransformerLens points of that block: {tl.candidates(_layer_of(path))}. {EXPLICIT_HINT}"
             )
-        trained = (found[0], found[1])
+        trained = found
         if name is not None and name in tl.hooks and parsed is not None:
             if _same(parsed, trained, role, post_norms=tl.post_norms, parallel=tl.parallel):
                 return ResolvedPoint(
@@ -396,11 +396,6 @@ def _module_side(mods: _Modules, record: HookRecord, role: Role) -> ResolvedPoin
     if hf is not None:
         point = mods.point(hf, hf_field)
         found = layout.site_of(point.path, point.io) if layout is not None else None
-        if role == "write" and found is not None and not found[2]:
-            raise NoFaithfulPointError(
-                f"the dictionary writes at {hf!r} ({found[1].value}, its {hf_field}), a norm's input: replacing it "
-                "would not change the residual stream. Evaluate it on the TransformerLens backend"
-            )
         site = layout.canonical(found[1], role) if found is not None and layout is not None else None
         reason = f"{hf_field} {hf!r} is where it was trained"
         if name is not None and parsed is not None and found is not None and layout is not None:
@@ -437,11 +432,6 @@ def _module_side(mods: _Modules, record: HookRecord, role: Role) -> ResolvedPoin
         )
     point = mods.point(name, field)
     found = layout.site_of(point.path, point.io) if layout is not None else None
-    if role == "write" and found is not None and not found[2]:
-        raise NoFaithfulPointError(
-            f"the dictionary's {field} {name!r} is a norm's input ({found[1].value}): replacing it would not change "
-            "the residual stream; name a module output"
-        )
     return ResolvedPoint(
         point,
         point.layer,
