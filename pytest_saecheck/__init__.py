@@ -16,6 +16,7 @@ from pytest_saecheck.errors import (
     HookNotFoundError,
     LoadError,
     ModelStateError,
+    NoFaithfulPointError,
     NonFiniteError,
     SAECheckError,
     SAECheckWarning,
@@ -63,6 +64,10 @@ _LAZY: dict[str, str] = {
     "Task": "pytest_saecheck.checks.tasks",
     "TaskResult": "pytest_saecheck.checks.tasks",
     "Grouping": "pytest_saecheck.groups",
+    "HookRecord": "pytest_saecheck.hookpoints",
+    "ModulePoint": "pytest_saecheck.hookpoints",
+    "ResolvedPoints": "pytest_saecheck.hookpoints",
+    "resolve_points": "pytest_saecheck.hookpoints",
 }
 
 if TYPE_CHECKING:
@@ -73,6 +78,7 @@ if TYPE_CHECKING:
     from pytest_saecheck.engine import Evaluation, EvaluationSet, TokenPolicy, evaluate
     from pytest_saecheck.family import fit_scaling_law_from_models
     from pytest_saecheck.groups import Grouping
+    from pytest_saecheck.hookpoints import HookRecord, ModulePoint, ResolvedPoints, resolve_points
     from pytest_saecheck.loading import load_model, load_sae, load_tokens
     from pytest_saecheck.plugin.fixtures import SAECheck
     from pytest_saecheck.plugin.settings import SAECheckSettings, saecheck_param
@@ -115,9 +121,13 @@ __all__ = [
     "EvaluationSet",
     "Grouping",
     "HookNotFoundError",
+    "HookRecord",
     "LoadError",
     "ModelStateError",
+    "ModulePoint",
+    "NoFaithfulPointError",
     "NonFiniteError",
+    "ResolvedPoints",
     "SAECheck",
     "SAECheckError",
     "SAECheckSettings",
@@ -152,6 +162,7 @@ __all__ = [
     "load_task",
     "load_tokens",
     "measure_task",
+    "resolve_points",
     "resolve_training_adapter",
     "saecheck_param",
 ]
