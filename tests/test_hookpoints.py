@@ -30,6 +30,7 @@ ARCHITECTURES = (
     "Gemma3ForCausalLM",
     "GPTNeoXForCausalLM",
 )
+ALSO_MAPPED = ("GemmaForCausalLM", "OlmoForCausalLM", "Phi3ForCausalLM", "Qwen2MoeForCausalLM")
 
 
 def tokens(n: int = 3, seq: int = 12) -> torch.Tensor:
@@ -483,7 +484,7 @@ def test_a_sparsify_directory_is_placed_at_its_module_path(tmp_path):
     )
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", ARCHITECTURES + ALSO_MAPPED)
 def test_what_each_sublayer_adds_sums_to_the_layer_output(architecture):
     """On every mapped architecture (Gemma 2 and Qwen3-MoE included, which have no TransformerLens twin here):
     ``layers.0`` output is the model's own hidden state 1, and for layer 1 the residual entering it plus what

@@ -53,13 +53,21 @@ def tiny_hf(architecture: str, n_layers: int = 2, seed: int = 0) -> Any:
         )
     elif architecture == "Gemma2ForCausalLM":
         config = transformers.Gemma2Config(**llama_like, query_pre_attn_scalar=8, sliding_window=4)
+    elif architecture == "Qwen2MoeForCausalLM":
+        config = transformers.Qwen2MoeConfig(
+            **llama_like,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+        )
     elif architecture == "Qwen3MoeForCausalLM":
         config = transformers.Qwen3MoeConfig(
             **llama_like, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16
         )
     else:
         config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
-        config = config_class(**llama_like)
+        config = config_class(**llama_like, pad_token_id=0)
     config.architectures = [architecture]
     model = getattr(transformers, architecture)(config)
     return _gains(model, seed)
