@@ -314,6 +314,14 @@ def test_gemma_scope_2_transcoder_is_spliced_where_it_was_trained(tmp_path, monk
     _, wrong = spliced_logits(hf, label, points.write.point, sae, ids)  # type: ignore[arg-type]
     assert r2(wrong["out"], wrong["rec"]) < 0.9
 
+    # through the engine's Hugging Face backend: the same splice, scored
+    result = evaluate(hf, sae, ids, progress=False, exclude_bos=False, exclude_special_tokens=False)
+    assert result.metrics["explained_variance"] == pytest.approx(1, abs=1e-5)
+    assert result.metrics["kl_sae"] == pytest.approx(0, abs=1e-6)
+    assert result.metrics["delta_ce"] == pytest.approx(0, abs=1e-5)
+    assert result.dictionary["points"]["read"]["point"] == "model.layers.0.pre_feedforward_layernorm.output"
+    assert result.dictionary["points"]["read"]["source"] == "hf_hook_name"
+
     # HookedTransformer: no hook at the gained norm output, so a refusal naming the backend that has one
     tl = tl_twin(hf)
     with pytest.raises(

@@ -329,13 +329,22 @@ def _kind(path: str) -> str:
 
 def nearest_modules(model: Any, path: str, limit: int = 6) -> list[str]:
     """The module paths of ``model`` of the same kind as ``path`` (residual: decoder layers; MLP; attention),
-    nearest to its layer first."""
+    nearest to its layer first; for a path of no known kind (a misspelt ``mpl``), the closest spellings first."""
+    import difflib
+
     kind = _kind(path)
     wanted = _layer_of(path) or 0
+    last = path.rsplit(".", 1)[-1]
+    names = [name for name, _ in model.named_modules() if name]
+    spelled = (
+        difflib.get_close_matches(path, names, n=3, cutoff=0.8)
+        if kind == "residual" and not last.isdigit()
+        else []
+    )
     found = []
-    for name, _ in model.named_modules():
+    for name in names:
         layer = _layer_of(name)
-        if layer is None or not name:
+        if layer is None:
             continue
         if kind == "residual" and not name.rsplit(".", 1)[-1].isdigit():
             continue
@@ -344,7 +353,7 @@ def nearest_modules(model: Any, path: str, limit: int = 6) -> list[str]:
         if kind != "residual" and name.count(".") > re.sub(r"\.\d+.*$", "", name).count(".") + 2:
             continue  # submodules of the MLP / attention (mlp.down_proj) are not the MLP
         found.append((abs(layer - wanted), name))
-    return [name for _, name in sorted(found)[:limit]]
+    return [*spelled, *(name for _, name in sorted(found) if name not in spelled)][:limit]
 
 
 class _Modules:
