@@ -575,4 +575,4 @@ def test_a_branch_input_is_read_as_the_residual_but_written_as_the_branch():
     with pytest.raises(NoFaithfulPointError):
         resolve_points(HookRecord("blocks.1.ln1.hook_in"), tl, transcoder=False)
     hf = resolve_points(HookRecord("blocks.1.ln1.hook_in"), tiny_hf("LlamaForCausalLM"), transcoder=False)
-    assert hf.write.point == ModulePoint("model.layers.1.input_layernorm", "input", 1)
+    assert hf.read.point == hf.write.point == ModulePoint("model.layers.1.input_layernorm", "input", 1)

@@ -479,4 +479,6 @@ def resolve_points(record: HookRecord, model: Any, *, transcoder: bool = True) -
     mods = _Modules(model)
     read = _module_side(mods, record, "read")
     write = _module_side(mods, record, "write")  # an SAE's write side is its read record, checked as a write
-    return ResolvedPoints("hf", read, write)
+    # An SAE reads and writes one point: the write's (the same tensor; where a branch input differs from the
+    # residual, e.g. bridge ln1.hook_in, replacing it there changes that branch only, as its record says).
+    return ResolvedPoints("hf", read if transcoder else write, write)
