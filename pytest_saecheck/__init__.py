@@ -16,6 +16,7 @@ from pytest_saecheck.errors import (
     HookNotFoundError,
     LoadError,
     ModelStateError,
+    NoFaithfulPointError,
     NonFiniteError,
     SAECheckError,
     SAECheckWarning,
@@ -65,6 +66,10 @@ _LAZY: dict[str, str] = {
     "Grouping": "pytest_saecheck.groups",
     "CrossLayerTranscoder": "pytest_saecheck.clt",
     "load_clt": "pytest_saecheck.loading.clt",
+    "HookRecord": "pytest_saecheck.hookpoints",
+    "ModulePoint": "pytest_saecheck.hookpoints",
+    "ResolvedPoints": "pytest_saecheck.hookpoints",
+    "resolve_points": "pytest_saecheck.hookpoints",
 }
 
 if TYPE_CHECKING:
@@ -76,6 +81,7 @@ if TYPE_CHECKING:
     from pytest_saecheck.engine import Evaluation, EvaluationSet, TokenPolicy, evaluate
     from pytest_saecheck.family import fit_scaling_law_from_models
     from pytest_saecheck.groups import Grouping
+    from pytest_saecheck.hookpoints import HookRecord, ModulePoint, ResolvedPoints, resolve_points
     from pytest_saecheck.loading import load_model, load_sae, load_tokens
     from pytest_saecheck.loading.clt import load_clt
     from pytest_saecheck.plugin.fixtures import SAECheck
@@ -120,9 +126,13 @@ __all__ = [
     "EvaluationSet",
     "Grouping",
     "HookNotFoundError",
+    "HookRecord",
     "LoadError",
     "ModelStateError",
+    "ModulePoint",
+    "NoFaithfulPointError",
     "NonFiniteError",
+    "ResolvedPoints",
     "SAECheck",
     "SAECheckError",
     "SAECheckSettings",
@@ -158,6 +168,7 @@ __all__ = [
     "load_task",
     "load_tokens",
     "measure_task",
+    "resolve_points",
     "resolve_training_adapter",
     "saecheck_param",
 ]

@@ -65,7 +65,8 @@ class Dictionary(Protocol):
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
 
 
-def _metadata(sae: Any, key: str) -> Any:
+def metadata_value(sae: Any, key: str) -> Any:
+    """``sae.cfg.metadata.<key>``, else ``sae.cfg.<key>``, else None (SAE Lens 6 keeps the record in metadata)."""
     metadata = getattr(sae.cfg, "metadata", None)
     value = getattr(metadata, key, None) if metadata is not None else None
     return value if value is not None else getattr(sae.cfg, key, None)
@@ -84,7 +85,8 @@ class DictionaryInfo:
     ``"skip_transcoder"``; ``normalize_activations`` is SAE Lens' setting of that name; ``context_size`` the
     context length it was trained on (``cfg.metadata.context_size``), when known; ``k`` the latents per token a
     TopK-family SAE records (its ``k``, or ``metadata.training_architecture_details.k``), ``training_architecture``
-    the architecture it was trained as and ``saved_by`` the SAE Lens version that saved it, when recorded.
+    the architecture it was trained as and ``saved_by`` the SAE Lens version that saved it, when recorded;
+    ``points``: where it was spliced on the model and why (:meth:`pytest_saecheck.hookpoints.ResolvedPoints.to_dict`), once resolved.
     """
 
     kind: str
@@ -99,6 +101,7 @@ class DictionaryInfo:
     k: int | None = None
     training_architecture: str | None = None
     saved_by: str | None = None
+    points: dict[str, Any] | None = None
 
     @property
     def is_transcoder(self) -> bool:
@@ -130,6 +133,7 @@ class DictionaryInfo:
             "k": self.k,
             "training_architecture": self.training_architecture,
             "saved_by": self.saved_by,
+            "points": self.points,
         }
 
 
@@ -164,12 +168,12 @@ def describe(sae: Any) -> DictionaryInfo:
             "of each activation and drops the part predicted from earlier positions, so the engine would score "
             "a reconstruction the SAE never makes. pytest-saecheck does not evaluate temporal SAEs yet."
         )
-    hook_name = _metadata(sae, "hook_name")
+    hook_name = metadata_value(sae, "hook_name")
     if not hook_name:
         raise ConfigError(
             "the SAE config names no hook (cfg.metadata.hook_name); set it to the hook it reads"
         )
-    hook_name_out = _metadata(sae, "hook_name_out")
+    hook_name_out = metadata_value(sae, "hook_name_out")
     d_in = int(cfg.d_in)
     d_out_cfg = getattr(cfg, "d_out", None)
     is_transcoder = "Transcoder" in names or hook_name_out is not None or d_out_cfg is not None
@@ -191,12 +195,14 @@ def describe(sae: Any) -> DictionaryInfo:
         architecture=architecture,
         hook_name=str(hook_name),
         hook_name_out=str(hook_name_out or hook_name),
-        hook_head_index=_metadata(sae, "hook_head_index"),
+        hook_head_index=metadata_value(sae, "hook_head_index"),
         d_in=d_in,
         d_out=int(d_out_cfg) if d_out_cfg is not None else d_in,
         normalize_activations=str(getattr(cfg, "normalize_activations", "none") or "none"),
-        context_size=int(context) if isinstance(context := _metadata(sae, "context_size"), int) else None,
+        context_size=int(context)
+        if isinstance(context := metadata_value(sae, "context_size"), int)
+        else None,
         k=k,
         training_architecture=training,
-        saved_by=str(saved) if (saved := _metadata(sae, "sae_lens_training_version")) else None,
+        saved_by=str(saved) if (saved := metadata_value(sae, "sae_lens_training_version")) else None,
     )

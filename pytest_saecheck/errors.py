@@ -21,6 +21,12 @@ class HookNotFoundError(SAECheckError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class NoFaithfulPointError(HookNotFoundError):
+    """The dictionary's own record names a tensor that the chosen model backend has no point at (e.g. a norm's
+    output with its gain applied, on a ``HookedTransformer``); the message names the backend that has one.
+    Never answered with a different tensor of the same width."""
+
+
 class ShapeMismatchError(SAECheckError, ValueError):
     """A width or shape disagrees (SAE d_in vs. the hook's width, tokens not 2-D, ...)."""
 

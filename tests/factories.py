@@ -334,3 +334,15 @@ TINY_CONFTEST = textwrap.dedent(
         return make_tiny_model(device, seed=int(spec[4:] or 0))
     """
 )
+
+
+def make_sparse_coder(**cfg: Any) -> Any:
+    """An EleutherAI sparsify ``SparseCoder`` on ``D_MODEL`` inputs with random decoder and encoder biases."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    torch.manual_seed(0)
+    coder = SparseCoder(D_MODEL, SparseCoderConfig(num_latents=4 * D_MODEL, k=6, **cfg), dtype=torch.float32)
+    with torch.no_grad():
+        coder.b_dec.normal_()
+        coder.encoder.bias.normal_(std=0.1)
+    return coder

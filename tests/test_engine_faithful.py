@@ -446,7 +446,7 @@ def test_new_user_errors_name_the_problem(model):
     tc.cfg.metadata.hook_name_out = "blocks.1.hook_mlp_outt"
     from pytest_saecheck import HookNotFoundError
 
-    with pytest.raises(HookNotFoundError, match=r"writes to hook 'blocks\.1\.hook_mlp_outt'.*hook_name_out"):
+    with pytest.raises(HookNotFoundError, match=r"hook_name_out 'blocks\.1\.hook_mlp_outt' is not a hook"):
         evaluate(model, tc, make_tokens(4), progress=False)
     with pytest.warns(
         SAECheckWarning, match="applied although the SAE's config says normalize_activations='none'"

@@ -12,11 +12,20 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from factories import CORPUS, D_MODEL, HOOK, TESTS_DIR, build_tokenizer, make_identity_sae, make_tiny_model
+from factories import (
+    CORPUS,
+    D_MODEL,
+    HOOK,
+    TESTS_DIR,
+    build_tokenizer,
+    make_identity_sae,
+    make_sparse_coder,
+    make_tiny_model,
+)
 
 import pytest_saecheck
 from pytest_saecheck import loading
-from pytest_saecheck.errors import LoadError
+from pytest_saecheck.errors import ConfigError, LoadError
 
 # --------------------------------------------------------------------------------------------------------
 # local Hugging Face directories: no processing unless asked, n_ctx, tokenizers
@@ -184,17 +193,6 @@ def test_nested_metadata_without_a_version_keeps_its_hook(tmp_path: Path) -> Non
     assert sae.cfg.metadata.model_from_pretrained_kwargs == {"center_writing_weights": False}
 
 
-def make_sparse_coder(**cfg: Any) -> Any:
-    from sparsify import SparseCoder, SparseCoderConfig
-
-    torch.manual_seed(0)
-    coder = SparseCoder(D_MODEL, SparseCoderConfig(num_latents=4 * D_MODEL, k=6, **cfg), dtype=torch.float32)
-    with torch.no_grad():
-        coder.b_dec.normal_()
-        coder.encoder.bias.normal_(std=0.1)
-    return coder
-
-
 def test_sparsify_directory_is_converted_faithfully(tmp_path: Path) -> None:
     coder = make_sparse_coder()
     coder.save_to_disk(tmp_path / "run" / "layers.1")
@@ -205,20 +203,29 @@ def test_sparsify_directory_is_converted_faithfully(tmp_path: Path) -> None:
     x = torch.randn(50, D_MODEL)
     with torch.no_grad():
         torch.testing.assert_close(sae(x), coder(x).sae_out, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match=r"contradicts the SAE's own record.*hook_name_override=True"):
+        loading.builtin_load_sae(str(tmp_path / "run" / "layers.1"), "cpu", None, "blocks.1.hook_resid_pre")
+    same = loading.builtin_load_sae(
+        str(tmp_path / "run" / "layers.1"), "cpu", None, "blocks.2.hook_resid_pre"
+    )
+    assert (
+        same.cfg.metadata.hook_name == "blocks.2.hook_resid_pre"
+    )  # the same tensor, named from the next block
     overridden = loading.builtin_load_sae(
-        str(tmp_path / "run" / "layers.1"), "cpu", None, "blocks.1.hook_resid_pre"
+        str(tmp_path / "run" / "layers.1"), "cpu", None, "blocks.1.hook_resid_pre", hook_name_override=True
     )
     assert overridden.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
+    assert overridden.cfg.metadata.hook_name_override is True
 
 
-def test_sparsify_folder_that_is_not_a_layer_needs_hook_name(tmp_path: Path) -> None:
+def test_sparsify_folder_that_is_not_a_layer_keeps_its_module_path(tmp_path: Path) -> None:
     coder = make_sparse_coder()
     coder.save_to_disk(tmp_path / "run" / "h.1")
     (tmp_path / "run" / "config.json").write_text(
         json.dumps({"model": "gpt2", "dataset": "x", "ctx_len": 64})
     )
-    with pytest.raises(LoadError, match=r"sparsify directory.*'h.1'.*Set the hook_name setting"):
-        loading.builtin_load_sae(str(tmp_path / "run" / "h.1"), "cpu", None)
+    placed_later = loading.builtin_load_sae(str(tmp_path / "run" / "h.1"), "cpu", None)
+    assert placed_later.cfg.metadata.hook_name == "h.1"  # sparsify's hookpoint: resolved at the model
     sae = loading.builtin_load_sae(str(tmp_path / "run" / "h.1"), "cpu", None, "blocks.1.hook_resid_post")
     assert sae.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
     assert sae.cfg.metadata.model_name == "gpt2" and sae.cfg.metadata.context_size == 64

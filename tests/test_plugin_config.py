@@ -72,6 +72,7 @@ def test_every_setting_has_an_option_an_ini_key_and_a_marker_key(pytester: pytes
         "scaling_law": "0.5,0.2",
         "model_from_pretrained_kwargs": '{"fold_ln": false, "n_ctx": 8}',
         "hook_name": "blocks.0.hook_resid_pre",
+        "hook_name_override": "true",
         "token_groups": "position",
     }[setting.name]
     parsed = setting.parse(setting.name, example)
@@ -368,7 +369,7 @@ def test_header_names_device_versions_and_defaults(pytester: pytest.Pytester) ->
             "batch_size=16, dtype=float32, n_devices=-, backend=auto, device_map=-, max_memory=-, exclude_bos=true, exclude_special_tokens=true, exclude_token_ids=none, "
             "activation_scaler=auto, seed=0, scaling_law=chinchilla (not fitted), splice=separate, release_group_mib=2048, "
             "weight_budget_mib=2048, unavailable=skip, model_from_pretrained_kwargs=-, "
-            "hook_name=-, token_groups=-",
+            "hook_name=-, hook_name_override=false, token_groups=-",
         ]
     )
 

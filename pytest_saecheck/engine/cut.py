@@ -80,6 +80,7 @@ class ModelCut(Protocol):
     backend: str
     n_layers: int
     device: torch.device
+    model: Any  # the model itself, read only by the hook-point resolver (pytest_saecheck.hookpoints)
 
     @property
     def d_vocab(self) -> int:

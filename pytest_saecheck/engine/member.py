@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ from pytest_saecheck import normalisation as norm
 from pytest_saecheck.dictionaries import Dictionary, DictionaryInfo, describe
 from pytest_saecheck.engine.accumulate import Accumulator
 from pytest_saecheck.engine.cut import ModelCut, Site
-from pytest_saecheck.errors import ConfigError, HookNotFoundError, NonFiniteError, ShapeMismatchError
+from pytest_saecheck.errors import ConfigError, NonFiniteError, ShapeMismatchError
+from pytest_saecheck.hookpoints import HookRecord, ResolvedPoints, resolve_points
 
 
 class Variant(enum.Enum):
@@ -73,20 +75,15 @@ class Member:
         self.name = name
         self.sae = sae
         self.info: DictionaryInfo = describe(sae)
-        self.read: Site = cut.site(self.info.hook_name, self.info.hook_head_index)
+        # one resolver from the dictionary's own record to the backend's points (pytest_saecheck.hookpoints)
+        self.points: ResolvedPoints = resolve_points(
+            HookRecord.of(sae), cut.model, transcoder=self.info.is_transcoder
+        )
+        self.info = dataclasses.replace(self.info, points=self.points.to_dict())
+        self.read: Site = cut.site(self.points.read.point, self.info.hook_head_index)
         self.write: Site = self.read
         if self.info.is_transcoder:
-            try:
-                self.write = cut.site(self.info.hook_name_out, None)
-            except HookNotFoundError as error:
-                raise HookNotFoundError(
-                    str(error)
-                    .replace("reads from hook", "writes to hook")
-                    .replace(
-                        "config's hook_name (metadata.hook_name)",
-                        "config's hook_name_out (metadata.hook_name_out)",
-                    )
-                ) from None
+            self.write = cut.site(self.points.write.point, None)
         self._check_order()
         self.given = given or norm.attached_normalisation(sae)  # evaluate()'s option, else the checkpoint's
         self.normalisation = self.given or norm.NONE

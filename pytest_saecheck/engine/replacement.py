@@ -145,7 +145,7 @@ def _norm_affine(cut: ModelCut, clt: CrossLayerTranscoder, layer: int) -> tuple[
     was folded into the MLP at load), so its output is not the point the CLT was trained on."""
     if not clt.record.norm_output:
         return None
-    norm = cut.model.blocks[layer].ln2  # type: ignore[attr-defined]  # the TransformerLens backend only
+    norm = cut.model.blocks[layer].ln2  # the TransformerLens backend only
     weight = getattr(norm, "w", None)
     if weight is None:
         raise ConfigError(

@@ -50,40 +50,66 @@ if TYPE_CHECKING:
 
 
 def load_sae(
-    spec: str, device: str | None = None, dtype: str | None = None, hook_name: str | None = None
+    spec: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    hook_name: str | None = None,
+    *,
+    hook_name_override: bool = False,
 ) -> SAE:
     """Load an SAE the way the plugin does: hooks first, then the built-in loaders.
 
     ``spec``: ``"demo/<name>"``, a local directory (SAE Lens ``cfg.json`` + weights, or an EleutherAI sparsify
     ``cfg.json`` + ``sae.safetensors``), or an SAE Lens ``release/id``. ``device``: default CUDA when available,
     else CPU. ``dtype``: as for :func:`load_model` (None: the SAE config's dtype; float32 for sparsify).
-    ``hook_name``: the TransformerLens hook the SAE reads, overriding its config (needed for sparsify directories
-    whose layer folder TransformerLens names differently). Relative paths resolve against the working directory.
+    ``hook_name``: the hook the SAE reads, for an SAE whose config names none (a sparsify directory whose layer
+    folder is not ``layers.N``); one that contradicts the SAE's own record (``hook_name``, ``hf_hook_name``) is
+    refused unless ``hook_name_override=True`` (then it replaces the record, and the resolver reports the point
+    as an override). Relative paths resolve against the working directory.
 
     Raises :class:`LoadError` (not found, unreadable, a format that cannot be converted faithfully),
-    :class:`ConfigError` (a malformed spec), :class:`WeightsUnavailableError` (not on this machine, no network).
+    :class:`ConfigError` (a malformed spec, a hook_name contradicting the SAE's record), :class:`WeightsUnavailableError` (not on this machine, no network).
     """
     resolved_device = device if device is not None else auto_device()
     sae, from_hook = hooks_then_builtin(
         lambda hook: hook.pytest_saecheck_load_sae(spec=spec, device=resolved_device, dtype=dtype),
-        lambda: builtin_load_sae(spec, resolved_device, dtype, hook_name),
+        lambda: builtin_load_sae(spec, resolved_device, dtype, hook_name, hook_name_override),
     )
     if from_hook and hook_name is not None:
-        _set_hook_name(sae, hook_name)
+        _set_hook_name(sae, hook_name, hook_name_override, spec)
     return sae
 
 
-def _set_hook_name(sae: Any, hook_name: str) -> None:
+def _set_hook_name(sae: Any, hook_name: str, override: bool, spec: str) -> None:
+    """Apply the ``hook_name`` setting to ``sae``: where its own record names another point, only on purpose."""
+    from pytest_saecheck.hookpoints.resolve import OVERRIDE_KEY, same_point
+
     metadata = getattr(getattr(sae, "cfg", None), "metadata", None)
     if metadata is None:
         raise ConfigError(
             f"the hook_name setting ({hook_name!r}) cannot be applied: the SAE ({type(sae).__name__}) has no "
             "cfg.metadata; set its hook in the loader that makes it"
         )
+    record = {key: getattr(metadata, key, None) for key in ("hook_name", "hf_hook_name")}
+    contradicted = {key: value for key, value in record.items() if value and not same_point(value, hook_name)}
+    if record["hook_name"] and same_point(record["hook_name"], hook_name):
+        contradicted = {}  # the setting repeats the SAE's own label
+    if contradicted and not override:
+        own = ", ".join(f"{key}={value!r}" for key, value in contradicted.items())
+        raise ConfigError(
+            f"the hook_name setting {hook_name!r} contradicts the SAE's own record ({own}) for {spec!r}: it would "
+            "evaluate the SAE at a point it was not trained on. Remove the setting (an ini-wide hook_name applies "
+            "to every SAE), or set hook_name_override=True in the marker (--saecheck-hook-name-override) if the "
+            "test moves it on purpose"
+        )
     metadata.hook_name = hook_name
+    if contradicted:
+        setattr(metadata, OVERRIDE_KEY, True)
 
 
-def builtin_load_sae(spec: str, device: str, dtype: str | None, hook_name: str | None = None) -> Any:
+def builtin_load_sae(
+    spec: str, device: str, dtype: str | None, hook_name: str | None = None, hook_name_override: bool = False
+) -> Any:
     """The built-in SAE loaders only (no hooks); see :func:`load_sae`."""
     demo_name = demo_sae_name(spec)
     if demo_name is not None:
@@ -110,7 +136,7 @@ def builtin_load_sae(spec: str, device: str, dtype: str | None, hook_name: str |
         release, sae_id = split_release(spec)
         sae = load_sae_release(release, sae_id, device, dtype)
     if hook_name is not None:
-        _set_hook_name(sae, hook_name)
+        _set_hook_name(sae, hook_name, hook_name_override, spec)
     return sae
 
 
@@ -213,8 +239,10 @@ def load_sparsify_directory(path: Path, device: str, dtype: str | None, hook_nam
     """An EleutherAI sparsify ``SparseCoder`` directory as an SAE Lens ``TopKSAE``, via SAE Lens' converter.
 
     SAE Lens' ``sparsify_disk_loader`` maps the layer folder (``layers.N`` to ``blocks.N.hook_resid_post``,
-    ``embed_tokens`` to ``hook_embed``); ``hook_name`` overrides that mapping, and is required when the folder
-    is named otherwise. Two of its readings disagree with sparsify's own ``SparseCoder`` (1.x) and are corrected
+    ``embed_tokens`` to ``hook_embed``); a folder named otherwise (``layers.3.mlp``, ``h.3``) keeps its name, a
+    module path relative to the base model, as ``hook_name`` for :func:`pytest_saecheck.hookpoints.resolve_points`
+    to place on the model. ``hook_name`` places it instead, and is checked against the converter's mapping by
+    :func:`load_sae` for a layer folder. Two of its readings disagree with sparsify's own ``SparseCoder`` (1.x) and are corrected
     here: the stored ``W_dec`` is already ``[num_latents, d_in]`` (it transposes it), and sparsify subtracts
     ``b_dec`` before encoding whatever ``normalize_decoder`` says. Transcoders, skip connections and activations
     other than TopK are refused: the converter would drop them. Without a ``config.json`` (sparsify's run
@@ -240,12 +268,7 @@ def load_sparsify_directory(path: Path, device: str, dtype: str | None, hook_nam
             "encode/decode/cfg"
         )
     if hook_name is None and not _SPARSIFY_LAYER.fullmatch(path.name):
-        raise LoadError(
-            f"{what} for the layer {path.name!r}, which is not a TransformerLens hook and which SAE Lens' sparsify "
-            "converter cannot place (it maps only layers.N and embed_tokens). Set the hook_name setting to the "
-            'TransformerLens hook it reads, e.g. @pytest.mark.saecheck(hook_name="blocks.3.hook_resid_post") or '
-            "--saecheck-hook-name=blocks.3.hook_resid_post"
-        )
+        hook_name = path.name  # sparsify's hookpoint, a module path the resolver places on the model
     from sae_lens import SAE
     from sae_lens.loading.pretrained_sae_loaders import sparsify_disk_loader
 
@@ -268,8 +291,8 @@ def load_sparsify_directory(path: Path, device: str, dtype: str | None, hook_nam
             cfg_dict, state_dict = sparsify_disk_loader(view, device, {**(cfg_overrides or {}), **overrides})
         if stored_w_dec:  # sparsify stores W_dec as [num_latents, d_in], SAE Lens' layout; undo its transpose
             state_dict["W_dec"] = state_dict["W_dec"].T.contiguous()
-        if hook_name is not None:
-            cfg_dict["hook_name"] = hook_name
+        if hook_name is not None and not _SPARSIFY_LAYER.fullmatch(path.name):
+            cfg_dict["hook_name"] = hook_name  # the converter cannot name this folder
         return cfg_dict, state_dict
 
     try:

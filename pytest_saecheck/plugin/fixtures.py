@@ -63,6 +63,9 @@ class ResolvedSpecs:
     activation_scalers: tuple[tuple[str, float | str | None], ...]
     model_problem: str | None = None
     tokens_problem: str | None = None
+    recorded_hook: str | None = None
+    """The first dictionary's own hook record (``hook_name``), read for the backend choice; ``None`` for a
+    cross-layer transcoder or when no SAE is configured."""
 
 
 def _activation_scaler(settings: SAECheckSettings, spec: str) -> float | str | None:
@@ -131,6 +134,11 @@ def resolve_specs(
         activation_scalers=tuple((spec, _activation_scaler(settings, spec)) for spec in sae_specs),
         model_problem=model_problem,
         tokens_problem=tokens_problem,
+        recorded_hook=(
+            (str(loading.sae_metadata(sae, "hook_name") or "") or None)
+            if sae is not None and _is_module(sae)
+            else None
+        ),
     )
 
 
@@ -290,16 +298,19 @@ class SAECheck:
             return "hf"
         if self.settings.sae is None or self.model_spec == loading.DEMO:
             return "transformer_lens"
-        from pytest_saecheck.dictionaries import describe
-
-        sae = self._load_sae(self.sae_specs[0])
-        if not _is_module(sae):  # a cross-layer transcoder records TransformerLens hooks
+        hook = self.settings.hook_name or self.specs.recorded_hook
+        if hook is None:  # a cross-layer transcoder records TransformerLens hooks
             return "transformer_lens"
-        hook = self.settings.hook_name or describe(sae).hook_name
         return "transformer_lens" if hook.startswith(("blocks.", "hook_")) else "hf"
 
     def _sae_key(self, spec: str | None = None) -> Hashable:
-        return (spec or self.sae_specs, self.device, self.dtype, self.settings.hook_name)
+        return (
+            spec or self.sae_specs,
+            self.device,
+            self.dtype,
+            self.settings.hook_name,
+            self.settings.hook_name_override,
+        )
 
     def _tokens_key(self) -> Hashable:
         return (
@@ -342,7 +353,13 @@ class SAECheck:
         return self._guard(
             lambda: self._cache.sae(
                 self._sae_key(spec),
-                lambda: loading.load_sae(spec, self.device, self.dtype, self.settings.hook_name),
+                lambda: loading.load_sae(
+                    spec,
+                    self.device,
+                    self.dtype,
+                    self.settings.hook_name,
+                    hook_name_override=self.settings.hook_name_override,
+                ),
             )
         )
 

@@ -584,9 +584,18 @@ SETTINGS: tuple[Setting, ...] = (
         "hook_name",
         _text,
         None,
-        "TransformerLens hook the SAE reads, overriding its config (needed for sparsify directories whose "
-        "layer folder is not layers.N). Default: the SAE config's hook_name",
+        "the hook the SAE reads, for an SAE whose config names none (a sparsify directory whose layer folder is "
+        "not layers.N). A value that contradicts the SAE's own record (hook_name, hf_hook_name) is an error "
+        "unless hook_name_override is set. Default: the SAE config's record",
         "HOOK",
+    ),
+    Setting(
+        "hook_name_override",
+        _boolean,
+        False,
+        "let the hook_name setting replace the SAE's own record on purpose (the report shows it as an override; "
+        "default false)",
+        "BOOL",
     ),
     Setting(
         "token_groups",
@@ -642,6 +651,7 @@ class SAECheckSettings:
     unavailable: str = _default("unavailable")
     model_from_pretrained_kwargs: FrozenKwargs | None = _default("model_from_pretrained_kwargs")
     hook_name: str | None = _default("hook_name")
+    hook_name_override: bool = _default("hook_name_override")
     token_groups: str | None = _default("token_groups")
     sources: Mapping[str, str] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False

@@ -1,4 +1,5 @@
-"""Where an SAE reads and writes in a TransformerLens model, and how SAE Lens shapes that activation."""
+"""Where a dictionary reads and writes: TransformerLens hook sites, module points, and the resolver from a
+dictionary's own record to one point on the chosen backend (:mod:`pytest_saecheck.hookpoints.resolve`)."""
 
 from __future__ import annotations
 
@@ -131,3 +132,26 @@ def resolve_hook(
             f"{n_heads} heads (0 to {n_heads - 1}); set hook_head_index to the head the SAE was trained on"
         )
     return HookSite(hook_name, layer, resid_layer, head_index, has_head_dim)
+
+
+from pytest_saecheck.hookpoints.layouts import LAYOUTS, Layout, Site  # noqa: E402
+from pytest_saecheck.hookpoints.resolve import (  # noqa: E402
+    HookRecord,
+    ResolvedPoint,
+    ResolvedPoints,
+    resolve_points,
+)
+
+__all__ = [
+    "LAYOUTS",
+    "HookRecord",
+    "HookSite",
+    "Layout",
+    "ModulePoint",
+    "ResolvedPoint",
+    "ResolvedPoints",
+    "Site",
+    "required_flags",
+    "resolve_hook",
+    "resolve_points",
+]
