@@ -76,6 +76,20 @@ RULES = (RULE_INTERIM, RULE_CEILING)
 
 PASS, FAIL = "pass", "fail"
 
+INTERIM_METRICS: tuple[str, ...] = (
+    "delta_ce",
+    "kl_sae",
+    "ce_loss_score",
+    "ce_loss_score_mean_ablation",
+    "ce_rec",
+    "kl_div_score",
+    "delta_ce_within_context",
+    "delta_ce_beyond_context",
+    "kl_sae_within_context",
+    "kl_sae_beyond_context",
+)
+"""The metrics :func:`ratio_form` writes as ratios of per-sequence sums: decidable at an interim look."""
+
 
 @dataclass(frozen=True)
 class SequentialPlan:
@@ -240,13 +254,14 @@ def interim_verdicts(
 
     ``numerator``/``denominator``: ``[..., n_sequences]`` (leading axes: simulation repetitions). Returns an
     int array ``[...]``: +1 pass (every threshold met beyond the boundary), −1 fail (one violated beyond it),
-    0 undecided. A denominator not itself beyond the boundary above zero leaves the gate undecided (the
-    direction of the ratio's inequality rests on its sign).
+    0 undecided. A denominator neither positive in every sequence nor itself beyond the boundary above zero leaves
+    the gate undecided (the direction of the ratio's inequality rests on its sign).
     """
     a = np.asarray(numerator, dtype=np.float64)
     b = np.asarray(denominator, dtype=np.float64)
     statistic_b, large_b = corrected_t(b)
-    resolved = (statistic_b >= boundary) & large_b
+    # a count (every b > 0, e.g. the predictions of delta_ce) is positive by construction, with no spread to test
+    resolved = (b.min(-1) > 0) | ((statistic_b >= boundary) & large_b)
     met = np.ones(a.shape[:-1], dtype=bool)
     violated = np.zeros(a.shape[:-1], dtype=bool)
     for threshold, wants_above in ((low, True), (high, False)):
