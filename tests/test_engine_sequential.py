@@ -101,7 +101,7 @@ TESTS = """
 import pytest
 from pytest_saecheck import assert_ce_recovery, assert_r2_matches_legacy
 
-pytestmark = pytest.mark.saecheck(n_tokens=4096, context_size=32)
+pytestmark = pytest.mark.saecheck(n_tokens=2048, context_size=32)
 
 @pytest.mark.saecheck(sae="demo/good")
 def test_good(saecheck):
@@ -134,6 +134,7 @@ def test_the_setting_grows_one_shared_evaluation_per_sae(pytester: pytest.Pytest
         "no:cacheprovider",
         "--saecheck-sequential=true",
         "--saecheck-json=out.json",
+        "--saecheck-report=report.html",
     )
     result.assert_outcomes(passed=3, failed=1)
     document = json.loads((pytester.path / "out.json").read_text())
@@ -148,8 +149,15 @@ def test_the_setting_grows_one_shared_evaluation_per_sae(pytester: pytest.Pytest
         got, sequential = seen[name]
         assert got == outcome
         assert (sequential["rule"], sequential["look"], sequential["n_sequences"]) == (RULE_INTERIM, 1, 32)
-        assert sequential["ceiling"] == 128 and sequential["looks"] == [32, 64, 128]
-    assert "sequential" not in seen["test_bad_point"][1] or seen["test_bad_point"][1] is None
+        assert sequential["ceiling"] == 64 and sequential["looks"] == [32, 64]
+    assert seen["test_bad_point"] == ("passed", None)  # not a sequential gate: read the ceiling
     by_sae = {sae["label"]: sae for sae in document["saes"]}
-    assert by_sae["demo/good"]["sequential"]["sequences_evaluated"] == 32  # one evaluation served both gates
-    assert by_sae["demo/variance_only"]["sequential"]["sequences_evaluated"] == 32 + 128
+    good, bad = by_sae["demo/good"]["sequential"], by_sae["demo/variance_only"]["sequential"]
+    assert good["sequences_evaluated"] == 32  # one evaluation served both gates
+    assert [gate["metric"] for gate in good["gates"]] == ["delta_ce", "kl_sae"]
+    assert bad["sequences_evaluated"] == 32 + 64 and bad["look"] == 2  # R² read the ceiling's evaluation
+    assert by_sae["demo/variance_only"]["tokens"]["n_sequences"] == 64  # the SAE shows its furthest look
+    assert by_sae["demo/good"]["tokens"]["n_sequences"] == 32
+    html = (pytester.path / "report.html").read_text()
+    assert "pass at look 1 (32 sequences), interim boundary" in html
+    assert "ceiling 64 sequences, looks 32, 64" in html
