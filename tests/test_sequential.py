@@ -259,3 +259,22 @@ def test_an_unresolved_denominator_leaves_a_ratio_undecided():
         0.0, 1.0, size=128
     )  # gap ~ 0 ± noise
     assert decide_interim("ce_loss_score", sums, low=0.9, high=None, confidence=0.95, plan=PLAN) is None
+
+
+def test_interim_metrics_are_the_ones_with_a_ratio_form():
+    """One list says which gates an interim look can decide; it is exactly the metrics ``ratio_form`` writes."""
+    sums = _sums(np.random.default_rng(6), 8, 0.05)
+    for part in ("within", "beyond"):
+        sums |= {
+            f"ce_sum_sae_{part}": sums["ce_sum_sae"] / 2,
+            f"ce_sum_orig_{part}": sums["ce_sum_orig"] / 2,
+            f"n_ce_{part}": sums["n_ce"] / 2,
+            f"kl_sum_sae_{part}": sums["kl_sum_sae"] / 2,
+            f"n_kl_{part}": sums["n_kl"] / 2,
+        }
+    from pytest_saecheck.catalogue import METRIC_NAMES
+    from pytest_saecheck.checks.ce import CE_METRICS
+    from pytest_saecheck.sequential import INTERIM_METRICS
+
+    assert {name for name in METRIC_NAMES if ratio_form(name, sums) is not None} == set(INTERIM_METRICS)
+    assert set(INTERIM_METRICS) == set(CE_METRICS) - {"compute_fraction"}
