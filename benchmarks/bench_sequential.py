@@ -62,8 +62,14 @@ def tokens_by_sae(document: dict[str, Any]) -> dict[str, int]:
             continue
         sequential = sae.get("sequential")
         count = sequential["tokens_evaluated"] if sequential else sae["tokens"]["n_tokens"]
-        out[sae["label"] + " @" + str(sae["tokens"].get("requested_n_tokens"))] = int(count or 0)
+        out[_key(sae)] = int(count or 0)
     return out
+
+
+def _key(sae: dict[str, Any]) -> str:
+    """An SAE entry's name across the two runs (their ids differ: the sequential setting is part of them)."""
+    grouping = f" groups={sae['grouping']}" if sae.get("grouping") else ""
+    return f"{sae['label']} @{sae['tokens'].get('requested_n_tokens')}{grouping}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,12 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     fixed_tokens, sequential_tokens = tokens_by_sae(fixed), tokens_by_sae(sequential)
     print(f"tests: {len(fixed_outcomes)}; outcomes that differ: {len(differ)} {differ if differ else ''}")
     print(f"{'SAE @ ceiling':40s} {'fixed':>9s} {'sequential':>11s}  gates (look, rule)")
-    gates = {
-        sae["label"] + " @" + str(sae["tokens"].get("requested_n_tokens")): (sae.get("sequential") or {}).get(
-            "gates", []
-        )
-        for sae in sequential["saes"]
-    }
+    gates = {_key(sae): (sae.get("sequential") or {}).get("gates", []) for sae in sequential["saes"]}
     for name in sorted(set(fixed_tokens) | set(sequential_tokens)):
         shown = "; ".join(
             f"{g['metric']}: {g['verdict'] or 'ceiling'} @{g['look']}" for g in gates.get(name, [])
