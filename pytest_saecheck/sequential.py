@@ -322,3 +322,13 @@ def decide_interim(
         interim_verdicts(form.numerator, form.denominator, low=ratio_low, high=ratio_high, boundary=boundary)
     )
     return {1: PASS, -1: FAIL}.get(verdict)
+
+
+def gate_label(metric: str, low: float | None, high: float | None, level: float | None) -> str:
+    """How a gate reads in the report: ``delta_ce ≤ 0.15 at 95% confidence``."""
+    parts = [
+        f"{metric} ≥ {low:g}" if low is not None else "",
+        f"{metric} ≤ {high:g}" if high is not None else "",
+    ]
+    shown = " and ".join(part for part in parts if part)
+    return shown + (f" at {level:.0%} confidence" if level is not None else " (point value)")

@@ -24,7 +24,7 @@ from pytest_saecheck.checks.workflow import (
 from pytest_saecheck.defaults import INTERVAL_LEVEL as DISPLAY_LEVEL
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.messages import fmt, fmt_interval, table
-from pytest_saecheck.sequential import PASS, GateDecision
+from pytest_saecheck.sequential import PASS, GateDecision, gate_label
 
 #: The metrics ``assert_ce_recovery`` gates (see the catalogue for their formulas and directions).
 CE_METRICS: tuple[str, ...] = (
@@ -162,16 +162,6 @@ def assert_ce_recovery(
             },
         )
     )
-
-
-def gate_label(metric: str, low: float | None, high: float | None, level: float | None) -> str:
-    """How a gate reads in the report: ``delta_ce ≤ 0.15 at 95% confidence``."""
-    parts = [
-        f"{metric} ≥ {low:g}" if low is not None else "",
-        f"{metric} ≤ {high:g}" if high is not None else "",
-    ]
-    shown = " and ".join(part for part in parts if part)
-    return shown + (f" at {level:.0%} confidence" if level is not None else " (point value)")
 
 
 def _interim_failure(

@@ -23,6 +23,7 @@ from pytest_saecheck.sequential import (
     GateDecision,
     SequentialPlan,
     decide_interim,
+    gate_label,
 )
 
 
@@ -132,7 +133,6 @@ def evaluate_sequential(model: Any, sae: Any, tokens: Any, gates: Any, options: 
     """
     from collections.abc import Mapping, Sequence
 
-    from pytest_saecheck.checks.ce import gate_label, validate_ce_thresholds
     from pytest_saecheck.engine.run import evaluate
     from pytest_saecheck.errors import ConfigError
 
@@ -153,9 +153,16 @@ def evaluate_sequential(model: Any, sae: Any, tokens: Any, gates: Any, options: 
                 f"a sequential gate is a mapping with keys metric, min_score, max_value, confidence; got {gate!r}"
             )
         metric = gate.get("metric", "ce_loss_score")
-        low, high, level = validate_ce_thresholds(
-            metric, gate.get("min_score"), gate.get("max_value"), gate.get("confidence")
-        )
+        if metric not in (*INTERIM_METRICS, "compute_fraction"):
+            raise ConfigError(
+                f"a sequential gate names an unknown metric {metric!r}; choose one of "
+                f"{', '.join((*INTERIM_METRICS, 'compute_fraction'))}"
+            )
+        low, high, level = (_number(gate, key) for key in ("min_score", "max_value", "confidence"))
+        if (low is None and high is None) or (level is not None and not 0.0 < level < 1.0):
+            raise ConfigError(
+                f"a sequential gate needs min_score= or max_value=, and a confidence strictly between 0 and 1; got {gate!r}"
+            )
         parsed.append((metric, low, high, level))
     plan = plan_for(int(tokens.shape[0]), int(options.get("batch_size") or 1))
     growth = Growth(lambda n: evaluate(model, sae, tokens[:n], **options), plan)
@@ -163,3 +170,17 @@ def evaluate_sequential(model: Any, sae: Any, tokens: Any, gates: Any, options: 
         growth.decide(metric, low, high, level, label=gate_label(metric, low, high, level))
     assert growth.evaluation is not None
     return growth.evaluation
+
+
+def _number(gate: Any, key: str) -> float | None:
+    """A gate's number (None when absent), else :class:`ConfigError`."""
+    import math
+
+    from pytest_saecheck.errors import ConfigError
+
+    value = gate.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"a sequential gate's {key} must be a finite number, got {value!r}")
+    return float(value)
