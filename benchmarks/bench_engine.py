@@ -6,6 +6,7 @@ Usage::
     python benchmarks/bench_engine.py --quick              # smoke run: few tokens, 2 repetitions
     python benchmarks/bench_engine.py --configs 1,3 --n-tokens 4096 --repeats 5 --device cuda
     python benchmarks/bench_engine.py --configs release    # configuration 4: 12 SAEs (30 min on 2 busy cores)
+    python benchmarks/bench_engine.py --sequential 256     # sequential gates: 12 SAEs, gates of mixed difficulty
 
 Four things are timed on identical token batches:
 
@@ -1189,6 +1190,116 @@ def release_report(
     return out, record
 
 
+SEQUENTIAL_SHAPE = {
+    "n_layers": 12,
+    "d_model": 64,
+    "n_heads": 4,
+    "d_head": 16,
+    "d_mlp": 256,
+    "d_vocab": 1024,
+    "n_ctx": 64,
+}
+"""The sequential release's model (``--sequential``): twelve layers like GPT-2 small, small enough for a CPU."""
+
+SEQUENTIAL_FACTORS = (0.25, 4.0, 0.6, 1.6, 0.9, 1.1, 1.0, 0.5, 2.0, 0.8, 1.25, 3.0)
+"""Gate ``delta_ce ≤ factor × (the SAE's ΔCE at the ceiling)`` per SAE: far (0.25, 4), clear (0.5, 2, 3, 0.6, 1.6),
+near (0.8 to 1.25) and on the value (1.0): gates of mixed difficulty."""
+
+
+def measure_sequential(
+    n_sequences: int, batch_size: int, device: str, log: Callable[[str], None]
+) -> tuple[list[str], dict[str, Any]]:
+    """A 12-SAE release gated on ``delta_ce ≤ threshold`` at 95% confidence: the fixed budget (one shared pass over
+    ``n_sequences``, and each SAE alone) against sequential evaluation (each SAE grown until decided). Tokens and wall
+    time of each; every verdict compared."""
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from pytest_saecheck import evaluate
+
+    torch.manual_seed(0)
+    model = HookedTransformer(
+        HookedTransformerConfig(**SEQUENTIAL_SHAPE, act_fn="gelu", seed=0, device=device)
+    ).eval()
+    saes = release_saes(model, 12, device, expansion=4, k=8)
+    tokens = random_tokens(n_sequences, SEQUENTIAL_SHAPE["n_ctx"], SEQUENTIAL_SHAPE["d_vocab"]).to(device)
+    options = {"batch_size": batch_size, "progress": False, "mean_ablation": False}
+    log("  fixed budget: one shared pass")
+    start = time.perf_counter()
+    fixed = evaluate(model, saes, tokens, **options)
+    fixed_shared_s = time.perf_counter() - start
+    log("  fixed budget: each SAE alone")
+    start = time.perf_counter()
+    for sae in saes.values():
+        evaluate(model, sae, tokens, **options)
+    fixed_alone_s = time.perf_counter() - start
+    rows, verdicts_equal = [], 0
+    sequential_s = 0.0
+    for (name, sae), factor in zip(saes.items(), SEQUENTIAL_FACTORS, strict=True):
+        value = fixed[name].metrics["delta_ce"]
+        threshold = factor * value
+        fixed_pass = fixed[name].confidence_interval("delta_ce", 0.95)[1] <= threshold
+        log(f"  sequential: {name}, delta_ce ≤ {threshold:.4g}")
+        start = time.perf_counter()
+        grown = evaluate(
+            model,
+            sae,
+            tokens,
+            **options,
+            sequential=[{"metric": "delta_ce", "max_value": threshold, "confidence": 0.95}],
+        )
+        sequential_s += time.perf_counter() - start
+        (decision,) = grown.sequential["decisions"]
+        if decision["verdict"] is None:
+            sequential_pass = grown.confidence_interval("delta_ce", 0.95)[1] <= threshold
+        else:
+            sequential_pass = decision["verdict"] == "pass"
+        verdicts_equal += sequential_pass == fixed_pass
+        rows.append(
+            {
+                "sae": name,
+                "factor": factor,
+                "delta_ce": value,
+                "threshold": threshold,
+                "fixed": "pass" if fixed_pass else "fail",
+                "sequential": "pass" if sequential_pass else "fail",
+                "look": decision["look"],
+                "rule": decision["rule"],
+                "fixed_tokens": fixed[name].n_tokens,
+                "sequential_tokens": grown.sequential["tokens_evaluated"],
+            }
+        )
+    fixed_tokens = sum(row["fixed_tokens"] for row in rows)
+    sequential_tokens = sum(row["sequential_tokens"] for row in rows)
+    lines = [
+        "",
+        f"Sequential gates: a 12-SAE release ({SEQUENTIAL_SHAPE}, TopK SAEs k=8, 4x), {n_sequences} sequences x "
+        f"{SEQUENTIAL_SHAPE['n_ctx']} (the ceiling), gate delta_ce ≤ factor x ΔCE at 95% confidence, device {device}",
+        f"{'SAE':26s} {'factor':>6s} {'ΔCE':>9s} {'fixed':>5s} {'seq':>5s} {'look':>4s} {'tokens fixed':>12s} "
+        f"{'tokens seq':>10s}  rule",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['sae']:26s} {row['factor']:6.2f} {row['delta_ce']:9.4g} {row['fixed']:>5s} {row['sequential']:>5s} "
+            f"{row['look']:4d} {row['fixed_tokens']:12d} {row['sequential_tokens']:10d}  {row['rule']}"
+        )
+    lines.append(
+        f"verdicts equal: {verdicts_equal}/12; tokens: fixed {fixed_tokens}, sequential {sequential_tokens} "
+        f"({fixed_tokens / sequential_tokens:.2f}x fewer); wall: fixed one shared pass {fixed_shared_s:.1f} s, fixed "
+        f"each SAE alone {fixed_alone_s:.1f} s, sequential {sequential_s:.1f} s"
+    )
+    record = {
+        "rows": rows,
+        "verdicts_equal": verdicts_equal,
+        "fixed_tokens": fixed_tokens,
+        "sequential_tokens": sequential_tokens,
+        "fixed_shared_s": fixed_shared_s,
+        "fixed_alone_s": fixed_alone_s,
+        "sequential_s": sequential_s,
+    }
+    return lines, record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1220,6 +1331,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3, --quick 2)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch for both (default 8)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--sequential",
+        type=int,
+        default=None,
+        metavar="N_SEQUENCES",
+        help="only the sequential-gates release: 12 SAEs, gates of mixed difficulty, N_SEQUENCES the ceiling",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -1243,6 +1361,12 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     started = time.perf_counter()
+    if args.sequential is not None:
+        warnings.filterwarnings("ignore")
+        text, record = measure_sequential(args.sequential, args.batch_size, device, log)
+        print("\n".join([*text, f"total wall time {time.perf_counter() - started:.0f} s"]))
+        print(json.dumps({"sequential": record}, sort_keys=True))
+        return 0
     cases, skipped = build_cases(
         [key for key in args.configs if key != HF_KEY],
         n_tokens,

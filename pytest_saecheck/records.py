@@ -163,6 +163,7 @@ class EvaluationRecord(_Record):
     duration_s: float | None = None
     baseline_document: dict[str, Any] | None = None
     groups: dict[str, Any] | None = None
+    sequential: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -52,6 +52,7 @@ def test_every_setting_has_an_option_an_ini_key_and_a_marker_key(pytester: pytes
         "sae": "some-release/some-id",
         "tokens": "hf:owner/data",
         "n_tokens": "2048",
+        "sequential": "true",
         "context_size": "32",
         "batch_size": "3",
         "device": "cpu",
@@ -365,7 +366,7 @@ def test_header_names_device_versions_and_defaults(pytester: pytest.Pytester) ->
     result.stdout.fnmatch_lines(
         [
             "saecheck: device=cpu (command line); pytest-saecheck *, torch *, transformer-lens *, sae-lens *",
-            "saecheck defaults: model=-, sae=-, tokens=SAE's dataset, n_tokens=4096, context_size=from SAE, "
+            "saecheck defaults: model=-, sae=-, tokens=SAE's dataset, n_tokens=4096, sequential=false, context_size=from SAE, "
             "batch_size=16, dtype=float32, n_devices=-, backend=auto, device_map=-, max_memory=-, exclude_bos=true, exclude_special_tokens=true, exclude_token_ids=none, "
             "activation_scaler=auto, seed=0, scaling_law=chinchilla (not fitted), splice=separate, release_group_mib=2048, "
             "weight_budget_mib=2048, unavailable=skip, model_from_pretrained_kwargs=-, "

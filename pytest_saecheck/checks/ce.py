@@ -18,11 +18,13 @@ from pytest_saecheck.checks.workflow import (
     confidence_level,
     finite_number,
     interval_of,
+    is_fixture,
     subject_of,
 )
 from pytest_saecheck.defaults import INTERVAL_LEVEL as DISPLAY_LEVEL
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.messages import fmt, fmt_interval, table
+from pytest_saecheck.sequential import PASS, GateDecision, gate_label
 
 #: The metrics ``assert_ce_recovery`` gates (see the catalogue for their formulas and directions).
 CE_METRICS: tuple[str, ...] = (
@@ -42,7 +44,7 @@ CE_METRICS: tuple[str, ...] = (
 LOSS_ROWS = ("ce_orig", "ce_sae", "ce_zero", "ce_mean")
 
 
-def _validate_ce_thresholds(
+def validate_ce_thresholds(
     metric: str, min_score: Any, max_value: Any, confidence: Any
 ) -> tuple[float | None, float | None, float | None]:
     if metric not in CE_METRICS:
@@ -102,8 +104,21 @@ def assert_ce_recovery(
     group, raises :class:`ConfigError` naming the choices.
     """
     __tracebackhide__ = True
-    low, high, level = _validate_ce_thresholds(metric, min_score, max_value, confidence)
-    evaluation, facts = subject_of(check)
+    low, high, level = validate_ce_thresholds(metric, min_score, max_value, confidence)
+    decision = None
+    grown = None
+    decide = getattr(check, "decide_sequential", None) if is_fixture(check) else None
+    if callable(decide):  # the sequential setting: grow the shared evaluation until this gate is decided
+        sequential = decide(
+            metric,
+            low,
+            high,
+            level if group is None and layer is None else None,
+            gate_label(metric, low, high, level),
+        )
+        if sequential is not None:
+            grown, decision = sequential
+    evaluation, facts = subject_of(check, grown)
     if layer is not None:
         evaluation, facts = _layer_subject(evaluation, facts, layer)
     if group is not None:
@@ -124,7 +139,10 @@ def assert_ce_recovery(
         evaluation.confidence_interval(metric, level)
     del evaluation, check  # nothing below (nor the exception) may keep tensors or the model alive
 
-    failures = _ce_failures(metric, value, interval, low, high, level, facts)
+    if decision is not None and decision.verdict is not None:  # decided at an interim look
+        failures = [] if decision.verdict == PASS else [_interim_failure(metric, low, high, level, decision)]
+    else:
+        failures = _ce_failures(metric, value, interval, low, high, level, facts)
     if group is not None:
         failures = [f"in token group {group!r}, {failure}" for failure in failures]
     if layer is not None:
@@ -150,6 +168,7 @@ def assert_ce_recovery(
                 "n_tokens": facts.n_tokens,
                 **({"group": group} if group is not None else {}),
                 **({"layer": layer} if layer is not None else {}),
+                **({"sequential": _sequential_fields(grown, decision)} if decision is not None else {}),
             },
         )
     )
@@ -176,6 +195,30 @@ def _layer_subject(evaluation: Any, facts: Subject, layer: Any) -> tuple[Any, Su
         n_tokens=result.n_tokens,
     )
     return result, restricted
+
+
+def _interim_failure(
+    metric: str, low: float | None, high: float | None, level: float | None, decision: GateDecision
+) -> str:
+    threshold = " and ".join(
+        part
+        for part in (
+            f"min_score {fmt(low)}" if low is not None else "",
+            f"max_value {fmt(high)}" if high is not None else "",
+        )
+        if part
+    )
+    return (
+        f"{metric} breaks {threshold} beyond the sequential rule's interim boundary (corrected t beyond "
+        f"±{decision.statistic_boundary:.2f}) at look {decision.look}, after {decision.n_sequences} sequences: "
+        f"decided before the ceiling with the {level:.0%} gate's error rate held (pytest_saecheck.sequential)"
+    )
+
+
+def _sequential_fields(evaluation: Any, decision: GateDecision) -> dict[str, Any]:
+    summary = dict(getattr(evaluation, "sequential", None) or {})
+    summary.pop("decisions", None)
+    return {**summary, **decision.to_dict()}
 
 
 def _group_subject(evaluation: Any, facts: Subject, group: Any, metric: str) -> tuple[Any, Subject]:

@@ -143,16 +143,24 @@ class Subject:
 
 def is_fixture(check: Any) -> bool:
     """Whether ``check`` is the ``saecheck`` fixture (rather than an engine ``Evaluation``)."""
-    return hasattr(check, "evaluation") and hasattr(check, "settings")
+    return _has(check, "evaluation") and _has(check, "settings")
 
 
-def subject_of(check: Any) -> tuple[Any, Subject]:
-    """(evaluation, facts) from a ``saecheck`` fixture or an engine ``Evaluation``.
+def _has(obj: Any, name: str) -> bool:
+    """Whether ``obj`` has attribute ``name``, without evaluating a property (``hasattr`` would: the fixture's
+    ``evaluation`` computes the evaluation)."""
+    return name in getattr(obj, "__dict__", {}) or hasattr(type(obj), name)
+
+
+def subject_of(check: Any, evaluation: Any = None) -> tuple[Any, Subject]:
+    """(evaluation, facts) from a ``saecheck`` fixture or an engine ``Evaluation``; ``evaluation`` given: that one
+    (a sequential run's at the look a gate was decided), described as the fixture's subject.
 
     Raises:
         ConfigError: ``check`` is neither.
     """
-    evaluation = check.evaluation if is_fixture(check) else check
+    if evaluation is None:
+        evaluation = check.evaluation if is_fixture(check) else check
     if not hasattr(evaluation, "metrics") or not hasattr(evaluation, "confidence_interval"):
         raise ConfigError(
             f"expected the saecheck fixture or an Evaluation from pytest_saecheck.evaluate(), "

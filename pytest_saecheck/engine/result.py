@@ -66,6 +66,7 @@ class Evaluation:
     layers: dict[str, Evaluation] = field(default_factory=dict, repr=False)
     groups: dict[str, GroupResult] = field(default_factory=dict)
     per_position: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    sequential: dict[str, Any] | None = None
     _interval_cache: dict[tuple[float, int, int], dict[str, tuple[float, float]]] = field(
         default_factory=dict, repr=False
     )
@@ -236,6 +237,7 @@ class Evaluation:
             "backend": self.backend,
             "device": self.device,
             "duration_s": self.duration_s,
+            "sequential": dict(self.sequential) if self.sequential is not None else None,
         }
 
 

@@ -62,6 +62,7 @@ def evaluate(
     group_names: Sequence[str] | None = None,
     backend: str = "auto",
     keep_layers: Sequence[int] = (),
+    sequential: Any = None,
 ) -> Evaluation: ...
 
 
@@ -88,6 +89,7 @@ def evaluate(
     group_names: Sequence[str] | None = None,
     backend: str = "auto",
     keep_layers: Sequence[int] = (),
+    sequential: Any = None,
 ) -> EvaluationSet: ...
 
 
@@ -113,6 +115,7 @@ def evaluate(
     group_names: Sequence[str] | None = None,
     backend: str = "auto",
     keep_layers: Sequence[int] = (),
+    sequential: Any = None,
 ) -> Evaluation | EvaluationSet:
     """Evaluate ``sae`` spliced into ``model`` on ``tokens`` (``[n_sequences, seq_len]`` token ids).
 
@@ -164,7 +167,20 @@ def evaluate(
     Raises :class:`ConfigError`, :class:`ShapeMismatchError`, :class:`HookNotFoundError`,
     :class:`UnsupportedDictionaryError`, :class:`ModelStateError`, :class:`EmptyTokenSetError`,
     :class:`NonFiniteError`, :class:`DegenerateActivationsError` (all :class:`SAECheckError`).
+
+    ``sequential``: a list of gates (``[{"metric": "delta_ce", "max_value": 0.15, "confidence": 0.95}]``, the
+    arguments of ``assert_ce_recovery``): ``tokens`` is then a ceiling, and the evaluation grows over prefixes of it
+    until every gate is decided (:mod:`pytest_saecheck.engine.growth`, :mod:`pytest_saecheck.sequential`).
     """
+    if sequential is not None:  # a ceiling, grown until every gate is decided (engine.growth)
+        options = {
+            key: value
+            for key, value in locals().items()
+            if key not in ("model", "sae", "tokens", "sequential")
+        }
+        from pytest_saecheck.engine.growth import evaluate_sequential
+
+        return evaluate_sequential(model, sae, tokens, sequential, options)
     started = time.perf_counter()
     # --- plan: the options checked, the model's cut, one member per dictionary, the tokens ------------------
     scaling_law = as_scaling_law(scaling_law)

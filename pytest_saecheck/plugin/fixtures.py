@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
     from pytest_saecheck.engine import Evaluation
+    from pytest_saecheck.engine.growth import Growth
     from pytest_saecheck.scaling import ScalingLaw
+    from pytest_saecheck.sequential import GateDecision
 
 CACHE_KEY = pytest.StashKey[SessionCache]()
 
@@ -435,6 +437,9 @@ class SAECheck:
             self.token_source  # noqa: B018 - a gate without tokens says so before any model is loaded
             if self.joint:
                 return self._evaluate(self.saes, joint=True).joint
+            growth = self.growth()
+            if growth is not None:  # sequential: whoever reads the evaluation itself reads the ceiling's
+                return growth.ceiling()
             return self._evaluate_with_release_group()
 
         # The key leaves out the scaling law, which changes only compute_fraction: derived from the same pass.
@@ -451,7 +456,36 @@ class SAECheck:
             records.record(self._evaluation_record(evaluation), self._item)
         return evaluation
 
-    def _evaluate(self, saes: dict[str, Any], *, joint: bool = False) -> Any:
+    def growth(self) -> Growth | None:
+        """With the ``sequential`` setting, this SAE's growing evaluation (one per SAE and run, shared by its tests);
+        None otherwise, and for a joint splice (decided at the ceiling). Members of a release grow one by one."""
+        if not self.settings.sequential or self.joint:
+            return None
+
+        def make() -> Growth:
+            from pytest_saecheck.engine.growth import Growth, plan_for
+
+            plan = plan_for(int(self.tokens.shape[0]), self.settings.batch_size)
+            return Growth(lambda n: self._evaluate({self.sae_spec: self.sae}, n_sequences=n), plan)
+
+        growth: Growth = self._guard(lambda: self._cache.evaluation(("growth", self.evaluation_key()), make))
+        return growth
+
+    def decide_sequential(
+        self, metric: str, low: float | None, high: float | None, confidence: float | None, label: str
+    ) -> tuple[Evaluation, GateDecision] | None:
+        """Grow this SAE's sequential evaluation until the gate is decided (None without the setting)."""
+        growth = self.growth()
+        if growth is None:
+            return None
+        evaluation, decision = self._guard(lambda: growth.decide(metric, low, high, confidence, label))
+        if not self._evaluation_recorded:
+            self._evaluation_recorded = True
+            records.record(self._evaluation_record(evaluation), self._item)
+        return evaluation, decision
+
+    def _evaluate(self, saes: dict[str, Any], *, joint: bool = False, n_sequences: int | None = None) -> Any:
+        """The engine on these SAEs; on the first ``n_sequences`` sequences of the tokens when given."""
         from pytest_saecheck.engine import evaluate
 
         self._cache.loads["pass"] = self._cache.loads.get("pass", 0) + 1
@@ -460,13 +494,13 @@ class SAECheck:
             if not _is_module(sae):  # a cross-layer transcoder: its weights within this test's budget
                 sae.set_weight_budget(self.settings.weight_budget_mib * 2**20)
         scalers = {spec: self._activation_scaler_for(spec) for spec in saes}
+        tokens = self.tokens if n_sequences is None else self.tokens[:n_sequences]
         grouping = None
         if self.settings.token_groups is not None:
             from pytest_saecheck.groups import resolve
 
-            kept = self._token_policy().kept_mask(self.tokens)
-            grouping = resolve(self.settings.token_groups, self.model, self.tokens, kept)
-        tokens = self.tokens
+            kept = self._token_policy().kept_mask(tokens)
+            grouping = resolve(self.settings.token_groups, self.model, tokens, kept)
         cost = self._announce_pass(list(saes.values()), tokens)
         started = time.perf_counter()
         result = evaluate(

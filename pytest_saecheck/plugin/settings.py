@@ -449,6 +449,14 @@ SETTINGS: tuple[Setting, ...] = (
         "N",
     ),
     Setting(
+        "sequential",
+        _boolean,
+        False,
+        "sequential gates: n_tokens is a ceiling and each SAE's evaluation grows (doubling from 32 sequences) until "
+        "every gate of assert_ce_recovery with confidence= is decided at its stated error rate (default false)",
+        "BOOL",
+    ),
+    Setting(
         "context_size",
         _context_size,
         None,
@@ -631,6 +639,7 @@ class SAECheckSettings:
     sae: str | tuple[str, ...] | None = _default("sae")
     tokens: str | None = _default("tokens")
     n_tokens: int = _default("n_tokens")
+    sequential: bool = _default("sequential")
     context_size: int | None = _default("context_size")
     batch_size: int = _default("batch_size")
     device: str | None = _default("device")

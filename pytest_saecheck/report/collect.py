@@ -273,12 +273,45 @@ def sae_entry(identity: Mapping[str, Any], record: Record) -> dict[str, Any]:
         "evaluation_duration_s": finite_or_none(evaluation.duration_s),
         "grouping": str_or_none(settings.get("token_groups")),
         "groups": group_entries(evaluation.groups),
+        "sequential": sequential_entry(evaluation.sequential),
         "tasks": [],
         "baseline": None,
         "assertions": [],
         "tests": [],
         "outcomes": {},
     }
+
+
+def sequential_entry(summary: Any) -> dict[str, Any] | None:
+    """A sequential run's SAE-level entry (``Evaluation.sequential``): the looks and the ceiling (sequences), the
+    look reached, the sequences and tokens evaluated so far, and ``gates``: each decided gate's look and rule."""
+    if not isinstance(summary, Mapping):
+        return None
+    return {
+        "looks": [int(n) for n in summary.get("looks") or []],
+        "ceiling": int_or_none(summary.get("ceiling")),
+        "interim_share": finite_or_none(summary.get("interim_share")),
+        "look": int_or_none(summary.get("look")),
+        "n_sequences": int_or_none(summary.get("n_sequences")),
+        "sequences_evaluated": int_or_none(summary.get("sequences_evaluated")),
+        "tokens_evaluated": int_or_none(summary.get("tokens_evaluated")),
+        "gates": [
+            json_safe(dict(gate)) for gate in summary.get("decisions") or [] if isinstance(gate, Mapping)
+        ],
+    }
+
+
+def _grown(entry: dict[str, Any], record: EvaluationRecord) -> bool:
+    """Whether ``record`` is a later state of the sequential run ``entry`` shows (more sequences, or more gates)."""
+    later = sequential_entry(record.sequential)
+    shown = entry.get("sequential")
+    if later is None or shown is None:
+        return False
+
+    def progress(entry: dict[str, Any]) -> tuple[int, int]:
+        return entry["sequences_evaluated"] or 0, len(entry["gates"])
+
+    return progress(later) > progress(shown)
 
 
 def assertion_entry(record: AssertionRecord, test_id: str, index: int) -> dict[str, Any]:
@@ -496,6 +529,15 @@ class Collector:
                     if sae_id not in saes:
                         saes[sae_id] = sae_entry(identity, record)
                         coarse_of[sae_id] = _identity_id(_coarse(record))
+                    elif _grown(saes[sae_id], record):  # a sequential run: the numbers of the furthest look
+                        kept = ("assertions", "tests", "outcomes", "baseline", "tasks", "status")
+                        saes[sae_id].update(
+                            {
+                                key: value
+                                for key, value in sae_entry(identity, record).items()
+                                if key not in kept
+                            }
+                        )
                     current[str(label)] = sae_id
                     test_saes.add(sae_id)
                 else:

@@ -170,6 +170,17 @@ SAE_SCHEMA: dict[str, Any] = {
             },
         },
         "evaluation_duration_s": _NUMBER,
+        "sequential": {
+            "type": ["object", "null"],
+            "properties": {
+                "looks": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+                "ceiling": {"type": ["integer", "null"]},
+                "look": {"type": ["integer", "null"]},
+                "sequences_evaluated": {"type": ["integer", "null"]},
+                "tokens_evaluated": {"type": ["integer", "null"]},
+                "gates": {"type": "array", "items": {"type": "object"}},
+            },
+        },
         "grouping": _STRING_OR_NULL,
         "groups": {
             "type": ["array", "null"],
