@@ -24,7 +24,7 @@ import pytest_saecheck
 from pytest_saecheck import loading
 from pytest_saecheck.checks import baselines
 from pytest_saecheck.errors import ConfigError, LoadError, SAECheckWarning
-from pytest_saecheck.loading import validate
+from pytest_saecheck import validate
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers

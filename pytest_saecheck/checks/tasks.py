@@ -404,6 +404,9 @@ def _model_and_sae(check: Any) -> tuple[Any, Any, str, Any]:
                 'assert_task_preserved splices one SAE; this test splices several (splice="joint"): test each SAE '
                 "on its own"
             )
+        # the SAE's shared evaluation (cached): the report files this test's task gate under it, beside the
+        # evaluation's other tests with the same settings
+        check.evaluation  # noqa: B018
         return check.model, check.sae, check.label, check.activation_scaler
     if isinstance(check, (tuple, list)) and len(check) == 2:
         model, sae = check
