@@ -14,6 +14,7 @@ from factories import CORPUS, N_CTX, TESTS_DIR, build_tokenizer, make_identity_s
 from pytest_saecheck import loading
 from pytest_saecheck.errors import ConfigError, LoadError
 from pytest_saecheck.loading import chat
+from pytest_saecheck.loading.tokens import token_capacity
 
 # A Gemma-style template: BOS once, then each turn between <start_of_turn> and <end_of_turn>.
 TEMPLATE = (
@@ -126,7 +127,10 @@ def test_a_malformed_conversation_is_named_by_its_row(
     good = json.dumps({"messages": CONVERSATIONS[0]})
     path.write_text(f"{good}\n{good}\n{json.dumps({'messages': row})}\n")
     with pytest.raises(LoadError, match=f"line 3[:,] {problem}"):
-        loading.load_tokens(str(path), chat_model, make_identity_sae(), 1000 * N_CTX, N_CTX, 0)
+        # as many tokens as the file can hold: the rows are read up to the malformed one
+        capacity = token_capacity(path)
+        assert capacity is not None
+        loading.load_tokens(str(path), chat_model, make_identity_sae(), capacity // N_CTX * N_CTX, N_CTX, 0)
 
 
 def test_token_ids_and_the_demo_cannot_be_chat_formatted(chat_model: Any, tmp_path: Path) -> None:

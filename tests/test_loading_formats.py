@@ -26,6 +26,7 @@ from factories import (
 import pytest_saecheck
 from pytest_saecheck import loading
 from pytest_saecheck.errors import ConfigError, LoadError
+from pytest_saecheck.loading.tokens import token_capacity
 
 # --------------------------------------------------------------------------------------------------------
 # local Hugging Face directories: no processing unless asked, n_ctx, tokenizers
@@ -294,8 +295,10 @@ def test_jsonl_rows_name_the_file_line_and_problem(tmp_path: Path, row: dict[str
     first = {"input_ids": [1, 2, 3]} if "input_ids" in row else {"text": CORPUS[0]}
     path.write_text(json.dumps(first) + "\n\n" + json.dumps(row) + "\n")
     model = make_tiny_model(tokenizer=_tokenizer(tmp_path))
+    capacity = token_capacity(path)  # as many tokens as the file can hold: every row is read
+    assert capacity is not None
     with pytest.raises(LoadError, match=rf"data.jsonl', line 3: {problem}"):
-        loading.load_tokens(str(path), model, None, n_tokens=4096, context_size=4)
+        loading.load_tokens(str(path), model, None, n_tokens=capacity // 4 * 4, context_size=4)
 
 
 def _tokenizer(tmp_path: Path) -> Any:

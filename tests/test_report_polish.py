@@ -60,9 +60,9 @@ def test_the_progress_bar_follows_the_terminal(
             seen.append(kwargs.get("disable"))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
-    model, sae = demo.load_model(), demo.load_sae("good")
-    evaluate(model, sae, demo.load_tokens(n_sequences=2), progress=progress)
+    model, sae, tokens = demo.load_model(), demo.load_sae("good"), demo.load_tokens(n_sequences=2)
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)  # the evaluation's bar (token loading has its own)
+    evaluate(model, sae, tokens, progress=progress)
     assert seen == [disable]
 
 

@@ -21,10 +21,9 @@ import torch
 from factories import D_MODEL, HOOK, make_identity_sae, make_tiny_model, make_tokens, random_sae
 
 import pytest_saecheck
-from pytest_saecheck import loading
+from pytest_saecheck import loading, validate
 from pytest_saecheck.checks import baselines
 from pytest_saecheck.errors import ConfigError, LoadError, SAECheckWarning
-from pytest_saecheck import validate
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers

@@ -501,7 +501,9 @@ class SAECheck:
 
             kept = self._token_policy().kept_mask(tokens)
             grouping = resolve(self.settings.token_groups, self.model, tokens, kept)
-        cost = self._announce_pass(list(saes.values()), tokens)
+        # the cost model describes SAEs and transcoders; a cross-layer transcoder's pass is not announced
+        modules = all(_is_module(sae) for sae in saes.values())
+        cost = self._announce_pass(list(saes.values()), tokens) if modules else None
         started = time.perf_counter()
         result = evaluate(
             self.model,
@@ -517,7 +519,8 @@ class SAECheck:
             token_groups=grouping,
             backend=self.backend,
         )
-        self._cache.flops_per_second = cost.flops / max(time.perf_counter() - started, 1e-9)
+        if cost is not None:
+            self._cache.flops_per_second = cost.flops / max(time.perf_counter() - started, 1e-9)
         return result
 
     def _announce_pass(self, saes: list[Any], tokens: Any) -> Any:
