@@ -188,13 +188,14 @@ def _layer_subject(evaluation: Any, facts: Subject, layer: Any) -> tuple[Any, Su
         )
         raise ConfigError(f"assert_ce_recovery: unknown layer {layer!r}; {choices}")
     result = layers[key]
-    restricted = dataclasses.replace(
-        facts,
-        metrics=dict(result.metrics),
-        undefined=dict(result.undefined),
-        n_tokens=result.n_tokens,
+    return result, _restricted(facts, result)
+
+
+def _restricted(facts: Subject, part: Any) -> Subject:
+    """``facts`` restricted to one part of the evaluation (a layer spliced alone, a token group)."""
+    return dataclasses.replace(
+        facts, metrics=dict(part.metrics), undefined=dict(part.undefined), n_tokens=part.n_tokens
     )
-    return result, restricted
 
 
 def _interim_failure(
@@ -240,13 +241,7 @@ def _group_subject(evaluation: Any, facts: Subject, group: Any, metric: str) -> 
             f"assert_ce_recovery: {metric} is not measured per token group; with group= choose one of {per_group}"
         )
     result = groups[group]
-    restricted = dataclasses.replace(
-        facts,
-        metrics=dict(result.metrics),
-        undefined=dict(result.undefined),
-        n_tokens=result.n_tokens,
-    )
-    return result, restricted
+    return result, _restricted(facts, result)
 
 
 def _ce_failures(

@@ -6,8 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pytest_saecheck.engine.cut import ModelCut, Site
-from pytest_saecheck.errors import HookNotFoundError
+from pytest_saecheck.engine.cut import ModelCut, Site, hooks_did_not_fire
 
 
 class _AllCaptured(Exception):
@@ -39,8 +38,5 @@ def capture_then_stop(cut: ModelCut, tokens: torch.Tensor, sites: Sequence[Site]
         pass
     missing = sorted(wanted - captured.keys())
     if missing:
-        raise HookNotFoundError(
-            f"hook {', '.join(map(repr, missing))} did not fire in a forward pass of the model; the model "
-            "computes it only under a setting that is off, or it is not on the forward path"
-        )
+        raise hooks_did_not_fire(missing)
     return captured

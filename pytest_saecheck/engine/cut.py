@@ -74,6 +74,14 @@ class CapturedRun:
         return final
 
 
+def hooks_did_not_fire(missing: Sequence[str]) -> HookNotFoundError:
+    """The error for TransformerLens hooks a captured forward pass never reached."""
+    return HookNotFoundError(
+        f"hook {', '.join(map(repr, missing))} did not fire in a forward pass of the model; the model "
+        "computes it only under a setting that is off, or it is not on the forward path"
+    )
+
+
 class ModelCut(Protocol):
     """What the engine needs of a model (shapes: ``[batch, pos, ...]``; residuals ``[batch, pos, d_model]``)."""
 
@@ -304,10 +312,7 @@ class HookedTransformerCut:
             final = self.model(tokens, stop_at_layer=self.n_layers)
         missing = [name for name in wanted if name not in captured]
         if missing:
-            raise HookNotFoundError(
-                f"hook {', '.join(map(repr, missing))} did not fire in a forward pass of the model; the model "
-                "computes it only under a setting that is off, or it is not on the forward path"
-            )
+            raise hooks_did_not_fire(missing)
         return CapturedRun(final, captured, order)
 
     def continue_from(
