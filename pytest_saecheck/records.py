@@ -21,6 +21,8 @@ from typing import Any, ClassVar, TypeVar
 
 import pytest
 
+from pytest_saecheck.evaluation_fields import BY_NAME
+
 RECORDS_KEY = pytest.StashKey[list[dict[str, Any]]]()
 REPORT_ATTRIBUTE = "saecheck_records"
 #: The test report attribute holding the message of an SAECheckError the test raised (a plain string, so it
@@ -118,53 +120,38 @@ class SubjectRecord(_Record):
 
 @dataclass(frozen=True)
 class EvaluationRecord(_Record):
-    """An evaluation's numbers and how they were made (the engine's ``Evaluation.to_dict()`` and the settings).
+    """An evaluation's numbers and how they were made: the fields of
+    :data:`~pytest_saecheck.evaluation_fields.EVALUATION_FIELDS` (the engine's ``Evaluation.to_dict()`` and what
+    the fixture adds: the specs as resolved, the settings, the intervals), read as attributes (``record.metrics``;
+    ``None`` when absent).
 
-    ``metrics`` in their own units (see :mod:`pytest_saecheck.catalogue`); ``intervals`` ``name → [low, high]``
-    at ``interval_level``; ``settings`` the resolved saecheck settings; ``resolved_*`` the specs as resolved
-    (absolute paths, the SAE's model and dataset); ``baseline_document`` the SAE's regression baseline when the
-    run updates baselines.
+    ``values`` holds them by name; the plain form is flat (``{"kind": "evaluation", <field>: ..., ...}``).
     """
 
     kind: ClassVar[str] = "evaluation"
-    resolved_sae: str | None = None
-    resolved_model: str | None = None
-    resolved_tokens: str | None = None
-    model_loading: dict[str, Any] | None = None
-    settings: dict[str, Any] | None = None
-    metrics: dict[str, Any] | None = None
-    undefined: dict[str, Any] | None = None
-    intervals: dict[str, Any] | None = None
-    interval_level: float | None = None
-    n_tokens: int | None = None
-    n_sequences: int | None = None
-    seq_len: int | None = None
-    hook_name: str | None = None
-    hook_head_index: int | None = None
-    hook_name_out: str | None = None
-    dictionary: dict[str, Any] | None = None
-    normalisation: dict[str, Any] | None = None
-    model_hooks: list[str] | None = None
-    warnings: list[str] | None = None
-    members: dict[str, Any] | None = None
-    compounding: dict[str, Any] | None = None
-    token_policy: dict[str, Any] | None = None
-    latent_density: list[float] | None = None
-    latent_density_histogram: dict[str, Any] | None = None
-    delta_ce_by_position: list[float | None] | None = None
-    delta_ce_by_position_interval: list[Any] | None = None
-    kl_by_position: list[float | None] | None = None
-    scaling_law: list[float] | None = None
-    compute_law: dict[str, Any] | None = None
-    batch_size: int | None = None
-    model_dtype: str | None = None
-    sae_dtype: str | None = None
-    backend: str | None = None
-    duration_s: float | None = None
-    baseline_document: dict[str, Any] | None = None
-    groups: dict[str, Any] | None = None
-    sequential: dict[str, Any] | None = None
+    values: Mapping[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        """A recorded field's value (``None`` when the record does not carry it)."""
+        if name in BY_NAME:
+            return self.__dict__.get("values", {}).get(name)
+        raise AttributeError(f"{type(self).__name__!r} has no field {name!r}")
+
+    def to_plain(self) -> dict[str, Any]:
+        subject = {name: getattr(self, name) for name in SUBJECT_FIELDS}
+        return plain({**self.extra, "kind": self.kind, **subject, **self.values})
+
+    @classmethod
+    def from_plain(cls, data: Mapping[str, Any]) -> EvaluationRecord:
+        subject = {key: data[key] for key in SUBJECT_FIELDS if key in data}
+        values = {key: value for key, value in data.items() if key in BY_NAME}
+        rest = {
+            str(key): value
+            for key, value in data.items()
+            if key not in BY_NAME and key not in SUBJECT_FIELDS and key != "kind"
+        }
+        return cls(**subject, values=values, extra=rest)
 
 
 @dataclass(frozen=True)

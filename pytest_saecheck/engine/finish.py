@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -74,10 +74,8 @@ class Finish:
 
     def _with_breakdowns(self, evaluation: Evaluation, acc: Accumulator) -> Evaluation:
         """The evaluation with its token groups and its per-sequence, per-position CE sums."""
-        evaluation.per_position = acc.position_per_sequence()
-        if self.groups is not None:
-            evaluation.groups = group_results(acc.group_per_sequence(), self.groups[1])
-        return evaluation
+        groups = group_results(acc.group_per_sequence(), self.groups[1]) if self.groups is not None else {}
+        return replace(evaluation, per_position=acc.position_per_sequence(), groups=groups)
 
     def member(self, m: Member, tokens: torch.Tensor, notes: Sequence[str]) -> Evaluation:
         """The evaluation of one member from its sums."""
@@ -127,10 +125,8 @@ class Finish:
             normalisation=m.normalisation.to_dict(),
             sae_dtype=m.dtype_name,
         )
-        evaluation.warnings.extend(notes)
-        evaluation.warnings.extend(preflight(m, evaluation))
-        note_compute_fraction(evaluation)
-        return self._with_breakdowns(evaluation, m.acc)
+        evaluation = replace(evaluation, warnings=[*notes, *preflight(m, evaluation)])
+        return self._with_breakdowns(note_compute_fraction(evaluation), m.acc)
 
     def _common(
         self,
@@ -207,8 +203,7 @@ class Finish:
             normalisation={m.name: m.normalisation.to_dict() for m in members},
             members=by_member,
         )
-        note_compute_fraction(evaluation)
-        return self._with_breakdowns(evaluation, joint_acc)
+        return self._with_breakdowns(note_compute_fraction(evaluation), joint_acc)
 
 
 def joint_reason(name: str) -> str:
@@ -335,20 +330,23 @@ def unresolved_ratios(
     return reasons
 
 
-def note_compute_fraction(evaluation: Evaluation) -> None:
+def note_compute_fraction(evaluation: Evaluation) -> Evaluation:
     """Record ``compute_fraction`` under every preset (the sensitivity band that reports show beside a law not
-    fitted for this model), and say plainly when the splice lowered the loss (a "fraction" above 1)."""
+    fitted for this model), and say plainly when the splice lowered the loss (a "fraction" above 1): the
+    evaluation with them."""
     law, metrics = evaluation.scaling_law, evaluation.metrics
     if law is None or "ce_orig" not in metrics or "ce_sae" not in metrics:
-        return
-    evaluation.compute_fraction_by_preset = compute_fraction_by_preset(metrics["ce_orig"], metrics["ce_sae"])
+        return evaluation
+    by_preset = compute_fraction_by_preset(metrics["ce_orig"], metrics["ce_sae"])
+    notes = []
     value = metrics.get("compute_fraction")
     if value is not None and metrics["ce_sae"] < metrics["ce_orig"]:
-        evaluation.warnings.append(
+        notes.append(
             f"{COMPUTE_FRACTION_NOTE}{value:.4g} > 1 because the splice lowered the loss (delta_ce = "
             f"{metrics['ce_sae'] - metrics['ce_orig']:.3g} nats/token): it is not a fraction of the model's "
             "training compute; read delta_ce"
         )
+    return replace(evaluation, compute_fraction_by_preset=by_preset, warnings=[*evaluation.warnings, *notes])
 
 
 def why_undefined(name: str, scaling_law: ScalingLaw | None) -> str:

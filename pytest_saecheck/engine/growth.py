@@ -13,6 +13,7 @@ reproduce the fixed run at the ceiling. A gate that cannot be decided before the
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from pytest_saecheck.engine.result import Evaluation
@@ -81,7 +82,7 @@ class Growth:
                 else None
             )
             if verdict is not None:
-                return evaluation, self._record(
+                return self._record(
                     GateDecision(verdict, look + 1, n, RULE_INTERIM, self.plan.boundary(confidence, n)),
                     metric,
                     label,
@@ -89,14 +90,16 @@ class Growth:
             look = max(look + 1, self.look)
         evaluation = self.ceiling()
         boundary = float("inf")
-        return evaluation, self._record(
+        return self._record(
             GateDecision(None, last + 1, evaluation.n_sequences, RULE_CEILING, boundary), metric, label
         )
 
-    def _record(self, decision: GateDecision, metric: str, label: str) -> GateDecision:
+    def _record(self, decision: GateDecision, metric: str, label: str) -> tuple[Evaluation, GateDecision]:
+        """The evaluation held, stamped with this decision among the others, and the decision."""
         self.decisions.append({"metric": metric, "gate": label, **decision.to_dict()})
         self._stamp()
-        return decision
+        assert self.evaluation is not None
+        return self.evaluation, decision
 
     def summary(self) -> dict[str, Any]:
         """Plain values for the report: the plan, the look reached, the sequences and tokens evaluated, the gates."""
@@ -111,7 +114,7 @@ class Growth:
 
     def _stamp(self) -> None:
         if self.evaluation is not None:
-            self.evaluation.sequential = self.summary()
+            self.evaluation = replace(self.evaluation, sequential=self.summary())
 
 
 def plan_for(n_sequences: int, batch_size: int, min_sequences: int | None = None) -> SequentialPlan:

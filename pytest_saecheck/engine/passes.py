@@ -27,6 +27,7 @@ only, is scored for every sequence after the pass, one member at a time.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -148,7 +149,7 @@ class Pass:
             return evaluations, None, None
         assert self.joint_acc is not None
         joint = self.finish.joint(self.members, self.joint_acc, tokens)
-        joint.compounding = compounding(self.members, self.joint_acc)
+        joint = replace(joint, compounding=compounding(self.members, self.joint_acc))
         return evaluations, joint, joint.compounding
 
     # --- before the pass --------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ from pytest_saecheck.engine.backends import cut_for
 from pytest_saecheck.engine.compounding import compounding
 from pytest_saecheck.engine.cut import ModelCut, Site
 from pytest_saecheck.engine.finish import note_compute_fraction
-from pytest_saecheck.engine.plan import check_tokens, hooks_warning
+from pytest_saecheck.engine.plan import check_tokens
 from pytest_saecheck.engine.progress import progress_bar
 from pytest_saecheck.engine.result import Evaluation
 from pytest_saecheck.errors import ConfigError, HookNotFoundError, SAECheckWarning
@@ -129,11 +130,8 @@ def evaluate_replacement(
     with torch.inference_mode(), cut.prepared([*reads, *writes]):
         result = run.run(tokens, progress)
     duration = time.perf_counter() - started
-    for evaluation in [result, *result.layers.values()]:
-        evaluation.model_hooks = list(model_hooks)
-        if model_hooks:
-            evaluation.warnings.insert(0, hooks_warning(model_hooks))
-        evaluation.duration_s = duration
+    layers = {name: layer.finished(model_hooks, duration) for name, layer in result.layers.items()}
+    result = replace(result.finished(model_hooks, duration), layers=layers)
     for message in result.warnings:
         warnings.warn(message, SAECheckWarning, stacklevel=2)
     return result
@@ -370,10 +368,9 @@ class _Replacement:
             device=str(self.cut.output_device),
             hook_name_out=" + ".join(site.hook_name for site in self.writes),
             dictionary={**self.clt.to_dict(), "splice": what, "keep_layers": sorted(self.keep)},
+            per_position=acc.position_per_sequence(),
         )
-        evaluation.per_position = acc.position_per_sequence()
-        note_compute_fraction(evaluation)
-        return evaluation
+        return note_compute_fraction(evaluation)
 
     def _layer_metrics(self, acc: Accumulator, scores: dict[str, np.ndarray]) -> dict[str, float]:
         raw = metrics_from_sums(totals({**scores, **acc.per_sequence()}), None)
@@ -384,6 +381,7 @@ class _Replacement:
     def _finish(self, tokens: torch.Tensor) -> Evaluation:
         joint = self._evaluation(self.replacement, tokens, "the whole replacement")
         scores = self.replacement.per_sequence()
+        members: dict[str, dict[str, float]] = {}
         for layer in range(self.clt.n_layers):
             inside = self._layer_metrics(self.inside[layer], scores)
             clean = self._layer_metrics(self.clean[layer], scores)
@@ -393,17 +391,20 @@ class _Replacement:
                 member["delta_ce_alone"] = float(raw["delta_ce"])
                 member["kl_sae_alone"] = float(raw["kl_sae"])
             member["kept"] = float(layer in self.keep)
-            joint.members[layer_name(layer)] = member
+            members[layer_name(layer)] = member
+        layers: dict[str, Evaluation] = {}
+        compounded = None
         if self.alone:
             for layer, acc in enumerate(self.spliced_alone):
-                evaluation = self._evaluation(acc, tokens, f"layer {layer} alone")
-                evaluation.hook_name = self.reads[layer].hook_name
-                evaluation.hook_name_out = self.writes[layer].hook_name
-                joint.layers[layer_name(layer)] = evaluation
+                layers[layer_name(layer)] = replace(
+                    self._evaluation(acc, tokens, f"layer {layer} alone"),
+                    hook_name=self.reads[layer].hook_name,
+                    hook_name_out=self.writes[layer].hook_name,
+                )
             spliced = [acc for layer, acc in enumerate(self.spliced_alone) if layer not in self.keep]
-            joint.compounding = compounding(scores, [acc.per_sequence() for acc in spliced])
-        joint.dictionary["weight_peak_bytes"] = self.clt.cache.peak_bytes
-        return joint
+            compounded = compounding(scores, [acc.per_sequence() for acc in spliced])
+        dictionary = {**joint.dictionary, "weight_peak_bytes": self.clt.cache.peak_bytes}
+        return replace(joint, members=members, layers=layers, compounding=compounded, dictionary=dictionary)
 
 
 # --- how evaluate() hands a CLT over ----------------------------------------------------------------------------
@@ -443,11 +444,12 @@ def evaluate_clt(
     return evaluate_replacement(model, clt, tokens, **options)
 
 
-def alone_view(joint: Evaluation, evaluations: Mapping[str, Evaluation]) -> None:
+def alone_view(joint: Evaluation, evaluations: Mapping[str, Evaluation]) -> Evaluation:
     """The joint evaluation of a set with each member's isolated evaluation (``layers``) and, in ``members``, its
     R², ΔCE and KL alone: the view a CLT's replacement gives, so the two compare side by side."""
-    joint.layers = dict(evaluations)
+    members = {name: dict(values) for name, values in joint.members.items()}
     for name, evaluation in evaluations.items():
         for metric in ("explained_variance", "delta_ce", "kl_sae"):
             if metric in evaluation.metrics:
-                joint.members.setdefault(name, {})[f"{metric}_alone"] = evaluation.metrics[metric]
+                members.setdefault(name, {})[f"{metric}_alone"] = evaluation.metrics[metric]
+    return replace(joint, layers=dict(evaluations), members=members)

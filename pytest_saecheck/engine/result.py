@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from pytest_saecheck.engine.accumulate import position_intervals
 from pytest_saecheck.engine.grouping import GroupResult
+from pytest_saecheck.engine.plan import hooks_warning
 from pytest_saecheck.errors import ConfigError, SAECheckWarning
+from pytest_saecheck.evaluation_fields import EVALUATION_FIELDS
 from pytest_saecheck.metrics import BOOTSTRAPPABLE, METRIC_NAMES, metrics_from_sums
 from pytest_saecheck.policy import TokenPolicy
 from pytest_saecheck.scaling import ScalingLaw
@@ -23,7 +25,7 @@ COMPUTE_FRACTION_NOTE = "compute_fraction = "
 """How the warning about a compute fraction above 1 begins (it depends on the scaling law)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Evaluation:
     """The result of :func:`evaluate`. ``metrics`` is flat: metric name → float, never NaN.
 
@@ -93,7 +95,10 @@ class Evaluation:
     def confidence_intervals(
         self, level: float = DEFAULT_LEVEL, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
     ) -> dict[str, tuple[float, float]]:
-        """Bootstrap intervals of every defined metric that has one, from one set of resamples (cached)."""
+        """Bootstrap intervals of every defined metric that has one, from one set of resamples (cached).
+
+        An interval that is undefined or excludes its value is warned about (:class:`SAECheckWarning`, the text of
+        :func:`interval_notes`) when first computed; the evaluation itself is not changed."""
         key = (float(level), int(n_resamples), int(seed))
         if key not in self._interval_cache:
             law = self.scaling_law
@@ -107,26 +112,8 @@ class Evaluation:
                 self.per_sequence, statistics, level=level, n_resamples=n_resamples, seed=seed
             )
             self._interval_cache[key] = intervals
-            for name, (low, high) in intervals.items():
-                value = self.metrics[name]
-                if math.isnan(low) or math.isnan(high):
-                    message = (
-                        f"the {level:.0%} bootstrap interval of {name} is undefined: the metric is undefined in "
-                        "some resamples of the sequences (for compute_fraction, a resampled loss not above the "
-                        "scaling law's irreducible loss E; for a ratio, a zero denominator); evaluate more "
-                        "sequences, or gate on the value without confidence="
-                    )
-                elif not low <= value <= high:
-                    message = (
-                        f"the {level:.0%} bootstrap interval of {name} [{low:.4g}, {high:.4g}] does not contain "
-                        f"its value {value:.4g}: the resampled values are strongly skewed (a near-zero "
-                        "denominator or a few dominant sequences); do not gate on this interval"
-                    )
-                else:
-                    continue
-                if message not in self.warnings:
-                    self.warnings.append(message)
-                    warnings.warn(message, SAECheckWarning, stacklevel=2)
+            for message in interval_notes(self.metrics, intervals, level):
+                warnings.warn(message, SAECheckWarning, stacklevel=2)
         return dict(self._interval_cache[key])
 
     def delta_ce_by_position_interval(self, level: float = DEFAULT_LEVEL) -> list[list[float] | None]:
@@ -174,8 +161,6 @@ class Evaluation:
         """
         if scaling_law == self.scaling_law:
             return self
-        from dataclasses import replace
-
         from pytest_saecheck.engine.accumulate import totals
         from pytest_saecheck.engine.finish import note_compute_fraction, why_undefined
 
@@ -201,44 +186,65 @@ class Evaluation:
             _interval_cache={},
             _position_cache=self._position_cache,
         )
-        note_compute_fraction(derived)
-        return derived
+        return note_compute_fraction(derived)
+
+    def scaling_law_parameters(self) -> list[float] | None:
+        """``[E, gamma]`` of :attr:`scaling_law` (None without a law)."""
+        law = self.scaling_law
+        return None if law is None else [law.irreducible, law.gamma]
+
+    def finished(self, model_hooks: Sequence[str], duration_s: float) -> Evaluation:
+        """This evaluation with what is known once its pass is over: the hooks found on the model (with their
+        warning first) and the wall time it took (seconds)."""
+        hooks = list(model_hooks)
+        notes = [hooks_warning(hooks)] if hooks else []
+        return replace(self, model_hooks=hooks, warnings=[*notes, *self.warnings], duration_s=duration_s)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain Python types only (safe to put on pytest reports and into JSON)."""
-        return {
-            "metrics": dict(self.metrics),
-            "undefined": dict(self.undefined),
-            "n_tokens": self.n_tokens,
-            "n_sequences": self.n_sequences,
-            "seq_len": self.seq_len,
-            "hook_name": self.hook_name,
-            "hook_head_index": self.hook_head_index,
-            "hook_name_out": self.hook_name_out,
-            "dictionary": dict(self.dictionary),
-            "normalisation": dict(self.normalisation),
-            "model_hooks": list(self.model_hooks),
-            "warnings": list(self.warnings),
-            "members": {name: dict(values) for name, values in self.members.items()},
-            "compounding": dict(self.compounding) if self.compounding is not None else None,
-            "groups": {name: group.to_dict() for name, group in self.groups.items()},
-            "token_policy": self.token_policy.to_dict(),
-            "latent_density": list(self.latent_density),
-            "delta_ce_by_position": list(self.delta_ce_by_position),
-            "delta_ce_by_position_interval": self.delta_ce_by_position_interval(),
-            "kl_by_position": list(self.kl_by_position),
-            "scaling_law": [self.scaling_law.irreducible, self.scaling_law.gamma]
-            if self.scaling_law is not None
-            else None,
-            "compute_law": self.compute_law(),
-            "batch_size": self.batch_size,
-            "model_dtype": self.model_dtype,
-            "sae_dtype": self.sae_dtype,
-            "backend": self.backend,
-            "device": self.device,
-            "duration_s": self.duration_s,
-            "sequential": dict(self.sequential) if self.sequential is not None else None,
-        }
+        """The recorded fields (:data:`~pytest_saecheck.evaluation_fields.EVALUATION_FIELDS` supplied by the
+        engine) as plain Python types only (safe to put on pytest reports and into JSON)."""
+        out: dict[str, Any] = {}
+        for recorded in EVALUATION_FIELDS:
+            if recorded.source == "engine":
+                value = getattr(self, recorded.attribute or recorded.name)
+                out[recorded.name] = _plain(value() if callable(value) else value)
+        return out
+
+
+def interval_notes(
+    metrics: Mapping[str, float], intervals: Mapping[str, tuple[float, float]], level: float
+) -> list[str]:
+    """What reports say about bootstrap intervals at ``level`` that are undefined, or do not contain their
+    metric's value (a strongly skewed resampling distribution); one line per such interval."""
+    notes = []
+    for name, (low, high) in intervals.items():
+        value = metrics[name]
+        if math.isnan(low) or math.isnan(high):
+            notes.append(
+                f"the {level:.0%} bootstrap interval of {name} is undefined: the metric is undefined in "
+                "some resamples of the sequences (for compute_fraction, a resampled loss not above the "
+                "scaling law's irreducible loss E; for a ratio, a zero denominator); evaluate more "
+                "sequences, or gate on the value without confidence="
+            )
+        elif not low <= value <= high:
+            notes.append(
+                f"the {level:.0%} bootstrap interval of {name} [{low:.4g}, {high:.4g}] does not contain "
+                f"its value {value:.4g}: the resampled values are strongly skewed (a near-zero "
+                "denominator or a few dominant sequences); do not gate on this interval"
+            )
+    return notes
+
+
+def _plain(value: Any) -> Any:
+    """A recorded value as plain Python types: objects through their ``to_dict()``, containers item by item."""
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        return _plain(to_dict())
+    if isinstance(value, Mapping):
+        return {name: _plain(item) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 class EvaluationSet(Mapping[str, Evaluation]):

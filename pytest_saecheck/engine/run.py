@@ -24,7 +24,6 @@ from pytest_saecheck.engine.plan import (
     check_joint,
     check_sizes,
     check_tokens,
-    hooks_warning,
     named_dictionaries,
     naming,
     per_member,
@@ -232,17 +231,16 @@ def evaluate(
     sites = [site for m in members for site in (m.read, m.write)]
     with torch.inference_mode(), hook_z_reshaping_off(list(named.values())), cut.prepared(sites):
         evaluations, joint_evaluation, compounding = run.run(tokens, means, progress)
-    if joint_evaluation is not None:
-        alone_view(joint_evaluation, evaluations)
 
     # --- finish: what every result of this call shares, warnings shown once -----------------------------
     duration = time.perf_counter() - started
-    for evaluation in [*evaluations.values(), *([joint_evaluation] if joint_evaluation else [])]:
-        evaluation.model_hooks = list(model_hooks)
-        if model_hooks:
-            evaluation.warnings.insert(0, hooks_warning(model_hooks))
-        # each SAE's share of the shared pass, so that the SAEs' durations add up to the pass's wall time
-        evaluation.duration_s = duration if evaluation is joint_evaluation else duration / len(evaluations)
+    # each SAE's share of the shared pass, so that the SAEs' durations add up to the pass's wall time
+    evaluations = {
+        name: evaluation.finished(model_hooks, duration / len(evaluations))
+        for name, evaluation in evaluations.items()
+    }
+    if joint_evaluation is not None:
+        joint_evaluation = alone_view(joint_evaluation, evaluations).finished(model_hooks, duration)
     shown = {
         (message if single else f"SAE {name!r}: {message}"): None
         for name, evaluation in evaluations.items()

@@ -8,7 +8,8 @@ page differs from what the code generates). The blocks:
 - ``settings-table``: every setting of :data:`~pytest_saecheck.plugin.settings.SETTINGS` with its marker key,
   option, ini key and help (which states the default), then the run options that are not settings;
 - ``metric-table``: the metric catalogue (:func:`pytest_saecheck.catalogue.markdown_table`);
-- ``json-schema``: the result document's JSON Schema (:data:`pytest_saecheck.report.schema.JSON_SCHEMA`).
+- ``json-schema``: the result document's JSON Schema (:data:`pytest_saecheck.report.schema.JSON_SCHEMA`);
+- ``sae-table``: the fields of the document's SAE entry, from that schema (``report/SCHEMA.md``).
 """
 
 from __future__ import annotations
@@ -61,10 +62,18 @@ def json_schema() -> str:
     return "```json\n" + json.dumps(JSON_SCHEMA, indent=1, sort_keys=True, ensure_ascii=False) + "\n```"
 
 
+def sae_table() -> str:
+    """The result document's SAE entry, field by field (:func:`pytest_saecheck.report.schema.sae_table`)."""
+    from pytest_saecheck.report.schema import sae_table
+
+    return sae_table()
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "settings-table": settings_table,
     "metric-table": catalogue.markdown_table,
     "json-schema": json_schema,
+    "sae-table": sae_table,
 }
 
 

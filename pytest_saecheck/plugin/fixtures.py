@@ -605,10 +605,13 @@ class SAECheck:
         }
 
     def _evaluation_record(self, evaluation: Evaluation) -> records.EvaluationRecord:
-        intervals = _intervals(evaluation)  # first: an interval that excludes its value adds a warning
+        from pytest_saecheck.engine.result import interval_notes
+
+        intervals = _intervals(evaluation)
         data = evaluation.to_dict()
         density = data.pop("latent_density", None)
-        data.pop("device", None)  # the subject's device names the same thing
+        notes = interval_notes(evaluation.metrics, intervals, INTERVAL_LEVEL)
+        data["warnings"] = [*data["warnings"], *(note for note in notes if note not in data["warnings"])]
         data["token_policy"] = self._with_chat_template(data.get("token_policy"))
         data["dictionary"] = self._with_saebench_weights(data.get("dictionary"))
         return records.EvaluationRecord.from_plain(
@@ -729,13 +732,13 @@ def _dependency_warnings_hidden() -> Iterator[None]:
         yield
 
 
-def _intervals(evaluation: Evaluation) -> dict[str, list[float]]:
+def _intervals(evaluation: Evaluation) -> dict[str, tuple[float, float]]:
     """95% bootstrap intervals of every metric that has one, from one set of resamples (cached)."""
     try:
         intervals = evaluation.confidence_intervals(INTERVAL_LEVEL)
     except SAECheckError:  # e.g. a single sequence: no interval
         return {}
-    return {name: [float(low), float(high)] for name, (low, high) in intervals.items()}
+    return {name: (float(low), float(high)) for name, (low, high) in intervals.items()}
 
 
 def _density_histogram(density: Any) -> Any:

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pytest_saecheck import records as _records
+from pytest_saecheck.evaluation_fields import EVALUATION_FIELDS
 from pytest_saecheck.files import package_version
 from pytest_saecheck.messages import finite_or_none
 from pytest_saecheck.records import AssertionRecord, EvaluationRecord, Record
@@ -187,99 +188,116 @@ def group_entries(groups: Any) -> list[dict[str, Any]] | None:
     return out or None
 
 
-def _mapping(value: Any) -> dict[str, Any] | None:
-    return json_safe(value) if isinstance(value, Mapping) else None
+def coerce(value: Any, schema: Mapping[str, Any]) -> Any:
+    """A recorded value read defensively into the form its JSON Schema gives (``schema``, a field's in
+    :data:`~pytest_saecheck.evaluation_fields.EVALUATION_FIELDS`): a non-finite number, a wrong type or a malformed
+    interval becomes ``None`` (an empty list where the schema allows no null)."""
+    types = schema.get("type")
+    types = types if isinstance(types, list) else [types]
+    if "array" in types:
+        if not isinstance(value, (list, tuple)):
+            return None if "null" in types else []
+        if schema.get("maxItems") == 2:  # an interval [low, high]
+            return _interval(value)
+        return [coerce(item, schema.get("items", {})) for item in value]
+    if "object" in types:
+        return json_safe(value) if isinstance(value, Mapping) else None
+    if "integer" in types:
+        return int_or_none(value)
+    if "number" in types:
+        return finite_or_none(value)
+    if "string" in types:
+        return str_or_none(value)
+    return json_safe(value)
 
 
-def sae_entry(identity: Mapping[str, Any], record: Record) -> dict[str, Any]:
-    """An SAE's document entry from any of its records (numbers only from an :class:`EvaluationRecord`)."""
-    subject = record.subject()
-    evaluation = record if isinstance(record, EvaluationRecord) else EvaluationRecord()
-    evaluated = isinstance(record, EvaluationRecord)
-    settings = evaluation.settings if isinstance(evaluation.settings, Mapping) else {}
+def _metric_values(evaluation: EvaluationRecord) -> tuple[dict[str, float], dict[str, str]]:
+    """The finite metrics and the undefined ones with their reasons (a non-finite value among them)."""
     metrics: dict[str, float] = {}
-    undefined: dict[str, str] = {}
-    for name, reason in (evaluation.undefined or {}).items():
-        undefined[str(name)] = str(reason)
+    undefined = {str(name): str(reason) for name, reason in (evaluation.undefined or {}).items()}
     for name, value in (evaluation.metrics or {}).items():
         number = finite_or_none(value)
         if number is None:
             undefined.setdefault(str(name), f"not a finite number ({value!r})")
         else:
             metrics[str(name)] = number
-    intervals = {}
-    for name, value in (evaluation.intervals or {}).items():
-        interval = _interval(value)
-        if interval is not None:
-            intervals[str(name)] = interval
+    return dict(sorted(metrics.items())), dict(sorted(undefined.items()))
+
+
+def _composed(
+    evaluation: EvaluationRecord, subject: Mapping[str, Any], settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The document values of the recorded fields that are more than their value coerced: those that combine
+    several facts (the settings, the subject) or have an entry form of their own. Keyed by field name."""
+    metrics, undefined = _metric_values(evaluation)
+    intervals = {
+        str(name): interval
+        for name, value in (evaluation.intervals or {}).items()
+        if (interval := _interval(value)) is not None
+    }
     histogram: Any = evaluation.latent_density_histogram
     if not isinstance(histogram, Mapping):
         histogram = latent_density_histogram(evaluation.latent_density)
-    seq_len = int_or_none(evaluation.seq_len)
-    dtype = evaluation.model_dtype or subject["dtype"] or settings.get("dtype")
     return {
+        "metrics": metrics,
+        "undefined": undefined,
+        "intervals": dict(sorted(intervals.items())),
+        "interval_level": finite_or_none(evaluation.interval_level) if intervals else None,
+        "resolved_tokens": str_or_none(evaluation.resolved_tokens or subject["tokens"]),
+        "settings": json_safe(dict(settings)) if settings else None,
+        "batch_size": int_or_none(settings.get("batch_size") or evaluation.batch_size),
+        "model_dtype": str_or_none(evaluation.model_dtype or subject["dtype"] or settings.get("dtype")),
+        "latent_density_histogram": json_safe(histogram) if histogram else None,
+        "groups": group_entries(evaluation.groups),
+        "sequential": sequential_entry(evaluation.sequential),
+    }
+
+
+def _put(entry: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        entry = entry.setdefault(key, {})
+    entry[path[-1]] = value
+
+
+def sae_entry(identity: Mapping[str, Any], record: Record) -> dict[str, Any]:
+    """An SAE's document entry from any of its records (numbers only from an :class:`EvaluationRecord`): what
+    names the SAE and its run, then every recorded field of the evaluation at its place, coerced to its schema
+    (:data:`~pytest_saecheck.evaluation_fields.EVALUATION_FIELDS`)."""
+    subject = record.subject()
+    evaluation = record if isinstance(record, EvaluationRecord) else EvaluationRecord()
+    settings = evaluation.settings if isinstance(evaluation.settings, Mapping) else {}
+    entry: dict[str, Any] = {
         "id": _identity_id(identity),
         "label": str(subject["label"] or subject["sae"] or "(unnamed SAE)"),
         "status": "not run",
-        "evaluated": evaluated,
-        "model": {
-            "spec": subject["model"],
-            "resolved": str_or_none(evaluation.resolved_model),
-            "loading": _mapping(evaluation.model_loading),
-        },
+        "evaluated": isinstance(record, EvaluationRecord),
+        "model": {"spec": subject["model"]},
         "sae": {"spec": subject["sae"]},
-        "hook": {
-            "name": str_or_none(evaluation.hook_name),
-            "head_index": int_or_none(evaluation.hook_head_index),
-            "name_out": str_or_none(evaluation.hook_name_out),
-        },
-        "dictionary": _mapping(evaluation.dictionary),
-        "normalisation": _mapping(evaluation.normalisation),
-        "model_hooks": [str(hook) for hook in evaluation.model_hooks or []],
-        "warnings": [str(message) for message in evaluation.warnings or []],
-        "members": _mapping(evaluation.members),
-        "compounding": _mapping(evaluation.compounding),
+        "hook": {},
         "tokens": {
             "spec": subject["tokens"],
-            "source": str_or_none(evaluation.resolved_tokens or subject["tokens"]),
-            "n_tokens": int_or_none(evaluation.n_tokens),
-            "n_sequences": int_or_none(evaluation.n_sequences),
-            "seq_len": seq_len,
             "requested_n_tokens": int_or_none(settings.get("n_tokens")),
-            "context_size": int_or_none(settings.get("context_size")) or seq_len,
             "seed": int_or_none(settings.get("seed")),
         },
-        "token_policy": _mapping(evaluation.token_policy),
         "device": subject["device"],
-        "dtype": str_or_none(dtype),
-        "sae_dtype": str_or_none(evaluation.sae_dtype),
-        "backend": str_or_none(evaluation.backend),
-        "batch_size": int_or_none(settings.get("batch_size") or evaluation.batch_size),
-        "settings": json_safe(dict(settings)) if settings else None,
-        "metrics": dict(sorted(metrics.items())),
-        "intervals": dict(sorted(intervals.items())),
-        "interval_level": finite_or_none(evaluation.interval_level) if intervals else None,
-        "undefined": dict(sorted(undefined.items())),
-        "scaling_law": _series(evaluation.scaling_law),
-        "compute_law": _mapping(evaluation.compute_law),
-        "delta_ce_by_position": _series(evaluation.delta_ce_by_position),
-        "delta_ce_by_position_interval": [
-            _interval(value) for value in evaluation.delta_ce_by_position_interval
-        ]
-        if isinstance(evaluation.delta_ce_by_position_interval, list)
-        else None,
-        "kl_by_position": _series(evaluation.kl_by_position),
-        "latent_density_histogram": json_safe(histogram) if histogram else None,
-        "evaluation_duration_s": finite_or_none(evaluation.duration_s),
         "grouping": str_or_none(settings.get("token_groups")),
-        "groups": group_entries(evaluation.groups),
-        "sequential": sequential_entry(evaluation.sequential),
         "tasks": [],
         "baseline": None,
         "assertions": [],
         "tests": [],
         "outcomes": {},
     }
+    composed = _composed(evaluation, subject, settings)
+    for recorded in EVALUATION_FIELDS:
+        if recorded.path is not None:
+            if recorded.name in composed:
+                value = composed[recorded.name]
+            else:
+                value = coerce(getattr(evaluation, recorded.name), recorded.schema)
+            _put(entry, recorded.path, value)
+    tokens = entry["tokens"]
+    tokens["context_size"] = int_or_none(settings.get("context_size")) or tokens["seq_len"]
+    return entry
 
 
 def sequential_entry(summary: Any) -> dict[str, Any] | None:
@@ -507,114 +525,141 @@ class Collector:
         environment_info: Mapping[str, Any] | None = None,
         created: str | None = None,
     ) -> dict[str, Any]:
-        saes: dict[str, dict[str, Any]] = {}  # SAE id -> entry
-        coarse_of: dict[str, str] = {}  # SAE id -> id of its coarse identity (label, specs, device, dtype)
-        pending: list[tuple[str, dict[str, Any], Record]] = []  # tests that only used an SAE
-        tests: list[dict[str, Any]] = []
-        unattached: list[dict[str, Any]] = []
+        """The run's document: its SAEs, tests and unattached assertions, in canonical order (see the module)."""
+        assembly = _Assembly()
         for nodeid in sorted(self.tests):
-            phases = sorted(self.tests[nodeid].phases, key=lambda phase: _PHASES.get(phase.when, 3))
-            current: dict[str, str] = {}  # label -> SAE id, within this test
-            subjects: dict[str, tuple[dict[str, Any], Record]] = {}
-            test_saes: set[str] = set()
-            index = 0
-            for record in (record for phase in phases for record in phase.records):
-                label = record.label
-                if isinstance(record, _records.SubjectRecord):
-                    coarse = _coarse(record)
-                    subjects.setdefault(_identity_id(coarse), (coarse, record))
-                elif isinstance(record, EvaluationRecord):
-                    identity = _fine(record)
-                    sae_id = _identity_id(identity)
-                    if sae_id not in saes:
-                        saes[sae_id] = sae_entry(identity, record)
-                        coarse_of[sae_id] = _identity_id(_coarse(record))
-                    elif _grown(saes[sae_id], record):  # a sequential run: the numbers of the furthest look
-                        kept = ("assertions", "tests", "outcomes", "baseline", "tasks", "status")
-                        saes[sae_id].update(
-                            {
-                                key: value
-                                for key, value in sae_entry(identity, record).items()
-                                if key not in kept
-                            }
-                        )
-                    current[str(label)] = sae_id
-                    test_saes.add(sae_id)
-                else:
-                    entry = assertion_entry(record, nodeid, index)
-                    index += 1
-                    if label is None:  # e.g. reported metrics checked without an SAE under test
-                        unattached.append(entry)
-                        continue
-                    found = current.get(str(label))
-                    if found is None:  # an assertion on an Evaluation made outside the fixture
-                        coarse = _coarse(record)
-                        found = _identity_id(coarse)
-                        if found not in saes:
-                            saes[found] = sae_entry(coarse, record)
-                            coarse_of[found] = found
-                        current[str(label)] = found
-                    sae_id = found
-                    saes[sae_id]["assertions"].append(entry)
-                    if isinstance(record.baseline, Mapping):
-                        saes[sae_id]["baseline"] = merge_baseline(
-                            saes[sae_id].get("baseline"), baseline_entry(record.baseline)
-                        )
-                    test_saes.add(sae_id)
-            used = {coarse_of[sae_id] for sae_id in test_saes}
-            pending += [(nodeid, *value) for coarse_id, value in subjects.items() if coarse_id not in used]
-            outcome = combine_outcomes(phase.outcome for phase in phases if phase.outcome is not None)
-            if outcome is None:  # unfinished (interrupted): its records count, it has no result
-                continue
-            messages = [phase.message for phase in phases if phase.message and phase.outcome is not None]
-            tests.append(
-                {
-                    "id": nodeid,
-                    "outcome": outcome,
-                    "duration_s": round(sum(phase.duration for phase in phases), 6),
-                    "saes": sorted(test_saes),
-                    "message": messages[0] if messages else None,
-                }
-            )
-            for sae_id in test_saes:
-                saes[sae_id]["tests"].append(nodeid)
-        # a test that only used an SAE (no evaluation, no assertion) belongs to that SAE's evaluated entry
-        by_id = {test["id"]: test for test in tests}
-        for nodeid, coarse, record in pending:
-            coarse_id = _identity_id(coarse)
-            candidates = sorted(sae_id for sae_id, of in coarse_of.items() if of == coarse_id)
-            sae_id = candidates[0] if candidates else coarse_id
-            if sae_id not in saes:
-                saes[sae_id] = sae_entry(coarse, record)
-                coarse_of[sae_id] = coarse_id
-            if nodeid in by_id:
-                saes[sae_id]["tests"].append(nodeid)
-                by_id[nodeid]["saes"].append(sae_id)
+            assembly.add_test(nodeid, sorted(self.tests[nodeid].phases, key=lambda p: _PHASES.get(p.when, 3)))
+        assembly.attach_pending()
         document = {
             "schema": SCHEMA_ID,
             "schema_version": SCHEMA_VERSION,
             "generator": {"name": "pytest-saecheck", "version": package_version("pytest-saecheck")},
             "created": created or now_iso(),
-            "run": {
-                "id": None,
-                "started": None,
-                "finished": None,
-                "duration_s": None,
-                "exit_status": None,
-                "interrupted": False,
-                "complete": True,
-                "workers": None,
-                "shards": 1,
-                **dict(run or {}),
-            },
+            "run": {**_RUN_DEFAULTS, **dict(run or {})},
             "environment": dict(environment_info) if environment_info is not None else environment(),
-            "saes": list(saes.values()),
-            "tests": tests,
-            "unattached_assertions": unattached,
+            "saes": list(assembly.saes.values()),
+            "tests": assembly.tests,
+            "unattached_assertions": assembly.unattached,
             "extensions": {},
             "report_sections": [],
         }
         return finalise(document)
+
+
+_RUN_DEFAULTS: dict[str, Any] = {
+    "id": None,
+    "started": None,
+    "finished": None,
+    "duration_s": None,
+    "exit_status": None,
+    "interrupted": False,
+    "complete": True,
+    "workers": None,
+    "shards": 1,
+}
+#: What a later record of a sequential run leaves as it is in the SAE's entry (the rest shows the furthest look).
+_KEPT_WHEN_GROWN = ("assertions", "tests", "outcomes", "baseline", "tasks", "status")
+
+
+@dataclass
+class _Assembly:
+    """The document's SAE entries and tests, built from the tests' records in canonical order."""
+
+    saes: dict[str, dict[str, Any]] = field(default_factory=dict)  # SAE id -> entry
+    coarse_of: dict[str, str] = field(default_factory=dict)  # SAE id -> id of its coarse identity
+    pending: list[tuple[str, dict[str, Any], Record]] = field(
+        default_factory=list
+    )  # tests that only used an SAE
+    tests: list[dict[str, Any]] = field(default_factory=list)
+    unattached: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_test(self, nodeid: str, phases: list[_Phase]) -> None:
+        """One test's records (in phase order) and, when it finished, its result."""
+        current: dict[str, str] = {}  # label -> SAE id, within this test
+        subjects: dict[str, tuple[dict[str, Any], Record]] = {}
+        used: set[str] = set()
+        index = 0
+        for record in (record for phase in phases for record in phase.records):
+            if isinstance(record, _records.SubjectRecord):
+                coarse = _coarse(record)
+                subjects.setdefault(_identity_id(coarse), (coarse, record))
+            elif isinstance(record, EvaluationRecord):
+                current[str(record.label)] = self._evaluation(record)
+                used.add(current[str(record.label)])
+            else:
+                found = self._assertion(record, assertion_entry(record, nodeid, index), current)
+                index += 1
+                used.update([found] if found is not None else [])
+        coarse_used = {self.coarse_of[sae_id] for sae_id in used}
+        self.pending += [
+            (nodeid, *value) for coarse_id, value in subjects.items() if coarse_id not in coarse_used
+        ]
+        self._result(nodeid, phases, used)
+
+    def _entry(self, sae_id: str, identity: Mapping[str, Any], record: Record, coarse_id: str) -> None:
+        if sae_id not in self.saes:
+            self.saes[sae_id] = sae_entry(identity, record)
+            self.coarse_of[sae_id] = coarse_id
+
+    def _evaluation(self, record: EvaluationRecord) -> str:
+        """The id of the SAE entry an evaluation record supplies (the first, or a sequential run's furthest)."""
+        identity = _fine(record)
+        sae_id = _identity_id(identity)
+        if sae_id in self.saes and _grown(self.saes[sae_id], record):
+            later = sae_entry(identity, record)
+            self.saes[sae_id].update(
+                {key: value for key, value in later.items() if key not in _KEPT_WHEN_GROWN}
+            )
+        self._entry(sae_id, identity, record, _identity_id(_coarse(record)))
+        return sae_id
+
+    def _assertion(
+        self, record: AssertionRecord, entry: dict[str, Any], current: dict[str, str]
+    ) -> str | None:
+        """Attach an assertion to its SAE's entry (made from the assertion when the test evaluated none); its id."""
+        if record.label is None:  # e.g. reported metrics checked without an SAE under test
+            self.unattached.append(entry)
+            return None
+        sae_id = current.get(str(record.label))
+        if sae_id is None:  # an assertion on an Evaluation made outside the fixture
+            coarse = _coarse(record)
+            sae_id = _identity_id(coarse)
+            self._entry(sae_id, coarse, record, sae_id)
+            current[str(record.label)] = sae_id
+        sae = self.saes[sae_id]
+        sae["assertions"].append(entry)
+        if isinstance(record.baseline, Mapping):
+            sae["baseline"] = merge_baseline(sae.get("baseline"), baseline_entry(record.baseline))
+        return sae_id
+
+    def _result(self, nodeid: str, phases: list[_Phase], used: set[str]) -> None:
+        outcome = combine_outcomes(phase.outcome for phase in phases if phase.outcome is not None)
+        if outcome is None:  # unfinished (interrupted): its records count, it has no result
+            return
+        messages = [phase.message for phase in phases if phase.message and phase.outcome is not None]
+        self.tests.append(
+            {
+                "id": nodeid,
+                "outcome": outcome,
+                "duration_s": round(sum(phase.duration for phase in phases), 6),
+                "saes": sorted(used),
+                "message": messages[0] if messages else None,
+            }
+        )
+        for sae_id in used:
+            self.saes[sae_id]["tests"].append(nodeid)
+
+    def attach_pending(self) -> None:
+        """A test that only used an SAE (no evaluation, no assertion) belongs to that SAE's evaluated entry."""
+        by_id = {test["id"]: test for test in self.tests}
+        for nodeid, coarse, record in self.pending:
+            coarse_id = _identity_id(coarse)
+            candidates = sorted(sae_id for sae_id, of in self.coarse_of.items() if of == coarse_id)
+            sae_id = candidates[0] if candidates else coarse_id
+            self._entry(sae_id, coarse, record, coarse_id)
+            if nodeid in by_id:
+                self.saes[sae_id]["tests"].append(nodeid)
+                by_id[nodeid]["saes"].append(sae_id)
 
 
 def build_document(reports: Any, **kwargs: Any) -> dict[str, Any]:

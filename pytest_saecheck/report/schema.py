@@ -2,8 +2,9 @@
 
 The document is the canonical result of a run (``--saecheck-json``); the HTML report is rendered from it alone,
 and ``python -m pytest_saecheck.report merge`` merges the documents of sharded runs. ``SCHEMA.md`` next to
-this module describes every field; :data:`JSON_SCHEMA` is the machine-readable form (JSON Schema 2020-12) and
-:func:`validate` checks a document against it without third-party packages.
+this module describes every field; :data:`JSON_SCHEMA` is the machine-readable form (JSON Schema 2020-12; an SAE entry's evaluation fields come
+from :data:`pytest_saecheck.evaluation_fields.EVALUATION_FIELDS`) and :func:`validate` checks a document against it
+with ``jsonschema``.
 
 Versioning: ``schema_version`` is an integer that grows when a field is removed or changes meaning; new optional
 fields do not change it. Readers accept documents whose version they know (:data:`SUPPORTED_VERSIONS`).
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
+import json
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pytest_saecheck.defaults import INTERVAL_LEVEL as DEFAULT_INTERVAL_LEVEL
+from pytest_saecheck.evaluation_fields import EVALUATION_FIELDS, INTEGER, INTERVAL, NUMBER, STRING
 
 SCHEMA_ID = "pytest-saecheck/report"
 SCHEMA_VERSION = 1
@@ -52,11 +56,10 @@ TIMING_FIELDS = {
     "saes[]": ("evaluation_duration_s",),
 }
 
-_NUMBER = {"type": ["number", "null"]}
-_INTERVAL = {"type": ["array", "null"], "items": _NUMBER, "minItems": 2, "maxItems": 2}
-_STRING_OR_NULL = {"type": ["string", "null"]}
+_NUMBER = NUMBER
+_INTERVAL = INTERVAL
+_STRING_OR_NULL = STRING
 _COUNTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
-_SERIES = {"type": ["array", "null"], "items": _NUMBER}
 
 ASSERTION_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -81,124 +84,70 @@ ASSERTION_SCHEMA: dict[str, Any] = {
     },
 }
 
-SAE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": [
-        "id",
-        "label",
-        "status",
-        "evaluated",
-        "model",
-        "sae",
-        "hook",
-        "tokens",
-        "metrics",
-        "intervals",
-        "undefined",
-        "assertions",
-        "tests",
-        "outcomes",
-    ],
-    "properties": {
-        "id": {"type": "string"},
-        "label": {"type": "string"},
-        "status": {"enum": list(STATUSES)},
-        "evaluated": {"type": "boolean"},
-        "model": {
+
+def _described(description: str, schema: Mapping[str, Any]) -> dict[str, Any]:
+    return {**schema, "description": description}
+
+
+#: The SAE entry's own fields: what names the SAE, and what its tests and assertions add. The evaluation's
+#: recorded fields join them at their places (:func:`sae_schema`).
+_SAE_OWN: dict[str, Any] = {
+    "id": _described(
+        "`sae-` + 12 hex digits: a hash of label, model/SAE/token specs, device, dtype and evaluation settings; "
+        "stable across runs, workers and shards",
+        {"type": "string"},
+    ),
+    "label": _described(
+        'the readable name (`"<sae spec>"` or `"<sae spec> @ <model spec>"`); two entries share it when one '
+        "SAE was evaluated with different settings (`id` tells them apart; the terminal table and the HTML report "
+        'show them as `"<label> (n_tokens=2048)"`, naming what differs: '
+        "`pytest_saecheck.report.display.row_labels`)",
+        {"type": "string"},
+    ),
+    "status": _described(
+        "worst over its tests' outcomes, as pytest judged them: a failed assertion in an `xfail` test (or caught "
+        "by its test) does not fail the SAE; a non-strict `xpassed` test counts as passed; a failed assertion of a "
+        "test that never finished (interrupted run) does",
+        {"enum": list(STATUSES)},
+    ),
+    "evaluated": _described(
+        "whether an evaluation ran in this run (false: only skipped/errored tests used it)",
+        {"type": "boolean"},
+    ),
+    "model": _described(
+        "the model as given (marker/option) and as loaded",
+        {"type": "object", "properties": {"spec": _described("the model spec as given", STRING)}},
+    ),
+    "sae": _described(
+        "the SAE as given; more identity fields when the records carry them",
+        {"type": "object", "properties": {"spec": _described("the SAE spec as given", STRING)}},
+    ),
+    "hook": _described("the hook the SAE reads, and the one it writes", {"type": "object", "properties": {}}),
+    "tokens": _described(
+        "the tokens evaluated",
+        {
             "type": "object",
             "properties": {
-                "spec": _STRING_OR_NULL,
-                "resolved": _STRING_OR_NULL,
-                "loading": {
-                    "type": ["object", "null"],
-                    "properties": {"loader": {"type": "string"}, "kwargs": {"type": "object"}},
-                },
+                "spec": _described("the token spec as given", STRING),
+                "requested_n_tokens": _described("the `n_tokens` setting", INTEGER),
+                "context_size": _described("the `context_size` setting (else `seq_len`)", INTEGER),
+                "seed": _described("the `seed` setting", INTEGER),
             },
         },
-        "sae": {"type": "object", "properties": {"spec": _STRING_OR_NULL}},
-        "hook": {
-            "type": "object",
-            "properties": {
-                "name": _STRING_OR_NULL,
-                "head_index": {"type": ["integer", "null"]},
-                "name_out": _STRING_OR_NULL,
-            },
-        },
-        "dictionary": {"type": ["object", "null"]},
-        "normalisation": {"type": ["object", "null"]},
-        "model_hooks": {"type": "array", "items": {"type": "string"}},
-        "warnings": {"type": "array", "items": {"type": "string"}},
-        "members": {"type": ["object", "null"]},
-        "compounding": {"type": ["object", "null"]},
-        "tokens": {
-            "type": "object",
-            "properties": {
-                "spec": _STRING_OR_NULL,
-                "source": _STRING_OR_NULL,
-                "n_tokens": {"type": ["integer", "null"]},
-                "n_sequences": {"type": ["integer", "null"]},
-                "seq_len": {"type": ["integer", "null"]},
-                "requested_n_tokens": {"type": ["integer", "null"]},
-                "context_size": {"type": ["integer", "null"]},
-                "seed": {"type": ["integer", "null"]},
-            },
-        },
-        "token_policy": {"type": ["object", "null"]},
-        "device": _STRING_OR_NULL,
-        "dtype": _STRING_OR_NULL,
-        "sae_dtype": _STRING_OR_NULL,
-        "backend": _STRING_OR_NULL,
-        "batch_size": {"type": ["integer", "null"]},
-        "settings": {"type": ["object", "null"]},
-        "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
-        "intervals": {"type": "object", "additionalProperties": _INTERVAL},
-        "interval_level": _NUMBER,
-        "undefined": {"type": "object", "additionalProperties": {"type": "string"}},
-        "scaling_law": _SERIES,
-        "compute_law": {"type": ["object", "null"]},
-        "delta_ce_by_position": _SERIES,
-        "delta_ce_by_position_interval": {"type": ["array", "null"], "items": _INTERVAL},
-        "kl_by_position": _SERIES,
-        "latent_density_histogram": {
-            "type": ["object", "null"],
-            "required": ["log10_edges", "counts", "dead", "n_latents"],
-            "properties": {
-                "log10_edges": {"type": "array", "items": {"type": "number"}},
-                "counts": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                "dead": {"type": "integer", "minimum": 0},
-                "n_latents": {"type": "integer", "minimum": 0},
-            },
-        },
-        "evaluation_duration_s": _NUMBER,
-        "sequential": {
-            "type": ["object", "null"],
-            "properties": {
-                "looks": {"type": "array", "items": {"type": "integer", "minimum": 1}},
-                "ceiling": {"type": ["integer", "null"]},
-                "look": {"type": ["integer", "null"]},
-                "sequences_evaluated": {"type": ["integer", "null"]},
-                "tokens_evaluated": {"type": ["integer", "null"]},
-                "gates": {"type": "array", "items": {"type": "object"}},
-            },
-        },
-        "grouping": _STRING_OR_NULL,
-        "groups": {
-            "type": ["array", "null"],
-            "items": {
-                "type": "object",
-                "required": ["name", "n_tokens", "n_predictions", "metrics", "intervals", "undefined"],
-                "properties": {
-                    "name": {"type": "string"},
-                    "n_tokens": {"type": ["integer", "null"]},
-                    "n_predictions": {"type": ["integer", "null"]},
-                    "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
-                    "intervals": {"type": "object", "additionalProperties": _INTERVAL},
-                    "interval_level": _NUMBER,
-                    "undefined": {"type": "object", "additionalProperties": {"type": "string"}},
-                },
-            },
-        },
-        "tasks": {
+    ),
+    "device": _described("the device it was evaluated on", STRING),
+    "grouping": _described(
+        "the `token_groups` setting the groups come from (`token_class`, `position`, `demo_constructs`, "
+        "`module:attribute`)",
+        STRING,
+    ),
+    "tasks": _described(
+        "downstream tasks measured by `assert_task_preserved` (the first measurement of each task, in assertion "
+        "order): `{name, kind, source, n_prompts, accuracy_orig, accuracy_sae, accuracy_drop, logit_diff_orig, "
+        "logit_diff_sae, logit_diff_drop, intervals, interval_level, notes, outcome}`; `kind` is `next_token` or "
+        "`multiple_choice`; accuracy is a share in [0, 1]; the logit difference is logit(right) − the largest "
+        "wrong logit; `intervals` are paired bootstrap intervals over prompts; `outcome` is the assertion's",
+        {
             "type": "array",
             "items": {
                 "type": "object",
@@ -220,7 +169,17 @@ SAE_SCHEMA: dict[str, Any] = {
                 },
             },
         },
-        "baseline": {
+    ),
+    "baseline": _described(
+        "the comparison with the SAE's regression baseline (`assert_no_regression`; null when no test called it): "
+        "`path` and `key` of the baseline file, `state` (`compared`; `missing`: no baseline yet; `recording`: this "
+        "run records it), `paired` (true: the same tokens, one set of resampled sequences for both sides; false: "
+        "`unpaired=True` on other tokens), `level` (e.g. `0.95`), `versions` (library versions the baseline was "
+        "recorded with), `comparisons[]` (`{metric, current, baseline, difference, interval, higher_is_better, "
+        "tol, status, reason}`: difference = current − baseline in the metric's units, its bootstrap interval at "
+        "`level`, status `regressed`, `improved`, `unchanged` or `undefined`), `regressed` and `improved` (metric "
+        "names)",
+        {
             "type": ["object", "null"],
             "properties": {
                 "path": _STRING_OR_NULL,
@@ -245,11 +204,48 @@ SAE_SCHEMA: dict[str, Any] = {
                 "improved": {"type": "array", "items": {"type": "string"}},
             },
         },
-        "assertions": {"type": "array", "items": ASSERTION_SCHEMA},
-        "tests": {"type": "array", "items": {"type": "string"}},
-        "outcomes": _COUNTS,
-    },
+    ),
+    "assertions": _described("in (test id, call order)", {"type": "array", "items": ASSERTION_SCHEMA}),
+    "tests": _described("tests that used this SAE", {"type": "array", "items": {"type": "string"}}),
+    "outcomes": _described("`{outcome: count}` over those tests", _COUNTS),
 }
+
+
+def sae_schema() -> dict[str, Any]:
+    """The JSON Schema of an SAE entry: its own fields, and every recorded field of the evaluation at its place
+    (:data:`~pytest_saecheck.evaluation_fields.EVALUATION_FIELDS`)."""
+    properties = copy.deepcopy(_SAE_OWN)
+    for recorded in EVALUATION_FIELDS:
+        if recorded.path is None:
+            continue
+        *parents, name = recorded.path
+        target = properties
+        for parent in parents:
+            target = target[parent].setdefault("properties", {})
+        target[name] = recorded.documented()
+    return {
+        "type": "object",
+        "required": [
+            "id",
+            "label",
+            "status",
+            "evaluated",
+            "model",
+            "sae",
+            "hook",
+            "tokens",
+            "metrics",
+            "intervals",
+            "undefined",
+            "assertions",
+            "tests",
+            "outcomes",
+        ],
+        "properties": properties,
+    }
+
+
+SAE_SCHEMA: dict[str, Any] = sae_schema()
 
 JSON_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -325,63 +321,75 @@ JSON_SCHEMA: dict[str, Any] = {
 }
 
 
+def _type_text(schema: Mapping[str, Any]) -> str:
+    """A schema's type in words (``number or null``, ``[string]``, ``{name: number}``, an enum's values)."""
+    if "const" in schema:
+        return f"`{json.dumps(schema['const'])}`"
+    if "enum" in schema:
+        return ", ".join("null" if value is None else f"`{value}`" for value in schema["enum"])
+    types = schema.get("type", [])
+    types = types if isinstance(types, list) else [types]
+    words = []
+    for name in types:
+        if name == "array" and schema.get("maxItems") == 2:
+            words.append("[low, high]")
+        elif name == "array" and isinstance(schema.get("items"), Mapping) and schema["items"].get("type"):
+            words.append(f"[{_type_text(schema['items'])}]")
+        elif name == "object" and isinstance(schema.get("additionalProperties"), Mapping):
+            words.append(f"{{name: {_type_text(schema['additionalProperties'])}}}")
+        else:
+            words.append({"integer": "int", "boolean": "bool"}.get(str(name), str(name)))
+    return " or ".join(words)
+
+
+def _rows(properties: Mapping[str, Any], prefix: str = "") -> list[str]:
+    rows = []
+    for name, schema in properties.items():
+        if "description" not in schema:
+            continue
+        text = str(schema["description"]).replace("|", "\\|").replace("\n", " ")
+        rows.append(f"| `{prefix}{name}` | {_type_text(schema)} | {text} |")
+        rows += _rows(schema.get("properties", {}), f"{prefix}{name}.")
+    return rows
+
+
+def sae_table() -> str:
+    """SCHEMA.md's table of an SAE entry's fields, written from :data:`SAE_SCHEMA` (each described field, nested
+    ones as ``parent.child``)."""
+    return "\n".join(["| field | type | meaning |", "| --- | --- | --- |", *_rows(SAE_SCHEMA["properties"])])
+
+
 class SchemaError(ValueError):
     """A document does not follow :data:`JSON_SCHEMA` (the message gives the JSON path)."""
 
 
-_TYPES: dict[str, Any] = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-}
+def _finite_number(checker: Any, value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check(value: Any, schema: Mapping[str, Any], path: str, errors: list[str]) -> None:
-    if "const" in schema and value != schema["const"]:
-        errors.append(f"{path}: expected {schema['const']!r}, got {value!r}")
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
-    if "type" in schema:
-        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(_TYPES[name](value) for name in types):
-            errors.append(f"{path}: expected {' or '.join(types)}, got {type(value).__name__} {value!r:.80}")
-            return
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and "minimum" in schema:
-        if value < schema["minimum"]:
-            errors.append(f"{path}: {value} is below the minimum {schema['minimum']}")
-    if isinstance(value, dict):
-        for key in schema.get("required", ()):
-            if key not in value:
-                errors.append(f"{path}: missing required field {key!r}")
-        properties = schema.get("properties", {})
-        for key, item in value.items():
-            if key in properties:
-                _check(item, properties[key], f"{path}.{key}", errors)
-            elif isinstance(schema.get("additionalProperties"), Mapping):
-                _check(item, schema["additionalProperties"], f"{path}.{key}", errors)
-    if isinstance(value, list):
-        if "minItems" in schema and len(value) < schema["minItems"]:
-            errors.append(f"{path}: fewer than {schema['minItems']} items")
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            errors.append(f"{path}: more than {schema['maxItems']} items")
-        if "items" in schema:
-            for number, item in enumerate(value):
-                _check(item, schema["items"], f"{path}[{number}]", errors)
+@functools.lru_cache(maxsize=1)
+def _validator() -> Any:
+    """A JSON Schema 2020-12 validator of :data:`JSON_SCHEMA` (``jsonschema``), whose numbers are finite: the
+    document writes a non-finite number as null."""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine("number", _finite_number)
+    validator = jsonschema.validators.extend(base, type_checker=checker)
+    validator.check_schema(JSON_SCHEMA)
+    return validator(JSON_SCHEMA)
 
 
 def validate(document: Any) -> None:
-    """Raise :class:`SchemaError` listing every place where ``document`` breaks :data:`JSON_SCHEMA`."""
+    """Raise :class:`SchemaError` listing every place where ``document`` breaks :data:`JSON_SCHEMA` (checked by
+    ``jsonschema``, JSON Schema 2020-12), each with its JSON path."""
     if isinstance(document, dict) and document.get("schema_version") not in SUPPORTED_VERSIONS | {None}:
         raise SchemaError(
             f"schema_version {document.get('schema_version')!r} is not supported by this version of "
             f"pytest-saecheck (supported: {sorted(SUPPORTED_VERSIONS)}); upgrade pytest-saecheck"
         )
-    errors: list[str] = []
-    _check(document, JSON_SCHEMA, "$", errors)
+    found = sorted(_validator().iter_errors(document), key=lambda error: list(map(str, error.absolute_path)))
+    errors = [f"{error.json_path}: {error.message:.200}" for error in found]
     if errors:
         shown = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
