@@ -4,12 +4,9 @@ fields got one definition, and the means to replay it.
 ``tests/data/main_job/`` holds what that run produced: ``reports.jsonl.gz`` (every test report's phase, outcome,
 duration, short message and saecheck records, in arrival order, as :class:`CapturePlugin` writes them),
 ``result.json`` and ``report.html`` (the files it wrote). The checkout's root is written as :data:`ROOT_MARK`.
-Made at main 0642c93 with::
-
-    SAECHECK_CAPTURE=reports.jsonl python -m pytest -p tests.main_job examples \\
-        --saecheck-json result.json --saecheck-report report.html
-
-then :data:`ROOT_MARK` put for the checkout's root in the three files (the capture gzipped).
+Made at main 0642c93 by ``python tests/main_job.py`` (:func:`main`: the main job with :func:`pytest_runtest_logreport`
+as a plugin, then :data:`ROOT_MARK` put for the checkout's root in the three files, the capture gzipped). Run it
+again only where a change is meant to change the main job's JSON or HTML, and say so.
 
 :func:`replay` feeds the recorded reports to the report collector with the run's own volatile facts (its id,
 times, environment), as the report plugin does, so the document and page it gives are comparable to the files
@@ -21,6 +18,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -101,3 +101,42 @@ def reference() -> tuple[list[dict[str, Any]], dict[str, Any], str, str]:
     text = (DATA / "result.json").read_text(encoding="utf-8")
     html = (DATA / "report.html").read_text(encoding="utf-8")
     return read_capture(DATA / "reports.jsonl.gz"), json.loads(text), text, html
+
+
+def run_main_job(directory: Path) -> subprocess.CompletedProcess[str]:
+    """Run the main job (``pytest examples``, as ``make demo``) in the checkout, capturing its reports into
+    ``directory/reports.jsonl`` and writing ``result.json`` and ``report.html`` there."""
+    environment = {
+        **os.environ,
+        CAPTURE: str(directory / "reports.jsonl"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "main_job", "-q", "examples"]
+    command += [
+        "--saecheck-json",
+        str(directory / "result.json"),
+        "--saecheck-report",
+        str(directory / "report.html"),
+    ]
+    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=3600)
+
+
+def main() -> int:
+    """Write the reference files of ``tests/data/main_job`` from a run of the main job in this checkout."""
+    with tempfile.TemporaryDirectory() as name:
+        directory = Path(name)
+        result = run_main_job(directory)
+        if result.returncode != 0:
+            print(result.stdout[-4000:], result.stderr[-4000:], file=sys.stderr)
+            return result.returncode
+        capture = (directory / "reports.jsonl").read_text(encoding="utf-8").replace(str(ROOT), ROOT_MARK)
+        DATA.mkdir(parents=True, exist_ok=True)
+        (DATA / "reports.jsonl.gz").write_bytes(gzip.compress(capture.encode("utf-8"), mtime=0))
+        for file in ("result.json", "report.html"):
+            text = (directory / file).read_text(encoding="utf-8").replace(str(ROOT), ROOT_MARK)
+            (DATA / file).write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

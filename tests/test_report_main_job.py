@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from main_job import CAPTURE, ROOT, read_capture, reference, replay
+from main_job import ROOT, ROOT_MARK, read_capture, reference, replay, run_main_job
 
 from pytest_saecheck.report.files import dumps
 from pytest_saecheck.report.html import render_html
@@ -87,24 +84,11 @@ def test_the_main_job_writes_the_reference_json_and_html(
     main_job: tuple[list[dict[str, Any]], dict[str, Any], str, str], tmp_path: Path
 ) -> None:
     reference_lines, document, text, html = main_job
-    capture = tmp_path / "reports.jsonl"
-    environment = {
-        **os.environ,
-        CAPTURE: str(capture),
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "main_job", "-q", "examples"]
-    command += [
-        "--saecheck-json",
-        str(tmp_path / "result.json"),
-        "--saecheck-report",
-        str(tmp_path / "page.html"),
-    ]
-    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=1800)
+    result = run_main_job(tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    lines = read_capture(capture)
+    lines = read_capture(tmp_path / "reports.jsonl")
     written = (tmp_path / "result.json").read_text(encoding="utf-8")
-    assert dumps(replay(lines, json.loads(written))) == written.replace(str(ROOT), "/saecheck-root")
+    assert dumps(replay(lines, json.loads(written))) == written.replace(str(ROOT), ROOT_MARK)
     _with_reference_clock(lines, reference_lines)
     replayed = replay(lines, document)
     assert dumps(replayed) == text
