@@ -36,6 +36,10 @@ class Evaluation:
     unfitted law. ``layers`` (a cross-layer transcoder's replacement): ``"layer l"`` → that layer spliced alone.
     ``groups`` (with ``evaluate(..., token_groups=...)``): group name →
     :class:`~pytest_saecheck.engine.grouping.GroupResult`, the metrics restricted to that group's positions.
+
+    Frozen: an evaluation is built once; a later stage that learns more (the pass's duration, the hooks on the
+    model, a sequential run's gates) makes a copy with :func:`dataclasses.replace`. What it records, and where
+    reports show it, is :data:`~pytest_saecheck.evaluation_fields.EVALUATION_FIELDS` (:meth:`to_dict`).
     """
 
     metrics: dict[str, float]
