@@ -67,7 +67,7 @@ def test_every_engine_field_is_an_attribute_of_the_result_and_nothing_else_is_re
     assert list(_evaluation().to_dict()) == [recorded.name for recorded in engine]
 
 
-def test_the_result_is_frozen_and_reading_intervals_changes_nothing() -> None:
+def test_the_result_is_frozen_and_a_later_stage_copies_it() -> None:
     evaluation = _evaluation()
     with pytest.raises(dataclasses.FrozenInstanceError):
         evaluation.warnings = ["changed"]  # type: ignore[misc]
