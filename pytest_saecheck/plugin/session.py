@@ -126,11 +126,18 @@ class SAECheckSession:
         report.sections.append((channels.SECTION_TITLE, text))
         # the teardown report copies item.user_properties, and --junitxml writes them from it
         item.user_properties.extend(channels.junit_properties(gathered))
-        if self.config.pluginmanager.hasplugin("html"):
+        if self._html_report():
             import pytest_html  # type: ignore[import-untyped]  # active, so installed
 
             table = channels.html_extra(gathered)
             report.extras = [*getattr(report, "extras", []), pytest_html.extras.html(table)]  # type: ignore[attr-defined]
+
+    def _html_report(self) -> bool:
+        """Whether pytest-html is active and writes a report in this run (``--html PATH``)."""
+        try:
+            return self.config.pluginmanager.hasplugin("html") and bool(self.config.getoption("htmlpath", None))
+        except ValueError:
+            return False
 
     # -- the controller: one collector, one document ------------------------------------------------------
 
