@@ -135,7 +135,9 @@ class SAECheckSession:
     def _html_report(self) -> bool:
         """Whether pytest-html is active and writes a report in this run (``--html PATH``)."""
         try:
-            return self.config.pluginmanager.hasplugin("html") and bool(self.config.getoption("htmlpath", None))
+            return self.config.pluginmanager.hasplugin("html") and bool(
+                self.config.getoption("htmlpath", None)
+            )
         except ValueError:
             return False
 
