@@ -317,9 +317,15 @@ def test_one_session_object_is_registered_per_run(pytester: pytest.Pytester) -> 
             assert running.active() is session and running.current_item() is request.node
             assert running.active_hook() is request.config.hook
             assert [p for p in request.config.pluginmanager.get_plugins() if isinstance(p, SAECheckSession)] == [session]
+
+        def test_the_fixture_is_recognised_by_its_class(request, saecheck):
+            from types import SimpleNamespace
+            from pytest_saecheck.checks.workflow import is_fixture
+            assert is_fixture(saecheck) and saecheck.item is request.node  # asking evaluates nothing (no SAE set)
+            assert not is_fixture(SimpleNamespace(evaluation=None, settings=None, subject=dict))
         """
     )
-    pytester.runpytest_inprocess().assert_outcomes(passed=1)
+    pytester.runpytest_inprocess().assert_outcomes(passed=2)
     assert running.active() is outer
 
 

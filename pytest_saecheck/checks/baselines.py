@@ -48,7 +48,6 @@ FAIL_UNUSED_OPTION = "--saecheck-fail-unused-baselines"
 OBTAINED_SUFFIX = ".obtained.json"
 UPDATE_MODES = ("all", "missing")
 DEFAULT_METRICS: tuple[str, ...] = ("delta_ce", "kl_sae", "explained_variance", "l0")
-WRITER_NAME = "saecheck-baseline-writer"
 #: The record field that carries a baseline document from a worker to the controller.
 RECORD_FIELD = "baseline_document"
 _VERSIONED_PACKAGES = ("pytest-saecheck", "torch", "transformer-lens", "sae-lens", "numpy")
@@ -614,17 +613,20 @@ def record_fields(check: Any, config: pytest.Config | None) -> dict[str, Any]:
 
 
 class BaselineWriter:
-    """On the controller: gathers the baseline documents from the reports and writes each once, at the end."""
+    """On the controller: gathers the baseline documents from the reports and writes each once, at the end.
 
-    def __init__(self, config: pytest.Config, directory: Path, mode: str) -> None:
-        self.config = config
+    The plugin's session object owns it (:class:`~pytest_saecheck.plugin.session.SAECheckSession`) and feeds it
+    the reports (:meth:`add_report`), has it write (:meth:`write`) and print its lines (:meth:`summary`).
+    """
+
+    def __init__(self, directory: Path, mode: str) -> None:
         self.directory = directory
         self.mode = mode
         self.documents: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # key -> [(nodeid, document)]
         self.lines: list[tuple[str, bool]] = []  # (line, is a problem)
-        self.lock: RunLock | None = None  # held for the whole run (configure)
+        self.lock: RunLock | None = None  # held for the whole run (writer_for)
 
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+    def add_report(self, report: pytest.TestReport) -> None:
         for plain in getattr(report, records.REPORT_ATTRIBUTE, None) or ():
             record = records.from_plain(plain)
             if not isinstance(record, records.EvaluationRecord):
@@ -633,8 +635,7 @@ class BaselineWriter:
             if isinstance(document, Mapping) and isinstance(document.get("key"), str):
                 self.documents.setdefault(document["key"], []).append((report.nodeid, dict(document)))
 
-    @pytest.hookimpl(trylast=True)
-    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+    def write(self, session: pytest.Session) -> None:
         """Write each baseline (atomically); one that cannot be written is one red line and a non-zero exit,
         and the others are still written."""
         from pytest_saecheck.files import commit_files, failed_exit_status
@@ -669,17 +670,26 @@ class BaselineWriter:
                 continue
             self.lines.append((f"saecheck: baseline written to {path}", False))
 
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+    def summary(self, terminalreporter: Any) -> None:
         for line, problem in self.lines:
             terminalreporter.write_line(line, red=problem)
 
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
-def configure(config: pytest.Config) -> None:
-    """Check the options; on the controller of an updating run, register the :class:`BaselineWriter`."""
-    check_options(config)
+
+def writer_for(config: pytest.Config) -> BaselineWriter | None:
+    """The :class:`BaselineWriter` of an updating run, its baseline directory locked; None on an xdist worker
+    (the controller writes) and in a run that does not update baselines.
+
+    Raises:
+        pytest.UsageError: another live run is recording baselines in the directory.
+    """
     mode = update_mode(config)
-    if mode is None or hasattr(config, "workerinput") or config.pluginmanager.has_plugin(WRITER_NAME):
-        return
+    if mode is None or hasattr(config, "workerinput"):
+        return None
     directory = baseline_dir(config)
     assert directory is not None
     from pytest_saecheck.files import RunLock
@@ -691,17 +701,9 @@ def configure(config: pytest.Config) -> None:
             f"now (lock {lock.lock_path}); two runs recording at once would silently drop one run's numbers. "
             f"Wait for it to finish, or record into another {BASELINE_DIR_OPTION}"
         )
-    writer = BaselineWriter(config, directory, mode)
+    writer = BaselineWriter(directory, mode)
     writer.lock = lock
-    config.pluginmanager.register(writer, WRITER_NAME)
-
-
-def unconfigure(config: pytest.Config) -> None:
-    writer = config.pluginmanager.get_plugin(WRITER_NAME)
-    if writer is not None:
-        if writer.lock is not None:
-            writer.lock.release()
-        config.pluginmanager.unregister(writer, WRITER_NAME)
+    return writer
 
 
 # --------------------------------------------------------------------------------------------------------

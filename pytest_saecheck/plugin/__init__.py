@@ -93,9 +93,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     settings_config.validate_command_line(config)
+    baselines.check_options(config)
     if not config.pluginmanager.has_plugin(SESSION_NAME):
         run = SAECheckSession(config)
-        run.start()  # locks the report paths: a usage error when another live run holds one
+        run.start()  # locks the report paths and baseline directory: a usage error when another live run holds one
         config.pluginmanager.register(run, SESSION_NAME)
     if config.pluginmanager.hasplugin("xdist") and not config.pluginmanager.hasplugin("saecheck-xdist"):
         from pytest_saecheck.plugin import (
@@ -105,14 +106,12 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(xdist_scheduling, "saecheck-xdist")
         if not hasattr(config, "workerinput"):
             config.pluginmanager.register(xdist_scheduling.CrashAfterTest(), "saecheck-xdist-crashes")
-    baselines.configure(config)
     from pytest_saecheck.loading.progress import set_quiet
 
     set_quiet(config.get_verbosity() < 0)  # no progress bars under -q
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    baselines.unconfigure(config)
     run = SAECheckSession.of(config)
     if run is not None:
         run.stop()

@@ -51,6 +51,7 @@ class SAECheckSession:
         self.controller = not hasattr(config, "workerinput")
         self.collector = Collector.for_config(config)
         self.files: ReportFiles | None = report_files(config)
+        self.baseline_writer: baselines.BaselineWriter | None = None
         self.started = now_iso()
         self.started_clock = time.perf_counter()
         self.run_id = uuid.uuid4().hex
@@ -73,15 +74,24 @@ class SAECheckSession:
     # -- lifetime ----------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Lock the report paths (a second live run on one is a usage error), then become the active run."""
+        """Lock the report paths and, in an updating run, the baseline directory (a second live run on one is a
+        usage error), then become the active run."""
         if self.files is not None:
             self.files.lock()
+        try:
+            self.baseline_writer = baselines.writer_for(self.config)
+        except pytest.UsageError:
+            self.stop()
+            raise
         self._token = running.activate(self)
 
     def stop(self) -> None:
-        """Give the report paths and the active run back (the outer run's, under ``pytester``)."""
+        """Give the report paths, the baseline directory and the active run back (the outer run's, under
+        ``pytester``)."""
         if self.files is not None:
             self.files.unlock()
+        if self.baseline_writer is not None:
+            self.baseline_writer.release()
         if self._token is not None:
             running.deactivate(self._token)
             self._token = None
@@ -147,6 +157,8 @@ class SAECheckSession:
         if not self.controller:
             return
         self.collector.add_report(report)
+        if self.baseline_writer is not None:
+            self.baseline_writer.add_report(report)
         self.baselines_read.update(baselines.paths_read(getattr(report, records.REPORT_ATTRIBUTE, None)))
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
@@ -195,9 +207,13 @@ class SAECheckSession:
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        """Build the document once; under CI a run that checked no SAE exits 1; list (and, with the option,
-        fail on) baseline files no test read; write the report files."""
-        if not self.controller or not self.ran_tests():
+        """Write the baselines of an updating run; build the document once; under CI a run that checked no SAE
+        exits 1; list (and, with the option, fail on) baseline files no test read; write the report files."""
+        if not self.controller:
+            return
+        if self.baseline_writer is not None:
+            self.baseline_writer.write(session)
+        if not self.ran_tests():
             return  # --collect-only, or -k matching nothing: the files keep the last real report
         document = self._finish_document(session)
         found = _verdict(document)
@@ -222,6 +238,8 @@ class SAECheckSession:
             return
         if self.document is not None:
             self._table(terminalreporter, self.document)
+        if self.baseline_writer is not None:
+            self.baseline_writer.summary(terminalreporter)
         for line, problem in baselines.unused_lines(
             self.unused_baselines, fail=baselines.fail_unused(self.config)
         ):
