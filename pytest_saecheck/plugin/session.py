@@ -11,7 +11,9 @@ Built in ``pytest_configure`` and registered as ``saecheck-session`` (as pytest-
 - on the controller (the main process of a serial run, never an xdist worker): the run's one
   :class:`~pytest_saecheck.report.collect.Collector`. At ``pytest_sessionfinish`` it builds the run's document
   once, and that one document feeds the end-of-run terminal table, the JSON and the HTML
-  (:class:`~pytest_saecheck.report.plugin.ReportFiles`), and the check for baseline files no test read.
+  (:class:`~pytest_saecheck.report.plugin.ReportFiles`), and the check for baseline files no test read; in a run
+  that updates baselines it feeds the reports to the
+  :class:`~pytest_saecheck.checks.baselines.BaselineWriter`, which writes them first.
 
 Imports no torch.
 """
