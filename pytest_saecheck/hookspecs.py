@@ -1,7 +1,8 @@
 """Extension points of pytest-saecheck, added to pytest's plugin manager through ``pytest_addhooks``.
 
 Implement any of these in a ``conftest.py`` or a plugin. Loader hooks are ``firstresult``: return ``None`` to
-let the next implementation (and finally the built-in loaders) handle the spec.
+let the next implementation (and finally the built-in loaders) handle the spec. The loaders call them through the
+active run's hook relay (:func:`pytest_saecheck.running.active_hook`).
 
 This module imports no torch.
 """
@@ -15,19 +16,6 @@ import pytest
 if TYPE_CHECKING:
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
-
-_active_hook: Any = None
-
-
-def set_active_hook(hook_relay: Any) -> None:
-    """Remember the running pytest session's hook relay (set by the plugin in ``pytest_configure``)."""
-    global _active_hook
-    _active_hook = hook_relay
-
-
-def active_hook() -> Any:
-    """The hook relay of the running pytest session, or ``None`` outside pytest (plain Python use)."""
-    return _active_hook
 
 
 @pytest.hookspec(firstresult=True)

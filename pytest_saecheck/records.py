@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 
 import pytest
 
+from pytest_saecheck import running
 from pytest_saecheck.evaluation_fields import BY_NAME
 
 RECORDS_KEY = pytest.StashKey[list[dict[str, Any]]]()
@@ -30,18 +31,6 @@ REPORT_ATTRIBUTE = "saecheck_records"
 ERROR_ATTRIBUTE = "saecheck_error"
 #: The fields that name what was evaluated; every record carries them.
 SUBJECT_FIELDS = ("label", "model", "sae", "tokens", "device", "dtype")
-
-_current_item: pytest.Item | None = None
-
-
-def set_current_item(item: pytest.Item | None) -> None:
-    """Remember the test being run (set by the plugin around each test's protocol)."""
-    global _current_item
-    _current_item = item
-
-
-def current_item() -> pytest.Item | None:
-    return _current_item
 
 
 def plain(value: Any) -> Any:
@@ -205,7 +194,8 @@ def _str_or_none(value: Any) -> str | None:
 
 
 def record(entry: Record | Mapping[str, Any], item: pytest.Item | None = None) -> None:
-    """Attach ``entry`` to ``item`` (default: the running test). Outside pytest this does nothing.
+    """Attach ``entry`` to ``item`` (default: the running test, :func:`pytest_saecheck.running.current_item`).
+    Outside pytest this does nothing.
 
     ``entry`` is a typed record or its plain form (a mapping with a known ``"kind"``).
 
@@ -221,7 +211,7 @@ def record(entry: Record | Mapping[str, Any], item: pytest.Item | None = None) -
             raise ValueError(
                 f"a saecheck record needs a 'kind' among {', '.join(RECORD_TYPES)}, got {entry.get('kind')!r}"
             )
-    target = item if item is not None else _current_item
+    target = item if item is not None else running.current_item()
     if target is None:
         return
     target.stash.setdefault(RECORDS_KEY, []).append(typed.to_plain())

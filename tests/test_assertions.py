@@ -14,7 +14,7 @@ import pytest
 import torch
 from factories import make_identity_sae, make_random_sae, make_tiny_model, make_token_ids
 
-from pytest_saecheck import records
+from pytest_saecheck import records, running
 from pytest_saecheck.assertions import (
     CE_METRICS,
     DEFAULT_R2_TOL,
@@ -24,6 +24,7 @@ from pytest_saecheck.assertions import (
     assert_r2_matches_legacy,
     legacy_tolerance,
 )
+from pytest_saecheck.checks.workflow import SAEUnderTest
 from pytest_saecheck.engine import evaluate
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.metrics import METRICS
@@ -224,13 +225,35 @@ def test_planted_good_sae_passes_and_planted_bad_sae_fails(tiny_evaluations: dic
         assert_r2_matches_legacy(tiny_evaluations["random"], tol=0.05)
 
 
+class _StandInFixture(SAEUnderTest):
+    """A stand-in for the saecheck fixture holding an evaluation and its model."""
+
+    settings = None
+
+    def __init__(self, evaluation: Any, model: Any) -> None:
+        self._evaluation, self.model = evaluation, model
+
+    @property
+    def evaluation(self) -> Any:
+        return self._evaluation
+
+    @property
+    def tokens(self) -> Any:
+        return None
+
+    def subject(self) -> dict[str, Any]:
+        return {"label": "x"}
+
+    @property
+    def item(self) -> pytest.Item | None:
+        return None
+
+
 def test_failures_keep_no_tensor_or_model_alive() -> None:
     model = make_tiny_model()
     sae = make_random_sae()
     evaluation = evaluate(model, sae, torch.as_tensor(make_token_ids(n_sequences=8)), batch_size=8)
-    bundle = types.SimpleNamespace(
-        evaluation=evaluation, settings=None, model=model, subject=lambda: {"label": "x"}
-    )
+    bundle = _StandInFixture(evaluation, model)
     model_ref = weakref.ref(model)
     with pytest.raises(AssertionError) as caught:
         assert_ce_recovery(bundle, metric="kl_div_score", min_score=0.99)
@@ -427,9 +450,11 @@ def test_assertions_record_plain_values_on_the_running_test(request: pytest.Fixt
     assert r2["label"] is None  # reported metrics are not an SAE under test: no summary row
 
 
-def test_outside_pytest_nothing_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(records, "_current_item", None)
-    assert_ce_recovery(fake(), min_score=0.5)  # no item: no error, nothing to record to
+def test_outside_pytest_nothing_is_recorded() -> None:
+    outside = types.SimpleNamespace(hook=None, item=None)  # a run between tests: no item to record on
+    with running.activated(outside):
+        assert running.current_item() is None
+        assert_ce_recovery(fake(), min_score=0.5)  # no item: no error, nothing to record to
 
 
 # --------------------------------------------------------------------------------------------------------

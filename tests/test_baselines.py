@@ -53,6 +53,11 @@ def baseline_entry(pytester: pytest.Pytester, name: str = "r.json") -> dict:
     return sae["baseline"]
 
 
+def sae_metrics(pytester: pytest.Pytester, name: str = "r.json") -> dict:
+    [sae] = load_document(pytester.path / name)["saes"]
+    return sae["metrics"]
+
+
 def comparisons(entry: dict) -> dict[str, dict]:
     return {c["metric"]: c for c in entry["comparisons"]}
 
@@ -112,6 +117,69 @@ def test_degraded_sae_fails_naming_metric_difference_and_interval(recorded: pyte
     assert "regressed: " in (recorded.path / "r.html").read_text(encoding="utf-8")
 
 
+def test_a_regression_writes_the_obtained_numbers_beside_the_baseline(recorded: pytest.Pytester) -> None:
+    [path] = (recorded.path / "baselines").glob("*.json")
+    save_sae(recorded.path / "sae_under_test", noise=0.1, seed=1)
+    result = run(recorded, "--saecheck-json", "r.json")
+    result.assert_outcomes(failed=1)
+    obtained = path.with_name(path.stem + ".obtained.json")
+    result.stdout.fnmatch_lines(
+        [
+            f"*obtained numbers written to {glob.escape(str(obtained))} (rename it to {path.name} to accept them)",
+            "*- saecheck -*",  # the report section says it too
+            "assert_no_regression kl_sae = *: failed",
+            f"  obtained numbers written to {glob.escape(str(obtained))}",
+        ]
+    )
+    entry = baseline_entry(recorded)
+    # it is the current evaluation's baseline: the current numbers of the comparison, as the report shows them
+    written = baselines.load(obtained)
+    for metric, comparison in comparisons(entry).items():
+        assert written["metrics"][metric] == comparison["current"], metric
+    assert baselines.load(path)["metrics"] != written["metrics"]  # the baseline itself is untouched
+    # renamed to the baseline's name, it is the new baseline: the same SAE now compares equal
+    obtained.replace(path)
+    run(recorded, "--saecheck-json", "r.json").assert_outcomes(passed=1)
+    assert all(c["difference"] == 0.0 for c in comparisons(baseline_entry(recorded)).values())
+
+
+def test_a_passing_comparison_writes_no_obtained_file(recorded: pytest.Pytester) -> None:
+    run(recorded).assert_outcomes(passed=1)
+    assert not list((recorded.path / "baselines").glob("*.obtained.json"))
+
+
+def test_baseline_files_no_test_read_are_listed_and_fail_only_when_asked(recorded: pytest.Pytester) -> None:
+    directory = recorded.path / "baselines"
+    [used] = directory.glob("*.json")
+    stale = directory / "retired_sae-0123456789.json"
+    stale.write_text(used.read_text(encoding="utf-8"), encoding="utf-8")
+    (directory / "sae_under_test-x.obtained.json").write_text("{}", encoding="utf-8")  # not a baseline
+    result = run(recorded)
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(
+        ["saecheck: 1 baseline file no test read (*): delete them if their SAEs are gone; *", f"  {stale}"]
+    )
+    assert str(used) not in result.stdout.str() and "obtained.json" not in result.stdout.str()
+
+    failing = run(recorded, "--saecheck-fail-unused-baselines")
+    failing.assert_outcomes(passed=1)
+    assert failing.ret == pytest.ExitCode.TESTS_FAILED
+    failing.stdout.fnmatch_lines(
+        ["saecheck: 1 baseline file no test read (*): the run fails *", f"  {stale}"]
+    )
+
+    stale.unlink()
+    clean = run(recorded, "--saecheck-fail-unused-baselines")
+    assert clean.ret == pytest.ExitCode.OK and "no test read" not in clean.stdout.str()
+
+
+def test_a_run_without_assert_no_regression_lists_no_baselines(recorded: pytest.Pytester) -> None:
+    recorded.makepyfile(test_regression="def test_other():\n    pass\n")
+    result = run(recorded, "--saecheck-fail-unused-baselines")
+    assert result.ret == pytest.ExitCode.OK and "no test read" not in result.stdout.str()
+
+
 def test_tolerance_lets_a_small_regression_pass(recorded: pytest.Pytester) -> None:
     save_sae(recorded.path / "sae_under_test", noise=0.1, seed=1)
     suite(recorded, args=", tol=100.0")
@@ -168,8 +236,14 @@ def test_missing_baseline_fails_with_the_command_that_records_it(tiny_pytester: 
             "*assert_no_regression failed for sae_under_test @ tiny: no baseline at *baselines*sae_under_test-*.json",
             "*record it with: pytest 'test_regression.py::test_no_regression' --saecheck-baseline-dir *baselines "
             "--saecheck-update-baselines=missing",
+            "*obtained numbers written to *baselines*sae_under_test-*.obtained.json (rename it to *.json to accept "
+            "them)",
         ]
     )
+    [obtained] = (tiny_pytester.path / "baselines").glob("*.obtained.json")
+    written, reported = baselines.load(obtained)["metrics"], sae_metrics(tiny_pytester)
+    for metric in baselines.DEFAULT_METRICS:
+        assert written[metric] == reported[metric], metric
     # that command records it, and the next run compares against it
     run(tiny_pytester, "test_regression.py::test_no_regression", "--saecheck-update-baselines=missing")
     run(tiny_pytester).assert_outcomes(passed=1)

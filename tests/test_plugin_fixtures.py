@@ -300,16 +300,33 @@ def test_records_survive_report_serialisation_and_build_the_table(tiny_pytester:
     assert lines[2].startswith("sae_identity @ tiny") and lines[2].endswith("1 passed")
 
 
-def test_summary_reporter_is_registered_per_run(pytester: pytest.Pytester) -> None:
+def test_one_session_object_is_registered_per_run(pytester: pytest.Pytester) -> None:
+    """One session object per run: registered as a plugin, the active run while the run lasts (its hook relay and
+    the running test), and the outer run's again when a nested run ends."""
+    from pytest_saecheck import running
+
+    outer = running.active()
     pytester.makepyfile(
         """
-        from pytest_saecheck.plugin import SummaryReporter
+        from pytest_saecheck import running
+        from pytest_saecheck.plugin.session import SESSION_NAME, SAECheckSession
         def test_registered(request):
-            reporter = request.config.pluginmanager.get_plugin("saecheck-summary")
-            assert isinstance(reporter, SummaryReporter) and reporter.config is request.config
+            session = request.config.pluginmanager.get_plugin(SESSION_NAME)
+            assert isinstance(session, SAECheckSession) and session.config is request.config
+            assert SAECheckSession.of(request.config) is session
+            assert running.active() is session and running.current_item() is request.node
+            assert running.active_hook() is request.config.hook
+            assert [p for p in request.config.pluginmanager.get_plugins() if isinstance(p, SAECheckSession)] == [session]
+
+        def test_the_fixture_is_recognised_by_its_class(request, saecheck):
+            from types import SimpleNamespace
+            from pytest_saecheck.checks.workflow import is_fixture
+            assert is_fixture(saecheck) and saecheck.item is request.node  # asking evaluates nothing (no SAE set)
+            assert not is_fixture(SimpleNamespace(evaluation=None, settings=None, subject=dict))
         """
     )
-    pytester.runpytest_inprocess().assert_outcomes(passed=1)
+    pytester.runpytest_inprocess().assert_outcomes(passed=2)
+    assert running.active() is outer
 
 
 def test_failure_output_shows_the_table_and_hides_helper_frames(tiny_pytester: pytest.Pytester) -> None:
@@ -399,10 +416,15 @@ def test_loading_errors_show_the_users_frames_and_the_clear_line_only(tiny_pytes
             pass
         """
     )
-    result = tiny_pytester.runpytest_inprocess("-p", "no:saecheck-summary")
+    result = tiny_pytester.runpytest_inprocess()
     result.assert_outcomes(failed=1, errors=1)
     text = result.stdout.str()
-    start, end = text.index("= ERRORS ="), text.index("short test summary info")
+    start = text.index("= ERRORS =")
+    end = (
+        text.index("saecheck summary")
+        if "saecheck summary" in text
+        else text.index("short test summary info")
+    )
     shown = text[start:end].splitlines()
     assert len(shown) < 25, "\n".join(shown)  # it was ~120 lines of plugin internals before the clear line
     result.stdout.fnmatch_lines(

@@ -13,7 +13,7 @@ import torch
 from packaging.version import Version
 from torch import nn
 
-from pytest_saecheck import hookspecs
+from pytest_saecheck import running
 from pytest_saecheck.errors import ConfigError, TrainingCheckError
 from pytest_saecheck.training import (
     AuxLossAdapter,
@@ -510,41 +510,55 @@ class _FakeRelay:
         return self.result(training_sae) if callable(self.result) else self.result
 
 
-def test_hook_result_is_used(monkeypatch):
+class _StandInRun:
+    """A pytest run (pytest_saecheck.running.Run) whose hook relay is ``relay``, outside any test."""
+
+    def __init__(self, relay):
+        self.hook = relay
+        self.item = None
+
+
+def _hooked(relay):
+    return running.activated(_StandInRun(relay))
+
+
+def test_hook_result_is_used():
     relay = _FakeRelay(ToyAdapter)
-    monkeypatch.setattr(hookspecs, "_active_hook", relay)
     sae = ToyTopKSAE(bug="double_count")
-    with pytest.raises(AssertionError, match="via ToyAdapter"):
+    with _hooked(relay), pytest.raises(AssertionError, match="via ToyAdapter"):
         assert_no_aux_bias_double_count(sae)
     assert relay.calls == [sae]
-    assert_no_aux_bias_double_count(ToyTopKSAE())
+    with _hooked(relay):
+        assert_no_aux_bias_double_count(ToyTopKSAE())
 
 
-def test_explicit_adapter_wins_over_hook(monkeypatch):
+def test_explicit_adapter_wins_over_hook():
     relay = _FakeRelay(ToyAdapter)
-    monkeypatch.setattr(hookspecs, "_active_hook", relay)
     sae = ToyTopKSAE()
     adapter = ToyAdapter(sae)
-    assert resolve_training_adapter(sae, adapter=adapter) is adapter
+    with _hooked(relay):
+        assert resolve_training_adapter(sae, adapter=adapter) is adapter
     assert relay.calls == []
 
 
-def test_hook_wins_over_builtin_adapter(monkeypatch):
+def test_hook_wins_over_builtin_adapter():
     sae_lens_topk = pytest.importorskip("sae_lens.saes.topk_sae")
     sae = sae_lens_topk.TopKTrainingSAE(sae_lens_topk.TopKTrainingSAEConfig(d_in=8, d_sae=16, k=2))
 
     class Marker(SAELensTopKAdapter):
         pass
 
-    monkeypatch.setattr(hookspecs, "_active_hook", _FakeRelay(Marker))
-    assert type(resolve_training_adapter(sae)) is Marker
-    monkeypatch.setattr(hookspecs, "_active_hook", _FakeRelay(None))  # declining falls through
-    assert type(resolve_training_adapter(sae)) is SAELensTopKAdapter
+    with _hooked(_FakeRelay(Marker)):
+        assert type(resolve_training_adapter(sae)) is Marker
+    with _hooked(_FakeRelay(None)):  # declining falls through
+        assert type(resolve_training_adapter(sae)) is SAELensTopKAdapter
 
 
-def test_bad_hook_result_is_reported(monkeypatch):
-    monkeypatch.setattr(hookspecs, "_active_hook", _FakeRelay(object()))
-    with pytest.raises(TrainingCheckError, match="from the pytest_saecheck_training_adapter hook"):
+def test_bad_hook_result_is_reported():
+    with (
+        _hooked(_FakeRelay(object())),
+        pytest.raises(TrainingCheckError, match="from the pytest_saecheck_training_adapter hook"),
+    ):
         resolve_training_adapter(ToyTopKSAE())
 
 

@@ -43,9 +43,11 @@ FORMAT = "pytest-saecheck-baseline"
 FORMAT_VERSION = 1
 BASELINE_DIR_OPTION = "--saecheck-baseline-dir"
 UPDATE_OPTION = "--saecheck-update-baselines"
+FAIL_UNUSED_OPTION = "--saecheck-fail-unused-baselines"
+#: The suffix of the file beside a baseline that holds the numbers of a failed comparison (``<key>.obtained.json``).
+OBTAINED_SUFFIX = ".obtained.json"
 UPDATE_MODES = ("all", "missing")
 DEFAULT_METRICS: tuple[str, ...] = ("delta_ce", "kl_sae", "explained_variance", "l0")
-WRITER_NAME = "saecheck-baseline-writer"
 #: The record field that carries a baseline document from a worker to the controller.
 RECORD_FIELD = "baseline_document"
 _VERSIONED_PACKAGES = ("pytest-saecheck", "torch", "transformer-lens", "sae-lens", "numpy")
@@ -78,6 +80,14 @@ def add_options(parser: pytest.Parser) -> None:
         metavar="all|missing",
         help="record or refresh the baseline of every SAE evaluated in this run; =missing only adds new ones "
         "(write it after the test paths, or with =: --saecheck-update-baselines=all)",
+    )
+    group.addoption(
+        FAIL_UNUSED_OPTION,
+        dest="saecheck_fail_unused_baselines",
+        action="store_true",
+        default=False,
+        help="fail the run when the baseline directory holds baseline files that no assert_no_regression read "
+        "(they are listed at the end of every run that compared baselines)",
     )
     parser.addini(
         "saecheck_baseline_dir",
@@ -137,6 +147,27 @@ def baseline_key(subject: Mapping[str, Any], hook_name: str | None) -> str:
 
 def baseline_path(directory: Path, key: str) -> Path:
     return directory / f"{key}.json"
+
+
+def obtained_path(path: Path) -> Path:
+    """Where the numbers of a failed comparison with the baseline ``path`` go: ``<key>.obtained.json`` beside it."""
+    return path.with_name(path.name.removesuffix(".json") + OBTAINED_SUFFIX)
+
+
+def write_obtained(path: Path, document: Mapping[str, Any]) -> tuple[Path | None, str | None]:
+    """Write the current evaluation's baseline document beside the baseline ``path`` (:func:`obtained_path`), as
+    pytest-regressions writes the obtained data of a failed check: renamed to ``path``, it becomes the baseline.
+
+    Returns ``(written path, None)``, or ``(None, why not)`` when it cannot be written (the comparison's failure
+    stands either way).
+    """
+    from pytest_saecheck.files import write_atomic
+
+    target = obtained_path(path)
+    try:
+        return write_atomic(target, dumps(document)), None
+    except (OSError, BaselineError) as error:
+        return None, f"{target} not written: {error}"
 
 
 def token_ids_digest(tokens: Any) -> str:
@@ -464,88 +495,110 @@ def compare(
     the percentile interval of the difference at ``level``. A metric's ``tol`` of None is
     :func:`default_tolerance` of its baseline value.
     """
+    now_sums, then_sums = _expanded(current), _expanded(baseline)
+    now_points, then_points = _totals(now_sums, scaling_law), _totals(then_sums, scaling_law)
+    defined = [
+        name for name in metrics if _finite_point(now_points, name) and _finite_point(then_points, name)
+    ]
+    intervals = _intervals(now_sums, then_sums, defined, scaling_law, level, paired) if defined else {}
+    return [
+        _judge(name, now_points.get(name), then_points.get(name), intervals.get(name), tol.get(name))
+        for name in metrics
+    ]
+
+
+def _totals(sums: Mapping[str, np.ndarray], law: Any) -> dict[str, Any]:
+    """The metrics of the whole token set (every sequence's sums added up)."""
+    from pytest_saecheck.metrics import metrics_from_sums
+
+    return dict(metrics_from_sums({key: value.sum(0) for key, value in sums.items()}, law))
+
+
+def _finite_point(points: Mapping[str, Any], name: str) -> bool:
+    return name in points and math.isfinite(float(points[name]))
+
+
+def _intervals(
+    now_sums: Mapping[str, np.ndarray],
+    then_sums: Mapping[str, np.ndarray],
+    defined: Sequence[str],
+    law: Any,
+    level: float,
+    paired: bool,
+) -> dict[str, tuple[float, float]]:
+    """Percentile intervals at ``level`` of current − baseline of each metric in ``defined``.
+
+    Paired: one set of bootstrap weights over sequences applied to both sides. Unpaired: the difference of
+    independent replicates of each side (NaN bounds when a replicate is NaN).
+    """
     import numpy as np
 
-    from pytest_saecheck.catalogue import METRICS
     from pytest_saecheck.metrics import metrics_from_sums
     from pytest_saecheck.stats import bootstrap_intervals
 
-    now_sums, then_sums = _expanded(current), _expanded(baseline)
-    now_points = metrics_from_sums({k: v.sum(0) for k, v in now_sums.items()}, scaling_law)
-    then_points = metrics_from_sums({k: v.sum(0) for k, v in then_sums.items()}, scaling_law)
-    defined = [
-        name
-        for name in metrics
-        if name in now_points
-        and name in then_points
-        and math.isfinite(float(now_points[name]))
-        and math.isfinite(float(then_points[name]))
-    ]
-    intervals: dict[str, tuple[float, float]] = {}
-    if defined and paired:
+    if paired:
         joined = {f"now:{k}": v for k, v in now_sums.items()} | {f"then:{k}": v for k, v in then_sums.items()}
 
         def difference(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            now = metrics_from_sums({k[4:]: v for k, v in sums.items() if k.startswith("now:")}, scaling_law)
-            then = metrics_from_sums(
-                {k[5:]: v for k, v in sums.items() if k.startswith("then:")}, scaling_law
-            )
+            now = metrics_from_sums({k[4:]: v for k, v in sums.items() if k.startswith("now:")}, law)
+            then = metrics_from_sums({k[5:]: v for k, v in sums.items() if k.startswith("then:")}, law)
             return {name: now[name] - then[name] for name in defined}
 
-        intervals = bootstrap_intervals(joined, difference, level=level)
-    elif defined:
-        now_reps = _replicates(now_sums, defined, scaling_law, seed=0)
-        then_reps = _replicates(then_sums, defined, scaling_law, seed=1)
-        tail = (1.0 - level) / 2.0
-        for name in defined:
-            diffs = now_reps[name] - then_reps[name]
-            if np.isnan(diffs).any():
-                intervals[name] = (math.nan, math.nan)
-            else:
-                low, high = np.quantile(diffs, [tail, 1.0 - tail])
-                intervals[name] = (float(low), float(high))
-    results = []
-    for name in metrics:
-        info = METRICS[name]
-        now_value = _finite(now_points[name]) if name in now_points else None
-        then_value = _finite(then_points[name]) if name in then_points else None
-        given = tol.get(name)
-        allowed = default_tolerance(then_value) if given is None else given
-        if name not in defined:
-            side = "now" if now_value is None else "in the baseline"
-            both = now_value is None and then_value is None
-            results.append(
-                MetricComparison(
-                    name, now_value, then_value, None, None, info.higher_is_better, allowed,
-                    "undefined", f"undefined {'on both sides' if both else side}",
-                )
-            )  # fmt: skip
-            continue
-        assert now_value is not None and then_value is not None
-        low, high = intervals[name]
-        delta = now_value - then_value
-        if not (math.isfinite(low) and math.isfinite(high)):
-            results.append(
-                MetricComparison(
-                    name, now_value, then_value, delta, None, info.higher_is_better, allowed, "undefined",
-                    "its bootstrap interval is undefined (a resample where the metric is undefined)",
-                )
-            )  # fmt: skip
-            continue
-        # "worse" is positive: a rise of a lower-is-better metric, a fall of a higher-is-better one
-        worse_low, worse_high = (-high, -low) if info.higher_is_better else (low, high)
-        if worse_low > allowed:
-            status = "regressed"
-        elif worse_high < 0.0:
-            status = "improved"
+        return dict(bootstrap_intervals(joined, difference, level=level))
+    now_reps = _replicates(now_sums, defined, law, seed=0)
+    then_reps = _replicates(then_sums, defined, law, seed=1)
+    tail = (1.0 - level) / 2.0
+    intervals: dict[str, tuple[float, float]] = {}
+    for name in defined:
+        diffs = now_reps[name] - then_reps[name]
+        if np.isnan(diffs).any():
+            intervals[name] = (math.nan, math.nan)
         else:
-            status = "unchanged"
-        results.append(
-            MetricComparison(
-                name, now_value, then_value, delta, (low, high), info.higher_is_better, allowed, status
-            )
-        )
-    return results
+            low, high = np.quantile(diffs, [tail, 1.0 - tail])
+            intervals[name] = (float(low), float(high))
+    return intervals
+
+
+def _judge(
+    name: str, now_point: Any, then_point: Any, interval: tuple[float, float] | None, given_tol: float | None
+) -> MetricComparison:
+    """One metric's comparison: undefined on a side or in its interval, else regressed, improved or unchanged."""
+    from pytest_saecheck.catalogue import METRICS
+
+    higher_is_better = METRICS[name].higher_is_better
+    now_value = None if now_point is None else _finite(now_point)
+    then_value = None if then_point is None else _finite(then_point)
+    allowed = default_tolerance(then_value) if given_tol is None else given_tol
+    if now_value is None or then_value is None:
+        side = "now" if now_value is None else "in the baseline"
+        both = now_value is None and then_value is None
+        return MetricComparison(
+            name, now_value, then_value, None, None, higher_is_better, allowed,
+            "undefined", f"undefined {'on both sides' if both else side}",
+        )  # fmt: skip
+    delta = now_value - then_value
+    low, high = interval if interval is not None else (math.nan, math.nan)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return MetricComparison(
+            name, now_value, then_value, delta, None, higher_is_better, allowed, "undefined",
+            "its bootstrap interval is undefined (a resample where the metric is undefined)",
+        )  # fmt: skip
+    status = _status(low, high, higher_is_better, allowed)
+    return MetricComparison(
+        name, now_value, then_value, delta, (low, high), higher_is_better, allowed, status
+    )
+
+
+def _status(low: float, high: float, higher_is_better: bool, allowed: float) -> str:
+    """``regressed`` when the whole interval of the difference lies beyond ``allowed`` on the worse side,
+    ``improved`` when it lies wholly on the better side, else ``unchanged``."""
+    # "worse" is positive: a rise of a lower-is-better metric, a fall of a higher-is-better one
+    worse_low, worse_high = (-high, -low) if higher_is_better else (low, high)
+    if worse_low > allowed:
+        return "regressed"
+    if worse_high < 0.0:
+        return "improved"
+    return "unchanged"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -560,17 +613,20 @@ def record_fields(check: Any, config: pytest.Config | None) -> dict[str, Any]:
 
 
 class BaselineWriter:
-    """On the controller: gathers the baseline documents from the reports and writes each once, at the end."""
+    """On the controller: gathers the baseline documents from the reports and writes each once, at the end.
 
-    def __init__(self, config: pytest.Config, directory: Path, mode: str) -> None:
-        self.config = config
+    The plugin's session object owns it (:class:`~pytest_saecheck.plugin.session.SAECheckSession`) and feeds it
+    the reports (:meth:`add_report`), has it write (:meth:`write`) and print its lines (:meth:`summary`).
+    """
+
+    def __init__(self, directory: Path, mode: str) -> None:
         self.directory = directory
         self.mode = mode
         self.documents: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # key -> [(nodeid, document)]
         self.lines: list[tuple[str, bool]] = []  # (line, is a problem)
-        self.lock: RunLock | None = None  # held for the whole run (configure)
+        self.lock: RunLock | None = None  # held for the whole run (writer_for)
 
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+    def add_report(self, report: pytest.TestReport) -> None:
         for plain in getattr(report, records.REPORT_ATTRIBUTE, None) or ():
             record = records.from_plain(plain)
             if not isinstance(record, records.EvaluationRecord):
@@ -579,8 +635,7 @@ class BaselineWriter:
             if isinstance(document, Mapping) and isinstance(document.get("key"), str):
                 self.documents.setdefault(document["key"], []).append((report.nodeid, dict(document)))
 
-    @pytest.hookimpl(trylast=True)
-    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+    def write(self, session: pytest.Session) -> None:
         """Write each baseline (atomically); one that cannot be written is one red line and a non-zero exit,
         and the others are still written."""
         from pytest_saecheck.files import commit_files, failed_exit_status
@@ -615,17 +670,26 @@ class BaselineWriter:
                 continue
             self.lines.append((f"saecheck: baseline written to {path}", False))
 
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+    def summary(self, terminalreporter: Any) -> None:
         for line, problem in self.lines:
             terminalreporter.write_line(line, red=problem)
 
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
-def configure(config: pytest.Config) -> None:
-    """Check the options; on the controller of an updating run, register the :class:`BaselineWriter`."""
-    check_options(config)
+
+def writer_for(config: pytest.Config) -> BaselineWriter | None:
+    """The :class:`BaselineWriter` of an updating run, its baseline directory locked; None on an xdist worker
+    (the controller writes) and in a run that does not update baselines.
+
+    Raises:
+        pytest.UsageError: another live run is recording baselines in the directory.
+    """
     mode = update_mode(config)
-    if mode is None or hasattr(config, "workerinput") or config.pluginmanager.has_plugin(WRITER_NAME):
-        return
+    if mode is None or hasattr(config, "workerinput"):
+        return None
     directory = baseline_dir(config)
     assert directory is not None
     from pytest_saecheck.files import RunLock
@@ -637,17 +701,65 @@ def configure(config: pytest.Config) -> None:
             f"now (lock {lock.lock_path}); two runs recording at once would silently drop one run's numbers. "
             f"Wait for it to finish, or record into another {BASELINE_DIR_OPTION}"
         )
-    writer = BaselineWriter(config, directory, mode)
+    writer = BaselineWriter(directory, mode)
     writer.lock = lock
-    config.pluginmanager.register(writer, WRITER_NAME)
+    return writer
 
 
-def unconfigure(config: pytest.Config) -> None:
-    writer = config.pluginmanager.get_plugin(WRITER_NAME)
-    if writer is not None:
-        if writer.lock is not None:
-            writer.lock.release()
-        config.pluginmanager.unregister(writer, WRITER_NAME)
+# --------------------------------------------------------------------------------------------------------
+# baseline files no test read (reported at the end of the run, as syrupy reports unused snapshots)
+
+
+def fail_unused(config: pytest.Config) -> bool:
+    """Whether the run fails when a baseline file was not read (:data:`FAIL_UNUSED_OPTION`)."""
+    try:
+        return bool(config.getoption("saecheck_fail_unused_baselines", default=False))
+    except ValueError:
+        return False
+
+
+def paths_read(plain_records: Any) -> set[Path]:
+    """The baseline files that the ``assert_no_regression`` records among ``plain_records`` (a report's
+    ``saecheck_records``) compared with, found missing, or recorded."""
+    found = set()
+    for plain in plain_records or ():
+        record = records.from_plain(plain)
+        if isinstance(record, records.AssertionRecord) and isinstance(record.baseline, Mapping):
+            path = record.baseline.get("path")
+            if isinstance(path, str) and path:
+                found.add(Path(path).resolve())
+    return found
+
+
+def unused(directory: Path, read: set[Path]) -> list[Path]:
+    """The baseline files (``*.json``, not ``*.obtained.json``) in ``directory`` that are not in ``read``, sorted."""
+    try:
+        files = sorted(directory.glob("*.json"))
+    except OSError:
+        return []
+    resolved = {path.resolve() for path in read}
+    return [
+        path
+        for path in files
+        if not path.name.endswith(OBTAINED_SUFFIX) and path.is_file() and path.resolve() not in resolved
+    ]
+
+
+def unused_lines(paths: Sequence[Path], *, fail: bool) -> list[tuple[str, bool]]:
+    """The terminal lines (text, is a failure) that list the baseline files no test read."""
+    if not paths:
+        return []
+    n = len(paths)
+    how = (
+        f"the run fails ({FAIL_UNUSED_OPTION})"
+        if fail
+        else f"delete them if their SAEs are gone; {FAIL_UNUSED_OPTION} makes this a failure"
+    )
+    head = (
+        f"saecheck: {n} baseline file{'' if n == 1 else 's'} no test read (a run of part of the tests lists "
+        f"the baselines of the others too): {how}"
+    )
+    return [(head, fail), *((f"  {path}", fail) for path in paths)]
 
 
 def record_command(nodeid: str | None, directory: Path) -> str:

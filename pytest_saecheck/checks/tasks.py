@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_saecheck import messages, records
+from pytest_saecheck import messages, running
 from pytest_saecheck.checks.workflow import (
     CheckOutcome,
     conclude,
@@ -158,7 +158,7 @@ def load_task(path: str | os.PathLike[str], name: str | None = None) -> Task:
     Raises :class:`LoadError` when the file is missing or malformed (with the line number, :func:`parse_task`).
     """
     file = Path(os.path.expanduser(os.fspath(path)))
-    item = records.current_item()
+    item = running.current_item()
     if not file.is_absolute() and item is not None and getattr(item, "path", None) is not None:
         file = Path(item.path).parent / file
     if not file.is_file():

@@ -10,10 +10,13 @@ failure reads like pytest's own ``assert``.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import pytest
 
 from pytest_saecheck import messages, records
 from pytest_saecheck.errors import ConfigError, LoadError, SAECheckError
@@ -141,15 +144,39 @@ class Subject:
         return messages.tokens_line(self.n_tokens, self.n_sequences, self.seq_len, self.exclude_bos)
 
 
+class SAEUnderTest(abc.ABC):
+    """The ``saecheck`` fixture as the checks read it; the plugin's fixture class is its implementation.
+
+    :func:`is_fixture` is the one test for "is this the fixture?" (an ``isinstance``, so that asking never
+    evaluates anything: the fixture's ``evaluation`` runs the model). A stand-in for the fixture subclasses this.
+    """
+
+    settings: Any
+
+    @property
+    @abc.abstractmethod
+    def evaluation(self) -> Any:
+        """The engine's ``Evaluation`` of the SAE under test (computed on first access, then cached)."""
+
+    @property
+    @abc.abstractmethod
+    def tokens(self) -> Any:
+        """The evaluation's token ids, ``[n_sequences, context_size]``."""
+
+    @abc.abstractmethod
+    def subject(self) -> dict[str, Any]:
+        """What is evaluated, as the user wrote it: ``label``, ``model``, ``sae``, ``tokens``, ``device``, ``dtype``."""
+
+    @property
+    @abc.abstractmethod
+    def item(self) -> pytest.Item | None:
+        """The test the fixture was made for (None outside pytest)."""
+
+
 def is_fixture(check: Any) -> bool:
-    """Whether ``check`` is the ``saecheck`` fixture (rather than an engine ``Evaluation``)."""
-    return _has(check, "evaluation") and _has(check, "settings")
-
-
-def _has(obj: Any, name: str) -> bool:
-    """Whether ``obj`` has attribute ``name``, without evaluating a property (``hasattr`` would: the fixture's
-    ``evaluation`` computes the evaluation)."""
-    return name in getattr(obj, "__dict__", {}) or hasattr(type(obj), name)
+    """Whether ``check`` is the ``saecheck`` fixture (an :class:`SAEUnderTest`) rather than an engine
+    ``Evaluation``."""
+    return isinstance(check, SAEUnderTest)
 
 
 def subject_of(check: Any, evaluation: Any = None) -> tuple[Any, Subject]:
@@ -166,7 +193,7 @@ def subject_of(check: Any, evaluation: Any = None) -> tuple[Any, Subject]:
             f"expected the saecheck fixture or an Evaluation from pytest_saecheck.evaluate(), "
             f"got {type(check).__name__}"
         )
-    subject = check.subject() if hasattr(check, "subject") else {}
+    subject = check.subject() if is_fixture(check) else {}
     _refuse_contradicted_sparsity(evaluation, subject.get("label"))
     policy = getattr(evaluation, "token_policy", None)
     facts = Subject(
@@ -211,6 +238,7 @@ def interval_of(evaluation: Any, metric: str, level: float) -> tuple[float, floa
 
 __all__: Sequence[str] = (
     "CheckOutcome",
+    "SAEUnderTest",
     "Subject",
     "conclude",
     "confidence_level",

@@ -1,8 +1,9 @@
 """The pytest plugin (entry point ``saecheck``; disable with ``-p no:saecheck``). Imports no torch at import time.
 
 It registers the ``--saecheck-*`` options and ``saecheck_*`` ini keys, the ``saecheck`` marker, the loader
-hookspecs and the fixtures; carries assertion records onto test reports; and prints a header line and an
-end-of-run table of every SAE checked. It also warns when a marker shadows a command-line option, keeps each
+hookspecs, the fixtures and the run's session object (:class:`~pytest_saecheck.plugin.session.SAECheckSession`,
+which carries the records onto the test reports and into pytest's own channels, and prints the end-of-run table
+of every SAE checked); and prints a header line. It also warns when a marker shadows a command-line option, keeps each
 SAE's tests (and one release group's) on one pytest-xdist worker under ``-n N`` (``--dist load``, with
 ``xdist_scheduling``) and ``--dist loadgroup``, and hides its
 own frames from the tracebacks of the :class:`~pytest_saecheck.errors.SAECheckError` errors it raises.
@@ -40,7 +41,8 @@ from pytest_saecheck.plugin.fixtures import (
     saecheck_settings,
     saecheck_tokens,
 )
-from pytest_saecheck.plugin.terminal import SummaryReporter, header_lines
+from pytest_saecheck.plugin.session import SESSION_NAME, SAECheckSession
+from pytest_saecheck.plugin.terminal import header_lines
 
 __all__ = [
     "saecheck",
@@ -51,7 +53,6 @@ __all__ = [
     "saecheck_tokens",
 ]
 
-PREVIOUS_HOOK_KEY = pytest.StashKey[Any]()
 XDIST_GROUP_KEY = pytest.StashKey[str]()
 #: Set by ``xdist_scheduling.pytest_configure_node`` in a worker's ``workerinput`` (the same string there).
 XDIST_GROUPS_INPUT = "saecheck_xdist_groups"
@@ -92,9 +93,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     settings_config.validate_command_line(config)
-    config.stash[PREVIOUS_HOOK_KEY] = hookspecs.active_hook()  # restored at unconfigure (nested runs)
-    hookspecs.set_active_hook(config.hook)
-    config.pluginmanager.register(SummaryReporter(config), "saecheck-summary")
+    baselines.check_options(config)
+    if not config.pluginmanager.has_plugin(SESSION_NAME):
+        run = SAECheckSession(config)
+        run.start()  # locks the report paths and baseline directory: a usage error when another live run holds one
+        config.pluginmanager.register(run, SESSION_NAME)
     if config.pluginmanager.hasplugin("xdist") and not config.pluginmanager.hasplugin("saecheck-xdist"):
         from pytest_saecheck.plugin import (
             xdist as xdist_scheduling,  # imports pytest-xdist, which is installed and active
@@ -103,19 +106,20 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(xdist_scheduling, "saecheck-xdist")
         if not hasattr(config, "workerinput"):
             config.pluginmanager.register(xdist_scheduling.CrashAfterTest(), "saecheck-xdist-crashes")
-    baselines.configure(config)
     from pytest_saecheck.loading.progress import set_quiet
 
     set_quiet(config.get_verbosity() < 0)  # no progress bars under -q
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    baselines.unconfigure(config)
+    run = SAECheckSession.of(config)
+    if run is not None:
+        run.stop()
+        config.pluginmanager.unregister(run, SESSION_NAME)
     cache = config.stash.get(CACHE_KEY, None)
     if cache is not None:
         cache.clear()
         del config.stash[CACHE_KEY]
-    hookspecs.set_active_hook(config.stash.get(PREVIOUS_HOOK_KEY, None))
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -273,16 +277,6 @@ def _group_by_sae(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.xdist_group(group))
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, Any, Any]:
-    previous = records.current_item()
-    records.set_current_item(item)
-    try:
-        return (yield)
-    finally:
-        records.set_current_item(previous)
-
-
 def _outside_plugin(frame: types.FrameType) -> bool:
     try:
         parents = Path(frame.f_code.co_filename).resolve().parents
@@ -317,9 +311,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         own_error and excinfo is not None
     ):  # the report keeps the message, not "All traceback entries are hidden"
         setattr(report, records.ERROR_ATTRIBUTE, f"{type(excinfo.value).__name__}: {excinfo.value}")
-    gathered = records.take(item)
-    if gathered:
-        setattr(report, records.REPORT_ATTRIBUTE, gathered)
     return report
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from pytest_saecheck import loading, records
 from pytest_saecheck.checks import baselines
+from pytest_saecheck.checks.workflow import SAEUnderTest
 from pytest_saecheck.defaults import DEFAULT_CONTEXT_SIZE, INTERVAL_LEVEL
 from pytest_saecheck.devices import auto_device
 from pytest_saecheck.errors import ConfigError, SAECheckError, SAECheckWarning, WeightsUnavailableError
@@ -144,7 +145,7 @@ def resolve_specs(
     )
 
 
-class SAECheck:
+class SAECheck(SAEUnderTest):
     """One SAE under test: its model, SAE, tokens and (computed once) evaluation.
 
     Attributes are loaded on first access. ``evaluation`` is shared by every test and assertion that uses
@@ -161,6 +162,11 @@ class SAECheck:
         self._item = item
         self._evaluation_recorded = False
         self._specs: ResolvedSpecs | None = None
+
+    @property
+    def item(self) -> pytest.Item | None:
+        """The test this fixture was made for."""
+        return self._item
 
     # -- specs -------------------------------------------------------------------------------------------
 

@@ -5,8 +5,9 @@
   file's directory). The SAEBench directory gets one SAEBench core result per evaluated SAE
   (:mod:`pytest_saecheck.report.saebench`), written after the JSON and HTML.
 - Results travel on the test reports as plain values (``report.saecheck_records``), so under xdist they reach
-  the controller with the reports. Only the controller collects them and writes the files, once, at
-  ``pytest_sessionfinish``: also when tests fail or error, and when the run is interrupted (the document then
+  the controller with the reports. Only the controller collects them (the run's one collector, on the plugin's
+  session object :class:`~pytest_saecheck.plugin.session.SAECheckSession`) and writes the files
+  (:class:`ReportFiles`), once, at ``pytest_sessionfinish``: also when tests fail or error, and when the run is interrupted (the document then
   says ``"interrupted": true``; beside a complete run's report it goes to ``NAME.partial.*``). The JSON and
   HTML are one commit with one run id (:func:`~pytest_saecheck.files.commit_files`), and a live run locks its
   report paths (:class:`~pytest_saecheck.files.RunLock`). A run that executes no test (``--collect-only``,
@@ -14,8 +15,7 @@
 - Extension hooks: :mod:`pytest_saecheck.report.hookspecs`.
 
 The core plugin imports this module from its ``pytest_addhooks``; ``-p pytest_saecheck.report.plugin`` also
-works, and registering it twice is harmless (pytest registers a module once per name; the writer object is
-registered once per run). Imports no torch, and no jinja2 until a report is rendered.
+works, and registering it twice is harmless (pytest registers a module once per name). Imports no torch, and no jinja2 until a report is rendered.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,6 @@ import pytest
 from pytest_saecheck.files import RunLock, failed_exit_status, option_path
 from pytest_saecheck.report import hookspecs
 
-WRITER_NAME = "saecheck-report-writer"
 _HOOK_NAMES = ("pytest_saecheck_json_fields", "pytest_saecheck_report_sections")
 
 
@@ -80,25 +77,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_configure(config: pytest.Config) -> None:
-    if hasattr(config, "workerinput"):  # an xdist worker: the controller writes the files
-        return
+def report_files(config: pytest.Config) -> ReportFiles | None:
+    """The report files of this run (None on an xdist worker, whose controller writes them, or when no
+    ``--saecheck-json``/``--saecheck-report``/``--saecheck-saebench-json`` is given). Made by the plugin's session
+    object (:class:`~pytest_saecheck.plugin.session.SAECheckSession`) at ``pytest_configure``."""
+    if hasattr(config, "workerinput"):
+        return None
     json_path, html_path = option_path(config, "saecheck_json"), option_path(config, "saecheck_report")
     saebench_dir = option_path(config, "saecheck_saebench_json")
     if json_path is None and html_path is None and saebench_dir is None:
-        return
-    if not config.pluginmanager.has_plugin(WRITER_NAME):
-        writer = ReportWriter(config, json_path, html_path, saebench_dir)
-        writer.lock()
-        config.pluginmanager.register(writer, WRITER_NAME)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    writer = config.pluginmanager.get_plugin(WRITER_NAME)
-    if writer is not None:
-        writer.unlock()
-        config.pluginmanager.unregister(writer, WRITER_NAME)
+        return None
+    return ReportFiles(json_path, html_path, saebench_dir)
 
 
 def partial_path(path: Path) -> Path:
@@ -140,39 +129,16 @@ def _ctrl_c_noted(noted: list[int]) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _workers(config: pytest.Config) -> int | None:
-    try:
-        value = config.getoption("numprocesses", default=None)
-    except ValueError:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value or None
-    tx = getattr(config.option, "tx", None)
-    return len(tx) if isinstance(tx, list) and tx else None
-
-
-class ReportWriter:
-    """Collects results from reports on the controller and writes the JSON and HTML files at the end."""
+class ReportFiles:
+    """The JSON, HTML and SAEBench files of a run: locked at start-up, written once from the run's finalised
+    document at the end, and their lines in the terminal summary."""
 
     def __init__(
-        self,
-        config: pytest.Config,
-        json_path: Path | None,
-        html_path: Path | None,
-        saebench_dir: Path | None = None,
+        self, json_path: Path | None, html_path: Path | None, saebench_dir: Path | None = None
     ) -> None:
-        from pytest_saecheck.report.collect import Collector, now_iso
-
-        self.config = config
         self.json_path = json_path
         self.html_path = html_path
         self.saebench_dir = saebench_dir
-        self.collector = Collector.for_config(config)
-        self.started = now_iso()
-        self.started_clock = time.perf_counter()
-        self.interrupted = False
-        self.ctrl_c = False
-        self.run_id = uuid.uuid4().hex
         self.written: list[tuple[str, Path]] = []
         self.problems: list[str] = []
         self.notes: list[str] = []
@@ -196,64 +162,30 @@ class ReportWriter:
             lock.release()
         self.locks = []
 
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.collector.add_report(report)
+    def extend(self, document: dict[str, Any], config: pytest.Config) -> dict[str, Any]:
+        """``document`` with the extension hooks' fields and sections (:mod:`pytest_saecheck.report.hookspecs`);
+        a failing hook is one line at the end, not the loss of the report."""
+        from pytest_saecheck.report.schema import json_safe, validate
 
-    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
-        if report.failed:
-            self.collector.add_report(report)
-
-    def pytest_keyboard_interrupt(self, excinfo: Any) -> None:
-        self.interrupted = True
-        # Ctrl-C (or SIGINT), not pytest stopping on a collection error (Session.Interrupted)
-        self.ctrl_c = self.ctrl_c or type(excinfo.value) is KeyboardInterrupt
-
-    def document(self, session: pytest.Session, exitstatus: int) -> dict[str, Any]:
-        from pytest_saecheck.report.collect import environment, now_iso
-        from pytest_saecheck.report.schema import finalise, json_safe, validate
-
-        status = int(exitstatus)
-        interrupted = self.interrupted or status == int(pytest.ExitCode.INTERRUPTED)
-        stopped = bool(session.shouldstop or session.shouldfail)
-        run = {
-            "id": self.run_id,
-            "started": self.started,
-            "finished": now_iso(),
-            "duration_s": round(time.perf_counter() - self.started_clock, 3),
-            "exit_status": status,
-            "interrupted": interrupted,
-            "complete": not interrupted and not stopped and status in (0, 1, 5),
-            "workers": _workers(self.config),
-            "shards": 1,
-        }
-        profile = _profile(self.config)
-        if profile is not None:  # only then, as in a merge of shards
-            run["profile"] = profile
-        document = self.collector.document(run=run, environment_info=environment())
-        hook = self.config.hook
+        hook = config.hook
         try:
-            for fields in hook.pytest_saecheck_json_fields(document=document, config=self.config):
+            for fields in hook.pytest_saecheck_json_fields(document=document, config=config):
                 if fields:
                     document["extensions"].update(json_safe(dict(fields)))
         except Exception as error:  # an extension must not cost the run its report
             self.problems.append(f"pytest_saecheck_json_fields failed: {error!r}")
         try:
-            for sections in hook.pytest_saecheck_report_sections(document=document, config=self.config):
+            for sections in hook.pytest_saecheck_report_sections(document=document, config=config):
                 for section in sections or ():
                     document["report_sections"].append(_section(section))
         except KeyboardInterrupt:
             raise
         except Exception as error:
             self.problems.append(f"pytest_saecheck_report_sections failed: {error!r}")
-        finalise(document)
         validate(document)
         return document
 
-    def ran_tests(self) -> bool:
-        """Whether the run produced a result: a test ran (even only its setup) or a collection error."""
-        return not self.config.getoption("collectonly", False) and bool(self.collector.tests)
-
-    def _targets(self, document: dict[str, Any]) -> list[tuple[str, Path, str]]:
+    def _targets(self, document: dict[str, Any], ctrl_c: bool) -> list[tuple[str, Path, str]]:
         """(what, path, text) of each file to write. An interrupted run's files go beside a complete run's
         report (``r.partial.json``), which stays where it is."""
         from pytest_saecheck.report.files import dumps
@@ -261,7 +193,7 @@ class ReportWriter:
 
         json_path, html_path = self.json_path, self.html_path
         given = [path for path in (json_path, html_path) if path is not None]
-        if self.ctrl_c and any(_holds_complete_run(path) for path in given):
+        if ctrl_c and any(_holds_complete_run(path) for path in given):
             json_path = None if json_path is None else partial_path(json_path)
             html_path = None if html_path is None else partial_path(html_path)
             self.notes.append(
@@ -275,26 +207,22 @@ class ReportWriter:
             targets.append(("HTML report", html_path, render_html(document, markup_from_hooks=True)))
         return targets
 
-    @pytest.hookimpl(trylast=True)
-    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        """Write the JSON and HTML as one commit (:func:`~pytest_saecheck.files.commit_files`).
+    def write(self, session: pytest.Session, document: dict[str, Any], *, ctrl_c: bool = False) -> None:
+        """Write the JSON and HTML of ``document`` (the run's finalised document) as one commit (:func:`~pytest_saecheck.files.commit_files`), then the SAEBench results.
 
         A file that cannot be written is one line at the end and a non-zero exit; the other file is still
-        written, and nothing here stops the other ``pytest_sessionfinish`` hooks (baselines) or the summary.
-        Ctrl-C while writing: the first is held until the files are written (exit 2), a second abandons the
-        write (see ``docs/reliability.md``).
+        written. Ctrl-C while writing: the first is held until the files are written (exit 2), a second abandons
+        the write (see ``docs/reliability.md``).
         """
         from pytest_saecheck.files import commit_files
 
-        if not self.ran_tests():  # --collect-only, or -k matching nothing: keep the last real report
-            return
         noted: list[int] = []
         try:
             with _ctrl_c_noted(noted):
-                document = self.document(session, exitstatus)
-                targets = self._targets(document)
+                extended = self.extend(document, session.config)
+                targets = self._targets(extended, ctrl_c)
                 results = commit_files([(path, text) for _, path, text in targets])
-                self._write_saebench(document)
+                self._write_saebench(extended)
         except KeyboardInterrupt:
             self.problems.append(
                 "interrupted twice while writing the report: the write was abandoned (the files are the previous "
@@ -325,8 +253,9 @@ class ReportWriter:
         except OSError as error:
             self.problems.append(f"SAEBench core results not written to {self.saebench_dir}: {error}")
 
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.ran_tests() and not self.config.getoption("collectonly", False):
+    def summary(self, terminalreporter: Any, *, ran_tests: bool, collect_only: bool) -> None:
+        """The files' lines at the end of the terminal summary."""
+        if not ran_tests and not collect_only:
             paths = (self.json_path, self.html_path, self.saebench_dir)
             kept = " and ".join(str(path) for path in paths if path is not None)
             terminalreporter.write_line(f"saecheck: no test ran, so {kept} was left as it was")
@@ -338,7 +267,19 @@ class ReportWriter:
             terminalreporter.write_line(f"saecheck: {problem}", red=True)
 
 
-def _profile(config: pytest.Config) -> str | None:
+def workers(config: pytest.Config) -> int | None:
+    """The number of xdist workers of this run (None in a serial run)."""
+    try:
+        value = config.getoption("numprocesses", default=None)
+    except ValueError:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value or None
+    tx = getattr(config.option, "tx", None)
+    return len(tx) if isinstance(tx, list) and tx else None
+
+
+def profile(config: pytest.Config) -> str | None:
     """The ``--saecheck-profile`` in use (None without one, or when the core plugin is not loaded)."""
     from pytest_saecheck.plugin.profiles import profile_name
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pytest_saecheck.errors import TrainingCheckError
-from pytest_saecheck.hookspecs import active_hook
+from pytest_saecheck.running import active_hook
 from pytest_saecheck.training.adapters import builtin_training_adapter
 from pytest_saecheck.training.protocol import (
     REQUIRED_MEMBERS,
