@@ -295,3 +295,76 @@ def pytest_saecheck_load_model(spec, device, dtype, model_from_pretrained_kwargs
     release_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly").assert_outcomes(
         passed=2
     )
+
+
+MANY = """
+    import json
+    import pytest
+    from pytest_saecheck import evaluate, saecheck_param
+    from pytest_saecheck.engine.cost import ModelShape, SAEShape, memory_groups
+    from pytest_saecheck.plugin.fixtures import session_cache
+
+    SPECS = [f"many/sae{{i:02d}}" for i in range({n})]
+    pytestmark = pytest.mark.saecheck(model="tiny", tokens="tokens.npy", n_tokens=160, release_group_mib={mib})
+
+    SEEN = {{}}
+
+    @pytest.mark.parametrize("sae", [saecheck_param(spec) for spec in SPECS])
+    def test_each(saecheck, sae, request):
+        evaluation = saecheck.evaluation
+        alone = evaluate(saecheck.model, saecheck.sae, saecheck.tokens, progress=False)
+        assert evaluation.metrics == alone.metrics  # identical to the SAE evaluated alone
+        for key, values in alone.per_sequence.items():
+            assert (evaluation.per_sequence[key] == values).all(), key
+        SEEN["cfg"], SEEN["tokens"] = saecheck.model.cfg, tuple(saecheck.tokens.shape)
+
+    def test_zz_passes(request):
+        cfg = SEEN["cfg"]
+        # the cost model's groups, from shapes written out by hand (no engine.cost.shapes_of)
+        model = ModelShape(cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.d_vocab, 4)
+        saes = [SAEShape(d_in=cfg.d_model, d_sae={d_sae}, layer=1)] * len(SPECS)
+        n_sequences, seq_len = SEEN["tokens"]
+        groups = memory_groups(model, saes, n_sequences * seq_len, seq_len, 16, {mib} * 2**20)
+        expected = [[SPECS[i] for i in group] for group in groups]
+        cache = session_cache(request.config)
+        found = [["many/" + spec.rsplit("/", 1)[1] for spec in members] for members in cache.pass_log]
+        with open("passes.json", "w") as out:
+            json.dump({{"expected": expected, "found": found, "loads": cache.loads}}, out)
+"""
+
+
+@pytest.fixture
+def many_pytester(tiny_pytester: pytest.Pytester) -> pytest.Pytester:
+    from factories import HOOK, random_sae, with_plugin_metadata
+
+    for seed in range(12):
+        sae = with_plugin_metadata(random_sae(HOOK, d_sae=1024, seed=seed))
+        sae.save_model(tiny_pytester.path / "many" / f"sae{seed:02d}")
+    return tiny_pytester
+
+
+def test_a_release_of_many_saes_runs_in_the_passes_the_cost_model_sizes(
+    many_pytester: pytest.Pytester,
+) -> None:
+    """12 SAEs whose weights exceed a 2 MiB budget: the passes are engine.cost.memory_groups' (in release order),
+    more than one, each SAE's weights loaded for its pass only, and every number equals the SAE alone."""
+    many_pytester.makepyfile(MANY.format(n=12, mib=2, d_sae=1024))
+    many_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly").assert_outcomes(
+        passed=13
+    )
+    passes = json.loads((many_pytester.path / "passes.json").read_text())
+    assert len(passes["expected"]) >= 3 and max(map(len, passes["expected"])) > 1, passes
+    assert passes["found"] == passes["expected"]
+    assert passes["loads"]["pass"] == len(passes["expected"])
+    assert passes["loads"]["model"] == 1
+
+
+def test_one_sae_too_big_for_the_budget_is_refused_with_the_numbers(many_pytester: pytest.Pytester) -> None:
+    many_pytester.makepyfile(MANY.format(n=2, mib=1, d_sae=1024))
+    result = many_pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "-p", "no:randomly", "-k", "test_each"
+    )
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        ["*ConfigError: the SAE '*sae00' needs 1 MiB in a pass of its own*budget of 1 MiB*"]
+    )

@@ -149,6 +149,11 @@ def pytest_collection_modifyitems(
     if loadgroup:
         _group_by_sae(items)
     result = yield
+    shard = settings_config.shard_option(config)
+    if shard is not None:  # before any grouping: the shard's tests are the run's
+        from pytest_saecheck.plugin import schedule
+
+        schedule.select_shard(config, items, *shard)
     if loadgroup:
         _suffix_xdist_groups(items)
     elif worker is not None and worker.get(XDIST_GROUPS_INPUT):
@@ -158,6 +163,33 @@ def pytest_collection_modifyitems(
     # after deselection: SAEs whose tests differ only in the SAE are evaluated in one shared pass
     plan_release_groups(config, items)
     return result
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> bool | None:
+    """With ``--saecheck-plan``: print every release's schedule (from configs; no weights, no model run) and run
+    no test."""
+    config = session.config
+    if not config.getoption("saecheck_plan", default=False):
+        return None
+    from pytest_saecheck.devices import auto_device
+    from pytest_saecheck.plugin import schedule
+    from pytest_saecheck.plugin.fixtures import session_cache
+
+    cache = session_cache(config)
+    lines = schedule.plan_lines(
+        cache.release_plan, lambda settings: settings.device or auto_device(), cache.max_evaluations // 2
+    )
+    planned = sum(len(specs) for specs in cache.release_plan.values())
+    lines.append(
+        f"saecheck plan: {len(session.items)} tests collected, {planned} SAEs in {len(cache.release_plan)} "
+        "release(s); every other subject is a pass of its own. No test was run."
+    )
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(line)
+    return True
 
 
 @pytest.hookimpl(wrapper=True)
@@ -242,7 +274,7 @@ def xdist_group_name(settings: settings_config.SAECheckSettings) -> str:
     """The pytest-xdist group of a test's SAE: its release group when SAEs are evaluated together (every setting
     but the SAE), else its spec (and model), as characters safe in a node id suffix."""
     sae = joined(settings.sae)
-    if isinstance(settings.sae, str) and settings.splice == "separate" and settings.release_group_mib > 0:
+    if isinstance(settings.sae, str) and settings.splice == "separate" and settings.release_group_mib != 0:
         key: str | None = repr(release_group_key(settings))
         slug = "release"
     else:
