@@ -349,12 +349,19 @@ def test_a_release_of_many_saes_runs_in_the_passes_the_cost_model_sizes(
     """12 SAEs whose weights exceed a 2 MiB budget: the passes are engine.cost.memory_groups' (in release order),
     more than one, each SAE's weights loaded for its pass only, and every number equals the SAE alone."""
     many_pytester.makepyfile(MANY.format(n=12, mib=2, d_sae=1024))
-    many_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly").assert_outcomes(
-        passed=13
-    )
+    result = many_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=13)
     passes = json.loads((many_pytester.path / "passes.json").read_text())
     assert len(passes["expected"]) >= 3 and max(map(len, passes["expected"])) > 1, passes
     assert passes["found"] == passes["expected"]
+    done, total = 0, len(passes["expected"])
+    for number, members in enumerate(passes["expected"], 1):  # one progress line per pass, across the release
+        result.stdout.fnmatch_lines(
+            [
+                f"saecheck: release pass {number}/{total}, SAEs {done}/12 done before it: {len(members)} SAEs on *"
+            ]
+        )
+        done += len(members)
     assert passes["loads"]["pass"] == len(passes["expected"])
     assert passes["loads"]["model"] == 1
 

@@ -270,15 +270,23 @@ def model_shape_from_config(config: Mapping[str, Any], dtype: str | None = None)
     return ModelShape(n_layers, d_model, d_mlp, d_vocab, DTYPE_BYTES.get(named, 4))
 
 
-def describe_pass(cost: PassCost, n_saes: int, n_tokens: int, n_sequences: int, rate: float | None) -> str:
-    """One line saying what a pass will evaluate, with its memory and (given a measured rate) time estimate."""
+def describe_pass(
+    cost: PassCost,
+    n_saes: int,
+    n_tokens: int,
+    n_sequences: int,
+    rate: float | None,
+    progress: str | None = None,
+) -> str:
+    """One line saying what a pass will evaluate, with its memory and (given a measured rate) time estimate;
+    ``progress`` (where the pass stands in its release) leads it."""
     time_part = (
         f", about {estimated_seconds(cost, rate):,.0f} s at the rate measured so far"
         if rate
         else ", time estimated after the first pass"
     )
     return (
-        f"saecheck: {n_saes} SAE{'s' if n_saes != 1 else ''} on {n_tokens:,} tokens ({n_sequences:,} sequences), "
+        f"saecheck: {progress + ': ' if progress else ''}{n_saes} SAE{'s' if n_saes != 1 else ''} on {n_tokens:,} tokens ({n_sequences:,} sequences), "
         f"{cost.flops / 1e12:,.3g} TFLOP, peak about {cost.peak_bytes / 2**20:,.0f} MiB"
         f" (model {cost.bytes_model / 2**20:,.0f}, SAEs {cost.bytes_saes / 2**20:,.0f}, batch "
         f"{cost.bytes_batch / 2**20:,.0f}, per-sequence sums {cost.bytes_sums / 2**20:,.0f}){time_part}"

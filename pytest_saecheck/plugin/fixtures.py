@@ -484,8 +484,16 @@ class SAECheck:
             records.record(self._evaluation_record(evaluation), self._item)
         return evaluation, decision
 
-    def _evaluate(self, saes: dict[str, Any], *, joint: bool = False, n_sequences: int | None = None) -> Any:
-        """The engine on these SAEs; on the first ``n_sequences`` sequences of the tokens when given."""
+    def _evaluate(
+        self,
+        saes: dict[str, Any],
+        *,
+        joint: bool = False,
+        n_sequences: int | None = None,
+        progress: str | None = None,
+    ) -> Any:
+        """The engine on these SAEs; on the first ``n_sequences`` sequences of the tokens when given; ``progress``
+        (where the pass stands in its release) leads the line announcing the pass."""
         from pytest_saecheck.engine import evaluate
 
         self._cache.loads["pass"] = self._cache.loads.get("pass", 0) + 1
@@ -503,7 +511,7 @@ class SAECheck:
             grouping = resolve(self.settings.token_groups, self.model, tokens, kept)
         # the cost model describes SAEs and transcoders; a cross-layer transcoder's pass is not announced
         modules = all(_is_module(sae) for sae in saes.values())
-        cost = self._announce_pass(list(saes.values()), tokens) if modules else None
+        cost = self._announce_pass(list(saes.values()), tokens, progress) if modules else None
         started = time.perf_counter()
         result = evaluate(
             self.model,
@@ -523,7 +531,7 @@ class SAECheck:
             self._cache.flops_per_second = cost.flops / max(time.perf_counter() - started, 1e-9)
         return result
 
-    def _announce_pass(self, saes: list[Any], tokens: Any) -> Any:
+    def _announce_pass(self, saes: list[Any], tokens: Any, progress: str | None = None) -> Any:
         """Say what the pass will evaluate before it starts (tokens, SAEs, memory, time at the rate of the
         previous pass of this run), on the terminal unless -q; return its cost (``engine.cost``)."""
         from pytest_saecheck.engine import cost as cost_model
@@ -534,7 +542,7 @@ class SAECheck:
             model_shape, sae_shapes, n_sequences * seq_len, seq_len, self.settings.batch_size
         )
         line = cost_model.describe_pass(
-            cost, len(saes), n_sequences * seq_len, n_sequences, self._cache.flops_per_second
+            cost, len(saes), n_sequences * seq_len, n_sequences, self._cache.flops_per_second, progress
         )
         config = self._item.config if self._item is not None else None
         reporter = config.pluginmanager.get_plugin("terminalreporter") if config is not None else None
@@ -564,14 +572,15 @@ class SAECheck:
             except (SAECheckError, pytest.skip.Exception):
                 continue  # that SAE's own test reports the problem
         self._cache.pass_log.append(tuple(member.sae_spec for member in group))
+        progress = self._release_progress(passes, members, len(group))
         if len(group) == 1:
-            return self._evaluate({self.sae_spec: self.sae})
+            return self._evaluate({self.sae_spec: self.sae}, progress=progress)
         try:
             with warnings.catch_warnings():
                 # each SAE's warnings are shown under its own test (below, and when its test reads it); each
                 # SAE's weights are loaded here, when its pass starts (the session cache keeps the last few)
                 warnings.simplefilter("ignore", SAECheckWarning)
-                result = self._evaluate({member.sae_spec: member.sae for member in group})
+                result = self._evaluate({member.sae_spec: member.sae for member in group}, progress=progress)
         except SAECheckError:
             # one SAE of the group cannot be evaluated: each SAE's own test reports its own problem
             return self._evaluate({self.sae_spec: self.sae})
@@ -582,6 +591,20 @@ class SAECheck:
         for message in result[self.sae_spec].warnings:
             warnings.warn(message, SAECheckWarning, stacklevel=2)
         return result[self.sae_spec]
+
+    def _release_progress(
+        self, passes: list[tuple[str, ...]], members: tuple[str, ...], n_saes: int
+    ) -> str | None:
+        """Where the pass of ``n_saes`` SAEs (of the planned pass ``members``) stands in its release: ``release
+        pass k/K, SAEs done/total``, counted over this run's passes of the release; None outside a release of
+        several passes."""
+        if len(passes) < 2 or members not in passes:
+            return None
+        key = self._release_key()
+        done = self._cache.release_done.get(key, 0)
+        self._cache.release_done[key] = done + n_saes
+        total = sum(map(len, passes))
+        return f"release pass {passes.index(members) + 1}/{len(passes)}, SAEs {done}/{total} done before it"
 
     def _sibling(self, spec: str) -> SAECheck:
         """The bundle of another SAE of this test's release (the same settings but the SAE)."""

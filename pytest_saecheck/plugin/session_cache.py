@@ -85,6 +85,8 @@ class SessionCache:
         self.release_refusals: dict[Hashable, str] = {}
         # the SAEs of every release pass run so far, in order (a run's progress and the tests' evidence)
         self.pass_log: list[tuple[str, ...]] = []
+        # how many SAEs of each release its passes have evaluated so far (the progress line of each pass)
+        self.release_done: dict[Hashable, int] = {}
         # each test's specs resolved from its settings (fixtures.ResolvedSpecs): small, kept all run
         self._resolved_specs: dict[Hashable, Any] = {}
         self.frees = 0
@@ -156,6 +158,7 @@ class SessionCache:
         self._resolved_specs.clear()
         self.release_passes.clear()
         self.release_refusals.clear()
+        self.release_done.clear()
         self._failures.clear()
         self.model_loads.clear()
         self.release_model()
