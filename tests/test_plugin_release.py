@@ -202,16 +202,19 @@ def _placements(pytester: pytest.Pytester) -> tuple[dict[str, set[str]], dict[st
 
 @pytest.mark.slow  # two xdist workers, each importing torch, TransformerLens and SAE Lens
 @pytest.mark.parametrize("release_group_mib", [2048, 0])
-def test_plain_n_keeps_each_sae_and_each_release_group_on_one_worker(
-    release_pytester: pytest.Pytester, release_group_mib: int
+@pytest.mark.parametrize("dist", [(), ("--dist", "loadgroup")])
+def test_plain_n_keeps_each_sae_on_one_worker_and_splits_a_lone_release_over_the_workers(
+    release_pytester: pytest.Pytester, release_group_mib: int, dist: tuple[str, ...]
 ) -> None:
-    """With plain ``-n 2`` (no --dist), each SAE is evaluated once per session: its tests share a worker, and a
-    release group's SAEs share one pass on one worker."""
+    """With plain ``-n 2`` (and ``--dist loadgroup``), each SAE is evaluated once per session: its tests share a
+    worker; a release that is the run's only group is cut into one chunk per worker, each chunk one pass, so both
+    workers evaluate SAEs."""
     pytest.importorskip("xdist")
     release_pytester.makepyfile(PLACED.format(extra=f", release_group_mib={release_group_mib}"))
-    result = release_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2", "-v")
+    result = release_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2", "-v", *dist)
     result.assert_outcomes(passed=13)
-    assert "@saecheck-" not in result.stdout.str()  # reported under the ids of a serial run
+    if not dist:  # reported under the ids of a serial run (loadgroup shows xdist's own @group suffix)
+        assert "@saecheck-" not in result.stdout.str()
     workers, counts = _placements(release_pytester)
     assert {sae: len(used) for sae, used in workers.items()} == {
         "sae_identity": 1,
@@ -219,10 +222,9 @@ def test_plain_n_keeps_each_sae_and_each_release_group_on_one_worker(
         "sae_random2": 1,
     }, workers
     assert sum(c["evaluation"] for c in counts.values()) == 3, counts  # each SAE evaluated once
-    if release_group_mib:  # one release group: one worker, one model load, one pass
-        assert len(set.union(*workers.values())) == 1, workers
-        assert sum(c["model"] for c in counts.values()) == 1, counts
-        assert sum(c["pass"] for c in counts.values()) == 1, counts
+    assert len(set.union(*workers.values())) == 2, workers  # both workers evaluate SAEs
+    if release_group_mib:  # one pass per worker's chunk
+        assert sum(c["pass"] for c in counts.values()) == 2, counts
     else:
         assert sum(c["pass"] for c in counts.values()) == 3, counts
 

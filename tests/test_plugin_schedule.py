@@ -212,3 +212,14 @@ def test_two_shards_merged_equal_one_run(sharded_pytester: pytest.Pytester) -> N
     assert len(numbers(one)) == 7  # six SAEs and the joint splice
     assert {t["id"]: t["outcome"] for t in both["tests"]} == {t["id"]: t["outcome"] for t in one["tests"]}
     assert both["run"]["shards"] == 2
+
+
+def test_a_release_is_cut_per_worker_only_when_workers_would_idle() -> None:
+    from pytest_saecheck.plugin.schedule import worker_chunks
+
+    members = [("release", f"sae{i:02d}") for i in range(30)] + [("other", "x"), ("other", "y")]
+    chunks = worker_chunks(reversed(members), n_groups=1, workers=2)
+    assert [chunks[("release", f"sae{i:02d}")] for i in range(30)] == [0] * 15 + [1] * 15  # contiguous halves
+    assert {chunks[("other", "x")], chunks[("other", "y")]} == {0, 1}
+    assert worker_chunks(members, n_groups=2, workers=2) == {}  # two groups already keep two workers busy
+    assert worker_chunks(members, n_groups=1, workers=1) == {}

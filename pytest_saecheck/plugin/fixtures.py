@@ -780,9 +780,15 @@ def plan_release_groups(config: pytest.Config, items: list[pytest.Item]) -> None
 
 
 def release_group(cache: SessionCache, settings: SAECheckSettings) -> list[str]:
-    """The SAE specs planned with the same settings as ``settings`` (empty outside a planned run)."""
+    """The SAE specs planned with the same settings as ``settings`` (empty outside a planned run); under
+    pytest-xdist with a release cut per worker, those of the chunk of ``settings.sae``."""
     plan = cache.release_plan
-    return list(plan.get(release_group_key(settings), [])) if plan else []
+    key = release_group_key(settings)
+    specs = list(plan.get(key, [])) if plan else []
+    chunk = cache.release_chunks.get((key, settings.sae)) if isinstance(settings.sae, str) else None
+    if chunk is None:
+        return specs
+    return [spec for spec in specs if cache.release_chunks.get((key, spec)) == chunk]
 
 
 #: Modules whose deprecation warnings (SAE Lens importing TransformerLens' deprecated ``utils``, the plugin calling

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -193,23 +193,41 @@ def shard_units(
     return {key: units[key] for key in order}
 
 
-def shard_of_units(weights: Sequence[float], k: int, n: int) -> list[bool]:
-    """Which of the units (in order, each with its cost ``weights[i]``) shard ``k`` of ``n`` keeps: contiguous
-    runs balanced by cumulative cost (unit ``i`` goes to the shard its cost's midpoint falls in), so each
-    release's SAEs stay runs of neighbours; units of zero weight go round-robin."""
+def shard_indices(weights: Sequence[float], n: int) -> list[int]:
+    """The shard (0-based, of ``n``) of each unit, in order, each with its cost ``weights[i]``: contiguous runs
+    balanced by cumulative cost (unit ``i`` goes to the shard its cost's midpoint falls in), so each release's
+    SAEs stay runs of neighbours; units of zero weight go round-robin."""
     total = float(sum(weights))
-    kept = []
+    shards = []
     before = 0.0
     round_robin = 0
     for weight in weights:
         if weight > 0 and total > 0:
-            shard = min(int(n * (before + weight / 2) / total), n - 1)
+            shards.append(min(int(n * (before + weight / 2) / total), n - 1))
             before += weight
         else:
-            shard = round_robin % n
+            shards.append(round_robin % n)
             round_robin += 1
-        kept.append(shard == k - 1)
-    return kept
+    return shards
+
+
+def worker_chunks(
+    members: Iterable[tuple[Hashable, str]], n_groups: int, workers: int
+) -> dict[tuple[Hashable, str], int]:
+    """Under pytest-xdist with more workers than saecheck groups: each release (``(release key, SAE spec)``
+    pairs) cut into ``workers`` contiguous chunks of its sorted SAEs, the chunk of each pair; ``{}`` when the
+    groups already keep every worker busy. Every worker computes the same chunks from the same collection."""
+    if workers < 2 or n_groups >= workers:
+        return {}
+    releases: dict[Hashable, set[str]] = {}
+    for key, spec in members:
+        releases.setdefault(key, set()).add(spec)
+    chunks: dict[tuple[Hashable, str], int] = {}
+    for key, specs in releases.items():
+        ordered = sorted(specs)
+        for spec, chunk in zip(ordered, shard_indices([1.0] * len(ordered), workers), strict=True):
+            chunks[(key, spec)] = chunk
+    return chunks
 
 
 def sae_unit_cost(settings: SAECheckSettings, spec: str) -> float | None:
@@ -236,7 +254,10 @@ def select_shard(config: pytest.Config, items: list[pytest.Item], k: int, n: int
     known = None not in costs.values()  # else every SAE weighs alike: one scale for all
     weights = [((costs[key] or 0.0) if known else 1.0) if key in costs else 0.0 for key in units]
     keep = {
-        i for key, kept in zip(units, shard_of_units(weights, k, n), strict=True) if kept for i in units[key]
+        i
+        for key, shard in zip(units, shard_indices(weights, n), strict=True)
+        if shard == k - 1
+        for i in units[key]
     }
     dropped = [item for i, item in enumerate(items) if i not in keep]
     items[:] = [item for i, item in enumerate(items) if i in keep]
