@@ -368,7 +368,7 @@ def test_header_names_device_versions_and_defaults(pytester: pytest.Pytester) ->
             "saecheck: device=cpu (command line); pytest-saecheck *, torch *, transformer-lens *, sae-lens *",
             "saecheck defaults: model=-, sae=-, tokens=SAE's dataset, n_tokens=4096, sequential=false, context_size=from SAE, "
             "batch_size=16, dtype=float32, n_devices=-, backend=auto, device_map=-, max_memory=-, exclude_bos=true, exclude_special_tokens=true, exclude_token_ids=none, "
-            "activation_scaler=auto, seed=0, scaling_law=chinchilla (not fitted), splice=separate, release_group_mib=2048, "
+            "activation_scaler=auto, seed=0, scaling_law=chinchilla (not fitted), splice=separate, release_group_mib=auto, "
             "weight_budget_mib=2048, unavailable=skip, model_from_pretrained_kwargs=-, "
             "hook_name=-, hook_name_override=false, token_groups=-",
         ]
@@ -553,7 +553,7 @@ def test_help_texts_state_the_shared_defaults() -> None:
     for name in PRESETS:
         assert f'"{name}"' in law.help
     group = SETTINGS_BY_NAME["release_group_mib"]
-    assert f"(default {group.default};" in group.help
+    assert group.default is None and "auto (default)" in group.help
 
 
 def test_demo_name_has_one_home() -> None:

@@ -202,16 +202,19 @@ def _placements(pytester: pytest.Pytester) -> tuple[dict[str, set[str]], dict[st
 
 @pytest.mark.slow  # two xdist workers, each importing torch, TransformerLens and SAE Lens
 @pytest.mark.parametrize("release_group_mib", [2048, 0])
-def test_plain_n_keeps_each_sae_and_each_release_group_on_one_worker(
-    release_pytester: pytest.Pytester, release_group_mib: int
+@pytest.mark.parametrize("dist", [(), ("--dist", "loadgroup")])
+def test_plain_n_keeps_each_sae_on_one_worker_and_splits_a_lone_release_over_the_workers(
+    release_pytester: pytest.Pytester, release_group_mib: int, dist: tuple[str, ...]
 ) -> None:
-    """With plain ``-n 2`` (no --dist), each SAE is evaluated once per session: its tests share a worker, and a
-    release group's SAEs share one pass on one worker."""
+    """With plain ``-n 2`` (and ``--dist loadgroup``), each SAE is evaluated once per session: its tests share a
+    worker; a release that is the run's only group is cut into one chunk per worker, each chunk one pass, so both
+    workers evaluate SAEs."""
     pytest.importorskip("xdist")
     release_pytester.makepyfile(PLACED.format(extra=f", release_group_mib={release_group_mib}"))
-    result = release_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2", "-v")
+    result = release_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-n", "2", "-v", *dist)
     result.assert_outcomes(passed=13)
-    assert "@saecheck-" not in result.stdout.str()  # reported under the ids of a serial run
+    if not dist:  # reported under the ids of a serial run (loadgroup shows xdist's own @group suffix)
+        assert "@saecheck-" not in result.stdout.str()
     workers, counts = _placements(release_pytester)
     assert {sae: len(used) for sae, used in workers.items()} == {
         "sae_identity": 1,
@@ -219,10 +222,9 @@ def test_plain_n_keeps_each_sae_and_each_release_group_on_one_worker(
         "sae_random2": 1,
     }, workers
     assert sum(c["evaluation"] for c in counts.values()) == 3, counts  # each SAE evaluated once
-    if release_group_mib:  # one release group: one worker, one model load, one pass
-        assert len(set.union(*workers.values())) == 1, workers
-        assert sum(c["model"] for c in counts.values()) == 1, counts
-        assert sum(c["pass"] for c in counts.values()) == 1, counts
+    assert len(set.union(*workers.values())) == 2, workers  # both workers evaluate SAEs
+    if release_group_mib:  # one pass per worker's chunk
+        assert sum(c["pass"] for c in counts.values()) == 2, counts
     else:
         assert sum(c["pass"] for c in counts.values()) == 3, counts
 
@@ -294,4 +296,84 @@ def pytest_saecheck_load_model(spec, device, dtype, model_from_pretrained_kwargs
     )
     release_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly").assert_outcomes(
         passed=2
+    )
+
+
+MANY = """
+    import json
+    import pytest
+    from pytest_saecheck import evaluate, saecheck_param
+    from pytest_saecheck.engine.cost import ModelShape, SAEShape, memory_groups
+    from pytest_saecheck.plugin.fixtures import session_cache
+
+    SPECS = [f"many/sae{{i:02d}}" for i in range({n})]
+    pytestmark = pytest.mark.saecheck(model="tiny", tokens="tokens.npy", n_tokens=160, release_group_mib={mib})
+
+    SEEN = {{}}
+
+    @pytest.mark.parametrize("sae", [saecheck_param(spec) for spec in SPECS])
+    def test_each(saecheck, sae, request):
+        evaluation = saecheck.evaluation
+        alone = evaluate(saecheck.model, saecheck.sae, saecheck.tokens, progress=False)
+        assert evaluation.metrics == alone.metrics  # identical to the SAE evaluated alone
+        for key, values in alone.per_sequence.items():
+            assert (evaluation.per_sequence[key] == values).all(), key
+        SEEN["cfg"], SEEN["tokens"] = saecheck.model.cfg, tuple(saecheck.tokens.shape)
+
+    def test_zz_passes(request):
+        cfg = SEEN["cfg"]
+        # the cost model's groups, from shapes written out by hand (no engine.cost.shapes_of)
+        model = ModelShape(cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.d_vocab, 4)
+        saes = [SAEShape(d_in=cfg.d_model, d_sae={d_sae}, layer=1)] * len(SPECS)
+        n_sequences, seq_len = SEEN["tokens"]
+        groups = memory_groups(model, saes, n_sequences * seq_len, seq_len, 16, {mib} * 2**20)
+        expected = [[SPECS[i] for i in group] for group in groups]
+        cache = session_cache(request.config)
+        found = [["many/" + spec.rsplit("/", 1)[1] for spec in members] for members in cache.pass_log]
+        with open("passes.json", "w") as out:
+            json.dump({{"expected": expected, "found": found, "loads": cache.loads}}, out)
+"""
+
+
+@pytest.fixture
+def many_pytester(tiny_pytester: pytest.Pytester) -> pytest.Pytester:
+    from factories import HOOK, random_sae, with_plugin_metadata
+
+    for seed in range(12):
+        sae = with_plugin_metadata(random_sae(HOOK, d_sae=1024, seed=seed))
+        sae.save_model(tiny_pytester.path / "many" / f"sae{seed:02d}")
+    return tiny_pytester
+
+
+def test_a_release_of_many_saes_runs_in_the_passes_the_cost_model_sizes(
+    many_pytester: pytest.Pytester,
+) -> None:
+    """12 SAEs whose weights exceed a 2 MiB budget: the passes are engine.cost.memory_groups' (in release order),
+    more than one, each SAE's weights loaded for its pass only, and every number equals the SAE alone."""
+    many_pytester.makepyfile(MANY.format(n=12, mib=2, d_sae=1024))
+    result = many_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=13)
+    passes = json.loads((many_pytester.path / "passes.json").read_text())
+    assert len(passes["expected"]) >= 3 and max(map(len, passes["expected"])) > 1, passes
+    assert passes["found"] == passes["expected"]
+    done, total = 0, len(passes["expected"])
+    for number, members in enumerate(passes["expected"], 1):  # one progress line per pass, across the release
+        result.stdout.fnmatch_lines(
+            [
+                f"saecheck: release pass {number}/{total}, SAEs {done}/12 done before it: {len(members)} SAEs on *"
+            ]
+        )
+        done += len(members)
+    assert passes["loads"]["pass"] == len(passes["expected"])
+    assert passes["loads"]["model"] == 1
+
+
+def test_one_sae_too_big_for_the_budget_is_refused_with_the_numbers(many_pytester: pytest.Pytester) -> None:
+    many_pytester.makepyfile(MANY.format(n=2, mib=1, d_sae=1024))
+    result = many_pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "-p", "no:randomly", "-k", "test_each"
+    )
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        ["*ConfigError: the SAE '*sae00' needs 1 MiB in a pass of its own*budget of 1 MiB*"]
     )

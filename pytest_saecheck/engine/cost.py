@@ -20,7 +20,8 @@ per-sequence sums (:func:`pytest_saecheck.engine.accumulate.per_sequence_bytes`)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,9 +127,10 @@ def memory_groups(
     seq_len: int,
     batch_size: int,
     budget_bytes: int,
+    max_saes: int | None = None,
 ) -> list[list[int]]:
     """Indices of ``saes`` in passes: each pass holds as many SAEs (in order) as fit ``budget_bytes`` beside the
-    model, one batch and their sums (:func:`pass_cost`'s ``peak_bytes``).
+    model, one batch and their sums (:func:`pass_cost`'s ``peak_bytes``), and at most ``max_saes`` of them.
 
     Raises :class:`~pytest_saecheck.errors.ConfigError` naming the numbers when one SAE alone does not fit.
     """
@@ -137,16 +139,14 @@ def memory_groups(
     groups: list[list[int]] = []
     current: list[int] = []
     for index, sae in enumerate(saes):
-        alone = pass_cost(model, [sae], n_tokens, seq_len, batch_size).peak_bytes
-        if alone > budget_bytes:
-            raise ConfigError(
-                f"SAE {index} needs {alone / 2**20:,.0f} MiB in a pass of its own (weights "
-                f"{sae.weight_bytes / 2**20:,.0f} MiB beside the model's {model.weight_bytes / 2**20:,.0f} MiB, "
-                f"a batch and its sums), more than the memory budget of {budget_bytes / 2**20:,.0f} MiB; raise "
-                "the budget, lower batch_size, or evaluate it on a device with more memory"
-            )
+        refusal = too_big(model, sae, n_tokens, seq_len, batch_size, budget_bytes)
+        if refusal is not None:
+            raise ConfigError(f"SAE {index} {refusal}")
         trial = [saes[i] for i in current] + [sae]
-        if current and pass_cost(model, trial, n_tokens, seq_len, batch_size).peak_bytes > budget_bytes:
+        full = max_saes is not None and len(current) >= max_saes
+        if current and (
+            full or pass_cost(model, trial, n_tokens, seq_len, batch_size).peak_bytes > budget_bytes
+        ):
             groups.append(current)
             current = []
         current.append(index)
@@ -155,20 +155,29 @@ def memory_groups(
     return groups
 
 
+def too_big(
+    model: ModelShape, sae: SAEShape, n_tokens: int, seq_len: int, batch_size: int, budget_bytes: int
+) -> str | None:
+    """Why ``sae`` cannot be evaluated within ``budget_bytes`` even alone (the numbers and the fixes), or None."""
+    alone = pass_cost(model, [sae], n_tokens, seq_len, batch_size).peak_bytes
+    if alone <= budget_bytes:
+        return None
+    return (
+        f"needs {alone / 2**20:,.0f} MiB in a pass of its own (weights {sae.weight_bytes / 2**20:,.0f} MiB beside "
+        f"the model's {model.weight_bytes / 2**20:,.0f} MiB, a batch and its sums), more than the memory budget of "
+        f"{budget_bytes / 2**20:,.0f} MiB; raise the budget, lower batch_size, or evaluate it on a device with "
+        "more memory"
+    )
+
+
 def estimated_seconds(cost: PassCost, flops_per_second: float) -> float:
     """The time of a pass at a measured rate (FLOPs of this model per second, from a previous pass)."""
     return cost.flops / flops_per_second
 
 
 def shapes_of(model: Any, saes: Sequence[Any]) -> tuple[ModelShape, list[SAEShape]]:
-    """The shapes of a loaded TransformerLens model and SAE Lens dictionaries (their configs only).
-
-    The layer of a hook is read from its ``blocks.L.`` (or ``layers.L``) part (``hook_embed`` and the like count as layer 0,
-    ``ln_final`` as the last); a write hook in the residual stream is assumed to get token-independent ablation
-    templates, any other hook zero- and mean-ablated continuations for every batch (``engine.member``).
-    """
-    import re
-
+    """The shapes of a loaded TransformerLens or Hugging Face model and SAE Lens dictionaries (their configs and
+    weights' dtype; each dictionary's as :func:`sae_shape`)."""
     from pytest_saecheck.dictionaries import describe
 
     cfg = getattr(model, "cfg", None)
@@ -194,31 +203,90 @@ def shapes_of(model: Any, saes: Sequence[Any]) -> tuple[ModelShape, list[SAEShap
     out = []
     for sae in saes:
         info = describe(sae)
-        found = re.search(r"(?:blocks|layers|h)\.(\d+)(?:\.|$)", info.hook_name_out)
-        layer = int(found.group(1)) if found else (shape.n_layers if "ln_final" in info.hook_name_out else 0)
         weight = next(iter(sae.parameters()), None)
         out.append(
-            SAEShape(
+            sae_shape(
+                shape,
                 d_in=info.d_in,
                 d_sae=int(sae.cfg.d_sae),
-                layer=layer,
+                hook_name_out=info.hook_name_out,
                 d_out=info.d_out,
                 dtype_bytes=weight.element_size() if weight is not None else 4,
-                ablated_per_batch=0 if "resid" in info.hook_name_out else 2,
             )
         )
     return shape, out
 
 
-def describe_pass(cost: PassCost, n_saes: int, n_tokens: int, n_sequences: int, rate: float | None) -> str:
-    """One line saying what a pass will evaluate, with its memory and (given a measured rate) time estimate."""
+def sae_shape(
+    model: ModelShape,
+    *,
+    d_in: int,
+    d_sae: int,
+    hook_name_out: str,
+    d_out: int | None = None,
+    dtype_bytes: int = 4,
+) -> SAEShape:
+    """One dictionary's :class:`SAEShape` from its config's widths and the hook it writes (``hook_name_out``, the
+    read hook for an SAE): its layer is read from the hook's ``blocks.L.`` (or ``layers.L``, ``h.L``) part
+    (``hook_embed`` and the like count as layer 0, ``ln_final`` as the last); a write hook in the residual stream
+    is assumed to get token-independent ablation templates, any other hook zero- and mean-ablated continuations
+    for every batch (``engine.member``)."""
+    found = re.search(r"(?:blocks|layers|h)\.(\d+)(?:\.|$)", hook_name_out)
+    layer = int(found.group(1)) if found else (model.n_layers if "ln_final" in hook_name_out else 0)
+    return SAEShape(
+        d_in=int(d_in),
+        d_sae=int(d_sae),
+        layer=layer,
+        d_out=None if d_out is None else int(d_out),
+        dtype_bytes=dtype_bytes,
+        ablated_per_batch=0 if "resid" in hook_name_out else 2,
+    )
+
+
+DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+"""Bytes per entry of the dtypes a config names (``torch.`` prefix stripped); the cost model's default is 4."""
+
+
+def model_shape_from_config(config: Mapping[str, Any], dtype: str | None = None) -> ModelShape | None:
+    """A :class:`ModelShape` from a model's config, without its weights: a TransformerLens config (``n_layers``,
+    ``d_model``, ``d_mlp``, ``d_vocab``) or a Hugging Face ``config.json`` (``num_hidden_layers``/``n_layer``,
+    ``hidden_size``/``n_embd``, ``intermediate_size``/``n_inner``, ``vocab_size``); ``None`` when it names no
+    layer count, width or vocabulary. ``dtype`` (the dtype setting) wins over the config's ``torch_dtype``."""
+
+    def first(*keys: str) -> int | None:
+        for key in keys:
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    n_layers = first("n_layers", "num_hidden_layers", "n_layer", "num_layers")
+    d_model = first("d_model", "hidden_size", "n_embd")
+    d_vocab = first("d_vocab_out", "d_vocab", "vocab_size")
+    if n_layers is None or d_model is None or d_vocab is None:
+        return None
+    d_mlp = first("d_mlp", "intermediate_size", "n_inner") or 4 * d_model
+    named = str(dtype or config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return ModelShape(n_layers, d_model, d_mlp, d_vocab, DTYPE_BYTES.get(named, 4))
+
+
+def describe_pass(
+    cost: PassCost,
+    n_saes: int,
+    n_tokens: int,
+    n_sequences: int,
+    rate: float | None,
+    progress: str | None = None,
+) -> str:
+    """One line saying what a pass will evaluate, with its memory and (given a measured rate) time estimate;
+    ``progress`` (where the pass stands in its release) leads it."""
     time_part = (
         f", about {estimated_seconds(cost, rate):,.0f} s at the rate measured so far"
         if rate
         else ", time estimated after the first pass"
     )
     return (
-        f"saecheck: {n_saes} SAE{'s' if n_saes != 1 else ''} on {n_tokens:,} tokens ({n_sequences:,} sequences), "
+        f"saecheck: {progress + ': ' if progress else ''}{n_saes} SAE{'s' if n_saes != 1 else ''} on {n_tokens:,} tokens ({n_sequences:,} sequences), "
         f"{cost.flops / 1e12:,.3g} TFLOP, peak about {cost.peak_bytes / 2**20:,.0f} MiB"
         f" (model {cost.bytes_model / 2**20:,.0f}, SAEs {cost.bytes_saes / 2**20:,.0f}, batch "
         f"{cost.bytes_batch / 2**20:,.0f}, per-sequence sums {cost.bytes_sums / 2**20:,.0f}){time_part}"

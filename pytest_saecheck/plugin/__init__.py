@@ -151,17 +151,49 @@ def pytest_collection_modifyitems(
         _warn_shadowed_options(config, items)
     loadgroup = bool(getattr(config.option, "loadgroup", False))  # an xdist worker under --dist loadgroup
     if loadgroup:
-        _group_by_sae(items)
+        _group_by_sae(config, items)
     result = yield
+    shard = settings_config.shard_option(config)
+    if shard is not None:  # before any grouping: the shard's tests are the run's
+        from pytest_saecheck.plugin import schedule
+
+        schedule.select_shard(config, items, *shard)
     if loadgroup:
         _suffix_xdist_groups(items)
     elif worker is not None and worker.get(XDIST_GROUPS_INPUT):
         # --dist load (what -n N implies): the groups travel in the ids of the collection message only
-        for item, group in _sae_groups(items).items():
+        for item, group in _sae_groups(config, items).items():
             item.stash[XDIST_GROUP_KEY] = group
     # after deselection: SAEs whose tests differ only in the SAE are evaluated in one shared pass
     plan_release_groups(config, items)
     return result
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> bool | None:
+    """With ``--saecheck-plan``: print every release's schedule (from configs; no weights, no model run) and run
+    no test."""
+    config = session.config
+    if not config.getoption("saecheck_plan", default=False):
+        return None
+    from pytest_saecheck.devices import auto_device
+    from pytest_saecheck.plugin import schedule
+    from pytest_saecheck.plugin.fixtures import session_cache
+
+    cache = session_cache(config)
+    lines = schedule.plan_lines(
+        cache.release_plan, lambda settings: settings.device or auto_device(), cache.max_evaluations // 2
+    )
+    planned = sum(len(specs) for specs in cache.release_plan.values())
+    lines.append(
+        f"saecheck plan: {len(session.items)} tests collected, {planned} SAEs in {len(cache.release_plan)} "
+        "release(s); every other subject is a pass of its own. No test was run."
+    )
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(line)
+    return True
 
 
 @pytest.hookimpl(wrapper=True)
@@ -246,7 +278,7 @@ def xdist_group_name(settings: settings_config.SAECheckSettings) -> str:
     """The pytest-xdist group of a test's SAE: its release group when SAEs are evaluated together (every setting
     but the SAE), else its spec (and model), as characters safe in a node id suffix."""
     sae = joined(settings.sae)
-    if isinstance(settings.sae, str) and settings.splice == "separate" and settings.release_group_mib > 0:
+    if isinstance(settings.sae, str) and settings.splice == "separate" and settings.release_group_mib != 0:
         key: str | None = repr(release_group_key(settings))
         slug = "release"
     else:
@@ -255,9 +287,18 @@ def xdist_group_name(settings: settings_config.SAECheckSettings) -> str:
     return f"saecheck-{slug}-{hashlib.sha1(str(key).encode()).hexdigest()[:8]}"
 
 
-def _sae_groups(items: list[pytest.Item]) -> dict[pytest.Item, str]:
-    """The xdist group of every test that uses an SAE fixture and has an SAE (not one the user grouped)."""
+def _sae_groups(config: pytest.Config, items: list[pytest.Item]) -> dict[pytest.Item, str]:
+    """The xdist group of every test that uses an SAE fixture and has an SAE (not one the user grouped).
+
+    With more workers than groups, each release group is cut into one chunk per worker
+    (:func:`pytest_saecheck.plugin.schedule.worker_chunks`), so that a one-group release keeps every worker busy;
+    the chunks are kept in the session cache, and each worker's release passes stay within its chunk.
+    """
+    from pytest_saecheck.plugin import schedule
+    from pytest_saecheck.plugin.fixtures import session_cache
+
     groups = {}
+    members: dict[pytest.Item, tuple[Any, str]] = {}
     for item in items:
         if item.get_closest_marker("xdist_group") is not None:
             continue  # the user grouped it
@@ -269,11 +310,19 @@ def _sae_groups(items: list[pytest.Item]) -> dict[pytest.Item, str]:
             continue
         if settings.sae is not None:
             groups[item] = xdist_group_name(settings)
+            if "-release-" in groups[item] and isinstance(settings.sae, str):
+                members[item] = (release_group_key(settings), settings.sae)
+    workers = int((getattr(config, "workerinput", None) or {}).get("workercount", 1))
+    chunks = schedule.worker_chunks(members.values(), len(set(groups.values())), workers)
+    session_cache(config).release_chunks = chunks
+    for item, member in members.items():
+        if member in chunks:
+            groups[item] = f"{groups[item]}-{chunks[member]}"
     return groups
 
 
-def _group_by_sae(items: list[pytest.Item]) -> None:
-    for item, group in _sae_groups(items).items():
+def _group_by_sae(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item, group in _sae_groups(config, items).items():
         item.add_marker(pytest.mark.xdist_group(group))
 
 

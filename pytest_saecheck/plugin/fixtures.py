@@ -436,7 +436,7 @@ class SAECheck(SAEUnderTest):
 
         With ``splice="joint"`` it is the joint evaluation (every SAE spliced at once). SAEs of the run that share
         model, tokens and settings are evaluated together in one pass the first time any of them is needed
-        (:func:`plan_release_groups`), up to ``release_group_mib`` MiB of SAE weights per pass.
+        (:func:`plan_release_groups`), in passes that fit the ``release_group_mib`` memory budget.
         """
 
         def compute() -> Evaluation:
@@ -490,8 +490,16 @@ class SAECheck(SAEUnderTest):
             records.record(self._evaluation_record(evaluation), self._item)
         return evaluation, decision
 
-    def _evaluate(self, saes: dict[str, Any], *, joint: bool = False, n_sequences: int | None = None) -> Any:
-        """The engine on these SAEs; on the first ``n_sequences`` sequences of the tokens when given."""
+    def _evaluate(
+        self,
+        saes: dict[str, Any],
+        *,
+        joint: bool = False,
+        n_sequences: int | None = None,
+        progress: str | None = None,
+    ) -> Any:
+        """The engine on these SAEs; on the first ``n_sequences`` sequences of the tokens when given; ``progress``
+        (where the pass stands in its release) leads the line announcing the pass."""
         from pytest_saecheck.engine import evaluate
 
         self._cache.loads["pass"] = self._cache.loads.get("pass", 0) + 1
@@ -509,7 +517,7 @@ class SAECheck(SAEUnderTest):
             grouping = resolve(self.settings.token_groups, self.model, tokens, kept)
         # the cost model describes SAEs and transcoders; a cross-layer transcoder's pass is not announced
         modules = all(_is_module(sae) for sae in saes.values())
-        cost = self._announce_pass(list(saes.values()), tokens) if modules else None
+        cost = self._announce_pass(list(saes.values()), tokens, progress) if modules else None
         started = time.perf_counter()
         result = evaluate(
             self.model,
@@ -529,7 +537,7 @@ class SAECheck(SAEUnderTest):
             self._cache.flops_per_second = cost.flops / max(time.perf_counter() - started, 1e-9)
         return result
 
-    def _announce_pass(self, saes: list[Any], tokens: Any) -> Any:
+    def _announce_pass(self, saes: list[Any], tokens: Any, progress: str | None = None) -> Any:
         """Say what the pass will evaluate before it starts (tokens, SAEs, memory, time at the rate of the
         previous pass of this run), on the terminal unless -q; return its cost (``engine.cost``)."""
         from pytest_saecheck.engine import cost as cost_model
@@ -540,7 +548,7 @@ class SAECheck(SAEUnderTest):
             model_shape, sae_shapes, n_sequences * seq_len, seq_len, self.settings.batch_size
         )
         line = cost_model.describe_pass(
-            cost, len(saes), n_sequences * seq_len, n_sequences, self._cache.flops_per_second
+            cost, len(saes), n_sequences * seq_len, n_sequences, self._cache.flops_per_second, progress
         )
         config = self._item.config if self._item is not None else None
         reporter = config.pluginmanager.get_plugin("terminalreporter") if config is not None else None
@@ -549,38 +557,36 @@ class SAECheck(SAEUnderTest):
         return cost
 
     def _evaluate_with_release_group(self) -> Evaluation:
-        """This SAE's evaluation, computed in one pass with the not yet evaluated SAEs of its release group."""
+        """This SAE's evaluation, computed in one pass with the not yet evaluated SAEs of its release pass
+        (:meth:`_release_passes`: the release cut into passes by the cost model)."""
         if not _is_module(self.sae):
             # a cross-layer transcoder reads its weights per layer: a replacement model is a pass of its own
             return self._evaluate({self.sae_spec: self.sae})
         group = [self]
-        budget = self.settings.release_group_mib * 2**20
-        used = _weight_bytes(self.sae)
-        for spec in release_group(self._cache, self.settings):
-            if len(group) >= self._cache.max_evaluations // 2 or spec == self.sae_spec:
+        passes = self._release_passes()
+        refusal = self._cache.release_refusals.get((self._release_key(), self.sae_spec))
+        if refusal is not None:
+            raise ConfigError(f"the SAE {self.sae_spec!r} {refusal}")
+        members = next((p for p in passes if self.sae_spec in p), ())
+        for spec in members:
+            if spec == self.sae_spec:
                 continue
-            sibling = SAECheck(dataclasses.replace(self.settings, sae=spec), self.device, self._cache)
+            sibling = self._sibling(spec)
             try:
-                if self._cache.has_evaluation(sibling.evaluation_key()):
-                    continue
-                if (sibling._model_key(), sibling._tokens_key()) != (self._model_key(), self._tokens_key()):
-                    continue
-                if not _is_module(sibling.sae):
-                    continue  # a cross-layer transcoder is a pass of its own
-                size = _weight_bytes(sibling.sae)
+                if not self._cache.has_evaluation(sibling.evaluation_key()):
+                    group.append(sibling)
             except (SAECheckError, pytest.skip.Exception):
                 continue  # that SAE's own test reports the problem
-            if used + size > budget:
-                break
-            group.append(sibling)
-            used += size
+        self._cache.pass_log.append(tuple(member.sae_spec for member in group))
+        progress = self._release_progress(passes, members, len(group))
         if len(group) == 1:
-            return self._evaluate({self.sae_spec: self.sae})
+            return self._evaluate({self.sae_spec: self.sae}, progress=progress)
         try:
             with warnings.catch_warnings():
-                # each SAE's warnings are shown under its own test (below, and when its test reads it)
+                # each SAE's warnings are shown under its own test (below, and when its test reads it); each
+                # SAE's weights are loaded here, when its pass starts (the session cache keeps the last few)
                 warnings.simplefilter("ignore", SAECheckWarning)
-                result = self._evaluate({member.sae_spec: member.sae for member in group})
+                result = self._evaluate({member.sae_spec: member.sae for member in group}, progress=progress)
         except SAECheckError:
             # one SAE of the group cannot be evaluated: each SAE's own test reports its own problem
             return self._evaluate({self.sae_spec: self.sae})
@@ -591,6 +597,76 @@ class SAECheck(SAEUnderTest):
         for message in result[self.sae_spec].warnings:
             warnings.warn(message, SAECheckWarning, stacklevel=2)
         return result[self.sae_spec]
+
+    def _release_progress(
+        self, passes: list[tuple[str, ...]], members: tuple[str, ...], n_saes: int
+    ) -> str | None:
+        """Where the pass of ``n_saes`` SAEs (of the planned pass ``members``) stands in its release: ``release
+        pass k/K, SAEs done/total``, counted over this run's passes of the release; None outside a release of
+        several passes."""
+        if len(passes) < 2 or members not in passes:
+            return None
+        key = self._release_key()
+        done = self._cache.release_done.get(key, 0)
+        self._cache.release_done[key] = done + n_saes
+        total = sum(map(len, passes))
+        return f"release pass {passes.index(members) + 1}/{len(passes)}, SAEs {done}/{total} done before it"
+
+    def _sibling(self, spec: str) -> SAECheck:
+        """The bundle of another SAE of this test's release (the same settings but the SAE)."""
+        return SAECheck(dataclasses.replace(self.settings, sae=spec), self.device, self._cache)
+
+    def _release_key(self) -> Hashable:
+        """The release this SAE's passes are planned in: its settings but the SAE, model and tokens as loaded."""
+        return (release_group_key(self.settings), self._model_key(), self._tokens_key())
+
+    def _release_passes(self) -> list[tuple[str, ...]]:
+        """The passes of this SAE's release (planned SAEs evaluated with this model and these tokens), sized once
+        per run by the cost model (:func:`pytest_saecheck.engine.cost.memory_groups`) within the memory budget
+        (:func:`pytest_saecheck.plugin.schedule.budget_bytes`); each SAE's shape is read from its config, and
+        only an SAE without a readable config is loaded for it. An SAE too big for the budget even alone is
+        left out, its reason kept for its own test. ``[]`` outside a planned release."""
+        release = release_group(self._cache, self.settings)
+        key = self._release_key()
+        if self.sae_spec not in release or self.settings.release_group_mib == 0:
+            return []
+        found = self._cache.release_passes.get(key)
+        if found is not None:
+            return found
+        from pytest_saecheck.engine import cost
+        from pytest_saecheck.plugin import schedule
+
+        model = cost.shapes_of(self.model, [])[0]
+        n_sequences, seq_len = (int(v) for v in self.tokens.shape)
+        n_tokens, batch_size = n_sequences * seq_len, self.settings.batch_size
+        budget = schedule.budget_bytes(self.settings, self.device, model.weight_bytes)
+        specs, shapes = [], []
+        for spec in release:
+            sibling = self if spec == self.sae_spec else self._sibling(spec)
+            try:
+                if (sibling._model_key(), sibling._tokens_key()) != (self._model_key(), self._tokens_key()):
+                    continue
+                shape = schedule.sae_config_shape(spec, model, self.dtype)
+                if shape is None:  # no config readable without the weights: its shape from the loaded SAE
+                    if not _is_module(sibling.sae):
+                        continue  # a cross-layer transcoder is a pass of its own
+                    shape = cost.shapes_of(self.model, [sibling.sae])[1][0]
+            except (SAECheckError, pytest.skip.Exception):
+                continue  # that SAE's own test reports the problem
+            refusal = (
+                None if budget is None else cost.too_big(model, shape, n_tokens, seq_len, batch_size, budget)
+            )
+            if refusal is not None:
+                self._cache.release_refusals[(key, spec)] = refusal
+                continue
+            specs.append(spec)
+            shapes.append(shape)
+        groups = cost.memory_groups(
+            model, shapes, n_tokens, seq_len, batch_size, budget or 2**62, self._cache.max_evaluations // 2
+        )
+        passes = [tuple(specs[i] for i in group) for group in groups]
+        self._cache.release_passes[key] = passes
+        return passes
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -684,10 +760,6 @@ def _is_module(sae: Any) -> bool:
     return callable(getattr(sae, "parameters", None))
 
 
-def _weight_bytes(sae: Any) -> int:
-    return sum(p.numel() * p.element_size() for p in sae.parameters())
-
-
 def release_group_key(settings: SAECheckSettings) -> Hashable:
     """Every setting but the SAE and the scaling law (which changes no measured number): tests with equal keys
     share one pass."""
@@ -717,9 +789,15 @@ def plan_release_groups(config: pytest.Config, items: list[pytest.Item]) -> None
 
 
 def release_group(cache: SessionCache, settings: SAECheckSettings) -> list[str]:
-    """The SAE specs planned with the same settings as ``settings`` (empty outside a planned run)."""
+    """The SAE specs planned with the same settings as ``settings`` (empty outside a planned run); under
+    pytest-xdist with a release cut per worker, those of the chunk of ``settings.sae``."""
     plan = cache.release_plan
-    return list(plan.get(release_group_key(settings), [])) if plan else []
+    key = release_group_key(settings)
+    specs = list(plan.get(key, [])) if plan else []
+    chunk = cache.release_chunks.get((key, settings.sae)) if isinstance(settings.sae, str) else None
+    if chunk is None:
+        return specs
+    return [spec for spec in specs if cache.release_chunks.get((key, spec)) == chunk]
 
 
 #: Modules whose deprecation warnings (SAE Lens importing TransformerLens' deprecated ``utils``, the plugin calling

@@ -79,6 +79,16 @@ class SessionCache:
         self.loads: dict[str, int] = {"model": 0, "sae": 0, "tokens": 0, "evaluation": 0, "pass": 0}
         # SAE specs that share every other setting, planned at collection (fixtures.plan_release_groups)
         self.release_plan: dict[Hashable, list[str]] = {}
+        # under pytest-xdist, each release's SAEs cut into one chunk per worker: (release key, spec) -> chunk
+        self.release_chunks: dict[tuple[Hashable, str], int] = {}
+        # each release's passes (specs), sized by memory when its first SAE is evaluated (fixtures._release_passes)
+        self.release_passes: dict[Hashable, list[tuple[str, ...]]] = {}
+        # why an SAE of a release cannot be evaluated within the memory budget even alone (engine.cost.too_big)
+        self.release_refusals: dict[Hashable, str] = {}
+        # the SAEs of every release pass run so far, in order (a run's progress and the tests' evidence)
+        self.pass_log: list[tuple[str, ...]] = []
+        # how many SAEs of each release its passes have evaluated so far (the progress line of each pass)
+        self.release_done: dict[Hashable, int] = {}
         # each test's specs resolved from its settings (fixtures.ResolvedSpecs): small, kept all run
         self._resolved_specs: dict[Hashable, Any] = {}
         self.frees = 0
@@ -148,6 +158,9 @@ class SessionCache:
         self._derived.clear()
         self.pending_warnings.clear()
         self._resolved_specs.clear()
+        self.release_passes.clear()
+        self.release_refusals.clear()
+        self.release_done.clear()
         self._failures.clear()
         self.model_loads.clear()
         self.release_model()

@@ -411,8 +411,6 @@ class Setting:
         return "saecheck_" + self.name
 
 
-_RELEASE_GROUP_MIB = 2048
-
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "model",
@@ -557,11 +555,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "release_group_mib",
-        lambda name, value: _positive_int(name, value, minimum=0),
-        _RELEASE_GROUP_MIB,
-        "SAEs of one run that share model, tokens and settings are evaluated together in one pass, up to this many "
-        f"MiB of SAE weights per pass (default {_RELEASE_GROUP_MIB}; 0 evaluates each SAE alone)",
-        "MIB",
+        lambda name, value: _optional_positive_int(name, value, minimum=0),
+        None,
+        "SAEs of one run that share model, tokens and settings are evaluated together in passes sized by memory: "
+        "each pass holds as many SAEs as fit this many MiB beside the model, one batch's activations and logits "
+        "and the per-sequence sums (the cost model, pytest_saecheck.engine.cost), each SAE's weights loaded when "
+        "its pass starts. auto (default): the device's free memory; 0 evaluates each SAE alone",
+        "auto|MIB",
     ),
     Setting(
         "weight_budget_mib",
@@ -688,6 +688,7 @@ def add_options(parser: pytest.Parser) -> None:
             setting.option, dest=setting.dest, default=None, metavar=setting.metavar, help=setting.help
         )
         parser.addini(setting.ini, help=setting.help, default=None)
+    add_run_options(group)
     group.addoption(
         OVERRIDE_OPTION,
         dest="saecheck_override",
@@ -700,6 +701,47 @@ def add_options(parser: pytest.Parser) -> None:
 
 
 OVERRIDE_OPTION = "--saecheck-override"
+PLAN_OPTION = "--saecheck-plan"
+SHARD_OPTION = "--saecheck-shard"
+
+
+def add_run_options(group: Any) -> None:
+    """The options of the whole run rather than of a test: the plan and the CI shard."""
+    group.addoption(
+        PLAN_OPTION,
+        dest="saecheck_plan",
+        action="store_true",
+        default=False,
+        help="print the schedule of every release (passes, SAEs, estimated memory and FLOPs, from configs only: "
+        "no weights loaded, no model run) and run no test",
+    )
+    group.addoption(
+        SHARD_OPTION,
+        dest="saecheck_shard",
+        default=None,
+        metavar="K/N",
+        help="run only shard K of N (1 <= K <= N) for a CI matrix: every SAE's tests stay in one shard, each "
+        "release is cut into N contiguous runs of SAEs balanced by the cost model, other tests go round-robin; "
+        "merge the shards' --saecheck-json results with python -m pytest_saecheck.report merge",
+    )
+
+
+def shard_option(config: pytest.Config) -> tuple[int, int] | None:
+    """``(K, N)`` of ``--saecheck-shard=K/N``, or None without it.
+
+    Raises:
+        SettingsUsageError: a value that is not ``K/N`` with ``1 <= K <= N``, naming the value and the fix.
+    """
+    raw = config.getoption("saecheck_shard", default=None)
+    if raw is None:
+        return None
+    found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(raw))
+    if found is None or not 1 <= int(found.group(1)) <= int(found.group(2)):
+        raise SettingsUsageError(
+            f"{SHARD_OPTION}={raw}: give K/N with 1 <= K <= N, the shard to run (K) of how many (N), "
+            f"e.g. {SHARD_OPTION}=2/4 in the second of four CI jobs"
+        )
+    return int(found.group(1)), int(found.group(2))
 
 
 def check_key(key: str, where: str) -> None:
@@ -809,6 +851,11 @@ def validate_command_line(config: pytest.Config) -> None:
         SettingsUsageError: the first malformed value, naming the option or ini key and the fix.
     """
     check_ini_keys(config)
+    shard_option(config)
+    if config.getoption("saecheck_plan", default=False) and config.getoption("numprocesses", default=None):
+        raise SettingsUsageError(
+            f"{PLAN_OPTION} prints the schedule of one process and runs no test; leave out -n (pytest-xdist)"
+        )
     try:
         forced = overrides(config)
         profile, profile_where = _profile_values(config)

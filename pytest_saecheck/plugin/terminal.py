@@ -65,6 +65,7 @@ def _show(value: Any, name: str) -> str:
             "tokens": "SAE's dataset",
             "scaling_law": "none",
             "activation_scaler": "auto",
+            "release_group_mib": "auto",
         }.get(name, "-")
     if isinstance(value, bool):
         return str(value).lower()

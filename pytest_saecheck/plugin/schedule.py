@@ -1,0 +1,339 @@
+"""Release scheduling in the plugin: the memory budget of a pass, shapes read from configs (no weights), the CI
+shard a run keeps (``--saecheck-shard=K/N``) and the plan printed before any work (``--saecheck-plan``).
+
+The cost of a pass and its grouping are :mod:`pytest_saecheck.engine.cost`'s (``pass_cost``, ``memory_groups``);
+this module only feeds them what the plugin knows. Imports no torch at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pytest_saecheck import loading
+from pytest_saecheck.errors import SAECheckError
+from pytest_saecheck.naming import short_id
+
+if TYPE_CHECKING:
+    from pytest_saecheck.engine.cost import ModelShape, SAEShape
+    from pytest_saecheck.plugin.settings import SAECheckSettings
+
+
+# -- memory ---------------------------------------------------------------------------------------------------
+
+
+def free_memory_bytes(device: str) -> int | None:
+    """The memory free for a pass on ``device`` now: CUDA's free memory (``torch.cuda.mem_get_info``) for a
+    ``cuda`` device, ``MemAvailable`` of ``/proc/meminfo`` for any other (the host's RAM); None when unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            return int(free)
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def budget_bytes(settings: SAECheckSettings, device: str, resident_bytes: int = 0) -> int | None:
+    """The memory budget of one release pass: ``release_group_mib`` MiB, or with ``auto`` the device's free
+    memory plus ``resident_bytes`` (the model's weights when they are already loaded there: the pass's cost counts
+    them); None when ``auto`` finds no figure (then each pass holds what the evaluation cache keeps)."""
+    if settings.release_group_mib is not None:
+        return settings.release_group_mib * 2**20
+    free = free_memory_bytes(device)
+    return None if free is None else free + resident_bytes
+
+
+# -- shapes from configs ----------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def sae_config(spec: str) -> tuple[Path, Mapping[str, Any]] | None:
+    """The ``cfg.json`` of an SAE Lens directory (a demo SAE's or a local one) and its path, read without the
+    weights; None for any other spec (a release id, a custom loader's, a cross-layer transcoder's directory)."""
+    demo_name = loading.demo_sae_name(spec)
+    if demo_name is not None:
+        from pytest_saecheck import demo
+
+        path: Path | None = demo.sae_path(demo_name) if demo_name in demo.SAE_NAMES else None
+    else:
+        path = loading.local_path(spec)
+    if path is None or not path.is_dir() or loading.sae_directory_format(path) != "sae_lens":
+        return None
+    cfg = _read_json(path / "cfg.json")
+    return (path / "cfg.json", cfg) if isinstance(cfg, Mapping) else None
+
+
+def sae_config_shape(spec: str, model: ModelShape, dtype: str | None) -> SAEShape | None:
+    """One SAE's :class:`~pytest_saecheck.engine.cost.SAEShape` from its ``cfg.json`` (SAE Lens 6 nested
+    ``metadata`` or the older flat layout; ``dtype`` the dtype setting, else the config's); None when ``spec``
+    has no readable config (:func:`sae_config`) or it lacks the widths or the hook."""
+    from pytest_saecheck.engine.cost import DTYPE_BYTES, sae_shape
+
+    found = sae_config(spec)
+    if found is None:
+        return None
+    _, cfg = found
+    nested = cfg.get("metadata")
+    metadata: Mapping[str, Any] = nested if isinstance(nested, Mapping) else {}
+
+    def value(key: str) -> Any:
+        return metadata.get(key, cfg.get(key))
+
+    hook_out = value("hook_name_out") or value("hook_name")
+    d_in, d_sae, d_out = cfg.get("d_in"), cfg.get("d_sae"), cfg.get("d_out")
+    if not isinstance(hook_out, str) or not isinstance(d_in, int) or not isinstance(d_sae, int):
+        return None
+    named = str(dtype or cfg.get("dtype") or "float32").removeprefix("torch.")
+    return sae_shape(
+        model,
+        d_in=int(d_in),
+        d_sae=int(d_sae),
+        hook_name_out=hook_out,
+        d_out=d_out if isinstance(d_out, int) else None,
+        dtype_bytes=DTYPE_BYTES.get(named, 4),
+    )
+
+
+def model_config_shape(spec: str | None, dtype: str | None) -> ModelShape | None:
+    """The model's :class:`~pytest_saecheck.engine.cost.ModelShape` from its config, without its weights: the
+    demo's recorded config, or a local Hugging Face directory's ``config.json``; None for any other spec."""
+    from pytest_saecheck.engine.cost import model_shape_from_config
+
+    if spec is None:
+        return None
+    if spec == loading.DEMO:
+        from pytest_saecheck import demo
+
+        return model_shape_from_config(demo.metadata()["model_config"], dtype)
+    path = loading.local_path(spec)
+    if path is None or not (path / "config.json").is_file():
+        return None
+    config = _read_json(path / "config.json")
+    return model_shape_from_config(config, dtype) if isinstance(config, Mapping) else None
+
+
+def release_model_spec(settings: SAECheckSettings, first: str) -> str | None:
+    """The model of a release from configs only: the ``model`` setting, the demo model for demo SAEs, else
+    None (the SAE's record names a hub model, whose config the plan does not fetch)."""
+    if settings.model is not None:
+        return settings.model
+    return loading.DEMO if loading.demo_sae_name(first) is not None else None
+
+
+def context_size_of(settings: SAECheckSettings, first: str) -> int:
+    """Tokens per sequence from configs only: the ``context_size`` setting, else the SAE config's, else the
+    default (what :func:`pytest_saecheck.loading.default_context_size` gives a loaded SAE)."""
+    from pytest_saecheck.defaults import DEFAULT_CONTEXT_SIZE
+
+    if settings.context_size is not None:
+        return settings.context_size
+    found = sae_config(first)
+    if found is not None:
+        cfg = found[1]
+        nested = cfg.get("metadata")
+        metadata: Mapping[str, Any] = nested if isinstance(nested, Mapping) else {}
+        recorded = metadata.get("context_size", cfg.get("context_size"))
+        if isinstance(recorded, int) and recorded >= 2:
+            return recorded
+    return DEFAULT_CONTEXT_SIZE
+
+
+# -- shards ---------------------------------------------------------------------------------------------------
+
+
+def shard_units(
+    items: Sequence[pytest.Item], resolve: Callable[[pytest.Item], Any]
+) -> dict[tuple[str, ...], list[int]]:
+    """The indices of ``items`` by the unit a shard keeps whole, units in a deterministic order (independent of
+    the collection's order, which plugins such as pytest-randomly shuffle per run).
+
+    A unit is one SAE of a release (every test of it), one joint splice, or one test without an SAE.
+    ``resolve(item)`` gives a test's settings, raising for a malformed marker (the test is then a unit alone).
+    """
+    from pytest_saecheck.plugin.fixtures import release_group_key
+
+    units: dict[tuple[str, ...], list[int]] = {}
+    for index, item in enumerate(items):
+        key: tuple[str, ...] = ("test", item.nodeid)
+        if "saecheck" in getattr(item, "fixturenames", ()):
+            try:
+                settings = resolve(item)
+            except (SAECheckError, TypeError, ValueError):
+                settings = None
+            if settings is not None and isinstance(settings.sae, str):
+                key = ("sae", repr(release_group_key(settings)), settings.sae)
+            elif settings is not None and settings.sae is not None:
+                key = ("joint", repr(release_group_key(settings)), repr(settings.sae))
+        units.setdefault(key, []).append(index)
+    order = sorted(
+        units, key=lambda key: (key[0] == "test", key[1:-1], min(items[i].nodeid for i in units[key]))
+    )
+    return {key: units[key] for key in order}
+
+
+def shard_indices(weights: Sequence[float], n: int) -> list[int]:
+    """The shard (0-based, of ``n``) of each unit, in order, each with its cost ``weights[i]``: contiguous runs
+    balanced by cumulative cost (unit ``i`` goes to the shard its cost's midpoint falls in), so each release's
+    SAEs stay runs of neighbours; units of zero weight go round-robin."""
+    total = float(sum(weights))
+    shards = []
+    before = 0.0
+    round_robin = 0
+    for weight in weights:
+        if weight > 0 and total > 0:
+            shards.append(min(int(n * (before + weight / 2) / total), n - 1))
+            before += weight
+        else:
+            shards.append(round_robin % n)
+            round_robin += 1
+    return shards
+
+
+def worker_chunks(
+    members: Iterable[tuple[Hashable, str]], n_groups: int, workers: int
+) -> dict[tuple[Hashable, str], int]:
+    """Under pytest-xdist with more workers than saecheck groups: each release (``(release key, SAE spec)``
+    pairs) cut into ``workers`` contiguous chunks of its sorted SAEs, the chunk of each pair; ``{}`` when the
+    groups already keep every worker busy. Every worker computes the same chunks from the same collection."""
+    if workers < 2 or n_groups >= workers:
+        return {}
+    releases: dict[Hashable, set[str]] = {}
+    for key, spec in members:
+        releases.setdefault(key, set()).add(spec)
+    chunks: dict[tuple[Hashable, str], int] = {}
+    for key, specs in releases.items():
+        ordered = sorted(specs)
+        for spec, chunk in zip(ordered, shard_indices([1.0] * len(ordered), workers), strict=True):
+            chunks[(key, spec)] = chunk
+    return chunks
+
+
+def sae_unit_cost(settings: SAECheckSettings, spec: str) -> float | None:
+    """A shard's weight of one SAE: the cost model's FLOPs of its share of a pass, from configs; None when its
+    model's or its own config cannot be read without loading."""
+    from pytest_saecheck.engine.cost import pass_cost
+
+    model = model_config_shape(release_model_spec(settings, spec), settings.dtype)
+    shape = sae_config_shape(spec, model, settings.dtype) if model is not None else None
+    if model is None or shape is None:
+        return None
+    seq_len = context_size_of(settings, spec)
+    return pass_cost(model, [shape], settings.n_tokens, seq_len, settings.batch_size).flops_per_sae[0]
+
+
+def select_shard(config: pytest.Config, items: list[pytest.Item], k: int, n: int) -> None:
+    """Keep the tests of shard ``k`` of ``n`` in ``items`` (the others are deselected, as ``-k`` does)."""
+    from pytest_saecheck.plugin.settings import resolve_for_item
+
+    units = shard_units(items, resolve_for_item)
+    costs: dict[tuple[str, ...], float | None] = {
+        key: sae_unit_cost(resolve_for_item(items[units[key][0]]), key[2]) for key in units if key[0] == "sae"
+    }
+    known = None not in costs.values()  # else every SAE weighs alike: one scale for all
+    weights = [((costs[key] or 0.0) if known else 1.0) if key in costs else 0.0 for key in units]
+    keep = {
+        i
+        for key, shard in zip(units, shard_indices(weights, n), strict=True)
+        if shard == k - 1
+        for i in units[key]
+    }
+    dropped = [item for i, item in enumerate(items) if i not in keep]
+    items[:] = [item for i, item in enumerate(items) if i in keep]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+
+
+# -- the plan -------------------------------------------------------------------------------------------------
+
+
+def plan_lines(
+    release_plan: Mapping[Hashable, Sequence[str]], device: Callable[[SAECheckSettings], str], max_saes: int
+) -> list[str]:
+    """The schedule of every planned release (``SessionCache.release_plan``: settings without the SAE → specs),
+    from configs only: one line per release and one per pass (SAEs, peak memory, FLOPs)."""
+    from pytest_saecheck.engine.cost import memory_groups, pass_cost, too_big
+
+    lines = []
+    for key, specs in release_plan.items():
+        settings: SAECheckSettings = key  # type: ignore[assignment]  # release_group_key: settings less the SAE
+        first = specs[0]
+        model_spec = release_model_spec(settings, first)
+        model = model_config_shape(model_spec, settings.dtype)
+        seq_len = context_size_of(settings, first)
+        n_tokens = (settings.n_tokens // seq_len) * seq_len or seq_len
+        head = (
+            f"saecheck plan: {len(specs)} SAE{'s' if len(specs) != 1 else ''} on "
+            f"{model_spec or 'the model their configs name'}, {n_tokens:,} tokens in rows of {seq_len}, "
+            f"batch {settings.batch_size}"
+        )
+        if model is None:
+            lines.append(
+                f"{head}: the model's shape is not readable without loading it; passes formed at run time"
+            )
+            continue
+        read = {spec: sae_config_shape(spec, model, settings.dtype) for spec in specs}
+        known = {spec: shape for spec, shape in read.items() if shape is not None}
+        unknown = [spec for spec in specs if spec not in known]
+        budget = budget_bytes(settings, device(settings))
+        refused = {}
+        for spec, shape in known.items():
+            reason = (
+                None
+                if budget is None
+                else too_big(model, shape, n_tokens, seq_len, settings.batch_size, budget)
+            )
+            if reason is not None:
+                refused[spec] = reason
+        fitting = [spec for spec in known if spec not in refused]
+        shapes = [known[spec] for spec in fitting]
+        if settings.release_group_mib == 0:
+            groups = [[i] for i in range(len(fitting))]
+        else:
+            groups = memory_groups(
+                model,
+                shapes,
+                n_tokens,
+                seq_len,
+                settings.batch_size,
+                budget or 2**62,
+                max_saes,
+            )
+        where = "no budget figure" if budget is None else f"budget {budget / 2**20:,.0f} MiB"
+        lines.append(f"{head}: {len(groups)} pass{'es' if len(groups) != 1 else ''} ({where})")
+        for number, group in enumerate(groups, 1):
+            cost = pass_cost(model, [shapes[i] for i in group], n_tokens, seq_len, settings.batch_size)
+            names = ", ".join(short_id(fitting[i]) for i in group)
+            lines.append(
+                f"  pass {number}/{len(groups)}: {len(group)} SAE{'s' if len(group) != 1 else ''} "
+                f"(peak about {cost.peak_bytes / 2**20:,.1f} MiB, {cost.flops / 1e12:,.3g} TFLOP): {names}"
+            )
+        for spec, reason in refused.items():
+            lines.append(f"  refused: {short_id(spec)} {reason}")
+        if unknown:
+            lines.append(
+                f"  {len(unknown)} SAE{'s' if len(unknown) != 1 else ''} without a config readable before loading "
+                f"(grouped when loaded): {', '.join(short_id(spec) for spec in unknown)}"
+            )
+    return lines
