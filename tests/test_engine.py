@@ -404,6 +404,19 @@ def test_per_position_curves_and_density(model):
     assert all(isinstance(v, float) for v in as_dict["metrics"].values())
 
 
+def test_every_kept_sum_is_a_typed_key(model):
+    """Every per-sequence and per-position sum an evaluation keeps is a declared ``Sum`` (no ad-hoc string)."""
+    from pytest_saecheck.sums import Sum
+
+    result = evaluate(model, random_sae("blocks.1.hook_resid_pre"), make_tokens(3), progress=False)
+    assert result.per_sequence and all(isinstance(key, Sum) for key in result.per_sequence)
+    assert {Sum.CE_ORIG, Sum.CE_SAE, Sum.CE_ZERO, Sum.CE_MEAN, Sum.KL_SAE, Sum.KL_ZERO} <= set(
+        result.per_sequence
+    )
+    assert set(result.per_position) == {Sum.CE_ORIG, Sum.CE_SAE, Sum.N_CE}
+    assert all(isinstance(key, Sum) for key in result.per_position)
+
+
 def test_undefined_metric_is_absent_not_nan(model):
     sae = random_sae("blocks.1.hook_resid_pre")
     result = evaluate(model, sae, make_tokens(4), scaling_law=(100.0, 0.15), progress=False)

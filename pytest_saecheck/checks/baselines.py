@@ -469,6 +469,7 @@ def compare(
     from pytest_saecheck.catalogue import METRICS
     from pytest_saecheck.metrics import metrics_from_sums
     from pytest_saecheck.stats import bootstrap_intervals
+    from pytest_saecheck.sums import under_prefix, with_prefix
 
     now_sums, then_sums = _expanded(current), _expanded(baseline)
     now_points = metrics_from_sums({k: v.sum(0) for k, v in now_sums.items()}, scaling_law)
@@ -483,13 +484,11 @@ def compare(
     ]
     intervals: dict[str, tuple[float, float]] = {}
     if defined and paired:
-        joined = {f"now:{k}": v for k, v in now_sums.items()} | {f"then:{k}": v for k, v in then_sums.items()}
+        joined = with_prefix("now:", now_sums) | with_prefix("then:", then_sums)
 
         def difference(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            now = metrics_from_sums({k[4:]: v for k, v in sums.items() if k.startswith("now:")}, scaling_law)
-            then = metrics_from_sums(
-                {k[5:]: v for k, v in sums.items() if k.startswith("then:")}, scaling_law
-            )
+            now = metrics_from_sums(under_prefix("now:", sums), scaling_law)
+            then = metrics_from_sums(under_prefix("then:", sums), scaling_law)
             return {name: now[name] - then[name] for name in defined}
 
         intervals = bootstrap_intervals(joined, difference, level=level)
