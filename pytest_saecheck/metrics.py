@@ -12,9 +12,10 @@ the activation dimension.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from pytest_saecheck.catalogue import (  # the catalogue of what each metric means, re-exported here
     BOOTSTRAPPABLE,
@@ -25,6 +26,9 @@ from pytest_saecheck.catalogue import (  # the catalogue of what each metric mea
 )
 from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS, ScalingLaw, as_scaling_law
 from pytest_saecheck.sums import Part, Quantity, Scored, Sum
+
+if TYPE_CHECKING:  # the plugin imports this module; torch is imported where a tensor is computed
+    import torch
 
 __all__ = [
     "BOOTSTRAPPABLE",
@@ -44,7 +48,9 @@ __all__ = [
 ]
 
 
-def reconstruction_terms(x: Any, x_hat: Any, latents: Any, reference: Any) -> dict[str, Any]:
+def reconstruction_terms(
+    x: torch.Tensor, x_hat: torch.Tensor, latents: torch.Tensor, reference: torch.Tensor
+) -> dict[Sum, torch.Tensor]:
     """Per-token terms of every reconstruction metric, for float64 tensors ``x``, ``x_hat`` ``[tokens, d]`` and
     latents ``[tokens, d_sae]``; summed over tokens they are the additive sums :func:`metrics_from_sums` reads.
 
@@ -79,7 +85,7 @@ def reconstruction_terms(x: Any, x_hat: Any, latents: Any, reference: Any) -> di
     }
 
 
-def nonzero_count(latents: Any, dim: int | None = None) -> Any:
+def nonzero_count(latents: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """How many entries of the tensor ``latents`` are nonzero, along ``dim`` (all of them when None).
 
     The 0-"norm" counts them (about 7x faster on a CPU than summing a boolean over the last dimension), in at least
@@ -97,7 +103,9 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
         return np.where(denominator != 0, numerator / np.where(denominator != 0, denominator, 1.0), np.nan)
 
 
-def compute_fraction(ce_orig: Any, ce_sae: Any, scaling_law: ScalingLaw | tuple[float, float]) -> np.ndarray:
+def compute_fraction(
+    ce_orig: npt.ArrayLike, ce_sae: npt.ArrayLike, scaling_law: ScalingLaw | tuple[float, float]
+) -> np.ndarray:
     """The fraction of the model's training compute at which its family reaches ``ce_sae`` (nats/token).
 
     ``((L_sae − E) / (L_orig − E))^(−1/γ)`` for a law reduced to ``L(C) = E + G C^−γ`` on its compute frontier;

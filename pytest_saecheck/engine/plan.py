@@ -65,7 +65,7 @@ def named_dictionaries(saes: Any) -> tuple[bool, dict[str, Any]]:
     return True, {"": saes}
 
 
-def per_member(option: str, value: Any, named: Mapping[str, Any], single: bool) -> dict[str, Any]:
+def per_member(option: str, value: object, named: Mapping[str, object], single: bool) -> dict[str, Any]:
     if value is None:
         return {}
     if single:

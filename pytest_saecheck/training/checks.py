@@ -9,7 +9,7 @@ measure (the object under test is changed while it runs and restored on any exit
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +19,9 @@ import torch
 from pytest_saecheck.checks.workflow import CheckOutcome, conclude
 from pytest_saecheck.errors import ConfigError, TrainingCheckError
 from pytest_saecheck.messages import INDENT, fmt_exact, table
+from pytest_saecheck.training.protocol import AuxLossAdapter
 from pytest_saecheck.training.reference import (
+    ReferenceInputs,
     Setup,
     check_tolerances,
     close,
@@ -49,6 +51,10 @@ __all__ = [
 
 _TABLE_INDENT = INDENT * 2
 
+#: What ``adapter=`` takes: an adapter, a callable ``adapter(training_sae) -> adapter``, an adapter already
+#: resolved, or None (the ``pytest_saecheck_training_adapter`` hook, then the built-in adapters).
+AdapterSpec = AuxLossAdapter | Callable[..., AuxLossAdapter] | ResolvedAdapter | None
+
 
 def _outcome(
     assertion: str,
@@ -59,7 +65,7 @@ def _outcome(
     metric: str,
     value: float,
     tol: float,
-    **fields: Any,
+    **fields: object,
 ) -> CheckOutcome:
     """The outcome of one AuxK check: no SAE label (the subject is an implementation, named in the record)."""
     return CheckOutcome(
@@ -84,7 +90,7 @@ class _Trial:
 
 @contextmanager
 def _trial(
-    training_sae: Any, adapter: Any, batch: torch.Tensor | None, batch_size: int, seed: int
+    training_sae: object, adapter: AdapterSpec, batch: torch.Tensor | None, batch_size: int, seed: int
 ) -> Iterator[_Trial]:
     """The checks' one prologue: resolve the adapter, and while the block runs (the object restored on any exit,
     :func:`~pytest_saecheck.training.reference.preserved`) its setup and the batch (given, or seeded)."""
@@ -95,11 +101,11 @@ def _trial(
 
 
 def assert_no_aux_bias_double_count(
-    training_sae: Any,
+    training_sae: object,
     *,
     atol: float = 1e-6,
     rtol: float = 1e-4,
-    adapter: Any = None,
+    adapter: AdapterSpec = None,
     batch: torch.Tensor | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -230,11 +236,11 @@ _DETACH_LABELS = {
 
 
 def assert_aux_residual_detached(
-    training_sae: Any,
+    training_sae: object,
     *,
     rtol: float = 1e-3,
     atol: float = 1e-9,
-    adapter: Any = None,
+    adapter: AdapterSpec = None,
     batch: torch.Tensor | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -367,11 +373,11 @@ def _relative_deviation(implementation: float, reference: float) -> float:
 
 
 def assert_aux_k_scaling(
-    training_sae: Any,
+    training_sae: object,
     *,
     atol: float = 1e-6,
     rtol: float = 1e-4,
-    adapter: Any = None,
+    adapter: AdapterSpec = None,
     batch: torch.Tensor | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -429,7 +435,7 @@ def assert_aux_k_scaling(
 
 
 def _scaling_row(
-    trial: _Trial, inputs: Any, n_dead: int, seed: int, atol: float, rtol: float
+    trial: _Trial, inputs: ReferenceInputs, n_dead: int, seed: int, atol: float, rtol: float
 ) -> tuple[list[str], float, bool]:
     """One dead count's table row, ``|implementation / reference − 1|``, and whether the two are close."""
     resolved, setup = trial.adapter, trial.setup
@@ -461,10 +467,10 @@ def _scaling_row(
 
 
 def assert_aux_loss_zero_without_dead(
-    training_sae: Any,
+    training_sae: object,
     *,
     atol: float = 0.0,
-    adapter: Any = None,
+    adapter: AdapterSpec = None,
     batch: torch.Tensor | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -506,7 +512,7 @@ def assert_aux_loss_zero_without_dead(
     )
 
 
-def assert_training_objective(training_sae: Any, *, adapter: Any = None, **kwargs: Any) -> None:
+def assert_training_objective(training_sae: object, *, adapter: AdapterSpec = None, **kwargs: Any) -> None:
     """Run the four AuxK checks and report every failure in one AssertionError (each check records its own
     outcome).
 

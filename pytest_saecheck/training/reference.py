@@ -11,7 +11,6 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -282,7 +281,7 @@ def close(a: float, b: float, atol: float, rtol: float) -> bool:
     return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= atol + rtol * abs(b)
 
 
-def check_tolerances(atol: Any, rtol: Any) -> tuple[float, float]:
+def check_tolerances(atol: object, rtol: object) -> tuple[float, float]:
     """``(atol, rtol)`` as finite non-negative floats, else :class:`ConfigError`."""
     atol, rtol = finite_number("atol", atol), finite_number("rtol", rtol)
     if atol < 0 or rtol < 0:
