@@ -791,23 +791,29 @@ def _above_one(name: str, value: float) -> str | None:
     return None
 
 
-def _r2_reported_vs_ours(facts: Subject, reported: Any, tol: float | None) -> CheckOutcome:
-    tol = DEFAULT_R2_TOL if tol is None else tol
-    source = "reported"
-    is_fve = False
+def _reported_value(reported: object) -> tuple[str, float, bool]:
+    """``(where, value, whether it is dictionary_learning's frac_variance_explained)`` of ``reported=``: a number,
+    or a mapping holding one explained variance."""
     mapping = _reported_mapping(reported)
-    if mapping is not None:
-        found = _find_reported(mapping, _EV_KEYS, "explained variance")
-        if found is None:
-            found = _find_reported(mapping, _FVE_KEYS, "explained variance")
-            is_fve = found is not None
-        if found is None:
-            raise ConfigError(
-                f"{ASSERTION}: reported= is a mapping without explained_variance; pass the number or the metrics "
-                "mapping that holds it"
-            )
-        source, reported = found
-    value = number_or_nan("reported", reported)
+    if mapping is None:
+        return "reported", number_or_nan("reported", reported), False
+    found = _find_reported(mapping, _EV_KEYS, "explained variance")
+    is_fve = False
+    if found is None:
+        found = _find_reported(mapping, _FVE_KEYS, "explained variance")
+        is_fve = found is not None
+    if found is None:
+        raise ConfigError(
+            f"{ASSERTION}: reported= is a mapping without explained_variance; pass the number or the metrics "
+            "mapping that holds it"
+        )
+    source, value = found
+    return source, number_or_nan("reported", value), is_fve
+
+
+def _r2_reported_vs_ours(facts: Subject, reported: object, tol: float | None) -> CheckOutcome:
+    tol = DEFAULT_R2_TOL if tol is None else tol
+    source, value, is_fve = _reported_value(reported)
     ours = facts.metrics.get("explained_variance")
     legacy = facts.metrics.get("explained_variance_legacy")
     about_zero = facts.metrics.get("explained_variance_about_zero")
@@ -846,36 +852,7 @@ def _r2_reported_vs_ours(facts: Subject, reported: Any, tol: float | None) -> Ch
             ("explained_variance_about_zero (ours)", fmt(about_zero), "1 − Σ‖x − x̂‖² / Σ‖x‖²"),
         ]
     )
-    if facts.dictionary.get("kind") in ("transcoder", "skip_transcoder"):
-        verdict = (
-            f"the SAE is a transcoder ({facts.dictionary.get('hook_name')} → {facts.dictionary.get('hook_name_out')})"
-            f"; likely cause: {TRANSCODER_INPUT_HOOK_CAUSE}."
-        )
-    elif problem is not None:
-        verdict = f"the reported number is wrong: {problem}; likely cause: {COLLAPSED_CAUSE}."
-    elif (
-        about_zero is not None
-        and abs(value - about_zero) <= tol
-        and abs(value - about_zero) < abs(value - ours)
-    ):
-        verdict = f"the reported number is wrong: {ABOUT_ZERO_CAUSE}."
-    elif legacy is not None and abs(value - legacy) <= tol:
-        verdict = (
-            "the reported number is the legacy per-token formula (mean of 1 − ‖x − x̂‖²/‖x − x̄_batch‖²), not the "
-            "pooled R²; label it explained_variance_legacy, or report 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²."
-        )
-    elif is_fve and value > ours:
-        verdict = (
-            f"the reported number is wrong for this SAE: {DICTIONARY_LEARNING_CAUSE}; it exceeds ours, so the "
-            "reconstruction carries a constant offset of squared norm about "
-            f"{fmt(value - ours)} × the total variance."
-        )
-    else:
-        verdict = (
-            "the reported number matches none of the formulas computed here. Likely causes: it was computed on other "
-            "tokens (another dataset, context size, or with BOS / position 0 included), with activation "
-            "normalisation (normalize_activations) applied on one side only, or for another SAE checkpoint."
-        )
+    verdict = _reported_verdict(facts, value, ours, tol, problem, is_fve)
     failure = (
         f"reported R² {fmt(value)} differs from ours {fmt(ours)} by {fmt(abs(value - ours))} > tol {fmt(tol)}"
     )
@@ -884,6 +861,43 @@ def _r2_reported_vs_ours(facts: Subject, reported: Any, tol: float | None) -> Ch
         failures=(failure,),
         details=(*rows, "  " + facts.tokens_line(), "  " + verdict),
         fields=fields,
+    )
+
+
+def _reported_verdict(
+    facts: Subject, value: float, ours: float, tol: float, problem: str | None, is_fve: bool
+) -> str:
+    """Why a reported R² differs from ours: the likeliest cause the numbers point to."""
+    legacy = facts.metrics.get("explained_variance_legacy")
+    about_zero = facts.metrics.get("explained_variance_about_zero")
+    if facts.dictionary.get("kind") in ("transcoder", "skip_transcoder"):
+        return (
+            f"the SAE is a transcoder ({facts.dictionary.get('hook_name')} → {facts.dictionary.get('hook_name_out')})"
+            f"; likely cause: {TRANSCODER_INPUT_HOOK_CAUSE}."
+        )
+    if problem is not None:
+        return f"the reported number is wrong: {problem}; likely cause: {COLLAPSED_CAUSE}."
+    if (
+        about_zero is not None
+        and abs(value - about_zero) <= tol
+        and abs(value - about_zero) < abs(value - ours)
+    ):
+        return f"the reported number is wrong: {ABOUT_ZERO_CAUSE}."
+    if legacy is not None and abs(value - legacy) <= tol:
+        return (
+            "the reported number is the legacy per-token formula (mean of 1 − ‖x − x̂‖²/‖x − x̄_batch‖²), not the "
+            "pooled R²; label it explained_variance_legacy, or report 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²."
+        )
+    if is_fve and value > ours:
+        return (
+            f"the reported number is wrong for this SAE: {DICTIONARY_LEARNING_CAUSE}; it exceeds ours, so the "
+            "reconstruction carries a constant offset of squared norm about "
+            f"{fmt(value - ours)} × the total variance."
+        )
+    return (
+        "the reported number matches none of the formulas computed here. Likely causes: it was computed on other "
+        "tokens (another dataset, context size, or with BOS / position 0 included), with activation "
+        "normalisation (normalize_activations) applied on one side only, or for another SAE checkpoint."
     )
 
 
