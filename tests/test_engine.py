@@ -404,6 +404,16 @@ def test_per_position_curves_and_density(model):
     assert all(isinstance(v, float) for v in as_dict["metrics"].values())
 
 
+def test_without_mean_ablation_exactly_the_metrics_that_need_it_say_so(model):
+    """The reason comes from what a metric is computed from (metrics.ablation_needed), not its spelling."""
+    result = evaluate(
+        model, random_sae("blocks.1.hook_resid_pre"), make_tokens(3), mean_ablation=False, progress=False
+    )
+    disabled = {name for name, reason in result.undefined.items() if "mean ablation disabled" in reason}
+    assert disabled == {"ce_mean", "ce_loss_score_mean_ablation"}
+    assert "ce_zero" in result.metrics  # zero ablation still ran
+
+
 def test_every_kept_sum_is_a_typed_key(model):
     """Every per-sequence and per-position sum an evaluation keeps is a declared ``Sum`` (no ad-hoc string)."""
     from pytest_saecheck.sums import Sum
