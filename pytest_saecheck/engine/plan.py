@@ -91,7 +91,7 @@ def check_joint(members: Sequence[Member]) -> None:
             )
 
 
-def check_tokens(cut: ModelCut, tokens: Any, policy: TokenPolicy) -> torch.Tensor:
+def check_tokens(cut: ModelCut, tokens: object, policy: TokenPolicy) -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor):
         raise ShapeMismatchError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
