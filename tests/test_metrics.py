@@ -233,3 +233,43 @@ def test_a_metric_without_its_ablation_says_which_ablation_from_the_metric_not_i
         "kl_sum_zero": np.float64(5.0),
     }
     assert needs_mean | needs_zero <= set(metrics_from_sums(with_ablations))
+
+
+# Modules of other work streams that still spell sum keys as strings (they work: a Sum is a str whose value is
+# the name); each is to use pytest_saecheck.sums.Sum, and no other module may spell one.
+STILL_SPELLED = {"checks/baselines.py", "engine/grouping.py", "engine/replacement.py", "sequential.py"}
+
+
+def test_no_module_spells_a_sum_key_as_a_string():
+    import ast
+    from pathlib import Path
+
+    import pytest_saecheck
+    from pytest_saecheck.sums import Sum
+
+    names = {key.value for key in Sum}
+    prefixes = ("ce_sum_", "kl_sum_", "n_ce_", "n_kl_")
+    root = Path(pytest_saecheck.__file__).parent
+    spelled: dict[str, list[int]] = {}
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "sums.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and id(node) not in docstrings
+                and (node.value in names or node.value.startswith(prefixes))
+            ):
+                spelled.setdefault(path.relative_to(root).as_posix(), []).append(node.lineno)
+    assert set(spelled) <= STILL_SPELLED, {
+        path: lines for path, lines in spelled.items() if path not in STILL_SPELLED
+    }
