@@ -321,13 +321,13 @@ class CrossLayerTranscoder:
         )
 
 
-def torch_zeros_like(like: Any) -> Any:
+def torch_zeros_like(like: torch.Tensor) -> torch.Tensor:
     import torch
 
     return torch.zeros_like(like)
 
 
-def _itemsize(dtype: Any) -> int:
+def _itemsize(dtype: torch.dtype) -> int:
     import torch
 
     return int(torch.empty((), dtype=dtype).element_size())

@@ -72,7 +72,7 @@ def metadata_value(sae: Any, key: str) -> Any:
     return value if value is not None else getattr(sae.cfg, key, None)
 
 
-def _class_names(sae: Any) -> set[str]:
+def _class_names(sae: object) -> set[str]:
     return {cls.__name__ for cls in type(sae).__mro__}
 
 

@@ -150,7 +150,7 @@ def column_format(
         scientific = decimals > MAX_DECIMALS or high >= 1e6
     template = f"{{:.{significant - 1}e}}" if scientific else f"{{:.{decimals}f}}"
 
-    def show(value: Any) -> str:
+    def show(value: object) -> str:
         number = finite_or_none(value)
         return missing if number is None else template.format(number)
 

@@ -12,9 +12,10 @@ the activation dimension.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from pytest_saecheck.catalogue import (  # the catalogue of what each metric means, re-exported here
     BOOTSTRAPPABLE,
@@ -24,6 +25,10 @@ from pytest_saecheck.catalogue import (  # the catalogue of what each metric mea
     MetricInfo,
 )
 from pytest_saecheck.scaling import DEFAULT_LAW, PRESETS, ScalingLaw, as_scaling_law
+from pytest_saecheck.sums import Part, Quantity, Scored, Sum
+
+if TYPE_CHECKING:  # the plugin imports this module; torch is imported where a tensor is computed
+    import torch
 
 __all__ = [
     "BOOTSTRAPPABLE",
@@ -31,6 +36,7 @@ __all__ = [
     "METRIC_NAMES",
     "WHOLE_SET_METRICS",
     "MetricInfo",
+    "ablation_needed",
     "compute_fraction",
     "compute_fraction_by_preset",
     "metrics_from_sums",
@@ -38,10 +44,13 @@ __all__ = [
     "ratio_denominators",
     "reconstruction_terms",
     "total_variance",
+    "variance_about_mean",
 ]
 
 
-def reconstruction_terms(x: Any, x_hat: Any, latents: Any, reference: Any) -> dict[str, Any]:
+def reconstruction_terms(
+    x: torch.Tensor, x_hat: torch.Tensor, latents: torch.Tensor, reference: torch.Tensor
+) -> dict[Sum, torch.Tensor]:
     """Per-token terms of every reconstruction metric, for float64 tensors ``x``, ``x_hat`` ``[tokens, d]`` and
     latents ``[tokens, d_sae]``; summed over tokens they are the additive sums :func:`metrics_from_sums` reads.
 
@@ -57,26 +66,26 @@ def reconstruction_terms(x: Any, x_hat: Any, latents: Any, reference: Any) -> di
     centered = x - reference
     batch_centered = x - x.mean(0)
     return {
-        "n_rec": sse.new_ones(sse.shape),
-        "sse": sse,
-        "sum_sq_norm": norm_x * norm_x,
-        "sum_sq_centered": (centered * centered).sum(-1),
-        "sum_x_centered": centered,
+        Sum.N_REC: sse.new_ones(sse.shape),
+        Sum.SSE: sse,
+        Sum.SUM_SQ_NORM: norm_x * norm_x,
+        Sum.SUM_SQ_CENTERED: (centered * centered).sum(-1),
+        Sum.SUM_X_CENTERED: centered,
         # torch's cosine_similarity: x·x̂ / max(‖x‖‖x̂‖, eps) with eps = 1e-8
-        "cos_sum": (x * x_hat).sum(-1) / (norm_x * norm_x_hat).clamp(min=1e-8),
-        "rel_err_sum": sse.sqrt() / safe,
-        "l2_ratio_sum": norm_x_hat / safe,
-        "l2_norm_in_sum": norm_x,
-        "l2_norm_out_sum": norm_x_hat,
-        "sum_sq_norm_out": norm_x_hat * norm_x_hat,
-        "x_dot_x_hat_sum": (x * x_hat).sum(-1),
-        "ev_legacy_sum": 1.0 - sse / (batch_centered * batch_centered).sum(-1),
-        "l0_sum": nonzero_count(latents, dim=-1).double(),
-        "l1_sum": latents.abs().sum(-1).double(),
+        Sum.COS: (x * x_hat).sum(-1) / (norm_x * norm_x_hat).clamp(min=1e-8),
+        Sum.RELATIVE_ERROR: sse.sqrt() / safe,
+        Sum.L2_RATIO: norm_x_hat / safe,
+        Sum.L2_NORM_IN: norm_x,
+        Sum.L2_NORM_OUT: norm_x_hat,
+        Sum.SUM_SQ_NORM_OUT: norm_x_hat * norm_x_hat,
+        Sum.X_DOT_X_HAT: (x * x_hat).sum(-1),
+        Sum.EV_LEGACY: 1.0 - sse / (batch_centered * batch_centered).sum(-1),
+        Sum.L0: nonzero_count(latents, dim=-1).double(),
+        Sum.L1: latents.abs().sum(-1).double(),
     }
 
 
-def nonzero_count(latents: Any, dim: int | None = None) -> Any:
+def nonzero_count(latents: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """How many entries of the tensor ``latents`` are nonzero, along ``dim`` (all of them when None).
 
     The 0-"norm" counts them (about 7x faster on a CPU than summing a boolean over the last dimension), in at least
@@ -94,7 +103,9 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
         return np.where(denominator != 0, numerator / np.where(denominator != 0, denominator, 1.0), np.nan)
 
 
-def compute_fraction(ce_orig: Any, ce_sae: Any, scaling_law: ScalingLaw | tuple[float, float]) -> np.ndarray:
+def compute_fraction(
+    ce_orig: npt.ArrayLike, ce_sae: npt.ArrayLike, scaling_law: ScalingLaw | tuple[float, float]
+) -> np.ndarray:
     """The fraction of the model's training compute at which its family reaches ``ce_sae`` (nats/token).
 
     ``((L_sae − E) / (L_orig − E))^(−1/γ)`` for a law reduced to ``L(C) = E + G C^−γ`` on its compute frontier;
@@ -130,12 +141,11 @@ def metrics_from_sums(
     ``scaling_law`` is the law of ``compute_fraction`` (a :class:`~pytest_saecheck.scaling.ScalingLaw`, a preset
     name or ``(E, gamma)``); ``None`` leaves it out.
     """
-    n_ce, n_kl = sums["n_ce"], sums["n_kl"]
+    n_ce, n_kl = sums[Sum.N_CE], sums[Sum.N_KL]
     out: dict[str, np.ndarray] = {}
-    for variant in ("orig", "sae", "zero", "mean"):
-        key = f"ce_sum_{variant}"
-        if key in sums:
-            out[f"ce_{variant}"] = _ratio(sums[key], n_ce)
+    for scored in Scored:
+        if Sum.ce(scored) in sums:
+            out[f"ce_{scored}"] = _ratio(sums[Sum.ce(scored)], n_ce)
     ce_orig, ce_sae = out["ce_orig"], out["ce_sae"]
     out["delta_ce"] = ce_sae - ce_orig
     if "ce_zero" in out:
@@ -143,42 +153,65 @@ def metrics_from_sums(
     if "ce_mean" in out:
         out["ce_loss_score_mean_ablation"] = _ratio(out["ce_mean"] - ce_sae, out["ce_mean"] - ce_orig)
     out["ce_rec"] = 2.0 - _ratio(ce_sae, ce_orig)
-    out["kl_sae"] = _ratio(sums["kl_sum_sae"], n_kl)
-    if "kl_sum_zero" in sums:
-        out["kl_zero"] = _ratio(sums["kl_sum_zero"], n_kl)
+    out["kl_sae"] = _ratio(sums[Sum.KL_SAE], n_kl)
+    if Sum.KL_ZERO in sums:
+        out["kl_zero"] = _ratio(sums[Sum.KL_ZERO], n_kl)
         out["kl_div_score"] = _ratio(out["kl_zero"] - out["kl_sae"], out["kl_zero"])
-    for part in ("within", "beyond"):
-        if f"n_ce_{part}" in sums:
-            n_part = sums[f"n_ce_{part}"]
+    for part in Part:
+        if Sum.of(Quantity.N_CE, part=part) in sums:
+            n_part = sums[Sum.of(Quantity.N_CE, part=part)]
             out[f"delta_ce_{part}_context"] = _ratio(
-                sums[f"ce_sum_sae_{part}"] - sums[f"ce_sum_orig_{part}"], n_part
+                sums[Sum.ce(Scored.SAE, part)] - sums[Sum.ce(Scored.ORIG, part)], n_part
             )
-            out[f"kl_sae_{part}_context"] = _ratio(sums[f"kl_sum_sae_{part}"], sums[f"n_kl_{part}"])
+            out[f"kl_sae_{part}_context"] = _ratio(
+                sums[Sum.kl(Scored.SAE, part)], sums[Sum.of(Quantity.N_KL, part=part)]
+            )
     if scaling_law is not None:
         out["compute_fraction"] = compute_fraction(ce_orig, ce_sae, scaling_law)
 
-    if "sse" not in sums:  # a joint splice: CE and KL only; the reconstruction is per member
+    if Sum.SSE not in sums:  # a joint splice: CE and KL only; the reconstruction is per member
         return out
-    sse = sums["sse"]
-    # Variance about the mean from sums centred on a reference vector c: Σ‖x − x̄‖² = Σ‖x − c‖² − ‖Σ(x − c)‖²/n.
-    centered = sums["sum_x_centered"]
-    n_rec = sums["n_rec"]
-    sst = sums["sum_sq_centered"] - _ratio(np.sum(centered * centered, axis=-1), n_rec)
-    out["explained_variance"] = 1.0 - _ratio(sse, sst)
-    out["explained_variance_about_zero"] = 1.0 - _ratio(sse, sums["sum_sq_norm"])
-    out["explained_variance_legacy"] = _ratio(sums["ev_legacy_sum"], n_rec)
+    sse = sums[Sum.SSE]
+    n_rec = sums[Sum.N_REC]
+    out["explained_variance"] = 1.0 - _ratio(sse, variance_about_mean(sums))
+    out["explained_variance_about_zero"] = 1.0 - _ratio(sse, sums[Sum.SUM_SQ_NORM])
+    out["explained_variance_legacy"] = _ratio(sums[Sum.EV_LEGACY], n_rec)
     out["mse"] = _ratio(sse, n_rec)
-    out["cosine_sim"] = _ratio(sums["cos_sum"], n_rec)
-    out["relative_error_norm"] = _ratio(sums["rel_err_sum"], n_rec)
-    out["l2_ratio"] = _ratio(sums["l2_ratio_sum"], n_rec)
-    if "l2_norm_in_sum" in sums:  # sums written before these terms existed (a stored document) lack them
-        out["l2_norm_in"] = _ratio(sums["l2_norm_in_sum"], n_rec)
-        out["l2_norm_out"] = _ratio(sums["l2_norm_out_sum"], n_rec)
+    out["cosine_sim"] = _ratio(sums[Sum.COS], n_rec)
+    out["relative_error_norm"] = _ratio(sums[Sum.RELATIVE_ERROR], n_rec)
+    out["l2_ratio"] = _ratio(sums[Sum.L2_RATIO], n_rec)
+    if Sum.L2_NORM_IN in sums:  # sums written before these terms existed (a stored document) lack them
+        out["l2_norm_in"] = _ratio(sums[Sum.L2_NORM_IN], n_rec)
+        out["l2_norm_out"] = _ratio(sums[Sum.L2_NORM_OUT], n_rec)
         # Rajamanoharan et al. 2024 (arXiv:2404.16014) eq. 10, pooled over every kept token
-        out["relative_reconstruction_bias"] = _ratio(sums["sum_sq_norm_out"], sums["x_dot_x_hat_sum"])
-    out["l0"] = _ratio(sums["l0_sum"], n_rec)
-    out["l1"] = _ratio(sums["l1_sum"], n_rec)
+        out["relative_reconstruction_bias"] = _ratio(sums[Sum.SUM_SQ_NORM_OUT], sums[Sum.X_DOT_X_HAT])
+    out["l0"] = _ratio(sums[Sum.L0], n_rec)
+    out["l1"] = _ratio(sums[Sum.L1], n_rec)
     return out
+
+
+def variance_about_mean(sums: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Σ‖x − x̄‖² over the kept tokens from sums centred on a reference vector c (shape: the sums' leading
+    batch dimensions; NaN with no token): Σ‖x − c‖² − ‖Σ(x − c)‖²/n, exact for any c (the König–Huygens
+    identity); c near x̄ keeps the subtraction from cancelling. The one home of this formula."""
+    centered = sums[Sum.SUM_X_CENTERED]
+    return sums[Sum.SUM_SQ_CENTERED] - _ratio(np.sum(centered * centered, axis=-1), sums[Sum.N_REC])
+
+
+ABLATION_NEEDED: dict[str, Scored] = {
+    "ce_zero": Scored.ZERO,
+    "ce_loss_score": Scored.ZERO,
+    "kl_zero": Scored.ZERO,
+    "kl_div_score": Scored.ZERO,
+    "ce_mean": Scored.MEAN,
+    "ce_loss_score_mean_ablation": Scored.MEAN,
+}
+"""The metrics that need an ablated model's CE or KL sums, and which ablation."""
+
+
+def ablation_needed(metric: str) -> Scored | None:
+    """The ablated model ``metric`` is computed from (zero or mean ablation), or None."""
+    return ABLATION_NEEDED.get(metric)
 
 
 RATIO_DENOMINATORS: dict[str, str] = {
@@ -191,15 +224,15 @@ RATIO_DENOMINATORS: dict[str, str] = {
 
 def ratio_denominators(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The denominator of every ratio score present in ``sums`` (same shapes as :func:`metrics_from_sums`)."""
-    n_ce = sums["n_ce"]
+    n_ce = sums[Sum.N_CE]
     out: dict[str, np.ndarray] = {}
-    ce_orig = _ratio(sums["ce_sum_orig"], n_ce)
-    if "ce_sum_zero" in sums:
-        out["ce_loss_score"] = _ratio(sums["ce_sum_zero"], n_ce) - ce_orig
-    if "ce_sum_mean" in sums:
-        out["ce_loss_score_mean_ablation"] = _ratio(sums["ce_sum_mean"], n_ce) - ce_orig
-    if "kl_sum_zero" in sums:
-        out["kl_div_score"] = _ratio(sums["kl_sum_zero"], sums["n_kl"])
+    ce_orig = _ratio(sums[Sum.CE_ORIG], n_ce)
+    if Sum.CE_ZERO in sums:
+        out["ce_loss_score"] = _ratio(sums[Sum.CE_ZERO], n_ce) - ce_orig
+    if Sum.CE_MEAN in sums:
+        out["ce_loss_score_mean_ablation"] = _ratio(sums[Sum.CE_MEAN], n_ce) - ce_orig
+    if Sum.KL_ZERO in sums:
+        out["kl_div_score"] = _ratio(sums[Sum.KL_ZERO], sums[Sum.N_KL])
     return out
 
 
@@ -218,5 +251,5 @@ def participation_ratios(covariance: np.ndarray) -> tuple[float, float]:
 
 
 def total_variance(sums: Mapping[str, np.ndarray]) -> float:
-    centered = sums["sum_x_centered"]
-    return float(sums["sum_sq_centered"] - np.dot(centered, centered) / sums["n_rec"])
+    """Σ‖x − x̄‖² over every kept token of an evaluation's totals (:func:`variance_about_mean`), a float."""
+    return float(variance_about_mean(sums))

@@ -114,7 +114,7 @@ def attached_normalisation(sae: Any) -> Normalisation | None:
     return value if isinstance(value, Normalisation) else None
 
 
-def as_normalisation(value: Any) -> Normalisation | None:
+def as_normalisation(value: object) -> Normalisation | None:
     """``evaluate(activation_scaler=...)``: None, a positive factor, an SAE Lens ``ActivationScaler``, a
     :class:`Normalisation`, or a checkpoint directory holding ``activation_scaler.json``."""
     if value is None or isinstance(value, Normalisation):

@@ -13,7 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BatchScores", "Original", "chunk_rows_for", "prepare_original", "score_batch", "score_dtype"]
+__all__ = [
+    "BatchScores",
+    "Original",
+    "chunk_rows_for",
+    "next_token_targets",
+    "prepare_original",
+    "score_batch",
+    "score_dtype",
+    "target_nll",
+]
 
 # Bytes of one float32 [rows, vocab] chunk: cache-sized on a CPU; on an accelerator, large enough that kernel
 # launches do not dominate and small enough to bound the temporaries.
@@ -65,6 +74,24 @@ def score_dtype(logits_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if logits_dtype == torch.float64 else torch.float32
 
 
+def next_token_targets(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The token each position predicts, ``[batch, seq_len, 1]`` int64 on ``device``, from ``[batch, seq_len]``
+    tokens: position s is scored against token s + 1; the last position has none (a dummy 0, to be cut off)."""
+    batch, seq_len = tokens.shape
+    targets = torch.zeros((batch, seq_len, 1), dtype=torch.long, device=device)
+    targets[:, :-1, 0] = tokens[:, 1:].to(device)
+    return targets
+
+
+def target_nll(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row's target, −log q(target): ``log_probs`` ``[..., vocab]`` (log-softmax of the
+    logits; a row may be a stride-0 expansion of one), ``targets`` ``[..., 1]`` int64 → ``[...]`` nats.
+
+    The one next-token CE of the package: the original's (:func:`prepare_original`), each variant's
+    (:func:`score_batch`) and a template's (:func:`pytest_saecheck.engine.accumulate.token_ce`)."""
+    return log_probs.gather(-1, targets).squeeze(-1).neg()
+
+
 def chunk_rows_for(d_vocab: int, device: torch.device) -> int:
     budget = _CHUNK_BYTES.get(device.type, _ACCELERATOR_CHUNK_BYTES)
     return max(1, budget // (4 * d_vocab))
@@ -84,10 +111,9 @@ def prepare_original(
     device = logits.device
     dtype = score_dtype(logits.dtype)
     rows = chunk_rows or chunk_rows_for(d_vocab, device)
-    # Position s is scored against token s + 1; the last position has no target, a dummy 0 is cut off below.
-    targets = torch.zeros((batch, seq_len), dtype=torch.long, device=device)
-    targets[:, :-1] = tokens[:, 1:].to(device)
-    targets = targets.reshape(n_rows, 1)
+    targets = next_token_targets(tokens, device).reshape(
+        n_rows, 1
+    )  # the last position's dummy is cut off below
     if in_place and logits.dtype == dtype:
         log_probs = logits
     else:
@@ -97,7 +123,7 @@ def prepare_original(
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         chunk = torch.log_softmax(source[start:stop].to(dtype), dim=-1)
-        ce[start:stop] = chunk.gather(-1, targets[start:stop]).squeeze(-1).neg()
+        ce[start:stop] = target_nll(chunk, targets[start:stop])
         flat[start:stop] = chunk
     return Original(log_probs, targets, ce.reshape(batch, seq_len)[:, : seq_len - 1])
 
@@ -138,7 +164,7 @@ def score_batch(
                 log_q = torch.log_softmax(flat[name][start:stop].to(dtype), dim=-1)
             else:
                 log_q = _template_rows(template_log_probs[name], positions[start:stop], dtype)
-            ce[name][start:stop] = log_q.expand(stop - start, -1).gather(-1, target).squeeze(-1).neg()
+            ce[name][start:stop] = target_nll(log_q.expand(stop - start, -1), target)
             if name in kl:
                 assert p is not None
                 kl[name][start:stop] = torch.sub(log_p, log_q).mul_(p).sum(-1)

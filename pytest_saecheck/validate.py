@@ -90,7 +90,7 @@ def artefact_model_kwargs(kwargs: Any, where: str) -> dict[str, Any]:
     return dict(kwargs)
 
 
-def _check_value(what: str, value: Any, kind: str) -> None:
+def _check_value(what: str, value: object, kind: str) -> None:
     if kind == "bool" and not isinstance(value, bool):
         raise ConfigError(f"{what} must be true or false, got {type(value).__name__} {value!r}")
     if kind == "positive int" and not (_is_int(value) and value > 0):
@@ -100,7 +100,7 @@ def _check_value(what: str, value: Any, kind: str) -> None:
             raise ConfigError(f"{what} must be one of {', '.join(DTYPES)}, got {value!r}")
 
 
-def _is_int(value: Any) -> TypeGuard[int]:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -300,7 +300,7 @@ KNOWN_LOADER_BUGS: Mapping[str, LoaderBug] = {
 changelog and issue 24's measurements."""
 
 
-def _version_tuple(version: Any) -> tuple[int, ...] | None:
+def _version_tuple(version: object) -> tuple[int, ...] | None:
     match = re.match(r"(\d+)\.(\d+)\.(\d+)", version) if isinstance(version, str) else None
     return tuple(int(part) for part in match.groups()) if match else None
 

@@ -118,19 +118,21 @@ def random_sae(
     return sae
 
 
-def identity_sae(hook: str = HOOK, d_in: int = D_MODEL, **cfg_kwargs: Any) -> Any:
-    """ReLU(x) − ReLU(−x) = x: latent pairs (e_i, −e_i) reconstruct every input exactly."""
-    from sae_lens import StandardSAE, StandardSAEConfig
+def identity_sae(hook: str = HOOK, d_in: int = D_MODEL, normalize_activations: str = "none") -> Any:
+    """The package's identity SAE (:func:`pytest_saecheck.checks.pipeline_subjects.identity_sae`: latent pairs
+    (e_i, −e_i), ReLU(x) − ReLU(−x) = x) at ``hook``, on the CPU, naming no model (tests name their own), with
+    SAE Lens' ``normalize_activations`` (applied around the same weights)."""
+    import dataclasses
 
-    cfg = StandardSAEConfig(d_in=d_in, d_sae=2 * d_in, apply_b_dec_to_input=False, **cfg_kwargs)
-    cfg.metadata.hook_name = hook
-    sae = StandardSAE(cfg)
-    eye = torch.eye(d_in)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
+    from pytest_saecheck.checks.pipeline_subjects import identity_sae as package_identity_sae
+
+    sae = package_identity_sae(d_in, hook, torch.device("cpu"))
+    if "model_name" in sae.cfg.metadata:
+        del sae.cfg.metadata.model_name
+    if normalize_activations != "none":
+        normalised = type(sae)(dataclasses.replace(sae.cfg, normalize_activations=normalize_activations))
+        normalised.load_state_dict(sae.state_dict())
+        sae = normalised
     return sae
 
 

@@ -40,6 +40,18 @@ def _ce(logits: torch.Tensor, tokens: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def measured(model, tokens):
+    return _measure(model, tokens)
+
+
+@pytest.fixture(scope="module")
+def measured_as_built(model):
+    """The same measurements on the sequences the build measured the shipped metadata on."""
+    from pytest_saecheck.demo.build import BuildConfig
+
+    return _measure(model, demo.load_tokens(BuildConfig().n_eval_sequences, device="cpu"))
+
+
+def _measure(model, tokens):
     """Per SAE: ce_orig, ce_sae, ce_zero, delta_ce, ce_loss_score, R2 (about the mean), alive fraction, l0."""
     cache: dict[str, torch.Tensor] = {}
 
@@ -197,7 +209,9 @@ def test_saes_load_with_sae_lens_and_carry_metadata(model):
 def test_good_sae_preserves_behaviour(measured):
     m = measured["good"]
     assert m["ce_loss_score"] > 0.9
-    assert m["delta_ce"] < 0.1
+    # the gate the demo's own example applies to this SAE (examples/test_demo_good.py: delta_ce <= 0.01 nats):
+    # the shipped value is 0.0018 on 256 sequences, 0.0009 on these 48
+    assert m["delta_ce"] < 0.01
     assert m["explained_variance"] > 0.9
 
 
@@ -215,12 +229,22 @@ def test_dead_sae_has_many_dead_latents(measured):
     assert measured["good"]["alive_fraction"] > measured["dead"]["alive_fraction"] + 0.15
 
 
-def test_measured_numbers_agree_with_the_shipped_metadata(measured):
+def test_measured_numbers_agree_with_the_shipped_metadata(measured_as_built):
+    """This file's independent computation, on the build's own held-out sequences, gives the shipped numbers.
+
+    Both sides run the same float32 model on the same tokens and sum in float64, so they differ only by float32
+    rounding of the forward pass (thread count, BLAS): a logit of size ~10 carries ~1e-6 of rounding, and the
+    mean over 16128 predictions far less (observed: ≤ 1e-9 nats for the CE terms, 0 for R², 1e-7 relative for
+    L0, a float32 mean). 1e-6 is one float32 ulp at the logits' scale: a real change to the model or an SAE
+    moves these numbers by orders of magnitude more."""
     meta = demo.metadata()["saes"]
+    measured = measured_as_built
     for name in demo.SAE_NAMES:
-        for key in ("delta_ce", "ce_loss_score", "explained_variance"):
-            assert measured[name][key] == pytest.approx(meta[name][key], abs=0.05), (name, key)
-        assert measured[name]["l0"] == pytest.approx(meta[name]["l0"], rel=0.1)
+        assert measured[name]["ce_orig"] == pytest.approx(demo.metadata()["model"]["heldout_ce"], abs=1e-6)
+        for key in ("ce_orig", "ce_sae", "ce_zero", "delta_ce", "ce_loss_score", "explained_variance"):
+            assert measured[name][key] == pytest.approx(meta[name][key], abs=1e-6), (name, key)
+        assert measured[name]["l0"] == pytest.approx(meta[name]["l0"], rel=1e-6)
+        assert measured[name]["alive_fraction"] == meta[name]["alive_fraction"]
 
 
 # ----------------------------------------------------------------------------------------------------------

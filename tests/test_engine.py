@@ -404,6 +404,29 @@ def test_per_position_curves_and_density(model):
     assert all(isinstance(v, float) for v in as_dict["metrics"].values())
 
 
+def test_without_mean_ablation_exactly_the_metrics_that_need_it_say_so(model):
+    """The reason comes from what a metric is computed from (metrics.ablation_needed), not its spelling."""
+    result = evaluate(
+        model, random_sae("blocks.1.hook_resid_pre"), make_tokens(3), mean_ablation=False, progress=False
+    )
+    disabled = {name for name, reason in result.undefined.items() if "mean ablation disabled" in reason}
+    assert disabled == {"ce_mean", "ce_loss_score_mean_ablation"}
+    assert "ce_zero" in result.metrics  # zero ablation still ran
+
+
+def test_every_kept_sum_is_a_typed_key(model):
+    """Every per-sequence and per-position sum an evaluation keeps is a declared ``Sum`` (no ad-hoc string)."""
+    from pytest_saecheck.sums import Sum
+
+    result = evaluate(model, random_sae("blocks.1.hook_resid_pre"), make_tokens(3), progress=False)
+    assert result.per_sequence and all(isinstance(key, Sum) for key in result.per_sequence)
+    assert {Sum.CE_ORIG, Sum.CE_SAE, Sum.CE_ZERO, Sum.CE_MEAN, Sum.KL_SAE, Sum.KL_ZERO} <= set(
+        result.per_sequence
+    )
+    assert set(result.per_position) == {Sum.CE_ORIG, Sum.CE_SAE, Sum.N_CE}
+    assert all(isinstance(key, Sum) for key in result.per_position)
+
+
 def test_undefined_metric_is_absent_not_nan(model):
     sae = random_sae("blocks.1.hook_resid_pre")
     result = evaluate(model, sae, make_tokens(4), scaling_law=(100.0, 0.15), progress=False)

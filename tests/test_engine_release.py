@@ -177,10 +177,24 @@ def test_set_options_are_checked(model, kwargs, message):
 
 
 def test_set_results_are_plain_values(model):
+    """The set's dict holds every SAE's own numbers under its name, in plain JSON values: it survives a strict
+    JSON round trip unchanged (no tuple, numpy scalar or NaN), and nothing of a joint splice was asked for."""
     import json
 
-    result = evaluate(model, mixed_release(model), make_tokens(4), joint=False, progress=False)
-    json.dumps(result.to_dict())
+    release = mixed_release(model)
+    result = evaluate(model, release, make_tokens(4), joint=False, progress=False)
+    as_dict = result.to_dict()
+    assert json.loads(json.dumps(as_dict, allow_nan=False)) == as_dict
+    assert list(as_dict["evaluations"]) == list(release)
+    assert as_dict["joint"] is None and as_dict["compounding"] is None
+    for name, evaluation in result.items():
+        entry = as_dict["evaluations"][name]
+        assert entry["metrics"] == evaluation.metrics and set(entry["metrics"]) >= {"delta_ce", "kl_sae"}
+        assert entry["undefined"] == evaluation.undefined
+        assert entry["hook_name"] == evaluation.hook_name == release[name].cfg.metadata.hook_name
+        assert (entry["n_sequences"], entry["seq_len"]) == (4, evaluation.seq_len)
+        assert entry["n_tokens"] == evaluation.n_tokens > 0
+        assert len(entry["latent_density"]) == release[name].cfg.d_sae
 
 
 def _assert_identical(one, two):

@@ -177,3 +177,99 @@ def test_firing_counts_off_the_cpu_take_the_sum_without_a_synchronisation():
 
     counts = firing_counts(torch.zeros(5, 7, device="meta"))
     assert counts.shape == (7,) and counts.device.type == "meta"
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(offset=st.floats(-1e2, 1e2), scale=st.floats(1e-2, 1e2), seed=st.integers(0, 2**16))
+def test_variance_about_the_mean_from_centred_sums_equals_the_direct_sum(offset, scale, seed):
+    """``variance_about_mean`` (the one home of Σ‖x − x̄‖² from sums centred on c) against the direct float64
+    sum, for c near the data (as the engine centres them) and for a batch of resampled sums (leading axis)."""
+    from pytest_saecheck.metrics import total_variance, variance_about_mean
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(40, 5)) * scale + offset
+    direct = float(((x - x.mean(0)) ** 2).sum())
+    sums = sums_from_tokens(x, x, {"orig": np.ones(40), "sae": np.ones(40)}, x[:4].mean(0))
+    # relative error of the subtraction: float64 rounding of ‖x − c‖² terms, scaled by how far c is from x̄
+    assert total_variance(sums) == pytest.approx(direct, rel=1e-12)
+    stacked = {key: np.stack([np.asarray(value)] * 3) for key, value in sums.items()}
+    assert variance_about_mean(stacked) == pytest.approx([direct] * 3, rel=1e-12)
+
+
+def test_every_sum_key_names_its_quantity_model_and_part():
+    """A ``Sum`` is found from what it means, and means what it is found from; its value is the stored name."""
+    from pytest_saecheck.sums import Part, Quantity, Scored, Sum
+
+    for key in Sum:
+        if key.quantity is not Quantity.RECONSTRUCTION:
+            assert Sum.of(key.quantity, key.scored, key.part) is key
+    assert Sum.ce(Scored.MEAN) == "ce_sum_mean" and Sum.kl(Scored.SAE, Part.BEYOND) == "kl_sum_sae_beyond"
+    assert f"{Sum.N_CE}" == "n_ce" and str(Sum.N_CE) == "n_ce"
+    with pytest.raises(KeyError, match="no sum of KL for scored=mean"):
+        Sum.kl(Scored.MEAN)
+
+
+def test_a_metric_without_its_ablation_says_which_ablation_from_the_metric_not_its_spelling():
+    from pytest_saecheck.metrics import METRIC_NAMES, ablation_needed
+    from pytest_saecheck.sums import Scored
+
+    needs_mean = {name for name in METRIC_NAMES if ablation_needed(name) is Scored.MEAN}
+    assert needs_mean == {"ce_mean", "ce_loss_score_mean_ablation"}
+    needs_zero = {name for name in METRIC_NAMES if ablation_needed(name) is Scored.ZERO}
+    assert needs_zero == {"ce_zero", "ce_loss_score", "kl_zero", "kl_div_score"}
+    # each is computed exactly when its sums are present
+    sums = {
+        "n_ce": np.float64(4),
+        "n_kl": np.float64(4),
+        "ce_sum_orig": np.float64(8.0),
+        "ce_sum_sae": np.float64(9.0),
+        "kl_sum_sae": np.float64(1.0),
+    }
+    assert not needs_mean & set(metrics_from_sums(sums)) and not needs_zero & set(metrics_from_sums(sums))
+    with_ablations = {
+        **sums,
+        "ce_sum_mean": np.float64(20.0),
+        "ce_sum_zero": np.float64(30.0),
+        "kl_sum_zero": np.float64(5.0),
+    }
+    assert needs_mean | needs_zero <= set(metrics_from_sums(with_ablations))
+
+
+# Modules of other work streams that still spell sum keys as strings (they work: a Sum is a str whose value is
+# the name); each is to use pytest_saecheck.sums.Sum, and no other module may spell one.
+STILL_SPELLED = {"checks/baselines.py", "engine/grouping.py", "engine/replacement.py", "sequential.py"}
+
+
+def test_no_module_spells_a_sum_key_as_a_string():
+    import ast
+    from pathlib import Path
+
+    import pytest_saecheck
+    from pytest_saecheck.sums import Sum
+
+    names = {key.value for key in Sum}
+    prefixes = ("ce_sum_", "kl_sum_", "n_ce_", "n_kl_")
+    root = Path(pytest_saecheck.__file__).parent
+    spelled: dict[str, list[int]] = {}
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "sums.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and id(node) not in docstrings
+                and (node.value in names or node.value.startswith(prefixes))
+            ):
+                spelled.setdefault(path.relative_to(root).as_posix(), []).append(node.lineno)
+    assert set(spelled) <= STILL_SPELLED, {
+        path: lines for path, lines in spelled.items() if path not in STILL_SPELLED
+    }

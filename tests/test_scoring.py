@@ -171,3 +171,35 @@ def test_a_template_of_one_row_scores_as_that_row_at_every_position(data, chunk_
     _, ce_z, kl_z = direct(logits, tokens, template[:1].expand(BATCH, SEQ, -1))
     torch.testing.assert_close(one.ce["zero"].double(), ce_z, atol=1e-5, rtol=0)
     torch.testing.assert_close(one.kl["zero"].double(), kl_z, atol=1e-5, rtol=0)
+
+
+def test_one_next_token_ce_for_the_original_the_variants_and_a_template(data):
+    """The original's, a variant's and a template's CE all come from ``target_nll``; each equals PyTorch's
+    float64 cross-entropy (an independent formula: log-sum-exp minus the target logit)."""
+    from pytest_saecheck.engine.accumulate import token_ce
+    from pytest_saecheck.scoring import next_token_targets, target_nll
+
+    logits, other, template, tokens = data
+    reference = {
+        name: torch.nn.functional.cross_entropy(
+            values.double()[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1), reduction="none"
+        ).reshape(BATCH, SEQ - 1)
+        for name, values in (("orig", logits), ("other", other))
+    }
+    original = prepare_original(logits.double(), tokens)
+    scores = score_batch(original, {"other": other.double()}, {}, kl_for=())
+    assert torch.allclose(original.ce, reference["orig"], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(scores.ce["other"], reference["other"], rtol=1e-12, atol=1e-12)
+    # the template's CE (accumulate.token_ce) is bit-identical to scoring its rows as a variant
+    template_log_probs = torch.log_softmax(template.double(), -1)
+    as_variant = score_batch(original, {}, {"template": template_log_probs}, kl_for=())
+    expanded = template_log_probs.unsqueeze(0).expand(BATCH, -1, -1)
+    assert torch.equal(token_ce(expanded, tokens), as_variant.ce["template"])
+    # the targets: position s predicts token s + 1; the last position's is a dummy 0
+    targets = next_token_targets(tokens, tokens.device)
+    assert targets.shape == (BATCH, SEQ, 1) and targets.dtype == torch.long
+    assert torch.equal(targets[:, :-1, 0], tokens[:, 1:]) and not targets[:, -1].any()
+    log_probs = torch.log_softmax(logits.double(), -1)
+    assert torch.equal(
+        target_nll(log_probs, targets)[:, :-1], -log_probs[:, :-1].gather(-1, targets[:, :-1]).squeeze(-1)
+    )

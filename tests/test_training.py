@@ -143,18 +143,82 @@ def test_correct_toy_passes_every_check(check):
     _assert_same_state(sae, before)
 
 
-def test_toy_double_count_fails_with_table():
-    sae = ToyTopKSAE(bug="double_count")
+# Each planted bug: the check that must catch it, what its message must say, and the other checks it also fails
+# (every check not named must pass).
+PLANTED_BUGS = [
+    (
+        "double_count",
+        assert_no_aux_bias_double_count,
+        [
+            "does not exclude b_dec",
+            "implementation aux loss",
+            "reference: ê = z_aux W_dec (no b_dec)",
+            "double-counting formula: ê + b_dec",
+            "matched: double-counting formula",
+            "metamorphic check failed",
+        ],
+        (),
+    ),
+    (
+        "no_detach",
+        assert_aux_residual_detached,
+        [
+            "e is not detached",
+            "matched: residual NOT detached, b_dec excluded",
+            "residual detached, b_dec excluded (correct)",
+        ],
+        (),
+    ),
+    (
+        "no_scale",
+        assert_aux_k_scaling,
+        [
+            "does not follow the documented k_aux / dead-latent scaling",
+            "no scale (scale = 1)",
+            # with every latent dead the scale is 1 anyway, so that row matches the documented formula
+            "documented formula",
+        ],
+        (),
+    ),
+    # the bias and detach checks' references use the documented k_aux too, so the loss (and its gradient)
+    # matches none of their formulas
+    (
+        "k_from_d_sae",
+        assert_aux_k_scaling,
+        ["k_aux from d_sae instead of d_in"],
+        (assert_no_aux_bias_double_count, assert_aux_residual_detached),
+    ),
+    ("nonzero_when_none_dead", assert_aux_loss_zero_without_dead, ["is not zero when no latent is dead"], ()),
+]
+
+
+@pytest.mark.parametrize(
+    ("bug", "failing", "message", "also"), PLANTED_BUGS, ids=[row[0] for row in PLANTED_BUGS]
+)
+def test_a_planted_bug_fails_its_check_and_only_the_listed_ones(bug, failing, message, also):
+    sae = ToyTopKSAE(bug=bug)
+    before = _state(sae)
     with pytest.raises(AssertionError) as excinfo:
-        assert_no_aux_bias_double_count(sae, adapter=ToyAdapter(sae))
-    msg = str(excinfo.value)
-    assert "does not exclude b_dec" in msg
-    assert "implementation aux loss" in msg
-    assert "reference: ê = z_aux W_dec (no b_dec)" in msg
-    assert "double-counting formula: ê + b_dec" in msg
-    assert "matched: double-counting formula" in msg
-    assert "metamorphic check failed" in msg
-    assert all(isinstance(a, str) for a in excinfo.value.args)  # no tensors kept alive
+        failing(sae, adapter=ToyAdapter(sae))
+    text = str(excinfo.value)
+    assert [part for part in message if part not in text] == [], text
+    assert all(isinstance(arg, str) for arg in excinfo.value.args)  # no tensors kept alive
+    for check in ALL_CHECKS:
+        if check is not failing and check not in also:
+            check(sae, adapter=ToyAdapter(sae))
+    for check in also:
+        with pytest.raises(AssertionError, match=r"matched: (neither|none)"):
+            check(sae, adapter=ToyAdapter(sae))
+    # the whole objective collects exactly these failures
+    with pytest.raises(AssertionError) as collected:
+        assert_training_objective(sae, adapter=ToyAdapter(sae))
+    named = {check.__name__ for check in ALL_CHECKS if f"[{check.__name__}]" in str(collected.value)}
+    assert named == {failing.__name__, *(check.__name__ for check in also)}
+    _assert_same_state(sae, before)
+
+
+def test_the_correct_toy_passes_the_whole_objective():
+    assert_training_objective(ToyTopKSAE(), adapter=ToyAdapter)
 
 
 def test_toy_double_count_values_in_message_are_the_computed_ones():
@@ -178,57 +242,6 @@ def test_toy_double_count_without_shift_invariance_still_fails():
     with pytest.raises(AssertionError, match="matched: double-counting formula") as excinfo:
         assert_no_aux_bias_double_count(sae, adapter=NoShiftAdapter(sae))
     assert "metamorphic" not in str(excinfo.value)
-
-
-def test_toy_double_count_passes_the_other_checks():
-    sae = ToyTopKSAE(bug="double_count")
-    assert_aux_residual_detached(sae, adapter=ToyAdapter(sae))  # detached, only the bias is wrong
-    assert_aux_k_scaling(sae, adapter=ToyAdapter(sae))  # b_dec is zeroed there
-    assert_aux_loss_zero_without_dead(sae, adapter=ToyAdapter(sae))
-
-
-def test_toy_missing_detach_fails_detach_check_only():
-    sae = ToyTopKSAE(bug="no_detach")
-    assert_no_aux_bias_double_count(sae, adapter=ToyAdapter(sae))  # the value is unaffected by detaching
-    with pytest.raises(AssertionError) as excinfo:
-        assert_aux_residual_detached(sae, adapter=ToyAdapter(sae))
-    msg = str(excinfo.value)
-    assert "e is not detached" in msg
-    assert "matched: residual NOT detached, b_dec excluded" in msg
-    assert "residual detached, b_dec excluded (correct)" in msg
-
-
-def test_toy_missing_scale_fails_k_scaling():
-    sae = ToyTopKSAE(bug="no_scale")
-    with pytest.raises(AssertionError) as excinfo:
-        assert_aux_k_scaling(sae, adapter=ToyAdapter(sae))
-    msg = str(excinfo.value)
-    assert "does not follow the documented k_aux / dead-latent scaling" in msg
-    assert "no scale (scale = 1)" in msg
-    # with every latent dead the scale is 1 anyway, so that row matches the documented formula
-    assert "documented formula" in msg
-
-
-def test_toy_k_aux_from_d_sae_fails_k_scaling():
-    sae = ToyTopKSAE(bug="k_from_d_sae")
-    with pytest.raises(AssertionError, match="k_aux from d_sae instead of d_in"):
-        assert_aux_k_scaling(sae, adapter=ToyAdapter(sae))
-
-
-def test_toy_nonzero_loss_without_dead_latents_fails():
-    sae = ToyTopKSAE(bug="nonzero_when_none_dead")
-    with pytest.raises(AssertionError, match="is not zero when no latent is dead"):
-        assert_aux_loss_zero_without_dead(sae, adapter=ToyAdapter(sae))
-
-
-def test_training_objective_collects_every_failure():
-    sae = ToyTopKSAE(bug="no_detach")
-    with pytest.raises(AssertionError) as excinfo:
-        assert_training_objective(sae, adapter=ToyAdapter(sae))
-    msg = str(excinfo.value)
-    assert "[assert_aux_residual_detached]" in msg
-    assert "[assert_no_aux_bias_double_count]" not in msg
-    assert_training_objective(ToyTopKSAE(), adapter=ToyAdapter)
 
 
 def test_custom_k_aux_formula_through_adapter():

@@ -535,13 +535,14 @@ def _intervals(
 
     from pytest_saecheck.metrics import metrics_from_sums
     from pytest_saecheck.stats import bootstrap_intervals
+    from pytest_saecheck.sums import under_prefix, with_prefix
 
     if paired:
-        joined = {f"now:{k}": v for k, v in now_sums.items()} | {f"then:{k}": v for k, v in then_sums.items()}
+        joined = with_prefix("now:", now_sums) | with_prefix("then:", then_sums)
 
         def difference(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            now = metrics_from_sums({k[4:]: v for k, v in sums.items() if k.startswith("now:")}, law)
-            then = metrics_from_sums({k[5:]: v for k, v in sums.items() if k.startswith("then:")}, law)
+            now = metrics_from_sums(under_prefix("now:", sums), law)
+            then = metrics_from_sums(under_prefix("then:", sums), law)
             return {name: now[name] - then[name] for name in defined}
 
         return dict(bootstrap_intervals(joined, difference, level=level))

@@ -37,12 +37,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, SupportsFloat
 
 from pytest_saecheck.checks.workflow import CheckOutcome, Subject, conclude, finite_number, number_or_nan
 from pytest_saecheck.checks.workflow import subject_of as _unwrap
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.messages import fmt, table
+
+if TYPE_CHECKING:
+    import torch
+    from packaging.version import Version
 
 ASSERTION = "assert_r2_matches_legacy"
 
@@ -147,7 +151,7 @@ def legacy_tolerance(legacy: float, tol: float | None) -> float:
 # reference formulas (the measurement script and the tests compute every formula on the same activations)
 
 
-def formula_values(batches: Sequence[tuple[Any, Any]]) -> dict[str, float]:
+def formula_values(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """Every formula of :data:`FORMULAS` on ``batches`` of ``(x, x̂)`` tensors ``[tokens, d]``, in float64.
 
     ``legacy`` and ``collapsed`` depend on the batches (legacy: the batch mean; collapsed: per-batch means
@@ -186,8 +190,9 @@ def formula_values(batches: Sequence[tuple[Any, Any]]) -> dict[str, float]:
 # reading a reported mapping
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
+def _flatten(value: object, prefix: str = "") -> dict[str, object]:
+    """``value``'s leaves keyed by their path (``a/b/c``); a mapping's keys become segments."""
+    flat: dict[str, object] = {}
     if isinstance(value, Mapping):
         for key, item in value.items():
             flat.update(_flatten(item, f"{prefix}/{key}" if prefix else str(key)))
@@ -202,19 +207,20 @@ def _split(key: str) -> tuple[str, str]:
     return ("", parts[0].lower()) if len(parts) == 1 else (parts[0], parts[1].lower())
 
 
-def _reported_mapping(metrics: Any) -> Any:
+def _reported_mapping(metrics: object) -> Mapping[str, Any] | None:
+    """The mapping of reported metrics ``metrics`` is, or None when it is not one."""
     # SAE Lens run_evals returns (metrics, feature_metrics); accept that tuple as is
     if isinstance(metrics, tuple) and metrics and isinstance(metrics[0], Mapping):
         return metrics[0]
-    return metrics
+    return metrics if isinstance(metrics, Mapping) else None
 
 
-def _number(key: str, value: Any, what: str) -> float:
+def _number(key: str, value: object, what: str) -> float:
     if isinstance(value, (list, tuple)) or getattr(value, "ndim", None):
         raise ConfigError(
             f"reported {what} at {key!r} is a sequence, not one number; pass the aggregated value"
         )
-    if isinstance(value, (bool, str)):
+    if isinstance(value, (bool, str)) or not isinstance(value, SupportsFloat):
         raise ConfigError(f"reported {what} at {key!r} is not a number: {value!r}")
     try:
         return float(value)
@@ -258,9 +264,11 @@ class Provenance:
         version = _version(self.version)
         if version is None:
             return None
-        if _version(first_bad) <= version < _version(first_fixed):
+        from packaging.version import Version
+
+        if Version(first_bad) <= version < Version(first_fixed):
             return "collapsed"
-        return "pooled" if version >= _version(first_fixed) else None
+        return "pooled" if version >= Version(first_fixed) else None
 
     def mse_is_per_token(self) -> bool | None:
         """Whether its ``mse`` is E‖x − x̂‖² (True), divided by the tokens per batch (False), or unknown."""
@@ -271,7 +279,9 @@ class Provenance:
         version = _version(self.version) if self.version else None
         if version is None:
             return None
-        return bool(version >= _version(SAE_LENS_MSE_PER_BATCH_FIXED))
+        from packaging.version import Version
+
+        return bool(version >= Version(SAE_LENS_MSE_PER_BATCH_FIXED))
 
     def describe(self) -> str:
         name = {"sae_lens": "SAE Lens", "sae_bench": "SAEBench core", "pytest_saecheck": "pytest-saecheck"}[
@@ -280,7 +290,7 @@ class Provenance:
         return f"{name}{' ' + self.version if self.version else ''} ({self.source})"
 
 
-def _version(text: str | None) -> Any:
+def _version(text: str | None) -> Version | None:
     from packaging.version import InvalidVersion, Version
 
     try:
@@ -411,6 +421,13 @@ class Verdict:
 
 
 def _judge(pair: Pair, provenance: Provenance | None, tol: float | None) -> Verdict:
+    """The formula of ``pair``: from what the report says of itself (NaN, its keys, a normalised MSE, a value no
+    R² can take, its producer), else from the numbers (the norm test, the gap to the legacy R²)."""
+    return _judge_by_report(pair, provenance) or _judge_by_numbers(pair, provenance, tol)
+
+
+def _judge_by_report(pair: Pair, provenance: Provenance | None) -> Verdict | None:
+    """The verdict that needs no comparison with the legacy R², or None."""
     ev, legacy = pair.ev, pair.legacy
     evidence: list[str] = []
     if math.isnan(ev) or (legacy is not None and math.isnan(legacy)):
@@ -462,7 +479,13 @@ def _judge(pair: Pair, provenance: Provenance | None, tol: float | None) -> Verd
     if known == "pooled":
         evidence.append(f"producer: {provenance.describe()} computes the pooled R²")  # type: ignore[union-attr]
         return Verdict("pooled", tuple(evidence), True)
+    return None
 
+
+def _judge_by_numbers(pair: Pair, provenance: Provenance | None, tol: float | None) -> Verdict:
+    """The verdict from the norm test and the gap between the reported R² and the legacy R² beside it."""
+    ev, legacy = pair.ev, pair.legacy
+    evidence: list[str] = []
     if legacy is None:
         raise ConfigError(
             f"{ASSERTION}: the reported metrics hold no explained_variance_legacy beside {pair.ev_key!r}; pass SAE Lens "
@@ -595,14 +618,14 @@ def assert_r2_matches_legacy(
         tol = finite_number("tol", tol)
         if tol < 0:
             raise ConfigError(f"{ASSERTION}: tol must not be negative, got {tol}")
-    is_mapping = isinstance(_reported_mapping(check_or_metrics), Mapping)
-    if is_mapping and reported is not None:
+    mapping = _reported_mapping(check_or_metrics)
+    if mapping is not None and reported is not None:
         raise ConfigError(
             f"{ASSERTION}: reported= compares a reported number with our own computation, so the first argument "
             "must be the saecheck fixture (or an Evaluation), not a mapping"
         )
-    if is_mapping:
-        outcome = _r2_reported(_reported_mapping(check_or_metrics), tol, producer)
+    if mapping is not None:
+        outcome = _r2_reported(mapping, tol, producer)
     else:
         evaluation, facts = _unwrap(check_or_metrics)
         del evaluation, check_or_metrics
@@ -768,23 +791,29 @@ def _above_one(name: str, value: float) -> str | None:
     return None
 
 
-def _r2_reported_vs_ours(facts: Subject, reported: Any, tol: float | None) -> CheckOutcome:
-    tol = DEFAULT_R2_TOL if tol is None else tol
-    source = "reported"
+def _reported_value(reported: object) -> tuple[str, float, bool]:
+    """``(where, value, whether it is dictionary_learning's frac_variance_explained)`` of ``reported=``: a number,
+    or a mapping holding one explained variance."""
+    mapping = _reported_mapping(reported)
+    if mapping is None:
+        return "reported", number_or_nan("reported", reported), False
+    found = _find_reported(mapping, _EV_KEYS, "explained variance")
     is_fve = False
-    if isinstance(_reported_mapping(reported), Mapping):
-        mapping = _reported_mapping(reported)
-        found = _find_reported(mapping, _EV_KEYS, "explained variance")
-        if found is None:
-            found = _find_reported(mapping, _FVE_KEYS, "explained variance")
-            is_fve = found is not None
-        if found is None:
-            raise ConfigError(
-                f"{ASSERTION}: reported= is a mapping without explained_variance; pass the number or the metrics "
-                "mapping that holds it"
-            )
-        source, reported = found
-    value = number_or_nan("reported", reported)
+    if found is None:
+        found = _find_reported(mapping, _FVE_KEYS, "explained variance")
+        is_fve = found is not None
+    if found is None:
+        raise ConfigError(
+            f"{ASSERTION}: reported= is a mapping without explained_variance; pass the number or the metrics "
+            "mapping that holds it"
+        )
+    source, value = found
+    return source, number_or_nan("reported", value), is_fve
+
+
+def _r2_reported_vs_ours(facts: Subject, reported: object, tol: float | None) -> CheckOutcome:
+    tol = DEFAULT_R2_TOL if tol is None else tol
+    source, value, is_fve = _reported_value(reported)
     ours = facts.metrics.get("explained_variance")
     legacy = facts.metrics.get("explained_variance_legacy")
     about_zero = facts.metrics.get("explained_variance_about_zero")
@@ -823,36 +852,7 @@ def _r2_reported_vs_ours(facts: Subject, reported: Any, tol: float | None) -> Ch
             ("explained_variance_about_zero (ours)", fmt(about_zero), "1 − Σ‖x − x̂‖² / Σ‖x‖²"),
         ]
     )
-    if facts.dictionary.get("kind") in ("transcoder", "skip_transcoder"):
-        verdict = (
-            f"the SAE is a transcoder ({facts.dictionary.get('hook_name')} → {facts.dictionary.get('hook_name_out')})"
-            f"; likely cause: {TRANSCODER_INPUT_HOOK_CAUSE}."
-        )
-    elif problem is not None:
-        verdict = f"the reported number is wrong: {problem}; likely cause: {COLLAPSED_CAUSE}."
-    elif (
-        about_zero is not None
-        and abs(value - about_zero) <= tol
-        and abs(value - about_zero) < abs(value - ours)
-    ):
-        verdict = f"the reported number is wrong: {ABOUT_ZERO_CAUSE}."
-    elif legacy is not None and abs(value - legacy) <= tol:
-        verdict = (
-            "the reported number is the legacy per-token formula (mean of 1 − ‖x − x̂‖²/‖x − x̄_batch‖²), not the "
-            "pooled R²; label it explained_variance_legacy, or report 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²."
-        )
-    elif is_fve and value > ours:
-        verdict = (
-            f"the reported number is wrong for this SAE: {DICTIONARY_LEARNING_CAUSE}; it exceeds ours, so the "
-            "reconstruction carries a constant offset of squared norm about "
-            f"{fmt(value - ours)} × the total variance."
-        )
-    else:
-        verdict = (
-            "the reported number matches none of the formulas computed here. Likely causes: it was computed on other "
-            "tokens (another dataset, context size, or with BOS / position 0 included), with activation "
-            "normalisation (normalize_activations) applied on one side only, or for another SAE checkpoint."
-        )
+    verdict = _reported_verdict(facts, value, ours, tol, problem, is_fve)
     failure = (
         f"reported R² {fmt(value)} differs from ours {fmt(ours)} by {fmt(abs(value - ours))} > tol {fmt(tol)}"
     )
@@ -861,6 +861,43 @@ def _r2_reported_vs_ours(facts: Subject, reported: Any, tol: float | None) -> Ch
         failures=(failure,),
         details=(*rows, "  " + facts.tokens_line(), "  " + verdict),
         fields=fields,
+    )
+
+
+def _reported_verdict(
+    facts: Subject, value: float, ours: float, tol: float, problem: str | None, is_fve: bool
+) -> str:
+    """Why a reported R² differs from ours: the likeliest cause the numbers point to."""
+    legacy = facts.metrics.get("explained_variance_legacy")
+    about_zero = facts.metrics.get("explained_variance_about_zero")
+    if facts.dictionary.get("kind") in ("transcoder", "skip_transcoder"):
+        return (
+            f"the SAE is a transcoder ({facts.dictionary.get('hook_name')} → {facts.dictionary.get('hook_name_out')})"
+            f"; likely cause: {TRANSCODER_INPUT_HOOK_CAUSE}."
+        )
+    if problem is not None:
+        return f"the reported number is wrong: {problem}; likely cause: {COLLAPSED_CAUSE}."
+    if (
+        about_zero is not None
+        and abs(value - about_zero) <= tol
+        and abs(value - about_zero) < abs(value - ours)
+    ):
+        return f"the reported number is wrong: {ABOUT_ZERO_CAUSE}."
+    if legacy is not None and abs(value - legacy) <= tol:
+        return (
+            "the reported number is the legacy per-token formula (mean of 1 − ‖x − x̂‖²/‖x − x̄_batch‖²), not the "
+            "pooled R²; label it explained_variance_legacy, or report 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²."
+        )
+    if is_fve and value > ours:
+        return (
+            f"the reported number is wrong for this SAE: {DICTIONARY_LEARNING_CAUSE}; it exceeds ours, so the "
+            "reconstruction carries a constant offset of squared norm about "
+            f"{fmt(value - ours)} × the total variance."
+        )
+    return (
+        "the reported number matches none of the formulas computed here. Likely causes: it was computed on other "
+        "tokens (another dataset, context size, or with BOS / position 0 included), with activation "
+        "normalisation (normalize_activations) applied on one side only, or for another SAE checkpoint."
     )
 
 

@@ -170,7 +170,7 @@ def load_task(path: str | os.PathLike[str], name: str | None = None) -> Task:
     return parse_task(text, name or file.stem, str(file))
 
 
-def as_task(task: Any) -> Task:
+def as_task(task: object) -> Task:
     """A :class:`Task`, or the path of a JSONL file; else :class:`ConfigError`."""
     if isinstance(task, Task):
         return task

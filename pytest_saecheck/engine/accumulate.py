@@ -14,7 +14,8 @@ import torch
 
 from pytest_saecheck.engine.grouping import GROUP_PREFIX, sums_by_group_positions, sums_by_group_rows
 from pytest_saecheck.metrics import nonzero_count, reconstruction_terms
-from pytest_saecheck.scoring import BatchScores
+from pytest_saecheck.scoring import BatchScores, next_token_targets, target_nll
+from pytest_saecheck.sums import Part, Quantity, Scored, Sum, under_prefix, with_prefix
 
 
 def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -53,17 +54,19 @@ class Accumulator:
             else None
         )
         self.rows = SequenceSums(n_sequences)
-        self.current: dict[str, torch.Tensor] = {}
+        self.current: dict[
+            str, torch.Tensor
+        ] = {}  # Sum keys, and Sum keys under GROUP_PREFIX/POSITION_PREFIX
         self._centered_sum: torch.Tensor | None = None  # Σ (x − reference) over every kept position, float64
         self._n_rec = 0.0
         self.firing = torch.zeros(d_sae, dtype=torch.float64, device=sae_device) if d_sae else None
         # CE exists for positions 0..S-2 (the prediction of the next token), KL for every position.
         lengths = {
-            "ce_orig": seq_len - 1,
-            "ce_sae": seq_len - 1,
-            "n_ce": seq_len - 1,
-            "kl_sae": seq_len,
-            "n_kl": seq_len,
+            Sum.CE_ORIG: seq_len - 1,
+            Sum.CE_SAE: seq_len - 1,
+            Sum.N_CE: seq_len - 1,
+            Sum.KL_SAE: seq_len,
+            Sum.N_KL: seq_len,
         }
         self.position = {
             key: torch.zeros(length, dtype=torch.float64, device=device) for key, length in lengths.items()
@@ -133,38 +136,49 @@ class Accumulator:
         kept = kept.to(scores.ce_orig.device)
         kept_ce = predicted.to(scores.ce_orig.device)
         ce_orig = masked(scores.ce_orig, kept_ce)
-        self.current["ce_sum_orig"] = ce_orig.sum(1)
-        self.current["n_ce"] = kept_ce.double().sum(1)
-        if "sae" in scores.ce:  # per sequence and position, for the per-position curve's interval band
-            self.current[POSITION_PREFIX + "ce_sum_orig"] = ce_orig
-            self.current[POSITION_PREFIX + "ce_sum_sae"] = masked(scores.ce["sae"], kept_ce)
-            self.current[POSITION_PREFIX + "n_ce"] = kept_ce.double()
-        self.current["n_kl"] = kept.double().sum(1)
-        self._add_position("ce_orig", ce_orig.sum(0))
-        self._add_position("n_ce", kept_ce.double().sum(0))
-        self._add_position("n_kl", kept.double().sum(0))
+        self.current[Sum.CE_ORIG] = ce_orig.sum(1)
+        self.current[Sum.N_CE] = kept_ce.double().sum(1)
+        if Scored.SAE in scores.ce:  # per sequence and position, for the per-position curve's interval band
+            self.current.update(
+                with_prefix(
+                    POSITION_PREFIX,
+                    {
+                        Sum.CE_ORIG: ce_orig,
+                        Sum.CE_SAE: masked(scores.ce[Scored.SAE], kept_ce),
+                        Sum.N_CE: kept_ce.double(),
+                    },
+                )
+            )
+        self.current[Sum.N_KL] = kept.double().sum(1)
+        self._add_position(Sum.CE_ORIG, ce_orig.sum(0))
+        self._add_position(Sum.N_CE, kept_ce.double().sum(0))
+        self._add_position(Sum.N_KL, kept.double().sum(0))
         for name, ce in scores.ce.items():
             ce_kept = masked(ce, kept_ce)
-            self.current[f"ce_sum_{name}"] = ce_kept.sum(1)
-            if name == "sae":
-                self._add_position("ce_sae", ce_kept.sum(0))
+            self.current[Sum.ce(Scored(name))] = ce_kept.sum(1)
+            if name == Scored.SAE:
+                self._add_position(Sum.CE_SAE, ce_kept.sum(0))
         for name, kl in scores.kl.items():
             kl_kept = masked(kl, kept)
-            self.current[f"kl_sum_{name}"] = kl_kept.sum(1)
-            if name == "sae":
-                self._add_position("kl_sae", kl_kept.sum(0))
-        if groups is not None and self.n_groups and "sae" in scores.ce:
+            self.current[Sum.kl(Scored(name))] = kl_kept.sum(1)
+            if name == Scored.SAE:
+                self._add_position(Sum.KL_SAE, kl_kept.sum(0))
+        if groups is not None and self.n_groups and Scored.SAE in scores.ce:
             self._add_group_sums(
                 ce_orig,
-                masked(scores.ce["sae"], kept_ce),
+                masked(scores.ce[Scored.SAE], kept_ce),
                 kept_ce,
-                masked(scores.kl["sae"], kept),
+                masked(scores.kl[Scored.SAE], kept),
                 kept,
                 groups,
             )
-        if self.context_given and "sae" in scores.ce:
+        if self.context_given and Scored.SAE in scores.ce:
             self._add_context_sums(
-                ce_orig, masked(scores.ce["sae"], kept_ce), kept_ce, masked(scores.kl["sae"], kept), kept
+                ce_orig,
+                masked(scores.ce[Scored.SAE], kept_ce),
+                kept_ce,
+                masked(scores.kl[Scored.SAE], kept),
+                kept,
             )
 
     def _add_context_sums(
@@ -177,12 +191,12 @@ class Accumulator:
     ) -> None:
         """Per-sequence sums over positions t < C ("within") and t ≥ C ("beyond") the training context C."""
         split = self.context if self.context is not None else kept.shape[1]
-        for part, columns in (("within", slice(0, split)), ("beyond", slice(split, None))):
-            self.current[f"ce_sum_orig_{part}"] = ce_orig[:, columns].sum(1)
-            self.current[f"ce_sum_sae_{part}"] = ce_sae[:, columns].sum(1)
-            self.current[f"n_ce_{part}"] = kept_ce[:, columns].double().sum(1)
-            self.current[f"kl_sum_sae_{part}"] = kl_sae[:, columns].sum(1)
-            self.current[f"n_kl_{part}"] = kept[:, columns].double().sum(1)
+        for part, columns in ((Part.WITHIN, slice(0, split)), (Part.BEYOND, slice(split, None))):
+            self.current[Sum.ce(Scored.ORIG, part)] = ce_orig[:, columns].sum(1)
+            self.current[Sum.ce(Scored.SAE, part)] = ce_sae[:, columns].sum(1)
+            self.current[Sum.of(Quantity.N_CE, part=part)] = kept_ce[:, columns].double().sum(1)
+            self.current[Sum.kl(Scored.SAE, part)] = kl_sae[:, columns].sum(1)
+            self.current[Sum.of(Quantity.N_KL, part=part)] = kept[:, columns].double().sum(1)
 
     def _add_group_sums(
         self,
@@ -197,21 +211,24 @@ class Accumulator:
         labels = groups.to(ce_orig.device)
         labels_ce = labels[:, : ce_orig.shape[1]]
         n = self.n_groups
-        self.current[GROUP_PREFIX + "ce_sum_orig"] = sums_by_group_positions(ce_orig, labels_ce, n)
-        self.current[GROUP_PREFIX + "ce_sum_sae"] = sums_by_group_positions(ce_sae, labels_ce, n)
-        self.current[GROUP_PREFIX + "n_ce"] = sums_by_group_positions(kept_ce.double(), labels_ce, n)
-        self.current[GROUP_PREFIX + "kl_sum_sae"] = sums_by_group_positions(kl_sae, labels, n)
-        self.current[GROUP_PREFIX + "n_kl"] = sums_by_group_positions(kept.double(), labels, n)
+        by_group = {
+            Sum.CE_ORIG: sums_by_group_positions(ce_orig, labels_ce, n),
+            Sum.CE_SAE: sums_by_group_positions(ce_sae, labels_ce, n),
+            Sum.N_CE: sums_by_group_positions(kept_ce.double(), labels_ce, n),
+            Sum.KL_SAE: sums_by_group_positions(kl_sae, labels, n),
+            Sum.N_KL: sums_by_group_positions(kept.double(), labels, n),
+        }
+        self.current.update(with_prefix(GROUP_PREFIX, by_group))
 
-    def _add_position(self, key: str, values: torch.Tensor) -> None:
+    def _add_position(self, key: Sum, values: torch.Tensor) -> None:
         # the logits live on the unembedding's device, which differs from the first block's with n_devices > 1
         self.position[key] += values.to(self.position[key].device)
 
     def end_batch(self) -> None:
-        if "sum_x_centered" in self.current:
-            total = self.current["sum_x_centered"].sum(0)
+        if Sum.SUM_X_CENTERED in self.current:
+            total = self.current[Sum.SUM_X_CENTERED].sum(0)
             self._centered_sum = total if self._centered_sum is None else self._centered_sum + total
-            self._n_rec += float(self.current["n_rec"].sum())
+            self._n_rec += float(self.current[Sum.N_REC].sum())
         self.rows.append({key: value.detach().to("cpu").numpy() for key, value in self.current.items()})
         self.current = {}
 
@@ -222,7 +239,7 @@ class Accumulator:
 
     def add_template_ce(
         self,
-        name: str,
+        scored: Scored,
         template: torch.Tensor,
         tokens: torch.Tensor,
         predicted_all: torch.Tensor,
@@ -235,7 +252,7 @@ class Accumulator:
             batch, predicted = tokens[row : row + batch_size], predicted_all[row : row + batch_size]
             ce = token_ce(template.unsqueeze(0).expand(batch.shape[0], -1, -1), batch)
             values[row : row + batch.shape[0]] = masked(ce, predicted.to(ce.device)).sum(1).cpu().numpy()
-        self.rows.set(f"ce_sum_{name}", values)
+        self.rows.set(Sum.ce(scored), values)
 
     def per_sequence(self) -> dict[str, np.ndarray]:
         """The per-sequence sums ``name → [n_sequences, ...]`` float64 (views, not copies)."""
@@ -243,8 +260,8 @@ class Accumulator:
 
     def position_per_sequence(self) -> dict[str, np.ndarray]:
         """Per-sequence CE sums at each position ``[n_sequences, seq_len - 1]`` (keys without the prefix)."""
-        found = self.rows.arrays(lambda key: key.startswith(POSITION_PREFIX))
-        return {key[len(POSITION_PREFIX) :]: value for key, value in found.items()}
+        found = under_prefix(POSITION_PREFIX, self.rows.arrays(lambda key: key.startswith(POSITION_PREFIX)))
+        return {Sum(key): value for key, value in found.items()}
 
     def group_per_sequence(self) -> dict[str, np.ndarray]:
         """The per-sequence, per-group sums ``[n_sequences, n_groups, ...]`` (keys with ``GROUP_PREFIX``)."""
@@ -267,8 +284,8 @@ class Accumulator:
     def position_curves(self) -> tuple[list[float | None], list[float | None]]:
         pos = {key: value.to("cpu").numpy() for key, value in self.position.items()}
         with np.errstate(divide="ignore", invalid="ignore"):
-            delta = (pos["ce_sae"] - pos["ce_orig"]) / pos["n_ce"]
-            kl = pos["kl_sae"] / pos["n_kl"]
+            delta = (pos[Sum.CE_SAE] - pos[Sum.CE_ORIG]) / pos[Sum.N_CE]
+            kl = pos[Sum.KL_SAE] / pos[Sum.N_KL]
         # Positions with no evaluated token (the excluded BOS, the last position for CE) have no value: None.
         return finite_list(delta), finite_list(kl)
 
@@ -340,13 +357,13 @@ def position_intervals(per_position: Mapping[str, np.ndarray], level: float) -> 
     """The paired bootstrap interval of ΔCE at each position (None where undefined or with < 2 sequences)."""
     from pytest_saecheck.stats import bootstrap_intervals
 
-    if not per_position or len(per_position["n_ce"]) < 2:
+    if not per_position or len(per_position[Sum.N_CE]) < 2:
         return []
-    n_positions = per_position["n_ce"].shape[1]
+    n_positions = per_position[Sum.N_CE].shape[1]
 
     def statistics(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with np.errstate(divide="ignore", invalid="ignore"):
-            delta = (sums["ce_sum_sae"] - sums["ce_sum_orig"]) / sums["n_ce"]
+            delta = (sums[Sum.CE_SAE] - sums[Sum.CE_ORIG]) / sums[Sum.N_CE]
         return {str(t): delta[..., t] for t in range(n_positions)}
 
     found = bootstrap_intervals(per_position, statistics, level=level)
@@ -379,9 +396,10 @@ def finite_list(values: np.ndarray) -> list[float | None]:
 
 
 def token_ce(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy at positions 0..S-2."""
-    targets = tokens[:, 1:].to(log_probs.device)
-    return -log_probs[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    """Next-token cross-entropy ``[batch, seq_len - 1]`` at positions 0..S-2 from ``[batch, seq_len, vocab]``
+    log-probs and ``[batch, seq_len]`` tokens (:func:`pytest_saecheck.scoring.target_nll`)."""
+    targets = next_token_targets(tokens, log_probs.device)[:, :-1]
+    return target_nll(log_probs[:, :-1], targets)
 
 
 def totals(per_sequence: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ import numpy as np
 
 from pytest_saecheck.engine.accumulate import totals
 from pytest_saecheck.stats import DEFAULT_LEVEL, bootstrap_intervals
+from pytest_saecheck.sums import Sum
 
 
 def compounding(
@@ -23,16 +24,16 @@ def compounding(
     of added losses reads backwards).
     """
     per_sequence = {
-        "d_joint": joint["ce_sum_sae"] - joint["ce_sum_orig"],
+        "d_joint": joint[Sum.CE_SAE] - joint[Sum.CE_ORIG],
         "d_sum": sum(
-            (sums["ce_sum_sae"] - sums["ce_sum_orig"] for sums in isolated),
-            np.zeros_like(joint["ce_sum_orig"]),
+            (sums[Sum.CE_SAE] - sums[Sum.CE_ORIG] for sums in isolated),
+            np.zeros_like(joint[Sum.CE_ORIG]),
         ),
-        "n_ce": joint["n_ce"],
+        Sum.N_CE: joint[Sum.N_CE],
     }
     sums = totals(per_sequence)
-    joint_delta = float(sums["d_joint"] / sums["n_ce"])
-    isolated_sum = float(sums["d_sum"] / sums["n_ce"])
+    joint_delta = float(sums["d_joint"] / sums[Sum.N_CE])
+    isolated_sum = float(sums["d_sum"] / sums[Sum.N_CE])
     out: dict[str, Any] = {
         "delta_ce_joint": joint_delta,
         "delta_ce_isolated_sum": isolated_sum,
@@ -40,9 +41,9 @@ def compounding(
         "ratio": joint_delta / isolated_sum if isolated_sum > 0 else None,
         "excess_interval": None,
     }
-    if len(per_sequence["n_ce"]) >= 2:
+    if len(per_sequence[Sum.N_CE]) >= 2:
         (low, high) = bootstrap_intervals(
-            per_sequence, lambda s: {"excess": (s["d_joint"] - s["d_sum"]) / s["n_ce"]}, level=DEFAULT_LEVEL
+            per_sequence, lambda s: {"excess": (s["d_joint"] - s["d_sum"]) / s[Sum.N_CE]}, level=DEFAULT_LEVEL
         )["excess"]
         out["excess_interval"] = [low, high]
     return out

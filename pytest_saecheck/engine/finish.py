@@ -21,6 +21,7 @@ from pytest_saecheck.metrics import (
     METRIC_NAMES,
     RATIO_DENOMINATORS,
     WHOLE_SET_METRICS,
+    ablation_needed,
     compute_fraction_by_preset,
     metrics_from_sums,
     ratio_denominators,
@@ -29,6 +30,7 @@ from pytest_saecheck.metrics import (
 from pytest_saecheck.policy import TokenPolicy
 from pytest_saecheck.scaling import ScalingLaw
 from pytest_saecheck.stats import DEFAULT_LEVEL, bootstrap_intervals
+from pytest_saecheck.sums import Scored, Sum
 
 PARTICIPATION_RATIO_MAX_WIDTH = 4096
 """Above this activation width the d×d covariance for the participation ratio (128 MiB in float64) is skipped."""
@@ -83,10 +85,10 @@ class Finish:
         per_sequence = m.acc.per_sequence()
         sums = totals(per_sequence)
         variance = total_variance(sums)
-        scale = float(sums["sum_sq_centered"]) / max(float(sums["n_rec"]), 1.0)
+        scale = float(sums[Sum.SUM_SQ_CENTERED]) / max(float(sums[Sum.N_REC]), 1.0)
         if not variance > 1e-12 * max(scale, 1e-30):
             raise DegenerateActivationsError(
-                f"the activations at {m.write.hook_name!r} have zero variance over the {int(sums['n_rec'])} "
+                f"the activations at {m.write.hook_name!r} have zero variance over the {int(sums[Sum.N_REC])} "
                 "evaluated positions, so explained variance is undefined; evaluate more varied tokens"
             )
         metrics, undefined = self._defined(metrics_from_sums(sums, self.scaling_law), METRIC_NAMES)
@@ -116,7 +118,7 @@ class Finish:
             undefined[name] = reason
         evaluation = Evaluation(
             **self._common(tokens, metrics, undefined, per_sequence, m.acc.position_curves()),
-            n_tokens=int(sums["n_rec"]),
+            n_tokens=int(sums[Sum.N_REC]),
             hook_name=m.read.hook_name,
             hook_head_index=m.read.head_index,
             latent_density=density.tolist(),
@@ -163,7 +165,9 @@ class Finish:
                 continue
             if name not in raw:
                 undefined[name] = (
-                    "not computed (mean ablation disabled)" if "mean" in name else "not computed"
+                    "not computed (mean ablation disabled)"
+                    if ablation_needed(name) is Scored.MEAN
+                    else "not computed"
                 )
                 continue
             value = float(raw[name])
@@ -194,7 +198,7 @@ class Finish:
             by_member[m.name] = values
         evaluation = Evaluation(
             **self._common(tokens, metrics, undefined, per_sequence, joint_acc.position_curves()),
-            n_tokens=int(totals(per_sequence)["n_kl"]),
+            n_tokens=int(totals(per_sequence)[Sum.N_KL]),
             hook_name=" + ".join(m.read.hook_name for m in members),
             hook_head_index=None,
             latent_density=[],

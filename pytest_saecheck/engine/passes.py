@@ -59,6 +59,7 @@ from pytest_saecheck.scoring import (
     score_batch,
     score_dtype,
 )
+from pytest_saecheck.sums import Scored
 
 
 class Pass:
@@ -141,7 +142,7 @@ class Pass:
                     m.mean = m.acc.mean_activation().to(self.cut.device_at(m.write))
                 final = self._template_final(m, Variant.MEAN, tokens, kept_all)
                 log_probs = self._log_probs(final, tokens.shape[1])
-                m.acc.add_template_ce(Variant.MEAN.value, log_probs, tokens, predicted_all, self.batch_size)
+                m.acc.add_template_ce(Scored.MEAN, log_probs, tokens, predicted_all, self.batch_size)
                 del log_probs
         self.finish.groups = self.groups
         evaluations = {m.name: self.finish.member(m, tokens, self.notes[m.name]) for m in self.members}

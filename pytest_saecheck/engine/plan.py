@@ -65,7 +65,7 @@ def named_dictionaries(saes: Any) -> tuple[bool, dict[str, Any]]:
     return True, {"": saes}
 
 
-def per_member(option: str, value: Any, named: Mapping[str, Any], single: bool) -> dict[str, Any]:
+def per_member(option: str, value: object, named: Mapping[str, object], single: bool) -> dict[str, Any]:
     if value is None:
         return {}
     if single:
@@ -91,7 +91,7 @@ def check_joint(members: Sequence[Member]) -> None:
             )
 
 
-def check_tokens(cut: ModelCut, tokens: Any, policy: TokenPolicy) -> torch.Tensor:
+def check_tokens(cut: ModelCut, tokens: object, policy: TokenPolicy) -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor):
         raise ShapeMismatchError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:

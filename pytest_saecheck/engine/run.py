@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any, overload
+from collections.abc import Callable, Mapping, Sequence
+from typing import overload
 
 import torch
 
 from pytest_saecheck import normalisation as norm
+from pytest_saecheck.clt import CrossLayerTranscoder
 from pytest_saecheck.defaults import DEFAULT_BATCH_SIZE
 from pytest_saecheck.dictionaries import Dictionary
 from pytest_saecheck.engine.backends import check_model, cut_for
@@ -29,19 +30,25 @@ from pytest_saecheck.engine.plan import (
     per_member,
     token_policy,
 )
-from pytest_saecheck.engine.replacement import alone_view, evaluate_clt, is_clt, refuse_clt_in_set
+from pytest_saecheck.engine.replacement import alone_view, evaluate_clt, refuse_clt_in_set
 from pytest_saecheck.engine.result import Evaluation, EvaluationSet
 from pytest_saecheck.errors import ConfigError, SAECheckWarning
+from pytest_saecheck.models import LanguageModel
 from pytest_saecheck.policy import TokenPolicy
 from pytest_saecheck.scaling import DEFAULT_LAW, ScalingLaw, as_scaling_law
 
 __all__ = ["check_model", "evaluate", "unresolved_ratios"]
 
+#: A token grouping: labels ``[n_sequences, seq_len]`` (``-1`` = no group), or a callable of the tokens giving them.
+TokenGroups = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+#: Sequential gates: ``[{"metric": ..., "max_value": ..., "confidence": ...}]`` (``assert_ce_recovery``'s arguments).
+Gates = Sequence[Mapping[str, object]]
+
 
 @overload
 def evaluate(
-    model: Any,
-    sae: Dictionary,
+    model: LanguageModel,
+    sae: Dictionary | CrossLayerTranscoder,
     tokens: torch.Tensor,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -50,24 +57,24 @@ def evaluate(
     exclude_token_ids: Sequence[int] = (),
     pad_token_id: int | None = None,
     policy: TokenPolicy | None = None,
-    activation_scaler: Any = None,
-    mean_activation: Any = None,
+    activation_scaler: object = None,
+    mean_activation: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     mean_ablation: bool = True,
     scaling_law: ScalingLaw | str | tuple[float, float] | None = DEFAULT_LAW,
     joint: bool = False,
     progress: bool | None = None,
     template_budget_bytes: int | None = None,
-    token_groups: Any = None,
+    token_groups: TokenGroups | None = None,
     group_names: Sequence[str] | None = None,
     backend: str = "auto",
     keep_layers: Sequence[int] = (),
-    sequential: Any = None,
+    sequential: Gates | None = None,
 ) -> Evaluation: ...
 
 
 @overload
 def evaluate(
-    model: Any,
+    model: LanguageModel,
     sae: Sequence[Dictionary] | Mapping[str, Dictionary],
     tokens: torch.Tensor,
     *,
@@ -77,24 +84,24 @@ def evaluate(
     exclude_token_ids: Sequence[int] = (),
     pad_token_id: int | None = None,
     policy: TokenPolicy | None = None,
-    activation_scaler: Any = None,
-    mean_activation: Any = None,
+    activation_scaler: object = None,
+    mean_activation: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     mean_ablation: bool = True,
     scaling_law: ScalingLaw | str | tuple[float, float] | None = DEFAULT_LAW,
     joint: bool = False,
     progress: bool | None = None,
     template_budget_bytes: int | None = None,
-    token_groups: Any = None,
+    token_groups: TokenGroups | None = None,
     group_names: Sequence[str] | None = None,
     backend: str = "auto",
     keep_layers: Sequence[int] = (),
-    sequential: Any = None,
+    sequential: Gates | None = None,
 ) -> EvaluationSet: ...
 
 
 def evaluate(
-    model: Any,
-    sae: Any,
+    model: LanguageModel,
+    sae: Dictionary | CrossLayerTranscoder | Sequence[Dictionary] | Mapping[str, Dictionary],
     tokens: torch.Tensor,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -103,18 +110,18 @@ def evaluate(
     exclude_token_ids: Sequence[int] = (),
     pad_token_id: int | None = None,
     policy: TokenPolicy | None = None,
-    activation_scaler: Any = None,
-    mean_activation: Any = None,
+    activation_scaler: object = None,
+    mean_activation: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     mean_ablation: bool = True,
     scaling_law: ScalingLaw | str | tuple[float, float] | None = DEFAULT_LAW,
     joint: bool = False,
     progress: bool | None = None,
     template_budget_bytes: int | None = None,
-    token_groups: Any = None,
+    token_groups: TokenGroups | None = None,
     group_names: Sequence[str] | None = None,
     backend: str = "auto",
     keep_layers: Sequence[int] = (),
-    sequential: Any = None,
+    sequential: Gates | None = None,
 ) -> Evaluation | EvaluationSet:
     """Evaluate ``sae`` spliced into ``model`` on ``tokens`` (``[n_sequences, seq_len]`` token ids).
 
@@ -183,7 +190,7 @@ def evaluate(
     started = time.perf_counter()
     # --- plan: the options checked, the model's cut, one member per dictionary, the tokens ------------------
     scaling_law = as_scaling_law(scaling_law)
-    if is_clt(sae):
+    if isinstance(sae, CrossLayerTranscoder):
         policy = token_policy(policy, exclude_bos, exclude_special_tokens, exclude_token_ids, pad_token_id)
         unsupported = {"activation_scaler": activation_scaler, "mean_activation": mean_activation}
         unsupported["token_groups"] = token_groups

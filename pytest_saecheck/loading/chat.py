@@ -70,7 +70,7 @@ def as_conversations(documents: Iterator[Any], spec: str) -> Iterator[Conversati
             )
 
 
-def conversation(value: Any, spec: str, location: str) -> Conversation:
+def conversation(value: object, spec: str, location: str) -> Conversation:
     """``value`` checked as a conversation: a list of ``{"role": str, "content": str}`` mappings; a string is
     one user message (as SAE Lens wraps text rows).
 
@@ -177,7 +177,7 @@ def default_is_chat(use_chat_formatting: Any, dataset: str) -> bool:
     return bool(use_chat_formatting) or dataset.removeprefix("hf:") in CHAT_DATASETS
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def _short(value: object, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -562,6 +562,6 @@ def _document(value: Any, spec: str, location: str, column: str) -> Any:
 _NO_ITEM = object()
 
 
-def _short(value: Any, limit: int = 40) -> str:
+def _short(value: object, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -8,8 +8,9 @@ no external reference, no font download.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from html import escape
+from typing import TypeVar
 
 from markupsafe import Markup
 
@@ -47,6 +48,7 @@ UNDERLAY: Mapping[str, str] = {"stroke-width": "4", "stroke-opacity": "0.45", "s
 Series = tuple[str, Sequence[float | None], str] | tuple[str, Sequence[float | None], str, Mapping[str, str]]
 #: ``(name, [low, high] or None per x, colour)``: an interval band.
 Band = tuple[str, Sequence[Sequence[float | None] | None], str]
+_Value = TypeVar("_Value")
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -100,6 +102,36 @@ def _band_intervals(band: Band | None) -> list[tuple[float, float] | None]:
     return out
 
 
+#: The plot area's margins inside a chart (SVG units): room for the y ticks, the legend and the x axis.
+_LEFT, _RIGHT, _TOP, _BOTTOM = 58, 16, 26, 40
+
+_Scale = Callable[[float], float]
+
+
+def _y_grid(ticks: Sequence[float], sy: _Scale, plot_w: float, *, zero: bool) -> list[str]:
+    """A horizontal grid line and a label per y tick (the line at 0 darker when ``zero``)."""
+    body: list[str] = []
+    for tick in ticks:
+        y = sy(tick)
+        colour = PALETTE["zero"] if zero and tick == 0 else PALETTE["grid"]
+        body.append(f'<line x1="{_LEFT}" x2="{_LEFT + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="{colour}"/>')
+        body.append(
+            f'<text x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" fill="{PALETTE["axis"]}">{escape(fmt_tick(tick))}</text>'
+        )
+    return body
+
+
+def _axes(plot_w: float, plot_h: float, x_label: str, x_label_y: float, y_label: str) -> str:
+    """The y and x axis lines and their labels (``x_label`` escaped here, ``y_label`` too)."""
+    return (
+        f'<line x1="{_LEFT}" x2="{_LEFT}" y1="{_TOP}" y2="{_TOP + plot_h}" stroke="{PALETTE["axis"]}"/>'
+        f'<line x1="{_LEFT}" x2="{_LEFT + plot_w}" y1="{_TOP + plot_h}" y2="{_TOP + plot_h}" stroke="{PALETTE["axis"]}"/>'
+        f'<text x="{_LEFT + plot_w / 2}" y="{x_label_y}" text-anchor="middle" fill="{PALETTE["axis"]}">{escape(x_label)}</text>'
+        f'<text transform="translate(14 {_TOP + plot_h / 2}) rotate(-90)" text-anchor="middle" fill="{PALETTE["axis"]}">'
+        f"{escape(y_label)}</text>"
+    )
+
+
 def line_chart(
     series: Sequence[Series],
     *,
@@ -122,8 +154,7 @@ def line_chart(
     points += [(x, bound) for x, value in band_values for bound in value]
     if not points:
         return _empty(width, height, title, "no data")
-    left, right, top, bottom = 58, 16, 26, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
+    plot_w, plot_h = width - _LEFT - _RIGHT, height - _TOP - _BOTTOM
     n = max(len(entry[1]) for entry in series)
     y_values = [y for _, y in points]
     y_ticks = nice_ticks(min(0.0, min(y_values)), max(0.0, max(y_values)))
@@ -131,57 +162,24 @@ def line_chart(
     x_ticks = [t for t in nice_ticks(0, max(1, n - 1), 8) if 0 <= t <= n - 1 and t == int(t)]
 
     def sx(x: float) -> float:
-        return left + (x / max(1, n - 1)) * plot_w
+        return _LEFT + (x / max(1, n - 1)) * plot_w
 
     def sy(y: float) -> float:
-        return top + (1 - (y - y_low) / (y_high - y_low)) * plot_h
+        return _TOP + (1 - (y - y_low) / (y_high - y_low)) * plot_h
 
-    body: list[str] = []
-    for tick in y_ticks:
-        y = sy(tick)
-        colour = PALETTE["zero"] if tick == 0 else PALETTE["grid"]
-        body.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="{colour}"/>')
-        body.append(
-            f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="{PALETTE["axis"]}">{escape(fmt_tick(tick))}</text>'
-        )
+    body = _y_grid(y_ticks, sy, plot_w, zero=True)
     for tick in x_ticks:
         x = sx(tick)
         body.append(
-            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" stroke="{PALETTE["axis"]}"/>'
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP + plot_h}" y2="{_TOP + plot_h + 4}" stroke="{PALETTE["axis"]}"/>'
         )
         body.append(
-            f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle" fill="{PALETTE["axis"]}">{int(tick)}</text>'
+            f'<text x="{x:.1f}" y="{_TOP + plot_h + 16}" text-anchor="middle" fill="{PALETTE["axis"]}">{int(tick)}</text>'
         )
-    body.append(
-        f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="{PALETTE["axis"]}"/>'
-        f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="{PALETTE["axis"]}"/>'
-        f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle" fill="{PALETTE["axis"]}">{escape(x_label)}</text>'
-        f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" text-anchor="middle" fill="{PALETTE["axis"]}">'
-        f"{escape(y_label)}</text>"
-    )
-    legend_x = left + plot_w
+    body.append(_axes(plot_w, plot_h, x_label, height - 6, y_label))
+    legend_x = _LEFT + plot_w
     if band is not None and band_values:
-        runs_band: list[list[tuple[int, tuple[float, float]]]] = [[]]
-        for x, value in enumerate(_band_intervals(band)):
-            if value is None:
-                runs_band.append([])
-            else:
-                runs_band[-1].append((x, value))
-        for run_band in runs_band:
-            if not run_band:
-                continue
-            if len(run_band) == 1:  # a lone position: a short bar
-                ((x, (low, high)),) = run_band
-                body.append(
-                    f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(low):.1f}" y2="{sy(high):.1f}" '
-                    f'stroke="{band[2]}" stroke-opacity="0.35" stroke-width="4"/>'
-                )
-                continue
-            upper = [f"{sx(x):.1f},{sy(value[1]):.1f}" for x, value in run_band]
-            lower = [f"{sx(x):.1f},{sy(value[0]):.1f}" for x, value in reversed(run_band)]
-            body.append(
-                f'<polygon fill="{band[2]}" fill-opacity="0.18" stroke="none" points="{" ".join(upper + lower)}"/>'
-            )
+        body += _band_shapes(band, sx, sy)
         legend_x -= 8 + 7 * len(band[0]) + 16
         body.append(
             f'<rect x="{legend_x}" y="6" width="14" height="8" fill="{band[2]}" fill-opacity="0.3"/>'
@@ -192,28 +190,15 @@ def line_chart(
             continue
         x = sx(x_mark)
         body.append(
-            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="{PALETTE["dead"]}" '
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP}" y2="{_TOP + plot_h}" stroke="{PALETTE["dead"]}" '
             f'stroke-dasharray="4 3"/>'
-            f'<text x="{x - 4:.1f}" y="{top + 12}" text-anchor="end" fill="{PALETTE["dead"]}">{escape(label)}</text>'
+            f'<text x="{x - 4:.1f}" y="{_TOP + 12}" text-anchor="end" fill="{PALETTE["dead"]}">{escape(label)}</text>'
         )
     for entry in series:
-        name, values, colour = entry[0], entry[1], entry[2]
+        name, colour = entry[0], entry[2]
         style = {"stroke-width": "1.8", **(entry[3] if len(entry) > 3 else {})}
         line_style = " ".join(f'{key}="{escape(str(value))}"' for key, value in style.items())
-        runs: list[list[str]] = [[]]
-        for x, point in enumerate(values):
-            if point is None:
-                runs.append([])
-            else:
-                runs[-1].append(f"{sx(x):.1f},{sy(point):.1f}")
-        for run in runs:
-            if len(run) > 1:
-                body.append(
-                    f'<polyline fill="none" stroke="{colour}" {line_style} points="{" ".join(run)}"/>'
-                )
-            elif len(run) == 1:
-                cx, cy = run[0].split(",")
-                body.append(f'<circle cx="{cx}" cy="{cy}" r="2" fill="{colour}"/>')
+        body += _series_shapes(entry[1], colour, line_style, sx, sy)
         y = 14
         legend_x -= 8 + 7 * len(name) + 16
         body.append(
@@ -221,6 +206,53 @@ def line_chart(
             f'<text x="{legend_x + 18}" y="{y}" fill="{PALETTE["text"]}">{escape(name)}</text>'
         )
     return _svg(width, height, title, body)
+
+
+def _runs(values: Sequence[_Value | None]) -> list[list[tuple[int, _Value]]]:
+    """The runs of consecutive ``(x, value)`` between the Nones of ``values`` (empty runs included)."""
+    runs: list[list[tuple[int, _Value]]] = [[]]
+    for x, value in enumerate(values):
+        if value is None:
+            runs.append([])
+        else:
+            runs[-1].append((x, value))
+    return runs
+
+
+def _band_shapes(band: Band, sx: _Scale, sy: _Scale) -> list[str]:
+    """A shaded polygon per run of intervals, a short bar for a lone one."""
+    body: list[str] = []
+    for run in _runs(_band_intervals(band)):
+        if not run:
+            continue
+        if len(run) == 1:  # a lone position: a short bar
+            ((x, (low, high)),) = run
+            body.append(
+                f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(low):.1f}" y2="{sy(high):.1f}" '
+                f'stroke="{band[2]}" stroke-opacity="0.35" stroke-width="4"/>'
+            )
+            continue
+        upper = [f"{sx(x):.1f},{sy(value[1]):.1f}" for x, value in run]
+        lower = [f"{sx(x):.1f},{sy(value[0]):.1f}" for x, value in reversed(run)]
+        body.append(
+            f'<polygon fill="{band[2]}" fill-opacity="0.18" stroke="none" points="{" ".join(upper + lower)}"/>'
+        )
+    return body
+
+
+def _series_shapes(
+    values: Sequence[float | None], colour: str, line_style: str, sx: _Scale, sy: _Scale
+) -> list[str]:
+    """A polyline per run of values, a dot for a lone one."""
+    body: list[str] = []
+    for run in _runs(values):
+        points = [f"{sx(x):.1f},{sy(point):.1f}" for x, point in run]
+        if len(points) > 1:
+            body.append(f'<polyline fill="none" stroke="{colour}" {line_style} points="{" ".join(points)}"/>')
+        elif len(points) == 1:
+            cx, cy = points[0].split(",")
+            body.append(f'<circle cx="{cx}" cy="{cy}" r="2" fill="{colour}"/>')
+    return body
 
 
 def density_ticks(edges: Sequence[float]) -> list[tuple[int, float]]:
@@ -402,7 +434,71 @@ def compute_curve(
     :class:`~pytest_saecheck.errors.ConfigError` for a law without A (as :meth:`ScalingLaw.loss_at`).
     """
     law.loss_at(1.0)  # a law without A raises here, naming the fix
-    placed: list[tuple[str, float, float, float | None]] = []  # label, C_orig, L_orig, C_sae (None: below E)
+    placed, unplaced = _place_marks(law, marks)
+    xs = [c for c, _ in law.points] + [c for _, c, _, _ in placed] + [c for *_, c in placed if c is not None]
+    if not xs:
+        return _empty(width, height, title, "no fit points and no SAE loss to place on the law")
+    log_low, log_high = math.floor(math.log10(min(xs)) - 0.25), math.ceil(math.log10(max(xs)) + 0.25)
+    ys = [law.irreducible, law.loss_at(10**log_high)] + [loss for _, loss in law.points]
+    ys += [loss for _, orig, sae in marks for loss in (orig, sae) if loss is not None and math.isfinite(loss)]
+    y_ticks = nice_ticks(min(ys), max(ys), 5)
+    y_low, y_high = y_ticks[0], y_ticks[-1]
+    legend_h = 14 * (len(placed) + len(unplaced))  # one line per SAE under the plot: the chart grows with it
+    plot_w, plot_h = width - _LEFT - _RIGHT, height - _TOP - _BOTTOM
+    height += legend_h
+    legend = [_curve_legend(law, label, c_orig, orig, c_sae) for label, c_orig, orig, c_sae in placed]
+    longest = max((len(text) for text in [*legend, *unplaced]), default=0)
+    width = max(width, math.ceil(_LEFT + 12 + CHAR_WIDTH * longest + _RIGHT))  # the legend is never clipped
+
+    def sx(compute: float) -> float:
+        return _LEFT + (math.log10(compute) - log_low) / (log_high - log_low) * plot_w
+
+    def sy(loss: float) -> float:
+        return _TOP + (1 - (loss - y_low) / (y_high - y_low)) * plot_h
+
+    body = _y_grid(y_ticks, sy, plot_w, zero=False)
+    for decade in range(log_low, log_high + 1):
+        x = sx(10.0**decade)
+        body.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP}" y2="{_TOP + plot_h}" stroke="{PALETTE["grid"]}"/>'
+            f'<text x="{x:.1f}" y="{_TOP + plot_h + 16}" text-anchor="middle" fill="{PALETTE["axis"]}">1e{decade}</text>'
+        )
+    body.append(
+        _axes(
+            plot_w,
+            plot_h,
+            "training compute C (FLOPs, log scale)",
+            _TOP + plot_h + 32,
+            "loss (nats per token)",
+        )
+    )
+    body += _law_shapes(law, (log_low, log_high), y_high, sx, sy, plot_w)
+    legend_y = _TOP + plot_h + 48
+    for index, (mark, text) in enumerate(zip(placed, legend, strict=True)):
+        colour = SAE_COLOURS[index % len(SAE_COLOURS)]
+        body += _mark_shapes(law, mark, colour, sx, sy)
+        body.append(
+            f'<circle cx="{_LEFT + 4}" cy="{legend_y + 14 * index - 4}" r="4" fill="{colour}"/>'
+            f'<text x="{_LEFT + 12}" y="{legend_y + 14 * index}" fill="{PALETTE["text"]}">{escape(text)}</text>'
+        )
+    formula = f"L(C) = {fmt_tick(law.irreducible)} + {fmt_tick(dict(law.parameters)['A'])} C^-{law.gamma:.3g}"
+    body.append(
+        f'<text x="{_LEFT + plot_w}" y="14" text-anchor="end" fill="{PALETTE["axis"]}">{escape(formula)}</text>'
+    )
+    for index, text in enumerate(unplaced, start=len(placed)):
+        body.append(
+            f'<text x="{_LEFT + 12}" y="{legend_y + 14 * index}" fill="{PALETTE["axis"]}">{escape(text)}</text>'
+        )
+    return _svg(width, height, title, body)
+
+
+#: One SAE placed on the law: ``(label, C_orig, L_orig, C_sae)``, ``C_sae`` None where L_sae is at or below E.
+_Placed = tuple[str, float, float, float | None]
+
+
+def _place_marks(law: ScalingLaw, marks: Sequence[CurveMark]) -> tuple[list[_Placed], list[str]]:
+    """The SAEs placed on the law, and a line for each loss that has no compute on it (at or below E)."""
+    placed: list[_Placed] = []
     unplaced: list[str] = []
     for label, orig, sae in marks:
         c_orig = None if orig is None else law.compute_at(orig)
@@ -417,59 +513,22 @@ def compute_curve(
                 f"{label}: L_sae {fmt_tick(sae)} at or below E, which no compute reaches: not drawn"
             )
         placed.append((label, c_orig, orig, c_sae))
-    xs = [c for c, _ in law.points] + [c for _, c, _, _ in placed] + [c for *_, c in placed if c is not None]
-    if not xs:
-        return _empty(width, height, title, "no fit points and no SAE loss to place on the law")
-    log_low, log_high = math.floor(math.log10(min(xs)) - 0.25), math.ceil(math.log10(max(xs)) + 0.25)
-    ys = [law.irreducible, law.loss_at(10**log_high)] + [loss for _, loss in law.points]
-    ys += [loss for _, orig, sae in marks for loss in (orig, sae) if loss is not None and math.isfinite(loss)]
-    y_ticks = nice_ticks(min(ys), max(ys), 5)
-    y_low, y_high = y_ticks[0], y_ticks[-1]
-    left, right, top, bottom = 58, 16, 26, 40
-    legend_h = 14 * (len(placed) + len(unplaced))  # one line per SAE under the plot: the chart grows with it
-    plot_w, plot_h = width - left - right, height - top - bottom
-    height += legend_h
-    legend = [_curve_legend(law, label, c_orig, orig, c_sae) for label, c_orig, orig, c_sae in placed]
-    longest = max((len(text) for text in [*legend, *unplaced]), default=0)
-    width = max(width, math.ceil(left + 12 + CHAR_WIDTH * longest + right))  # the legend is never clipped
+    return placed, unplaced
 
-    def sx(compute: float) -> float:
-        return left + (math.log10(compute) - log_low) / (log_high - log_low) * plot_w
 
-    def sy(loss: float) -> float:
-        return top + (1 - (loss - y_low) / (y_high - y_low)) * plot_h
-
-    body: list[str] = []
-    for tick in y_ticks:
-        y = sy(tick)
-        body.append(
-            f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="{PALETTE["grid"]}"/>'
-        )
-        body.append(
-            f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="{PALETTE["axis"]}">{escape(fmt_tick(tick))}</text>'
-        )
-    for decade in range(log_low, log_high + 1):
-        x = sx(10.0**decade)
-        body.append(
-            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="{PALETTE["grid"]}"/>'
-            f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle" fill="{PALETTE["axis"]}">1e{decade}</text>'
-        )
-    body.append(
-        f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="{PALETTE["axis"]}"/>'
-        f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="{PALETTE["axis"]}"/>'
-        f'<text x="{left + plot_w / 2}" y="{top + plot_h + 32}" text-anchor="middle" fill="{PALETTE["axis"]}">'
-        "training compute C (FLOPs, log scale)</text>"
-        f'<text transform="translate(14 {top + plot_h / 2}) rotate(-90)" text-anchor="middle" fill="{PALETTE["axis"]}">'
-        "loss (nats per token)</text>"
-    )
+def _law_shapes(
+    law: ScalingLaw, decades: tuple[int, int], y_high: float, sx: _Scale, sy: _Scale, plot_w: float
+) -> list[str]:
+    """E as a dashed line; the law solid over its fit points' compute and dashed beyond; the fit points."""
     e_y = sy(law.irreducible)
-    body.append(
-        f'<line x1="{left}" x2="{left + plot_w}" y1="{e_y:.1f}" y2="{e_y:.1f}" stroke="{PALETTE["zero"]}" '
-        f'stroke-dasharray="4 3"/><text x="{left + plot_w - 4}" y="{e_y - 4:.1f}" text-anchor="end" '
+    body = [
+        f'<line x1="{_LEFT}" x2="{_LEFT + plot_w}" y1="{e_y:.1f}" y2="{e_y:.1f}" stroke="{PALETTE["zero"]}" '
+        f'stroke-dasharray="4 3"/><text x="{_LEFT + plot_w - 4}" y="{e_y - 4:.1f}" text-anchor="end" '
         f'fill="{PALETTE["zero"]}">E = {escape(fmt_tick(law.irreducible))}</text>'
-    )
+    ]
     fitted = [c for c, _ in law.points]
     span = (min(fitted), max(fitted)) if fitted else (math.inf, -math.inf)
+    log_low, log_high = decades
     steps = 120
     solid: list[str] = []
     dashed: list[list[str]] = [[]]
@@ -501,33 +560,24 @@ def compute_curve(
             f'<circle cx="{sx(compute):.1f}" cy="{sy(loss):.1f}" r="3.5" fill="white" stroke="{PALETTE["primary"]}" '
             f'stroke-width="1.5"><title>fit point: C {escape(fmt_tick(compute))} FLOPs, L {escape(fmt_tick(loss))}</title></circle>'
         )
-    legend_y = top + plot_h + 48
-    for index, ((label, c_orig, orig, c_sae), text) in enumerate(zip(placed, legend, strict=True)):
-        colour = SAE_COLOURS[index % len(SAE_COLOURS)]
-        x0, y0 = sx(c_orig), sy(orig)
+    return body
+
+
+def _mark_shapes(law: ScalingLaw, mark: _Placed, colour: str, sx: _Scale, sy: _Scale) -> list[str]:
+    """One SAE's L_orig on the law and, where it has one, its L_sae joined to it by the compute gap."""
+    label, c_orig, orig, c_sae = mark
+    x0, y0 = sx(c_orig), sy(orig)
+    body = [
+        f'<circle cx="{x0:.1f}" cy="{y0:.1f}" r="4" fill="{PALETTE["text"]}"><title>{escape(label)}: L_orig '
+        f"{escape(fmt_tick(orig))} at C {escape(fmt_tick(c_orig))}</title></circle>"
+    ]
+    if c_sae is not None:
+        sae = law.loss_at(c_sae)
+        x1, y1 = sx(c_sae), sy(sae)
         body.append(
-            f'<circle cx="{x0:.1f}" cy="{y0:.1f}" r="4" fill="{PALETTE["text"]}"><title>{escape(label)}: L_orig '
-            f"{escape(fmt_tick(orig))} at C {escape(fmt_tick(c_orig))}</title></circle>"
+            f'<line x1="{x0:.1f}" x2="{x1:.1f}" y1="{y1:.1f}" y2="{y1:.1f}" stroke="{colour}" '
+            f'stroke-dasharray="2 2"/><circle cx="{x1:.1f}" cy="{y1:.1f}" r="4" fill="{colour}"><title>'
+            f"{escape(label)}: L_sae {escape(fmt_tick(sae))} at C {escape(fmt_tick(c_sae))}: compute_fraction "
+            f"{escape(_fraction(c_sae / c_orig))}</title></circle>"
         )
-        if c_sae is not None:
-            sae = law.loss_at(c_sae)
-            x1, y1 = sx(c_sae), sy(sae)
-            body.append(
-                f'<line x1="{x0:.1f}" x2="{x1:.1f}" y1="{y1:.1f}" y2="{y1:.1f}" stroke="{colour}" '
-                f'stroke-dasharray="2 2"/><circle cx="{x1:.1f}" cy="{y1:.1f}" r="4" fill="{colour}"><title>'
-                f"{escape(label)}: L_sae {escape(fmt_tick(sae))} at C {escape(fmt_tick(c_sae))}: compute_fraction "
-                f"{escape(_fraction(c_sae / c_orig))}</title></circle>"
-            )
-        body.append(
-            f'<circle cx="{left + 4}" cy="{legend_y + 14 * index - 4}" r="4" fill="{colour}"/>'
-            f'<text x="{left + 12}" y="{legend_y + 14 * index}" fill="{PALETTE["text"]}">{escape(text)}</text>'
-        )
-    formula = f"L(C) = {fmt_tick(law.irreducible)} + {fmt_tick(dict(law.parameters)['A'])} C^-{law.gamma:.3g}"
-    body.append(
-        f'<text x="{left + plot_w}" y="14" text-anchor="end" fill="{PALETTE["axis"]}">{escape(formula)}</text>'
-    )
-    for index, text in enumerate(unplaced, start=len(placed)):
-        body.append(
-            f'<text x="{left + 12}" y="{legend_y + 14 * index}" fill="{PALETTE["axis"]}">{escape(text)}</text>'
-        )
-    return _svg(width, height, title, body)
+    return body

@@ -80,7 +80,7 @@ DISTINGUISHING: tuple[tuple[str, Callable[[Mapping[str, Any]], Any]], ...] = (
 )
 
 
-def _shown(value: Any) -> str:
+def _shown(value: object) -> str:
     if value is None:  # a setting left unset: "(token_groups=none)", as the settings are written
         return "none"
     if isinstance(value, bool):

@@ -152,7 +152,7 @@ def max_cosine_statistics(sae: Any, chunk: int = 4096) -> dict[str, float] | Non
         }
 
 
-def _finite(value: Any) -> float | None:
+def _finite(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)

@@ -17,6 +17,7 @@ from pytest_saecheck.defaults import INTERVAL_LEVEL
 from pytest_saecheck.messages import fmt
 from pytest_saecheck.metrics import metrics_from_sums
 from pytest_saecheck.scaling import DEFAULT_LAW
+from pytest_saecheck.sums import Sum
 
 
 @dataclass
@@ -60,14 +61,14 @@ def evaluation_record(
     ev = 0.78 + 0.1 * rng.random()
     # per-token means as sums over one token: the scores below come from the engine's own formulas
     sums = {
-        "n_ce": 1.0,
-        "ce_sum_orig": ce_orig,
-        "ce_sum_sae": ce_sae,
-        "ce_sum_zero": ce_zero,
-        "ce_sum_mean": ce_mean,
-        "n_kl": 1.0,
-        "kl_sum_sae": 0.8 * (ce_sae - ce_orig) + 0.01,
-        "kl_sum_zero": 7.1,
+        Sum.N_CE: 1.0,
+        Sum.CE_ORIG: ce_orig,
+        Sum.CE_SAE: ce_sae,
+        Sum.CE_ZERO: ce_zero,
+        Sum.CE_MEAN: ce_mean,
+        Sum.N_KL: 1.0,
+        Sum.KL_SAE: 0.8 * (ce_sae - ce_orig) + 0.01,
+        Sum.KL_ZERO: 7.1,
     }
     computed = metrics_from_sums({key: np.asarray(value) for key, value in sums.items()}, DEFAULT_LAW)
     metrics: dict[str, float] = {name: float(value) for name, value in computed.items()}

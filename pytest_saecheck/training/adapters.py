@@ -28,11 +28,11 @@ _SPARSIFY_MISSING = (
 )
 
 
-def _class_modules(obj: Any) -> list[str]:
+def _class_modules(obj: object) -> list[str]:
     return [getattr(c, "__module__", "") or "" for c in type(obj).__mro__]
 
 
-def _from_package(obj: Any, package: str) -> bool:
+def _from_package(obj: object, package: str) -> bool:
     return any(m == package or m.startswith(package + ".") for m in _class_modules(obj))
 
 
@@ -169,7 +169,7 @@ class SAELensTopKAdapter(AuxLossAdapterBase):
         return self._step_input_cls(**kwargs)
 
 
-def _sae_lens_adapter(training_sae: Any) -> SAELensTopKAdapter | None:
+def _sae_lens_adapter(training_sae: object) -> SAELensTopKAdapter | None:
     if not _from_package(training_sae, "sae_lens"):
         return None
     topk_cls = _import_optional("sae_lens.saes.topk_sae", "TopKTrainingSAE")
@@ -244,7 +244,7 @@ class SparsifyAdapter(AuxLossAdapterBase):
         return squared_error.sum() / (x - x.mean(0)).pow(2).sum()
 
 
-def _sparsify_adapter(training_sae: Any) -> SparsifyAdapter | None:
+def _sparsify_adapter(training_sae: object) -> SparsifyAdapter | None:
     if not _from_package(training_sae, "sparsify"):
         return None
     cls = _import_optional("sparsify.sparse_coder", "SparseCoder")
@@ -253,7 +253,7 @@ def _sparsify_adapter(training_sae: Any) -> SparsifyAdapter | None:
     return None
 
 
-def builtin_training_adapter(training_sae: Any) -> AuxLossAdapterBase | None:
+def builtin_training_adapter(training_sae: object) -> AuxLossAdapterBase | None:
     """The built-in adapter for ``training_sae``, or ``None`` when no built-in one applies."""
     adapter: AuxLossAdapterBase | None = _sae_lens_adapter(training_sae)
     return adapter if adapter is not None else _sparsify_adapter(training_sae)

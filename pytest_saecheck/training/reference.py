@@ -11,7 +11,6 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -282,7 +281,7 @@ def close(a: float, b: float, atol: float, rtol: float) -> bool:
     return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= atol + rtol * abs(b)
 
 
-def check_tolerances(atol: Any, rtol: Any) -> tuple[float, float]:
+def check_tolerances(atol: object, rtol: object) -> tuple[float, float]:
     """``(atol, rtol)`` as finite non-negative floats, else :class:`ConfigError`."""
     atol, rtol = finite_number("atol", atol), finite_number("rtol", rtol)
     if atol < 0 or rtol < 0:
@@ -297,19 +296,20 @@ def separating_probe(
     adapter: ResolvedAdapter, x: torch.Tensor, dead: torch.Tensor, setup: Setup, seed: int
 ) -> tuple[torch.Tensor, float, float]:
     """Pick, among a few seeded probe vectors, the one whose correct and double-counting reference losses
-    differ the most (relative), so that a coincidence cannot hide the difference. Returns (probe, ref, dbl)."""
+    differ the most (relative), so that a coincidence cannot hide the difference. Returns (probe, reference loss, double-counting loss)."""
     best: tuple[float, torch.Tensor, float, float] | None = None
     for i, scale in enumerate(_PROBE_SCALES):
         probe = probe_vector(setup, x, seed + 1 + i, scale=scale)
         set_bias(adapter, probe)
         inputs = reference_inputs(adapter, x, setup)
-        ref = float(reference_loss(adapter, inputs, dead, setup))
-        dbl = float(reference_loss(adapter, inputs, dead, setup, double_count=True))
+        reference = float(reference_loss(adapter, inputs, dead, setup))
+        double_counting = float(reference_loss(adapter, inputs, dead, setup, double_count=True))
         del inputs
-        denom = max(abs(ref), abs(dbl), 1e-300)
-        separation = abs(dbl - ref) / denom if math.isfinite(ref) and math.isfinite(dbl) else -1.0
+        scale_of_both = max(abs(reference), abs(double_counting), 1e-300)
+        finite = math.isfinite(reference) and math.isfinite(double_counting)
+        separation = abs(double_counting - reference) / scale_of_both if finite else -1.0
         if best is None or separation > best[0]:
-            best = (separation, probe, ref, dbl)
+            best = (separation, probe, reference, double_counting)
         if separation > 0.25:
             break
     assert best is not None

@@ -56,11 +56,11 @@ class ResolvedAdapter:
     gradient_tensors: Callable[[], Mapping[str, torch.Tensor]]
 
 
-def _looks_like_adapter(obj: Any) -> bool:
+def _looks_like_adapter(obj: object) -> bool:
     return all(callable(getattr(obj, member, None)) for member in REQUIRED_MEMBERS)
 
 
-def _missing_members(adapter: Any, source: str, training_sae: Any) -> None:
+def _missing_members(adapter: object, source: str, training_sae: object) -> None:
     missing = [member for member in REQUIRED_MEMBERS if not callable(getattr(adapter, member, None))]
     if missing:
         raise TrainingCheckError(
@@ -70,7 +70,7 @@ def _missing_members(adapter: Any, source: str, training_sae: Any) -> None:
         )
 
 
-def _unsupported_message(training_sae: Any) -> str:
+def _unsupported_message(training_sae: object) -> str:
     cls = type(training_sae)
     lines = [
         f"No AuxK training adapter for {cls.__module__}.{cls.__qualname__}.",
@@ -161,7 +161,7 @@ def _fill(adapter: Any, training_sae: Any) -> ResolvedAdapter:
     )
 
 
-def resolve(training_sae: Any, adapter: Any = None) -> ResolvedAdapter:
+def resolve(training_sae: object, adapter: object = None) -> ResolvedAdapter:
     """The :class:`ResolvedAdapter` of ``training_sae`` (``adapter`` as for :func:`resolve_training_adapter`;
     an already resolved adapter is returned as it is).
 
