@@ -193,10 +193,9 @@ class _Run:
         )
 
     def good_sae(self) -> Any:
-        from pytest_saecheck import demo
-
+        """The subjects' well-trained SAE, on the model's device."""
         return self.once(
-            "good", lambda: demo.load_sae("good", device=next(self.subjects.model.parameters()).device)
+            "good", lambda: self.subjects.trained_sae(next(self.subjects.model.parameters()).device)
         )
 
 
@@ -413,7 +412,7 @@ def check_explained_variance_half_precision(run: _Run, result: PropertyResult) -
 
 def check_transcoder_splice(run: _Run, result: PropertyResult) -> None:
     device = next(run.subjects.model.parameters()).device
-    model = run.once("relu", lambda: subjects.relu_model(device))
+    model = run.once("relu", lambda: run.subjects.relu_model(device))
     try:
         transcoder = run.once("transcoder", lambda: subjects.mlp_transcoder(model, subjects.TRANSCODER_LAYER))
     except ImportError as error:
@@ -436,7 +435,7 @@ def check_agreement(run: _Run, result: PropertyResult) -> None:
     ours = run.ours("good", s.model, sae, BATCH)
     shared = {name: value for name, value in ours.items() if name in metrics}
     _compare(result, metrics, shared, run.tol)
-    result.note = "demo model, demo 'good' SAE, every position evaluated, against pytest_saecheck.evaluate"
+    result.note = f"{s.description}, every position evaluated, against pytest_saecheck.evaluate"
 
 
 PROPERTIES: dict[str, Callable[[_Run, PropertyResult], None]] = {
@@ -502,24 +501,25 @@ def assert_metric_pipeline(
 ) -> None:
     """Run the battery of :data:`PROPERTIES` against a metric pipeline; fail listing every broken property.
 
-    ``pipeline``: a callable ``(model, sae, tokens, *, batch_size) -> Mapping`` of SAE Lens-named metrics (nested
-    like ``run_evals``' output or flat; the protocol and the optional ``exclude_token_ids=``/``activation_scale=``
-    keywords are in :mod:`pytest_saecheck.checks.pipeline_adapters`), or a built-in adapter name: ``"sae_lens"``
-    (the installed SAE Lens' ``run_evals``), ``"sae_bench"`` (SAEBench core, when installed) or ``"saecheck"``
-    (our own engine). ``checks``: property names to run (default: all, in :data:`PROPERTIES` order). ``tol``:
-    relative tolerance of every equality (default :data:`DEFAULT_TOL`). ``device``: where the subjects live
-    (default CUDA when available). The subjects are built from the bundled demo model: about a minute on a CPU.
+        ``pipeline``: a callable ``(model, sae, tokens, *, batch_size) -> Mapping`` of SAE Lens-named metrics (nested
+        like ``run_evals``' output or flat; the protocol and the optional ``exclude_token_ids=``/``activation_scale=``
+        keywords are in :mod:`pytest_saecheck.checks.pipeline_adapters`), or a built-in adapter name: ``"sae_lens"``
+        (the installed SAE Lens' ``run_evals``), ``"sae_bench"`` (SAEBench core, when installed) or ``"saecheck"``
+        (our own engine). ``checks``: property names to run (default: all, in :data:`PROPERTIES` order). ``tol``:
+        relative tolerance of every equality (default :data:`DEFAULT_TOL`). ``device``: where the subjects live
+        (default CUDA when available). The subjects come from a plug-in (:func:`.pipeline_subjects.build_subjects`: the
+    bundled demo model).
 
-    The failure message has one row per broken number: property, metric, the pipeline's number, the right number
-    (exact by construction, or our engine's float64 value on the same tokens), then each broken property's likely
-    cause and the SAE Lens releases measured to have it. A property the pipeline cannot run (it reports none of
-    the metrics, or does not take a keyword the property needs) is listed as not checked; when it was selected
-    explicitly through ``checks`` that fails the check.
+        The failure message has one row per broken number: property, metric, the pipeline's number, the right number
+        (exact by construction, or our engine's float64 value on the same tokens), then each broken property's likely
+        cause and the SAE Lens releases measured to have it. A property the pipeline cannot run (it reports none of
+        the metrics, or does not take a keyword the property needs) is listed as not checked; when it was selected
+        explicitly through ``checks`` that fails the check.
 
-    Raises:
-        AssertionError: a property is broken (or an explicitly selected one could not be checked).
-        ConfigError: an unknown property or adapter name, a bad ``tol``, an adapter whose library is missing, or a
-            pipeline output that is not a mapping of numbers.
+        Raises:
+            AssertionError: a property is broken (or an explicitly selected one could not be checked).
+            ConfigError: an unknown property or adapter name, a bad ``tol``, an adapter whose library is missing, or a
+                pipeline output that is not a mapping of numbers.
     """
     __tracebackhide__ = True
     _, explicit = _selected(checks)

@@ -10,9 +10,6 @@ own frames from the tracebacks of the :class:`~pytest_saecheck.errors.SAECheckEr
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import re
 import types
 import warnings
 from collections.abc import Generator
@@ -23,16 +20,14 @@ import _pytest
 import pluggy
 import pytest
 
-from pytest_saecheck import hookspecs, records
+from pytest_saecheck import extensions, hookspecs, records
 from pytest_saecheck.checks import baselines
 from pytest_saecheck.errors import ConfigError, SAECheckError
-from pytest_saecheck.naming import joined
-from pytest_saecheck.plugin import profiles
+from pytest_saecheck.plugin import profiles, xdist_groups
 from pytest_saecheck.plugin import settings as settings_config
 from pytest_saecheck.plugin.fixtures import (
     CACHE_KEY,
     plan_release_groups,
-    release_group_key,
     saecheck,
     saecheck_device,
     saecheck_model,
@@ -52,9 +47,6 @@ __all__ = [
 ]
 
 PREVIOUS_HOOK_KEY = pytest.StashKey[Any]()
-XDIST_GROUP_KEY = pytest.StashKey[str]()
-#: Set by ``xdist_scheduling.pytest_configure_node`` in a worker's ``workerinput`` (the same string there).
-XDIST_GROUPS_INPUT = "saecheck_xdist_groups"
 
 MARKER_HELP = (
     "saecheck("
@@ -67,8 +59,6 @@ HIDDEN_DIRS = (
     Path(__file__).resolve().parent.parent,
     *(Path(module.__file__).resolve().parent for module in (_pytest, pluggy) if module.__file__),
 )
-#: The fixtures that load an SAE: tests using one of them are grouped per SAE under pytest-xdist.
-SAE_FIXTURES = frozenset({"saecheck", "saecheck_sae", "saecheck_model", "saecheck_tokens"})
 
 
 class SettingShadowedWarning(pytest.PytestWarning):
@@ -77,6 +67,9 @@ class SettingShadowedWarning(pytest.PytestWarning):
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hookspecs)
+    extensions.load_plugins(
+        pluginmanager
+    )  # the plug-ins of the saecheck hooks (the bundled demo's among them)
     # The report plugin has its own options (pytest_addoption is historic, so they still register) and
     # hookspecs; importing it here keeps `-p no:saecheck` disabling everything.
     pluginmanager.import_plugin("pytest_saecheck.report.plugin")
@@ -147,14 +140,14 @@ def pytest_collection_modifyitems(
         _warn_shadowed_options(config, items)
     loadgroup = bool(getattr(config.option, "loadgroup", False))  # an xdist worker under --dist loadgroup
     if loadgroup:
-        _group_by_sae(items)
+        xdist_groups.group_by_sae(items)
     result = yield
     if loadgroup:
-        _suffix_xdist_groups(items)
-    elif worker is not None and worker.get(XDIST_GROUPS_INPUT):
+        xdist_groups.suffix_xdist_groups(items)
+    elif worker is not None and worker.get(xdist_groups.XDIST_GROUPS_INPUT):
         # --dist load (what -n N implies): the groups travel in the ids of the collection message only
-        for item, group in _sae_groups(items).items():
-            item.stash[XDIST_GROUP_KEY] = group
+        for item, group in xdist_groups.sae_groups(items).items():
+            item.stash[xdist_groups.XDIST_GROUP_KEY] = group
     # after deselection: SAEs whose tests differ only in the SAE are evaluated in one shared pass
     plan_release_groups(config, items)
     return result
@@ -164,55 +157,8 @@ def pytest_collection_modifyitems(
 def pytest_collection_finish(session: pytest.Session) -> Generator[None, Any, Any]:
     """On an xdist worker under ``--dist load``, the collection it reports carries each saecheck test's group
     (``xdist_scheduling``): the ids are suffixed while xdist sends them, then restored."""
-    with _ids_with_groups(session.items):
+    with xdist_groups.ids_with_groups(session.items):
         return (yield)
-
-
-@contextlib.contextmanager
-def _ids_with_groups(items: list[pytest.Item]) -> Generator[None, None, None]:
-    changed: list[tuple[pytest.Item, str, Any]] = []
-    try:
-        for item in items:
-            group = item.stash.get(XDIST_GROUP_KEY, None)
-            if group is None:
-                continue
-            suffixed = f"{item.nodeid}@{group}"
-            identity = getattr(item, "_id", None)
-            parse = getattr(type(identity), "parse", None)
-            if callable(parse):  # pytest 9 keeps a NodeId in Item._id
-                attribute, value = "_id", parse(suffixed)
-            elif "_nodeid" in vars(item):  # earlier pytest: a string in Item._nodeid
-                attribute, value = "_nodeid", suffixed
-            else:
-                continue  # a pytest that keeps the id elsewhere: these tests are load-balanced one by one
-            changed.append((item, attribute, getattr(item, attribute)))
-            setattr(item, attribute, value)
-        yield
-    finally:
-        for item, attribute, previous in changed:
-            setattr(item, attribute, previous)
-
-
-def _suffix_xdist_groups(items: list[pytest.Item]) -> None:
-    """Make sure each grouped test's node id ends in ``@<group>``, which is what ``--dist loadgroup`` schedules by.
-
-    pytest-xdist appends it by assigning ``Item._nodeid``; pytest versions that keep the node id elsewhere (a
-    ``NodeId`` in ``Item._id``) ignore that assignment, and every group would be spread over the workers.
-    """
-    for item in items:
-        names = sorted(
-            {
-                str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
-                for mark in item.iter_markers("xdist_group")
-            }
-        )
-        suffix = "@" + "_".join(names)
-        if not names or item.nodeid.endswith(suffix):
-            continue
-        identity = getattr(item, "_id", None)
-        parse = getattr(type(identity), "parse", None)
-        if callable(parse):
-            item._id = parse(item.nodeid + suffix)
 
 
 def _warn_shadowed_options(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -236,41 +182,6 @@ def _warn_shadowed_options(config: pytest.Config, items: list[pytest.Item]) -> N
         )
         line = item.location[1]
         warnings.warn_explicit(warning, SettingShadowedWarning, str(item.path), (line or 0) + 1)
-
-
-def xdist_group_name(settings: settings_config.SAECheckSettings) -> str:
-    """The pytest-xdist group of a test's SAE: its release group when SAEs are evaluated together (every setting
-    but the SAE), else its spec (and model), as characters safe in a node id suffix."""
-    sae = joined(settings.sae)
-    if isinstance(settings.sae, str) and settings.splice == "separate" and settings.release_group_mib > 0:
-        key: str | None = repr(release_group_key(settings))
-        slug = "release"
-    else:
-        key = sae if settings.model is None else f"{sae}@{settings.model}"
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", settings_config.short_id(sae or "none"))[:40]
-    return f"saecheck-{slug}-{hashlib.sha1(str(key).encode()).hexdigest()[:8]}"
-
-
-def _sae_groups(items: list[pytest.Item]) -> dict[pytest.Item, str]:
-    """The xdist group of every test that uses an SAE fixture and has an SAE (not one the user grouped)."""
-    groups = {}
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue  # the user grouped it
-        if not SAE_FIXTURES & set(getattr(item, "fixturenames", ())):
-            continue
-        try:
-            settings = settings_config.resolve_for_item(item)
-        except ConfigError:
-            continue
-        if settings.sae is not None:
-            groups[item] = xdist_group_name(settings)
-    return groups
-
-
-def _group_by_sae(items: list[pytest.Item]) -> None:
-    for item, group in _sae_groups(items).items():
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.hookimpl(wrapper=True)

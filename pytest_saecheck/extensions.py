@@ -1,0 +1,73 @@
+"""Plug-ins of pytest-saecheck: where every extension point (:mod:`pytest_saecheck.hookspecs`) is asked.
+
+A plug-in is a module of hook implementations. In a ``conftest.py`` or a pytest plugin it works inside pytest;
+a package that wants its plug-in to work outside pytest too (``pytest_saecheck.load_model(...)`` in plain
+Python) advertises it under the entry-point group :data:`ENTRY_POINT_GROUP` in its metadata, as this package does
+for its bundled demo::
+
+    [project.entry-points.pytest_saecheck]
+    saecheck-demo = "pytest_saecheck.demo.plugin"
+
+The saecheck pytest plugin loads those into pytest's plugin manager (``-p no:saecheck-demo`` leaves one out);
+outside pytest, :func:`relay` answers from a plugin manager of this package holding them. Mark default
+implementations ``trylast``, so that a ``conftest.py``'s implementation of a ``firstresult`` hook answers first.
+
+Importing this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+import pluggy
+
+from pytest_saecheck import hookspecs
+
+ENTRY_POINT_GROUP = "pytest_saecheck"
+"""The entry-point group of plug-ins that work in and outside pytest."""
+PROJECT = "pytest"
+"""pluggy's project name of the hook markers (the hookspecs are pytest hookspecs)."""
+
+T = TypeVar("T")
+
+
+def load_plugins(manager: pluggy.PluginManager) -> None:
+    """Register in ``manager`` every plug-in advertised under :data:`ENTRY_POINT_GROUP` (blocked names skipped)."""
+    manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+
+
+@functools.lru_cache(maxsize=1)
+def _standalone() -> pluggy.PluginManager:
+    """The plugin manager used outside a pytest session: the hookspecs and the advertised plug-ins."""
+    manager = pluggy.PluginManager(PROJECT)
+    manager.add_hookspecs(hookspecs)
+    load_plugins(manager)
+    return manager
+
+
+def relay() -> Any:
+    """The hook relay to ask: the running pytest session's, else this package's own (:func:`_standalone`)."""
+    hook = hookspecs.active_hook()
+    return hook if hook is not None else _standalone().hook
+
+
+def named(answers: Iterable[Mapping[str, T] | None], what: str) -> dict[str, T]:
+    """One mapping of the named things (scaling laws, groupings) that plug-ins answered with.
+
+    ``answers``: a non-``firstresult`` hook's results. Raises :class:`~pytest_saecheck.errors.ConfigError` when
+    two plug-ins give one name (``what`` names the kind in the message).
+    """
+    from pytest_saecheck.errors import ConfigError
+
+    merged: dict[str, T] = {}
+    for answer in answers:
+        for name, value in (answer or {}).items():
+            if name in merged and merged[name] is not value:
+                raise ConfigError(f"two plug-ins register the {what} {name!r}; uninstall or rename one")
+            merged[name] = value
+    return merged
+
+
+__all__ = ["ENTRY_POINT_GROUP", "load_plugins", "named", "relay"]
