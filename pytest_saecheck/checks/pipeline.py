@@ -372,8 +372,9 @@ HALF_TOL = 1e-2
 float64 from the same half-precision activations and reconstructions, so the pipeline's accumulation (and, on an
 accelerator, kernels that round a batch differently) is all that differs: SAE Lens 6.54.12 on the CPU is
 8.4e-7 (bfloat16) and 2.9e-6 (float16) from it; bfloat16 keeps 8 significant bits (relative rounding 2⁻⁹ per
-value), and 0.01 leaves room for that while the fault it catches is off by 0.24–0.65 (issue 24: 0.0 and 1.0
-where 0.2379 and 0.3520 are right)."""
+value), and 0.01 leaves room for that while the fault it catches is off by 0.24–0.65 (SAE Lens 6.45.1–6.51.3
+summing in half precision, on a PCA SAE over a residual stream with a large mean: 0.0 in bfloat16 and 1.0 in
+float16 where 0.2379 and 0.3520 are right)."""
 
 
 def check_explained_variance_half_precision(run: _Run, result: PropertyResult) -> None:

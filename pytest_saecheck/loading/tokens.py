@@ -452,7 +452,7 @@ def _array_rows(array: Any) -> Iterator[Any]:
 
 def _parquet_rows(path: Path, batch_rows: int = 1024) -> Iterator[Any]:
     """The rows of a Parquet file as dicts, read row group by row group, ``batch_rows`` rows at a time (never
-    the whole table: +790 MB and 2.2 s where the same tokens as .jsonl took 0.04 s)."""
+    the whole table, whose decoded form can be many times the rows asked for)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
