@@ -119,3 +119,13 @@ def test_the_demo_module_is_light() -> None:
     code = "import sys, pytest_saecheck.demo.plugin; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_settings_are_checked_against_the_session_s_plugins(pytester: pytest.Pytester) -> None:
+    """The command line is validated with the session's own plug-ins: without the demo, its law is unknown (a
+    fresh process, where the package's own plugin manager, which holds the demo, would otherwise answer)."""
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    pytester.runpytest_inprocess("--saecheck-scaling-law=demo").assert_outcomes(passed=1)
+    result = pytester.runpytest_subprocess("-p", "no:saecheck-demo", "--saecheck-scaling-law=demo")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--saecheck-scaling-law*a plug-in's named law (none registered)*got 'demo'*"])

@@ -84,9 +84,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
-    settings_config.validate_command_line(config)
     config.stash[PREVIOUS_HOOK_KEY] = hookspecs.active_hook()  # restored at unconfigure (nested runs)
-    hookspecs.set_active_hook(config.hook)
+    hookspecs.set_active_hook(config.hook)  # first: validating a setting may ask the plug-ins (named laws)
+    settings_config.validate_command_line(config)
     config.pluginmanager.register(SummaryReporter(config), "saecheck-summary")
     if config.pluginmanager.hasplugin("xdist") and not config.pluginmanager.hasplugin("saecheck-xdist"):
         from pytest_saecheck.plugin import (
