@@ -128,4 +128,6 @@ def test_settings_are_checked_against_the_session_s_plugins(pytester: pytest.Pyt
     pytester.runpytest_inprocess("--saecheck-scaling-law=demo").assert_outcomes(passed=1)
     result = pytester.runpytest_subprocess("-p", "no:saecheck-demo", "--saecheck-scaling-law=demo")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--saecheck-scaling-law*a plug-in's named law (none registered)*got 'demo'*"])
+    result.stderr.fnmatch_lines(
+        ["*--saecheck-scaling-law*a plug-in's named law (none registered)*got 'demo'*"]
+    )
