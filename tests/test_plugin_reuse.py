@@ -1,4 +1,4 @@
-"""Nothing computed twice (issue 26 item 0, issue 24 item 16): an evaluation is keyed by what determines it; a
+"""Nothing computed twice: an evaluation is keyed by what determines it; a
 setting that only changes derived numbers (the scaling law) reuses it, equivalent model kwargs share one model,
 and the report counts each SAE once."""
 
