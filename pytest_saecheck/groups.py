@@ -196,8 +196,8 @@ def resolve(spec: str, model: Any, tokens: Any, kept: Any = None) -> Grouping:
 
     ``module:attribute`` names a :class:`Grouping`, or a function ``(tokens, model)`` returning one. Raises
     :class:`ConfigError` when the module or attribute is missing or gives something else. With ``kept`` (the
-    token policy's boolean mask of ``tokens``), a built-in or plug-in grouping leaves out the groups no kept position falls
-    in (:func:`without_empty_groups`), so every group it names has tokens to measure.
+    token policy's boolean mask of ``tokens``), a built-in or plug-in grouping leaves out the groups no kept
+    position falls in (:func:`without_empty_groups`), so every group it names has tokens to measure.
     """
     spec = check_spec(spec)
     builtin: Grouping | None = None

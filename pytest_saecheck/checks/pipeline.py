@@ -502,25 +502,25 @@ def assert_metric_pipeline(
 ) -> None:
     """Run the battery of :data:`PROPERTIES` against a metric pipeline; fail listing every broken property.
 
-        ``pipeline``: a callable ``(model, sae, tokens, *, batch_size) -> Mapping`` of SAE Lens-named metrics (nested
-        like ``run_evals``' output or flat; the protocol and the optional ``exclude_token_ids=``/``activation_scale=``
-        keywords are in :mod:`pytest_saecheck.checks.pipeline_adapters`), or a built-in adapter name: ``"sae_lens"``
-        (the installed SAE Lens' ``run_evals``), ``"sae_bench"`` (SAEBench core, when installed) or ``"saecheck"``
-        (our own engine). ``checks``: property names to run (default: all, in :data:`PROPERTIES` order). ``tol``:
-        relative tolerance of every equality (default :data:`DEFAULT_TOL`). ``device``: where the subjects live
-        (default CUDA when available). The subjects come from a plug-in (:func:`.pipeline_subjects.build_subjects`: the
+    ``pipeline``: a callable ``(model, sae, tokens, *, batch_size) -> Mapping`` of SAE Lens-named metrics (nested
+    like ``run_evals``' output or flat; the protocol and the optional ``exclude_token_ids=``/``activation_scale=``
+    keywords are in :mod:`pytest_saecheck.checks.pipeline_adapters`), or a built-in adapter name: ``"sae_lens"``
+    (the installed SAE Lens' ``run_evals``), ``"sae_bench"`` (SAEBench core, when installed) or ``"saecheck"``
+    (our own engine). ``checks``: property names to run (default: all, in :data:`PROPERTIES` order). ``tol``:
+    relative tolerance of every equality (default :data:`DEFAULT_TOL`). ``device``: where the subjects live
+    (default CUDA when available). The subjects come from a plug-in (:func:`.pipeline_subjects.build_subjects`: the
     bundled demo model).
 
-        The failure message has one row per broken number: property, metric, the pipeline's number, the right number
-        (exact by construction, or our engine's float64 value on the same tokens), then each broken property's likely
-        cause and the SAE Lens releases measured to have it. A property the pipeline cannot run (it reports none of
-        the metrics, or does not take a keyword the property needs) is listed as not checked; when it was selected
-        explicitly through ``checks`` that fails the check.
+    The failure message has one row per broken number: property, metric, the pipeline's number, the right number
+    (exact by construction, or our engine's float64 value on the same tokens), then each broken property's likely
+    cause and the SAE Lens releases measured to have it. A property the pipeline cannot run (it reports none of
+    the metrics, or does not take a keyword the property needs) is listed as not checked; when it was selected
+    explicitly through ``checks`` that fails the check.
 
-        Raises:
-            AssertionError: a property is broken (or an explicitly selected one could not be checked).
-            ConfigError: an unknown property or adapter name, a bad ``tol``, an adapter whose library is missing, or a
-                pipeline output that is not a mapping of numbers.
+    Raises:
+        AssertionError: a property is broken (or an explicitly selected one could not be checked).
+        ConfigError: an unknown property or adapter name, a bad ``tol``, an adapter whose library is missing, or a
+            pipeline output that is not a mapping of numbers.
     """
     __tracebackhide__ = True
     _, explicit = _selected(checks)

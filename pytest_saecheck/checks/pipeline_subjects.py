@@ -2,8 +2,9 @@
 
 The model, its tokens, a ReLU variant of it and a well-trained SAE come from a plug-in
 (``pytest_saecheck_pipeline_subjects``, :func:`build_subjects`): the bundled demo's
-(:mod:`pytest_saecheck.demo.plugin`). Every subject is a (model, dictionary, tokens) triple whose right metric values are known exactly, by
-construction or by a float64 computation on the activations (:func:`variance_candidates`):
+(:mod:`pytest_saecheck.demo.plugin`). Every subject is a (model, dictionary, tokens) triple whose right metric
+values are known exactly, by construction or by a float64 computation on the activations
+(:func:`variance_candidates`):
 
 - :func:`identity_sae` reconstructs every activation exactly: ReLU(x) − ReLU(−x) = x with latent pairs
   (e_i, −e_i), for any input scale;
