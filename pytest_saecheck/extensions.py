@@ -33,9 +33,41 @@ PROJECT = "pytest"
 T = TypeVar("T")
 
 
+DISTRIBUTION = "pytest-saecheck"
+"""This package's distribution name (its metadata advertises the bundled plug-ins)."""
+
+
 def load_plugins(manager: pluggy.PluginManager) -> None:
-    """Register in ``manager`` every plug-in advertised under :data:`ENTRY_POINT_GROUP` (blocked names skipped)."""
+    """Register in ``manager`` every plug-in advertised under :data:`ENTRY_POINT_GROUP` (blocked names skipped).
+
+    Warns (:class:`~pytest_saecheck.errors.SAECheckWarning`) when this package's installed metadata advertises
+    none: an install older than its ``pyproject.toml``, whose bundled demo would otherwise be missing without a
+    word.
+    """
     manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    if not _advertised_by_this_package():
+        import warnings
+
+        from pytest_saecheck.errors import SAECheckWarning
+
+        warnings.warn(
+            f"the installed metadata of {DISTRIBUTION} advertises no plug-in under the {ENTRY_POINT_GROUP!r} "
+            "entry points, so the bundled demo ('demo', 'demo/<name>') is not registered: the install is older "
+            "than pyproject.toml; reinstall it (pip install -e . or make setup)",
+            SAECheckWarning,
+            stacklevel=2,
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _advertised_by_this_package() -> bool:
+    import importlib.metadata
+
+    try:
+        entry_points = importlib.metadata.distribution(DISTRIBUTION).entry_points
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return any(entry.group == ENTRY_POINT_GROUP for entry in entry_points)
 
 
 @functools.lru_cache(maxsize=1)

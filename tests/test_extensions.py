@@ -10,7 +10,7 @@ import pytest
 
 from pytest_saecheck import extensions, groups, hookspecs, scaling
 from pytest_saecheck.demo import plugin as demo_plugin
-from pytest_saecheck.errors import ConfigError
+from pytest_saecheck.errors import ConfigError, SAECheckWarning
 
 
 def test_the_demo_is_a_plugin_outside_pytest(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,3 +131,13 @@ def test_settings_are_checked_against_the_session_s_plugins(pytester: pytest.Pyt
     result.stderr.fnmatch_lines(
         ["*--saecheck-scaling-law*a plug-in's named law (none registered)*got 'demo'*"]
     )
+
+
+def test_a_stale_install_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An install whose metadata predates the entry point would lose the demo without a word: it warns."""
+    import pluggy
+
+    assert extensions._advertised_by_this_package(), "this environment's metadata advertises the demo"
+    monkeypatch.setattr(extensions, "_advertised_by_this_package", lambda: False)
+    with pytest.warns(SAECheckWarning, match="reinstall it"):
+        extensions.load_plugins(pluggy.PluginManager(extensions.PROJECT))
