@@ -16,8 +16,8 @@ report's "Where it hurts" and "Downstream tasks" tables show the numbers).
 import pytest
 
 from pytest_saecheck import assert_ce_recovery, assert_task_preserved
+from pytest_saecheck.demo.groups import DEMO_CONSTRUCTS
 from pytest_saecheck.demo.tasks import DEMO_TASKS, demo_task
-from pytest_saecheck.groups import DEMO_CONSTRUCTS
 
 pytestmark = pytest.mark.saecheck(token_groups="demo_constructs")
 

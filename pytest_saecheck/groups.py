@@ -10,11 +10,10 @@ shape (``-1`` = no group), with the names of its groups. Built in:
   WordPiece ``##`` piece);
 - :func:`position_buckets`: the position in the sequence, in doubling buckets ``0``, ``1``, ``2-3``, ``4-7``,
   ... (or the edges you give);
-- :func:`demo_constructs`: for the bundled demo language, the construct each token belongs to (``agreement``,
-  ``brackets``, ``copying`` (the names construct), ``arithmetic``), the same ground truth the demo generator
-  labels (:mod:`pytest_saecheck.demo.language`).
+- a plug-in's named groupings (``pytest_saecheck_groupings``, :func:`named_groupings`): the bundled demo's
+  ``demo_constructs`` (:mod:`pytest_saecheck.demo.groups`).
 
-:func:`resolve` turns a setting value (``"token_class"``, ``"position"``, ``"demo_constructs"`` or a python path
+:func:`resolve` turns a setting value (``"token_class"``, ``"position"``, a plug-in's name or a python path
 ``"module:attribute"``) into a grouping. Importing this module imports no torch.
 """
 
@@ -27,10 +26,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pytest_saecheck import extensions
 from pytest_saecheck.errors import ConfigError
 
-BUILTIN_GROUPINGS: tuple[str, ...] = ("token_class", "position", "demo_constructs")
-"""The setting values naming a built-in grouping (anything else must be ``module:attribute``)."""
+BUILTIN_GROUPINGS: tuple[str, ...] = ("token_class", "position")
+"""The setting values naming a built-in grouping (anything else must be a plug-in's name or ``module:attribute``)."""
 
 TOKEN_CLASSES: tuple[str, ...] = (
     "special",
@@ -40,7 +40,6 @@ TOKEN_CLASSES: tuple[str, ...] = (
     "word start",
     "word continuation",
 )
-DEMO_CONSTRUCTS: tuple[str, ...] = ("agreement", "brackets", "copying", "arithmetic")
 _SPACE_MARKERS = ("Ġ", "▁")
 
 
@@ -144,51 +143,28 @@ def position_buckets(seq_len: int, edges: Sequence[int] | None = None) -> Groupi
     return Grouping("position", names, label)
 
 
-def demo_construct_labels(ids: Sequence[int]) -> list[int]:
-    """The construct (index into :data:`DEMO_CONSTRUCTS`, ``-1`` for special tokens) of each demo token id.
-
-    Every demo sentence starts a construct with a distinctive token (``the`` agreement, an opening bracket,
-    ``when`` names, a digit arithmetic) and ends with ``.``; special tokens (``<bos>``, ``<eos>``) belong to
-    none. This recovers the generator's ``construct`` latent from the tokens alone.
-    """
-    from pytest_saecheck.demo.language import NUMBERS, OPENERS, SPECIAL_TOKENS, VOCAB
-
-    starts = {"the": 0, **dict.fromkeys(OPENERS, 1), "when": 2, **dict.fromkeys(NUMBERS, 3)}
-    labels, current = [], -1
-    for token_id in ids:
-        word = VOCAB[token_id] if 0 <= token_id < len(VOCAB) else None
-        if word is None or word in SPECIAL_TOKENS:
-            labels.append(-1)
-            current = -1
-            continue
-        if current == -1:
-            current = starts.get(word, -1)
-        labels.append(current)
-        if word == ".":
-            current = -1
-    return labels
-
-
-def demo_constructs() -> Grouping:
-    """Group demo tokens by the construct they belong to (:data:`DEMO_CONSTRUCTS`)."""
-
-    def label(tokens: Any) -> Any:
-        import torch
-
-        rows = [demo_construct_labels(row) for row in tokens.to("cpu").tolist()]
-        return torch.tensor(rows, dtype=torch.long)
-
-    return Grouping("demo_constructs", DEMO_CONSTRUCTS, label)
+def named_groupings() -> dict[str, Callable[[Any, Any], Grouping]]:
+    """The groupings plug-ins register by name (``pytest_saecheck_groupings``): ``{name: (model, tokens) ->
+    Grouping}``. Raises :class:`ConfigError` when a plug-in takes a built-in name or two take one name."""
+    named = extensions.named(extensions.relay().pytest_saecheck_groupings(), "token grouping")
+    taken = sorted(set(named) & set(BUILTIN_GROUPINGS))
+    if taken:
+        raise ConfigError(
+            f"a plug-in registers the token grouping name(s) {', '.join(taken)}, which are built in"
+        )
+    return named
 
 
 def check_spec(value: str) -> str:
-    """A ``token_groups`` setting value: a built-in name or ``module:attribute``, else :class:`ConfigError`."""
-    if value in BUILTIN_GROUPINGS:
+    """A ``token_groups`` setting value: a built-in or plug-in name or ``module:attribute``, else
+    :class:`ConfigError`."""
+    names = (*BUILTIN_GROUPINGS, *named_groupings())
+    if value in names:
         return value
     module, _, attribute = value.partition(":")
     if not module or not attribute or not all(part.isidentifier() for part in module.split(".")):
         raise ConfigError(
-            f"token_groups must be one of {', '.join(BUILTIN_GROUPINGS)} or a python path 'module:attribute' "
+            f"token_groups must be one of {', '.join(names)} or a python path 'module:attribute' "
             f"naming a Grouping (or a function (tokens, model) returning one), got {value!r}"
         )
     return value
@@ -220,8 +196,8 @@ def resolve(spec: str, model: Any, tokens: Any, kept: Any = None) -> Grouping:
 
     ``module:attribute`` names a :class:`Grouping`, or a function ``(tokens, model)`` returning one. Raises
     :class:`ConfigError` when the module or attribute is missing or gives something else. With ``kept`` (the
-    token policy's boolean mask of ``tokens``), a built-in grouping leaves out the groups no kept position falls
-    in (:func:`without_empty_groups`), so every group it names has tokens to measure.
+    token policy's boolean mask of ``tokens``), a built-in or plug-in grouping leaves out the groups no kept
+    position falls in (:func:`without_empty_groups`), so every group it names has tokens to measure.
     """
     spec = check_spec(spec)
     builtin: Grouping | None = None
@@ -229,8 +205,8 @@ def resolve(spec: str, model: Any, tokens: Any, kept: Any = None) -> Grouping:
         builtin = token_class(getattr(model, "tokenizer", None))
     elif spec == "position":
         builtin = position_buckets(int(tokens.shape[1]))
-    elif spec == "demo_constructs":
-        builtin = demo_constructs()
+    elif spec in (named := named_groupings()):
+        builtin = named[spec](model, tokens)
     if builtin is not None:
         return builtin if kept is None else without_empty_groups(builtin, tokens, kept)
     module_name, _, attribute = spec.partition(":")
@@ -258,13 +234,11 @@ def resolve(spec: str, model: Any, tokens: Any, kept: Any = None) -> Grouping:
 
 __all__ = [
     "BUILTIN_GROUPINGS",
-    "DEMO_CONSTRUCTS",
     "TOKEN_CLASSES",
     "Grouping",
     "check_spec",
     "classify_token",
-    "demo_construct_labels",
-    "demo_constructs",
+    "named_groupings",
     "position_buckets",
     "resolve",
     "token_class",

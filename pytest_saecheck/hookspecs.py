@@ -2,7 +2,10 @@
 
 Implement any of these in a ``conftest.py`` or a plugin. Loader hooks are ``firstresult``: return ``None`` to
 let the next implementation (and finally the built-in loaders) handle the spec. The loaders call them through the
-active run's hook relay (:func:`pytest_saecheck.running.active_hook`).
+active run's hook relay (:func:`pytest_saecheck.running.active_hook`). A package can also ship a
+plug-in of default implementations under the ``pytest_saecheck`` entry-point group
+(:mod:`pytest_saecheck.extensions`): the bundled demo (:mod:`pytest_saecheck.demo.plugin`) is one, and it works
+outside a pytest session too.
 
 This module imports no torch.
 """
@@ -14,8 +17,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from pathlib import Path
+
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
+
+    from pytest_saecheck.groups import Grouping
+    from pytest_saecheck.scaling import ScalingLaw
 
 
 @pytest.hookspec(firstresult=True)
@@ -59,3 +68,68 @@ def pytest_saecheck_load_tokens(
 @pytest.hookspec(firstresult=True)
 def pytest_saecheck_training_adapter(training_sae: Any) -> Any:
     """Return an adapter (see ``pytest_saecheck.AuxLossAdapter``) for a training SAE, or ``None``."""
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_saecheck_default_model(sae_spec: str, sae: Any) -> str | None:
+    """Return the model spec a test that names only the SAE ``sae_spec`` (loaded: ``sae``) runs on, or ``None``.
+
+    Without an answer, the model is the one the SAE's config names (``metadata.model_name``).
+    """
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_saecheck_sae_directory(spec: str) -> Path | None:
+    """Return the local directory holding the SAE ``spec``'s config (``cfg.json``), or ``None``.
+
+    Asked where a config is enough and the weights must not be loaded (``--saecheck-plan``, memory-sized release
+    passes). A local path is read without asking.
+    """
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_saecheck_model_config(spec: str) -> Mapping[str, Any] | None:
+    """Return the model ``spec``'s config (a Hugging Face ``config.json``'s or TransformerLens' fields), read
+    without its weights, or ``None``. Asked to plan passes from shapes alone; a local Hugging Face directory is
+    read without asking."""
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_saecheck_default_tokens(sae_spec: str | None, sae: Any) -> str | None:
+    """Return the token source of a test that names no tokens, for SAE ``sae_spec`` (``sae``), or ``None``.
+
+    Without an answer, the tokens are the SAE's training dataset (its ``metadata.dataset_path``).
+    """
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_saecheck_default_scaling_law(model_spec: str) -> str | None:
+    """Return the name of the scaling law (see :func:`pytest_saecheck_scaling_laws`) of tests on ``model_spec``
+    when the ``scaling_law`` setting is left at its default, or ``None`` (the default law then applies)."""
+
+
+@pytest.hookspec
+def pytest_saecheck_scaling_laws() -> Mapping[str, Callable[[], ScalingLaw]] | None:
+    """Return named scaling laws: ``{name: function returning the ScalingLaw}``, or ``None``.
+
+    A name (lower case) is then a value of the ``scaling_law`` setting and of ``evaluate(..., scaling_law=...)``;
+    the function runs only when the law is used. Names of the built-in presets, ``"default"`` and ``"none"``
+    cannot be taken.
+    """
+
+
+@pytest.hookspec
+def pytest_saecheck_groupings() -> Mapping[str, Callable[[Any, Any], Grouping]] | None:
+    """Return named token groupings: ``{name: function (model, tokens) returning the Grouping}``, or ``None``.
+
+    A name is then a value of the ``token_groups`` setting (:mod:`pytest_saecheck.groups`); names of the built-in
+    groupings cannot be taken.
+    """
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_saecheck_pipeline_subjects(device: Any) -> Any:
+    """Return the subjects of the metric-pipeline battery (``assert_metric_pipeline``) on ``device``, or ``None``.
+
+    See :class:`pytest_saecheck.checks.pipeline_subjects.Subjects` for what they must hold.
+    """

@@ -88,7 +88,7 @@ def reconstruction_terms(
 def nonzero_count(latents: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """How many entries of the tensor ``latents`` are nonzero, along ``dim`` (all of them when None).
 
-    The 0-"norm" counts them (about 7x faster on a CPU than summing a boolean over the last dimension), in at least
+    The 0-"norm" counts them (no boolean temporary, unlike summing a boolean over the last dimension), in at least
     float32 so that the count is exact up to 2**24 entries whatever the latents' dtype (bfloat16 holds integers
     exactly only up to 256).
     """
@@ -239,7 +239,8 @@ def ratio_denominators(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 def participation_ratios(covariance: np.ndarray) -> tuple[float, float]:
     """``(PR, PR without the top eigen-direction)`` of a symmetric covariance matrix ``[d, d]``.
 
-    PR = (Σλ)² / Σλ² (seeds/003), λ the eigenvalues; the deflated ratio removes the largest λ first.
+    PR = (Σλ)² / Σλ² (the participation ratio of Gao et al. 2017, "A theory of multineuronal dimensionality,
+    dynamics and measurement"), λ the eigenvalues; the deflated ratio removes the largest λ first.
     """
     eigenvalues = np.clip(np.linalg.eigvalsh(covariance), 0.0, None)
     total, squares = float(eigenvalues.sum()), float((eigenvalues**2).sum())

@@ -31,6 +31,15 @@ class Run(Protocol):
     def item(self) -> pytest.Item | None: ...
 
 
+class HookOnly:
+    """A run that is only a hook relay (no test running): what the plugin makes active while it validates the
+    command line in ``pytest_configure``, before its session object exists (a setting may name a plug-in's law)."""
+
+    def __init__(self, hook: Any) -> None:
+        self.hook = hook
+        self.item: pytest.Item | None = None
+
+
 _ACTIVE: ContextVar[Run | None] = ContextVar("pytest_saecheck_active_run", default=None)
 
 

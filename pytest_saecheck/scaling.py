@@ -25,17 +25,16 @@ import dataclasses
 import difflib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_saecheck import extensions
 from pytest_saecheck.defaults import INTERVAL_LEVEL
 from pytest_saecheck.errors import ConfigError
 
 FIT_FILE_FORMAT = "pytest-saecheck scaling law fit"
 FIT_FILE_VERSION = 1
-DEMO_LAW = "demo"
-"""The ``scaling_law`` setting's name for the fit shipped with the demo (:func:`pytest_saecheck.demo.scaling_law`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +70,7 @@ class ScalingLaw:
     @property
     def spec(self) -> str:
         """How to write this law in the ``scaling_law`` setting."""
-        if self.origin == "preset" or self.name == DEMO_LAW:
+        if self.origin == "preset" or self.name in named_laws():
             return self.name
         if self.path is not None:
             return self.path
@@ -304,11 +303,37 @@ def law_from_file_dict(
     )
 
 
+def named_laws() -> dict[str, Callable[[], ScalingLaw]]:
+    """The scaling laws plug-ins register by name (``pytest_saecheck_scaling_laws``), lower case: the bundled
+    demo's ``"demo"``. Raises :class:`ConfigError` when a plug-in takes a preset's name, ``"default"`` or
+    ``"none"``, or two plug-ins take one name."""
+    laws = {
+        name.lower(): law
+        for name, law in extensions.named(
+            extensions.relay().pytest_saecheck_scaling_laws(), "scaling law"
+        ).items()
+    }
+    taken = sorted(set(laws) & {*PRESETS, "default", "none"})
+    if taken:
+        raise ConfigError(
+            f"a plug-in registers the scaling law name(s) {', '.join(taken)}, which are built in"
+        )
+    return laws
+
+
+def model_default_law(model_spec: str) -> ScalingLaw | None:
+    """The law of tests on ``model_spec`` whose ``scaling_law`` setting is left at its default: the named law a
+    plug-in gives (``pytest_saecheck_default_scaling_law``: the demo family's fit on the demo model), else None
+    (the setting's default applies)."""
+    name = extensions.relay().pytest_saecheck_default_scaling_law(model_spec=model_spec)
+    return None if name is None else as_scaling_law(name)
+
+
 def as_scaling_law(value: Any) -> ScalingLaw | None:
     """A :class:`ScalingLaw` from a law, a preset name, ``"E,gamma"``/``(E, gamma)``, a fit file path, or None.
 
-    ``"none"`` and ``None`` mean no ``compute_fraction``; ``"default"`` is :data:`DEFAULT_LAW`; ``"demo"`` is the
-    fit shipped with the demo for its model family (:func:`pytest_saecheck.demo.scaling_law`). Raises
+    ``"none"`` and ``None`` mean no ``compute_fraction``; ``"default"`` is :data:`DEFAULT_LAW`; a name from
+    :func:`named_laws` is a plug-in's law (the bundled demo's ``"demo"``: the fit for its model family). Raises
     :class:`ConfigError` for anything else.
     """
     if value is None or isinstance(value, ScalingLaw):
@@ -326,15 +351,14 @@ def as_scaling_law(value: Any) -> ScalingLaw | None:
             return None
         if key in PRESETS:
             return PRESETS[key]
-        if key == DEMO_LAW:
-            from pytest_saecheck import demo
-
-            return demo.scaling_law()
+        named = named_laws()
+        if key in named:
+            return named[key]()
         if key.endswith(".json") or Path(text).expanduser().is_file():
             return load_scaling_law(text)
         parts = [part for part in text.strip("()[] ").replace(",", " ").split() if part]
         value = parts
-        close = difflib.get_close_matches(key, [*PRESETS, DEMO_LAW, "none", "default"], n=1, cutoff=0.6)
+        close = difflib.get_close_matches(key, [*PRESETS, *named, "none", "default"], n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
     if isinstance(value, (tuple, list)) and len(value) == 2:
         try:
@@ -346,7 +370,8 @@ def as_scaling_law(value: Any) -> ScalingLaw | None:
                 return given_law(irreducible, gamma)
     raise ConfigError(
         "a scaling law must be (E, gamma) with E >= 0 nats and gamma > 0 for L(C) = E + A*C^-gamma, a preset "
-        f'({", ".join(PRESETS)}), the path of a fit file (.json), "demo" (the demo family fit) or "none"; got '
+        f"({', '.join(PRESETS)}), the path of a fit file (.json), a plug-in's named law "
+        f'({", ".join(named_laws()) or "none registered"}) or "none"; got '
         f"{given!r}{hint}, e.g. scaling_law=(1.69, 0.1535) or --saecheck-scaling-law=epoch"
     )
 

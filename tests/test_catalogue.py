@@ -1,4 +1,4 @@
-"""The metric catalogue: one numpy-free home for what each metric means (issue 16, finding 3)."""
+"""The metric catalogue: one numpy-free home for what each metric means."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cross-layer transcoders (issue 25): loading per layer, the whole replacement spliced at once, and its metrics.
+"""Cross-layer transcoders: loading per layer, the whole replacement spliced at once, and its metrics.
 
 The oracle is independent of the package: plain TransformerLens ``run_with_hooks`` on a float64 copy of the
 model, every MLP output replaced by the CLT's reconstruction computed from the raw tensors, CE and KL in float64.

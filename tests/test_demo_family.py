@@ -1,5 +1,5 @@
 """The demo's scaling-law fit is reproduced by the build: ``build --check --family-only`` retrains the model
-family on the shipped demo model and refits (issue 14). Minutes of CPU: marked ``slow``.
+family on the shipped demo model and refits. Minutes of CPU: marked ``slow``.
 
 The fast check of the shipped fit against its shipped points is in tests/test_scaling.py.
 """

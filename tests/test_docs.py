@@ -1,4 +1,4 @@
-"""The documentation (issue 29): every setting, option, metric and public name has an entry; generated parts are in
+"""The documentation: every setting, option, metric and public name has an entry; generated parts are in
 step with the code; the README stays short and its links resolve."""
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def test_the_readme_is_short_and_its_links_resolve() -> None:
 
 
 def test_no_metric_leaves_its_documented_range_when_the_splice_lowers_the_loss() -> None:
-    """A splice can lower the loss (L_sae < L_orig): ce_loss_score is then above 1 (the issue's 1.0045), and the
+    """A splice can lower the loss (L_sae < L_orig): ce_loss_score is then above 1 (1.0045 in a reported case), and the
     catalogue must not claim a bound the number passes."""
     sums = {
         "n_ce": np.float64(100.0),

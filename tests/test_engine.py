@@ -331,7 +331,7 @@ def test_bf16_model_within_tolerance():
 
 
 def test_explained_variance_about_mean_not_zero():
-    """Regression test for the explained-variance-about-zero bug (seeds/000): a large mean inflates it."""
+    """Regression test for the explained-variance-about-zero bug: a large mean inflates it."""
     model = make_engine_model(seed=3)
     with torch.no_grad():
         model.W_pos.add_(40.0)  # every residual gets a large common offset

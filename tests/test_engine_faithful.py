@@ -1,6 +1,6 @@
 """Faithful evaluation of what labs ship: transcoders, normalised checkpoints, special tokens, padding, model state.
 
-Each case was a silently wrong number before (issue 11); each must now be the right number or a clear refusal.
+Each case was a silently wrong number before; each must now be the right number or a clear refusal.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ def test_the_process_peak_grows_only_by_the_documented_per_sequence_sums() -> No
     """The process's peak resident memory (not only live tensors): 16x the tokens adds at most the per-sequence
     sums (``accumulate.per_sequence_bytes``: 1.3 KB per sequence here) and 24 MiB of allocator noise. Before the
     sums were held in one array per name (and the bootstrap's weights bounded), the process grew by about
-    1.9 kB per token beyond ~131k tokens (issue 26): 58 MiB for these 30k more tokens."""
+    1.9 kB per token beyond ~131k tokens: 58 MiB for these 30k more tokens."""
     from pytest_saecheck.engine.accumulate import per_sequence_bytes
 
     small, large = _process_peak(2048), _process_peak(32768)

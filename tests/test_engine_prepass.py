@@ -1,5 +1,5 @@
-"""The mean-ablation pre-pass runs the model only up to the hooks it reads (issue 26 item 0: the default
-configuration ran 3.5 forward passes' worth of blocks where 2.0 would do)."""
+"""The mean-ablation pre-pass runs the model only up to the hooks it reads (the default
+configuration had run 3.5 forward passes' worth of blocks where 2.0 would do)."""
 
 from __future__ import annotations
 

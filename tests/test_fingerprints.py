@@ -1,4 +1,4 @@
-"""Reported-metric fingerprints: every reported mapping of issue 13 gets the right verdict and names its cause.
+"""Reported-metric fingerprints: every reported mapping gets the right verdict and names its cause.
 
 Mappings are built with the real library code where it exists: the installed SAE Lens ``run_evals`` on the tiny
 model (correct pooled R², legacy R², mse, L2 norms). The wrong formulas of other releases and libraries are
@@ -139,11 +139,11 @@ def message_of(mapping: Any, **kwargs: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------
-# the mappings of issue 13
+# reported mappings
 
 
 def test_correct_gpt2_run_evals_passes_with_a_margin() -> None:
-    """SAE Lens run_evals on gpt2-small layer 8 TopK (issue 13): a correct run, gap 0.576 × (1 − legacy)."""
+    """SAE Lens run_evals on gpt2-small layer 8 TopK: a correct run, gap 0.576 × (1 − legacy)."""
     reported = {
         "reconstruction_quality": {
             "explained_variance": 0.9413,

@@ -8,16 +8,17 @@ from factories import CORPUS, build_tokenizer
 
 from pytest_saecheck import groups
 from pytest_saecheck.demo import get_tokenizer
+from pytest_saecheck.demo.groups import demo_constructs
 from pytest_saecheck.demo.language import TOKEN_TO_ID, make_sequences
 from pytest_saecheck.errors import ConfigError
 
 
 def test_demo_constructs_recover_the_generators_ground_truth():
     ids, latents = make_sequences(40, 64, seed=3, split="heldout")
-    labels = groups.demo_constructs()(torch.tensor(ids))
+    labels = demo_constructs()(torch.tensor(ids))
     truth = torch.tensor(latents["construct"]) - 1  # construct 0 (none: <bos>, <eos>) is "no group"
     assert torch.equal(labels, truth)
-    assert groups.demo_constructs().names == ("agreement", "brackets", "copying", "arithmetic")
+    assert demo_constructs().names == ("agreement", "brackets", "copying", "arithmetic")
     assert set(labels.unique().tolist()) == {-1, 0, 1, 2, 3}
 
 

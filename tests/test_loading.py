@@ -50,11 +50,13 @@ def test_malformed_release_specs_name_the_accepted_forms(spec: str) -> None:
 
 
 def test_demo_sae_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert loading.demo_sae_name("demo/good") == "good"
-    assert loading.demo_sae_name("gpt2-small-res-jb/x") is None
+    from pytest_saecheck.demo.plugin import sae_name
+
+    assert sae_name("demo/good") == "good"
+    assert sae_name("gpt2-small-res-jb/x") is None
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo" / "good").mkdir(parents=True)
-    assert loading.demo_sae_name("demo/good") is None, "an existing local path wins over the demo name"
+    assert sae_name("demo/good") is None, "an existing local path wins over the demo name"
 
 
 def test_a_local_path_wins_over_a_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

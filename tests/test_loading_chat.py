@@ -1,4 +1,4 @@
-"""Chat-formatted token sources (issue 29): conversations rendered with the model's own chat template."""
+"""Chat-formatted token sources: conversations rendered with the model's own chat template."""
 
 from __future__ import annotations
 

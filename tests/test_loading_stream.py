@@ -1,5 +1,5 @@
 """Token loading streams: files are read as far as needed, an impossible n_tokens is refused before any token is
-read, and nothing builds a Python list of every token (issue 24 item 6, issue 26 item 0)."""
+read, and nothing builds a Python list of every token."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from pytest_saecheck import ConfigError, assert_metric_pipeline
+from pytest_saecheck import ConfigError, assert_metric_pipeline, demo
 from pytest_saecheck.checks import pipeline as battery
 from pytest_saecheck.checks import pipeline_adapters as adapters
 from pytest_saecheck.checks import pipeline_subjects as subjects
@@ -222,9 +222,7 @@ def test_the_explained_variance_subject_separates_the_formulas() -> None:
 
 
 def test_exact_dictionaries_are_exact() -> None:
-    model = subjects.relu_model("cpu")
-    from pytest_saecheck import demo
-
+    model = demo.relu_model("cpu")
     tokens = demo.load_tokens(2, device="cpu")
     transcoder = subjects.mlp_transcoder(model, 1)
     _, cache = model.run_with_cache(tokens)
@@ -263,7 +261,7 @@ class _HookedLayerNorm(torch.nn.Module):
 def test_the_transcoder_subject_reads_where_hook_normalized_sits(after_affine: bool) -> None:
     """The subject folds the LayerNorm's weight and bias into the encoder only where ``hook_normalized`` sees the
     input before them; either way (and with the installed TransformerLens's own LayerNorm) it copies the MLP."""
-    model = subjects.relu_model("cpu")
+    model = demo.relu_model("cpu")
     tokens = subjects.build_subjects("cpu").tokens
     assert (
         subjects.transcoder_gap(model, subjects.mlp_transcoder(model, 1), tokens)

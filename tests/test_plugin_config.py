@@ -557,10 +557,9 @@ def test_help_texts_state_the_shared_defaults() -> None:
 
 
 def test_demo_name_has_one_home() -> None:
-    from pytest_saecheck import demo, loading
+    from pytest_saecheck import demo
     from pytest_saecheck.demo import build, language, tokenizer
 
     assert (
         demo.MODEL_NAME == build.MODEL_NAME == build.DATASET_PATH == tokenizer.TOKENIZER_NAME == language.NAME
     )
-    assert loading.DEMO_MODEL_NAME == language.NAME

@@ -1,4 +1,4 @@
-"""Profiles (issue 29): named sets of settings in the configuration file, chosen with --saecheck-profile."""
+"""Profiles: named sets of settings in the configuration file, chosen with --saecheck-profile."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Misspelt ini keys and marks are errors, not silently ignored (issue 24, item 8)."""
+"""Misspelt ini keys and marks are errors, not silently ignored."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Polish items of issue 29, each a whole kind of fault: the effective-compute chart's legend and colours, short
+"""Report polish, each a whole kind of fault: the effective-compute chart's legend and colours, short
 names of joint rows, progress bars outside a terminal, and built-in token groupings without empty groups."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The terminal table and the report show the same rows: one collector, one label rule (issue 16, finding 1).
+"""The terminal table and the report show the same rows: one collector, one label rule.
 
 No model runs here: the records are built by hand (``pytest_saecheck.report.sample``), shaped like the plugin's.
 """
@@ -72,7 +72,7 @@ def html_labels(html: str) -> list[str]:
 
 
 def test_two_evaluations_of_one_sae_give_the_same_two_rows_in_any_arrival_order() -> None:
-    """The issue's divergence case: demo/good at two n_tokens; xdist may deliver either test's reports first."""
+    """The divergence case once reported: demo/good at two n_tokens; xdist may deliver either test's reports first."""
     small = one_test("t.py::test_small", evaluation(ce_sae=3.9, n_tokens=2048), outcome="failed")
     large = one_test("t.py::test_large", evaluation(ce_sae=2.4, n_tokens=4096))
     documents = [build_document(small + large), build_document(large + small)]

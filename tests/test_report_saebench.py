@@ -1,4 +1,4 @@
-"""SAEBench-format results (issue 29): the core result of each SAE, checked against a schema derived from SAEBench."""
+"""SAEBench-format results: the core result of each SAE, checked against a schema derived from SAEBench."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reports and baselines never lie about the run (issue 24): one commit per run, locks, write failures, Ctrl-C,
+"""Reports and baselines never lie about the run: one commit per run, locks, write failures, Ctrl-C,
 the errors a report keeps, and HTML from a file shown as text.
 
 pytester runs with the tiny model of ``tests/factories.py``; SIGINT cases run in a subprocess (an in-process

@@ -1,4 +1,4 @@
-"""Scaling laws for compute_fraction: presets with provenance, the formula, fits and fit files (issue 14)."""
+"""Scaling laws for compute_fraction: presets with provenance, the formula, fits and fit files."""
 
 from __future__ import annotations
 

@@ -55,8 +55,8 @@ ASSERTION = "assert_r2_matches_legacy"
 #: ``run_evals`` on the demo model's blocks.1.hook_resid_post, 64 sequences × 64 tokens, batch sizes 8 and 32;
 #: 16 SAEs: the demo SAEs, ``good`` noised ×3, offset, shrunk, and ``good``/``variance_only`` on activations
 #: shifted to E‖x‖² = 0.1, 0.5, 0.91, 1.2 × d²; 32 runs, R² from −0.90 to 0.98): correct shares 0.036–0.363.
-#: gpt2-small layer 8 TopK (issue 13: 0.9413 vs 0.8615): 0.576. The about-zero bug of the bug report (0.98 vs
-#: 0.78): 0.91. 0.75 passes the highest correct share with a 1.30× margin (2.07× on the demo runs) and fails that
+#: SAE Lens ``run_evals`` on gpt2-small layer 8 TopK (0.9413 vs legacy 0.8615): 0.576. The about-zero bug of
+#: the bug report (0.98 vs 0.78): 0.91. 0.75 passes the highest correct share with a 1.30× margin (2.07× on the demo runs) and fails that
 #: bug with a 1.21× margin. On the same activations the wrong formulas span 0.086–0.97 (about zero), 0.029–1.15
 #: (collapsed), −0.04–0.97 (OpenAI per token): the gap alone cannot name them where the mean is small, so the
 #: producer, the value and the norm test are read first.
@@ -123,8 +123,8 @@ OPENAI_PER_TOKEN_CAUSE = (
 TRANSCODER_INPUT_HOOK_CAUSE = (
     "SAE Lens' run_evals measures every dictionary's reconstruction against the activation at its input hook "
     "(hook_name); a transcoder writes another hook (hook_name_out), so its R² from run_evals compares the output "
-    "with the input it was never meant to reproduce (issue 24: 0.088 where the R² at the output hook is 0.977). "
-    "Use this package's explained_variance, measured at hook_name_out"
+    "with the input it was never meant to reproduce (a transcoder measured 0.088 where the R² at the output hook "
+    "is 0.977). Use this package's explained_variance, measured at hook_name_out"
 )
 CAUSES: dict[str, str] = {
     "collapsed": COLLAPSED_CAUSE,

@@ -193,10 +193,9 @@ class _Run:
         )
 
     def good_sae(self) -> Any:
-        from pytest_saecheck import demo
-
+        """The subjects' well-trained SAE, on the model's device."""
         return self.once(
-            "good", lambda: demo.load_sae("good", device=next(self.subjects.model.parameters()).device)
+            "good", lambda: self.subjects.trained_sae(next(self.subjects.model.parameters()).device)
         )
 
 
@@ -373,8 +372,9 @@ HALF_TOL = 1e-2
 float64 from the same half-precision activations and reconstructions, so the pipeline's accumulation (and, on an
 accelerator, kernels that round a batch differently) is all that differs: SAE Lens 6.54.12 on the CPU is
 8.4e-7 (bfloat16) and 2.9e-6 (float16) from it; bfloat16 keeps 8 significant bits (relative rounding 2⁻⁹ per
-value), and 0.01 leaves room for that while the fault it catches is off by 0.24–0.65 (issue 24: 0.0 and 1.0
-where 0.2379 and 0.3520 are right)."""
+value), and 0.01 leaves room for that while the fault it catches is off by 0.24–0.65 (SAE Lens 6.45.1–6.51.3
+summing in half precision, on a PCA SAE over a residual stream with a large mean: 0.0 in bfloat16 and 1.0 in
+float16 where 0.2379 and 0.3520 are right)."""
 
 
 def check_explained_variance_half_precision(run: _Run, result: PropertyResult) -> None:
@@ -413,7 +413,7 @@ def check_explained_variance_half_precision(run: _Run, result: PropertyResult) -
 
 def check_transcoder_splice(run: _Run, result: PropertyResult) -> None:
     device = next(run.subjects.model.parameters()).device
-    model = run.once("relu", lambda: subjects.relu_model(device))
+    model = run.once("relu", lambda: run.subjects.relu_model(device))
     try:
         transcoder = run.once("transcoder", lambda: subjects.mlp_transcoder(model, subjects.TRANSCODER_LAYER))
     except ImportError as error:
@@ -436,7 +436,7 @@ def check_agreement(run: _Run, result: PropertyResult) -> None:
     ours = run.ours("good", s.model, sae, BATCH)
     shared = {name: value for name, value in ours.items() if name in metrics}
     _compare(result, metrics, shared, run.tol)
-    result.note = "demo model, demo 'good' SAE, every position evaluated, against pytest_saecheck.evaluate"
+    result.note = f"{s.description}, every position evaluated, against pytest_saecheck.evaluate"
 
 
 PROPERTIES: dict[str, Callable[[_Run, PropertyResult], None]] = {
@@ -508,7 +508,8 @@ def assert_metric_pipeline(
     (the installed SAE Lens' ``run_evals``), ``"sae_bench"`` (SAEBench core, when installed) or ``"saecheck"``
     (our own engine). ``checks``: property names to run (default: all, in :data:`PROPERTIES` order). ``tol``:
     relative tolerance of every equality (default :data:`DEFAULT_TOL`). ``device``: where the subjects live
-    (default CUDA when available). The subjects are built from the bundled demo model: about a minute on a CPU.
+    (default CUDA when available). The subjects come from a plug-in (:func:`.pipeline_subjects.build_subjects`: the
+    bundled demo model).
 
     The failure message has one row per broken number: property, metric, the pipeline's number, the right number
     (exact by construction, or our engine's float64 value on the same tokens), then each broken property's likely

@@ -1,7 +1,10 @@
-"""The subjects of the metric-pipeline battery, built offline in code from the bundled demo model.
+"""The subjects of the metric-pipeline battery, built offline in code from a plug-in's small model.
 
-Every subject is a (model, dictionary, tokens) triple whose right metric values are known exactly, by
-construction or by a float64 computation on the activations (:func:`variance_candidates`):
+The model, its tokens, a ReLU variant of it and a well-trained SAE come from a plug-in
+(``pytest_saecheck_pipeline_subjects``, :func:`build_subjects`): the bundled demo's
+(:mod:`pytest_saecheck.demo.plugin`). Every subject is a (model, dictionary, tokens) triple whose right metric
+values are known exactly, by construction or by a float64 computation on the activations
+(:func:`variance_candidates`):
 
 - :func:`identity_sae` reconstructs every activation exactly: ReLU(x) − ReLU(−x) = x with latent pairs
   (e_i, −e_i), for any input scale;
@@ -10,14 +13,14 @@ construction or by a float64 computation on the activations (:func:`variance_can
   0 and 1 that tells the explained-variance formulas apart when the activations have a large mean
   (:func:`offset_model` adds one);
 - :func:`saturated_model` multiplies the unembedding so that softmax probabilities underflow to exactly 0;
-- :func:`relu_model` and :func:`mlp_transcoder`: the demo model with a ReLU MLP, and a transcoder whose weights are
-  that MLP's, so splicing it at its output hook changes nothing.
+- :attr:`Subjects.relu_model` and :func:`mlp_transcoder`: the model with a ReLU MLP, and a transcoder whose
+  weights are that MLP's, so splicing it at its output hook changes nothing.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -174,20 +177,6 @@ def transcoder_gap(model: Any, transcoder: Any, tokens: torch.Tensor) -> float:
     return float((recon - x_out).abs().max()) / scale if scale > 0 else float((recon - x_out).abs().max())
 
 
-def relu_model(device: Any = None) -> Any:
-    """The demo model's weights in the demo architecture with a ReLU MLP (a different, still fixed, model)."""
-    from pytest_saecheck import demo
-    from pytest_saecheck.demo.build import make_model
-
-    trained = demo.load_model(device="cpu")
-    config = {**demo.metadata()["model_config"], "act_fn": "relu"}
-    model = make_model(config, device="cpu", dtype=trained.cfg.dtype)
-    model.load_state_dict(trained.state_dict(), strict=False)
-    if device is not None and str(device) != "cpu":
-        model.to(str(device), print_details=False)
-    return model.eval()
-
-
 def saturated_model(model: Any, factor: float = SATURATION) -> Any:
     """A copy of ``model`` with its unembedding multiplied by ``factor``: most probabilities are exactly 0."""
     import torch
@@ -252,22 +241,46 @@ def variance_candidates(x: torch.Tensor, x_hat: torch.Tensor, batch_size: int) -
 
 @dataclass
 class Subjects:
-    """The battery's subjects (built once, lazily per property by :func:`build_subjects`' callers)."""
+    """The battery's subjects (built once, lazily per property by :func:`build_subjects`' callers).
+
+    ``model``: a TransformerLens model (float32) with at least :data:`TRANSCODER_LAYER` + 1 blocks and a
+    ``blocks.1.hook_attn_out``; ``tokens``: :data:`N_SEQUENCES` held-out sequences ``[N_SEQUENCES, seq_len]`` (CPU);
+    ``hook_name``: where the SAEs read; ``special_token_ids``: the BOS and EOS ids (the excluded ids of the
+    normalised-SAE property); ``relu_model(device)``: the same weights with a ReLU MLP (a different, still fixed,
+    model); ``trained_sae(device)``: a well-trained SAE on ``hook_name``; ``description``: the model and SAE in
+    words, for the agreement property's note.
+    """
 
     model: Any
     tokens: torch.Tensor
     hook_name: str
     special_token_ids: Sequence[int]
+    relu_model: Callable[[Any], Any]
+    trained_sae: Callable[[Any], Any]
+    description: str
 
 
 def build_subjects(device: Any = None) -> Subjects:
-    """The demo model (float32, on ``device``: default CUDA when available) and :data:`N_SEQUENCES` held-out
-    sequences of 64 tokens; its BOS and EOS ids are the excluded ids of the normalised-SAE property."""
-    from pytest_saecheck import demo
+    """The plug-in's subjects (``pytest_saecheck_pipeline_subjects``) on ``device`` (default CUDA when available).
 
-    model = demo.load_model(device=device)
-    tokens = demo.load_tokens(N_SEQUENCES, device="cpu")
-    return Subjects(model, tokens, demo.HOOK_NAME, (demo.BOS_ID, demo.EOS_ID))
+    Raises :class:`~pytest_saecheck.errors.ConfigError` when no plug-in gives them (the bundled demo's plug-in
+    is not installed).
+    """
+    from pytest_saecheck import extensions
+    from pytest_saecheck.errors import ConfigError
+
+    subjects = extensions.relay().pytest_saecheck_pipeline_subjects(device=device)
+    if subjects is None:
+        raise ConfigError(
+            "no plug-in gives the metric-pipeline battery's subjects (pytest_saecheck_pipeline_subjects); "
+            "reinstall pytest-saecheck so that its bundled demo plug-in (entry point 'saecheck-demo') is registered"
+        )
+    if not isinstance(subjects, Subjects):
+        raise ConfigError(
+            f"pytest_saecheck_pipeline_subjects returned {type(subjects).__name__}, not "
+            "pytest_saecheck.checks.pipeline_subjects.Subjects"
+        )
+    return subjects
 
 
 __all__ = [
@@ -283,7 +296,6 @@ __all__ = [
     "mlp_transcoder",
     "offset_model",
     "projection_sae",
-    "relu_model",
     "saturated_model",
     "transcoder_gap",
     "variance_candidates",

@@ -13,6 +13,7 @@ Everything here works with no network: the tokenizer is built in code, the model
                      spliced cross-entropy about 60 times the good SAE's ("looks solved, the model disagrees");
   ``dead``           a TopK SAE trained without the AuxK loss at a too high learning rate: about three quarters
                      of its latents never fire, while its behavioural metrics stay good.
+- :func:`relu_model` - the same weights with a ReLU MLP (a subject of the metric-pipeline battery).
 - :func:`load_tokens` - held-out text (a generator seed namespace disjoint from training), ``<bos>`` first.
 - :func:`metadata` - the build's numbers (held-out CE, unigram entropy, per-SAE metrics, seeds, tolerances).
 - :func:`scaling_law` - the compute scaling law fitted by the build for the demo's model family (the demo model
@@ -20,6 +21,11 @@ Everything here works with no network: the tokenizer is built in code, the model
   defined and may be gated on.
 
 Token ids: ``PAD_ID`` = 0, ``BOS_ID`` = 1, ``EOS_ID`` = 2, ``UNK_ID`` = 3.
+
+The demo is a plug-in of the core (:mod:`pytest_saecheck.demo.plugin`): it loads the ``"demo"`` model and tokens
+and the ``"demo/<name>"`` SAEs, names its scaling law ``"demo"`` and its token grouping ``"demo_constructs"``, and
+gives the metric-pipeline battery its subjects. The model's architecture is :mod:`pytest_saecheck.demo.model`;
+:mod:`pytest_saecheck.demo.build` trains it.
 
 Importing this module does not import torch, transformers, TransformerLens or SAE Lens; the loaders do.
 """
@@ -47,6 +53,7 @@ from pytest_saecheck.demo.language import (
     iter_sequences,
     make_sequences,
 )
+from pytest_saecheck.demo.model import ASSETS_DIR
 from pytest_saecheck.errors import ConfigError, LoadError
 
 if TYPE_CHECKING:
@@ -57,7 +64,6 @@ if TYPE_CHECKING:
 
     from pytest_saecheck.scaling import ScalingLaw
 
-ASSETS_DIR: Path = Path(__file__).resolve().parent / "assets"
 MODEL_NAME = NAME
 HOOK_NAME = "blocks.1.hook_resid_post"
 """The hook every demo SAE reads (the residual stream after the second of three layers)."""
@@ -130,7 +136,7 @@ def load_model(
     """
     from safetensors.torch import load_file
 
-    from pytest_saecheck.demo.build import MODEL_WEIGHTS_FILENAME, make_model
+    from pytest_saecheck.demo.model import MODEL_WEIGHTS_FILENAME, make_model
 
     device = _default_device(device)
     torch_dtype = _resolve_dtype(dtype)
@@ -157,6 +163,23 @@ def load_model(
         model.to(str(torch.device(device)), print_details=False)
     model.eval()
     return model
+
+
+def relu_model(device: str | torch.device | None = None) -> HookedTransformer:
+    """The demo model's weights in the demo architecture with a ReLU MLP (a different, still fixed, model), in
+    eval mode on ``device`` (default as for :func:`load_model`)."""
+    from pytest_saecheck.demo.model import make_model
+
+    trained = load_model(device="cpu")
+    config = {**metadata()["model_config"], "act_fn": "relu"}
+    model = make_model(config, device="cpu", dtype=trained.cfg.dtype)
+    model.load_state_dict(trained.state_dict(), strict=False)
+    device = _default_device(device)
+    if str(device) != "cpu":
+        import torch
+
+        model.to(str(torch.device(device)), print_details=False)
+    return model.eval()
 
 
 def sae_path(name: str) -> Path:
@@ -248,6 +271,7 @@ __all__ = [
     "load_tokens_with_latents",
     "make_sequences",
     "metadata",
+    "relu_model",
     "sae_path",
     "scaling_law",
 ]

@@ -33,14 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_saecheck.demo.language import NAME, VOCAB, make_sequences, unigram_entropy
+from pytest_saecheck.demo.model import ASSETS_DIR, MODEL_WEIGHTS_FILENAME, make_model
 
 if TYPE_CHECKING:
     import torch
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-MODEL_WEIGHTS_FILENAME = "model.safetensors"
 METADATA_FILENAME = "metadata.json"
 SAES_DIRNAME = "saes"
 MODEL_NAME = NAME
@@ -151,27 +150,6 @@ SAE_NAMES: tuple[str, ...] = ("good", "variance_only", "dead")
 # ----------------------------------------------------------------------------------------------------------
 # model
 # ----------------------------------------------------------------------------------------------------------
-
-
-def make_model(model_config: dict[str, Any], device: Any = "cpu", dtype: Any = None) -> HookedTransformer:
-    """A HookedTransformer with the demo tokenizer attached and weights freshly initialised."""
-    import warnings
-
-    import torch
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    from pytest_saecheck.demo.tokenizer import build_tokenizer
-
-    kwargs = {k: v for k, v in model_config.items() if k not in {"model_name"}}
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    cfg = HookedTransformerConfig(
-        **kwargs, model_name=model_config["model_name"], device=str(device), dtype=dtype or torch.float32
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model = HookedTransformer(cfg, tokenizer=build_tokenizer())
-    return model
 
 
 def _lr_lambda(warmup: int, total: int):

@@ -378,7 +378,7 @@ def firing_counts(latents: torch.Tensor) -> torch.Tensor:
     """How many of the ``[tokens, d_sae]`` latents' rows each latent is nonzero in: ``[d_sae]`` int64.
 
     A sparse code (the usual SAE: a few dozen of thousands active) is counted from its nonzero entries' latent
-    indices, about 5x faster on a CPU than summing a ``[tokens, d_sae]`` boolean over tokens; a dense one (more
+    indices, less work than summing a ``[tokens, d_sae]`` boolean over tokens; a dense one (more
     than 1 in 16 active, where the index tensors would outgrow the latents) by that sum.
     """
     d_sae = latents.shape[-1]

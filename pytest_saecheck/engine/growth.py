@@ -126,8 +126,18 @@ def plan_for(n_sequences: int, batch_size: int, min_sequences: int | None = None
     return SequentialPlan(look_sizes(n_sequences, minimum, multiple=batch_size))
 
 
-def evaluate_sequential(model: Any, sae: Any, tokens: Any, gates: Any, options: dict[str, Any]) -> Evaluation:
+def evaluate_sequential(
+    evaluate: Callable[..., Evaluation],
+    model: Any,
+    sae: Any,
+    tokens: Any,
+    gates: Any,
+    options: dict[str, Any],
+) -> Evaluation:
     """``evaluate(model, sae, tokens, sequential=gates, **options)``: grow until every gate is decided.
+
+    ``evaluate``: the engine's :func:`~pytest_saecheck.engine.run.evaluate` (passed in: it calls this function),
+    run on each look's prefix of ``tokens``.
 
     ``gates``: a sequence of mappings ``{"metric": ..., "min_score": ..., "max_value": ..., "confidence": ...}``
     (``assert_ce_recovery``'s arguments). Returns the evaluation at the look where the last gate was decided (the
@@ -136,7 +146,6 @@ def evaluate_sequential(model: Any, sae: Any, tokens: Any, gates: Any, options: 
     """
     from collections.abc import Mapping, Sequence
 
-    from pytest_saecheck.engine.run import evaluate
     from pytest_saecheck.errors import ConfigError
 
     if isinstance(sae, (Mapping, list, tuple)) or options.get("joint"):

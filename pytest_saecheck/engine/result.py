@@ -157,41 +157,6 @@ class Evaluation:
             "note": note,
         }
 
-    def under_law(self, scaling_law: ScalingLaw | None) -> Evaluation:
-        """This evaluation with ``compute_fraction`` under another scaling law, from the same per-sequence sums.
-
-        The law changes no measured number, only this derived one (its value, its undefined reason, its note),
-        so a setting that differs only in the law reuses the pass. Returns ``self`` when the law is the same.
-        """
-        if scaling_law == self.scaling_law:
-            return self
-        from pytest_saecheck.engine.accumulate import totals
-        from pytest_saecheck.engine.finish import note_compute_fraction, why_undefined
-
-        metrics = {name: value for name, value in self.metrics.items() if name != "compute_fraction"}
-        undefined = {name: why for name, why in self.undefined.items() if name != "compute_fraction"}
-        if scaling_law is None:
-            undefined["compute_fraction"] = "not computed (no scaling law)"
-        elif "ce_orig" in self.metrics and "ce_sae" in self.metrics:
-            value = float(metrics_from_sums(totals(self.per_sequence), scaling_law)["compute_fraction"])
-            if math.isfinite(value):
-                metrics["compute_fraction"] = value
-            else:
-                undefined["compute_fraction"] = why_undefined("compute_fraction", scaling_law)
-        ordered = {name: metrics[name] for name in METRIC_NAMES if name in metrics}
-        ordered.update({name: value for name, value in metrics.items() if name not in ordered})
-        derived = replace(
-            self,
-            metrics=ordered,
-            undefined=undefined,
-            scaling_law=scaling_law,
-            compute_fraction_by_preset={},
-            warnings=[w for w in self.warnings if not w.startswith(COMPUTE_FRACTION_NOTE)],
-            _interval_cache={},
-            _position_cache=self._position_cache,
-        )
-        return note_compute_fraction(derived)
-
     def scaling_law_parameters(self) -> list[float] | None:
         """``[E, gamma]`` of :attr:`scaling_law` (None without a law)."""
         law = self.scaling_law

@@ -186,7 +186,7 @@ def evaluate(
         }
         from pytest_saecheck.engine.growth import evaluate_sequential
 
-        return evaluate_sequential(model, sae, tokens, sequential, options)
+        return evaluate_sequential(evaluate, model, sae, tokens, sequential, options)
     started = time.perf_counter()
     # --- plan: the options checked, the model's cut, one member per dictionary, the tokens ------------------
     scaling_law = as_scaling_law(scaling_law)

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pytest_saecheck.hookpoints import ModulePoint
+from pytest_saecheck.hookpoints.sites import ModulePoint
 
 
 class Site(enum.Enum):

@@ -7,7 +7,7 @@ names, TransformerLens 4 bridge canonical names, SAE Lens' ``mlp.hook_in``, or a
 :func:`resolve_points` turns that record into ONE read point and ONE write point (the same for an SAE):
 
 - on a ``HookedTransformer``: the TransformerLens hook name that is that tensor;
-- on a Hugging Face module tree: a :class:`~pytest_saecheck.hookpoints.ModulePoint` checked against
+- on a Hugging Face module tree: a :class:`~pytest_saecheck.hookpoints.sites.ModulePoint` checked against
   ``model.named_modules()``.
 
 Where ``hook_name`` and ``hf_hook_name`` name different tensors (SAE Lens 6.30.1–6.54.12 labels Gemma Scope 2
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pytest_saecheck.errors import ConfigError, HookNotFoundError, NoFaithfulPointError
-from pytest_saecheck.hookpoints import ModulePoint
 from pytest_saecheck.hookpoints.layouts import (
     LAYOUTS,
     TL3_HOOKS,
@@ -36,6 +35,7 @@ from pytest_saecheck.hookpoints.layouts import (
     layout_for,
     parse_tl_name,
 )
+from pytest_saecheck.hookpoints.sites import ModulePoint
 
 Role = Literal["read", "write"]
 OVERRIDE_KEY = "hook_name_override"

@@ -1,21 +1,22 @@
 """Loaders for models, SAEs and evaluation tokens, behind the ``pytest_saecheck_load_*`` hooks.
 
-Spec resolution (the contract in DESIGN.md):
+Spec resolution, after the ``pytest_saecheck_load_*`` hooks (a ``conftest.py``'s, then the plug-ins' defaults,
+:mod:`pytest_saecheck.extensions`: the bundled demo's ``"demo"`` model and tokens and ``"demo/<name>"`` SAEs):
 
-* model: ``"demo"``; an existing local directory holding a Hugging Face model (``config.json``); otherwise a
+* model: an existing local directory holding a Hugging Face model (``config.json``); otherwise a
   TransformerLens model name (``"gpt2"``, ``"EleutherAI/pythia-70m"``).
-* SAE: ``"demo/<name>"``; an existing local SAE Lens directory (``cfg.json`` + weights); otherwise an SAE Lens
-  ``release/id`` pair, split at the first ``/``.
-* tokens: ``"demo"``; ``"hf:<dataset>[?split=...&name=...&column=...]"`` (streamed); an existing local
-  ``.txt``, ``.jsonl``, ``.parquet``, ``.npy`` or ``.pt`` file or a ``datasets.save_to_disk`` directory.
+* SAE: an existing local SAE Lens directory (``cfg.json`` + weights); otherwise an SAE Lens ``release/id`` pair,
+  split at the first ``/``.
+* tokens: ``"hf:<dataset>[?split=...&name=...&column=...]"`` (streamed); an existing local ``.txt``, ``.jsonl``,
+  ``.parquet``, ``.npy`` or ``.pt`` file or a ``datasets.save_to_disk`` directory.
 
-Custom loaders registered through the hooks are asked first; built-in loaders run when every hook returns None.
-Torch and the model libraries are imported inside functions only.
+The built-in loaders run when every hook returns None. Torch and the model libraries are imported inside
+functions only.
 
 The package's modules, one job each: :mod:`.specs` (spec parsing and the defaults an SAE implies),
 :mod:`.offline` (is the hub reachable), :mod:`.resolve` (hooks first, then built-ins), :mod:`.models`,
-:mod:`.saes` and :mod:`.tokens` (the built-in loaders and file readers), :mod:`.validate` (what an artefact
-says, checked before it is believed).
+:mod:`.saes` and :mod:`.tokens` (the built-in loaders and file readers); :mod:`pytest_saecheck.validate`
+checks what an artefact says before it is believed.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from pytest_saecheck.loading.clt import (
     load_clt_release,
 )
 from pytest_saecheck.loading.models import (
-    DEMO_LOADER,
     HF_DIRECTORY_LOADER,
     HOOK_LOADER,
     PROCESSING_FLAGS,
     TL_LOADER,
+    LoadedModel,
     ModelLoad,
     builtin_load_model,
     builtin_load_model_recorded,
@@ -63,13 +64,10 @@ from pytest_saecheck.loading.saes import (
 )
 from pytest_saecheck.loading.specs import (
     DEFAULT_CONTEXT_SIZE,
-    DEMO,
-    DEMO_MODEL_NAME,
     absolute_path,
     default_context_size,
     default_model_spec,
     default_token_source,
-    demo_sae_name,
     local_path,
     looks_like_path,
     prepend_bos,
@@ -100,9 +98,6 @@ __all__ = [
     "ARTEFACT_MODEL_KWARGS",
     "CLT_RELEASE_CONVERTERS",
     "DEFAULT_CONTEXT_SIZE",
-    "DEMO",
-    "DEMO_LOADER",
-    "DEMO_MODEL_NAME",
     "DICTIONARY_LEARNING_WEIGHTS",
     "HF_DIRECTORY_LOADER",
     "HOOK_LOADER",
@@ -112,6 +107,7 @@ __all__ = [
     "TEXT_COLUMNS",
     "TL_LOADER",
     "TOKEN_COLUMNS",
+    "LoadedModel",
     "ModelLoad",
     "absolute_path",
     "artefact_model_kwargs",
@@ -126,7 +122,6 @@ __all__ = [
     "default_context_size",
     "default_model_spec",
     "default_token_source",
-    "demo_sae_name",
     "equivalent_load_kwargs",
     "hf_documents",
     "hub_offline",

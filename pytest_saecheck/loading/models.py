@@ -1,5 +1,5 @@
-"""Model loaders: the demo model, local Hugging Face directories and TransformerLens names (loaded as SAE Lens
-trains: ``from_pretrained_no_processing`` with the SAE's ``model_from_pretrained_kwargs``)."""
+"""Model loaders: local Hugging Face directories and TransformerLens names (loaded as SAE Lens trains:
+``from_pretrained_no_processing`` with the SAE's ``model_from_pretrained_kwargs``), after the plug-ins' hooks."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pytest_saecheck.errors import (
 )
 from pytest_saecheck.loading.offline import is_unavailable_error, offline_state, quiet_deprecations
 from pytest_saecheck.loading.resolve import hooks_then_builtin
-from pytest_saecheck.loading.specs import DEMO, absolute_path, local_path, looks_like_path
+from pytest_saecheck.loading.specs import absolute_path, local_path, looks_like_path
 from pytest_saecheck.validate import PROCESSING_FLAGS
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 TL_LOADER = "HookedTransformer.from_pretrained_no_processing"
 HF_DIRECTORY_LOADER = "pytest_saecheck.loading.load_hf_directory"
 HF_LOADER = "AutoModelForCausalLM.from_pretrained"
-DEMO_LOADER = "pytest_saecheck.demo.load_model"
 HOOK_LOADER = "pytest_saecheck_load_model hook"
 
 # Config fields TransformerLens reads under names current transformers no longer writes: {model_type: {the field
@@ -44,8 +43,9 @@ class ModelLoad:
     """How a model was loaded: the loader that made it and the keyword arguments it was given.
 
     ``kwargs`` hold the weight processing switches explicitly (all of :data:`PROCESSING_FLAGS`, ``False`` unless
-    the kwargs turned one on) and the dtype; ``device`` is recorded separately. For the demo model and models
-    from a ``pytest_saecheck_load_model`` hook, ``kwargs`` are what the loader was offered.
+    the kwargs turned one on) and the dtype; ``device`` is recorded separately. For models from a
+    ``pytest_saecheck_load_model`` hook, ``kwargs`` are what the loader was offered, unless the hook returned a
+    :class:`LoadedModel` saying itself how it made the model.
     """
 
     loader: str
@@ -54,6 +54,15 @@ class ModelLoad:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (dtypes and other objects as strings)."""
         return {"loader": self.loader, "kwargs": {str(k): _plain(v) for k, v in self.kwargs.items()}}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """What a ``pytest_saecheck_load_model`` implementation may return instead of the bare model: the model and
+    the :class:`ModelLoad` it was made with (recorded as the evaluation's ``model_loading``)."""
+
+    model: Any
+    how: ModelLoad
 
 
 def _plain(value: Any) -> Any:
@@ -116,7 +125,8 @@ def load_model(
     With ``backend="hf"`` the model is a Hugging Face ``AutoModelForCausalLM`` instead (:func:`load_hf_model`:
     a local directory or a hub id in the local cache; ``device_map``/``max_memory`` spread it over devices).
 
-    ``spec``: ``"demo"``, a local Hugging Face model directory, or a TransformerLens model name. ``device``: a
+    ``spec``: a local Hugging Face model directory, a TransformerLens model name, or a name a plug-in loads
+    (``pytest_saecheck_load_model``; the bundled demo's ``"demo"``). ``device``: a
     torch device string (default: CUDA when available, else CPU). ``dtype``: ``"float32"``, ``"float16"``,
     ``"bfloat16"``, ``"float64"`` or None (float32 unless the kwargs name one). ``model_from_pretrained_kwargs``:
     passed to ``HookedTransformer.from_pretrained_no_processing`` as SAE Lens does (its ``fold_ln``,
@@ -152,7 +162,7 @@ def load_model_recorded(
     offered = dict(model_from_pretrained_kwargs or {})
 
     def builtin() -> tuple[Any, ModelLoad]:
-        if backend == "hf" and spec != DEMO:
+        if backend == "hf":
             model = load_hf_model(spec, resolved_device, dtype, device_map, max_memory)
             return model, ModelLoad(
                 HF_LOADER,
@@ -170,7 +180,11 @@ def load_model_recorded(
         ),
         builtin,
     )
-    return (loaded, ModelLoad(HOOK_LOADER, offered)) if from_hook else loaded
+    if not from_hook:
+        return loaded
+    if isinstance(loaded, LoadedModel):
+        return loaded.model, loaded.how
+    return loaded, ModelLoad(HOOK_LOADER, offered)
 
 
 def builtin_load_model(
@@ -184,12 +198,6 @@ def builtin_load_model_recorded(
     spec: str, device: str, dtype: str | None, model_from_pretrained_kwargs: Mapping[str, Any] | None = None
 ) -> tuple[Any, ModelLoad]:
     path = local_path(spec)
-    if path is None and spec == DEMO:
-        from pytest_saecheck import demo
-
-        return demo.load_model(device=device, dtype=dtype), ModelLoad(
-            DEMO_LOADER, {"dtype": dtype or "float32"}
-        )
     kwargs = model_loader_kwargs(model_from_pretrained_kwargs, dtype)
     if path is not None:
         return load_hf_directory(path, device, dtype, kwargs), ModelLoad(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from pytest_saecheck import running
+from pytest_saecheck import extensions
 
 T = TypeVar("T")
 
@@ -17,12 +17,11 @@ T = TypeVar("T")
 def hooks_then_builtin(ask_hook: Callable[[Any], T | None], builtin: Callable[[], T]) -> tuple[T, bool]:
     """``(object, from_hook)``: ``ask_hook(hook_relay)`` when a hook answers, else ``builtin()``.
 
-    ``ask_hook`` receives the active plugin manager's hook relay (``running.active_hook()``) and calls one
-    ``pytest_saecheck_load_*`` hook on it; outside a pytest session there is no relay and the built-in runs.
+    ``ask_hook`` receives the hook relay (:func:`pytest_saecheck.extensions.relay`: the pytest session's, or
+    outside pytest the package's own, which holds the plug-ins advertised by entry point) and calls one
+    ``pytest_saecheck_load_*`` hook on it.
     """
-    hook = running.active_hook()
-    if hook is not None:
-        answer = ask_hook(hook)
-        if answer is not None:
-            return answer, True
+    answer = ask_hook(extensions.relay())
+    if answer is not None:
+        return answer, True
     return builtin(), False

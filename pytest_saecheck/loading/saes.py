@@ -1,4 +1,4 @@
-"""SAE loaders: demo SAEs, SAE Lens and sparsify directories, and SAE Lens releases."""
+"""SAE loaders: SAE Lens and sparsify directories and SAE Lens releases, after the plug-ins' hooks."""
 
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ from pytest_saecheck.loading.offline import is_unavailable_error, offline_state,
 from pytest_saecheck.loading.resolve import hooks_then_builtin
 from pytest_saecheck.loading.specs import (
     absolute_path,
-    demo_sae_name,
     local_path,
     looks_like_path,
     split_release,
@@ -59,8 +58,9 @@ def load_sae(
 ) -> SAE:
     """Load an SAE the way the plugin does: hooks first, then the built-in loaders.
 
-    ``spec``: ``"demo/<name>"``, a local directory (SAE Lens ``cfg.json`` + weights, or an EleutherAI sparsify
-    ``cfg.json`` + ``sae.safetensors``), or an SAE Lens ``release/id``. ``device``: default CUDA when available,
+    ``spec``: a local directory (SAE Lens ``cfg.json`` + weights, or an EleutherAI sparsify ``cfg.json`` +
+    ``sae.safetensors``), an SAE Lens ``release/id``, or a name a plug-in loads (``pytest_saecheck_load_sae``; the
+    bundled demo's ``"demo/<name>"``). ``device``: default CUDA when available,
     else CPU. ``dtype``: as for :func:`load_model` (None: the SAE config's dtype; float32 for sparsify).
     ``hook_name``: the hook the SAE reads, for an SAE whose config names none (a sparsify directory whose layer
     folder is not ``layers.N``); one that contradicts the SAE's own record (``hook_name``, ``hf_hook_name``) is
@@ -111,14 +111,7 @@ def builtin_load_sae(
     spec: str, device: str, dtype: str | None, hook_name: str | None = None, hook_name_override: bool = False
 ) -> Any:
     """The built-in SAE loaders only (no hooks); see :func:`load_sae`."""
-    demo_name = demo_sae_name(spec)
-    if demo_name is not None:
-        from pytest_saecheck import demo
-
-        if demo_name not in demo.SAE_NAMES:
-            raise LoadError(f"no demo SAE named {demo_name!r}; the demo SAEs are {', '.join(demo.SAE_NAMES)}")
-        sae = demo.load_sae(demo_name, device=device, dtype=dtype)
-    elif (path := local_path(spec)) is not None:
+    if (path := local_path(spec)) is not None:
         if clt_directory_format(path) is not None:
             if hook_name is not None:
                 raise ConfigError(

@@ -1,7 +1,8 @@
 """Spec parsing and the defaults an SAE implies: which model, tokens and context size a test uses.
 
-A spec is what users type: ``"demo"``, ``"demo/<name>"``, a local path, a TransformerLens model name, an SAE Lens
-``release/id`` pair, ``"hf:<dataset>"``. Nothing here loads anything.
+A spec is what users type: a local path, a TransformerLens model name, an SAE Lens ``release/id`` pair,
+``"hf:<dataset>"``, or a name a plug-in loads (the bundled demo's ``"demo"`` and ``"demo/<name>"``). Nothing here
+loads anything.
 """
 
 from __future__ import annotations
@@ -12,15 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pytest_saecheck import extensions
 from pytest_saecheck.defaults import DEFAULT_CONTEXT_SIZE
-from pytest_saecheck.demo import (
-    NAME as DEMO_MODEL_NAME,  # model_name and dataset_path in the demo SAEs' configs
-)
 from pytest_saecheck.errors import ConfigError, SAECheckWarning
 from pytest_saecheck.loading.chat import CHAT_PREFIX, default_is_chat
-
-DEMO = "demo"
-
 
 # --------------------------------------------------------------------------------------------------------
 # spec helpers
@@ -42,13 +38,6 @@ def looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~", "\\")) or spec.endswith(("/", "\\"))
 
 
-def demo_sae_name(spec: str) -> str | None:
-    """``"good"`` for ``"demo/good"``; None for anything else (or for an existing local path)."""
-    if spec.startswith(DEMO + "/") and local_path(spec) is None:
-        return spec[len(DEMO) + 1 :]
-    return None
-
-
 def split_release(spec: str) -> tuple[str, str]:
     """Split an SAE Lens ``release/id`` spec at the first ``/`` (release names hold no ``/``)."""
     release, sep, sae_id = spec.partition("/")
@@ -56,7 +45,7 @@ def split_release(spec: str) -> tuple[str, str]:
         raise ConfigError(
             f"SAE spec {spec!r} is neither an existing local directory nor an SAE Lens 'release/id' pair; "
             'write sae="<release>/<sae id>" (e.g. "gpt2-small-res-jb/blocks.8.hook_resid_pre"), '
-            'sae="demo/<name>", or the path of a directory holding cfg.json'
+            "or the path of a directory holding cfg.json"
         )
     return release, sae_id
 
@@ -81,12 +70,12 @@ def sae_metadata(sae: Any, key: str) -> Any:
 
 
 def default_model_spec(sae_spec: str, sae: Any) -> str:
-    """The model an SAE was trained on, for tests that name only an SAE."""
-    if demo_sae_name(sae_spec) is not None:
-        return DEMO
+    """The model an SAE was trained on, for tests that name only an SAE: a plug-in's answer
+    (``pytest_saecheck_default_model``), else the model its config names."""
+    answer = extensions.relay().pytest_saecheck_default_model(sae_spec=sae_spec, sae=sae)
+    if answer is not None:
+        return str(answer)
     name = sae_metadata(sae, "model_name")
-    if name == DEMO_MODEL_NAME:  # a demo SAE loaded from its directory rather than as demo/<name>
-        return DEMO
     if not name:
         raise ConfigError(
             f"no model is configured and the SAE {sae_spec!r} does not name its model; "
@@ -107,17 +96,17 @@ def default_model_spec(sae_spec: str, sae: Any) -> str:
 
 
 def default_token_source(sae_spec: str | None, sae: Any) -> str:
-    """The SAE's own training dataset (the demo corpus for demo SAEs), ``chat:``-prefixed when the SAE was trained
-    on chat-formatted data (:func:`pytest_saecheck.loading.chat.default_is_chat`).
+    """The SAE's own training dataset, ``chat:``-prefixed when the SAE was trained on chat-formatted data
+    (:func:`pytest_saecheck.loading.chat.default_is_chat`); a plug-in's answer first
+    (``pytest_saecheck_default_tokens``: the demo corpus for the demo SAEs).
 
     Raises :class:`ConfigError` when the SAE names no dataset (Qwen Scope records ``dataset_path: None``: its
     training data is not public), so the test must bring its own tokens.
     """
-    if sae_spec is not None and demo_sae_name(sae_spec) is not None:
-        return DEMO
+    answer = extensions.relay().pytest_saecheck_default_tokens(sae_spec=sae_spec, sae=sae)
+    if answer is not None:
+        return str(answer)
     dataset = sae_metadata(sae, "dataset_path")
-    if dataset == DEMO_MODEL_NAME:
-        return DEMO
     if not dataset:
         raise ConfigError(
             f"no tokens are configured and the SAE {sae_spec!r} does not name its training dataset (its "

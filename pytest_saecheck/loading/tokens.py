@@ -1,4 +1,5 @@
-"""Evaluation tokens: the demo corpus, Hugging Face datasets (streamed) and local files, packed into rows."""
+"""Evaluation tokens: Hugging Face datasets (streamed) and local files, packed into rows, after the plug-ins'
+hooks."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from pytest_saecheck.loading.models import usable_tokenizer
 from pytest_saecheck.loading.offline import is_unavailable_error, offline_state
 from pytest_saecheck.loading.resolve import hooks_then_builtin
 from pytest_saecheck.loading.specs import (
-    DEMO,
     absolute_path,
     default_context_size,
     local_path,
@@ -55,14 +55,15 @@ def load_tokens(
 ) -> torch.Tensor:
     """Load evaluation tokens the way the plugin does: hooks first, then the built-in sources.
 
-    ``spec``: ``"demo"``, ``"hf:<dataset>[?split=...&name=...&column=...]"``, or a local ``.txt``/``.jsonl``/
+    ``spec``: ``"hf:<dataset>[?split=...&name=...&column=...]"``, a name a plug-in loads
+    (``pytest_saecheck_load_tokens``; the bundled demo's ``"demo"``), or a local ``.txt``/``.jsonl``/
     ``.parquet``/``.npy``/``.pt`` file or ``datasets.save_to_disk`` directory (relative to the working
     directory); ``"chat:<source>"`` renders every row with the model's chat template, and a conversation column
     (``conversation``/``conversations``/``messages``) is rendered without the prefix too
     (:mod:`pytest_saecheck.loading.chat`). ``model`` tokenises text (its tokenizer) and gives BOS; ``sae`` (optional) says whether rows
     start with BOS (``prepend_bos``) and the default ``context_size`` (its training context, else
     :data:`~pytest_saecheck.defaults.DEFAULT_CONTEXT_SIZE`).
-    ``n_tokens``: about how many tokens, in whole rows. ``seed``: for sources that sample (the demo corpus).
+    ``n_tokens``: about how many tokens, in whole rows. ``seed``: for sources that sample (a plug-in's generator).
 
     Returns a LongTensor ``[ceil(n_tokens / context_size), context_size]`` on the CPU (fewer rows, with a
     warning, when the source runs out). Raises :class:`LoadError` (missing, unreadable or malformed source,
@@ -129,14 +130,6 @@ def builtin_load_tokens(spec: str, model: Any, sae: Any, n_tokens: int, context_
     n_sequences = n_sequences_for(n_tokens, context_size)
     source, is_chat = chat.split_chat(spec)
     path = local_path(source)
-    if is_chat and path is None and source == DEMO:
-        raise LoadError(
-            f"token source {spec!r}: the demo corpus has no conversations; drop the 'chat:' prefix"
-        )
-    if path is None and spec == DEMO:
-        from pytest_saecheck import demo
-
-        return demo.load_tokens(n_sequences=n_sequences, seq_len=context_size, seed=seed, device="cpu")
     if path is None and source.startswith("hf:"):
         documents = hf_documents(source)
     elif path is not None:
@@ -459,7 +452,7 @@ def _array_rows(array: Any) -> Iterator[Any]:
 
 def _parquet_rows(path: Path, batch_rows: int = 1024) -> Iterator[Any]:
     """The rows of a Parquet file as dicts, read row group by row group, ``batch_rows`` rows at a time (never
-    the whole table: +790 MB and 2.2 s where the same tokens as .jsonl took 0.04 s)."""
+    the whole table, whose decoded form can be many times the rows asked for)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -11,9 +11,6 @@ own frames from the tracebacks of the :class:`~pytest_saecheck.errors.SAECheckEr
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import re
 import types
 import warnings
 from collections.abc import Generator
@@ -24,16 +21,14 @@ import _pytest
 import pluggy
 import pytest
 
-from pytest_saecheck import hookspecs, records
+from pytest_saecheck import extensions, hookspecs, records, running
 from pytest_saecheck.checks import baselines
 from pytest_saecheck.errors import ConfigError, SAECheckError
-from pytest_saecheck.naming import joined
-from pytest_saecheck.plugin import profiles
+from pytest_saecheck.plugin import profiles, xdist_groups
 from pytest_saecheck.plugin import settings as settings_config
 from pytest_saecheck.plugin.fixtures import (
     CACHE_KEY,
     plan_release_groups,
-    release_group_key,
     saecheck,
     saecheck_device,
     saecheck_model,
@@ -53,9 +48,6 @@ __all__ = [
     "saecheck_tokens",
 ]
 
-XDIST_GROUP_KEY = pytest.StashKey[str]()
-#: Set by ``xdist_scheduling.pytest_configure_node`` in a worker's ``workerinput`` (the same string there).
-XDIST_GROUPS_INPUT = "saecheck_xdist_groups"
 
 MARKER_HELP = (
     "saecheck("
@@ -68,8 +60,6 @@ HIDDEN_DIRS = (
     Path(__file__).resolve().parent.parent,
     *(Path(module.__file__).resolve().parent for module in (_pytest, pluggy) if module.__file__),
 )
-#: The fixtures that load an SAE: tests using one of them are grouped per SAE under pytest-xdist.
-SAE_FIXTURES = frozenset({"saecheck", "saecheck_sae", "saecheck_model", "saecheck_tokens"})
 
 
 class SettingShadowedWarning(pytest.PytestWarning):
@@ -78,6 +68,9 @@ class SettingShadowedWarning(pytest.PytestWarning):
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hookspecs)
+    extensions.load_plugins(
+        pluginmanager
+    )  # the plug-ins of the saecheck hooks (the bundled demo's among them)
     # The report plugin has its own options (pytest_addoption is historic, so they still register) and
     # hookspecs; importing it here keeps `-p no:saecheck` disabling everything.
     pluginmanager.import_plugin("pytest_saecheck.report.plugin")
@@ -92,7 +85,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
-    settings_config.validate_command_line(config)
+    with running.activated(
+        running.HookOnly(config.hook)
+    ):  # validating a setting may ask the plug-ins (named laws)
+        settings_config.validate_command_line(config)
     baselines.check_options(config)
     if not config.pluginmanager.has_plugin(SESSION_NAME):
         run = SAECheckSession(config)
@@ -151,7 +147,7 @@ def pytest_collection_modifyitems(
         _warn_shadowed_options(config, items)
     loadgroup = bool(getattr(config.option, "loadgroup", False))  # an xdist worker under --dist loadgroup
     if loadgroup:
-        _group_by_sae(config, items)
+        xdist_groups.group_by_sae(config, items)
     result = yield
     shard = settings_config.shard_option(config)
     if shard is not None:  # before any grouping: the shard's tests are the run's
@@ -159,11 +155,11 @@ def pytest_collection_modifyitems(
 
         schedule.select_shard(config, items, *shard)
     if loadgroup:
-        _suffix_xdist_groups(items)
-    elif worker is not None and worker.get(XDIST_GROUPS_INPUT):
+        xdist_groups.suffix_xdist_groups(items)
+    elif worker is not None and worker.get(xdist_groups.XDIST_GROUPS_INPUT):
         # --dist load (what -n N implies): the groups travel in the ids of the collection message only
-        for item, group in _sae_groups(config, items).items():
-            item.stash[XDIST_GROUP_KEY] = group
+        for item, group in xdist_groups.sae_groups(config, items).items():
+            item.stash[xdist_groups.XDIST_GROUP_KEY] = group
     # after deselection: SAEs whose tests differ only in the SAE are evaluated in one shared pass
     plan_release_groups(config, items)
     return result
@@ -200,55 +196,8 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
 def pytest_collection_finish(session: pytest.Session) -> Generator[None, Any, Any]:
     """On an xdist worker under ``--dist load``, the collection it reports carries each saecheck test's group
     (``xdist_scheduling``): the ids are suffixed while xdist sends them, then restored."""
-    with _ids_with_groups(session.items):
+    with xdist_groups.ids_with_groups(session.items):
         return (yield)
-
-
-@contextlib.contextmanager
-def _ids_with_groups(items: list[pytest.Item]) -> Generator[None, None, None]:
-    changed: list[tuple[pytest.Item, str, Any]] = []
-    try:
-        for item in items:
-            group = item.stash.get(XDIST_GROUP_KEY, None)
-            if group is None:
-                continue
-            suffixed = f"{item.nodeid}@{group}"
-            identity = getattr(item, "_id", None)
-            parse = getattr(type(identity), "parse", None)
-            if callable(parse):  # pytest 9 keeps a NodeId in Item._id
-                attribute, value = "_id", parse(suffixed)
-            elif "_nodeid" in vars(item):  # earlier pytest: a string in Item._nodeid
-                attribute, value = "_nodeid", suffixed
-            else:
-                continue  # a pytest that keeps the id elsewhere: these tests are load-balanced one by one
-            changed.append((item, attribute, getattr(item, attribute)))
-            setattr(item, attribute, value)
-        yield
-    finally:
-        for item, attribute, previous in changed:
-            setattr(item, attribute, previous)
-
-
-def _suffix_xdist_groups(items: list[pytest.Item]) -> None:
-    """Make sure each grouped test's node id ends in ``@<group>``, which is what ``--dist loadgroup`` schedules by.
-
-    pytest-xdist appends it by assigning ``Item._nodeid``; pytest versions that keep the node id elsewhere (a
-    ``NodeId`` in ``Item._id``) ignore that assignment, and every group would be spread over the workers.
-    """
-    for item in items:
-        names = sorted(
-            {
-                str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
-                for mark in item.iter_markers("xdist_group")
-            }
-        )
-        suffix = "@" + "_".join(names)
-        if not names or item.nodeid.endswith(suffix):
-            continue
-        identity = getattr(item, "_id", None)
-        parse = getattr(type(identity), "parse", None)
-        if callable(parse):
-            item._id = parse(item.nodeid + suffix)
 
 
 def _warn_shadowed_options(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -272,58 +221,6 @@ def _warn_shadowed_options(config: pytest.Config, items: list[pytest.Item]) -> N
         )
         line = item.location[1]
         warnings.warn_explicit(warning, SettingShadowedWarning, str(item.path), (line or 0) + 1)
-
-
-def xdist_group_name(settings: settings_config.SAECheckSettings) -> str:
-    """The pytest-xdist group of a test's SAE: its release group when SAEs are evaluated together (every setting
-    but the SAE), else its spec (and model), as characters safe in a node id suffix."""
-    sae = joined(settings.sae)
-    if isinstance(settings.sae, str) and settings.splice == "separate" and settings.release_group_mib != 0:
-        key: str | None = repr(release_group_key(settings))
-        slug = "release"
-    else:
-        key = sae if settings.model is None else f"{sae}@{settings.model}"
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", settings_config.short_id(sae or "none"))[:40]
-    return f"saecheck-{slug}-{hashlib.sha1(str(key).encode()).hexdigest()[:8]}"
-
-
-def _sae_groups(config: pytest.Config, items: list[pytest.Item]) -> dict[pytest.Item, str]:
-    """The xdist group of every test that uses an SAE fixture and has an SAE (not one the user grouped).
-
-    With more workers than groups, each release group is cut into one chunk per worker
-    (:func:`pytest_saecheck.plugin.schedule.worker_chunks`), so that a one-group release keeps every worker busy;
-    the chunks are kept in the session cache, and each worker's release passes stay within its chunk.
-    """
-    from pytest_saecheck.plugin import schedule
-    from pytest_saecheck.plugin.fixtures import session_cache
-
-    groups = {}
-    members: dict[pytest.Item, tuple[Any, str]] = {}
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue  # the user grouped it
-        if not SAE_FIXTURES & set(getattr(item, "fixturenames", ())):
-            continue
-        try:
-            settings = settings_config.resolve_for_item(item)
-        except ConfigError:
-            continue
-        if settings.sae is not None:
-            groups[item] = xdist_group_name(settings)
-            if "-release-" in groups[item] and isinstance(settings.sae, str):
-                members[item] = (release_group_key(settings), settings.sae)
-    workers = int((getattr(config, "workerinput", None) or {}).get("workercount", 1))
-    chunks = schedule.worker_chunks(members.values(), len(set(groups.values())), workers)
-    session_cache(config).release_chunks = chunks
-    for item, member in members.items():
-        if member in chunks:
-            groups[item] = f"{groups[item]}-{chunks[member]}"
-    return groups
-
-
-def _group_by_sae(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item, group in _sae_groups(config, items).items():
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def _outside_plugin(frame: types.FrameType) -> bool:

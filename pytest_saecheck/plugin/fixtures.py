@@ -27,6 +27,7 @@ from pytest_saecheck.errors import ConfigError, SAECheckError, SAECheckWarning, 
 from pytest_saecheck.naming import joined
 from pytest_saecheck.plugin.session_cache import SessionCache
 from pytest_saecheck.plugin.settings import FrozenKwargs, SAECheckSettings, resolve_for_item
+from pytest_saecheck.scaling import model_default_law
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -105,19 +106,18 @@ def resolve_specs(
     """
     first = sae_specs[0] if sae_specs else None
     sae = load_sae(first) if first is not None else None
-    demo = first is not None and loading.demo_sae_name(first) is not None
     model, model_problem = settings.model, None
     if model is None and first is None:
         model_problem = _NO_MODEL
     elif model is None and first is not None:
         try:
-            model = loading.DEMO if demo else loading.default_model_spec(first, sae)
+            model = loading.default_model_spec(first, sae)
         except ConfigError as error:
             model_problem = str(error)
     tokens, tokens_problem = settings.tokens, None
     if tokens is None and first is not None:
         try:
-            tokens = loading.DEMO if demo else loading.default_token_source(first, sae)
+            tokens = loading.default_token_source(first, sae)
         except ConfigError as error:
             tokens_problem = str(error)
     if settings.context_size is not None:
@@ -244,12 +244,12 @@ class SAECheck(SAEUnderTest):
 
     @property
     def scaling_law(self) -> ScalingLaw | None:
-        """The law of ``compute_fraction``: the ``scaling_law`` setting; left at its default on the demo model,
-        the law the demo build fitted for the demo's model family (:func:`pytest_saecheck.demo.scaling_law`)."""
-        if self.settings.sources.get("scaling_law") == "default" and self.model_spec == loading.DEMO:
-            from pytest_saecheck import demo
-
-            return demo.scaling_law()
+        """The law of ``compute_fraction``: the ``scaling_law`` setting; left at its default, the law a plug-in
+        names for the model (:func:`pytest_saecheck.scaling.model_default_law`: the demo family's on the demo)."""
+        if self.settings.sources.get("scaling_law") == "default":
+            law = model_default_law(self.model_spec)
+            if law is not None:
+                return law
         return self.settings.scaling_law
 
     @property
@@ -304,7 +304,7 @@ class SAECheck(SAEUnderTest):
             return self.settings.backend
         if self.settings.device_map is not None:
             return "hf"
-        if self.settings.sae is None or self.model_spec == loading.DEMO:
+        if self.settings.sae is None:
             return "transformer_lens"
         hook = self.settings.hook_name or self.specs.recorded_hook
         if hook is None:  # a cross-layer transcoder records TransformerLens hooks
@@ -449,10 +449,12 @@ class SAECheck(SAEUnderTest):
             return self._evaluate_with_release_group()
 
         # The key leaves out the scaling law, which changes only compute_fraction: derived from the same pass.
+        from pytest_saecheck.engine.finish import under_law
+
         key = self.evaluation_key()
         evaluation = self._guard(lambda: self._cache.evaluation(key, compute))
         evaluation = self._cache.derived(
-            (key, self.scaling_law), lambda: evaluation.under_law(self.scaling_law)
+            (key, self.scaling_law), lambda: under_law(evaluation, self.scaling_law)
         )
         for message in self._cache.pending_warnings.pop(key, ()):
             # a release pass computed this SAE during another SAE's test: its warnings show under its own test
@@ -703,7 +705,7 @@ class SAECheck(SAEUnderTest):
                 "resolved_model": self.model_spec,
                 "model_loading": how.to_dict() if (how := self.model_loading) is not None else None,
                 "resolved_tokens": self.token_source,
-                "settings": {  # the law used: the demo family's on the demo model when left at the default
+                "settings": {  # the law used: a plug-in's for the model when left at the default
                     **self.settings.to_dict(),
                     "scaling_law": None if (law := self.scaling_law) is None else law.spec,
                 },

@@ -94,7 +94,8 @@ def read_profiles(path: Path | None) -> dict[str, dict[str, Any]]:
     }
 
 
-def _where(config: pytest.Config, name: str) -> str:
+def where(config: pytest.Config, name: str) -> str:
+    """Where profile ``name`` is written in the configuration file (for messages)."""
     path = config.inipath
     if path is not None and path.suffix == ".toml":
         return f"[{'.'.join(TOML_TABLE)}.{name}] in {path.name}"
@@ -105,25 +106,22 @@ def selected(config: pytest.Config) -> tuple[str, dict[str, Any]] | None:
     """The profile chosen with ``--saecheck-profile``: ``(name, raw values by setting name)``; None without one.
 
     Read once per run. Raises :class:`ConfigError` for a name the configuration file does not define (listing
-    the ones it does) or a key that is not a setting.
+    the ones it does); the settings check the keys (:func:`pytest_saecheck.plugin.settings.check_key`, with
+    :func:`where` naming the profile).
     """
     if _PROFILE_KEY in config.stash:
         return config.stash[_PROFILE_KEY]
     name = config.getoption("saecheck_profile", default=None)
     chosen: tuple[str, dict[str, Any]] | None = None
     if name:
-        from pytest_saecheck.plugin.settings import check_key
-
         path = config.inipath
         profiles = read_profiles(Path(path) if path is not None else None)
         if name not in profiles:
             known = ", ".join(sorted(profiles)) or "none"
             raise ConfigError(
                 f"{PROFILE_OPTION} {name}: no such profile in {path or 'the configuration (no ini file was found)'} "
-                f"(profiles defined: {known}); define it as {_where(config, name)}"
+                f"(profiles defined: {known}); define it as {where(config, name)}"
             )
-        for key in profiles[name]:
-            check_key(key, _where(config, name))
         chosen = (name, profiles[name])
     config.stash[_PROFILE_KEY] = chosen
     return chosen

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_saecheck import loading
+from pytest_saecheck import extensions, loading
 from pytest_saecheck.errors import SAECheckError
 from pytest_saecheck.naming import short_id
 
@@ -70,15 +70,11 @@ def _read_json(path: Path) -> Any:
 
 
 def sae_config(spec: str) -> tuple[Path, Mapping[str, Any]] | None:
-    """The ``cfg.json`` of an SAE Lens directory (a demo SAE's or a local one) and its path, read without the
+    """The ``cfg.json`` of an SAE Lens directory (a local one, or the directory a plug-in names for the spec) and its path, read without the
     weights; None for any other spec (a release id, a custom loader's, a cross-layer transcoder's directory)."""
-    demo_name = loading.demo_sae_name(spec)
-    if demo_name is not None:
-        from pytest_saecheck import demo
-
-        path: Path | None = demo.sae_path(demo_name) if demo_name in demo.SAE_NAMES else None
-    else:
-        path = loading.local_path(spec)
+    path = loading.local_path(spec)
+    if path is None:  # a name a plug-in knows (the demo's "demo/<name>"): its directory, without the weights
+        path = extensions.relay().pytest_saecheck_sae_directory(spec=spec)
     if path is None or not path.is_dir() or loading.sae_directory_format(path) != "sae_lens":
         return None
     cfg = _read_json(path / "cfg.json")
@@ -118,28 +114,27 @@ def sae_config_shape(spec: str, model: ModelShape, dtype: str | None) -> SAEShap
 
 def model_config_shape(spec: str | None, dtype: str | None) -> ModelShape | None:
     """The model's :class:`~pytest_saecheck.engine.cost.ModelShape` from its config, without its weights: the
-    demo's recorded config, or a local Hugging Face directory's ``config.json``; None for any other spec."""
+    config a plug-in gives (the demo's recorded one), or a local Hugging Face directory's ``config.json``; None for any other spec."""
     from pytest_saecheck.engine.cost import model_shape_from_config
 
     if spec is None:
         return None
-    if spec == loading.DEMO:
-        from pytest_saecheck import demo
-
-        return model_shape_from_config(demo.metadata()["model_config"], dtype)
     path = loading.local_path(spec)
-    if path is None or not (path / "config.json").is_file():
+    if path is None:  # a model a plug-in knows (the demo's): its config, without the weights
+        known = extensions.relay().pytest_saecheck_model_config(spec=spec)
+        return model_shape_from_config(known, dtype) if isinstance(known, Mapping) else None
+    if not (path / "config.json").is_file():
         return None
     config = _read_json(path / "config.json")
     return model_shape_from_config(config, dtype) if isinstance(config, Mapping) else None
 
 
 def release_model_spec(settings: SAECheckSettings, first: str) -> str | None:
-    """The model of a release from configs only: the ``model`` setting, the demo model for demo SAEs, else
-    None (the SAE's record names a hub model, whose config the plan does not fetch)."""
+    """The model of a release from configs only: the ``model`` setting, a plug-in's default model for the SAE
+    spec (the demo model for ``"demo/<name>"``), else None (the SAE's record names a hub model, whose config the plan does not fetch)."""
     if settings.model is not None:
         return settings.model
-    return loading.DEMO if loading.demo_sae_name(first) is not None else None
+    return extensions.relay().pytest_saecheck_default_model(sae_spec=first, sae=None)
 
 
 def context_size_of(settings: SAECheckSettings, first: str) -> int:

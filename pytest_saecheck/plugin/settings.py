@@ -837,7 +837,10 @@ def _profile_values(config: pytest.Config) -> tuple[dict[str, Any], str]:
     chosen = profiles.selected(config)
     if chosen is None:
         return {}, ""
-    return chosen[1], f"{profiles.PROFILE_OPTION} {chosen[0]}"
+    name, values = chosen
+    for key in values:
+        check_key(key, profiles.where(config, name))
+    return values, f"{profiles.PROFILE_OPTION} {name}"
 
 
 def validate_command_line(config: pytest.Config) -> None:

@@ -3,7 +3,7 @@
 Imported and registered by the plugin only when pytest-xdist is installed and active; imports no torch.
 
 How: the controller tells each worker (``workerinput``) that it schedules by group; each worker computes every
-saecheck test's group (:func:`pytest_saecheck.plugin.xdist_group_name`) at collection, and the node ids it sends
+saecheck test's group (:func:`pytest_saecheck.plugin.xdist_groups.group_name`) at collection, and the node ids it sends
 to the controller in its collection message carry the group as an ``@saecheck-...`` suffix, as ``--dist
 loadgroup`` does; the items themselves keep their node ids, so reports, ``--lf`` and the terminal show the ids
 of a serial run. The controller's scheduler (:class:`SAEGroupScheduling`, returned by
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from xdist.scheduler import LoadScheduling, LoadScopeScheduling  # type: ignore[import-untyped]
 
-from pytest_saecheck.plugin import XDIST_GROUPS_INPUT
+from pytest_saecheck.plugin.xdist_groups import XDIST_GROUPS_INPUT
 
 GROUP_PREFIX = "@saecheck-"
 """Separates a node id from its saecheck group in the ids a worker sends the controller."""
