@@ -8,23 +8,23 @@ from typing import Any
 
 import pytest
 
-from pytest_saecheck import extensions, groups, hookspecs, scaling
+from pytest_saecheck import extensions, groups, running, scaling
 from pytest_saecheck.demo import plugin as demo_plugin
 from pytest_saecheck.errors import ConfigError, SAECheckWarning
 
 
-def test_the_demo_is_a_plugin_outside_pytest(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_demo_is_a_plugin_outside_pytest() -> None:
     """Plain Python (no pytest session's relay): the package's own manager holds the demo from its entry point."""
-    monkeypatch.setattr(hookspecs, "_active_hook", None)
-    relay = extensions.relay()
-    assert relay is extensions._standalone().hook
-    assert extensions._standalone().is_registered(demo_plugin)
-    assert "demo" in scaling.named_laws()
-    assert scaling.model_default_law("demo") is not None
-    assert scaling.model_default_law("gpt2") is None
-    assert groups.check_spec("demo_constructs") == "demo_constructs"
-    assert relay.pytest_saecheck_default_model(sae_spec="demo/good", sae=None) == "demo"
-    assert relay.pytest_saecheck_default_tokens(sae_spec="release/id", sae=None) is None
+    with running.activated(running.HookOnly(None)):
+        relay = extensions.relay()
+        assert relay is extensions._standalone().hook
+        assert extensions._standalone().is_registered(demo_plugin)
+        assert "demo" in scaling.named_laws()
+        assert scaling.model_default_law("demo") is not None
+        assert scaling.model_default_law("gpt2") is None
+        assert groups.check_spec("demo_constructs") == "demo_constructs"
+        assert relay.pytest_saecheck_default_model(sae_spec="demo/good", sae=None) == "demo"
+        assert relay.pytest_saecheck_default_tokens(sae_spec="release/id", sae=None) is None
 
 
 def test_the_demo_is_registered_in_pytest_and_can_be_left_out(pytester: pytest.Pytester) -> None:
@@ -71,37 +71,27 @@ def _relay_answering(**answers: Any) -> SimpleNamespace:
     return SimpleNamespace(**{name: _answering(value) for name, value in answers.items()})
 
 
-def test_named_things_are_refused_when_two_plugins_or_a_builtin_take_one_name(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_named_things_are_refused_when_two_plugins_or_a_builtin_take_one_name() -> None:
     def law() -> scaling.ScalingLaw:
         return scaling.DEFAULT_LAW
 
-    monkeypatch.setattr(
-        hookspecs,
-        "_active_hook",
-        _relay_answering(pytest_saecheck_scaling_laws=[{"mine": law}, {"mine": law}]),
-    )
-    assert set(scaling.named_laws()) == {"mine"}, "one object under one name twice is the same registration"
-    monkeypatch.setattr(
-        hookspecs,
-        "_active_hook",
-        _relay_answering(pytest_saecheck_scaling_laws=[{"mine": law}, {"mine": lambda: scaling.DEFAULT_LAW}]),
-    )
-    with pytest.raises(ConfigError, match="two plug-ins register the scaling law 'mine'"):
-        scaling.named_laws()
-    monkeypatch.setattr(
-        hookspecs, "_active_hook", _relay_answering(pytest_saecheck_scaling_laws=[{"Epoch": law}])
-    )
-    with pytest.raises(ConfigError, match="epoch, which are built in"):
-        scaling.named_laws()
-    monkeypatch.setattr(
-        hookspecs,
-        "_active_hook",
-        _relay_answering(pytest_saecheck_groupings=[{"position": lambda m, t: None}]),
-    )
-    with pytest.raises(ConfigError, match="position, which are built in"):
-        groups.named_groupings()
+    def relay_answering(**answers: Any) -> running.HookOnly:
+        return running.HookOnly(_relay_answering(**answers))
+
+    with running.activated(relay_answering(pytest_saecheck_scaling_laws=[{"mine": law}, {"mine": law}])):
+        assert set(scaling.named_laws()) == {"mine"}, (
+            "one object under one name twice is the same registration"
+        )
+    twice = [{"mine": law}, {"mine": lambda: scaling.DEFAULT_LAW}]
+    with running.activated(relay_answering(pytest_saecheck_scaling_laws=twice)):
+        with pytest.raises(ConfigError, match="two plug-ins register the scaling law 'mine'"):
+            scaling.named_laws()
+    with running.activated(relay_answering(pytest_saecheck_scaling_laws=[{"Epoch": law}])):
+        with pytest.raises(ConfigError, match="epoch, which are built in"):
+            scaling.named_laws()
+    with running.activated(relay_answering(pytest_saecheck_groupings=[{"position": lambda m, t: None}])):
+        with pytest.raises(ConfigError, match="position, which are built in"):
+            groups.named_groupings()
 
 
 def test_an_unknown_law_lists_the_plugins_laws() -> None:

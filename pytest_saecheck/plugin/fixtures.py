@@ -26,7 +26,12 @@ from pytest_saecheck.devices import auto_device
 from pytest_saecheck.errors import ConfigError, SAECheckError, SAECheckWarning, WeightsUnavailableError
 from pytest_saecheck.naming import joined
 from pytest_saecheck.plugin.session_cache import SessionCache
-from pytest_saecheck.plugin.settings import FrozenKwargs, SAECheckSettings, resolve_for_item
+from pytest_saecheck.plugin.settings import (
+    FrozenKwargs,
+    SAECheckSettings,
+    release_group_key,
+    resolve_for_item,
+)
 from pytest_saecheck.scaling import model_default_law
 
 if TYPE_CHECKING:
@@ -760,12 +765,6 @@ class SAECheck(SAEUnderTest):
 def _is_module(sae: Any) -> bool:
     """Whether ``sae`` holds its weights as module parameters (a cross-layer transcoder reads them per layer)."""
     return callable(getattr(sae, "parameters", None))
-
-
-def release_group_key(settings: SAECheckSettings) -> Hashable:
-    """Every setting but the SAE and the scaling law (which changes no measured number): tests with equal keys
-    share one pass."""
-    return dataclasses.replace(settings, sae=None, scaling_law=None)
 
 
 def plan_release_groups(config: pytest.Config, items: list[pytest.Item]) -> None:

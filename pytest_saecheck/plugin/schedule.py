@@ -167,7 +167,7 @@ def shard_units(
     A unit is one SAE of a release (every test of it), one joint splice, or one test without an SAE.
     ``resolve(item)`` gives a test's settings, raising for a malformed marker (the test is then a unit alone).
     """
-    from pytest_saecheck.plugin.fixtures import release_group_key
+    from pytest_saecheck.plugin.settings import release_group_key
 
     units: dict[tuple[str, ...], list[int]] = {}
     for index, item in enumerate(items):

@@ -24,7 +24,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -1043,3 +1043,9 @@ def saecheck_param(sae: str | os.PathLike[str], *values: Any, id: str | None = N
     if id is None:
         id = short_id(spec)
     return pytest.param(*(values or (spec,)), marks=pytest.mark.saecheck(**settings), id=id)
+
+
+def release_group_key(settings: SAECheckSettings) -> Hashable:
+    """Every setting but the SAE and the scaling law (which changes no measured number): tests with equal keys
+    share one pass."""
+    return dataclasses.replace(settings, sae=None, scaling_law=None)

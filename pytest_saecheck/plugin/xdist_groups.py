@@ -19,7 +19,7 @@ import pytest
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.naming import joined
 from pytest_saecheck.plugin import settings as settings_config
-from pytest_saecheck.plugin.fixtures import release_group_key
+from pytest_saecheck.plugin.settings import release_group_key
 
 XDIST_GROUP_KEY = pytest.StashKey[str]()
 """A worker's test's group under ``--dist load`` (suffixed to its node id while the collection is reported)."""
