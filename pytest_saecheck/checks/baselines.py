@@ -33,6 +33,7 @@ import pytest
 
 from pytest_saecheck import records
 from pytest_saecheck.errors import ConfigError, SAECheckError
+from pytest_saecheck.sums import Sum
 
 if TYPE_CHECKING:
     import numpy as np
@@ -201,13 +202,13 @@ def compact_sums(per_sequence: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     out = {
         key: np.asarray(value, dtype=np.float64) for key, value in per_sequence.items() if np.ndim(value) == 1
     }
-    centered = per_sequence.get("sum_x_centered")
+    centered = per_sequence.get(Sum.SUM_X_CENTERED)
     if centered is not None and np.ndim(centered) == 2:
         centered = np.asarray(centered, dtype=np.float64)
-        counts = out["n_rec"]
+        counts = out[Sum.N_REC]
         mean = centered.sum(0) / counts.sum()
-        out["sum_sq_centered"] = (
-            out["sum_sq_centered"] - 2.0 * (centered @ mean) + counts * float(mean @ mean)
+        out[Sum.SUM_SQ_CENTERED] = (
+            out[Sum.SUM_SQ_CENTERED] - 2.0 * (centered @ mean) + counts * float(mean @ mean)
         )
     return out
 
@@ -218,8 +219,8 @@ def _expanded(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     import numpy as np
 
     out = dict(sums)
-    if "sum_sq_centered" in out:
-        out["sum_x_centered"] = np.zeros((len(out["sum_sq_centered"]), 1))
+    if Sum.SUM_SQ_CENTERED in out:
+        out[Sum.SUM_X_CENTERED] = np.zeros((len(out[Sum.SUM_SQ_CENTERED]), 1))
     return out
 
 
@@ -343,7 +344,7 @@ def load(path: Path) -> dict[str, Any]:
     return document
 
 
-REQUIRED_SUMS = ("n_ce", "n_kl", "ce_sum_orig", "ce_sum_sae", "kl_sum_sae")
+REQUIRED_SUMS = (Sum.N_CE, Sum.N_KL, Sum.CE_ORIG, Sum.CE_SAE, Sum.KL_SAE)
 """The per-sequence sums every baseline holds (what :func:`~pytest_saecheck.metrics.metrics_from_sums` always
 reads)."""
 
@@ -471,7 +472,7 @@ def _replicates(
     def keep(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = metrics_from_sums(sums, law)
         for name in names:
-            gathered[name].append(np.asarray(values.get(name, np.full(len(sums["n_ce"]), np.nan))))
+            gathered[name].append(np.asarray(values.get(name, np.full(len(sums[Sum.N_CE]), np.nan))))
         return {}
 
     bootstrap_intervals(per_sequence, keep, seed=seed)

@@ -27,6 +27,7 @@ import torch
 from pytest_saecheck.errors import ConfigError, ShapeMismatchError
 from pytest_saecheck.metrics import metrics_from_sums
 from pytest_saecheck.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, bootstrap_intervals
+from pytest_saecheck.sums import Sum
 
 GROUP_PREFIX = "group/"
 """Accumulator keys of per-sequence, per-group sums (``[n_sequences, n_groups, ...]``)."""
@@ -208,8 +209,8 @@ def group_results(group_sums: Mapping[str, np.ndarray], names: Sequence[str]) ->
             for key, value in group_sums.items()
         }
         sums = {key: value.sum(axis=0) for key, value in per_sequence.items()}
-        n_tokens = round(float(sums["n_kl"]))
-        n_predictions = round(float(sums["n_ce"]))
+        n_tokens = round(float(sums[Sum.N_KL]))
+        n_predictions = round(float(sums[Sum.N_CE]))
         values = metrics_from_sums(sums, None)
         metrics: dict[str, float] = {}
         undefined: dict[str, str] = {}
