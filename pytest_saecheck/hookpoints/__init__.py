@@ -136,14 +136,17 @@ def resolve_hook(
 
 from pytest_saecheck.hookpoints.layouts import LAYOUTS, Layout, Site  # noqa: E402
 from pytest_saecheck.hookpoints.resolve import (  # noqa: E402
+    BackendChoice,
     HookRecord,
     ResolvedPoint,
     ResolvedPoints,
+    choose_backend,
     resolve_points,
 )
 
 __all__ = [
     "LAYOUTS",
+    "BackendChoice",
     "HookRecord",
     "HookSite",
     "Layout",
@@ -151,6 +154,7 @@ __all__ = [
     "ResolvedPoint",
     "ResolvedPoints",
     "Site",
+    "choose_backend",
     "required_flags",
     "resolve_hook",
     "resolve_points",
