@@ -293,6 +293,10 @@ class HFCut:
             return self._site(ModulePoint(self.final_norm_path, "input", None))
         return self._site(ModulePoint(f"{self.layers_path}.{entry}", "input", entry))
 
+    def norm_output_site(self, site: Site) -> Site:
+        """A module point is the norm's output already (``<norm>.output``): ``site`` itself."""
+        return site
+
     def device_at(self, site: Site) -> torch.device:
         if not self.layer_devices:
             return self.device
