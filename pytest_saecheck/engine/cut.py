@@ -222,19 +222,22 @@ class NormOutputSite:
 
 
 def model_device(model: Any) -> torch.device:
-    """The device of the model's first parameter (the CPU for a model without any)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    """Where the model computes (:func:`module_device`; the CPU for a model without parameters)."""
+    return module_device(model, torch.device("cpu"))
 
 
 def module_device(module: Any, default: torch.device) -> torch.device:
-    """The device of ``module``'s first parameter, or ``default`` when it has none."""
+    """Where ``module`` computes: the execution device of its accelerate hook when it has one (a module offloaded
+    to the CPU or disk by a ``device_map`` keeps its weights on the ``meta`` device and computes there), else the
+    device of its first parameter, else ``default`` (no parameters, or all on ``meta``)."""
+    execution = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if execution is not None:
+        return torch.device(execution)
     try:
-        return next(module.parameters()).device
+        device: torch.device = next(module.parameters()).device
     except (StopIteration, AttributeError):
         return default
+    return default if device.type == "meta" else device
 
 
 def has_plain_unembed(model: Any) -> bool:
