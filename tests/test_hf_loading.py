@@ -123,3 +123,20 @@ def test_layers_offloaded_to_disk_compute_on_their_execution_device(llama_dir, t
         two = evaluate(offloaded, copy.deepcopy(sae), batch, **ALL_POSITIONS)
         assert two.device == "cpu"
         _same_numbers(one, two)
+
+
+def test_transformers_own_output_recorders_are_not_hooks_on_the_model(llama_dir):
+    """transformers 5 installs recording hooks on the layers the first time hidden states are asked for; they change
+    no output, so they are not reported as hooks that the measured model runs with (a user's hook still is)."""
+    from pytest_saecheck.engine.hf import HFCut
+
+    model = load_hf_model(str(llama_dir), "cpu", "float32")
+    with torch.no_grad():
+        model(input_ids=tokens()[:1], output_hidden_states=True)
+    assert any(module._forward_hooks for module in model.modules())  # transformers' recorders are there
+    assert HFCut(model).check() == []
+    handle = model.model.layers[0].register_forward_hook(lambda module, args, output: None)
+    try:
+        assert HFCut(model).check() == ["model.layers.0 (forward hook)"]
+    finally:
+        handle.remove()
