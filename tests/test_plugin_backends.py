@@ -126,3 +126,18 @@ def test_gemma_scope_2_through_the_plugin_runs_on_the_hf_backend_and_says_so(
     assert entry["backend"] == "hf"
     assert entry["model"]["loading"]["backend"]["name"] == "hf"
     assert "pre_feedforward_layernorm.output" in entry["model"]["loading"]["backend"]["reason"]
+
+
+def test_the_architecture_is_read_from_files_on_this_machine_only(gemma_hub, tmp_path, monkeypatch):
+    """A local directory's or a cached hub id's config.json names the architecture; anything else gives None
+    (the choice then asks every map), and nothing is fetched."""
+    from pytest_saecheck.plugin.fixtures import _architecture
+
+    use_offline_cache(gemma_hub, monkeypatch)
+    assert _architecture("google/gemma-3-270m") == "Gemma3ForCausalLM"
+    local = tmp_path / "model"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert _architecture(str(local)) == "LlamaForCausalLM"
+    assert _architecture("google/not-cached-here") is None
+    assert _architecture("gpt2-small") is None and _architecture(None) is None
