@@ -18,7 +18,12 @@ from pytest_saecheck import evaluate
 from pytest_saecheck.loading import load_hf_model
 
 # no scaling law: these random SAEs lower the loss, and compute_fraction (which would warn) is not what is compared
-ALL_POSITIONS = {"exclude_bos": False, "exclude_special_tokens": False, "progress": False, "scaling_law": None}
+ALL_POSITIONS = {
+    "exclude_bos": False,
+    "exclude_special_tokens": False,
+    "progress": False,
+    "scaling_law": None,
+}
 
 
 @pytest.fixture(scope="module")
