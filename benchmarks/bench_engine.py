@@ -7,6 +7,14 @@ Usage::
     python benchmarks/bench_engine.py --configs 1,3 --n-tokens 4096 --repeats 5 --device cuda
     python benchmarks/bench_engine.py --configs release    # configuration 4: 12 SAEs (30 min on 2 busy cores)
     python benchmarks/bench_engine.py --sequential 256     # sequential gates: 12 SAEs, gates of mixed difficulty
+    python benchmarks/bench_engine.py --configs hf,replacement   # configurations 5 and 6
+
+Configuration 5 (``hf``) is configuration 1's model and SAE on the Hugging Face backend (a transformers
+``GPT2LMHeadModel``) against its own bound and floor in plain transformers calls. Configuration 6 (``replacement``)
+is a cross-layer transcoder's replacement model (every MLP replaced at once, ``evaluate_replacement``) against the
+exact bound (the original pass and one replaced pass in plain ``run_with_hooks``, nothing scored) and a forward
+pass; SAE Lens cannot evaluate a CLT, so the bound is its anchor. Its CLT is also streamed under a quarter of its
+decoders' bytes, and the weight peak reported.
 
 Four things are timed on identical token batches:
 
@@ -65,8 +73,11 @@ DENSITY_ROW = "latent_density (worst latent)"
 
 RELEASE_KEY = "4"
 HF_KEY = "5"
-CONFIG_KEYS = ("1", "2", "3", RELEASE_KEY, HF_KEY)
-CONFIG_ALIASES = {"release": RELEASE_KEY, "hf": HF_KEY}
+REPLACEMENT_KEY = "6"
+CONFIG_KEYS = ("1", "2", "3", RELEASE_KEY, HF_KEY, REPLACEMENT_KEY)
+CONFIG_ALIASES = {"release": RELEASE_KEY, "hf": HF_KEY, "replacement": REPLACEMENT_KEY}
+OWN_MEASURES = (HF_KEY, REPLACEMENT_KEY)
+"""Configurations measured by their own function (no SAE Lens anchor: a bound of plain calls instead)."""
 HF_HOOK = "transformer.h.5"
 """Configuration 5's point: the output of GPT-2's block 5, the residual stream TransformerLens calls
 ``blocks.6.hook_resid_pre`` (configuration 1's hook)."""
@@ -127,7 +138,8 @@ def parse_configs(text: str) -> list[str]:
     unknown = [key for key in keys if key not in CONFIG_KEYS]
     if unknown or not keys:
         raise argparse.ArgumentTypeError(
-            f"--configs takes a comma-separated subset of 1,2,3,4,5 (4 = release, 5 = hf), got {text!r}"
+            "--configs takes a comma-separated subset of 1,2,3,4,5,6 (4 = release, 5 = hf, 6 = replacement), got "
+            f"{text!r}"
         )
     return list(dict.fromkeys(keys))
 
@@ -866,6 +878,180 @@ def measure_hf(
     return lines, record
 
 
+# --- configuration 6: a cross-layer transcoder's replacement model ----------------------------------------------------
+
+REPLACEMENT_SHAPE = {"n_layers": 4, "d_model": 128, "d_sae": 1024, "d_vocab": 2048, "n_ctx": 128}
+"""Configuration 6's model and CLT: a random 4-layer TransformerLens model (ReLU MLPs, LayerNorm) and a random ReLU
+CLT of 1024 features per layer over every MLP (--quick: 256)."""
+
+
+def replacement_case(folder: Any, d_sae: int, device: str) -> tuple[Any, Any]:
+    """The model and a random CLT written in circuit-tracer's folder layout under ``folder`` and loaded from it."""
+    import torch
+    from safetensors.torch import save_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from pytest_saecheck.loading.clt import load_clt
+
+    n, d = REPLACEMENT_SHAPE["n_layers"], REPLACEMENT_SHAPE["d_model"]
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=n,
+        d_model=d,
+        n_ctx=REPLACEMENT_SHAPE["n_ctx"],
+        d_head=d // 4,
+        n_heads=4,
+        d_mlp=4 * d,
+        d_vocab=REPLACEMENT_SHAPE["d_vocab"],
+        act_fn="relu",
+        normalization_type="LN",
+        device=device,
+    )
+    model = HookedTransformer(cfg).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(
+        "model_name: bench\nmodel_kind: cross_layer_transcoder\n"
+        "feature_input_hook: ln2.hook_normalized\nfeature_output_hook: hook_mlp_out\n"
+    )
+    for layer in range(n):
+        save_file(
+            {
+                f"W_enc_{layer}": torch.randn(d_sae, d) / d**0.5,
+                f"b_enc_{layer}": torch.full((d_sae,), -0.5),
+                f"b_dec_{layer}": torch.zeros(d),
+            },
+            str(folder / f"W_enc_{layer}.safetensors"),
+        )
+        save_file(
+            {f"W_dec_{layer}": torch.randn(d_sae, n - layer, d) * 0.02},
+            str(folder / f"W_dec_{layer}.safetensors"),
+        )
+    return model, load_clt(folder)
+
+
+def run_replacement_bound(model: Any, folder: Any, tokens: Any, batch_size: int) -> None:
+    """The least work of an exact replacement evaluation in plain TransformerLens calls, nothing scored: the original
+    forward pass (logits) and ONE forward pass with every MLP output replaced by the CLT's reconstruction (features
+    read ``ln2.hook_normalized``, each layer's output the sum of the decoders of the layers at or below it)."""
+    import torch
+    from safetensors.torch import load_file
+
+    n = REPLACEMENT_SHAPE["n_layers"]
+    device = next(model.parameters()).device
+    enc = [load_file(str(folder / f"W_enc_{layer}.safetensors"), device=str(device)) for layer in range(n)]
+    dec = [load_file(str(folder / f"W_dec_{layer}.safetensors"), device=str(device)) for layer in range(n)]
+    w_enc = [enc[s][f"W_enc_{s}"].T for s in range(n)]
+    b_enc = [enc[s][f"b_enc_{s}"] for s in range(n)]
+    b_dec = [enc[s][f"b_dec_{s}"] for s in range(n)]
+    w_dec = [dec[s][f"W_dec_{s}"] for s in range(n)]
+    latents: dict[int, Any] = {}
+
+    def read(layer: int) -> Any:
+        return lambda x, hook: latents.__setitem__(layer, torch.relu(x @ w_enc[layer] + b_enc[layer]))
+
+    def write(layer: int) -> Any:
+        return lambda y, hook: (
+            b_dec[layer] + sum(latents[s] @ w_dec[s][:, layer - s] for s in range(layer + 1))
+        )
+
+    hooks = [(f"blocks.{layer}.ln2.hook_normalized", read(layer)) for layer in range(n)]
+    hooks += [(f"blocks.{layer}.hook_mlp_out", write(layer)) for layer in range(n)]
+    with torch.inference_mode():
+        for first in range(0, tokens.shape[0], batch_size):
+            batch = tokens[first : first + batch_size].to(device)
+            model(batch)
+            model.run_with_hooks(batch, fwd_hooks=hooks)
+
+
+def measure_replacement(
+    n_tokens: int | None,
+    batch_size: int,
+    repeats: int,
+    device: str,
+    seq_len: int | None,
+    quick: bool,
+    log: Callable[[str], None],
+) -> tuple[list[str], dict[str, Any]]:
+    """Configuration 6: ours (``evaluate_replacement``, one pass with every MLP replaced; and with each layer alone
+    too) against the exact bound and a plain forward pass; the CLT streamed under a quarter of its decoders' bytes."""
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    from pytest_saecheck.engine.replacement import evaluate_replacement
+    from pytest_saecheck.loading.clt import load_clt
+
+    d_sae = 256 if quick else REPLACEMENT_SHAPE["d_sae"]
+    n, d = REPLACEMENT_SHAPE["n_layers"], REPLACEMENT_SHAPE["d_model"]
+    length = min(seq_len or REPLACEMENT_SHAPE["n_ctx"], REPLACEMENT_SHAPE["n_ctx"])
+    tokens = random_tokens(
+        n_sequences_for(n_tokens or 4096, length, batch_size), length, REPLACEMENT_SHAPE["d_vocab"]
+    )
+    warm = tokens[:batch_size]
+    options = {"batch_size": batch_size, "progress": False}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "clt"
+        model, clt = replacement_case(folder, d_sae, device)
+
+        def floor(batch: Any) -> None:
+            import torch
+
+            with torch.inference_mode():
+                for first in range(0, batch.shape[0], batch_size):
+                    model(batch[first : first + batch_size].to(device))
+
+        impls = {
+            "ours": lambda: evaluate_replacement(model, clt, tokens, alone=False, **options),
+            "ours_alone": lambda: evaluate_replacement(model, clt, tokens, alone=True, **options),
+            "bound": lambda: run_replacement_bound(model, folder, tokens, batch_size),
+            "floor": lambda: floor(tokens),
+        }
+        one_batch = {
+            "ours": lambda: evaluate_replacement(model, clt, warm, alone=False, **options),
+            "ours_alone": lambda: evaluate_replacement(model, clt, warm, alone=True, **options),
+            "bound": lambda: run_replacement_bound(model, folder, warm, batch_size),
+            "floor": lambda: floor(warm),
+        }
+        timings, results, _ = interleaved(impls, one_batch, repeats, device, False, log)
+        decoder_bytes = sum(4 * d_sae * (n - s) * d for s in range(n))
+        streamed = evaluate_replacement(
+            model, load_clt(folder, weight_budget_bytes=decoder_bytes // 4), tokens, alone=False, **options
+        )
+    seconds = {name: statistics.median(values) for name, values in timings.seconds.items()}
+
+    def per_pair(name: str, over: str) -> float:
+        return statistics.median(pairwise_ratios(timings.seconds[name], timings.seconds[over]))
+
+    ours = results["ours"]
+    record = {
+        "name": f"replacement: {n}-layer CLT, {d_sae} features per layer",
+        "seconds": {name: round(value, 3) for name, value in seconds.items()},
+        "ours_over_bound": round(per_pair("ours", "bound"), 3),
+        "forward_passes": round(per_pair("ours", "floor"), 3),
+        "forward_passes_alone": round(per_pair("ours_alone", "floor"), 3),
+        "forward_passes_by_design": {"ours": 2, "ours_alone": 2 + n, "bound": 2},
+        "bound_forward_passes": round(per_pair("bound", "floor"), 3),
+        "decoder_bytes": decoder_bytes,
+        "streamed_peak_bytes": streamed.dictionary["weight_peak_bytes"],
+        "streamed_delta_ce_difference": abs(streamed.metrics["delta_ce"] - ours.metrics["delta_ce"]),
+    }
+    lines = [
+        f"\nConfiguration {REPLACEMENT_KEY}: random {n}-layer TransformerLens model (d_model {d}) + random ReLU CLT "
+        f"({d_sae} features per layer, circuit-tracer folder), every MLP replaced at once; {tokens.numel()} tokens",
+        f"  ours {seconds['ours']:.2f} s (with each layer alone {seconds['ours_alone']:.2f} s), bound "
+        f"{seconds['bound']:.2f} s, floor {seconds['floor']:.2f} s (medians)",
+        f"  ours / bound, pair by pair: median {record['ours_over_bound']:.3f}; ours = "
+        f"{record['forward_passes']:.2f} forward passes (2 by design; bound {record['bound_forward_passes']:.2f}), "
+        f"with each layer alone {record['forward_passes_alone']:.2f} ({2 + n} by design)",
+        f"  delta_ce {ours.metrics['delta_ce']:.6g}, kl_sae {ours.metrics['kl_sae']:.6g}; streamed under "
+        f"{decoder_bytes / 4 / 2**20:.2f} MiB: weight peak {record['streamed_peak_bytes'] / 2**20:.2f} MiB of "
+        f"{decoder_bytes / 2**20:.2f} MiB of decoders, |delta_ce streamed - resident| "
+        f"{record['streamed_delta_ce_difference']:.1e}",
+        "  SAE Lens cannot evaluate a CLT (it sums each layer's decoders): the anchor is the exact bound",
+    ]
+    return lines, record
+
+
 # --- report --------------------------------------------------------------------------------------------------------
 
 
@@ -1306,8 +1492,8 @@ def main(argv: list[str] | None = None) -> int:
         "--configs",
         type=parse_configs,
         default=["1", "2", "3"],
-        help="subset of 1,2,3,4,5 (4 or 'release': 12 SAEs in one pass; 5 or 'hf': the Hugging Face backend; "
-        "default 1,2,3)",
+        help="subset of 1,2,3,4,5,6 (4 or 'release': 12 SAEs in one pass; 5 or 'hf': the Hugging Face backend; "
+        "6 or 'replacement': a cross-layer transcoder's replacement model; default 1,2,3)",
     )
     parser.add_argument(
         "--quick",
@@ -1368,7 +1554,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"sequential": record}, sort_keys=True))
         return 0
     cases, skipped = build_cases(
-        [key for key in args.configs if key != HF_KEY],
+        [key for key in args.configs if key not in OWN_MEASURES],
         n_tokens,
         args.batch_size,
         device,
@@ -1400,6 +1586,12 @@ def main(argv: list[str] | None = None) -> int:
     if HF_KEY in args.configs:
         log(f"configuration {HF_KEY}: the Hugging Face backend")
         text, records[HF_KEY] = measure_hf(n_tokens, args.batch_size, repeats, device, seq_len, log)
+        lines += text
+    if REPLACEMENT_KEY in args.configs:
+        log(f"configuration {REPLACEMENT_KEY}: a cross-layer transcoder's replacement model")
+        text, records[REPLACEMENT_KEY] = measure_replacement(
+            n_tokens, args.batch_size, repeats, device, seq_len, args.quick, log
+        )
         lines += text
     for key, reason in skipped.items():
         lines.append(f"\nConfiguration {key}: SKIPPED - {reason}")

@@ -9,7 +9,11 @@ Rows:
 - ``hf bfloat16`` and ``tl bfloat16``: the forward pass in bf16, the SAE in float32, sums in float64 (how far bf16
   metrics lie from float32 ones, and the speed-up);
 - ``hf float32 2-device``: the layers split over ``cuda:0`` and ``cuda:1`` by an explicit device map (accelerate)
-  when two GPUs are visible (the numbers of the one-device run).
+  when two GPUs are visible (the numbers of the one-device run);
+- ``hf float32 device_map=auto``: the model saved and loaded again with ``device_map="auto"`` and a ``max_memory``
+  that leaves the first GPU room for half of it, so accelerate splits it over every visible GPU (the devices it
+  used are named in the row; the numbers of the one-device run). The dry run splits it between the CPU and disk
+  offload (weights on the meta device, computed on the CPU), what accelerate allows without a GPU.
 
 Each row: seconds of one ``evaluate`` (median of ``--repeats`` after a warm-up), and the headline metrics with their
 largest difference from ``hf float32``. ``--dry-run`` runs every row on the CPU with a two-layer model (the
@@ -97,6 +101,36 @@ def two_device_map(n_layers: int, devices: tuple[str, str]) -> dict[str, str]:
     }
 
 
+def auto_mapped(hf: Any, n_gpus: int, dry_run: bool) -> tuple[Any, str]:
+    """``hf`` saved, then loaded with ``device_map="auto"`` and a ``max_memory`` that cannot hold it on the first
+    device alone: over the visible GPUs, or (dry run) the CPU and disk offload. Returns the model and the devices
+    its map names."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tempfile.mkdtemp(prefix="gpu_check_")
+    hf.save_pretrained(folder)
+    size = sum(p.numel() * p.element_size() for p in hf.parameters())
+    if dry_run:
+        max_memory: dict[Any, Any] = {"cpu": size // 2}
+    else:
+        max_memory = {
+            0: size // 2,
+            **{i: torch.cuda.get_device_properties(i).total_memory for i in range(1, n_gpus)},
+        }
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=torch.float32,
+        device_map="auto",
+        max_memory=max_memory,
+        offload_folder=f"{folder}/offload",
+    ).eval()
+    placed = ", ".join(sorted({str(device) for device in model.hf_device_map.values()}))
+    return model, placed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="every row on the CPU with a tiny model")
@@ -153,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         row(f"hf float32 2-device ({devices[0]}, {devices[1]})", spread, hf_sae)
     else:
         rows.append(("hf float32 2-device: skipped (one GPU visible)", float("nan"), {}))
+    if args.dry_run or n_gpus >= 2:
+        auto, placed = auto_mapped(hf, n_gpus, args.dry_run)
+        row(f"hf float32 device_map=auto ({placed})", auto, hf_sae)
+    else:
+        rows.append(("hf float32 device_map=auto: skipped (one GPU visible)", float("nan"), {}))
     bf16_ok = args.dry_run or torch.cuda.is_bf16_supported()
     if bf16_ok:
         row("hf bfloat16 (SAE float32)", copy.deepcopy(hf).to(torch.bfloat16), hf_sae)

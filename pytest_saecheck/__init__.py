@@ -70,6 +70,8 @@ _LAZY: dict[str, str] = {
     "ModulePoint": "pytest_saecheck.hookpoints",
     "ResolvedPoints": "pytest_saecheck.hookpoints",
     "resolve_points": "pytest_saecheck.hookpoints",
+    "choose_backend": "pytest_saecheck.hookpoints",
+    "BackendChoice": "pytest_saecheck.hookpoints",
 }
 
 if TYPE_CHECKING:
@@ -81,7 +83,14 @@ if TYPE_CHECKING:
     from pytest_saecheck.engine import Evaluation, EvaluationSet, TokenPolicy, evaluate
     from pytest_saecheck.family import fit_scaling_law_from_models
     from pytest_saecheck.groups import Grouping
-    from pytest_saecheck.hookpoints import HookRecord, ModulePoint, ResolvedPoints, resolve_points
+    from pytest_saecheck.hookpoints import (
+        BackendChoice,
+        HookRecord,
+        ModulePoint,
+        ResolvedPoints,
+        choose_backend,
+        resolve_points,
+    )
     from pytest_saecheck.loading import load_model, load_sae, load_tokens
     from pytest_saecheck.loading.clt import load_clt
     from pytest_saecheck.plugin.fixtures import SAECheck
@@ -117,6 +126,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AuxLossAdapter",
     "AuxLossAdapterBase",
+    "BackendChoice",
     "BaselineError",
     "ConfigError",
     "CrossLayerTranscoder",
@@ -158,6 +168,7 @@ __all__ = [
     "assert_r2_matches_legacy",
     "assert_task_preserved",
     "assert_training_objective",
+    "choose_backend",
     "evaluate",
     "fit_scaling_law",
     "fit_scaling_law_from_models",

@@ -79,3 +79,59 @@ def apply_offline_hub_env(root: Path, monkeypatch: Any) -> None:
     for key, value in offline_hub_env(root).items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+def snapshot_dir(root: Path, repo_id: str) -> Path:
+    """The snapshot folder of ``repo_id`` in the hub cache under ``root`` (created, with ``refs/main``)."""
+    repo = root / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
+
+def save_model(root: Path, repo_id: str, model: Any) -> Path:
+    """Save a transformers ``model`` (a tiny model of a real architecture) into the hub cache under ``root`` as
+    ``repo_id`` (e.g. ``google/gemma-3-270m``); return ``root``."""
+    model.save_pretrained(snapshot_dir(root, repo_id))
+    return root
+
+
+GEMMA_SCOPE_2_REPO = "google/gemma-scope-2-270m-pt"
+GEMMA_SCOPE_2_RELEASE = "gemma-scope-2-270m-pt-transcoders-all"
+
+
+def save_gemma_scope_2_transcoder(root: Path, sae_id: str, layer: int, weights: dict[str, Any]) -> Path:
+    """A Gemma Scope 2 transcoder folder (``transcoder_all/<sae_id>``: ``config.json`` + ``params.safetensors``
+    with ``w_enc`` ``[d_model, d_sae]``, ``w_dec`` ``[d_sae, d_model]``, ``b_enc``, ``b_dec``, ``threshold``) in the
+    hub cache under ``root``, as the release :data:`GEMMA_SCOPE_2_RELEASE` of SAE Lens lists it; return the folder."""
+    from safetensors.torch import save_file
+
+    folder = snapshot_dir(root, GEMMA_SCOPE_2_REPO) / "transcoder_all" / sae_id
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(folder / "params.safetensors"))
+    config = {
+        "architecture": "jump_relu",
+        "model_name": "gemma-v3-270m-pt",
+        "hf_hook_point_in": f"model.layers.{layer}.pre_feedforward_layernorm.output",
+        "hf_hook_point_out": f"model.layers.{layer}.post_feedforward_layernorm.output",
+        "affine_connection": False,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def use_offline_cache(root: Path, monkeypatch: Any) -> None:
+    """In this process: huggingface_hub reads the cache under ``root`` offline, and any HTTP request of SAE Lens'
+    loaders (its tensor-shape range request) fails the test."""
+    import huggingface_hub.constants as hub
+    from sae_lens.loading import pretrained_sae_loaders
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(root / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+
+    def fetched(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"an HTTP request from SAE Lens' loader: {args}")
+
+    monkeypatch.setattr(pretrained_sae_loaders, "_get_with_rate_limit_retry", fetched)

@@ -32,7 +32,8 @@ def test_parse_configs(bench):
     assert bench.parse_configs("release") == ["4"]
     assert bench.parse_configs("1,release,4") == ["1", "4"]
     assert bench.parse_configs("hf,1") == ["5", "1"]
-    for bad in ("", "6", "1,x", "releases"):
+    assert bench.parse_configs("replacement,hf") == ["6", "5"]
+    for bad in ("", "7", "1,x", "releases"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.parse_configs(bad)
 

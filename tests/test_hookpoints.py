@@ -3,7 +3,6 @@ Hugging Face module tree, checked numerically on tiny models of real architectur
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -251,37 +250,13 @@ RELEASE, SAE_ID = "gemma-scope-2-270m-pt-transcoders-all", "layer_0_width_16k_l0
 
 
 def serve_gemma_scope_2(root: Path, weights: dict[str, torch.Tensor], monkeypatch: Any) -> None:
-    """The release folder in an offline hub cache, in Gemma Scope 2's layout (config.json + params.safetensors)."""
-    import huggingface_hub.constants as hub
-    from offline_hub import COMMIT
-    from safetensors.torch import save_file
+    """The release folder in an offline hub cache, in Gemma Scope 2's layout (config.json + params.safetensors).
+    SAE Lens' Gemma 3 loader asks the hub for the tensor shapes by an HTTP range request even when the file is
+    cached: any request fails the test, so the load must read the cached file (loading.offline.no_range_requests)."""
+    from offline_hub import save_gemma_scope_2_transcoder, use_offline_cache
 
-    repo = root / "hub" / "models--google--gemma-scope-2-270m-pt"
-    folder = repo / "snapshots" / COMMIT / "transcoder_all" / SAE_ID
-    folder.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    save_file(weights, str(folder / "params.safetensors"))
-    config = {
-        "architecture": "jump_relu",
-        "model_name": "gemma-v3-270m-pt",
-        "hf_hook_point_in": "model.layers.0.pre_feedforward_layernorm.output",
-        "hf_hook_point_out": "model.layers.0.post_feedforward_layernorm.output",
-        "affine_connection": False,
-    }
-    (folder / "config.json").write_text(json.dumps(config))
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(root / "hub"))
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
-    # SAE Lens' Gemma 3 loader reads the tensor shapes by an HTTP range request even when the file is cached;
-    # offline, the shapes come from the cached file's header instead (what that request returns).
-    from sae_lens.loading import pretrained_sae_loaders
-    from safetensors import safe_open
-
-    def cached_shapes(repo_id: str, filename: str) -> dict[str, list[int]]:
-        with safe_open(str(repo / "snapshots" / COMMIT / filename), framework="pt") as handle:
-            return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
-
-    monkeypatch.setattr(pretrained_sae_loaders, "get_safetensors_tensor_shapes", cached_shapes)
+    save_gemma_scope_2_transcoder(root, SAE_ID, 0, weights)
+    use_offline_cache(root, monkeypatch)
 
 
 def test_gemma_scope_2_transcoder_is_spliced_where_it_was_trained(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pytest_saecheck.errors import HookNotFoundError, ModelStateError
+from pytest_saecheck.errors import ConfigError, HookNotFoundError, ModelStateError
 from pytest_saecheck.hookpoints import HookSite, required_flags, resolve_hook
 
 SiteHook = Callable[[torch.Tensor], torch.Tensor | None]
@@ -132,6 +132,13 @@ class ModelCut(Protocol):
         """The residual stream at the start of block ``entry`` (``n_layers``: the end)."""
         ...
 
+    def norm_output_site(self, site: Site) -> Site:
+        """The output of the norm whose output ``site`` names, gain (and bias) applied, as a read point: on a module
+        tree the norm's own output (``site`` itself), on a ``HookedTransformer`` its ``hook_normalized`` with the
+        norm's weight applied on read (:class:`NormOutputSite`). Raises :class:`ConfigError` where the norm has
+        no weight to apply."""
+        ...
+
     def device_at(self, site: Site) -> torch.device:
         """The device of the block in which ``site`` fires: where its activations live."""
         ...
@@ -176,20 +183,61 @@ class ModelCut(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class NormOutputSite:
+    """A norm's output read at its ``hook_normalized`` (``normalized``) with the norm's ``weight`` and ``bias``
+    applied on read (``[d_model]`` each): the point a Hugging Face ``pre_feedforward_layernorm.output`` names, on a
+    ``HookedTransformer``. Read only: a replacement written there would be scaled by the gain again."""
+
+    normalized: Site
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def hook_name(self) -> str:
+        return self.normalized.hook_name
+
+    @property
+    def layer(self) -> int:
+        return self.normalized.layer
+
+    @property
+    def head_index(self) -> int | None:
+        return None
+
+    @property
+    def is_residual(self) -> bool:
+        return False
+
+    @property
+    def entry(self) -> int:
+        return self.normalized.entry
+
+    def select(self, activation: torch.Tensor) -> torch.Tensor:
+        out = activation * self.weight.to(activation.device)
+        return out if self.bias is None else out + self.bias.to(activation.device)
+
+    def write_back(self, activation: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
+        raise ConfigError(f"the norm output read at {self.hook_name!r} is a read point, not a write point")
+
+
 def model_device(model: Any) -> torch.device:
-    """The device of the model's first parameter (the CPU for a model without any)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    """Where the model computes (:func:`module_device`; the CPU for a model without parameters)."""
+    return module_device(model, torch.device("cpu"))
 
 
 def module_device(module: Any, default: torch.device) -> torch.device:
-    """The device of ``module``'s first parameter, or ``default`` when it has none."""
+    """Where ``module`` computes: the execution device of its accelerate hook when it has one (a module offloaded
+    to the CPU or disk by a ``device_map`` keeps its weights on the ``meta`` device and computes there), else the
+    device of its first parameter, else ``default`` (no parameters, or all on ``meta``)."""
+    execution = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if execution is not None:
+        return torch.device(execution)
     try:
-        return next(module.parameters()).device
+        device: torch.device = next(module.parameters()).device
     except (StopIteration, AttributeError):
         return default
+    return default if device.type == "meta" else device
 
 
 def has_plain_unembed(model: Any) -> bool:
@@ -275,6 +323,25 @@ class HookedTransformerCut:
             else f"blocks.{entry - 1}.hook_resid_post"
         )
         return self.site(name, None)
+
+    def norm_output_site(self, site: Site) -> Site:
+        """``blocks.L.<norm>.hook_normalized`` read with the norm's weight (and bias) applied: the norm's output,
+        which TransformerLens 3 does not hook (its norms fire hook_normalized before the gain)."""
+        name = site.hook_name
+        if not name.endswith(".hook_normalized"):
+            raise ConfigError(f"{name!r} is not a norm's hook_normalized: it has no norm output to read")
+        norm = self.model.get_submodule(name.removesuffix(".hook_normalized"))
+        weight = getattr(norm, "w", None)
+        if weight is None:
+            raise ConfigError(
+                f"the dictionary reads the output of the norm at {name!r} (normalised × weight), but this model's "
+                "norm has no weight: it was folded into the MLP or attention weights that read it when the model was loaded. "
+                "Load the model "
+                "without weight processing (HookedTransformer.from_pretrained_no_processing, or "
+                "model_from_pretrained_kwargs={'fold_ln': False})"
+            )
+        bias = getattr(norm, "b", None)
+        return NormOutputSite(site, weight.detach(), None if bias is None else bias.detach())
 
     def device_at(self, site: Site) -> torch.device:
         return self.block_devices[min(max(site.layer, 0), len(self.block_devices) - 1)]

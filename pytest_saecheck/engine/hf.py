@@ -234,7 +234,10 @@ class HFCut:
         return [
             f"{name or '(model)'} (forward hook)"
             for name, module in self.modules.items()
-            if module._forward_hooks or module._forward_pre_hooks
+            if any(
+                not _transformers_recorder(hook)
+                for hook in [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+            )
         ]
 
     # --- where ----------------------------------------------------------------------------------------
@@ -292,6 +295,10 @@ class HFCut:
         if entry >= self.n_layers:
             return self._site(ModulePoint(self.final_norm_path, "input", None))
         return self._site(ModulePoint(f"{self.layers_path}.{entry}", "input", entry))
+
+    def norm_output_site(self, site: Site) -> Site:
+        """A module point is the norm's output already (``<norm>.output``): ``site`` itself."""
+        return site
 
     def device_at(self, site: Site) -> torch.device:
         if not self.layer_devices:
@@ -428,6 +435,15 @@ class HFCut:
     def resumes(self, site: Site) -> bool:
         """Whether a run is continued from a layer at ``site`` (else the whole forward runs again)."""
         return _module_site(site).resumable
+
+
+TRANSFORMERS_RECORDERS = ("transformers.utils.output_capturing",)
+"""Modules of the hooks transformers 5 installs on a model's layers the first time it is asked for hidden states or
+attentions (``output_hidden_states=True``): they append to a collector and return None, so they change no output."""
+
+
+def _transformers_recorder(hook: Any) -> bool:
+    return getattr(hook, "__module__", None) in TRANSFORMERS_RECORDERS
 
 
 def _module_site(site: Site) -> ModuleSite:

@@ -15,8 +15,8 @@ Per batch of tokens:
 
 Positions the token policy excludes are neither replaced nor averaged (as for every splice). Sums are float64
 per sequence (``engine.accumulate``); every metric comes from ``pytest_saecheck.metrics`` and intervals from a
-paired bootstrap over sequences. This module drives TransformerLens hooks directly: it is the self-contained
-CLT splice, to be moved onto the engine's model seam when that lands.
+paired bootstrap over sequences. The model is reached only through :class:`~pytest_saecheck.engine.cut.ModelCut`
+(either backend), the points through the hook-point resolver (:func:`clt_sites`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ from pytest_saecheck.engine.finish import note_compute_fraction
 from pytest_saecheck.engine.plan import check_tokens
 from pytest_saecheck.engine.progress import progress_bar
 from pytest_saecheck.engine.result import Evaluation
+from pytest_saecheck.engine.splice import at_kept
 from pytest_saecheck.errors import ConfigError, HookNotFoundError, SAECheckWarning
+from pytest_saecheck.hookpoints import HookRecord, resolve_points
 from pytest_saecheck.metrics import METRIC_NAMES, metrics_from_sums
 from pytest_saecheck.policy import TokenPolicy
 from pytest_saecheck.scaling import DEFAULT_LAW, ScalingLaw, as_scaling_law
@@ -89,15 +91,16 @@ def evaluate_replacement(
 
     ``keep_layers``: layers whose MLP output stays the model's own. ``policy``: the token policy (default:
     :class:`TokenPolicy`'s). ``alone=False`` skips the per-layer splices (one forward per layer per batch).
-    ``backend``: how the model is reached (:func:`pytest_saecheck.engine.backends.cut_for`); the CLT's record
-    names TransformerLens hooks, so the model must be a TransformerLens ``HookedTransformer`` for now.
+    ``backend``: how the model is reached (:func:`pytest_saecheck.engine.backends.cut_for`): a TransformerLens
+    ``HookedTransformer`` or a Hugging Face causal language model (points: :func:`clt_sites`).
 
     Raises :class:`ConfigError` (a layer count or keep layer the model does not have, a weight budget too small),
     :class:`HookNotFoundError` (a read or write point that does not fire in order), :class:`ShapeMismatchError`.
     """
     started = time.perf_counter()
     law = as_scaling_law(scaling_law)
-    n_layers = int(model.cfg.n_layers)
+    cut = cut_for(model, backend)
+    n_layers = cut.n_layers
     if clt.n_layers != n_layers:
         raise ConfigError(
             f"the CLT has {clt.n_layers} layers but the model has {n_layers}: a replacement replaces every MLP, so "
@@ -109,20 +112,13 @@ def evaluate_replacement(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     clt.check_budget()
-    cut = cut_for(model, backend)
-    if cut.backend != "transformer_lens":
-        raise ConfigError(
-            f"the CLT ({clt.record.format}) records TransformerLens hooks; evaluating it on the {cut.backend!r} "
-            "backend is not supported yet: load the model as a TransformerLens HookedTransformer"
-        )
     model_hooks = cut.check()
     policy = (policy or TokenPolicy()).resolved_for(cut)
     tokens = check_tokens(cut, tokens, policy)
     try:
-        reads = [cut.site(name, None) for name in clt.record.hook_names_in]
-        writes = [cut.site(name, None) for name in clt.record.hook_names_out]
+        reads, writes = clt_sites(cut, clt)
     except HookNotFoundError as error:
-        raise HookNotFoundError(
+        raise type(error)(
             f"{error} (a point where the CLT ({clt.record.format}, {clt.record.path}) reads or writes; check that "
             f"the CLT was trained on this model: {clt.record.model_name or 'model not recorded'})"
         ) from None
@@ -137,22 +133,32 @@ def evaluate_replacement(
     return result
 
 
-def _norm_affine(cut: ModelCut, clt: CrossLayerTranscoder, layer: int) -> tuple[Any, Any] | None:
-    """``(weight, bias or None)`` of layer ``layer``'s MLP input norm when the CLT reads that norm's output
-    (``CLTRecord.norm_output``), else None. Raises :class:`ConfigError` when the model's norm has no weight (it
-    was folded into the MLP at load), so its output is not the point the CLT was trained on."""
-    if not clt.record.norm_output:
-        return None
-    norm = cut.model.blocks[layer].ln2  # the TransformerLens backend only
-    weight = getattr(norm, "w", None)
-    if weight is None:
-        raise ConfigError(
-            f"the CLT ({clt.record.format}) reads the output of layer {layer}'s MLP input norm (normalised × weight), "
-            "but this model's ln2 has no weight: it was folded into the MLP when the model was loaded. Load the "
-            "model without weight processing (HookedTransformer.from_pretrained_no_processing, or "
-            "model_from_pretrained_kwargs={'fold_ln': False})"
-        )
-    return weight.detach(), getattr(norm, "b", None)
+def clt_sites(cut: ModelCut, clt: CrossLayerTranscoder) -> tuple[list[Site], list[Site]]:
+    """Each layer's read and write :class:`Site` on ``cut``, from the CLT's record through the hook-point resolver
+    (:func:`pytest_saecheck.hookpoints.resolve_points`, as for every dictionary): on a module tree the Hugging Face
+    points where the release records them, else its TransformerLens names placed by the architecture's map; on a
+    ``HookedTransformer`` the TransformerLens names, a norm's output (``CLTRecord.norm_output``) read through
+    :meth:`ModelCut.norm_output_site`.
+
+    Raises :class:`HookNotFoundError` / :class:`~pytest_saecheck.errors.NoFaithfulPointError` for a point the
+    backend does not have, :class:`ConfigError` for a norm output the model folded away.
+    """
+    record = clt.record
+    reads: list[Site] = []
+    writes: list[Site] = []
+    for layer in range(clt.n_layers):
+        hf_in = record.hf_hook_names_in[layer] if record.hf_hook_names_in else None
+        hf_out = record.hf_hook_names_out[layer] if record.hf_hook_names_out else None
+        names = HookRecord(record.hook_names_in[layer], record.hook_names_out[layer])
+        if cut.backend != "transformer_lens":  # where it was trained, when the release records it
+            names = HookRecord(names.hook_name, names.hook_name_out, hf_in, hf_out)
+        points = resolve_points(names, cut.model, transcoder=True)
+        read = cut.site(points.read.point, None)
+        if record.norm_output and cut.backend == "transformer_lens":
+            read = cut.norm_output_site(read)
+        reads.append(read)
+        writes.append(cut.site(points.write.point, None))
+    return reads, writes
 
 
 def _add(written: list[torch.Tensor | None], target: int, part: torch.Tensor) -> None:
@@ -181,16 +187,6 @@ class _Replacement:
         self.alone = alone
         self.reads, self.writes = list(reads), list(writes)
         self.chunk_rows = chunk_rows_for(cut.d_vocab_out, cut.output_device)
-        self.affine = [_norm_affine(cut, clt, layer) for layer in range(clt.n_layers)]
-
-    def _input(self, activation: torch.Tensor, layer: int) -> torch.Tensor:
-        """Layer ``layer``'s MLP input as the CLT reads it (``[batch, pos, d_model]``)."""
-        affine = self.affine[layer]
-        if affine is None:
-            return activation
-        weight, bias = affine
-        out = activation * weight.to(activation.device)
-        return out if bias is None else out + bias.to(activation.device)
 
     def _accumulator(self, seq_len: int, layer: int | None) -> Accumulator:
         width = None if layer is None else self.clt.d_sae[layer]
@@ -247,11 +243,11 @@ class _Replacement:
                     "and output, so the replacement cannot be spliced faithfully"
                 )
 
-    @staticmethod
-    def _splice(activation: torch.Tensor, recon: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """``recon`` at the kept positions, the model's own activation elsewhere (``[batch, pos, d_model]``)."""
-        recon = recon.to(device=activation.device, dtype=activation.dtype)
-        return torch.where(kept.to(activation.device).unsqueeze(-1), recon, activation)
+    def _splice(
+        self, layer: int, activation: torch.Tensor, recon: torch.Tensor, kept: torch.Tensor
+    ) -> torch.Tensor:
+        """Layer ``layer``'s written activation: ``recon`` at the kept positions, the model's own elsewhere."""
+        return self.writes[layer].write_back(activation, at_kept(activation, recon, kept))
 
     def _score(
         self, acc: Accumulator, logits: torch.Tensor, original: Any, kept: Any, predicted: Any
@@ -271,7 +267,7 @@ class _Replacement:
         clt, n = self.clt, self.clt.n_layers
         written: list[torch.Tensor | None] = [None] * n
         for source in range(n):
-            x_in = self._input(captured[self.reads[source].hook_name], source)
+            x_in = self.reads[source].select(captured[self.reads[source].hook_name])
             z = clt.encode_layer(x_in, source)
             for target in range(source, n):
                 _add(written, target, clt.write(z, source, target))
@@ -285,8 +281,10 @@ class _Replacement:
             del z
             if self.alone:
 
-                def replace(activation: torch.Tensor, recon: torch.Tensor = recon) -> torch.Tensor:
-                    return self._splice(activation, recon, kept)
+                def replace(
+                    activation: torch.Tensor, recon: torch.Tensor = recon, layer: int = source
+                ) -> torch.Tensor:
+                    return self._splice(layer, activation, recon, kept)
 
                 final = self.cut.forward_with_hooks(batch, [(self.writes[source], replace)])
                 self._score(self.spliced_alone[source], self.cut.logits(final), original, kept, predicted)
@@ -302,7 +300,7 @@ class _Replacement:
 
         def read(layer: int) -> Any:
             def hook(activation: torch.Tensor) -> None:
-                activation = self._input(activation, layer)
+                activation = self.reads[layer].select(activation)
                 z = clt.encode_layer(activation, layer)
                 for target in range(layer, n):
                     _add(written, target, clt.write(z, layer, target))
@@ -318,7 +316,7 @@ class _Replacement:
                 written[layer] = None
                 recon = clt.finish(total.to(x_in.device), layer, x_in)
                 self.inside[layer].add_reconstruction(activation, recon, z, kept, x_in)
-                return activation if layer in self.keep else self._splice(activation, recon, kept)
+                return activation if layer in self.keep else self._splice(layer, activation, recon, kept)
 
             return hook
 
@@ -366,6 +364,7 @@ class _Replacement:
             batch_size=self.batch_size,
             model_dtype=str(self.cut.dtype).replace("torch.", ""),
             device=str(self.cut.output_device),
+            backend=self.cut.backend,
             hook_name_out=" + ".join(site.hook_name for site in self.writes),
             dictionary={**self.clt.to_dict(), "splice": what, "keep_layers": sorted(self.keep)},
             per_position=acc.position_per_sequence(),

@@ -47,6 +47,13 @@ def written(
     return [m.write.write_back(x_out_full, value) for value in values]
 
 
+def at_kept(activation: torch.Tensor, value: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``value`` (``[batch, pos, d]``, or broadcastable) at the ``kept`` positions (``[batch, pos]`` bool), the
+    model's own ``activation`` elsewhere, in the activation's dtype and on its device."""
+    value = value.to(device=activation.device, dtype=activation.dtype)
+    return torch.where(kept.to(activation.device).unsqueeze(-1), value, activation)
+
+
 def splice(
     cut: ModelCut,
     m: Member,

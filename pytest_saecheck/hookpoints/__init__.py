@@ -6,15 +6,18 @@ from __future__ import annotations
 
 from pytest_saecheck.hookpoints.layouts import LAYOUTS, Layout, Site
 from pytest_saecheck.hookpoints.resolve import (
+    BackendChoice,
     HookRecord,
     ResolvedPoint,
     ResolvedPoints,
+    choose_backend,
     resolve_points,
 )
 from pytest_saecheck.hookpoints.sites import HookSite, ModulePoint, required_flags, resolve_hook
 
 __all__ = [
     "LAYOUTS",
+    "BackendChoice",
     "HookRecord",
     "HookSite",
     "Layout",
@@ -22,6 +25,7 @@ __all__ = [
     "ResolvedPoint",
     "ResolvedPoints",
     "Site",
+    "choose_backend",
     "required_flags",
     "resolve_hook",
     "resolve_points",

@@ -482,3 +482,58 @@ def resolve_points(record: HookRecord, model: Any, *, transcoder: bool = True) -
     # An SAE reads and writes one point: the write's (the same tensor; where a branch input differs from the
     # residual, e.g. bridge ln1.hook_in, replacing it there changes that branch only, as its record says).
     return ResolvedPoints("hf", read if transcoder else write, write)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# which backend, before any model is loaded
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend a dictionary's record asks for, before any model is loaded, and why (one sentence)."""
+
+    backend: str
+    reason: str
+
+
+def _tl_has_point(site: Site, role: Role, layout: Layout) -> bool:
+    """Whether a ``HookedTransformer`` of ``layout``'s architecture hooks ``site`` (a norm's gained output and a
+    raw sublayer output before a post norm have no TransformerLens 3 hook)."""
+    return layout.canonical(site, role) in TL3_HOOKS
+
+
+def choose_backend(record: HookRecord, *, transcoder: bool, architecture: str | None = None) -> BackendChoice:
+    """``"hf"`` when the record names a module path, or a tensor a ``HookedTransformer`` has no faithful point at;
+    else ``"transformer_lens"``. Reads only the record (and ``architecture``, ``config.architectures[0]`` of the
+    model when known: without it every architecture whose map places a module point is considered, and one that
+    has no TransformerLens hook there is enough).
+
+    The ``hf_hook_name`` side decides where the record has one (it is where the dictionary was trained); a
+    ``hook_name`` with ``hook_name_override`` set decides alone. A TransformerLens name is left to the
+    TransformerLens backend, whose resolver refuses it (naming the Hugging Face backend) where it has no point.
+    """
+    layouts = [layout] if (layout := layout_for(architecture)) is not None else list(LAYOUTS.values())
+    roles: tuple[Role, ...] = ("read", "write") if transcoder else ("read",)
+    for role in roles:
+        name, hf = record.names(role)
+        field, hf_field = _fields(record, role)
+        if record.override and name is not None:
+            hf = None
+        if hf is None:
+            if name is not None and not name.startswith(("blocks.", "hook_")):
+                return BackendChoice("hf", f"its {field} {name!r} is a module path")
+            continue
+        path, io = split_module_point(hf)
+        placed = [(lay, found) for lay in layouts if (found := lay.site_of(path, io)) is not None]
+        if not placed:
+            return BackendChoice(
+                "hf", f"its {hf_field} {hf!r} is a module point no TransformerLens hook map places"
+            )
+        for lay, (_, site) in placed:
+            if not _tl_has_point(site, role, lay):
+                return BackendChoice(
+                    "hf",
+                    f"its {hf_field} {hf!r} (where it was trained) is {site.value}, which a HookedTransformer "
+                    "has no hook at",
+                )
+    return BackendChoice("transformer_lens", "its record names points a HookedTransformer hooks")

@@ -50,10 +50,18 @@ class ModelLoad:
 
     loader: str
     kwargs: Mapping[str, Any]
+    backend: tuple[str, str] | None = None
+    """``(backend, why it was chosen)`` when the plugin chose it (``backend`` setting ``auto``)."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values (dtypes and other objects as strings)."""
-        return {"loader": self.loader, "kwargs": {str(k): _plain(v) for k, v in self.kwargs.items()}}
+        """Plain JSON values (dtypes and other objects as strings); ``backend``: ``{"name", "reason"}`` when set."""
+        plain: dict[str, Any] = {
+            "loader": self.loader,
+            "kwargs": {str(k): _plain(v) for k, v in self.kwargs.items()},
+        }
+        if self.backend is not None:
+            plain["backend"] = {"name": self.backend[0], "reason": self.backend[1]}
+        return plain
 
 
 @dataclasses.dataclass(frozen=True)

@@ -85,3 +85,44 @@ def hub_offline() -> bool:
         os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
         for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# loaders that would fetch outside the cache
+
+
+def cached_tensor_shapes(repo_id: str, filename: str) -> dict[str, list[int]]:
+    """The tensor shapes of ``filename`` in the hub repository ``repo_id``, read from the header of the file in the
+    local Hugging Face cache (``hf_hub_download``: offline, the cache only; online, the file the loader reads next).
+
+    Stands in for SAE Lens' ``get_safetensors_tensor_shapes``, which asks the hub for the header by an HTTP range
+    request even when the file is cached (SAE Lens 6.x Gemma Scope 2 and Qwen Scope loaders). Raises what
+    ``hf_hub_download`` raises for a file that is neither cached nor reachable.
+    """
+    from huggingface_hub import hf_hub_download
+    from safetensors import safe_open
+
+    path = hf_hub_download(repo_id, filename)
+    with safe_open(path, framework="pt") as handle:
+        return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+@contextlib.contextmanager
+def no_range_requests() -> Iterator[None]:
+    """While SAE Lens loads a release, its tensor-shape range request reads the cached file instead
+    (:func:`cached_tensor_shapes`): loading never reaches the hub outside huggingface_hub's cache and offline
+    switches."""
+    try:
+        from sae_lens.loading import pretrained_sae_loaders as loaders
+    except ImportError:  # an SAE Lens without that module has no such request either
+        yield
+        return
+    original = getattr(loaders, "get_safetensors_tensor_shapes", None)
+    if original is None:
+        yield
+        return
+    loaders.get_safetensors_tensor_shapes = cached_tensor_shapes
+    try:
+        yield
+    finally:
+        loaders.get_safetensors_tensor_shapes = original

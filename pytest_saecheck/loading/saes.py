@@ -24,7 +24,12 @@ from pytest_saecheck.loading.clt import (
     load_clt_directory,
     load_clt_release,
 )
-from pytest_saecheck.loading.offline import is_unavailable_error, offline_state, quiet_deprecations
+from pytest_saecheck.loading.offline import (
+    is_unavailable_error,
+    no_range_requests,
+    offline_state,
+    quiet_deprecations,
+)
 from pytest_saecheck.loading.resolve import hooks_then_builtin
 from pytest_saecheck.loading.specs import (
     absolute_path,
@@ -370,7 +375,7 @@ def load_sae_release(release: str, sae_id: str, device: str, dtype: str | None) 
     where = f"SAE Lens release {release!r}, id {sae_id!r}"
     require_safe_torch_load(where)
     try:
-        with quiet_deprecations():
+        with quiet_deprecations(), no_range_requests():
             sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype or "float32")
     except SAECheckError:
         raise

@@ -14,6 +14,7 @@ import operator
 import time
 import warnings
 from collections.abc import Callable, Hashable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
@@ -73,8 +74,11 @@ class ResolvedSpecs:
     model_problem: str | None = None
     tokens_problem: str | None = None
     recorded_hook: str | None = None
-    """The first dictionary's own hook record (``hook_name``), read for the backend choice; ``None`` for a
-    cross-layer transcoder or when no SAE is configured."""
+    """The first dictionary's own hook record (``hook_name``); ``None`` for a cross-layer transcoder or when no SAE
+    is configured."""
+    recorded_backend: tuple[str, str] | None = None
+    """``(backend, why)`` the first dictionary's own record asks for (:func:`pytest_saecheck.hookpoints.
+    choose_backend`); ``None`` for a cross-layer transcoder or when no SAE is configured."""
 
 
 def _activation_scaler(settings: SAECheckSettings, spec: str) -> float | str | None:
@@ -147,7 +151,44 @@ def resolve_specs(
             if sae is not None and _is_module(sae)
             else None
         ),
+        recorded_backend=(
+            _recorded_backend(sae, model) if sae is not None and _is_module(sae) else None
+        ),
     )
+
+
+def _recorded_backend(sae: Any, model: str | None) -> tuple[str, str]:
+    """``(backend, why)`` the dictionary's own hook record asks for, on the architecture of ``model`` when its
+    config is on this machine (read from the file; nothing is fetched)."""
+    from pytest_saecheck.dictionaries import describe
+    from pytest_saecheck.hookpoints import HookRecord, choose_backend
+
+    choice = choose_backend(
+        HookRecord.of(sae), transcoder=describe(sae).is_transcoder, architecture=_architecture(model)
+    )
+    return choice.backend, choice.reason
+
+
+def _architecture(model: str | None) -> str | None:
+    """``config.architectures[0]`` of ``model`` (a local directory, or a hub id in the local cache), else None."""
+    if model is None:
+        return None
+    import json
+
+    path = loading.local_path(model)
+    config: Any = path / "config.json" if path is not None else None
+    if config is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            config = try_to_load_from_cache(model, "config.json")
+        except (ValueError, OSError):  # not a hub id (huggingface_hub's HFValidationError is a ValueError)
+            return None
+    try:
+        architectures = json.loads(Path(str(config)).read_text()).get("architectures") or [None]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return str(architectures[0]) if architectures[0] else None
 
 
 class SAECheck(SAEUnderTest):
@@ -303,18 +344,30 @@ class SAECheck(SAEUnderTest):
 
     @property
     def backend(self) -> str:
-        """The model backend: the ``backend`` setting, or with ``auto`` ``hf`` when a ``device_map`` is set or the
-        SAE names a module path (no TransformerLens hook: ``blocks.L.*``/``hook_*``), else ``transformer_lens``."""
+        """The model backend (:attr:`backend_choice`'s)."""
+        return self.backend_choice[0]
+
+    @property
+    def backend_choice(self) -> tuple[str, str]:
+        """``(backend, why)``: the ``backend`` setting; with ``auto``, ``hf`` when a ``device_map`` is set, when the
+        SAE's record names a module path, or a tensor a ``HookedTransformer`` has no faithful point at
+        (:func:`pytest_saecheck.hookpoints.choose_backend`: Gemma Scope 2 transcoders read a norm's output with
+        its gain), else ``transformer_lens``."""
         if self.settings.backend != "auto":
-            return self.settings.backend
+            return self.settings.backend, "set by the backend setting"
         if self.settings.device_map is not None:
-            return "hf"
+            return "hf", "device_map is set"
         if self.settings.sae is None:
-            return "transformer_lens"
-        hook = self.settings.hook_name or self.specs.recorded_hook
-        if hook is None:  # a cross-layer transcoder records TransformerLens hooks
-            return "transformer_lens"
-        return "transformer_lens" if hook.startswith(("blocks.", "hook_")) else "hf"
+            return "transformer_lens", "the default"
+        if self.settings.hook_name is not None:
+            hook = self.settings.hook_name
+            if hook.startswith(("blocks.", "hook_")):
+                return "transformer_lens", f"the hook_name setting {hook!r} is a TransformerLens hook"
+            return "hf", f"the hook_name setting {hook!r} is a module path"
+        recorded = self.specs.recorded_backend
+        if recorded is None:  # a cross-layer transcoder records TransformerLens hooks
+            return "transformer_lens", "a cross-layer transcoder's record names TransformerLens hooks"
+        return recorded
 
     def _sae_key(self, spec: str | None = None) -> Hashable:
         return (
@@ -382,16 +435,19 @@ class SAECheck(SAEUnderTest):
         key = self._model_key()
 
         def load() -> Any:
+            backend, why = self.backend_choice
             model, how = loading.load_model_recorded(
                 spec,
                 self.device,
                 self.dtype,
                 self.model_from_pretrained_kwargs,
-                backend=self.backend,
+                backend=backend,
                 device_map=self.settings.device_map,
                 max_memory=self.settings.max_memory,
             )
-            self._cache.model_loads[key] = how
+            self._cache.model_loads[key] = dataclasses.replace(how, backend=(backend, why))
+            if backend != "transformer_lens":  # the default needs no line; a Hugging Face model says why
+                self._say(f"saecheck: {self.label}: the {backend} backend ({why})")
             return model
 
         return self._guard(lambda: self._cache.model(key, load))
@@ -557,11 +613,15 @@ class SAECheck(SAEUnderTest):
         line = cost_model.describe_pass(
             cost, len(saes), n_sequences * seq_len, n_sequences, self._cache.flops_per_second, progress
         )
+        self._say(line)
+        return cost
+
+    def _say(self, line: str) -> None:
+        """One line on the terminal, unless -q (or outside a test)."""
         config = self._item.config if self._item is not None else None
         reporter = config.pluginmanager.get_plugin("terminalreporter") if config is not None else None
         if reporter is not None and config is not None and config.get_verbosity() >= 0:
             reporter.write_line(line)
-        return cost
 
     def _evaluate_with_release_group(self) -> Evaluation:
         """This SAE's evaluation, computed in one pass with the not yet evaluated SAEs of its release pass

@@ -486,7 +486,8 @@ SETTINGS: tuple[Setting, ...] = (
         _backend,
         "auto",
         "the model backend: transformer_lens (a HookedTransformer), hf (a Hugging Face AutoModelForCausalLM) or "
-        "auto (default: hf when the SAE names a module path or device_map is set, else transformer_lens)",
+        "auto (default: hf when device_map is set, or the SAE's record names a module path or a tensor a "
+        "HookedTransformer has no hook at, e.g. Gemma Scope 2 transcoders; else transformer_lens)",
         "auto|transformer_lens|hf",
     ),
     Setting(
