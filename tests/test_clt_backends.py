@@ -1,4 +1,4 @@
-"""A cross-layer transcoder on either backend (issue 25 on the model seam of issue 23): a Gemma Scope 2 CLT folder
+"""A cross-layer transcoder on either backend (through the model seam): a Gemma Scope 2 CLT folder
 on a tiny Gemma 3 evaluated on the Hugging Face backend (at the module points the release records) and on its
 TransformerLens twin (``ln2.hook_normalized`` with the norm's gain applied on read), both against an independent
 float64 computation with plain torch hooks on the Hugging Face model."""

@@ -27,7 +27,7 @@ def model() -> HookedTransformer:
 
 
 def test_exact_transcoder_is_lossless(model):
-    """Issue 11, case 1: spliced at its input hook it scored R² -0.49, ce_loss_score 1.456 [right: 1.0]."""
+    """Case 1: spliced at its input hook it scored R² -0.49, ce_loss_score 1.456 [right: 1.0]."""
     result = evaluate(model, mlp_transcoder(model, 1), make_tokens(10), batch_size=4, progress=False)
     m = result.metrics
     assert result.hook_name == "blocks.1.ln2.hook_normalized"
@@ -164,7 +164,7 @@ def unfolded_checkpoint(sae, factor: float):
 
 
 def test_normalised_checkpoint_with_its_activation_scaler(demo_model, demo_tokens, tmp_path):
-    """Issue 11, case 2: evaluated unscaled it scored R² 0.933 [0.982]; with activation_scaler.json it is exact."""
+    """Case 2: evaluated unscaled it scored R² 0.933 [0.982]; with activation_scaler.json it is exact."""
     from sae_lens import SAE
 
     reference = evaluate(demo_model, demo.load_sae("good", device="cpu"), demo_tokens, progress=False)
@@ -218,7 +218,7 @@ def test_whitening_checkpoint_without_statistics_is_refused(demo_model, demo_tok
 
 
 def test_special_tokens_inside_rows_are_excluded(demo_model):
-    """Issue 11, case 4: BOS separators between packed documents were spliced and averaged."""
+    """Case 4: BOS separators between packed documents were spliced and averaged."""
     tokens = demo.load_tokens(n_sequences=16, seed=7, device="cpu").clone()
     tokens[:, 20] = 1  # a BOS separator in the middle of every row (the packer puts one between documents)
     sae = demo.load_sae("good", device="cpu")
@@ -240,7 +240,7 @@ def test_special_tokens_inside_rows_are_excluded(demo_model):
 
 
 def test_right_padding_is_never_a_prediction_target(demo_model):
-    """Issue 11, case 5: predictions of PAD were scored (ce_orig 1.569; TransformerLens' masked loss 1.263)."""
+    """Case 5: predictions of PAD were scored (ce_orig 1.569; TransformerLens' masked loss 1.263)."""
     try:
         from transformer_lens.utilities.lm_utils import lm_cross_entropy_loss
     except ImportError:  # TransformerLens 2.x
@@ -342,7 +342,7 @@ def test_a_good_evaluation_has_no_warnings(demo_model, demo_tokens):
 
 
 def test_a_ratio_score_with_an_unresolved_denominator_is_undefined():
-    """Issue 17, case 6: ce_loss_score -6.88 with an interval [-1.50, 3.55]; min_score would fail a fine SAE."""
+    """Case 6: ce_loss_score -6.88 with an interval [-1.50, 3.55]; min_score would fail a fine SAE."""
 
     result = evaluate(
         make_engine_model(), random_sae("blocks.1.attn.hook_z", 2), make_tokens(12), progress=False
@@ -401,7 +401,7 @@ def test_plugin_applies_the_checkpoints_scaler_and_the_token_settings(pytester, 
 
 
 def test_bos_separators_in_a_packed_text_file_are_left_out(pytester, tmp_path):
-    """Issue 11, case 4 through the plugin: a .txt of many short documents is packed with BOS between them;
+    """Case 4 through the plugin: a .txt of many short documents is packed with BOS between them;
     those separators are neither spliced nor scored (ΔCE 0.0281 with them, 0.0228 without, measured here)."""
     from pytest_saecheck.demo.language import generate_corpus
 

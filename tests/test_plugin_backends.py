@@ -1,4 +1,4 @@
-"""The plugin's backend choice (issue 23): a dictionary whose record names a tensor a ``HookedTransformer`` has no
+"""The plugin's backend choice: a dictionary whose record names a tensor a ``HookedTransformer`` has no
 faithful point at (Gemma Scope 2 transcoders read the pre-MLP norm's output with its gain) is evaluated on the
 Hugging Face backend, end to end through the marker and the fixture, from an offline hub cache that holds a tiny
 Gemma 3 under its real id and the transcoder in the release's own layout; nothing is fetched."""

@@ -1,4 +1,4 @@
-"""Release scheduling in the plugin (issue 26): ``--saecheck-plan`` prints the passes from configs without loading
+"""Release scheduling in the plugin: ``--saecheck-plan`` prints the passes from configs without loading
 a model or running a test; ``--saecheck-shard=K/N`` splits a run's tests for a CI matrix, whose merged result
 equals one run's."""
 

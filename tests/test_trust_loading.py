@@ -1,4 +1,4 @@
-"""Issue 24, the loading half: nothing an artefact, a typo or a loader fault can do fools the gate.
+"""Trust in loading: nothing an artefact, a typo or a loader fault can do fools the gate.
 
 Artefacts run no code (model kwargs through an allow-list, torch.load only where it defaults to weights_only);
 SAE configs are validated at load with the file and key named; what SAE Lens loads is checked against the
@@ -242,7 +242,7 @@ from transformers import GPT2LMHeadModel as EvilModel
 def test_an_sae_naming_a_model_with_remote_code_runs_nothing(
     pytester: pytest.Pytester, tmp_path: Path
 ) -> None:
-    """Issue 24 item 1: the SAE names a model folder shipped with it, whose config.json maps AutoModel to a Python
+    """The SAE names a model folder shipped with it, whose config.json maps AutoModel to a Python
     file there, and asks for trust_remote_code: the test errors with the refused key; nothing is imported."""
     marker = tmp_path / "remote_code_ran"
     model_dir = pytester.path / "evil_model"

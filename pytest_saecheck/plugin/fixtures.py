@@ -151,9 +151,7 @@ def resolve_specs(
             if sae is not None and _is_module(sae)
             else None
         ),
-        recorded_backend=(
-            _recorded_backend(sae, model) if sae is not None and _is_module(sae) else None
-        ),
+        recorded_backend=(_recorded_backend(sae, model) if sae is not None and _is_module(sae) else None),
     )
 
 
