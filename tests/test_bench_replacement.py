@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import math
 
-from test_benchmarks import bench  # noqa: F401 - the bench_engine module, loaded by path (one home)
 
-
-def test_the_replacement_configuration_reports_passes_and_the_streamed_peak(bench):  # noqa: F811
+def test_the_replacement_configuration_reports_passes_and_the_streamed_peak(bench):
     assert bench.parse_configs("hf,replacement") == [bench.HF_KEY, bench.REPLACEMENT_KEY]
     lines, record = bench.measure_replacement(64, 2, 1, "cpu", 16, True, lambda message: None)
     assert set(record["seconds"]) == {"ours", "ours_alone", "bound", "floor"}

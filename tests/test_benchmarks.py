@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_engine", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_engine"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_engine", None)
 
 
 def test_parse_configs(bench):

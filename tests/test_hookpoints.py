@@ -3,15 +3,13 @@ Hugging Face module tree, checked numerically on tiny models of real architectur
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from factories import identity_sae, make_engine_model, make_sparse_coder, make_tokens
-from tiny_hf import D_MODEL, VOCAB, tiny_hf, tl_twin
+from tiny_hf import D_MODEL, RELEASE, SAE_ID, VOCAB, captured, exact_gemma_transcoder, tiny_hf, tl_twin
 
 from pytest_saecheck import evaluate
 from pytest_saecheck.errors import HookNotFoundError, NoFaithfulPointError
@@ -34,33 +32,6 @@ ALSO_MAPPED = ("GemmaForCausalLM", "OlmoForCausalLM", "Phi3ForCausalLM", "Qwen2M
 
 def tokens(n: int = 3, seq: int = 12) -> torch.Tensor:
     return torch.randint(1, VOCAB, (n, seq), generator=torch.Generator().manual_seed(0))
-
-
-@contextmanager
-def captured(model: Any, points: list[ModulePoint]) -> Iterator[dict[ModulePoint, torch.Tensor]]:
-    """The tensors at ``points`` during forwards inside the block, by plain torch hooks."""
-    found: dict[ModulePoint, torch.Tensor] = {}
-    modules = dict(model.named_modules())
-    handles = []
-    for point in points:
-        module = modules[point.path]
-        if point.io == "input":
-            handles.append(
-                module.register_forward_pre_hook(
-                    lambda m, args, p=point: found.__setitem__(p, args[0].detach())
-                )
-            )
-        else:
-
-            def hook(m: Any, args: Any, out: Any, p: ModulePoint = point) -> None:
-                found[p] = (out[0] if isinstance(out, tuple) else out).detach()
-
-            handles.append(module.register_forward_hook(hook))
-    try:
-        yield found
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def spliced_logits(model: Any, read: ModulePoint, write: ModulePoint, fn: Any, ids: torch.Tensor) -> Any:
@@ -213,40 +184,6 @@ def test_the_gained_pre_mlp_norm_output_is_no_transformer_lens_hook():
 
 # ---------------------------------------------------------------------------------------------------------
 # Gemma Scope 2: the record of where it was trained wins
-
-
-def exact_gemma_transcoder(hf: Any) -> dict[str, torch.Tensor]:
-    """Weights of a JumpReLU transcoder that maps layer 0's pre_feedforward_layernorm.output (gain applied) to its
-    post_feedforward_layernorm.output exactly: with layer 0's attention silenced, that input depends on the token
-    only, so one latent per token (threshold between its own and every other token's pre-activation) suffices."""
-    with torch.no_grad():
-        hf.model.layers[0].self_attn.o_proj.weight.zero_()
-    read = ModulePoint("model.layers.0.pre_feedforward_layernorm", "output", 0)
-    write = ModulePoint("model.layers.0.post_feedforward_layernorm", "output", 0)
-    with torch.no_grad(), captured(hf, [read, write]) as found:
-        hf(torch.arange(VOCAB)[None])
-    u, y = found[read][0], found[write][0]  # [V, d]
-    gain = 1 + hf.model.layers[0].pre_feedforward_layernorm.weight
-    n = u / gain
-    n[0] = 0  # token 0 is the padding id: a zero embedding, never in the test tokens
-    w_enc = (n / (n * n).sum(-1, keepdim=True).clamp_min(1e-12)).T / gain[
-        :, None
-    ]  # column t: n_t / |n_t|² / gain
-    pre = u @ w_enc  # [V, V], 1 on the diagonal from token 1 on
-    off = pre - 2 * torch.eye(VOCAB)
-    threshold = (1 + off.max(0).values) / 2
-    threshold[0] = 0.5
-    assert bool((threshold[1:] < 0.999).all())
-    return {
-        "w_enc": w_enc.contiguous(),
-        "w_dec": y.contiguous(),
-        "b_enc": torch.zeros(VOCAB),
-        "b_dec": torch.zeros(y.shape[-1]),
-        "threshold": threshold.detach().contiguous(),
-    }
-
-
-RELEASE, SAE_ID = "gemma-scope-2-270m-pt-transcoders-all", "layer_0_width_16k_l0_big"
 
 
 def serve_gemma_scope_2(root: Path, weights: dict[str, torch.Tensor], monkeypatch: Any) -> None:

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from offline_hub import GEMMA_SCOPE_2_RELEASE, save_gemma_scope_2_transcoder, save_model, use_offline_cache
-from test_hookpoints import SAE_ID, exact_gemma_transcoder
-from tiny_hf import VOCAB, tiny_hf
+from tiny_hf import SAE_ID, VOCAB, exact_gemma_transcoder, tiny_hf
 
 from pytest_saecheck.hookpoints import HookRecord, choose_backend
 

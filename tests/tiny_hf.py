@@ -3,9 +3,13 @@ TransformerLens twins of some of them built from the same weights with Transform
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+from pytest_saecheck.hookpoints import ModulePoint
 
 VOCAB = 97
 D_MODEL = 32
@@ -125,3 +129,65 @@ def tl_twin(hf_model: Any) -> Any:
         state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
     )
     return model.eval()
+
+
+RELEASE, SAE_ID = "gemma-scope-2-270m-pt-transcoders-all", "layer_0_width_16k_l0_big"
+"""A Gemma Scope 2 transcoder release and one of its dictionaries (written to an offline cache by the tests)."""
+
+
+@contextmanager
+def captured(model: Any, points: list[ModulePoint]) -> Iterator[dict[ModulePoint, torch.Tensor]]:
+    """The tensors at ``points`` during forwards inside the block, by plain torch hooks."""
+    found: dict[ModulePoint, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = []
+    for point in points:
+        module = modules[point.path]
+        if point.io == "input":
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda m, args, p=point: found.__setitem__(p, args[0].detach())
+                )
+            )
+        else:
+
+            def hook(m: Any, args: Any, out: Any, p: ModulePoint = point) -> None:
+                found[p] = (out[0] if isinstance(out, tuple) else out).detach()
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def exact_gemma_transcoder(hf: Any) -> dict[str, torch.Tensor]:
+    """Weights of a JumpReLU transcoder that maps layer 0's pre_feedforward_layernorm.output (gain applied) to its
+    post_feedforward_layernorm.output exactly: with layer 0's attention silenced, that input depends on the token
+    only, so one latent per token (threshold between its own and every other token's pre-activation) suffices."""
+    with torch.no_grad():
+        hf.model.layers[0].self_attn.o_proj.weight.zero_()
+    read = ModulePoint("model.layers.0.pre_feedforward_layernorm", "output", 0)
+    write = ModulePoint("model.layers.0.post_feedforward_layernorm", "output", 0)
+    with torch.no_grad(), captured(hf, [read, write]) as found:
+        hf(torch.arange(VOCAB)[None])
+    u, y = found[read][0], found[write][0]  # [V, d]
+    gain = 1 + hf.model.layers[0].pre_feedforward_layernorm.weight
+    n = u / gain
+    n[0] = 0  # token 0 is the padding id: a zero embedding, never in the test tokens
+    w_enc = (n / (n * n).sum(-1, keepdim=True).clamp_min(1e-12)).T / gain[
+        :, None
+    ]  # column t: n_t / |n_t|² / gain
+    pre = u @ w_enc  # [V, V], 1 on the diagonal from token 1 on
+    off = pre - 2 * torch.eye(VOCAB)
+    threshold = (1 + off.max(0).values) / 2
+    threshold[0] = 0.5
+    assert bool((threshold[1:] < 0.999).all())
+    return {
+        "w_enc": w_enc.contiguous(),
+        "w_dec": y.contiguous(),
+        "b_enc": torch.zeros(VOCAB),
+        "b_dec": torch.zeros(y.shape[-1]),
+        "threshold": threshold.detach().contiguous(),
+    }
