@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +18,6 @@ from pytest_saecheck.metrics import BOOTSTRAPPABLE, METRIC_NAMES, metrics_from_s
 from pytest_saecheck.policy import TokenPolicy
 from pytest_saecheck.scaling import ScalingLaw
 from pytest_saecheck.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, bootstrap_intervals
-
-COMPUTE_FRACTION_NOTE = "compute_fraction = "
-"""How the warning about a compute fraction above 1 begins (it depends on the scaling law)."""
 
 
 @dataclass
@@ -77,7 +74,8 @@ class Evaluation:
     def confidence_interval(
         self, name: str, level: float = DEFAULT_LEVEL, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
     ) -> tuple[float, float]:
-        """Percentile bootstrap interval of a metric over sequences, paired across variants."""
+        """Percentile bootstrap interval of a metric over sequences, paired across variants; warns
+        (:class:`SAECheckWarning`) when it is undefined or does not contain the value."""
         if name not in METRIC_NAMES:
             raise ConfigError(f"unknown metric {name!r}; known metrics: {', '.join(METRIC_NAMES)}")
         if name not in BOOTSTRAPPABLE:
@@ -88,46 +86,56 @@ class Evaluation:
             raise ConfigError(
                 f"{name!r} is undefined for this evaluation: {self.undefined.get(name, 'not computed')}"
             )
-        return self.confidence_intervals(level, n_resamples=n_resamples, seed=seed)[name]
+        low, high = self.confidence_intervals(level, n_resamples=n_resamples, seed=seed, names=(name,))[name]
+        value = self.metrics[name]
+        if math.isnan(low) or math.isnan(high):
+            message = (
+                f"the {level:.0%} bootstrap interval of {name} is undefined: the metric is undefined in "
+                "some resamples of the sequences (for compute_fraction, a resampled loss not above the "
+                "scaling law's irreducible loss E; for a ratio, a zero denominator); evaluate more "
+                "sequences, or gate on the value without confidence="
+            )
+        elif not low <= value <= high:
+            message = (
+                f"the {level:.0%} bootstrap interval of {name} [{low:.4g}, {high:.4g}] does not contain "
+                f"its value {value:.4g}: the resampled values are strongly skewed (a near-zero "
+                "denominator or a few dominant sequences); do not gate on this interval"
+            )
+        else:
+            return low, high
+        if message not in self.warnings:
+            self.warnings.append(message)
+            warnings.warn(message, SAECheckWarning, stacklevel=2)
+        return low, high
 
     def confidence_intervals(
-        self, level: float = DEFAULT_LEVEL, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+        self,
+        level: float = DEFAULT_LEVEL,
+        *,
+        n_resamples: int = DEFAULT_RESAMPLES,
+        seed: int = 0,
+        names: Sequence[str] | None = None,
     ) -> dict[str, tuple[float, float]]:
-        """Bootstrap intervals of every defined metric that has one, from one set of resamples (cached)."""
-        key = (float(level), int(n_resamples), int(seed))
-        if key not in self._interval_cache:
+        """Bootstrap intervals of the metrics ``names`` (default: every defined metric that has one), NaN where
+        undefined. Only the metrics asked for are resampled; each is cached, and the resamples depend on ``seed``
+        alone, so a metric's interval is the same whichever others are asked for with it."""
+        wanted = [name for name in (self.metrics if names is None else names) if name in BOOTSTRAPPABLE]
+        wanted = [name for name in wanted if name in self.metrics]
+        cache = self._interval_cache.setdefault((float(level), int(n_resamples), int(seed)), {})
+        missing = [name for name in wanted if name not in cache]
+        if missing:
             law = self.scaling_law
-            names = [name for name in self.metrics if name in BOOTSTRAPPABLE]
 
             def statistics(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-                values = metrics_from_sums(sums, law)
-                return {name: values[name] for name in names}
+                values = metrics_from_sums(sums, law if "compute_fraction" in missing else None)
+                return {name: values[name] for name in missing}
 
-            intervals = bootstrap_intervals(
-                self.per_sequence, statistics, level=level, n_resamples=n_resamples, seed=seed
+            cache.update(
+                bootstrap_intervals(
+                    self.per_sequence, statistics, level=level, n_resamples=n_resamples, seed=seed
+                )
             )
-            self._interval_cache[key] = intervals
-            for name, (low, high) in intervals.items():
-                value = self.metrics[name]
-                if math.isnan(low) or math.isnan(high):
-                    message = (
-                        f"the {level:.0%} bootstrap interval of {name} is undefined: the metric is undefined in "
-                        "some resamples of the sequences (for compute_fraction, a resampled loss not above the "
-                        "scaling law's irreducible loss E; for a ratio, a zero denominator); evaluate more "
-                        "sequences, or gate on the value without confidence="
-                    )
-                elif not low <= value <= high:
-                    message = (
-                        f"the {level:.0%} bootstrap interval of {name} [{low:.4g}, {high:.4g}] does not contain "
-                        f"its value {value:.4g}: the resampled values are strongly skewed (a near-zero "
-                        "denominator or a few dominant sequences); do not gate on this interval"
-                    )
-                else:
-                    continue
-                if message not in self.warnings:
-                    self.warnings.append(message)
-                    warnings.warn(message, SAECheckWarning, stacklevel=2)
-        return dict(self._interval_cache[key])
+        return {name: cache[name] for name in wanted}
 
     def delta_ce_by_position_interval(self, level: float = DEFAULT_LEVEL) -> list[list[float] | None]:
         """The paired bootstrap interval over sequences of ``delta_ce_by_position`` at each position (None where
@@ -177,18 +185,17 @@ class Evaluation:
         from dataclasses import replace
 
         from pytest_saecheck.engine.accumulate import totals
-        from pytest_saecheck.engine.finish import note_compute_fraction, why_undefined
+        from pytest_saecheck.engine.finish import note_compute_fraction, settle_compute_fraction
 
         metrics = {name: value for name, value in self.metrics.items() if name != "compute_fraction"}
         undefined = {name: why for name, why in self.undefined.items() if name != "compute_fraction"}
         if scaling_law is None:
             undefined["compute_fraction"] = "not computed (no scaling law)"
         elif "ce_orig" in self.metrics and "ce_sae" in self.metrics:
-            value = float(metrics_from_sums(totals(self.per_sequence), scaling_law)["compute_fraction"])
-            if math.isfinite(value):
-                metrics["compute_fraction"] = value
-            else:
-                undefined["compute_fraction"] = why_undefined("compute_fraction", scaling_law)
+            metrics["compute_fraction"] = float(
+                metrics_from_sums(totals(self.per_sequence), scaling_law)["compute_fraction"]
+            )
+            settle_compute_fraction(metrics, undefined, scaling_law)
         ordered = {name: metrics[name] for name in METRIC_NAMES if name in metrics}
         ordered.update({name: value for name, value in metrics.items() if name not in ordered})
         derived = replace(
@@ -197,7 +204,7 @@ class Evaluation:
             undefined=undefined,
             scaling_law=scaling_law,
             compute_fraction_by_preset={},
-            warnings=[w for w in self.warnings if not w.startswith(COMPUTE_FRACTION_NOTE)],
+            warnings=list(self.warnings),
             _interval_cache={},
             _position_cache=self._position_cache,
         )
