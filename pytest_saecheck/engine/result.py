@@ -74,7 +74,7 @@ class Evaluation:
     def confidence_interval(
         self, name: str, level: float = DEFAULT_LEVEL, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
     ) -> tuple[float, float]:
-        """Percentile bootstrap interval of a metric over sequences, paired across variants; warns
+        """BCa bootstrap interval of a metric over sequences (:mod:`pytest_saecheck.stats`), paired across variants; warns
         (:class:`SAECheckWarning`) when it is undefined or does not contain the value."""
         if name not in METRIC_NAMES:
             raise ConfigError(f"unknown metric {name!r}; known metrics: {', '.join(METRIC_NAMES)}")
