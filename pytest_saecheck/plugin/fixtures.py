@@ -466,6 +466,9 @@ class SAECheck:
             from pytest_saecheck.engine.growth import Growth, plan_for
 
             plan = plan_for(int(self.tokens.shape[0]), self.settings.batch_size)
+            if _is_module(self.sae):  # one stream: each look runs only the batches beyond the last one
+                stream = self._evaluate({self.sae_spec: self.sae}, stream=True)
+                return Growth(stream.to, plan, merges=True)
             return Growth(lambda n: self._evaluate({self.sae_spec: self.sae}, n_sequences=n), plan)
 
         growth: Growth = self._guard(lambda: self._cache.evaluation(("growth", self.evaluation_key()), make))
@@ -484,9 +487,18 @@ class SAECheck:
             records.record(self._evaluation_record(evaluation), self._item)
         return evaluation, decision
 
-    def _evaluate(self, saes: dict[str, Any], *, joint: bool = False, n_sequences: int | None = None) -> Any:
-        """The engine on these SAEs; on the first ``n_sequences`` sequences of the tokens when given."""
+    def _evaluate(
+        self,
+        saes: dict[str, Any],
+        *,
+        joint: bool = False,
+        n_sequences: int | None = None,
+        stream: bool = False,
+    ) -> Any:
+        """The engine on these SAEs; on the first ``n_sequences`` sequences of the tokens when given; with
+        ``stream``, the :class:`~pytest_saecheck.engine.run.Stream` that evaluates them on demand."""
         from pytest_saecheck.engine import evaluate
+        from pytest_saecheck.engine.run import open_stream
 
         self._cache.loads["pass"] = self._cache.loads.get("pass", 0) + 1
         single = len(saes) == 1 and not joint
@@ -505,7 +517,7 @@ class SAECheck:
         modules = all(_is_module(sae) for sae in saes.values())
         cost = self._announce_pass(list(saes.values()), tokens) if modules else None
         started = time.perf_counter()
-        result = evaluate(
+        result = (open_stream if stream else evaluate)(
             self.model,
             next(iter(saes.values())) if single else saes,
             tokens,
@@ -519,7 +531,7 @@ class SAECheck:
             token_groups=grouping,
             backend=self.backend,
         )
-        if cost is not None:
+        if cost is not None and not stream:  # a stream has not run yet: no rate to measure
             self._cache.flops_per_second = cost.flops / max(time.perf_counter() - started, 1e-9)
         return result
 
