@@ -27,6 +27,7 @@ from pytest_saecheck import (
     HookNotFoundError,
     NonFiniteError,
     SAECheckError,
+    SAECheckWarning,
     ShapeMismatchError,
     evaluate,
 )
@@ -524,7 +525,8 @@ def test_hooks_on_the_unembedding_are_honoured():
     handle = model.unembed.register_forward_hook(lambda module, args, out: 3 * out)
     try:
         assert not HookedTransformerCut(model).plain_unembed
-        hooked = evaluate(model, sae, tokens, progress=False).metrics
+        with pytest.warns(SAECheckWarning, match="the model has hooks attached"):
+            hooked = evaluate(model, sae, tokens, progress=False).metrics
         with torch.no_grad():
             logits = model(tokens).double()
     finally:
