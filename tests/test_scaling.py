@@ -512,3 +512,21 @@ def test_an_interval_undefined_in_some_resamples_is_called_undefined_not_skewed(
     (message,) = [str(w.message) for w in caught if "interval of compute_fraction" in str(w.message)]
     assert "is undefined" in message and "irreducible loss E" in message and "skewed" not in message
     assert message in result.warnings
+
+
+def test_a_point_gate_shows_an_undefined_interval_without_a_warning():
+    """A gate on compute_fraction's value shows its interval; undefined in some resamples, that interval is no
+    warning there (nobody gated on it), and it is one for a gate with confidence=, which reads it."""
+    import warnings
+
+    from pytest_saecheck.errors import SAECheckWarning
+
+    base = _tiny_evaluation(None)
+    lowest = min(base.metrics["ce_orig"], base.metrics["ce_sae"])
+    result = base.under_law(given_law(lowest - 1e-3, 0.2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SAECheckWarning)
+        assert_ce_recovery(result, metric="compute_fraction", min_score=0.0)
+    with pytest.warns(SAECheckWarning, match="interval of compute_fraction is undefined"):
+        with pytest.raises(AssertionError, match="compute_fraction"):
+            assert_ce_recovery(result, metric="compute_fraction", min_score=0.0, confidence=0.95)

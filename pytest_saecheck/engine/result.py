@@ -105,7 +105,7 @@ class Evaluation:
             return low, high
         if message not in self.warnings:
             self.warnings.append(message)
-            warnings.warn(message, SAECheckWarning, stacklevel=2)
+        warnings.warn(message, SAECheckWarning, stacklevel=2)
         return low, high
 
     def confidence_intervals(
