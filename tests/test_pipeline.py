@@ -397,6 +397,7 @@ def test_the_table_reads_release_ranges() -> None:
         "batch_size_invariance",
         "normalised_excluded_tokens",
         "explained_variance_half_precision",
+        "mean_predictor_half_precision",
         "transcoder_splice",
         "agreement",
     }

@@ -74,6 +74,8 @@ SAE_LENS_RELEASES: dict[str, tuple[str, str | None]] = {
     "normalised_excluded_tokens": ("6.0.0", "6.53.1"),
     "explained_variance": ("6.0.0", "6.45.1"),
     "explained_variance_half_precision": ("6.0.0", "6.51.4"),
+    "identity_half_precision": ("6.0.0", "6.6.5"),
+    "mean_predictor_half_precision": ("6.0.0", "6.51.4"),
     "transcoder_splice": ("6.5.0", None),
     "agreement": ("6.0.0", "6.45.2"),
 }
