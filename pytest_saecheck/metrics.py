@@ -124,11 +124,13 @@ def compute_fraction(
 
 
 def compute_fraction_by_preset(ce_orig: float, ce_sae: float) -> dict[str, float | None]:
-    """``compute_fraction`` under every published preset (None where undefined): the sensitivity band."""
+    """``compute_fraction`` under every published preset (None where undefined, as
+    :meth:`~pytest_saecheck.scaling.ScalingLaw.undefined_reason` says): the sensitivity band."""
     out: dict[str, float | None] = {}
     for name, law in PRESETS.items():
         value = float(compute_fraction(ce_orig, ce_sae, law))
-        out[name] = value if np.isfinite(value) else None
+        defined = np.isfinite(value) and law.undefined_reason(ce_orig, ce_sae) is None
+        out[name] = value if defined else None
     return out
 
 

@@ -67,6 +67,36 @@ class ScalingLaw:
         """False for a published preset (fitted for another model family), True for a fit or a given pair."""
         return self.origin != "preset"
 
+    def undefined_reason(self, ce_orig: float, ce_sae: float) -> str | None:
+        """Why this law gives no ``compute_fraction`` for these losses (nats/token), or None when it gives one.
+
+        Undefined (1) where either loss is not above the irreducible loss E (no compute reaches it), and (2) for a
+        law not fitted for the model (a preset) where either loss lies within :data:`FLOOR_MARGIN` of E: the
+        published estimates of E disagree by that much, and near the floor the value is decided by E alone
+        (``log f ≈ −ΔCE / (γ (L_orig − E))``: an error of E as large as ``L_orig − E`` changes ``log f`` by 100% or
+        more, e.g. 0.005 against 0.86 between the presets for ΔCE 0.8% at L_orig 1.76).
+        """
+        if not (math.isfinite(ce_orig) and math.isfinite(ce_sae)):
+            return "ce_orig or ce_sae is not finite"
+        lowest = min(ce_orig, ce_sae)
+        fix = (
+            "fit the law for this model family (pytest_saecheck.fit_scaling_law) or choose another "
+            "(scaling_law=PRESET, (E, gamma) or a fit file)"
+        )
+        if not lowest > self.irreducible:
+            return (
+                f"the scaling law's irreducible loss E={self.irreducible:.3f} ({self.spec}) is not below both "
+                f"ce_orig ({ce_orig:.4g}) and ce_sae ({ce_sae:.4g}); {fix}"
+            )
+        if not self.fitted and lowest - self.irreducible < FLOOR_MARGIN:
+            return (
+                f"the loss ({lowest:.4g} nats/token) lies within {FLOOR_MARGIN:.3g} nats of the irreducible loss "
+                f"E={self.irreducible:.4g} of the scaling law {self.spec}, which was not fitted for this model: "
+                f"published estimates of E differ by {FLOOR_MARGIN:.3g} nats, and this close to the floor E alone "
+                f"decides the value; {fix}"
+            )
+        return None
+
     @property
     def spec(self) -> str:
         """How to write this law in the ``scaling_law`` setting."""
@@ -231,6 +261,11 @@ PRESETS: dict[str, ScalingLaw] = {
     )
 }
 """Published laws by name. Each was fitted on one corpus and tokenizer: none is fitted for your model."""
+
+FLOOR_MARGIN: float = abs(PRESETS["epoch"].irreducible - PRESETS["chinchilla"].irreducible)
+"""How far above a preset's irreducible loss E a loss must lie for the unfitted preset to place it (nats/token):
+the spread of the published estimates of E (Hoffmann et al.'s 1.69 and Besiroglu et al.'s refit of the same data,
+1.8172). Closer to E, compute_fraction is undefined (:meth:`ScalingLaw.undefined_reason`)."""
 
 DEFAULT_LAW: ScalingLaw = dataclasses.replace(PRESETS["chinchilla"], default=True)
 """What ``compute_fraction`` uses unless told otherwise; gating on it is refused (it is not fitted)."""

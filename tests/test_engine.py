@@ -27,6 +27,7 @@ from pytest_saecheck import (
     HookNotFoundError,
     NonFiniteError,
     SAECheckError,
+    SAECheckWarning,
     ShapeMismatchError,
     evaluate,
 )
@@ -364,7 +365,7 @@ def test_kl_is_finite_on_saturated_logits():
     assert math.isfinite(m["kl_sae"]) and math.isfinite(m["kl_zero"])
 
 
-def test_confidence_interval_matches_scipy_percentile_bootstrap(model):
+def test_confidence_interval_matches_scipy_bca_bootstrap(model):
     from scipy.stats import bootstrap
 
     result = evaluate(model, random_sae("blocks.1.hook_resid_pre"), make_tokens(40, seed=7), progress=False)
@@ -372,7 +373,7 @@ def test_confidence_interval_matches_scipy_percentile_bootstrap(model):
     seq = result.per_sequence
     per_seq_delta = (seq["ce_sum_sae"] - seq["ce_sum_orig"]) / seq["n_ce"]  # equal counts per sequence
     ref = bootstrap(
-        (per_seq_delta,), np.mean, confidence_level=0.9, n_resamples=4000, method="percentile", random_state=0
+        (per_seq_delta,), np.mean, confidence_level=0.9, n_resamples=4000, method="BCa", random_state=0
     ).confidence_interval
     width = ref.high - ref.low
     assert low == pytest.approx(ref.low, abs=0.1 * width)
@@ -547,7 +548,8 @@ def test_hooks_on_the_unembedding_are_honoured():
     handle = model.unembed.register_forward_hook(lambda module, args, out: 3 * out)
     try:
         assert not HookedTransformerCut(model).plain_unembed
-        hooked = evaluate(model, sae, tokens, progress=False).metrics
+        with pytest.warns(SAECheckWarning, match="the model has hooks attached"):
+            hooked = evaluate(model, sae, tokens, progress=False).metrics
         with torch.no_grad():
             logits = model(tokens).double()
     finally:

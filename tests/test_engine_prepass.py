@@ -11,7 +11,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from pytest_saecheck import evaluate
 from pytest_saecheck.engine.capture import capture_then_stop
 from pytest_saecheck.engine.cut import HookedTransformerCut
-from pytest_saecheck.errors import HookNotFoundError
+from pytest_saecheck.errors import HookNotFoundError, SAECheckWarning
 
 
 def _model(n_layers: int = 4) -> HookedTransformer:
@@ -63,7 +63,8 @@ def test_the_default_mean_ablation_prepass_does_not_run_the_blocks_after_the_hoo
     tokens = torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(1))
     last = [0]
     handle = model.blocks[3].register_forward_hook(lambda *_: last.__setitem__(0, last[0] + 1))
-    result = evaluate(model, sae, tokens, batch_size=4, progress=False, exclude_special_tokens=False)
+    with pytest.warns(SAECheckWarning, match="the model has hooks attached"):  # the counting hook
+        result = evaluate(model, sae, tokens, batch_size=4, progress=False, exclude_special_tokens=False)
     handle.remove()
     # per batch: the original run and one stacked run of the spliced and ablated continuations reach block 3
     assert last[0] == 2 * 2, last

@@ -285,10 +285,14 @@ def test_an_error_or_warning_about_one_sae_of_a_set_names_it(model):
     wide = random_sae("blocks.2.hook_resid_pre", d_in=48)
     with pytest.raises(ShapeMismatchError, match=r"^SAE 'wide': .*d_in=48"):
         evaluate(model, {"good": good, "wide": wide}, make_tokens(4), progress=False)
+    other = broken_free(broken)
+    with torch.no_grad():  # a decoder 100x too small: the l2_ratio preflight warns about this SAE alone
+        other.W_dec.div_(100)
+        other.b_dec.div_(100)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = evaluate(model, {"good": good, "other": broken_free(broken)}, make_tokens(4), progress=False)
-    assert any(evaluation.warnings for evaluation in result.values())
+        result = evaluate(model, {"good": good, "other": other}, make_tokens(4), progress=False)
+    assert any("l2_ratio" in message for message in result["other"].warnings)
     for name, evaluation in result.items():
         for message in evaluation.warnings:  # recorded without the name, shown with it
             assert any(str(w.message) == f"SAE {name!r}: {message}" for w in caught), message

@@ -64,9 +64,54 @@ def test_a_gate_on_its_threshold_runs_to_the_ceiling_and_is_the_fixed_run(setup)
         "rule": RULE_CEILING,
         "boundary": None,
     }
-    assert record["sequences_evaluated"] == 32 + 64 + 96  # every look evaluated, each on its prefix
+    assert record["sequences_evaluated"] == 96  # every look merged into the next: each sequence run once
     assert near.metrics == full.metrics
     assert near.confidence_interval("delta_ce") == full.confidence_interval("delta_ce")
+
+
+def _same(merged, one_shot):
+    assert merged.n_tokens == one_shot.n_tokens and merged.n_sequences == one_shot.n_sequences
+    assert merged.metrics.keys() == one_shot.metrics.keys()
+    for name, value in one_shot.metrics.items():
+        assert merged.metrics[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    for key, array in one_shot.per_sequence.items():
+        np.testing.assert_allclose(merged.per_sequence[key], array, rtol=1e-9, atol=1e-12, err_msg=key)
+    np.testing.assert_allclose(merged.latent_density, one_shot.latent_density, rtol=1e-12)
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out"])
+def test_a_stream_merges_its_looks_into_the_one_shot_result(setup, hook):
+    """Looks of 32, 64 and 96 sequences merged batch by batch equal one-shot evaluations on the same tokens. At a
+    residual point (mean ablation by a template) each look is ``evaluate`` of its prefix; at an MLP output the
+    mean-ablation vector is fixed before the first look from the whole set, as the fixed run fixes it, so a look
+    is ``evaluate`` of its prefix with that vector given, and the ceiling is the fixed run. Every sequence runs
+    through the model once."""
+    from pytest_saecheck.engine.run import open_stream
+
+    model, _, tokens = setup
+    sae = random_sae(hook)
+    stream = open_stream(model, sae, tokens, batch_size=16, progress=False)
+    rows: list[int] = []
+    capture = stream.run.cut.capture
+
+    def counted(batch, sites):
+        if batch.shape[1] == tokens.shape[1] and batch.shape[0] > 1:  # a batch, not a one-sequence template
+            rows.append(batch.shape[0])
+        return capture(batch, sites)
+
+    stream.run.cut.capture = counted  # type: ignore[method-assign]
+    looks = {n: stream.to(n) for n in (32, 64, 96)}
+    assert sum(rows) == 96
+    member = stream.run.members[0]
+    templated = member.plan.templated
+    assert templated == hook.endswith("resid_pre")
+    if not templated:  # the vector is the whole set's mean over the kept positions (BOS excluded)
+        _, cache = model.run_with_cache(tokens, names_filter=[hook])
+        whole = cache[hook][:, 1:].reshape(-1, cache[hook].shape[-1]).double().mean(0)
+        np.testing.assert_allclose(member.mean.cpu().numpy(), whole.numpy(), rtol=1e-5, atol=1e-6)
+    for n, merged in looks.items():
+        given = {} if templated or n == 96 else {"mean_activation": member.mean}
+        _same(merged, evaluate(model, sae, tokens[:n], batch_size=16, progress=False, **given))
 
 
 def test_point_value_gates_and_ceiling_only_metrics_go_straight_to_the_ceiling(setup):
@@ -155,7 +200,7 @@ def test_the_setting_grows_one_shared_evaluation_per_sae(pytester: pytest.Pytest
     good, bad = by_sae["demo/good"]["sequential"], by_sae["demo/variance_only"]["sequential"]
     assert good["sequences_evaluated"] == 32  # one evaluation served both gates
     assert [gate["metric"] for gate in good["gates"]] == ["delta_ce", "kl_sae"]
-    assert bad["sequences_evaluated"] == 32 + 64 and bad["look"] == 2  # R² read the ceiling's evaluation
+    assert bad["sequences_evaluated"] == 64 and bad["look"] == 2  # R² read the ceiling's evaluation
     assert by_sae["demo/variance_only"]["tokens"]["n_sequences"] == 64  # the SAE shows its furthest look
     assert by_sae["demo/good"]["tokens"]["n_sequences"] == 32
     html = (pytester.path / "report.html").read_text()

@@ -3,6 +3,7 @@ every property, and each planted bug (one per bug class) breaks its property."""
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ PROPERTY_BUGS = {
     "normalised_excluded_tokens": "scaled_excluded_positions",
     "explained_variance": "r2_mean_square_per_dimension",
     "explained_variance_half_precision": "r2_sums_in_model_dtype",
+    "identity_half_precision": "original_in_float32",
+    "mean_predictor_half_precision": "r2_sums_in_model_dtype",
     "transcoder_splice": "transcoder_at_input_hook",
     "agreement": "l2_ratio_of_means",
 }
@@ -51,6 +54,8 @@ def reference_pipeline(
     kl: dict[str, list[torch.Tensor]] = {"sae": [], "zero": []}
     rec: dict[str, list[torch.Tensor]] = {k: [] for k in ("sse", "cos", "ratio", "l0", "l1", "nx", "nxh")}
     xs, xs_native = [], []
+    # the original model's logits from a float32 copy, the spliced ones from the model as given (half precision)
+    original = copy.deepcopy(model).float() if "original_in_float32" in bugs else model
 
     def kl_of(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
         if "kl_log_of_softmax" in bugs:
@@ -68,6 +73,8 @@ def reference_pipeline(
             batch = tokens[start : start + batch_size]
             keep = ~torch.isin(batch, excluded.to(batch.device))
             logits, cache = model.run_with_cache(batch, names_filter=[read, write])
+            if original is not model:
+                logits = original(batch).to(logits.dtype)
             x_in, target = cache[read], cache[write]
             latents = sae.encode(x_in * scale)
             x_hat = sae.decode(latents) / scale
@@ -388,6 +395,7 @@ def test_the_table_reads_release_ranges() -> None:
         "batch_size_invariance",
         "normalised_excluded_tokens",
         "explained_variance_half_precision",
+        "mean_predictor_half_precision",
         "transcoder_splice",
         "agreement",
     }

@@ -82,10 +82,81 @@ def test_compute_fraction_is_one_at_no_loss_and_falls_as_the_loss_grows(law):
 
 def test_compute_fraction_is_undefined_below_the_irreducible_loss():
     assert math.isnan(float(compute_fraction(1.6, 1.7, PRESETS["chinchilla"])))
-    by_preset = compute_fraction_by_preset(1.75, 1.8)
+    by_preset = compute_fraction_by_preset(1.9, 1.95)
     assert (
         by_preset["chinchilla"] is not None and by_preset["epoch"] is None and by_preset["kaplan"] is not None
     )
+
+
+def test_an_unfitted_law_near_its_floor_gives_no_compute_fraction_but_the_reason():
+    """A model whose loss (1.76) sits 0.07 nats above Chinchilla's E = 1.69, an SAE adding 0.8% to it: the presets
+    said 0.31 (chinchilla) against 0.85 (kaplan), E alone deciding the number. An unfitted law this close to its
+    floor gives none; a law the user fitted or gave for the model is trusted there."""
+    from pytest_saecheck.scaling import FLOOR_MARGIN
+
+    ce_orig, ce_sae = 1.76, 1.76 * 1.008
+    assert FLOOR_MARGIN == pytest.approx(1.8172 - 1.69)
+    reason = DEFAULT_LAW.undefined_reason(ce_orig, ce_sae)
+    assert reason is not None and "E=1.69" in reason and "not fitted for this model" in reason
+    assert "fit_scaling_law" in reason
+    by_preset = compute_fraction_by_preset(ce_orig, ce_sae)
+    assert by_preset["chinchilla"] is None and by_preset["epoch"] is None
+    assert by_preset["kaplan"] == pytest.approx(1.008**-20, rel=1e-9)
+    assert given_law(1.69, DEFAULT_LAW.gamma).undefined_reason(ce_orig, ce_sae) is None
+    assert DEFAULT_LAW.undefined_reason(3.0, 3.05) is None  # far from the floor the preset gives its number
+    assert DEFAULT_LAW.undefined_reason(1.6, 1.7) is not None and "is not below" in str(
+        DEFAULT_LAW.undefined_reason(1.6, 1.7)
+    )
+
+
+def _tiny_evaluation(scaling_law):
+    from factories import make_engine_model, make_tokens, random_sae
+
+    from pytest_saecheck import evaluate
+
+    return evaluate(
+        make_engine_model(), random_sae(), make_tokens(n=16), scaling_law=scaling_law, progress=False
+    )
+
+
+def test_the_engine_leaves_compute_fraction_undefined_near_an_unfitted_floor():
+    import dataclasses
+
+    from pytest_saecheck.scaling import FLOOR_MARGIN
+
+    base = _tiny_evaluation(None)
+    lowest = min(base.metrics["ce_orig"], base.metrics["ce_sae"])
+    floor = lowest - FLOOR_MARGIN / 2  # the default law moved up to just under this model's loss
+    near = dataclasses.replace(DEFAULT_LAW, irreducible=floor)
+    chosen = given_law(floor, DEFAULT_LAW.gamma)
+    for result in (_tiny_evaluation(near), base.under_law(near)):
+        assert "compute_fraction" not in result.metrics
+        assert "not fitted for this model" in result.undefined["compute_fraction"]
+    for result in (_tiny_evaluation(chosen), base.under_law(chosen)):
+        expected = float(compute_fraction(base.metrics["ce_orig"], base.metrics["ce_sae"], chosen))
+        assert result.metrics["compute_fraction"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_compute_fraction_warns_only_when_its_interval_is_asked_for():
+    """A law whose E sits just under the losses leaves compute_fraction undefined in some resamples, and the
+    splice may lower the loss (a value above 1): neither is warned about while nobody reads compute_fraction's
+    interval; gating on another metric's interval resamples that metric alone."""
+    import warnings
+
+    from pytest_saecheck.errors import SAECheckWarning
+
+    base = _tiny_evaluation(None)
+    lowest = min(base.metrics["ce_orig"], base.metrics["ce_sae"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _tiny_evaluation(given_law(lowest - 1e-3, 0.2))
+        delta = result.confidence_interval("delta_ce")
+        every = result.confidence_intervals()
+    assert not [str(w.message) for w in caught if issubclass(w.category, SAECheckWarning)]
+    assert every["delta_ce"] == delta and math.isnan(every["compute_fraction"][0])
+    assert not any("compute_fraction" in w for w in result.warnings)
+    with pytest.warns(SAECheckWarning, match="interval of compute_fraction is undefined"):
+        result.confidence_interval("compute_fraction")
 
 
 def test_the_fit_recovers_known_parameters_from_synthetic_points():
@@ -222,7 +293,8 @@ def test_the_evaluation_records_the_law_and_the_preset_band(tiny_pytester: pytes
             # this random SAE lowers the tiny model's loss: the value above 1 is marked, never silent
             assert saecheck.metrics["delta_ce"] < 0 and saecheck.metrics["compute_fraction"] > 1
             assert law["above_one"] and "the splice lowered the loss" in law["note"]
-            assert any("> 1 because the splice lowered the loss" in w for w in saecheck.evaluation.warnings)
+            # ... in the law's note; not as a warning, which every such SAE would carry though nobody gated on it
+            assert not any("compute_fraction" in w for w in saecheck.evaluation.warnings)
             with pytest.raises(ConfigError, match="fit the law"):
                 assert_ce_recovery(saecheck, metric="compute_fraction", min_score=0.1)
 
@@ -443,3 +515,21 @@ def test_an_interval_undefined_in_some_resamples_is_called_undefined_not_skewed(
     # the warning is the result's reading, not a change to it; a record of the interval carries it
     assert message not in result.warnings
     assert interval_notes(result.metrics, {"compute_fraction": (low, high)}, 0.95) == [message]
+
+
+def test_a_point_gate_shows_an_undefined_interval_without_a_warning():
+    """A gate on compute_fraction's value shows its interval; undefined in some resamples, that interval is no
+    warning there (nobody gated on it), and it is one for a gate with confidence=, which reads it."""
+    import warnings
+
+    from pytest_saecheck.errors import SAECheckWarning
+
+    base = _tiny_evaluation(None)
+    lowest = min(base.metrics["ce_orig"], base.metrics["ce_sae"])
+    result = base.under_law(given_law(lowest - 1e-3, 0.2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SAECheckWarning)
+        assert_ce_recovery(result, metric="compute_fraction", min_score=0.0)
+    with pytest.warns(SAECheckWarning, match="interval of compute_fraction is undefined"):
+        with pytest.raises(AssertionError, match="compute_fraction"):
+            assert_ce_recovery(result, metric="compute_fraction", min_score=0.0, confidence=0.95)

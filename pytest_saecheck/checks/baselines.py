@@ -493,7 +493,7 @@ def compare(
 
     Paired (same tokens, same number of sequences): one set of bootstrap weights over sequences applied to both
     sides. Unpaired: each side resampled on its own, the difference of independent replicates. The interval is
-    the percentile interval of the difference at ``level``. A metric's ``tol`` of None is
+    the bootstrap interval of the difference at ``level`` (BCa paired, percentile unpaired). A metric's ``tol`` of None is
     :func:`default_tolerance` of its baseline value.
     """
     now_sums, then_sums = _expanded(current), _expanded(baseline)

@@ -23,6 +23,11 @@ the demo model (:mod:`.pipeline_subjects`) whose right answer is known, and comp
                                 float16 (those of them the pipeline accepts: its ``dtypes`` attribute, when it
                                 has one): R² equals the pooled definition in float64 on the same half-precision
                                 activations (tolerance :data:`HALF_TOL`).
+``identity_half_precision``     the ``identity`` subject with model and SAE in bfloat16 and float16 (those the
+                                pipeline accepts): CE with SAE = CE without, KL = 0, R² = 1, MSE = 0.
+``mean_predictor_half_precision``  an SAE predicting the mean of the ``explained_variance`` subject's activations
+                                (large mean), in each half-precision dtype: R² equals the pooled definition in
+                                float64 on the same half-precision activations (about 0).
 ``transcoder_splice``           a transcoder holding a ReLU MLP's own weights, spliced at its output hook: CE with
                                 SAE = CE without, KL = 0.
 ``agreement``                   every metric the pipeline shares with our engine (float64 sums) agrees on the same
@@ -35,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pytest_saecheck import messages
@@ -69,6 +74,8 @@ SAE_LENS_RELEASES: dict[str, tuple[str, str | None]] = {
     "normalised_excluded_tokens": ("6.0.0", "6.53.1"),
     "explained_variance": ("6.0.0", "6.45.1"),
     "explained_variance_half_precision": ("6.0.0", "6.51.4"),
+    "identity_half_precision": ("6.0.0", "6.6.5"),
+    "mean_predictor_half_precision": ("6.0.0", "6.51.4"),
     "transcoder_splice": ("6.5.0", None),
     "agreement": ("6.0.0", "6.45.2"),
 }
@@ -105,6 +112,10 @@ CAUSES: dict[str, str] = {
     "E‖x‖² − (mean_d E[x_d²])²",
     "explained_variance_half_precision": "the explained-variance sums are accumulated in the model's half "
     "precision (bfloat16 or float16) instead of float32 or float64, so the large-mean terms swamp the variance",
+    "identity_half_precision": "in half precision the splice or the metrics are not exact: the original and the "
+    "spliced model run in different precisions, or a sum overflows or rounds away in bfloat16/float16",
+    "mean_predictor_half_precision": "the explained-variance sums are accumulated in the model's half precision "
+    "(bfloat16 or float16), so the mean predictor's R² is not 0 on activations with a large mean",
     "transcoder_splice": "the transcoder's output is written into its input hook instead of its output hook",
     "agreement": "the pipeline's definition or aggregation of this metric differs from the reference definition",
 }
@@ -377,38 +388,98 @@ summing in half precision, on a PCA SAE over a residual stream with a large mean
 float16 where 0.2379 and 0.3520 are right)."""
 
 
-def check_explained_variance_half_precision(run: _Run, result: PropertyResult) -> None:
-    import copy
-
-    import torch
-
+def _half_dtypes(run: _Run) -> list[str]:
+    """The half-precision dtypes of :data:`HALF_DTYPES` the pipeline accepts (its ``dtypes`` attribute, if any)."""
     accepted = getattr(run.fn, "dtypes", None)
     dtypes = [d for d in HALF_DTYPES if accepted is None or d in accepted]
     if not dtypes:
         raise _NotApplicable(f"the pipeline declares dtypes={tuple(accepted or ())!r}, no half precision")
-    model32, sae32, _ = _offset_projection(run)
+    return dtypes
+
+
+def _in_dtype(model32: Any, sae32: Any, dtype: str) -> tuple[Any, Any]:
+    """Copies of ``model32`` and ``sae32`` in ``dtype`` (the float32 subjects stay as they are)."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(model32).to(getattr(torch, dtype))
+    sae = copy.deepcopy(sae32).to(dtype=getattr(torch, dtype))
+    if hasattr(sae.cfg, "dtype"):
+        sae.cfg.dtype = dtype
+    return model, sae
+
+
+def _each_half_dtype(
+    run: _Run, result: PropertyResult, check: Callable[[str], list[Finding]], subject: str
+) -> None:
+    """``check(dtype)``'s findings in every half-precision dtype the pipeline accepts; a pipeline that raises in a
+    dtype breaks the property there, with its error."""
+    dtypes = _half_dtypes(run)
     for dtype in dtypes:
-        model = copy.deepcopy(model32).to(getattr(torch, dtype))
-        sae = copy.deepcopy(sae32).to(dtype=getattr(torch, dtype))
-        if hasattr(sae.cfg, "dtype"):
-            sae.cfg.dtype = dtype
-        shifted = subjects.activations(model, run.tokens(), run.subjects.hook_name)
         try:
-            finding, _ = _explained_variance_finding(
-                run, f"offset_{dtype}", model, sae, shifted, max(run.tol, HALF_TOL), f" ({dtype})"
-            )
+            result.findings.extend(check(dtype))
         except (_NotApplicable, SAECheckError):
             raise
         except Exception as error:  # the pipeline under test raised in this dtype: broken, with the error
-            finding = Finding(
-                f"explained_variance ({dtype})", f"{type(error).__name__}: {error}", "a result", False
+            result.findings.append(
+                Finding(f"({dtype})", f"{type(error).__name__}: {error}", "a result", False)
             )
-        result.findings.append(finding)
     result.note = (
-        f"the explained_variance subject with model and SAE in {', '.join(dtypes)}; right value: the pooled R² in "
-        f"float64 on the same half-precision activations (tol {HALF_TOL:g}). A pipeline that takes no half "
-        "precision says so with a dtypes attribute (e.g. pipeline.dtypes = ('float32',))"
+        f"{subject} with model and SAE in {', '.join(dtypes)}; right values in float64 on the same half-precision "
+        f"activations (R² within {HALF_TOL:g}). A pipeline that takes no half precision says so with a dtypes "
+        "attribute (e.g. pipeline.dtypes = ('float32',))"
     )
+
+
+def check_explained_variance_half_precision(run: _Run, result: PropertyResult) -> None:
+    model32, sae32, _ = _offset_projection(run)
+
+    def check(dtype: str) -> list[Finding]:
+        model, sae = _in_dtype(model32, sae32, dtype)
+        shifted = subjects.activations(model, run.tokens(), run.subjects.hook_name)
+        finding, _ = _explained_variance_finding(
+            run, f"offset_{dtype}", model, sae, shifted, max(run.tol, HALF_TOL), f" ({dtype})"
+        )
+        return [finding]
+
+    _each_half_dtype(run, result, check, "the explained_variance subject")
+
+
+def check_identity_half_precision(run: _Run, result: PropertyResult) -> None:
+    s = run.subjects
+    device = next(s.model.parameters()).device
+    sae32 = run.once("identity", lambda: subjects.identity_sae(s.model.cfg.d_model, s.hook_name, device))
+
+    def check(dtype: str) -> list[Finding]:
+        model, sae = _in_dtype(s.model, sae32, dtype)
+        metrics = run.call(f"identity_{dtype}", model, sae, BATCH)
+        part = PropertyResult(result.name)
+        _exact_splice(part, metrics, run.tol)
+        _compare(part, metrics, {"explained_variance": 1.0, "mse": 0.0}, max(run.tol, HALF_TOL))
+        return [replace(f, metric=f"{f.metric} ({dtype})") for f in part.findings]
+
+    _each_half_dtype(run, result, check, "the identity subject")
+
+
+def check_mean_predictor_half_precision(run: _Run, result: PropertyResult) -> None:
+    import torch
+
+    model32, _, shifted32 = _offset_projection(run)
+    mean32 = shifted32.reshape(-1, shifted32.shape[-1]).to(torch.float64).mean(0).to(shifted32.dtype)
+    sae32 = subjects.mean_sae(mean32, run.subjects.hook_name)
+
+    def check(dtype: str) -> list[Finding]:
+        model, sae = _in_dtype(model32, sae32, dtype)
+        x = subjects.activations(model, run.tokens(), run.subjects.hook_name)
+        with torch.no_grad():  # the mean of this dtype's own activations, rounded to the dtype
+            sae.b_dec.copy_(x.reshape(-1, x.shape[-1]).to(torch.float64).mean(0).to(sae.b_dec.dtype))
+        finding, _ = _explained_variance_finding(
+            run, f"mean_{dtype}", model, sae, x, max(run.tol, HALF_TOL), f" ({dtype})"
+        )
+        return [finding]
+
+    _each_half_dtype(run, result, check, "the mean predictor on activations with a large mean")
 
 
 def check_transcoder_splice(run: _Run, result: PropertyResult) -> None:
@@ -447,6 +518,8 @@ PROPERTIES: dict[str, Callable[[_Run, PropertyResult], None]] = {
     "normalised_excluded_tokens": check_normalised_excluded_tokens,
     "explained_variance": check_explained_variance,
     "explained_variance_half_precision": check_explained_variance_half_precision,
+    "identity_half_precision": check_identity_half_precision,
+    "mean_predictor_half_precision": check_mean_predictor_half_precision,
     "transcoder_splice": check_transcoder_splice,
     "agreement": check_agreement,
 }

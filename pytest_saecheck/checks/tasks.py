@@ -21,7 +21,7 @@ names the line (:func:`load_task`).
   − logit(S)); it is positive exactly when the prompt is answered right;
 - *accuracy*: the share of prompts with a positive logit difference (ties count as wrong).
 
-``accuracy_drop = accuracy_orig − accuracy_sae`` and ``logit_diff_drop`` likewise, with paired percentile
+``accuracy_drop = accuracy_orig − accuracy_sae`` and ``logit_diff_drop`` likewise, with paired BCa
 bootstrap intervals over prompts (:func:`pytest_saecheck.stats.bootstrap_intervals`: one resample draws the same
 prompts for both models). The spliced model is the engine's own splice (:class:`~pytest_saecheck.engine.cut.
 ModelCut` and :class:`~pytest_saecheck.engine.member.Member`: the SAE's reconstruction replaces the written
@@ -211,7 +211,7 @@ class TaskResult:
         return {name: float(value) for name, value in _statistics(sums, self.n_prompts).items()}
 
     def intervals(self, level: float = INTERVAL_LEVEL, seed: int = 0) -> dict[str, tuple[float, float]]:
-        """Paired percentile bootstrap intervals over prompts of every value (empty with fewer than 2 prompts)."""
+        """Paired BCa bootstrap intervals over prompts of every value (empty with fewer than 2 prompts)."""
         key = (float(level), int(seed))
         if key not in self._cache:
             from pytest_saecheck.stats import bootstrap_intervals

@@ -15,7 +15,7 @@ from pytest_saecheck.engine.accumulate import Accumulator, totals
 from pytest_saecheck.engine.compounding import compounding as compounding_of
 from pytest_saecheck.engine.grouping import group_results
 from pytest_saecheck.engine.member import Member
-from pytest_saecheck.engine.result import COMPUTE_FRACTION_NOTE, Evaluation
+from pytest_saecheck.engine.result import Evaluation
 from pytest_saecheck.errors import DegenerateActivationsError
 from pytest_saecheck.metrics import (
     METRIC_NAMES,
@@ -92,6 +92,7 @@ class Finish:
                 "evaluated positions, so explained variance is undefined; evaluate more varied tokens"
             )
         metrics, undefined = self._defined(metrics_from_sums(sums, self.scaling_law), METRIC_NAMES)
+        settle_compute_fraction(metrics, undefined, self.scaling_law)
         for name, reason in unresolved_ratios(per_sequence, sums).items():
             if name in metrics:
                 del metrics[name]
@@ -174,7 +175,7 @@ class Finish:
             if math.isfinite(value):
                 metrics[name] = value
             else:
-                undefined[name] = why_undefined(name, self.scaling_law)
+                undefined[name] = why_undefined(name)
         return metrics, undefined
 
     def joint(self, members: Sequence[Member], joint_acc: Accumulator, tokens: torch.Tensor) -> Evaluation:
@@ -183,6 +184,7 @@ class Finish:
         metrics, undefined = self._defined(
             metrics_from_sums(totals(per_sequence), self.scaling_law), JOINT_METRICS
         )
+        settle_compute_fraction(metrics, undefined, self.scaling_law)
         for name in METRIC_NAMES:
             if name not in metrics and name not in undefined:
                 undefined[name] = joint_reason(name)
@@ -336,30 +338,33 @@ def unresolved_ratios(
 
 def note_compute_fraction(evaluation: Evaluation) -> Evaluation:
     """Record ``compute_fraction`` under every preset (the sensitivity band that reports show beside a law not
-    fitted for this model), and say plainly when the splice lowered the loss (a "fraction" above 1): the
-    evaluation with them."""
+    fitted for this model): the evaluation with them. A value above 1 (the splice lowered the loss) is marked by
+    ``compute_law()`` where it is shown, not warned about: nobody gated on it."""
     law, metrics = evaluation.scaling_law, evaluation.metrics
     if law is None or "ce_orig" not in metrics or "ce_sae" not in metrics:
         return evaluation
-    by_preset = compute_fraction_by_preset(metrics["ce_orig"], metrics["ce_sae"])
-    notes = []
-    value = metrics.get("compute_fraction")
-    if value is not None and metrics["ce_sae"] < metrics["ce_orig"]:
-        notes.append(
-            f"{COMPUTE_FRACTION_NOTE}{value:.4g} > 1 because the splice lowered the loss (delta_ce = "
-            f"{metrics['ce_sae'] - metrics['ce_orig']:.3g} nats/token): it is not a fraction of the model's "
-            "training compute; read delta_ce"
-        )
-    return replace(evaluation, compute_fraction_by_preset=by_preset, warnings=[*evaluation.warnings, *notes])
+    return replace(
+        evaluation,
+        compute_fraction_by_preset=compute_fraction_by_preset(metrics["ce_orig"], metrics["ce_sae"]),
+    )
 
 
-def why_undefined(name: str, scaling_law: ScalingLaw | None) -> str:
-    if name == "compute_fraction" and scaling_law is not None:
-        return (
-            f"the scaling law's irreducible loss E={scaling_law.irreducible:.3f} ({scaling_law.spec}) is not below "
-            "both ce_orig and ce_sae; fit the law for this model family (pytest_saecheck.fit_scaling_law) or "
-            "choose another (scaling_law=PRESET, (E, gamma) or a fit file)"
-        )
+def settle_compute_fraction(
+    metrics: dict[str, float], undefined: dict[str, str], scaling_law: ScalingLaw | None
+) -> None:
+    """Move ``compute_fraction`` from ``metrics`` to ``undefined``, with the reason, where ``scaling_law`` cannot
+    place these losses (:meth:`~pytest_saecheck.scaling.ScalingLaw.undefined_reason`: below its floor, or near
+    the floor of a law not fitted for this model)."""
+    if scaling_law is None or "ce_orig" not in metrics or "ce_sae" not in metrics:
+        return
+    reason = scaling_law.undefined_reason(metrics["ce_orig"], metrics["ce_sae"])
+    if reason is not None:
+        metrics.pop("compute_fraction", None)
+        undefined["compute_fraction"] = reason
+
+
+def why_undefined(name: str) -> str:
+    """Why a ratio metric is NaN on this data (``compute_fraction``'s reason is :func:`settle_compute_fraction`'s)."""
     if name in ("ce_loss_score", "kl_div_score"):
         return "the zero-ablated model is exactly as good as the original (zero denominator)"
     if name == "ce_loss_score_mean_ablation":
@@ -381,11 +386,10 @@ def under_law(evaluation: Evaluation, scaling_law: ScalingLaw | None) -> Evaluat
     if scaling_law is None:
         undefined["compute_fraction"] = "not computed (no scaling law)"
     elif "ce_orig" in evaluation.metrics and "ce_sae" in evaluation.metrics:
-        value = float(metrics_from_sums(totals(evaluation.per_sequence), scaling_law)["compute_fraction"])
-        if math.isfinite(value):
-            metrics["compute_fraction"] = value
-        else:
-            undefined["compute_fraction"] = why_undefined("compute_fraction", scaling_law)
+        metrics["compute_fraction"] = float(
+            metrics_from_sums(totals(evaluation.per_sequence), scaling_law)["compute_fraction"]
+        )
+        settle_compute_fraction(metrics, undefined, scaling_law)
     ordered = {name: metrics[name] for name in METRIC_NAMES if name in metrics}
     ordered.update({name: value for name, value in metrics.items() if name not in ordered})
     derived = replace(
@@ -394,7 +398,7 @@ def under_law(evaluation: Evaluation, scaling_law: ScalingLaw | None) -> Evaluat
         undefined=undefined,
         scaling_law=scaling_law,
         compute_fraction_by_preset={},
-        warnings=[w for w in evaluation.warnings if not w.startswith(COMPUTE_FRACTION_NOTE)],
+        warnings=list(evaluation.warnings),
         _interval_cache={},
         _position_cache=evaluation._position_cache,
     )

@@ -148,7 +148,7 @@ class GroupResult:
     def confidence_intervals(
         self, level: float = DEFAULT_LEVEL, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
     ) -> dict[str, tuple[float, float]]:
-        """Percentile bootstrap intervals over sequences of every defined metric (empty with < 2 sequences);
+        """BCa bootstrap intervals over sequences of every defined metric (empty with < 2 sequences);
         a metric undefined in some resample (the group absent from it) has no interval."""
         key = (float(level), int(n_resamples), int(seed))
         if key not in self._interval_cache:

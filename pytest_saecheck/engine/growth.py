@@ -4,10 +4,22 @@ The looks and the decision rule are :mod:`pytest_saecheck.sequential`'s. The seq
 ``looks[k]`` sequences of the token set (``n_tokens``, the ceiling), so a sequential run's sequences are a prefix of
 the fixed run's and, at the ceiling, its evaluation *is* the fixed run's (regression baselines stay paired).
 
-Growth evaluates the prefix of the next look afresh (``evaluate_prefix(n)``), which costs ``looks[0] + … +
-looks[k]`` sequences to reach look ``k`` (under twice ``looks[k]``): the mean-ablation vector, the centring of the
-variance sums and the participation ratio are properties of the whole evaluated set, so a merge of chunks would not
-reproduce the fixed run at the ceiling. A gate that cannot be decided before the ceiling goes there directly.
+Growth merges sums across looks: a look runs only the batches beyond the previous one
+(:class:`~pytest_saecheck.engine.run.Stream`), so reaching look ``k`` costs one pass over ``looks[k]`` sequences.
+What is a property of the whole evaluated set is handled so that the merged sums are the fixed run's:
+
+* the centring of the variance sums is the first batch's mean, the same at every look and in the fixed run;
+* the latent firing counts, the second moments of the participation ratio and every per-sequence sum add up;
+* the mean-ablation vector of a member ablated by a template (a residual write point) is the mean over the
+  sequences run so far, and the template's CE is scored again for every sequence at each look (one template
+  forward; the fixed run's vector at the ceiling);
+* the mean-ablation vector of any other member, and an estimated activation normalisation, are needed before a
+  batch runs: they are fixed before the first look by the pre-pass over the whole token set, as the fixed run
+  fixes them. An interim look's evaluation is then ``evaluate`` of its sequences with those given
+  (``mean_activation=``, ``activation_scaler=``); the ceiling's is the fixed run's.
+
+A cross-layer transcoder's replacement is not streamed: each look evaluates its prefix afresh (up to twice the
+ceiling's sequences in all). A gate that cannot be decided before the ceiling goes there directly.
 """
 
 from __future__ import annotations
@@ -32,12 +44,17 @@ class Growth:
     """One SAE's sequential evaluation: the evaluation at the furthest look reached, grown on demand.
 
     ``evaluate_prefix(n)`` evaluates the first ``n`` sequences; ``plan`` gives the looks (the last is the ceiling).
-    ``sequences_evaluated`` counts every sequence evaluated so far (prefixes re-evaluated count again);
-    ``decisions`` records each gate decided on it (plain dicts, for the report).
+    ``merges``: ``evaluate_prefix`` merges the sequences already evaluated (a :class:`~.run.Stream`'s ``to``), so
+    each sequence is evaluated once; otherwise each look evaluates its prefix afresh. ``sequences_evaluated`` and
+    ``tokens_evaluated`` count the work done (prefixes evaluated afresh count again); ``decisions`` records each
+    gate decided on it (plain dicts, for the report).
     """
 
-    def __init__(self, evaluate_prefix: Callable[[int], Evaluation], plan: SequentialPlan) -> None:
+    def __init__(
+        self, evaluate_prefix: Callable[[int], Evaluation], plan: SequentialPlan, *, merges: bool = False
+    ) -> None:
         self._evaluate_prefix = evaluate_prefix
+        self.merges = merges
         self.plan = plan
         self.look = -1  # index into plan.looks of the evaluation held; -1: none yet
         self.evaluation: Evaluation | None = None
@@ -50,8 +67,11 @@ class Growth:
         if look > self.look or self.evaluation is None:
             n = self.plan.looks[look]
             evaluation = self._evaluate_prefix(n)
-            self.sequences_evaluated += n
-            self.tokens_evaluated += evaluation.n_tokens
+            if self.merges:
+                self.sequences_evaluated, self.tokens_evaluated = n, evaluation.n_tokens
+            else:
+                self.sequences_evaluated += n
+                self.tokens_evaluated += evaluation.n_tokens
             self.look, self.evaluation = look, evaluation
         assert self.evaluation is not None
         self._stamp()
@@ -177,11 +197,29 @@ def evaluate_sequential(
             )
         parsed.append((metric, low, high, level))
     plan = plan_for(int(tokens.shape[0]), int(options.get("batch_size") or 1))
-    growth = Growth(lambda n: evaluate(model, sae, tokens[:n], **options), plan)
+    growth = growth_of(model, sae, tokens, options, plan)
     for metric, low, high, level in parsed:
         growth.decide(metric, low, high, level, label=gate_label(metric, low, high, level))
     assert growth.evaluation is not None
     return growth.evaluation
+
+
+def growth_of(model: Any, sae: Any, tokens: Any, options: dict[str, Any], plan: SequentialPlan) -> Growth:
+    """The growing evaluation of ``evaluate(model, sae, tokens, **options)`` over ``plan``'s looks: a stream whose
+    sums merge across looks, or, for a cross-layer transcoder, its prefixes evaluated afresh."""
+    from pytest_saecheck.engine.replacement import is_clt
+    from pytest_saecheck.engine.run import evaluate, open_stream
+
+    if is_clt(sae):
+        return Growth(lambda n: evaluate(model, sae, tokens[:n], **options), plan)
+    stream = open_stream(model, sae, tokens, **options)
+
+    def to(n: int) -> Evaluation:
+        evaluation = stream.to(n)
+        assert isinstance(evaluation, Evaluation)
+        return evaluation
+
+    return Growth(to, plan, merges=True)
 
 
 def _number(gate: Any, key: str) -> float | None:

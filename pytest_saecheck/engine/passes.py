@@ -91,6 +91,11 @@ class Pass:
         self.finish = Finish(
             policy, scaling_law, batch_size, dtype_name(cut.dtype), str(cut.device), cut.backend
         )
+        self.done = 0  # sequences run so far
+        self._tokens: torch.Tensor | None = None
+        self._kept_all: torch.Tensor | None = None
+        self._predicted_all: torch.Tensor | None = None
+        self._given_means: set[str] = set()
 
     def _group_labels(self, rows: slice) -> torch.Tensor | None:
         return self.groups[0][rows] if self.groups is not None else None
@@ -98,21 +103,44 @@ class Pass:
     def run(
         self, tokens: torch.Tensor, means: Mapping[str, Any], progress: bool | None
     ) -> tuple[dict[str, Evaluation], Evaluation | None, dict[str, Any] | None]:
-        kept_all = self.policy.kept_mask(tokens)
-        predicted_all = self.policy.prediction_mask(tokens)
-        self._plan(tokens, kept_all, means)
-        self._prepass(tokens, kept_all)
-        self._zero_templates(tokens, kept_all)
+        """The whole pass over ``tokens`` and its evaluations (:meth:`start`, :meth:`advance`, :meth:`results`)."""
+        self.start(tokens, means)
+        self.advance(tokens.shape[0], progress)
+        return self.results()
 
+    @property
+    def started(self) -> bool:
+        return self._tokens is not None
+
+    def start(self, tokens: torch.Tensor, means: Mapping[str, Any]) -> None:
+        """Plan the pass over ``tokens`` (the whole set: a stream's ceiling). Whatever is a property of the whole set
+        and needed before the batches run is fixed here, on every sequence of it: the estimated normalisation and
+        the mean-ablation vector of a member not ablated by a template (the pre-pass), so that the sums of every
+        batch merge into those of the whole set."""
+        self._tokens = tokens
+        self._kept_all = self.policy.kept_mask(tokens)
+        self._predicted_all = self.policy.prediction_mask(tokens)
+        self._plan(tokens, self._kept_all, means)
+        self._given_means = {m.name for m in self.members if m.mean is not None}
+        self._prepass(tokens, self._kept_all)
+        self._zero_templates(tokens, self._kept_all)
+
+    def advance(self, stop: int, progress: bool | None) -> None:
+        """Run the batches from the sequences already run up to ``stop`` (whole batches; at most the set)."""
+        tokens, kept_all, predicted_all = self._tokens, self._kept_all, self._predicted_all
+        assert tokens is not None and kept_all is not None and predicted_all is not None
+        stop = min(stop, tokens.shape[0])
+        if stop <= self.done:
+            return
         sites = [site for m in self.members for site in m.capture_sites(self.cut)]
         bar = progress_bar(
-            int(kept_all.sum()),
+            int(kept_all[self.done : stop].sum()),
             "saecheck " + (self.members[0].write.hook_name if len(self.members) == 1 else "release"),
             progress,
         )
         try:
-            for start in range(0, tokens.shape[0], self.batch_size):
-                rows = slice(start, start + self.batch_size)
+            for start in range(self.done, stop, self.batch_size):
+                rows = slice(start, min(start + self.batch_size, stop))
                 batch, kept, predicted = tokens[rows], kept_all[rows], predicted_all[rows]
                 run = self.cut.capture(batch, sites)
                 # The original's log-softmax, once per batch, in place of its logits.
@@ -129,16 +157,25 @@ class Pass:
                     self._joint_batch(batch, kept, predicted, original, self._group_labels(rows))
                 del original
                 bar.update(int(kept.sum()))
+                self.done = rows.stop
         finally:
             bar.close()
 
+    def results(self) -> tuple[dict[str, Evaluation], Evaluation | None, dict[str, Any] | None]:
+        """The evaluations of the sequences run so far (the whole set's once it is all run)."""
+        assert self._tokens is not None and self._kept_all is not None and self._predicted_all is not None
+        tokens = self._tokens[: self.done]
+        kept_all, predicted_all = self._kept_all[: self.done], self._predicted_all[: self.done]
+        finished = self.done == self._tokens.shape[0]
         for m in self.members:
             assert m.acc is not None
-            m.templates.clear()
+            if finished:
+                m.templates.clear()
             if m.plan.templated and self.mean_ablation:
                 # Mean ablation is scored by CE only, which a template gives for every sequence afterwards: its
-                # log-probs live for one member at a time, never through the pass.
-                if m.mean is None:
+                # log-probs live for one member at a time, never through the pass. Its vector is the mean over
+                # the sequences run so far (the whole set's at the end), unless one was given.
+                if m.name not in self._given_means:
                     m.mean = m.acc.mean_activation().to(self.cut.device_at(m.write))
                 final = self._template_final(m, Variant.MEAN, tokens, kept_all)
                 log_probs = self._log_probs(final, tokens.shape[1])

@@ -37,7 +37,7 @@ from pytest_saecheck.engine.accumulate import Accumulator, totals
 from pytest_saecheck.engine.backends import cut_for
 from pytest_saecheck.engine.compounding import compounding
 from pytest_saecheck.engine.cut import ModelCut, Site
-from pytest_saecheck.engine.finish import note_compute_fraction
+from pytest_saecheck.engine.finish import note_compute_fraction, settle_compute_fraction
 from pytest_saecheck.engine.plan import check_tokens
 from pytest_saecheck.engine.progress import progress_bar
 from pytest_saecheck.engine.result import Evaluation
@@ -346,6 +346,7 @@ class _Replacement:
                 undefined[name] = "a reconstruction metric is per layer: see evaluation.members['layer l']"
             else:
                 undefined[name] = "not measured for a replacement model (no ablation baseline is run)"
+        settle_compute_fraction(metrics, undefined, self.law)
         curves = acc.position_curves()
         evaluation = Evaluation(
             metrics=metrics,

@@ -21,9 +21,6 @@ from pytest_saecheck.policy import TokenPolicy
 from pytest_saecheck.scaling import ScalingLaw
 from pytest_saecheck.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, bootstrap_intervals
 
-COMPUTE_FRACTION_NOTE = "compute_fraction = "
-"""How the warning about a compute fraction above 1 begins (it depends on the scaling law)."""
-
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -83,7 +80,8 @@ class Evaluation:
     def confidence_interval(
         self, name: str, level: float = DEFAULT_LEVEL, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
     ) -> tuple[float, float]:
-        """Percentile bootstrap interval of a metric over sequences, paired across variants."""
+        """BCa bootstrap interval of a metric over sequences (:mod:`pytest_saecheck.stats`), paired across variants; warns
+        (:class:`SAECheckWarning`) when it is undefined or does not contain the value."""
         if name not in METRIC_NAMES:
             raise ConfigError(f"unknown metric {name!r}; known metrics: {', '.join(METRIC_NAMES)}")
         if name not in BOOTSTRAPPABLE:
@@ -94,31 +92,40 @@ class Evaluation:
             raise ConfigError(
                 f"{name!r} is undefined for this evaluation: {self.undefined.get(name, 'not computed')}"
             )
-        return self.confidence_intervals(level, n_resamples=n_resamples, seed=seed)[name]
+        low, high = self.confidence_intervals(level, n_resamples=n_resamples, seed=seed, names=(name,))[name]
+        # a reading of this result, not a change to it: the record of a gate's interval carries the note
+        for message in interval_notes(self.metrics, {name: (low, high)}, level):
+            warnings.warn(message, SAECheckWarning, stacklevel=2)
+        return low, high
 
     def confidence_intervals(
-        self, level: float = DEFAULT_LEVEL, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+        self,
+        level: float = DEFAULT_LEVEL,
+        *,
+        n_resamples: int = DEFAULT_RESAMPLES,
+        seed: int = 0,
+        names: Sequence[str] | None = None,
     ) -> dict[str, tuple[float, float]]:
-        """Bootstrap intervals of every defined metric that has one, from one set of resamples (cached).
-
-        An interval that is undefined or excludes its value is warned about (:class:`SAECheckWarning`, the text of
-        :func:`interval_notes`) when first computed; the evaluation itself is not changed."""
-        key = (float(level), int(n_resamples), int(seed))
-        if key not in self._interval_cache:
+        """Bootstrap intervals of the metrics ``names`` (default: every defined metric that has one), NaN where
+        undefined. Only the metrics asked for are resampled; each is cached, and the resamples depend on ``seed``
+        alone, so a metric's interval is the same whichever others are asked for with it."""
+        wanted = [name for name in (self.metrics if names is None else names) if name in BOOTSTRAPPABLE]
+        wanted = [name for name in wanted if name in self.metrics]
+        cache = self._interval_cache.setdefault((float(level), int(n_resamples), int(seed)), {})
+        missing = [name for name in wanted if name not in cache]
+        if missing:
             law = self.scaling_law
-            names = [name for name in self.metrics if name in BOOTSTRAPPABLE]
 
             def statistics(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-                values = metrics_from_sums(sums, law)
-                return {name: values[name] for name in names}
+                values = metrics_from_sums(sums, law if "compute_fraction" in missing else None)
+                return {name: values[name] for name in missing}
 
-            intervals = bootstrap_intervals(
-                self.per_sequence, statistics, level=level, n_resamples=n_resamples, seed=seed
+            cache.update(
+                bootstrap_intervals(
+                    self.per_sequence, statistics, level=level, n_resamples=n_resamples, seed=seed
+                )
             )
-            self._interval_cache[key] = intervals
-            for message in interval_notes(self.metrics, intervals, level):
-                warnings.warn(message, SAECheckWarning, stacklevel=2)
-        return dict(self._interval_cache[key])
+        return {name: cache[name] for name in wanted}
 
     def delta_ce_by_position_interval(self, level: float = DEFAULT_LEVEL) -> list[list[float] | None]:
         """The paired bootstrap interval over sequences of ``delta_ce_by_position`` at each position (None where

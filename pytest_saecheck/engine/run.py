@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import overload
+from typing import Any, overload
 
 import torch
 
@@ -37,7 +37,7 @@ from pytest_saecheck.models import LanguageModel
 from pytest_saecheck.policy import TokenPolicy
 from pytest_saecheck.scaling import DEFAULT_LAW, ScalingLaw, as_scaling_law
 
-__all__ = ["check_model", "evaluate", "unresolved_ratios"]
+__all__ = ["Stream", "check_model", "evaluate", "open_stream", "unresolved_ratios"]
 
 #: A token grouping: labels ``[n_sequences, seq_len]`` (``-1`` = no group), or a callable of the tokens giving them.
 TokenGroups = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
@@ -178,12 +178,10 @@ def evaluate(
     arguments of ``assert_ce_recovery``): ``tokens`` is then a ceiling, and the evaluation grows over prefixes of it
     until every gate is decided (:mod:`pytest_saecheck.engine.growth`, :mod:`pytest_saecheck.sequential`).
     """
+    options = {
+        key: value for key, value in locals().items() if key not in ("model", "sae", "tokens", "sequential")
+    }
     if sequential is not None:  # a ceiling, grown until every gate is decided (engine.growth)
-        options = {
-            key: value
-            for key, value in locals().items()
-            if key not in ("model", "sae", "tokens", "sequential")
-        }
         from pytest_saecheck.engine.growth import evaluate_sequential
 
         return evaluate_sequential(evaluate, model, sae, tokens, sequential, options)
@@ -206,55 +204,150 @@ def evaluate(
             progress=progress,
             backend=backend,
         )
-    if keep_layers:
+    stream = _open(model, sae, tokens, {**options, "scaling_law": scaling_law}, started)
+    return stream.to(stream.ceiling)
+
+
+class Stream:
+    """A planned evaluation over ``tokens`` (the ceiling) that runs its pass batch by batch on demand: ``to(n)``
+    is the evaluation of the first ``n`` sequences, its sums merged with those of the batches already run
+    (:class:`~pytest_saecheck.engine.passes.Pass`), so growing look by look costs what one pass over the furthest
+    look costs. ``to(ceiling)`` is :func:`evaluate`'s result exactly."""
+
+    def __init__(
+        self,
+        run: Pass,
+        tokens: torch.Tensor,
+        means: Mapping[str, Any],
+        named: Mapping[str, Any],
+        single: bool,
+        model_hooks: Sequence[str],
+        progress: bool | None,
+        started: float,
+    ) -> None:
+        self.run, self.tokens, self.means, self.named = run, tokens, means, named
+        self.single, self.model_hooks, self.progress, self.started = single, model_hooks, progress, started
+        self._shown: set[str] = set()
+
+    @property
+    def ceiling(self) -> int:
+        """The number of sequences of the token set."""
+        return int(self.tokens.shape[0])
+
+    @property
+    def done(self) -> int:
+        """The sequences run so far."""
+        return self.run.done
+
+    def to(self, n_sequences: int) -> Evaluation | EvaluationSet:
+        """The evaluation of the first ``n_sequences`` sequences (at least those run already; whole batches, or the
+        ceiling). Raises :class:`ConfigError` for a number outside [1, ceiling]."""
+        if not 1 <= n_sequences <= self.ceiling:
+            raise ConfigError(f"a stream grows to 1 to {self.ceiling} sequences, got {n_sequences}")
+        run = self.run
+        sites = [site for m in run.members for site in (m.read, m.write)]
+        with torch.inference_mode(), hook_z_reshaping_off(list(self.named.values())), run.cut.prepared(sites):
+            if not run.started:
+                run.start(self.tokens, self.means)
+            run.advance(max(n_sequences, run.done), self.progress)
+            evaluations, joint_evaluation, compounding = run.results()
+        return self._returned(evaluations, joint_evaluation, compounding)
+
+    def _returned(
+        self,
+        evaluations: dict[str, Evaluation],
+        joint_evaluation: Evaluation | None,
+        compounding: dict[str, Any] | None,
+    ) -> Evaluation | EvaluationSet:
+        """What every result of this call shares; each warning shown once per stream."""
+        duration = time.perf_counter() - self.started
+        # each SAE's share of the shared pass, so that the SAEs' durations add up to the pass's wall time
+        evaluations = {
+            name: evaluation.finished(self.model_hooks, duration / len(evaluations))
+            for name, evaluation in evaluations.items()
+        }
+        if joint_evaluation is not None:
+            joint_evaluation = alone_view(joint_evaluation, evaluations).finished(self.model_hooks, duration)
+        shown = {
+            (message if self.single else f"SAE {name!r}: {message}"): None
+            for name, evaluation in evaluations.items()
+            for message in evaluation.warnings
+        }
+        for message in shown:
+            if message not in self._shown:
+                self._shown.add(message)
+                warnings.warn(message, SAECheckWarning, stacklevel=4)
+        if self.single:
+            return next(iter(evaluations.values()))
+        return EvaluationSet(evaluations, joint_evaluation, compounding)
+
+
+def open_stream(model: Any, sae: Any, tokens: torch.Tensor, **options: Any) -> Stream:
+    """A :class:`Stream` of ``evaluate(model, sae, tokens, **options)`` (the same options and defaults; not a
+    cross-layer transcoder, nor ``sequential=``). Raises what :func:`evaluate` raises, and :class:`ConfigError`
+    for an unknown option."""
+    import inspect
+
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(evaluate).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "sequential"
+    }
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"unknown evaluate option(s) {', '.join(unknown)}; the options are {', '.join(defaults)}"
+        )
+    if isinstance(sae, CrossLayerTranscoder):
+        raise ConfigError(
+            "a cross-layer transcoder's replacement is evaluated whole (evaluate), not streamed"
+        )
+    merged = {**defaults, **options}
+    merged["scaling_law"] = as_scaling_law(merged["scaling_law"])
+    return _open(model, sae, tokens, merged, time.perf_counter())
+
+
+def _open(model: Any, sae: Any, tokens: torch.Tensor, options: Mapping[str, Any], started: float) -> Stream:
+    """The plan of :func:`evaluate` (its ``options``; ``scaling_law`` already a law): the options checked, the
+    model's cut, one member per dictionary, the tokens; the pass not yet run."""
+    o = options
+    if o["keep_layers"]:
         raise ConfigError("keep_layers applies to a cross-layer transcoder's replacement; this is not one")
     refuse_clt_in_set(sae)
     single, named = named_dictionaries(sae)
-    if joint and len(named) < 2:
+    if o["joint"] and len(named) < 2:
         raise ConfigError(
             "joint=True splices several SAEs at once; give a sequence or mapping of at least two"
         )
-    policy = token_policy(policy, exclude_bos, exclude_special_tokens, exclude_token_ids, pad_token_id)
-    check_sizes(batch_size, template_budget_bytes)
-    cut = cut_for(model, backend)
+    policy = token_policy(
+        o["policy"], o["exclude_bos"], o["exclude_special_tokens"], o["exclude_token_ids"], o["pad_token_id"]
+    )
+    check_sizes(o["batch_size"], o["template_budget_bytes"])
+    cut = cut_for(model, o["backend"])
     model_hooks = cut.check()
     policy = policy.resolved_for(cut)
-    scalers = per_member("activation_scaler", activation_scaler, named, single)
-    means = per_member("mean_activation", mean_activation, named, single)
+    scalers = per_member("activation_scaler", o["activation_scaler"], named, single)
+    means = per_member("mean_activation", o["mean_activation"], named, single)
     members = []
     for name, one in named.items():
         with naming(name, not single):
             members.append(Member(name, one, cut, norm.as_normalisation(scalers.get(name))))
-    if joint:
+    if o["joint"]:
         check_joint(members)
     tokens = check_tokens(cut, tokens, policy)
+    token_groups, group_names = o["token_groups"], o["group_names"]
     groups = resolve_labels(token_groups, group_names, tokens) if token_groups is not None else None
     if token_groups is None and group_names is not None:
         raise ConfigError("group_names names the groups of token_groups=; give token_groups too")
-
-    # --- the pass ---------------------------------------------------------------------------------------
-    run = Pass(cut, members, policy, batch_size, mean_ablation, scaling_law, joint, template_budget_bytes)
+    run = Pass(
+        cut,
+        members,
+        policy,
+        o["batch_size"],
+        o["mean_ablation"],
+        o["scaling_law"],
+        o["joint"],
+        o["template_budget_bytes"],
+    )
     run.groups = groups
-    sites = [site for m in members for site in (m.read, m.write)]
-    with torch.inference_mode(), hook_z_reshaping_off(list(named.values())), cut.prepared(sites):
-        evaluations, joint_evaluation, compounding = run.run(tokens, means, progress)
-
-    # --- finish: what every result of this call shares, warnings shown once -----------------------------
-    duration = time.perf_counter() - started
-    # each SAE's share of the shared pass, so that the SAEs' durations add up to the pass's wall time
-    evaluations = {
-        name: evaluation.finished(model_hooks, duration / len(evaluations))
-        for name, evaluation in evaluations.items()
-    }
-    if joint_evaluation is not None:
-        joint_evaluation = alone_view(joint_evaluation, evaluations).finished(model_hooks, duration)
-    shown = {
-        (message if single else f"SAE {name!r}: {message}"): None
-        for name, evaluation in evaluations.items()
-        for message in evaluation.warnings
-    }
-    for message in shown:
-        warnings.warn(message, SAECheckWarning, stacklevel=2)
-    if single:
-        return next(iter(evaluations.values()))
-    return EvaluationSet(evaluations, joint_evaluation, compounding)
+    return Stream(run, tokens, means, named, single, model_hooks, o["progress"], started)

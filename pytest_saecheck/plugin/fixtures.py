@@ -533,6 +533,9 @@ class SAECheck(SAEUnderTest):
             from pytest_saecheck.engine.growth import Growth, plan_for
 
             plan = plan_for(int(self.tokens.shape[0]), self.settings.batch_size)
+            if _is_module(self.sae):  # one stream: each look runs only the batches beyond the last one
+                stream = self._evaluate({self.sae_spec: self.sae}, stream=True)
+                return Growth(stream.to, plan, merges=True)
             return Growth(lambda n: self._evaluate({self.sae_spec: self.sae}, n_sequences=n), plan)
 
         growth: Growth = self._guard(lambda: self._cache.evaluation(("growth", self.evaluation_key()), make))
@@ -558,10 +561,13 @@ class SAECheck(SAEUnderTest):
         joint: bool = False,
         n_sequences: int | None = None,
         progress: str | None = None,
+        stream: bool = False,
     ) -> Any:
         """The engine on these SAEs; on the first ``n_sequences`` sequences of the tokens when given; ``progress``
-        (where the pass stands in its release) leads the line announcing the pass."""
+        (where the pass stands in its release) leads the line announcing the pass; with ``stream``, the
+        :class:`~pytest_saecheck.engine.run.Stream` that evaluates them on demand."""
         from pytest_saecheck.engine import evaluate
+        from pytest_saecheck.engine.run import open_stream
 
         self._cache.loads["pass"] = self._cache.loads.get("pass", 0) + 1
         single = len(saes) == 1 and not joint
@@ -580,7 +586,7 @@ class SAECheck(SAEUnderTest):
         modules = all(_is_module(sae) for sae in saes.values())
         cost = self._announce_pass(list(saes.values()), tokens, progress) if modules else None
         started = time.perf_counter()
-        result = evaluate(
+        result = (open_stream if stream else evaluate)(
             self.model,
             next(iter(saes.values())) if single else saes,
             tokens,
@@ -594,7 +600,7 @@ class SAECheck(SAEUnderTest):
             token_groups=grouping,
             backend=self.backend,
         )
-        if cost is not None:
+        if cost is not None and not stream:  # a stream has not run yet: no rate to measure
             self._cache.flops_per_second = cost.flops / max(time.perf_counter() - started, 1e-9)
         return result
 
