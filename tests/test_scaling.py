@@ -14,6 +14,7 @@ import pytest
 
 from pytest_saecheck import fit_scaling_law, load_scaling_law
 from pytest_saecheck.assertions import assert_ce_recovery
+from pytest_saecheck.engine.finish import under_law
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.metrics import compute_fraction, compute_fraction_by_preset
 from pytest_saecheck.plugin.settings import _scaling_law
@@ -129,10 +130,10 @@ def test_the_engine_leaves_compute_fraction_undefined_near_an_unfitted_floor():
     floor = lowest - FLOOR_MARGIN / 2  # the default law moved up to just under this model's loss
     near = dataclasses.replace(DEFAULT_LAW, irreducible=floor)
     chosen = given_law(floor, DEFAULT_LAW.gamma)
-    for result in (_tiny_evaluation(near), base.under_law(near)):
+    for result in (_tiny_evaluation(near), under_law(base, near)):
         assert "compute_fraction" not in result.metrics
         assert "not fitted for this model" in result.undefined["compute_fraction"]
-    for result in (_tiny_evaluation(chosen), base.under_law(chosen)):
+    for result in (_tiny_evaluation(chosen), under_law(base, chosen)):
         expected = float(compute_fraction(base.metrics["ce_orig"], base.metrics["ce_sae"], chosen))
         assert result.metrics["compute_fraction"] == pytest.approx(expected, rel=1e-12)
 
@@ -526,7 +527,7 @@ def test_a_point_gate_shows_an_undefined_interval_without_a_warning():
 
     base = _tiny_evaluation(None)
     lowest = min(base.metrics["ce_orig"], base.metrics["ce_sae"])
-    result = base.under_law(given_law(lowest - 1e-3, 0.2))
+    result = under_law(base, given_law(lowest - 1e-3, 0.2))
     with warnings.catch_warnings():
         warnings.simplefilter("error", SAECheckWarning)
         assert_ce_recovery(result, metric="compute_fraction", min_score=0.0)
