@@ -56,7 +56,16 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     return "slow tests: deselected (--run-slow includes them; `make test-slow` runs only them)"
 
 
+# pyproject's filterwarnings makes a SAECheckWarning this suite did not ask for an error. A pytest run inside a test
+# (pytester, in process) inherits the filters of the test it runs in; there the warnings are the inner run's to
+# record and show, as a user's run would, not this suite's.
+INNER_RUN_WARNINGS = pytest.mark.filterwarnings("default::pytest_saecheck.errors.SAECheckWarning")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "pytester" in getattr(item, "fixturenames", ()):
+            item.add_marker(INNER_RUN_WARNINGS, append=False)  # the test's own filterwarnings marks apply after
     if config.getoption("--run-slow"):
         return
     slow = [item for item in items if item.get_closest_marker("slow") is not None]

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from test_sequential import ALPHA, REPETITIONS, THRESHOLD, _binomial_se, _data, ratio_bounds
+from simulation import ALPHA, REPETITIONS, THRESHOLD, _binomial_se, _data, ratio_bounds
 
 from pytest_saecheck.errors import ConfigError
 from pytest_saecheck.stats import BCA, PERCENTILE, bca_bounds, bootstrap_interval

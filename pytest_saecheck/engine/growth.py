@@ -148,6 +148,7 @@ def plan_for(n_sequences: int, batch_size: int, min_sequences: int | None = None
 
 def evaluate_sequential(
     evaluate: Callable[..., Evaluation],
+    open_stream: Callable[..., Any],
     model: Any,
     sae: Any,
     tokens: Any,
@@ -156,8 +157,9 @@ def evaluate_sequential(
 ) -> Evaluation:
     """``evaluate(model, sae, tokens, sequential=gates, **options)``: grow until every gate is decided.
 
-    ``evaluate``: the engine's :func:`~pytest_saecheck.engine.run.evaluate` (passed in: it calls this function),
-    run on each look's prefix of ``tokens``.
+    ``evaluate`` and ``open_stream``: the engine's :func:`~pytest_saecheck.engine.run.evaluate` and
+    :func:`~pytest_saecheck.engine.run.open_stream` (passed in: ``evaluate`` calls this function); a stream grows
+    look by look, a cross-layer transcoder is evaluated on each look's prefix of ``tokens``.
 
     ``gates``: a sequence of mappings ``{"metric": ..., "min_score": ..., "max_value": ..., "confidence": ...}``
     (``assert_ce_recovery``'s arguments). Returns the evaluation at the look where the last gate was decided (the
@@ -197,18 +199,25 @@ def evaluate_sequential(
             )
         parsed.append((metric, low, high, level))
     plan = plan_for(int(tokens.shape[0]), int(options.get("batch_size") or 1))
-    growth = growth_of(model, sae, tokens, options, plan)
+    growth = growth_of(evaluate, open_stream, model, sae, tokens, options, plan)
     for metric, low, high, level in parsed:
         growth.decide(metric, low, high, level, label=gate_label(metric, low, high, level))
     assert growth.evaluation is not None
     return growth.evaluation
 
 
-def growth_of(model: Any, sae: Any, tokens: Any, options: dict[str, Any], plan: SequentialPlan) -> Growth:
+def growth_of(
+    evaluate: Callable[..., Evaluation],
+    open_stream: Callable[..., Any],
+    model: Any,
+    sae: Any,
+    tokens: Any,
+    options: dict[str, Any],
+    plan: SequentialPlan,
+) -> Growth:
     """The growing evaluation of ``evaluate(model, sae, tokens, **options)`` over ``plan``'s looks: a stream whose
     sums merge across looks, or, for a cross-layer transcoder, its prefixes evaluated afresh."""
     from pytest_saecheck.engine.replacement import is_clt
-    from pytest_saecheck.engine.run import evaluate, open_stream
 
     if is_clt(sae):
         return Growth(lambda n: evaluate(model, sae, tokens[:n], **options), plan)

@@ -184,7 +184,7 @@ def evaluate(
     if sequential is not None:  # a ceiling, grown until every gate is decided (engine.growth)
         from pytest_saecheck.engine.growth import evaluate_sequential
 
-        return evaluate_sequential(evaluate, model, sae, tokens, sequential, options)
+        return evaluate_sequential(evaluate, open_stream, model, sae, tokens, sequential, options)
     started = time.perf_counter()
     # --- plan: the options checked, the model's cut, one member per dictionary, the tokens ------------------
     scaling_law = as_scaling_law(scaling_law)
