@@ -65,7 +65,8 @@ INNER_RUN_WARNINGS = pytest.mark.filterwarnings("default::pytest_saecheck.errors
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "pytester" in getattr(item, "fixturenames", ()):
-            item.add_marker(INNER_RUN_WARNINGS, append=False)  # the test's own filterwarnings marks apply after
+            # first: the test's own filterwarnings marks are applied after it, and win
+            item.add_marker(INNER_RUN_WARNINGS, append=False)
     if config.getoption("--run-slow"):
         return
     slow = [item for item in items if item.get_closest_marker("slow") is not None]

@@ -420,7 +420,8 @@ def test_a_batchtopk_sae_whose_l0_contradicts_its_k_is_refused_naming_the_saving
     k = 8
     probe = _jumprelu_as_trained(0.0, k, "6.54.8")
     pre = (x - probe.b_dec) @ probe.W_enc + probe.b_enc
-    right = float(torch.quantile(pre.detach().flatten(), 1 - k / 64))  # keeps k of 64 latents per token on average
+    # keeps k of 64 latents per token on average
+    right = float(torch.quantile(pre.detach().flatten(), 1 - k / 64))
     good = pytest_saecheck.evaluate(model, _jumprelu_as_trained(right, k, "6.54.8"), tokens)
     assert good.metrics["l0"] == pytest.approx(k, rel=0.2)
     pytest_saecheck.assert_ce_recovery(good, metric="delta_ce", max_value=100.0)  # the control passes
