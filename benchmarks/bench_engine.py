@@ -1387,9 +1387,10 @@ SEQUENTIAL_SHAPE = {
 }
 """The sequential release's model (``--sequential``): twelve layers like GPT-2 small, small enough for a CPU."""
 
-SEQUENTIAL_FACTORS = (0.25, 4.0, 0.6, 1.6, 0.9, 1.1, 1.0, 0.5, 2.0, 0.8, 1.25, 3.0)
-"""Gate ``delta_ce ≤ factor × (the SAE's ΔCE at the ceiling)`` per SAE: far (0.25, 4), clear (0.5, 2, 3, 0.6, 1.6),
-near (0.8 to 1.25) and on the value (1.0): gates of mixed difficulty."""
+SEQUENTIAL_FACTORS = (-8.0, 8.0, -4.0, 4.0, -2.0, 2.0, 0.0, -6.0, 6.0, -1.0, 1.0, 3.0)
+"""Gate ``delta_ce ≤ ΔCE + factor × h`` per SAE, ``ΔCE`` and ``h`` (the half-width of its 95% interval) at the
+ceiling: far (±8, ±6), clear (±4, 3), near (±2, ±1) and on the value (0): gates of mixed difficulty measured in the
+noise of the estimate (a multiple of ΔCE itself means nothing for an SAE whose ΔCE is near 0)."""
 
 
 def measure_sequential(
@@ -1423,8 +1424,9 @@ def measure_sequential(
     sequential_s = 0.0
     for (name, sae), factor in zip(saes.items(), SEQUENTIAL_FACTORS, strict=True):
         value = fixed[name].metrics["delta_ce"]
-        threshold = factor * value
-        fixed_pass = fixed[name].confidence_interval("delta_ce", 0.95)[1] <= threshold
+        low, high = fixed[name].confidence_interval("delta_ce", 0.95)
+        threshold = value + factor * (high - low) / 2
+        fixed_pass = high <= threshold
         log(f"  sequential: {name}, delta_ce ≤ {threshold:.4g}")
         start = time.perf_counter()
         grown = evaluate(
@@ -1460,7 +1462,7 @@ def measure_sequential(
     lines = [
         "",
         f"Sequential gates: a 12-SAE release ({SEQUENTIAL_SHAPE}, TopK SAEs k=8, 4x), {n_sequences} sequences x "
-        f"{SEQUENTIAL_SHAPE['n_ctx']} (the ceiling), gate delta_ce ≤ factor x ΔCE at 95% confidence, device {device}",
+        f"{SEQUENTIAL_SHAPE['n_ctx']} (the ceiling), gate delta_ce ≤ ΔCE + factor x (its interval's half-width) at 95% confidence, device {device}",
         f"{'SAE':26s} {'factor':>6s} {'ΔCE':>9s} {'fixed':>5s} {'seq':>5s} {'look':>4s} {'tokens fixed':>12s} "
         f"{'tokens seq':>10s}  rule",
     ]
