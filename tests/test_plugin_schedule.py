@@ -68,7 +68,8 @@ def test_the_plan_prints_the_cost_models_passes_and_runs_nothing(pytester: pytes
         lines.append(
             f"  pass {number}/{len(groups)}: {len(group)} SAE* (peak about {peak:,.1f} MiB, *): {members}"
         )
-    lines.append("saecheck plan: 3 tests collected, 3 SAEs in 1 release(s)*No test was run.")
+    lines.append(f"saecheck plan: 3 tests, 3 SAEs of 1 release in {len(groups)} passes; estimated time *")
+    lines.append("saecheck plan: every other subject is a pass of its own. No test was run.")
     result.stdout.fnmatch_lines(lines)
     assert not (pytester.path / "model-loaded").exists() and not (pytester.path / "sae-loaded").exists()
 

@@ -24,7 +24,7 @@ import pytest
 from pytest_saecheck import extensions, hookspecs, records, running
 from pytest_saecheck.checks import baselines
 from pytest_saecheck.errors import ConfigError, SAECheckError
-from pytest_saecheck.plugin import profiles, xdist_groups
+from pytest_saecheck.plugin import profiles, rates, xdist_groups
 from pytest_saecheck.plugin import settings as settings_config
 from pytest_saecheck.plugin.fixtures import (
     CACHE_KEY,
@@ -84,6 +84,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.stash[rates.STARTED_KEY] = rates.run_started()  # a recorded run's wall time counts from there
     config.addinivalue_line("markers", MARKER_HELP)
     with running.activated(
         running.HookOnly(config.hook)
@@ -107,6 +108,10 @@ def pytest_configure(config: pytest.Config) -> None:
     set_quiet(config.get_verbosity() < 0)  # no progress bars under -q
 
 
+RECORD_KEY = pytest.StashKey[int]()
+"""Set at the end of a whole run (its test count): record this machine's rates at unconfigure."""
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     run = SAECheckSession.of(config)
     if run is not None:
@@ -114,6 +119,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         config.pluginmanager.unregister(run, SESSION_NAME)
     cache = config.stash.get(CACHE_KEY, None)
     if cache is not None:
+        n_tests = config.stash.get(RECORD_KEY, None)
+        if n_tests is not None:
+            rates.record(config, cache.clock, n_tests)
         cache.clear()
         del config.stash[CACHE_KEY]
 
@@ -170,26 +178,61 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     """With ``--saecheck-plan``: print every release's schedule (from configs; no weights, no model run) and run
     no test."""
     config = session.config
-    if not config.getoption("saecheck_plan", default=False):
+    planning = bool(config.getoption("saecheck_plan", default=False))
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    from pytest_saecheck.plugin.fixtures import session_cache
+
+    cache = session_cache(config)
+    if not planning:
+        # the start line: the schedule in one sentence, timed at this machine's recorded rate
+        if cache.release_plan and reporter is not None and config.get_verbosity() >= 0:
+            for line in _plan(config, session, calibrate=False, whole=False):
+                reporter.write_line(line)
         return None
+    for line in _plan(config, session, calibrate=True, whole=True):
+        if reporter is not None:
+            reporter.write_line(line)
+    return True
+
+
+def _plan(config: pytest.Config, session: pytest.Session, *, calibrate: bool, whole: bool) -> list[str]:
+    """The plan's lines (``whole``: every release and pass, else one summary line) and its time estimate from
+    this machine's recorded rates (``plugin.rates``), measuring a matrix-product rate when none is recorded and
+    ``calibrate`` is set. Keeps the recorded rate on the session cache for the first pass's estimate."""
     from pytest_saecheck.devices import auto_device
     from pytest_saecheck.plugin import schedule
     from pytest_saecheck.plugin.fixtures import session_cache
 
     cache = session_cache(config)
-    lines = schedule.plan_lines(
+    plan = schedule.plan_lines(
         cache.release_plan, lambda settings: settings.device or auto_device(), cache.max_evaluations // 2
     )
-    planned = sum(len(specs) for specs in cache.release_plan.values())
-    lines.append(
-        f"saecheck plan: {len(session.items)} tests collected, {planned} SAEs in {len(cache.release_plan)} "
-        "release(s); every other subject is a pass of its own. No test was run."
+    device = plan.product[4] if plan.product is not None else auto_device()
+    measured = rates.read(config, device)
+    cache.recorded_rate = measured.flops_per_second if measured is not None else None
+    if (measured is None or measured.flops_per_second is None) and calibrate and plan.product is not None:
+        rows, d_in, d_out, dtype, _ = plan.product
+        measured = rates.Rates(
+            flops_per_second=rates.calibrate(device, rows, d_in, d_out, dtype),
+            other_seconds=None,
+            n_tests=0,
+            recorded="now",
+            measured="calibrated",
+        )
+    estimate = (
+        rates.estimate_line(plan.flops, measured)
+        if measured is not None
+        else "unknown: no rate is recorded on this machine yet (each pass's line estimates from the passes before it)"
     )
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    for line in lines:
-        if reporter is not None:
-            reporter.write_line(line)
-    return True
+    releases = len(cache.release_plan)
+    summary = (
+        f"saecheck plan: {len(session.items)} tests, {plan.n_saes} SAEs of {releases} "
+        f"release{'s' if releases != 1 else ''} in {plan.n_passes} pass{'es' if plan.n_passes != 1 else ''}; "
+        f"estimated time {estimate}"
+    )
+    if not whole:
+        return [summary]
+    return [*plan.lines, summary, "saecheck plan: every other subject is a pass of its own. No test was run."]
 
 
 @pytest.hookimpl(wrapper=True)
@@ -260,8 +303,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Free the last model at the end of the run, before pytest prints its summary."""
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Mark a whole run (not ``--collect-only``, the plan, an interrupted or ``-x``-stopped run) for the record of
+    this machine's rates at unconfigure; free the last model, before pytest prints its summary."""
     cache = session.config.stash.get(CACHE_KEY, None)
-    if cache is not None:
-        cache.clear()
+    if cache is None:
+        return
+    config = session.config
+    whole = (
+        exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
+        and not session.shouldfail
+        and not session.shouldstop
+        and not config.getoption("collectonly", default=False)
+        and not config.getoption("saecheck_plan", default=False)
+    )
+    if whole:  # written at unconfigure, so that the summary and the report files count in the run's time
+        config.stash[RECORD_KEY] = len(session.items)
+    cache.clear()

@@ -562,10 +562,12 @@ class SAECheck(SAEUnderTest):
         n_sequences: int | None = None,
         progress: str | None = None,
         stream: bool = False,
+        planned: bool = False,
     ) -> Any:
         """The engine on these SAEs; on the first ``n_sequences`` sequences of the tokens when given; ``progress``
         (where the pass stands in its release) leads the line announcing the pass; with ``stream``, the
-        :class:`~pytest_saecheck.engine.run.Stream` that evaluates them on demand."""
+        :class:`~pytest_saecheck.engine.run.Stream` that evaluates them on demand. ``planned``: a pass of a release
+        the plan lists (its time is what the plan estimates; ``plugin.rates``)."""
         from pytest_saecheck.engine import evaluate
         from pytest_saecheck.engine.run import open_stream
 
@@ -601,7 +603,7 @@ class SAECheck(SAEUnderTest):
             backend=self.backend,
         )
         if cost is not None and not stream:  # a stream has not run yet: no rate to measure
-            self._cache.flops_per_second = cost.flops / max(time.perf_counter() - started, 1e-9)
+            self._cache.clock.add(cost.flops, time.perf_counter() - started, self.device, planned=planned)
         return result
 
     def _announce_pass(self, saes: list[Any], tokens: Any, progress: str | None = None) -> Any:
@@ -614,9 +616,8 @@ class SAECheck(SAEUnderTest):
         cost = cost_model.pass_cost(
             model_shape, sae_shapes, n_sequences * seq_len, seq_len, self.settings.batch_size
         )
-        line = cost_model.describe_pass(
-            cost, len(saes), n_sequences * seq_len, n_sequences, self._cache.flops_per_second, progress
-        )
+        rate = self._cache.clock.flops_per_second or self._cache.recorded_rate
+        line = cost_model.describe_pass(cost, len(saes), n_sequences * seq_len, n_sequences, rate, progress)
         self._say(line)
         return cost
 
@@ -650,14 +651,17 @@ class SAECheck(SAEUnderTest):
                 continue  # that SAE's own test reports the problem
         self._cache.pass_log.append(tuple(member.sae_spec for member in group))
         progress = self._release_progress(passes, members, len(group))
+        planned = bool(passes)
         if len(group) == 1:
-            return self._evaluate({self.sae_spec: self.sae}, progress=progress)
+            return self._evaluate({self.sae_spec: self.sae}, progress=progress, planned=planned)
         try:
             with warnings.catch_warnings():
                 # each SAE's warnings are shown under its own test (below, and when its test reads it); each
                 # SAE's weights are loaded here, when its pass starts (the session cache keeps the last few)
                 warnings.simplefilter("ignore", SAECheckWarning)
-                result = self._evaluate({member.sae_spec: member.sae for member in group}, progress=progress)
+                result = self._evaluate(
+                    {member.sae_spec: member.sae for member in group}, progress=progress, planned=planned
+                )
         except SAECheckError:
             # one SAE of the group cannot be evaluated: each SAE's own test reports its own problem
             return self._evaluate({self.sae_spec: self.sae})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -263,14 +264,28 @@ def select_shard(config: pytest.Config, items: list[pytest.Item], k: int, n: int
 # -- the plan -------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Plan:
+    """The schedule of a run's releases: its lines (one per release and one per pass), the passes' FLOPs summed
+    (the cost model's count), the number of passes and SAEs, and the shape of the matrix product that stands
+    for a pass when no rate is recorded (rows of a batch, the model's width, its MLP's width; dtype, device)."""
+
+    lines: list[str] = field(default_factory=list)
+    flops: float = 0.0
+    n_passes: int = 0
+    n_saes: int = 0
+    product: tuple[int, int, int, str, str] | None = None
+
+
 def plan_lines(
     release_plan: Mapping[Hashable, Sequence[str]], device: Callable[[SAECheckSettings], str], max_saes: int
-) -> list[str]:
+) -> Plan:
     """The schedule of every planned release (``SessionCache.release_plan``: settings without the SAE → specs),
     from configs only: one line per release and one per pass (SAEs, peak memory, FLOPs)."""
     from pytest_saecheck.engine.cost import memory_groups, pass_cost, too_big
 
-    lines = []
+    plan = Plan()
+    lines = plan.lines
     for key, specs in release_plan.items():
         settings: SAECheckSettings = key  # type: ignore[assignment]  # release_group_key: settings less the SAE
         first = specs[0]
@@ -316,9 +331,21 @@ def plan_lines(
                 max_saes,
             )
         where = "no budget figure" if budget is None else f"budget {budget / 2**20:,.0f} MiB"
+        plan.n_passes += len(groups)
+        plan.n_saes += sum(map(len, groups))
+        if plan.product is None:
+            dtype = str(settings.dtype or "float32").removeprefix("torch.")
+            plan.product = (
+                settings.batch_size * seq_len,
+                model.d_model,
+                model.d_mlp,
+                dtype,
+                device(settings),
+            )
         lines.append(f"{head}: {len(groups)} pass{'es' if len(groups) != 1 else ''} ({where})")
         for number, group in enumerate(groups, 1):
             cost = pass_cost(model, [shapes[i] for i in group], n_tokens, seq_len, settings.batch_size)
+            plan.flops += cost.flops
             names = ", ".join(short_id(fitting[i]) for i in group)
             lines.append(
                 f"  pass {number}/{len(groups)}: {len(group)} SAE{'s' if len(group) != 1 else ''} "
@@ -331,4 +358,4 @@ def plan_lines(
                 f"  {len(unknown)} SAE{'s' if len(unknown) != 1 else ''} without a config readable before loading "
                 f"(grouped when loaded): {', '.join(short_id(spec) for spec in unknown)}"
             )
-    return lines
+    return plan

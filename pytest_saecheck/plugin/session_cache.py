@@ -16,6 +16,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 from pytest_saecheck.errors import SAECheckError
+from pytest_saecheck.plugin.rates import PassClock
 
 T = TypeVar("T")
 
@@ -68,8 +69,11 @@ class SessionCache:
         self._derived: OrderedDict[Hashable, Any] = OrderedDict()
         # warnings of SAEs evaluated in another SAE's release pass, shown when their own test reads them
         self.pending_warnings: dict[Hashable, list[str]] = {}
-        # the rate of the last pass (engine.cost FLOPs per second), for the time estimate of the next one
-        self.flops_per_second: float | None = None
+        # this run's passes (FLOPs, seconds), for the time estimate of the next pass and the record of this
+        # machine's rates (plugin.rates); ``recorded_rate`` is the rate an earlier run recorded, used before the
+        # first pass
+        self.clock = PassClock()
+        self.recorded_rate: float | None = None
         self._failures: dict[Hashable, tuple[type[SAECheckError], str]] = {}
         # how each model key was loaded (loader and kwargs), for the evaluation records; small, kept all run
         self.model_loads: dict[Hashable, Any] = {}
