@@ -115,3 +115,25 @@ def test_the_default_method_is_bca():
     from pytest_saecheck import stats
 
     assert stats.bootstrap_intervals.__kwdefaults__["method"] == BCA
+
+
+def test_the_resampling_weights_stay_within_their_memory_bound():
+    """The [resamples, sequences] weights are drawn in chunks of at most ``_WEIGHTS_BYTES`` (int64 draws and their
+    float64 copy): the bootstrap's peak beyond its inputs is that bound, however many sequences, and one chunk's
+    weights are freed before the next is drawn."""
+    import tracemalloc
+
+    from pytest_saecheck.stats import _WEIGHTS_BYTES, bootstrap_intervals
+
+    rng = np.random.default_rng(3)
+    for n_sequences in (4096, 8192):
+        per_sequence = {"x": rng.normal(size=n_sequences), "n": np.ones(n_sequences)}
+        tracemalloc.start()
+        try:
+            found = bootstrap_intervals(per_sequence, lambda s: {"mean": s["x"] / s["n"]}, level=0.95)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        low, high = found["mean"]
+        assert low < high
+        assert _WEIGHTS_BYTES * 0.9 < peak < _WEIGHTS_BYTES + 2 * 2**20, (n_sequences, peak / 2**20)
