@@ -207,7 +207,7 @@ def test_plain_n_keeps_each_sae_on_one_worker_and_splits_a_lone_release_over_the
     release_pytester: pytest.Pytester, release_group_mib: int, dist: tuple[str, ...]
 ) -> None:
     """With plain ``-n 2`` (and ``--dist loadgroup``), each SAE is evaluated once per session: its tests share a
-    worker; a release that is the run's only group is cut into one chunk per worker, each chunk one pass, so both
+    worker; a release that is the run's only group is cut in two by the cost model, each chunk one pass, so both
     workers evaluate SAEs."""
     pytest.importorskip("xdist")
     release_pytester.makepyfile(PLACED.format(extra=f", release_group_mib={release_group_mib}"))

@@ -519,7 +519,10 @@ class Collector:
             )
         test = self.tests.setdefault(nodeid, _Test(nodeid))
         test.phases.append(phase)
-        worker = getattr(report, "worker_id", None)  # set by pytest-xdist on the reports its workers send
+        # set by pytest-xdist on the reports its workers send; its report of a crashed worker names the node only
+        worker = getattr(report, "worker_id", None) or getattr(
+            getattr(getattr(report, "node", None), "gateway", None), "id", None
+        )
         if isinstance(worker, str):
             test.worker = worker
 
