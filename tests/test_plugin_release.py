@@ -446,7 +446,7 @@ def test_a_release_of_thirty_saes_keeps_both_workers_busy_with_the_numbers_of_on
 ) -> None:
     """Under ``-n 2``, a one-group release of 30 SAEs (alone, or beside a small group of another SAE) is cut as
     the cost model balances two workers: each worker's test count in the JSON is its chunks' (and the other
-    group's), each SAE's tests share a worker, and the document equals a single process's (one pass of 30)."""
+    group's), each SAE's tests share a worker, and the document equals a single process's."""
     pytest.importorskip("xdist")
     from pytest_saecheck.report.schema import comparable
 
@@ -461,7 +461,7 @@ def test_a_release_of_thirty_saes_keeps_both_workers_busy_with_the_numbers_of_on
     one, two = (
         json.loads((thirty_pytester.path / name).read_text()) for name in ("serial.json", "parallel.json")
     )
-    assert comparable(one) == comparable(two)  # every number as in one process, where the release is one pass
+    assert comparable(one) == comparable(two)  # every number as in one process (passes cut otherwise)
     assert all("worker" not in test for test in one["tests"])
     workers = {test["id"]: test["worker"] for test in two["tests"]}
     per_worker: dict[str, int] = {}
