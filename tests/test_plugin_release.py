@@ -207,7 +207,7 @@ def test_plain_n_keeps_each_sae_on_one_worker_and_splits_a_lone_release_over_the
     release_pytester: pytest.Pytester, release_group_mib: int, dist: tuple[str, ...]
 ) -> None:
     """With plain ``-n 2`` (and ``--dist loadgroup``), each SAE is evaluated once per session: its tests share a
-    worker; a release that is the run's only group is cut into one chunk per worker, each chunk one pass, so both
+    worker; a release that is the run's only group is cut in two by the cost model, each chunk one pass, so both
     workers evaluate SAEs."""
     pytest.importorskip("xdist")
     release_pytester.makepyfile(PLACED.format(extra=f", release_group_mib={release_group_mib}"))
@@ -377,3 +377,101 @@ def test_one_sae_too_big_for_the_budget_is_refused_with_the_numbers(many_pyteste
     result.stdout.fnmatch_lines(
         ["*ConfigError: the SAE '*sae00' needs 1 MiB in a pass of its own*budget of 1 MiB*"]
     )
+
+
+THIRTY = """
+    import pytest
+    from pytest_saecheck import saecheck_param
+
+    pytestmark = pytest.mark.saecheck(model="tiny", tokens="tokens.npy", n_tokens=160)
+
+    @pytest.mark.parametrize("sae", [saecheck_param(f"thirty/sae{{i:02d}}") for i in range(30)])
+    @pytest.mark.parametrize("n", range(2))
+    def test_each(saecheck, sae, n):
+        saecheck.evaluation
+{other}
+"""
+
+OTHER = """
+    @pytest.mark.saecheck(sae="sae_identity", n_tokens=320)
+    @pytest.mark.parametrize("n", range(3))
+    def test_other(saecheck, n):
+        saecheck.evaluation
+"""
+
+TINY_SHAPE = {"n_layers": 2, "d_model": 32, "d_mlp": 64, "d_vocab": 61}
+"""The "tiny" model's config (``factories.make_model``'s defaults), given to the plan as a plug-in would."""
+
+
+@pytest.fixture
+def thirty_pytester(tiny_pytester: pytest.Pytester) -> pytest.Pytester:
+    from conftest import TINY_CONFTEST
+    from factories import HOOK, random_sae, with_plugin_metadata
+
+    tiny_pytester.makeconftest(
+        TINY_CONFTEST
+        + f"""
+def pytest_saecheck_model_config(spec):
+    return {TINY_SHAPE!r} if spec.startswith("tiny") else None
+"""
+    )
+    for seed in range(30):
+        sae = with_plugin_metadata(random_sae(HOOK, d_sae=64, seed=seed))
+        sae.save_model(tiny_pytester.path / "thirty" / f"sae{seed:02d}")
+    return tiny_pytester
+
+
+def _expected_chunks(with_other: bool) -> list[int]:
+    """The SAEs per chunk the cost model cuts the 30-SAE release into (beside ``OTHER``'s group on two workers),
+    from the shapes written out by hand."""
+    from pytest_saecheck.engine.cost import ModelShape, SAEShape, pass_cost
+    from pytest_saecheck.plugin.schedule import GroupCost, chunk_costs, chunk_counts
+
+    model = ModelShape(**TINY_SHAPE)
+    sae = SAEShape(d_in=32, d_sae=64, layer=1)  # blocks.1.hook_resid_pre
+    release = pass_cost(model, [sae] * 30, 160, 16, 16)
+    groups = [GroupCost(release.flops_shared, release.flops_per_sae)]
+    if with_other:
+        other = pass_cost(model, [SAEShape(d_in=32, d_sae=64, layer=1)], 320, 16, 16)
+        groups.append(GroupCost(other.flops_shared, other.flops_per_sae, splittable=False))
+    [count, *_] = chunk_counts(groups, workers=2)
+    chunks = chunk_costs(groups[0], count)[0]
+    return [chunks.count(chunk) for chunk in sorted(set(chunks))]
+
+
+@pytest.mark.slow  # two xdist workers, each importing torch, TransformerLens and SAE Lens
+@pytest.mark.parametrize("with_other", [False, True], ids=["alone", "beside-another-group"])
+def test_a_release_of_thirty_saes_keeps_both_workers_busy_with_the_numbers_of_one_process(
+    thirty_pytester: pytest.Pytester, with_other: bool
+) -> None:
+    """Under ``-n 2``, a one-group release of 30 SAEs (alone, or beside a small group of another SAE) is cut as
+    the cost model balances two workers: each worker's test count in the JSON is its chunks' (and the other
+    group's), each SAE's tests share a worker, and the document equals a single process's."""
+    pytest.importorskip("xdist")
+    from pytest_saecheck.report.schema import comparable
+
+    thirty_pytester.makepyfile(THIRTY.format(other=OTHER if with_other else ""))
+    n_tests = 60 + (3 if with_other else 0)
+    serial = thirty_pytester.runpytest_inprocess("-p", "no:cacheprovider", "--saecheck-json", "serial.json")
+    serial.assert_outcomes(passed=n_tests)
+    parallel = thirty_pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "-n", "2", "--saecheck-json", "parallel.json"
+    )
+    parallel.assert_outcomes(passed=n_tests)
+    one, two = (
+        json.loads((thirty_pytester.path / name).read_text()) for name in ("serial.json", "parallel.json")
+    )
+    assert comparable(one) == comparable(two)  # every number as in one process (passes cut otherwise)
+    assert all("worker" not in test for test in one["tests"])
+    workers = {test["id"]: test["worker"] for test in two["tests"]}
+    per_worker: dict[str, int] = {}
+    for worker in workers.values():
+        per_worker[worker] = per_worker.get(worker, 0) + 1
+    chunks = _expected_chunks(with_other)
+    assert chunks == [15, 15]  # the cost model's balance for equal SAEs (checked here, then in the run)
+    tests = [2 * size for size in chunks]  # two tests per SAE; the other group's 3 go to either worker
+    expected = [sorted([tests[0] + 3, tests[1]]), sorted([tests[0], tests[1] + 3])] if with_other else [tests]
+    assert sorted(per_worker.values()) in expected, per_worker
+    assert min(per_worker.values()) >= n_tests / 3
+    for entry in two["saes"]:  # each SAE's tests on one worker
+        assert len({workers[test] for test in entry["tests"]}) == 1, entry["label"]

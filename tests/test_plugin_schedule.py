@@ -215,12 +215,71 @@ def test_two_shards_merged_equal_one_run(sharded_pytester: pytest.Pytester) -> N
     assert both["run"]["shards"] == 2
 
 
-def test_a_release_is_cut_per_worker_only_when_workers_would_idle() -> None:
+def test_a_lone_release_is_cut_into_contiguous_halves_for_two_workers() -> None:
+    """Uniform weights (no config readable): 30 SAEs of one release, alone, give two contiguous halves of the
+    sorted SAEs; one worker cuts nothing."""
     from pytest_saecheck.plugin.schedule import worker_chunks
+    from pytest_saecheck.plugin.settings import SAECheckSettings
 
-    members = [("release", f"sae{i:02d}") for i in range(30)] + [("other", "x"), ("other", "y")]
-    chunks = worker_chunks(reversed(members), n_groups=1, workers=2)
-    assert [chunks[("release", f"sae{i:02d}")] for i in range(30)] == [0] * 15 + [1] * 15  # contiguous halves
-    assert {chunks[("other", "x")], chunks[("other", "y")]} == {0, 1}
-    assert worker_chunks(members, n_groups=2, workers=2) == {}  # two groups already keep two workers busy
-    assert worker_chunks(members, n_groups=1, workers=1) == {}
+    key = SAECheckSettings(model="tiny")  # no config known for it or the SAEs: every SAE weighs 1
+    specs = [f"sae{i:02d}" for i in reversed(range(30))]
+    chunks = worker_chunks({key: specs}, [], workers=2)
+    assert [chunks[(key, f"sae{i:02d}")] for i in range(30)] == [0] * 15 + [1] * 15
+    assert worker_chunks({key: specs}, [], workers=1) == {}
+
+
+def _loads(groups, counts, workers):
+    from pytest_saecheck.plugin.schedule import chunk_costs, makespan
+
+    units = [unit for group, k in zip(groups, counts, strict=True) for unit in chunk_costs(group, k)[1]]
+    return makespan(units, workers), sum(units)
+
+
+def test_the_balancer_cuts_only_what_shortens_the_busiest_worker() -> None:
+    from pytest_saecheck.plugin.schedule import GroupCost, chunk_counts
+
+    release = GroupCost(shared=1.0, per_sae=(1.0,) * 30)
+    other = GroupCost(shared=1.0, per_sae=(1.0,), splittable=False)
+    # a big release beside a small group: cut in two, each chunk paying its own forward (16 + 2 against 16)
+    assert chunk_counts([release, other], workers=2) == [2, 1]
+    assert _loads([release, other], [2, 1], 2) == (18.0, 34.0)
+    # two equal groups on two workers balance already: nothing is cut
+    assert chunk_counts([release, release], workers=2) == [1, 1]
+    # a group kept whole by the caller (not a release) is never cut, however big
+    assert chunk_counts([GroupCost(1.0, (1.0,) * 30, splittable=False), other], workers=2) == [1, 1]
+    # three equal releases on two workers: cutting one in two gives 2 + 3·10 split 22 / 21 (better than 22 / 11)
+    ten = GroupCost(shared=1.0, per_sae=(1.0,) * 10)
+    counts = chunk_counts([ten, ten, ten], workers=2)
+    assert sorted(counts) == [1, 1, 2] and _loads([ten, ten, ten], counts, 2)[0] == 17.0
+    assert chunk_counts([release, other], workers=1) == [1, 1]
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4, 8])
+def test_the_balancer_never_loads_the_busiest_worker_more_than_whole_groups_do(workers: int) -> None:
+    """Random releases and groups (deterministic seeds): the busiest worker's load is at most that of whole groups
+    and at most the ideal share plus the largest unit; the counts are the same for the groups in any order."""
+    import random
+
+    from pytest_saecheck.plugin.schedule import GroupCost, chunk_costs, chunk_counts
+
+    for seed in range(40):
+        rng = random.Random(seed)
+        groups = [
+            GroupCost(
+                shared=rng.uniform(0.5, 3.0),
+                per_sae=tuple(rng.uniform(0.2, 2.0) for _ in range(rng.randint(1, 40))),
+                splittable=rng.random() < 0.7,
+            )
+            for _ in range(rng.randint(1, 6))
+        ]
+        counts = chunk_counts(groups, workers)
+        span, total = _loads(groups, counts, workers)
+        whole, _ = _loads(groups, [1] * len(groups), workers)
+        assert span <= whole * (1 + 1e-9), (seed, counts)
+        units = [unit for group, k in zip(groups, counts, strict=True) for unit in chunk_costs(group, k)[1]]
+        assert span <= total / workers + max(units) + 1e-9, (seed, counts)  # list scheduling's bound
+        for group, k in zip(groups, counts, strict=True):
+            assert k == 1 or group.splittable
+            chunks = chunk_costs(group, k)[0]
+            assert chunks == sorted(chunks)  # contiguous runs of the group's SAEs
+        assert chunk_counts(groups, workers) == counts  # deterministic

@@ -262,6 +262,7 @@ def test_a_crashed_worker_loses_only_its_unfinished_test(pytester: pytest.Pytest
     assert outcomes == {f"test_fine.py::test_{n}": "passed" for n in range(4)}
     crash = next(test for test in document["tests"] if test["id"] == "test_crash.py::test_crash")
     assert "crashed" in (crash["message"] or "")
+    assert {test["worker"] for test in document["tests"]} <= {"gw0", "gw1"}  # the crash too names its worker
     json.dumps(document)
     assert Path(tiny_pytester.path / "r.json").stat().st_size > 0
 
@@ -317,7 +318,7 @@ def test_xdist_keeps_each_saes_tests_on_one_worker(tiny_pytester: pytest.Pyteste
         sae, worker = path.read_text().split()
         workers.setdefault(sae, set()).add(worker)
     # one worker per SAE; the two share every other setting, so they are one release group, and a run that is one
-    # release is cut into one chunk per worker: both workers busy, each SAE on one of them
+    # release is cut to balance the workers: both workers busy, each SAE on one of them
     assert {sae: len(used) for sae, used in workers.items()} == {"sae_identity": 1, "sae_random": 1}, workers
     assert len(set.union(*workers.values())) == 2, workers
     # the report names the tests as a serial run does (xdist's @group suffix removed)

@@ -207,36 +207,134 @@ def shard_indices(weights: Sequence[float], n: int) -> list[int]:
     return shards
 
 
+@dataclass(frozen=True)
+class GroupCost:
+    """One xdist group's work in the cost model's units: ``shared`` (the pass's original forward, paid once per
+    pass, so once per chunk when the group is cut) and ``per_sae`` (each SAE's share, in the group's order);
+    ``splittable``: a release group, which may be cut into chunks of its SAEs (any other group stays whole)."""
+
+    shared: float
+    per_sae: tuple[float, ...]
+    splittable: bool = True
+
+
+def chunk_costs(group: GroupCost, k: int) -> tuple[list[int], list[float]]:
+    """``group`` cut into ``k`` contiguous chunks balanced by its SAEs' costs (:func:`shard_indices`): the chunk of
+    each SAE and the cost of each chunk that holds any (its SAEs' costs plus its own ``shared`` forward)."""
+    chunks = shard_indices(group.per_sae, k) if k > 1 else [0] * len(group.per_sae)
+    sums: dict[int, float] = {}
+    for chunk, cost in zip(chunks, group.per_sae, strict=True):
+        sums[chunk] = sums.get(chunk, 0.0) + cost
+    return chunks, [group.shared + sums[chunk] for chunk in sorted(sums)] or [group.shared]
+
+
+def makespan(units: Iterable[float], workers: int) -> float:
+    """The busiest worker's load when ``units`` of work go, largest first, each to the worker that is least
+    loaded: the greedy list scheduling that pytest-xdist's scope scheduler approximates (it hands the next unit,
+    largest first by tests, to the worker that runs out of work)."""
+    loads = [0.0] * workers
+    for unit in sorted(units, reverse=True):
+        least = min(range(workers), key=loads.__getitem__)
+        loads[least] += unit
+    return max(loads)
+
+
+def chunk_counts(groups: Sequence[GroupCost], workers: int) -> list[int]:
+    """How many chunks each group is cut into so that ``workers`` are loaded evenly, by the cost model.
+
+    Every group starts whole; each splittable group in turn takes the count (1 to ``min(SAEs, 2·workers)``) that
+    lowers the :func:`makespan` of all units most, the others held, until no group changes. A cut pays its
+    ``shared`` forward once more per chunk, so a group is cut only where that shortens the busiest worker's
+    load (by more than one part in 10⁹); among equal loads the fewest chunks win, so groups that already balance
+    the workers stay whole. Deterministic: every worker computes the same counts from the same collection.
+    """
+    counts = [1] * len(groups)
+    if workers < 2:
+        return counts
+    units = [chunk_costs(group, 1)[1] for group in groups]
+    scale = makespan((unit for chunks in units for unit in chunks), workers) or 1.0
+
+    def score(trial: list[list[float]]) -> tuple[int, int]:
+        span = makespan((unit for chunks in trial for unit in chunks), workers)
+        return round(span / scale * 1e9), sum(len(chunks) for chunks in trial)
+
+    best = score(units)
+    changed = True
+    while changed:  # every change lowers the (load, chunks) score, of which there are finitely many
+        changed = False
+        for index, group in enumerate(groups):
+            if not group.splittable or len(group.per_sae) < 2:
+                continue
+            for k in range(1, min(len(group.per_sae), 2 * workers) + 1):
+                trial = [*units[:index], chunk_costs(group, k)[1], *units[index + 1 :]]
+                found = score(trial)
+                if found < best:
+                    best, units[index], counts[index], changed = found, trial[index], k, True
+    return counts
+
+
+def pass_flops(settings: SAECheckSettings, specs: Sequence[str]) -> tuple[float, list[float]] | None:
+    """One pass of ``specs`` under ``settings`` in the cost model's FLOPs (:func:`~pytest_saecheck.engine.cost.
+    pass_cost`, from configs): the shared forward and each SAE's share; None when the model's or an SAE's config
+    cannot be read without loading."""
+    from pytest_saecheck.engine.cost import pass_cost
+
+    if not specs:
+        return None
+    model = model_config_shape(release_model_spec(settings, specs[0]), settings.dtype)
+    if model is None:
+        return None
+    shapes = [sae_config_shape(spec, model, settings.dtype) for spec in specs]
+    known = [shape for shape in shapes if shape is not None]
+    if len(known) < len(shapes):
+        return None
+    seq_len = context_size_of(settings, specs[0])
+    cost = pass_cost(model, known, settings.n_tokens, seq_len, settings.batch_size)
+    return cost.flops_shared, list(cost.flops_per_sae)
+
+
 def worker_chunks(
-    members: Iterable[tuple[Hashable, str]], n_groups: int, workers: int
+    releases: Mapping[Hashable, Iterable[str]],
+    others: Sequence[tuple[SAECheckSettings, Sequence[str]]],
+    workers: int,
 ) -> dict[tuple[Hashable, str], int]:
-    """Under pytest-xdist with more workers than saecheck groups: each release (``(release key, SAE spec)``
-    pairs) cut into ``workers`` contiguous chunks of its sorted SAEs, the chunk of each pair; ``{}`` when the
-    groups already keep every worker busy. Every worker computes the same chunks from the same collection."""
-    if workers < 2 or n_groups >= workers:
+    """Under pytest-xdist: the chunk of each ``(release key, SAE spec)`` of the releases the cost model cuts
+    (:func:`chunk_counts`; a release is cut into contiguous chunks of its sorted SAEs), ``{}`` when none is cut.
+
+    ``releases``: each release group's key (its settings, less the SAE) and SAE specs; ``others``: every other
+    xdist group, as the settings and SAE specs of its pass, kept whole. Costs come from
+    :func:`pass_flops`; when any group's cannot be read from configs, every SAE weighs 1 and a pass's shared
+    forward 0 (as :func:`select_shard` weighs them). Every worker computes the same chunks from the same
+    collection.
+    """
+    if workers < 2:
         return {}
-    releases: dict[Hashable, set[str]] = {}
-    for key, spec in members:
-        releases.setdefault(key, set()).add(spec)
+    ordered = {key: sorted(set(specs)) for key, specs in releases.items()}
+    read: list[tuple[float, list[float]] | None] = [
+        pass_flops(key, specs)  # type: ignore[arg-type]  # release_group_key: the settings less the SAE
+        for key, specs in ordered.items()
+    ] + [pass_flops(settings, specs) for settings, specs in others]
+    sizes = [len(specs) for specs in ordered.values()] + [len(specs) for _, specs in others]
+    if None in read:
+        read = [(0.0, [1.0] * size) for size in sizes]
+    groups = [
+        GroupCost(shared, tuple(per_sae), splittable=index < len(ordered))
+        for index, (shared, per_sae) in enumerate(cost for cost in read if cost is not None)
+    ]
     chunks: dict[tuple[Hashable, str], int] = {}
-    for key, specs in releases.items():
-        ordered = sorted(specs)
-        for spec, chunk in zip(ordered, shard_indices([1.0] * len(ordered), workers), strict=True):
-            chunks[(key, spec)] = chunk
+    for (key, specs), group, count in zip(
+        ordered.items(), groups, chunk_counts(groups, workers), strict=False
+    ):
+        if count > 1:
+            chunks.update(zip(((key, spec) for spec in specs), chunk_costs(group, count)[0], strict=True))
     return chunks
 
 
 def sae_unit_cost(settings: SAECheckSettings, spec: str) -> float | None:
     """A shard's weight of one SAE: the cost model's FLOPs of its share of a pass, from configs; None when its
     model's or its own config cannot be read without loading."""
-    from pytest_saecheck.engine.cost import pass_cost
-
-    model = model_config_shape(release_model_spec(settings, spec), settings.dtype)
-    shape = sae_config_shape(spec, model, settings.dtype) if model is not None else None
-    if model is None or shape is None:
-        return None
-    seq_len = context_size_of(settings, spec)
-    return pass_cost(model, [shape], settings.n_tokens, seq_len, settings.batch_size).flops_per_sae[0]
+    found = pass_flops(settings, [spec])
+    return None if found is None else found[1][0]
 
 
 def select_shard(config: pytest.Config, items: list[pytest.Item], k: int, n: int) -> None:

@@ -83,7 +83,7 @@ class SessionCache:
         self.loads: dict[str, int] = {"model": 0, "sae": 0, "tokens": 0, "evaluation": 0, "pass": 0}
         # SAE specs that share every other setting, planned at collection (fixtures.plan_release_groups)
         self.release_plan: dict[Hashable, list[str]] = {}
-        # under pytest-xdist, each release's SAEs cut into one chunk per worker: (release key, spec) -> chunk
+        # under pytest-xdist, the releases the cost model cuts to balance the workers: (release key, spec) -> chunk
         self.release_chunks: dict[tuple[Hashable, str], int] = {}
         # each release's passes (specs), sized by memory when its first SAE is evaluated (fixtures._release_passes)
         self.release_passes: dict[Hashable, list[tuple[str, ...]]] = {}

@@ -92,15 +92,17 @@ def group_name(settings: settings_config.SAECheckSettings) -> str:
 def sae_groups(config: pytest.Config, items: list[pytest.Item]) -> dict[pytest.Item, str]:
     """The xdist group of every test that uses an SAE fixture and has an SAE (not one the user grouped).
 
-    With more workers than groups, each release group is cut into one chunk per worker
-    (:func:`pytest_saecheck.plugin.schedule.worker_chunks`), so that a one-group release keeps every worker busy;
-    the chunks are kept in the session cache, and each worker's release passes stay within its chunk.
+    Release groups that would leave workers unevenly loaded (one release alone, or one far bigger than the
+    others) are cut into chunks by the cost model (:func:`pytest_saecheck.plugin.schedule.worker_chunks`), each
+    chunk a group of its own; the chunks are kept in the session cache, and each worker's release passes stay
+    within its chunk.
     """
     from pytest_saecheck.plugin import schedule
     from pytest_saecheck.plugin.fixtures import session_cache
 
     groups = {}
     members: dict[pytest.Item, tuple[Any, str]] = {}
+    others: dict[str, tuple[settings_config.SAECheckSettings, list[str]]] = {}
     for item in items:
         if item.get_closest_marker("xdist_group") is not None:
             continue  # the user grouped it
@@ -114,8 +116,14 @@ def sae_groups(config: pytest.Config, items: list[pytest.Item]) -> dict[pytest.I
             groups[item] = group_name(settings)
             if "-release-" in groups[item] and isinstance(settings.sae, str):
                 members[item] = (release_group_key(settings), settings.sae)
+            else:
+                specs = [settings.sae] if isinstance(settings.sae, str) else list(settings.sae)
+                others.setdefault(groups[item], (settings, specs))
+    releases: dict[Any, list[str]] = {}
+    for key, spec in sorted(members.values(), key=repr):  # in an order independent of the collection's
+        releases.setdefault(key, []).append(spec)
     workers = int((getattr(config, "workerinput", None) or {}).get("workercount", 1))
-    chunks = schedule.worker_chunks(members.values(), len(set(groups.values())), workers)
+    chunks = schedule.worker_chunks(releases, [others[name] for name in sorted(others)], workers)
     session_cache(config).release_chunks = chunks
     for item, member in members.items():
         if member in chunks:

@@ -461,6 +461,7 @@ class _Phase:
 class _Test:
     nodeid: str
     phases: list[_Phase] = field(default_factory=list)
+    worker: str | None = None
 
 
 def _value(outcome: Outcome | None) -> str | None:
@@ -516,7 +517,14 @@ class Collector:
                 _short_message(report) if outcome != "passed" else None,
                 records,
             )
-        self.tests.setdefault(nodeid, _Test(nodeid)).phases.append(phase)
+        test = self.tests.setdefault(nodeid, _Test(nodeid))
+        test.phases.append(phase)
+        # set by pytest-xdist on the reports its workers send; its report of a crashed worker names the node only
+        worker = getattr(report, "worker_id", None) or getattr(
+            getattr(getattr(report, "node", None), "gateway", None), "id", None
+        )
+        if isinstance(worker, str):
+            test.worker = worker
 
     def document(
         self,
@@ -528,7 +536,8 @@ class Collector:
         """The run's document: its SAEs, tests and unattached assertions, in canonical order (see the module)."""
         assembly = _Assembly()
         for nodeid in sorted(self.tests):
-            assembly.add_test(nodeid, sorted(self.tests[nodeid].phases, key=lambda p: _PHASES.get(p.when, 3)))
+            test = self.tests[nodeid]
+            assembly.add_test(nodeid, sorted(test.phases, key=lambda p: _PHASES.get(p.when, 3)), test.worker)
         assembly.attach_pending()
         document = {
             "schema": SCHEMA_ID,
@@ -573,8 +582,9 @@ class _Assembly:
     tests: list[dict[str, Any]] = field(default_factory=list)
     unattached: list[dict[str, Any]] = field(default_factory=list)
 
-    def add_test(self, nodeid: str, phases: list[_Phase]) -> None:
-        """One test's records (in phase order) and, when it finished, its result."""
+    def add_test(self, nodeid: str, phases: list[_Phase], worker: str | None = None) -> None:
+        """One test's records (in phase order) and, when it finished, its result (``worker``: the pytest-xdist
+        worker that ran it)."""
         current: dict[str, str] = {}  # label -> SAE id, within this test
         subjects: dict[str, tuple[dict[str, Any], Record]] = {}
         used: set[str] = set()
@@ -594,7 +604,7 @@ class _Assembly:
         self.pending += [
             (nodeid, *value) for coarse_id, value in subjects.items() if coarse_id not in coarse_used
         ]
-        self._result(nodeid, phases, used)
+        self._result(nodeid, phases, used, worker)
 
     def _entry(self, sae_id: str, identity: Mapping[str, Any], record: Record, coarse_id: str) -> None:
         if sae_id not in self.saes:
@@ -632,7 +642,7 @@ class _Assembly:
             sae["baseline"] = merge_baseline(sae.get("baseline"), baseline_entry(record.baseline))
         return sae_id
 
-    def _result(self, nodeid: str, phases: list[_Phase], used: set[str]) -> None:
+    def _result(self, nodeid: str, phases: list[_Phase], used: set[str], worker: str | None) -> None:
         outcome = combine_outcomes(phase.outcome for phase in phases if phase.outcome is not None)
         if outcome is None:  # unfinished (interrupted): its records count, it has no result
             return
@@ -644,6 +654,7 @@ class _Assembly:
                 "duration_s": round(sum(phase.duration for phase in phases), 6),
                 "saes": sorted(used),
                 "message": messages[0] if messages else None,
+                **({"worker": worker} if worker is not None else {}),  # only in runs with xdist workers
             }
         )
         for sae_id in used:

@@ -52,7 +52,7 @@ STATUSES = ("failed", "error", "passed", "skipped", "not run")
 TIMING_FIELDS = {
     "": ("created",),
     "run": ("id", "merged_from", "started", "finished", "duration_s", "workers", "shards"),
-    "tests[]": ("duration_s",),
+    "tests[]": ("duration_s", "worker"),
     "saes[]": ("evaluation_duration_s",),
 }
 
@@ -299,6 +299,7 @@ JSON_SCHEMA: dict[str, Any] = {
                     "duration_s": _NUMBER,
                     "saes": {"type": "array", "items": {"type": "string"}},
                     "message": _STRING_OR_NULL,
+                    "worker": {"type": "string"},
                 },
             },
         },
