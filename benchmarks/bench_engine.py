@@ -10,7 +10,13 @@ Usage::
     python benchmarks/bench_engine.py --configs hf,replacement   # configurations 5 and 6
 
 Configuration 5 (``hf``) is configuration 1's model and SAE on the Hugging Face backend (a transformers
-``GPT2LMHeadModel``) against its own bound and floor in plain transformers calls. Configuration 6 (``replacement``)
+``GPT2LMHeadModel``, the SAE at the module path ``transformer.h.5``, its output) against its bound and floor in plain
+transformers calls and against SAE Lens' own evaluation on its Hugging Face path: ``run_evals`` with the same
+``EvalConfig`` on the same batches, the SAME model object wrapped in ``sae_lens.load_model.HookedProxyLM`` (hook point
+at the module path only; its hook is removed after each anchor run, so ours, floor and bound time the bare model). The
+metrics both define are compared and MSE, L1, the CEs and ``ce_loss_score`` recomputed in float64 with plain torch
+forward hooks; where ``run_evals`` fails on ``HookedProxyLM``, the output names the exception instead of a time.
+Configuration 6 (``replacement``)
 is a cross-layer transcoder's replacement model (every MLP replaced at once, ``evaluate_replacement``) against the
 exact bound (the original pass and one replaced pass in plain ``run_with_hooks``, nothing scored) and a forward
 pass; SAE Lens cannot evaluate a CLT, so the bound is its anchor. Its CLT is also streamed under a quarter of its
@@ -78,7 +84,8 @@ REPLACEMENT_KEY = "6"
 CONFIG_KEYS = ("1", "2", "3", RELEASE_KEY, HF_KEY, REPLACEMENT_KEY)
 CONFIG_ALIASES = {"release": RELEASE_KEY, "hf": HF_KEY, "replacement": REPLACEMENT_KEY}
 OWN_MEASURES = (HF_KEY, REPLACEMENT_KEY)
-"""Configurations measured by their own function (no SAE Lens anchor: a bound of plain calls instead)."""
+"""Configurations measured by their own function (a model that is not a ``HookedTransformer``, or no SAE Lens
+anchor at all: configuration 6's anchor is its bound)."""
 HF_HOOK = "transformer.h.5"
 """Configuration 5's point: the output of GPT-2's block 5, the residual stream TransformerLens calls
 ``blocks.6.hook_resid_pre`` (configuration 1's hook)."""
