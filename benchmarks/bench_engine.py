@@ -10,7 +10,13 @@ Usage::
     python benchmarks/bench_engine.py --configs hf,replacement   # configurations 5 and 6
 
 Configuration 5 (``hf``) is configuration 1's model and SAE on the Hugging Face backend (a transformers
-``GPT2LMHeadModel``) against its own bound and floor in plain transformers calls. Configuration 6 (``replacement``)
+``GPT2LMHeadModel``, the SAE at the module path ``transformer.h.5``, its output) against its bound and floor in plain
+transformers calls and against SAE Lens' own evaluation on its Hugging Face path: ``run_evals`` with the same
+``EvalConfig`` on the same batches, the SAME model object wrapped in ``sae_lens.load_model.HookedProxyLM`` (hook point
+at the module path only; its hook is removed after each anchor run, so ours, floor and bound time the bare model). The
+metrics both define are compared and MSE, L1, the CEs and ``ce_loss_score`` recomputed in float64 with plain torch
+forward hooks; where ``run_evals`` fails on ``HookedProxyLM``, the output names the exception instead of a time.
+Configuration 6 (``replacement``)
 is a cross-layer transcoder's replacement model (every MLP replaced at once, ``evaluate_replacement``) against the
 exact bound (the original pass and one replaced pass in plain ``run_with_hooks``, nothing scored) and a forward
 pass; SAE Lens cannot evaluate a CLT, so the bound is its anchor. Its CLT is also streamed under a quarter of its
@@ -57,7 +63,8 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +84,8 @@ REPLACEMENT_KEY = "6"
 CONFIG_KEYS = ("1", "2", "3", RELEASE_KEY, HF_KEY, REPLACEMENT_KEY)
 CONFIG_ALIASES = {"release": RELEASE_KEY, "hf": HF_KEY, "replacement": REPLACEMENT_KEY}
 OWN_MEASURES = (HF_KEY, REPLACEMENT_KEY)
-"""Configurations measured by their own function (no SAE Lens anchor: a bound of plain calls instead)."""
+"""Configurations measured by their own function (a model that is not a ``HookedTransformer``, or no SAE Lens
+anchor at all: configuration 6's anchor is its bound)."""
 HF_HOOK = "transformer.h.5"
 """Configuration 5's point: the output of GPT-2's block 5, the residual stream TransformerLens calls
 ``blocks.6.hook_resid_pre`` (configuration 1's hook)."""
@@ -414,12 +422,15 @@ def run_release_bound(model: Any, saes: dict[str, Any], tokens: Any, batch_size:
     return parts
 
 
-def float64_reference(model: Any, sae: Any, tokens: Any, batch_size: int) -> dict[str, float]:
+def float64_reference(
+    model: Any, sae: Any, tokens: Any, batch_size: int, forward: Callable[..., Any] | None = None
+) -> dict[str, float]:
     """The metrics most exposed to rounding, recomputed from the model's logits and the hook activations with
-    float64 log-softmax and float64 sums: the arbiter when the two sides differ."""
+    float64 log-softmax and float64 sums: the arbiter when the two sides differ. ``forward`` is a
+    :func:`tl_forward` or :func:`hf_forward` (default: ``tl_forward``, TransformerLens hook names)."""
     import torch
 
-    hook = sae.cfg.metadata.hook_name
+    forward = forward or tl_forward(model, sae.cfg.metadata.hook_name)
     device = next(model.parameters()).device
     sums = dict.fromkeys(("sse", "l1", "ce_orig", "ce_sae", "ce_zero"), 0.0)
     n_rec = n_ce = 0
@@ -431,12 +442,11 @@ def float64_reference(model: Any, sae: Any, tokens: Any, batch_size: int) -> dic
     with torch.inference_mode():
         for first in range(0, tokens.shape[0], batch_size):
             batch = tokens[first : first + batch_size].to(device)
-            logits, cache = model.run_with_cache(batch, names_filter=[hook])
-            x = cache[hook]
+            logits, x = forward(batch, None)
             latents = sae.encode(x)
             recon = sae.decode(latents).to(x.dtype)
-            spliced = model.run_with_hooks(batch, fwd_hooks=[(hook, lambda act, hook, recon=recon: recon)])
-            zeroed = model.run_with_hooks(batch, fwd_hooks=[(hook, lambda act, hook: torch.zeros_like(act))])
+            spliced, _ = forward(batch, lambda act, recon=recon: recon)
+            zeroed, _ = forward(batch, torch.zeros_like)
             sums["sse"] += float((x.double() - recon.double()).pow(2).sum())
             sums["l1"] += float(latents.double().abs().sum())
             sums["ce_orig"] += ce_sum(logits, batch)
@@ -451,6 +461,66 @@ def float64_reference(model: Any, sae: Any, tokens: Any, batch_size: int) -> dic
         **ce,
         "ce_loss_score": (ce["ce_zero"] - ce["ce_sae"]) / (ce["ce_zero"] - ce["ce_orig"]),
     }
+
+
+def tl_forward(model: Any, hook_name: str) -> Callable[[Any, Callable[[Any], Any] | None], tuple[Any, Any]]:
+    """``forward(batch, replace) -> (logits, activation)`` on a ``HookedTransformer``: the activation at
+    ``hook_name`` as computed, replaced by ``replace(activation)`` downstream unless ``replace`` is None."""
+
+    def forward(batch: Any, replace: Callable[[Any], Any] | None) -> tuple[Any, Any]:
+        seen: dict[str, Any] = {}
+
+        def hook(act: Any, hook: Any) -> Any:
+            seen["x"] = act
+            return None if replace is None else replace(act)
+
+        return model.run_with_hooks(batch, fwd_hooks=[(hook_name, hook)]), seen["x"]
+
+    return forward
+
+
+def hf_forward(model: Any, module_path: str) -> Callable[[Any, Callable[[Any], Any] | None], tuple[Any, Any]]:
+    """:func:`tl_forward` on a transformers causal LM, with a plain torch forward hook on the module at
+    ``module_path`` (its output, the first element where the module returns a tuple)."""
+    module = model.get_submodule(module_path)
+
+    def forward(batch: Any, replace: Callable[[Any], Any] | None) -> tuple[Any, Any]:
+        seen: dict[str, Any] = {}
+
+        def hook(module: Any, args: Any, output: Any) -> Any:
+            act = output[0] if isinstance(output, tuple) else output
+            seen["x"] = act
+            if replace is None:
+                return None
+            return (replace(act), *output[1:]) if isinstance(output, tuple) else replace(act)
+
+        handle = module.register_forward_hook(hook)
+        try:
+            logits = model(input_ids=batch, use_cache=False).logits
+        finally:
+            handle.remove()
+        return logits, seen["x"]
+
+    return forward
+
+
+def float64_errors(rows: Sequence[tuple], reference: dict[str, float]) -> dict[str, dict[str, float]]:
+    """|ours - reference| and |SAE Lens - reference| of each metric :func:`float64_reference` recomputes."""
+    values = {name: (a, b) for name, a, b, _ in rows}
+    return {
+        name: {
+            "ours": float(f"{abs(values[name][0] - exact):.3g}"),
+            "anchor": float(f"{abs(values[name][1] - exact):.3g}"),
+        }
+        for name, exact in reference.items()
+    }
+
+
+def float64_lines(errors: dict[str, dict[str, float]]) -> list[str]:
+    return [
+        f"  {name} against a float64 recomputation: ours off by {e['ours']:.2g}, SAE Lens off by {e['anchor']:.2g}"
+        for name, e in errors.items()
+    ]
 
 
 # --- measurement -------------------------------------------------------------------------------------------------
@@ -816,6 +886,49 @@ def run_hf_bound(model: Any, sae: Any, tokens: Any, batch_size: int, start: int)
             head(ln_f(hidden))
 
 
+@contextmanager
+def sae_lens_proxy(model: Any, hook_name: str) -> Iterator[Any]:
+    """SAE Lens' own wrapper of a transformers model, ``sae_lens.load_model.HookedProxyLM``, around the SAME model
+    object (it holds the model as a submodule: no second copy of the weights), with a hook point only at the module
+    path ``hook_name`` (its ``hook_names=``), the way SAE Lens names hooks on Hugging Face models.
+
+    ``HookedProxyLM`` registers a forward hook on that module and keeps no handle; on exit the hooks it added are
+    removed, so the other implementations time the bare model (our engine warns about foreign hooks, rightly).
+    No tokenizer is given: ``run_evals`` reads it only to list special tokens, and the benchmark passes
+    ``exclude_special_tokens=False``.
+    """
+    from sae_lens.load_model import HookedProxyLM
+
+    module = model.get_submodule(hook_name)
+    before = set(module._forward_hooks)
+    proxy = HookedProxyLM(model, None, hook_names=[hook_name])  # type: ignore[arg-type]
+    added = set(module._forward_hooks) - before  # its hooks alone (transformers may add its own during a run)
+    try:
+        yield proxy
+    finally:
+        for hooks in (
+            module._forward_hooks,
+            module._forward_hooks_with_kwargs,
+            module._forward_hooks_always_called,
+        ):
+            for key in added:
+                hooks.pop(key, None)
+
+
+def run_hf_anchor(model: Any, sae: Any, tokens: Any, batch_size: int, eval_config: Any) -> Any:
+    """SAE Lens' ``run_evals`` on its Hugging Face path: the model wrapped in ``HookedProxyLM`` (wrapping included
+    in the time; it registers one hook), the SAE's ``metadata.hook_name`` a module path."""
+    with sae_lens_proxy(model, sae.cfg.metadata.hook_name) as proxy:
+        return run_anchor(proxy, sae, tokens, batch_size, eval_config)
+
+
+def hf_ours(model: Any, sae: Any, tokens: Any, batch_size: int) -> Any:
+    """Our ``evaluate`` on the Hugging Face backend, scoring what ``run_evals`` scores."""
+    from pytest_saecheck import evaluate
+
+    return evaluate(model, sae, tokens, batch_size=batch_size, progress=False, backend="hf", **AS_RUN_EVALS)
+
+
 def measure_hf(
     n_tokens: int | None,
     batch_size: int,
@@ -824,57 +937,102 @@ def measure_hf(
     seq_len: int | None,
     log: Callable[[str], None],
 ) -> tuple[list[str], dict[str, Any]]:
-    """Configuration 5: ours on the Hugging Face backend (``backend="hf"``) against its floor and bound."""
-    import statistics
-
+    """Configuration 5: ours on the Hugging Face backend (``backend="hf"``) against SAE Lens' ``run_evals`` on
+    ``HookedProxyLM``, the floor and the bound, on the GPT-2-small-shaped ``GPT2LMHeadModel``."""
     model = hf_gpt2_shaped_model(device)
     sae = topk_sae(HF_HOOK, GPT2_SHAPE["d_model"], device)
     length = min(seq_len or GPT2_SHAPE["n_ctx"], GPT2_SHAPE["n_ctx"])
     tokens = random_tokens(
         n_sequences_for(n_tokens or 1024, length, batch_size), length, GPT2_SHAPE["d_vocab"]
     )
+    title = "GPT-2-small-shaped transformers GPT2LMHeadModel (random weights) + TopK SAE (k 32, d_sae 12288)"
+    return measure_hf_case(model, sae, tokens, batch_size, repeats, device, log, title)
+
+
+def measure_hf_case(
+    model: Any,
+    sae: Any,
+    tokens: Any,
+    batch_size: int,
+    repeats: int,
+    device: str,
+    log: Callable[[str], None],
+    title: str = "",
+) -> tuple[list[str], dict[str, Any]]:
+    """Times ``ours`` (:func:`hf_ours`), ``anchor`` (:func:`run_hf_anchor`), ``floor`` and ``bound`` on a
+    ``GPT2LMHeadModel`` and an SAE Lens SAE at a block's output (``transformer.h.L``), interleaved; compares the
+    metrics both define. Where ``run_evals`` fails on ``HookedProxyLM``, the exception is reported instead of
+    its time and the rest is still measured."""
+    hook = sae.cfg.metadata.hook_name
+    start = int(hook.rsplit(".", 1)[1]) + 1
+    n_batches = tokens.shape[0] // batch_size
     warm = tokens[:batch_size]
-
-    def ours(batch: Any) -> Any:
-        from pytest_saecheck import evaluate
-
-        return evaluate(
-            model, sae, batch, batch_size=batch_size, progress=False, backend="hf", **AS_RUN_EVALS
-        )
-
-    start = int(HF_HOOK.rsplit(".", 1)[1]) + 1
-    impls = {
-        "ours": lambda: ours(tokens),
+    eval_config, warm_config = anchor_config(batch_size, n_batches), anchor_config(batch_size, 1)
+    impls: dict[str, Callable[[], Any]] = {
+        "ours": lambda: hf_ours(model, sae, tokens, batch_size),
+        "anchor": lambda: run_hf_anchor(model, sae, tokens, batch_size, eval_config),
         "floor": lambda: run_hf_floor(model, tokens, batch_size),
         "bound": lambda: run_hf_bound(model, sae, tokens, batch_size, start),
     }
-    one_batch = {
-        "ours": lambda: ours(warm),
+    one_batch: dict[str, Callable[[], Any]] = {
+        "ours": lambda: hf_ours(model, sae, warm, batch_size),
+        "anchor": lambda: run_hf_anchor(model, sae, warm, batch_size, warm_config),
         "floor": lambda: run_hf_floor(model, warm, batch_size),
         "bound": lambda: run_hf_bound(model, sae, warm, batch_size, start),
     }
+    anchor_error = None
+    try:
+        one_batch["anchor"]()
+    except Exception as exc:  # reported in the output: SAE Lens' HF path is what is measured here
+        anchor_error = f"{type(exc).__name__}: {exc}"
+        log(f"  SAE Lens' run_evals on HookedProxyLM failed: {anchor_error}")
+        del impls["anchor"], one_batch["anchor"]
     timings, results, _ = interleaved(impls, one_batch, repeats, device, False, log)
-    seconds = {name: statistics.median(values) for name, values in timings.seconds.items()}
-    ratio = statistics.median(pairwise_ratios(timings.seconds["ours"], timings.seconds["bound"]))
-    passes = statistics.median(pairwise_ratios(timings.seconds["ours"], timings.seconds["floor"]))
+    s = timings.seconds
+    ratio = statistics.median(pairwise_ratios(s["ours"], s["bound"]))
     evaluation = results["ours"]
+    n_seq, seq_len = tokens.shape
     lines = [
-        f"\nConfiguration {HF_KEY}: GPT-2-small-shaped transformers GPT2LMHeadModel (random weights) + TopK SAE "
-        f"(k 32, d_sae 12288) at {HF_HOOK} (output), backend hf; {tokens.numel()} tokens",
-        f"  ours {seconds['ours']:.2f} s, bound {seconds['bound']:.2f} s, floor {seconds['floor']:.2f} s (medians)",
-        f"  ours / bound, pair by pair: median {ratio:.3f}; ours = {passes:.2f} forward passes",
-        f"  delta_ce {evaluation.metrics['delta_ce']:.6g}, kl_sae {evaluation.metrics['kl_sae']:.6g}, "
-        f"explained_variance {evaluation.metrics['explained_variance']:.6g}",
-        "  SAE Lens' run_evals on its Hugging Face path (HookedProxyLM) is not timed here",
+        f"\nConfiguration {HF_KEY}: {title or type(model).__name__} at {hook} (its output), backend hf",
+        f"  {n_seq * seq_len} tokens ({n_seq} sequences x {seq_len}), batch {batch_size}, {repeats} repetitions; "
+        "anchor = SAE Lens run_evals on HookedProxyLM (the same model object, hook at the module path)",
+        *timing_lines(timings, {}),
+        f"  ours / bound, pair by pair: median {ratio:.3f}",
     ]
-    record = {
-        "name": f"hf: {HF_HOOK}",
-        "seconds_ours": round(seconds["ours"], 3),
-        "seconds_bound": round(seconds["bound"], 3),
-        "seconds_floor": round(seconds["floor"], 3),
-        "ours_over_bound": round(ratio, 3),
-        "forward_passes": round(passes, 3),
-    }
+    record: dict[str, Any] = {"name": f"hf: {hook}"}
+    if anchor_error is None:
+        all_metrics, feature_metrics = results["anchor"]
+        rows, worst = compare_metrics(
+            formula_values(evaluation),
+            anchor_flat(all_metrics),
+            evaluation.latent_density,
+            feature_metrics["feature_density"],
+        )
+        record.update(summary_record(timings, worst, {}, rows))
+        speed = spread(pairwise_ratios(s["anchor"], s["ours"]))
+        lines.append(
+            "  speedup anchor/ours, pair by pair: median {:.2f}x (min {:.2f}x, max {:.2f}x)".format(*speed)
+        )
+        lines.append(
+            f"  no exact evaluation can beat anchor/bound: median {record['speedup_bound']:.2f}x (bound = 1 forward "
+            f"pass + 1 SAE pass + the spliced blocks after the hook = {record['bound_forward_passes']:.2f} forward "
+            "passes)"
+        )
+        lines += metric_lines(rows, record)
+        reference = float64_reference(model, sae, tokens, batch_size, hf_forward(model, hook))
+        record["error_vs_float64"] = float64_errors(rows, reference)
+        lines += float64_lines(record["error_vs_float64"])
+        record["max_abs_diff_by_metric"] = {name: float(f"{diff:.3g}") for name, _, _, diff in rows}
+    else:
+        lines.append(f"  anchor: SAE Lens' run_evals on HookedProxyLM did not run: {anchor_error}")
+        record["anchor_error"] = anchor_error
+        record["forward_passes"] = round(statistics.median(pairwise_ratios(s["ours"], s["floor"])), 3)
+        record.update({f"seconds_{name}": round(statistics.median(s[name]), 3) for name in s})
+        lines.append(
+            f"  delta_ce {evaluation.metrics['delta_ce']:.6g}, kl_sae {evaluation.metrics['kl_sae']:.6g}, "
+            f"explained_variance {evaluation.metrics['explained_variance']:.6g}"
+        )
+    record["ours_over_bound"] = round(ratio, 3)
     return lines, record
 
 
@@ -1078,6 +1236,44 @@ def describe_machine(device: str) -> str:
     )
 
 
+TIMING_LABELS = {
+    "floor": "floor (1 forward pass)",
+    "bound": "exact minimum (bound)",
+    "ours": "ours (pytest-saecheck)",
+    "anchor": "anchor (SAE Lens)",
+}
+
+
+def timing_lines(timings: Timings, peak: dict[str, float | None]) -> list[str]:
+    """The table of median, min and max seconds, peak memory and forward passes (time / floor, pair by pair) of
+    each implementation in :data:`TIMING_LABELS` that was timed."""
+    floor = timings.seconds["floor"]
+    out = [f"  {'':24}{'median':>10}{'min':>10}{'max':>10}{'peak memory':>14}{'forward passes':>16}"]
+    for name, label in TIMING_LABELS.items():
+        if name not in timings.seconds:
+            continue
+        med, lo, hi = spread(timings.seconds[name])
+        passes = statistics.median(pairwise_ratios(timings.seconds[name], floor))
+        out.append(
+            f"  {label:24}{med:9.2f}s{lo:9.2f}s{hi:9.2f}s{fmt_bytes(peak.get(name)):>14}{passes:>16.2f}"
+        )
+    return out
+
+
+def metric_lines(rows: Sequence[tuple], record: dict[str, Any]) -> list[str]:
+    """The table of shared metrics (ours, SAE Lens, |diff|, float32 ulps) and its worst row, from
+    :func:`compare_metrics` rows and a :func:`summary_record`."""
+    out = [f"  {'metric':32}{'ours':>16}{'SAE Lens':>16}{'|diff|':>10}{'f32 ulps':>10}"]
+    for name, a, b, d in rows:
+        out.append(f"  {name:32}{a:16.8g}{b:16.8g}{d:10.2g}{float32_ulps(a, b):10.1f}")
+    worst = max(row[3] for row in rows)
+    out.append(
+        f"  max |diff| over shared metrics: {worst:.2g} ({record['max_abs_diff_metric']}); "
+        f"at most {record['max_float32_ulps']:.1f} float32 ulps of SAE Lens' value"
+    )
+    return out
+
+
 def case_report(
     case: Case,
     timings: Timings,
@@ -1094,35 +1290,16 @@ def case_report(
         feature_metrics["feature_density"],
     )
     record = {"name": case.name or case.key, **summary_record(timings, worst, peak, rows)}
-    values = {name: (a, b) for name, a, b, _ in rows}
     reference = float64_reference(case.model, case.sae, case.tokens, batch_size)
-    record["error_vs_float64"] = {
-        name: {
-            "ours": float(f"{abs(values[name][0] - exact):.3g}"),
-            "anchor": float(f"{abs(values[name][1] - exact):.3g}"),
-        }
-        for name, exact in reference.items()
-    }
+    record["error_vs_float64"] = float64_errors(rows, reference)
     n_seq, seq_len = case.tokens.shape
     out = [
         "",
         f"Configuration {case.key}: {case.title}",
         f"  {n_seq * seq_len} tokens ({n_seq} sequences x {seq_len}), batch {batch_size}, "
         f"{len(timings.seconds['ours'])} repetitions",
-        f"  {'':24}{'median':>10}{'min':>10}{'max':>10}{'peak memory':>14}{'forward passes':>16}",
+        *timing_lines(timings, peak),
     ]
-    floor = timings.seconds["floor"]
-    for name, label in (
-        ("floor", "floor (1 forward pass)"),
-        ("bound", "exact minimum (bound)"),
-        ("ours", "ours (pytest-saecheck)"),
-        ("anchor", "anchor (SAE Lens)"),
-    ):
-        med, lo, hi = spread(timings.seconds[name])
-        passes = statistics.median(pairwise_ratios(timings.seconds[name], floor))
-        out.append(
-            f"  {label:24}{med:9.2f}s{lo:9.2f}s{hi:9.2f}s{fmt_bytes(peak.get(name)):>14}{passes:>16.2f}"
-        )
     speed = pairwise_ratios(timings.seconds["anchor"], timings.seconds["ours"])
     med, lo, hi = spread(speed)
     out.append(f"  speedup anchor/ours, pair by pair: median {med:.2f}x (min {lo:.2f}x, max {hi:.2f}x)")
@@ -1134,18 +1311,8 @@ def case_report(
         )
     if record.get("speedup_cpu_time"):
         out.append(f"  (same ratio in process CPU time: {record['speedup_cpu_time']:.2f}x)")
-    out.append(f"  {'metric':32}{'ours':>16}{'SAE Lens':>16}{'|diff|':>10}{'f32 ulps':>10}")
-    for name, a, b, d in rows:
-        out.append(f"  {name:32}{a:16.8g}{b:16.8g}{d:10.2g}{float32_ulps(a, b):10.1f}")
-    out.append(
-        f"  max |diff| over shared metrics: {worst:.2g} ({record['max_abs_diff_metric']}); "
-        f"at most {record['max_float32_ulps']:.1f} float32 ulps of SAE Lens' value"
-    )
-    for name, errors in record["error_vs_float64"].items():
-        out.append(
-            f"  {name} against a float64 recomputation: ours off by {errors['ours']:.2g}, "
-            f"SAE Lens off by {errors['anchor']:.2g}"
-        )
+    out += metric_lines(rows, record)
+    out += float64_lines(record["error_vs_float64"])
     return out, record
 
 

@@ -211,3 +211,67 @@ def test_the_demo_case_scores_every_position_on_both_sides(bench):
     assert ours.n_tokens == case.tokens.numel()
     lines, record = bench.case_report(case, timings, ours, anchor, peak, 4)
     assert record["max_abs_diff"] <= 1e-4, "\n".join(lines)
+
+
+def tiny_gpt2(bench):
+    """A 2-layer transformers ``GPT2LMHeadModel`` whose residual stream matters (initialiser 0.2: zero-ablating a
+    block's output moves the loss, so ``ce_loss_score`` does not divide by rounding noise)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        n_positions=16,
+        vocab_size=61,
+        initializer_range=0.2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_tiny_hf_case_against_sae_lens_hf_path(bench):
+    """Configuration 5 on a tiny model: SAE Lens' run_evals on HookedProxyLM, wrapped around the same model object,
+    agrees with ours on every shared metric; its hook is gone afterwards (ours would warn about a foreign hook)."""
+    model = tiny_gpt2(bench)
+    sae = bench.topk_sae("transformer.h.0", 32, "cpu", expansion=4, k=8)
+    tokens = bench.random_tokens(8, 16, 61)
+    hooks_before = dict(model.transformer.h[0]._forward_hooks)
+    lines, record = bench.measure_hf_case(model, sae, tokens, 4, 2, "cpu", lambda message: None, "tiny")
+    text = "\n".join(lines)
+    assert "anchor_error" not in record, text
+    assert record["max_abs_diff"] <= 1e-4, text
+    assert set(record["max_abs_diff_by_metric"]) == {name for name, _, _ in bench.SHARED_METRICS} | {
+        bench.DENSITY_ROW
+    }
+    assert record["speedup"] > 0 and record["ours_over_bound"] > 0 and record["forward_passes"] > 0
+    assert any("speedup anchor/ours" in line for line in lines)
+    left = [
+        hook for hook in model.transformer.h[0]._forward_hooks.values() if hook not in hooks_before.values()
+    ]
+    assert all(not getattr(hook, "__module__", "").startswith("sae_lens") for hook in left), left
+    # The float64 arbiter (plain torch forward hooks): ours is at least as close to it as SAE Lens.
+    assert set(record["error_vs_float64"]) == {"mse", "l1", "ce_orig", "ce_sae", "ce_zero", "ce_loss_score"}
+    for name, errors in record["error_vs_float64"].items():
+        assert errors["ours"] <= max(errors["anchor"], 1e-6), name
+    json.dumps(record)
+
+
+def test_hf_case_reports_a_failing_anchor(bench, monkeypatch):
+    """Where run_evals cannot run on HookedProxyLM, the output names the exception instead of a time."""
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("no HF path today")
+
+    monkeypatch.setattr(bench, "run_anchor", broken)
+    model = tiny_gpt2(bench)
+    sae = bench.topk_sae("transformer.h.0", 32, "cpu", expansion=4, k=8)
+    lines, record = bench.measure_hf_case(
+        model, sae, bench.random_tokens(4, 16, 61), 4, 1, "cpu", lambda message: None
+    )
+    assert record["anchor_error"] == "NotImplementedError: no HF path today"
+    assert "seconds_anchor" not in record and "speedup" not in record
+    assert any("did not run: NotImplementedError: no HF path today" in line for line in lines)
+    assert record["ours_over_bound"] > 0
