@@ -6,6 +6,10 @@ Usage::
     python benchmarks/memory_scale.py --subject gpt2-shaped --n-tokens 32768,262144
     python benchmarks/memory_scale.py --one demo 131072         # one measurement (what each subprocess runs)
 
+``--device`` (default: ``cuda`` when available, else ``cpu``) places the model, the SAE and the evaluation; on CUDA
+each row also gives the device's peak allocated memory (``torch.cuda.max_memory_allocated``) and what was allocated
+before the evaluation.
+
 Each measurement runs in its own Python process (``--one``), which builds the model, the SAE and the token
 tensor, records its resident set size (``/proc/self/status`` VmHWM is reset with ``/proc/self/clear_refs``
 where the kernel allows it, else the peak so far is recorded as the baseline), runs ``evaluate`` once and
@@ -99,20 +103,21 @@ def random_model_and_sae(model_cfg: dict, sae_cfg: dict, hook: str):
     return model, sae_class(cfg)
 
 
-def _build(subject: str, n_tokens: int):
+def _build(subject: str, n_tokens: int, device: str):
     import torch
 
     if subject == "demo":
         from pytest_saecheck import demo
 
-        model = demo.load_model()
-        sae = demo.load_sae("good")
+        model = demo.load_model(device=device)
+        sae = demo.load_sae("good", device=device)
         n_sequences = -(-n_tokens // demo.N_CTX)
         tokens = demo.load_tokens(n_sequences=n_sequences)
         return model, sae, tokens, {}
     if subject in RANDOM_SUBJECTS:
         model_cfg, sae_cfg, hook = RANDOM_SUBJECTS[subject]
-        model, sae = random_model_and_sae(model_cfg, sae_cfg, hook)
+        model, sae = random_model_and_sae({**model_cfg, "device": device}, sae_cfg, hook)
+        sae = sae.to(device)
         n_ctx, d_vocab = model_cfg["n_ctx"], model_cfg["d_vocab"]
         generator = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, d_vocab, (-(-n_tokens // n_ctx), n_ctx), generator=generator)
@@ -120,18 +125,37 @@ def _build(subject: str, n_tokens: int):
     raise SystemExit(f"unknown subject {subject!r}")
 
 
-def measure_one(subject: str, n_tokens: int, batch_size: int) -> dict[str, float]:
+def measure_one(subject: str, n_tokens: int, batch_size: int, device: str) -> dict[str, float]:
     import gc
 
-    from pytest_saecheck import evaluate
+    import torch
 
-    model, sae, tokens, options = _build(subject, n_tokens)
+    from pytest_saecheck import evaluate
+    from pytest_saecheck.devices import synchronize
+
+    model, sae, tokens, options = _build(subject, n_tokens, device)
     gc.collect()
+    cuda = device.startswith("cuda")
+    if cuda:
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        device_before = torch.cuda.memory_allocated(device) / 2**20
     before_peak, before = _peak_mib(), _current_mib()
     started = time.perf_counter()
     result = evaluate(model, sae, tokens, batch_size=batch_size, progress=False, **options)
+    synchronize(device)
     seconds = time.perf_counter() - started
+    device_peak = (
+        {
+            "device_before_mib": device_before,
+            "device_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+        }
+        if cuda
+        else {}
+    )
     return {
+        "device": device,
+        **device_peak,
         "subject": subject,
         "n_tokens": int(tokens.numel()),
         "n_sequences": int(tokens.shape[0]),
@@ -150,14 +174,29 @@ def main() -> None:
     parser.add_argument("--n-tokens", default="32768,131072,262144,524288,1048576")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--one", nargs=2, metavar=("SUBJECT", "N_TOKENS"))
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = parser.parse_args()
+    if args.device is None:
+        from pytest_saecheck.devices import auto_device
+
+        args.device = auto_device()
     if args.one:
-        print(json.dumps(measure_one(args.one[0], int(args.one[1]), args.batch_size)))
+        print(json.dumps(measure_one(args.one[0], int(args.one[1]), args.batch_size, args.device)))
         return
     rows = []
     for n in (int(v) for v in args.n_tokens.split(",")):
         done = subprocess.run(
-            [sys.executable, __file__, "--one", args.subject, str(n), "--batch-size", str(args.batch_size)],
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                args.subject,
+                str(n),
+                "--batch-size",
+                str(args.batch_size),
+                "--device",
+                args.device,
+            ],
             capture_output=True,
             text=True,
             check=True,
@@ -167,7 +206,12 @@ def main() -> None:
         print(
             f"{row['n_tokens']:>9} tokens  {row['n_sequences']:>7} seqs  peak {row['peak_mib']:8.1f} MiB  "
             f"(before the evaluation {row['peak_before_mib']:7.1f})  evaluation +{row['peak_mib'] - row['peak_before_mib']:7.1f} MiB  "
-            f"{row['tokens_per_s']:8.0f} tok/s",
+            f"{row['tokens_per_s']:8.0f} tok/s"
+            + (
+                f"  {args.device} peak {row['device_peak_mib']:8.1f} MiB (before {row['device_before_mib']:7.1f})"
+                if "device_peak_mib" in row
+                else ""
+            ),
             flush=True,
         )
     base = rows[0]

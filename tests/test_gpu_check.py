@@ -31,3 +31,27 @@ def test_the_dry_run_prints_every_row_with_the_one_device_numbers(capsys: pytest
         assert math.isfinite(difference), label
         if "bfloat16" not in label:  # the float32 rows are the one-device numbers; bf16 rows report how far
             assert difference < 1e-5, label
+
+
+def test_the_memory_step_measures_each_size_in_its_own_process():
+    """``gpu_check.sh``'s second step (``memory_scale.py``), on the CPU with the tiny subject: one row per size,
+    each a fresh process on the device asked for, peaks at least what was resident before the evaluation."""
+    import json
+    import subprocess
+    import sys
+
+    script = SCRIPT.parent / "memory_scale.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--subject", "tiny", "--n-tokens", "512,1024", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [row["n_tokens"] for row in rows] == [512, 1024]
+    for row in rows:
+        assert row["device"] == "cpu" and "device_peak_mib" not in row  # device peaks are CUDA's only
+        assert row["peak_mib"] >= row["peak_before_mib"] > 0
+        assert math.isfinite(row["delta_ce"])
+    assert "evaluation growth over 512 tokens" in done.stdout
