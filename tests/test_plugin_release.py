@@ -475,3 +475,81 @@ def test_a_release_of_thirty_saes_keeps_both_workers_busy_with_the_numbers_of_on
     assert min(per_worker.values()) >= n_tests / 3
     for entry in two["saes"]:  # each SAE's tests on one worker
         assert len({workers[test] for test in entry["tests"]}) == 1, entry["label"]
+
+
+TRACKED = """
+    import json
+    import numpy as np
+    import pytest
+    from live_bytes import LiveTensorBytes
+    from pytest_saecheck import saecheck_param
+    from pytest_saecheck.plugin.fixtures import session_cache
+
+    SPECS = [f"many/sae{{i:02d}}" for i in range(24)]
+    pytestmark = pytest.mark.saecheck(model="tiny", tokens="tokens.npy", n_tokens=160, release_group_mib={mib})
+    TRACKER = LiveTensorBytes()
+
+    @pytest.fixture(scope="module", autouse=True)
+    def tracked():
+        # every tensor of the run is counted from here: the model's and each SAE's weights, batches, sums
+        with TRACKER:
+            yield
+
+    @pytest.mark.parametrize("sae", [saecheck_param(spec) for spec in SPECS])
+    def test_each(saecheck, sae):
+        evaluation = saecheck.evaluation
+        name = sae.rsplit("/", 1)[1]
+        with open(f"metrics-{{name}}.json", "w") as out:
+            json.dump(evaluation.metrics, out)
+        np.savez(f"sums-{{name}}.npz", **evaluation.per_sequence)
+
+    def test_zz_passes(request):
+        cache = session_cache(request.config)
+        with open("passes.json", "w") as out:
+            json.dump({{"found": [list(members) for members in cache.pass_log], "peak": TRACKER.peak}}, out)
+"""
+
+
+@pytest.mark.slow
+def test_a_release_bigger_than_its_budget_runs_in_passes_under_the_budget(
+    tiny_pytester: pytest.Pytester,
+) -> None:
+    """Issue 26: 24 demo-sized SAEs whose weights (24 MiB) exceed an 8 MiB budget that holds 5 of them beside the
+    model and a batch run in 5 passes; the live tensor bytes of the whole run (the engine tests' tracker) stay
+    under the budget, and every number equals the run that evaluates each SAE alone."""
+    import numpy as np
+    from factories import HOOK, random_sae, with_plugin_metadata
+
+    from pytest_saecheck.engine.cost import ModelShape, SAEShape, memory_groups
+
+    for seed in range(24):
+        sae = with_plugin_metadata(random_sae(HOOK, d_sae=4096, seed=seed))
+        sae.save_model(tiny_pytester.path / "many" / f"sae{seed:02d}")
+    model = ModelShape(2, 32, 64, 61, 4)  # factories.make_model's defaults
+    shape = SAEShape(d_in=32, d_sae=4096, layer=1)
+    assert 24 * shape.weight_bytes > 8 * 2**20
+    groups = memory_groups(model, [shape] * 24, 160, 16, 16, 8 * 2**20)
+    assert [len(group) for group in groups] == [5, 5, 5, 5, 4]
+
+    found = {}
+    for mib in (8, 0):
+        tiny_pytester.makepyfile(TRACKED.format(mib=mib))
+        result = tiny_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly", "-q")
+        result.assert_outcomes(passed=25)
+        passes = json.loads((tiny_pytester.path / "passes.json").read_text())
+        metrics = {
+            path.name: json.loads(path.read_text())
+            for path in sorted(tiny_pytester.path.glob("metrics-*.json"))
+        }
+        sums = {path.name: dict(np.load(path)) for path in sorted(tiny_pytester.path.glob("sums-*.npz"))}
+        found[mib] = (passes, metrics, sums)
+    passes, metrics, sums = found[8]
+    assert [len(members) for members in passes["found"]] == [5, 5, 5, 5, 4]
+    assert 0 < passes["peak"] <= 8 * 2**20, passes["peak"] / 2**20
+    alone_passes, alone_metrics, alone_sums = found[0]
+    assert len(alone_passes["found"]) == 24  # each SAE alone
+    assert len(metrics) == 24 and metrics == alone_metrics
+    for name, arrays in sums.items():
+        assert arrays.keys() == alone_sums[name].keys()
+        for key, values in arrays.items():
+            assert np.array_equal(values, alone_sums[name][key]), (name, key)
