@@ -267,7 +267,21 @@ def summary_record(
         "seconds_anchor": round(statistics.median(s["anchor"]), 3),
         "seconds_floor": round(statistics.median(s["floor"]), 3),
         "seconds_bound": round(statistics.median(s["bound"]), 3) if "bound" in s else None,
+        **_defaults_record(timings, per_sae),
         **worst_metric(rows),
+    }
+
+
+def _defaults_record(timings: Timings, per_sae: int) -> dict[str, Any]:
+    """The default settings' time and forward passes (per SAE), where they were timed; nothing otherwise."""
+    s = timings.seconds
+    if "defaults" not in s:
+        return {}
+    passes = [v / per_sae for v in pairwise_ratios(s["defaults"], s["floor"])]
+    return {
+        "seconds_defaults": round(statistics.median(s["defaults"]), 3),
+        "defaults_forward_passes": round(statistics.median(passes), 3),
+        "defaults_over_ours": round(statistics.median(pairwise_ratios(s["defaults"], s["ours"])), 3),
     }
 
 
@@ -296,6 +310,28 @@ def run_ours(model: Any, sae: Any, tokens: Any, batch_size: int, *, joint: bool 
                 f"ours evaluated {evaluation.n_tokens} of {tokens.numel()} positions; the comparison needs all"
             )
     return result
+
+
+def run_ours_defaults(model: Any, sae: Any, tokens: Any, batch_size: int) -> Any:
+    """One ``evaluate`` call with the product's default settings (BOS and special tokens left out, mean ablation
+    on): what a user's test runs, beside :func:`run_ours`'s settings matched to SAE Lens. The tokens get a BOS
+    column (:func:`with_bos`), as tokenized text has: the default leaves position 0 out."""
+    from pytest_saecheck import evaluate
+
+    return evaluate(model, sae, with_bos(model, tokens), batch_size=batch_size, progress=False)
+
+
+def with_bos(model: Any, tokens: Any) -> Any:
+    """``tokens`` with position 0 set to the model's BOS id (its tokenizer's, else the last id of the vocabulary,
+    GPT-2's ``<|endoftext|>``), the same in every sequence as in text tokenized with a BOS."""
+    tokenizer = getattr(model, "tokenizer", None)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        cfg = getattr(model, "cfg", None)
+        bos = (cfg.d_vocab if cfg is not None else model.config.vocab_size) - 1
+    out = tokens.clone()
+    out[:, 0] = bos
+    return out
 
 
 def anchor_config(batch_size: int, n_batches: int) -> Any:
@@ -608,12 +644,14 @@ def measure_case(
     start, inside_block = suffix_start(case.model, case.sae.cfg.metadata.hook_name)
     impls: dict[str, Callable[[], Any]] = {
         "ours": lambda: run_ours(case.model, case.sae, tokens, batch_size),
+        "defaults": lambda: run_ours_defaults(case.model, case.sae, tokens, batch_size),
         "anchor": lambda: run_anchor(case.model, case.sae, tokens, batch_size, eval_config),
         "floor": lambda: run_floor(case.model, tokens, batch_size),
         "bound": lambda: run_bound(case.model, case.sae, tokens, batch_size, start, zero_suffix=inside_block),
     }
     one_batch: dict[str, Callable[[], Any]] = {
         "ours": lambda: run_ours(case.model, case.sae, warm_tokens, batch_size),
+        "defaults": lambda: run_ours_defaults(case.model, case.sae, warm_tokens, batch_size),
         "anchor": lambda: run_anchor(case.model, case.sae, warm_tokens, batch_size, warm_config),
         "floor": lambda: run_floor(case.model, warm_tokens, batch_size),
         "bound": lambda: run_bound(
@@ -1240,6 +1278,7 @@ TIMING_LABELS = {
     "floor": "floor (1 forward pass)",
     "bound": "exact minimum (bound)",
     "ours": "ours (pytest-saecheck)",
+    "defaults": "ours, default settings",
     "anchor": "anchor (SAE Lens)",
 }
 

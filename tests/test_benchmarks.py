@@ -82,8 +82,11 @@ def test_tiny_case_end_to_end(bench, hook):
     lines, record = bench.case_report(case, timings, ours, anchor, peak, 4)
     assert record["max_abs_diff"] <= 1e-4, "\n".join(lines)
     assert record["speedup"] > 0 and record["forward_passes"] > 0
-    assert all(peak[name] > 0 for name in ("ours", "anchor", "floor", "bound"))
+    assert all(peak[name] > 0 for name in ("ours", "defaults", "anchor", "floor", "bound"))
     assert record["speedup_bound"] > 0 and record["bound_forward_passes"] > 0
+    # the default settings are timed beside the settings matched to SAE Lens
+    assert record["seconds_defaults"] > 0 and record["defaults_forward_passes"] > 0
+    assert any(line.strip().startswith("ours, default settings") for line in lines)
     assert any("no exact evaluation can beat" in line for line in lines)
     # The float64 arbiter: ours is at least as close to it as SAE Lens on the rounding-exposed metrics.
     for name, errors in record["error_vs_float64"].items():
