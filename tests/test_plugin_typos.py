@@ -34,6 +34,9 @@ def test_other_plugins_ini_keys_are_left_to_pytest(pytester: pytest.Pytester) ->
     result.assert_outcomes(passed=1)
 
 
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnknownMarkWarning"
+)  # the inner run's misspelt marks, on purpose
 def test_a_misspelt_saecheck_mark_on_a_fixture_test_errors_it(tiny_pytester: pytest.Pytester) -> None:
     tiny_pytester.makepyfile(
         f"""
