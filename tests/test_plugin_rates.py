@@ -176,3 +176,28 @@ def test_without_the_cache_provider_nothing_is_recorded_and_nothing_fails(
     tiny_pytester.makepyfile(RELEASE)
     tiny_pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly").assert_outcomes(passed=2)
     assert not (tiny_pytester.path / ".pytest_cache").exists()
+
+
+def test_the_calibration_of_a_huge_release_stays_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 27B model's shapes (a batch of 8,192 rows, 5,376 x 21,504) are cut to products of at most
+    ``CALIBRATION_MAX_FLOPS`` with operands at most ``CALIBRATION_MAX_WIDTH`` wide."""
+    import torch
+
+    shapes = []
+    real = torch.matmul
+
+    def recording(left, right):
+        shapes.append((tuple(left.shape), tuple(right.shape)))
+        return real(left, right)
+
+    monkeypatch.setattr(torch, "matmul", recording)
+    assert rates.calibrate("cpu", 8192, 5376, 21504, "bfloat16") > 0
+    (rows, d_in), (_, d_out) = shapes[0]
+    assert d_in <= rates.CALIBRATION_MAX_WIDTH and d_out <= rates.CALIBRATION_MAX_WIDTH
+    assert 2 * rows * d_in * d_out <= rates.CALIBRATION_MAX_FLOPS
+    assert len(set(shapes)) == 1  # every repetition the same product
+
+
+def test_long_estimates_read_in_hours() -> None:
+    line = rates.estimate_line(1e9 * 3600 * 1234.4, Rates(1e9, 0.0, 1, "x"))
+    assert line.startswith("about 1,234 h: release passes 1,234 h")

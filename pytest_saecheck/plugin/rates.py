@@ -36,6 +36,13 @@ _first_run = True
 CALIBRATION_SECONDS = 0.2
 """How long :func:`calibrate` multiplies matrices for (it stops after the first repetition past this)."""
 
+CALIBRATION_MAX_FLOPS = 2e9
+"""The most FLOPs one calibration product may cost: its rows are cut to fit (a 27B model's batch of 8,192 rows
+times 5,376 × 21,504 would be 1.9 TFLOP, tens of seconds on a CPU)."""
+
+CALIBRATION_MAX_WIDTH = 4096
+"""The widest a calibration operand gets (widths beyond it run at about the same rate; operands stay small)."""
+
 
 @dataclass(frozen=True)
 class Rates:
@@ -169,8 +176,13 @@ def record(config: pytest.Config, clock: PassClock, n_tests: int) -> Rates | Non
 
 def calibrate(device: str, rows: int, d_in: int, d_out: int, dtype: str = "float32") -> float:
     """FLOP/s of ``[rows, d_in] @ [d_in, d_out]`` products in ``dtype`` on ``device`` (``2 · rows · d_in · d_out``
-    FLOPs each, the cost model's count), repeated for about :data:`CALIBRATION_SECONDS` after one warm-up."""
+    FLOPs each, the cost model's count), repeated for about :data:`CALIBRATION_SECONDS` after one warm-up; widths
+    are cut to :data:`CALIBRATION_MAX_WIDTH` and rows so that one product costs at most
+    :data:`CALIBRATION_MAX_FLOPS`."""
     import torch
+
+    d_in, d_out = min(d_in, CALIBRATION_MAX_WIDTH), min(d_out, CALIBRATION_MAX_WIDTH)
+    rows = max(1, min(rows, int(CALIBRATION_MAX_FLOPS // (2 * d_in * d_out))))
 
     from pytest_saecheck.devices import synchronize
 
@@ -222,4 +234,5 @@ def _seconds(value: float) -> str:
         return f"{value:,.1f} s"
     if value < 3600:
         return f"{value / 60:,.1f} min"
-    return f"{value / 3600:,.2f} h"
+    hours = value / 3600
+    return f"{hours:,.2f} h" if hours < 100 else f"{hours:,.0f} h"
