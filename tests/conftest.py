@@ -128,14 +128,10 @@ def tiny_pytester(pytester: pytest.Pytester, tiny_assets: Path) -> pytest.Pytest
 @pytest.fixture(scope="module")
 def bench():
     """``benchmarks/bench_engine.py`` loaded as a module by path (it is a script, not a package module)."""
-    import importlib.util
     import sys
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
-    spec = importlib.util.spec_from_file_location("bench_engine", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_engine"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
+    from live_bytes import bench_engine
+
+    sys.modules.pop("bench_engine", None)  # a fresh copy for each test module
+    yield bench_engine()
     sys.modules.pop("bench_engine", None)

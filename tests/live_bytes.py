@@ -1,36 +1,32 @@
-"""The engine tests' memory tracker: the peak of live tensor bytes, counted op by op (a ``TorchDispatchMode``)."""
+"""The engine tests' memory tracker: the peak of live tensor bytes, counted op by op (a ``TorchDispatchMode``).
+
+It has one home, ``benchmarks/bench_engine.py`` (``_live_tensor_bytes``), which measures the benchmarks' peaks
+with it; the tests load that script by path (it is not a package module).
+"""
 
 from __future__ import annotations
 
-import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+BENCH_ENGINE = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak of the summed sizes of tensor storages produced by ops and still referenced."""
+def bench_engine() -> Any:
+    """``benchmarks/bench_engine.py`` as a module (loaded once by path, kept in ``sys.modules``)."""
+    loaded = sys.modules.get("bench_engine")
+    if loaded is not None:
+        return loaded
+    spec = importlib.util.spec_from_file_location("bench_engine", BENCH_ENGINE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_engine"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.tracked: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.live = 0
-        self.peak = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for key in [k for k, (ref, _) in self.tracked.items() if ref.expired()]:
-            self.live -= self.tracked.pop(key)[1]
-        # Views and in-place results alias an input (a parameter's detach, W_U.T): they allocate nothing.
-        inputs = {
-            t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
-        }
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.tracked and key not in inputs:
-                    self.tracked[key] = (StorageWeakRef(storage), storage.nbytes())
-                    self.live += storage.nbytes()
-        self.peak = max(self.peak, self.live)
-        return out
+def LiveTensorBytes() -> Any:  # named as the class it returns an instance of
+    """A new tracker: ``with tracker: ...``, then ``tracker.peak`` (bytes)."""
+    return bench_engine()._live_tensor_bytes()
