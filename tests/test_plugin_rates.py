@@ -83,10 +83,10 @@ def test_a_record_round_trips_and_a_damaged_one_is_ignored() -> None:
 def test_the_estimate_is_the_passes_at_the_rate_plus_the_rest() -> None:
     recorded = Rates(flops_per_second=2e9, other_seconds=5.0, n_tests=3, recorded="2026-12-07 12:00 UTC")
     line = rates.estimate_line(8e9, recorded)  # 8e9 FLOPs at 2e9 FLOP/s: 4 s of passes, 9 s in all
-    assert line.startswith("about 9.0 s: release passes 4.0 s at 2 GFLOP/s")
+    assert line.startswith("about 9.0 s (release passes 4.0 s at 2 GFLOP/s")
     assert "5.0 s for the rest" in line and "3 tests" in line
     long = rates.estimate_line(2e9 * 7200, recorded)
-    assert long.startswith("about 2.00 h: release passes 2.00 h")
+    assert long.startswith("about 2.00 h (release passes 2.00 h")
     calibrated = Rates(4e9, None, 0, "now", measured="calibrated")
     assert rates.estimate_line(4e9, calibrated).startswith(
         "release passes about 1.0 s at 4 GFLOP/s, a matrix-product"
@@ -115,8 +115,8 @@ def test_a_run_records_its_rates_and_the_plan_estimates_from_them(planned: pytes
     assert first.ret == 0
     first.stdout.fnmatch_lines(
         [
-            "saecheck plan: 2 tests, 2 SAEs of 1 release in 1 pass; estimated time release passes about * at * "
-            "GFLOP/s, a matrix-product rate measured now*not estimated until a run*"
+            "saecheck plan: 2 tests, 2 SAEs of 1 release in 1 pass; time: release passes about * at * "
+            "GFLOP/s, a matrix-product rate measured now*not estimated: a whole run on this machine records*"
         ]
     )
     assert not _record_path(tiny_pytester).exists()  # a plan is not a run: nothing recorded
@@ -127,9 +127,7 @@ def test_a_run_records_its_rates_and_the_plan_estimates_from_them(planned: pytes
 
     second = tiny_pytester.runpytest_inprocess("-p", "no:randomly", "--saecheck-plan")
     output = second.stdout.str()
-    found = re.search(
-        r"estimated time about [\d.,]+ \w+: release passes ([\d.,]+) s at ([\d.,]+) GFLOP/s", output
-    )
+    found = re.search(r"time: about [\d.,]+ \w+ \(release passes ([\d.,]+) s at ([\d.,]+) GFLOP/s", output)
     assert found is not None, output
     passes, rate = (float(value.replace(",", "")) for value in found.groups())
     assert rate == pytest.approx(
@@ -145,13 +143,11 @@ def test_the_start_line_of_a_run_gives_the_estimate(planned: pytest.Pytester) ->
     result = tiny_pytester.runpytest_inprocess("-p", "no:randomly")
     result.stdout.fnmatch_lines(
         [
-            "saecheck plan: 2 tests, 2 SAEs of 1 release in 1 pass; estimated time unknown: no rate is recorded on this machine yet*"
+            "saecheck plan: 2 tests, 2 SAEs of 1 release in 1 pass; time: unknown: no rate is measured for this device yet*"
         ]
     )
     again = tiny_pytester.runpytest_inprocess("-p", "no:randomly")
-    again.stdout.fnmatch_lines(
-        ["saecheck plan: 2 tests, 2 SAEs of 1 release in 1 pass; estimated time about *"]
-    )
+    again.stdout.fnmatch_lines(["saecheck plan: 2 tests, 2 SAEs of 1 release in 1 pass; time: about *"])
     quiet = tiny_pytester.runpytest_inprocess("-p", "no:randomly", "-q")
     assert "saecheck plan:" not in quiet.stdout.str()
 
@@ -200,4 +196,38 @@ def test_the_calibration_of_a_huge_release_stays_small(monkeypatch: pytest.Monke
 
 def test_long_estimates_read_in_hours() -> None:
     line = rates.estimate_line(1e9 * 3600 * 1234.4, Rates(1e9, 0.0, 1, "x"))
-    assert line.startswith("about 1,234 h: release passes 1,234 h")
+    assert line.startswith("about 1,234 h (release passes 1,234 h")
+
+
+def test_a_damaged_record_is_named_and_a_switched_off_cache_is_said(planned: pytest.Pytester) -> None:
+    path = _record_path(planned)
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    damaged = planned.runpytest_inprocess("-p", "no:randomly", "--saecheck-plan")
+    damaged.stdout.fnmatch_lines(["*a matrix-product rate measured now*rates/ is unreadable and ignored*"])
+    off = planned.runpytest_inprocess("-p", "no:randomly", "-p", "no:cacheprovider", "--saecheck-plan")
+    off.stdout.fnmatch_lines(["*pytest's cache is off (-p no:cacheprovider)*"])
+    planned.runpytest_inprocess("-p", "no:randomly").assert_outcomes(passed=2)
+    assert _record(planned)["n_tests"] == 2  # the next whole run rewrote it
+
+
+def test_each_pass_line_shows_while_output_is_captured(planned: pytest.Pytester) -> None:
+    """The line before a pass is written with pytest's capture suspended: seen without ``-s``, not under
+    ``-q``; ``--collect-only`` prints no estimate."""
+    shown = planned.runpytest_inprocess("-p", "no:randomly")
+    shown.stdout.fnmatch_lines(["saecheck: 2 SAEs on 160 tokens (10 sequences)*"])
+    assert "saecheck: 2 SAEs on" not in planned.runpytest_inprocess("-p", "no:randomly", "-q").stdout.str()
+    collected = planned.runpytest_inprocess("-p", "no:randomly", "--collect-only")
+    assert "saecheck plan:" not in collected.stdout.str()
+
+
+def test_the_plan_counts_the_tests_outside_its_releases(planned: pytest.Pytester) -> None:
+    alone = planned.runpytest_inprocess(
+        "-p", "no:randomly", "--saecheck-plan", "--saecheck-release-group-mib=0"
+    )
+    alone.stdout.fnmatch_lines(
+        [
+            "saecheck plan: 2 tests, 0 SAEs of 0 releases in 0 passes; time:*",
+            "saecheck plan: 2 tests outside these releases*each SAE a pass of its own, not costed here. No test was run.",
+        ]
+    )

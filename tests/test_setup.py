@@ -249,3 +249,23 @@ def test_the_typecheck_target_runs_mypy_on_the_package() -> None:
     assert recipe.strip() == "$(VENV_PYTHON) -m mypy"
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert 'packages = ["pytest_saecheck"]' in pyproject.split("[tool.mypy]", 1)[1]
+
+
+def test_a_run_outside_the_repository_raises_no_plugin_warning(tmp_path: Path) -> None:
+    """Run as an installed plug-in from another directory (pytest marks an installed distribution's modules for
+    assert rewriting): no ``PytestAssertRewriteWarning`` about the package's own modules, nor any other warning."""
+    import sys
+
+    (tmp_path / "test_plain.py").write_text("def test_plain():\n    pass\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTEST_ADDOPTS")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly", "test_plain.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
+    assert "Warning" not in done.stdout + done.stderr, done.stdout

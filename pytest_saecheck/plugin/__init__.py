@@ -11,6 +11,7 @@ own frames from the tracebacks of the :class:`~pytest_saecheck.errors.SAECheckEr
 
 from __future__ import annotations
 
+import importlib
 import types
 import warnings
 from collections.abc import Generator
@@ -72,9 +73,12 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
         pluginmanager
     )  # the plug-ins of the saecheck hooks (the bundled demo's among them)
     # The report plugin has its own options (pytest_addoption is historic, so they still register) and
-    # hookspecs; importing it here keeps `-p no:saecheck` disabling everything.
-    pluginmanager.import_plugin("pytest_saecheck.report.plugin")
-    pluginmanager.import_plugin("pytest_saecheck.plugin.gpu")
+    # hookspecs; registering it here keeps `-p no:saecheck` disabling everything. Registered, not imported by
+    # pytest: this package imports it already, and pytest's import_plugin would then warn, in an installed copy,
+    # that the module was imported before it could rewrite its asserts.
+    for name in ("pytest_saecheck.report.plugin", "pytest_saecheck.plugin.gpu"):
+        if pluginmanager.get_plugin(name) is None and not pluginmanager.is_blocked(name):
+            pluginmanager.register(importlib.import_module(name), name)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -185,7 +189,12 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     cache = session_cache(config)
     if not planning:
         # the start line: the schedule in one sentence, timed at this machine's recorded rate
-        if cache.release_plan and reporter is not None and config.get_verbosity() >= 0:
+        if (
+            cache.release_plan
+            and reporter is not None
+            and config.get_verbosity() >= 0
+            and not config.getoption("collectonly", default=False)
+        ):
             for line in _plan(config, session, calibrate=False, whole=False):
                 reporter.write_line(line)
         return None
@@ -219,20 +228,29 @@ def _plan(config: pytest.Config, session: pytest.Session, *, calibrate: bool, wh
             recorded="now",
             measured="calibrated",
         )
-    estimate = (
-        rates.estimate_line(plan.flops, measured)
-        if measured is not None
-        else "unknown: no rate is recorded on this machine yet (each pass's line estimates from the passes before it)"
-    )
-    releases = len(cache.release_plan)
+    estimate = rates.estimate_line(plan.flops, measured, rates.cache_state(config, device))
+    outside = schedule.tests_outside_releases(session.items, cache.release_plan)
     summary = (
-        f"saecheck plan: {len(session.items)} tests, {plan.n_saes} SAEs of {releases} "
-        f"release{'s' if releases != 1 else ''} in {plan.n_passes} pass{'es' if plan.n_passes != 1 else ''}; "
-        f"estimated time {estimate}"
+        f"saecheck plan: {counted(len(session.items), 'test')}, {counted(plan.n_saes, 'SAE')} of "
+        f"{counted(len(cache.release_plan), 'release')} in {counted(plan.n_passes, 'pass', 'passes')}"
+        + (f" ({plan.n_refused} refused: too big for the memory budget)" if plan.n_refused else "")
+        + f"; time: {estimate}"
     )
     if not whole:
         return [summary]
-    return [*plan.lines, summary, "saecheck plan: every other subject is a pass of its own. No test was run."]
+    tail = (
+        f"saecheck plan: {counted(outside, 'test')} outside these releases (a joint splice, a cross-layer "
+        "transcoder, an SAE with settings of its own, release_group_mib=0): each SAE a pass of its own, not "
+        "costed here. No test was run."
+        if outside
+        else "saecheck plan: no test was run."
+    )
+    return [*plan.lines, summary, tail]
+
+
+def counted(n: int, word: str, plural: str | None = None) -> str:
+    """``"1 test"``, ``"3 tests"`` (``plural`` where adding an s is wrong)."""
+    return f"{n:,} {word if n == 1 else plural or word + 's'}"
 
 
 @pytest.hookimpl(wrapper=True)

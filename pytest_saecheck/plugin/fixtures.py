@@ -622,10 +622,14 @@ class SAECheck(SAEUnderTest):
         return cost
 
     def _say(self, line: str) -> None:
-        """One line on the terminal, unless -q (or outside a test)."""
+        """One line on the terminal, unless -q (or outside a test); pytest's output capture is suspended for it
+        (as ``capsys.disabled()`` does), so the line shows while the test runs, not only under ``-s``."""
         config = self._item.config if self._item is not None else None
         reporter = config.pluginmanager.get_plugin("terminalreporter") if config is not None else None
-        if reporter is not None and config is not None and config.get_verbosity() >= 0:
+        if reporter is None or config is None or config.get_verbosity() < 0:
+            return
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
             reporter.write_line(line)
 
     def _evaluate_with_release_group(self) -> Evaluation:

@@ -204,28 +204,47 @@ def calibrate(device: str, rows: int, d_in: int, d_out: int, dtype: str = "float
             return 2.0 * rows * d_in * d_out * repetitions / elapsed
 
 
-def estimate_line(pass_flops: float, rates: Rates) -> str:
-    """One sentence: the estimated time of a run whose planned passes cost ``pass_flops`` (cost-model FLOPs), at
-    ``rates`` (recorded, or calibrated just now)."""
-    if rates.flops_per_second is None:
-        return (
-            "no rate is measured for this device yet: a run records one in pytest's cache for the next plan"
-        )
+def cache_state(config: pytest.Config, device: str) -> str:
+    """``"off"`` without pytest's cache provider, ``"damaged"`` when the record for ``device`` exists but cannot
+    be read (its path is then named in the estimate), else ``"on"``."""
+    cache = getattr(config, "cache", None)
+    if cache is None:
+        return "off"
+    key = CACHE_PREFIX + device_kind(device)
+    stored = cache.get(key, None)
+    if stored is None:  # missing, or not JSON (pytest's Cache.get answers both with the default)
+        root = getattr(cache, "_cachedir", None)  # where pytest keeps values: <cache dir>/v/<key>
+        return "damaged" if isinstance(root, Path) and (root / "v" / key).exists() else "on"
+    return "on" if isinstance(stored, Mapping) and Rates.from_dict(stored) is not None else "damaged"
+
+
+def estimate_line(pass_flops: float, rates: Rates | None, cache: str = "on") -> str:
+    """The estimated time of a run whose planned passes cost ``pass_flops`` (cost-model FLOPs), at ``rates``
+    (recorded, or calibrated just now; None: no rate), as the plan's summary prints it after ``time:``;
+    ``cache`` (:func:`cache_state`) says why no record was used."""
+    why = {
+        "off": "pytest's cache is off (-p no:cacheprovider), so no run records or reads this machine's rates",
+        "damaged": "the record of this machine's rates in .pytest_cache/v/saecheck/rates/ is unreadable and "
+        "ignored; the next whole run rewrites it",
+        "on": "a whole run on this machine records its rates in pytest's cache for the next plan",
+    }[cache]
+    if rates is None or rates.flops_per_second is None:
+        return f"unknown: no rate is measured for this device yet ({why})"
     passes = pass_flops / rates.flops_per_second
     rate = f"{rates.flops_per_second / 1e9:,.3g} GFLOP/s"
     if rates.measured == "calibrated":
         return (
             f"release passes about {_seconds(passes)} at {rate}, a matrix-product rate measured now (passes also "
-            "normalise, score and move memory, so they run slower); imports, model loads and other tests are not "
-            "estimated until a run on this machine records its rates in pytest's cache"
+            f"normalise, score and move memory, so they run slower); imports, model loads and other tests are not "
+            f"estimated: {why}"
         )
     if rates.other_seconds is None:
         return f"release passes about {_seconds(passes)} at {rate} (this machine's passes, {rates.recorded})"
     return (
-        f"about {_seconds(passes + rates.other_seconds)}: release passes {_seconds(passes)} at {rate} (this "
-        f"machine's passes, recorded {rates.recorded}) and {_seconds(rates.other_seconds)} for the rest (imports, "
-        f"model and SAE loads, other tests: what the recorded run of {rates.n_tests} tests spent outside its "
-        "release passes)"
+        f"about {_seconds(passes + rates.other_seconds)} (release passes {_seconds(passes)} at {rate}, this "
+        f"machine's rate recorded {rates.recorded}; {_seconds(rates.other_seconds)} for the rest: imports, model "
+        f"and SAE loads, other tests, what the recorded run of {rates.n_tests} tests spent outside its release "
+        "passes)"
     )
 
 

@@ -365,14 +365,34 @@ def select_shard(config: pytest.Config, items: list[pytest.Item], k: int, n: int
 @dataclass
 class Plan:
     """The schedule of a run's releases: its lines (one per release and one per pass), the passes' FLOPs summed
-    (the cost model's count), the number of passes and SAEs, and the shape of the matrix product that stands
+    (the cost model's count), the number of passes and SAEs (and of SAEs refused as too big), and the shape of the matrix product that stands
     for a pass when no rate is recorded (rows of a batch, the model's width, its MLP's width; dtype, device)."""
 
     lines: list[str] = field(default_factory=list)
     flops: float = 0.0
     n_passes: int = 0
     n_saes: int = 0
+    n_refused: int = 0
     product: tuple[int, int, int, str, str] | None = None
+
+
+def tests_outside_releases(
+    items: Sequence[pytest.Item], release_plan: Mapping[Hashable, Sequence[str]]
+) -> int:
+    """How many saecheck tests evaluate a subject outside the planned releases (their passes are not costed)."""
+    from pytest_saecheck.plugin.settings import release_group_key, resolve_for_item
+
+    outside = 0
+    for item in items:
+        if "saecheck" not in getattr(item, "fixturenames", ()):
+            continue
+        try:
+            settings = resolve_for_item(item)
+        except (SAECheckError, TypeError, ValueError):
+            continue  # the test reports its own marker's problem
+        if settings.sae not in release_plan.get(release_group_key(settings), ()):
+            outside += 1
+    return outside
 
 
 def plan_lines(
@@ -415,6 +435,7 @@ def plan_lines(
             if reason is not None:
                 refused[spec] = reason
         fitting = [spec for spec in known if spec not in refused]
+        plan.n_refused += len(refused)
         shapes = [known[spec] for spec in fitting]
         if settings.release_group_mib == 0:
             groups = [[i] for i in range(len(fitting))]
