@@ -32,6 +32,7 @@ from pytest_saecheck.plugin.settings import (
     SAECheckSettings,
     release_group_key,
     resolve_for_item,
+    saecheck_items,
 )
 from pytest_saecheck.scaling import model_default_law
 
@@ -842,13 +843,7 @@ def _is_module(sae: Any) -> bool:
 def plan_release_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
     """At collection: group the single-SAE tests whose settings differ only in the SAE (one pass each group)."""
     plan: dict[Hashable, list[str]] = {}
-    for item in items:
-        if "saecheck" not in getattr(item, "fixturenames", ()):
-            continue
-        try:
-            settings = resolve_for_item(item)
-        except (SAECheckError, TypeError, ValueError):
-            continue  # the test itself reports the bad marker
+    for _, settings in saecheck_items(items):
         if (
             not isinstance(settings.sae, str)
             or settings.splice != "separate"

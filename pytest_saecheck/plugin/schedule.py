@@ -380,19 +380,12 @@ def tests_outside_releases(
     items: Sequence[pytest.Item], release_plan: Mapping[Hashable, Sequence[str]]
 ) -> int:
     """How many saecheck tests evaluate a subject outside the planned releases (their passes are not costed)."""
-    from pytest_saecheck.plugin.settings import release_group_key, resolve_for_item
+    from pytest_saecheck.plugin.settings import release_group_key, saecheck_items
 
-    outside = 0
-    for item in items:
-        if "saecheck" not in getattr(item, "fixturenames", ()):
-            continue
-        try:
-            settings = resolve_for_item(item)
-        except (SAECheckError, TypeError, ValueError):
-            continue  # the test reports its own marker's problem
-        if settings.sae not in release_plan.get(release_group_key(settings), ()):
-            outside += 1
-    return outside
+    return sum(
+        settings.sae not in release_plan.get(release_group_key(settings), ())
+        for _, settings in saecheck_items(items)
+    )
 
 
 def plan_lines(

@@ -994,6 +994,20 @@ def resolve_for_item(item: pytest.Item) -> SAECheckSettings:
     return resolve(item.config, item.iter_markers(MARKER), Path(item.path).parent)
 
 
+def saecheck_items(items: Iterable[pytest.Item]) -> Iterator[tuple[pytest.Item, SAECheckSettings]]:
+    """The tests among ``items`` that use the ``saecheck`` fixture, with their settings; a test whose marker cannot
+    be resolved is left out (it reports its own problem when it runs)."""
+    from pytest_saecheck.errors import SAECheckError
+
+    for item in items:
+        if "saecheck" not in getattr(item, "fixturenames", ()):
+            continue
+        try:
+            yield item, resolve_for_item(item)
+        except (SAECheckError, TypeError, ValueError):
+            continue
+
+
 def shadowed_options(config: pytest.Config, markers: Iterable[pytest.Mark]) -> dict[str, tuple[Any, Any]]:
     """Command-line options that a test's markers shadow: ``{name: (option value, marker value)}``.
 
