@@ -180,7 +180,8 @@ def pytest_collection_modifyitems(
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session: pytest.Session) -> bool | None:
     """With ``--saecheck-plan``: print every release's schedule (from configs; no weights, no model run) and run
-    no test."""
+    no test. Otherwise print the plan's one-line summary before the first test (not under ``-q``, on an xdist
+    worker or with ``--collect-only``) and let pytest run the tests."""
     config = session.config
     planning = bool(config.getoption("saecheck_plan", default=False))
     reporter = config.pluginmanager.get_plugin("terminalreporter")
@@ -194,6 +195,7 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
             and reporter is not None
             and config.get_verbosity() >= 0
             and not config.getoption("collectonly", default=False)
+            and not hasattr(config, "workerinput")  # a worker's terminal is not shown
         ):
             for line in _plan(config, session, calibrate=False, whole=False):
                 reporter.write_line(line)
@@ -213,7 +215,7 @@ def _plan(config: pytest.Config, session: pytest.Session, *, calibrate: bool, wh
     from pytest_saecheck.plugin.fixtures import session_cache
 
     cache = session_cache(config)
-    plan = schedule.plan_lines(
+    plan = schedule.plan_releases(
         cache.release_plan, lambda settings: settings.device or auto_device(), cache.max_evaluations // 2
     )
     device = plan.product[4] if plan.product is not None else auto_device()
@@ -229,7 +231,6 @@ def _plan(config: pytest.Config, session: pytest.Session, *, calibrate: bool, wh
             measured="calibrated",
         )
     estimate = rates.estimate_line(plan.flops, measured, rates.cache_state(config, device))
-    outside = schedule.tests_outside_releases(session.items, cache.release_plan)
     summary = (
         f"saecheck plan: {counted(len(session.items), 'test')}, {counted(plan.n_saes, 'SAE')} of "
         f"{counted(len(cache.release_plan), 'release')} in {counted(plan.n_passes, 'pass', 'passes')}"
@@ -238,6 +239,7 @@ def _plan(config: pytest.Config, session: pytest.Session, *, calibrate: bool, wh
     )
     if not whole:
         return [summary]
+    outside = schedule.tests_outside_releases(session.items, cache.release_plan)
     tail = (
         f"saecheck plan: {counted(outside, 'test')} outside these releases (a joint splice, a cross-layer "
         "transcoder, an SAE with settings of its own, release_group_mib=0): each SAE a pass of its own, not "

@@ -669,7 +669,7 @@ class SAECheck(SAEUnderTest):
                 )
         except SAECheckError:
             # one SAE of the group cannot be evaluated: each SAE's own test reports its own problem
-            return self._evaluate({self.sae_spec: self.sae})
+            return self._evaluate({self.sae_spec: self.sae}, planned=planned)
         for member in group[1:]:
             key = member.evaluation_key()
             self._cache.evaluation(key, functools.partial(operator.getitem, result, member.sae_spec))

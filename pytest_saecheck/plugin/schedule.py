@@ -388,7 +388,7 @@ def tests_outside_releases(
     )
 
 
-def plan_lines(
+def plan_releases(
     release_plan: Mapping[Hashable, Sequence[str]], device: Callable[[SAECheckSettings], str], max_saes: int
 ) -> Plan:
     """The schedule of every planned release (``SessionCache.release_plan``: settings without the SAE → specs),
