@@ -54,7 +54,7 @@ def test_one_sae_bigger_than_the_budget_is_refused_with_the_numbers() -> None:
 def test_the_line_before_the_work_names_tokens_saes_memory_and_time() -> None:
     cost = pass_cost(DEMO, [DEMO_SAE] * 3, n_tokens=640, seq_len=64, batch_size=16)
     line = describe_pass(cost, 3, 640, 10, rate=cost.flops / 12.0)
-    assert "3 SAEs on 640 tokens (10 sequences)" in line and "about 12 s" in line and "MiB" in line
+    assert "3 SAEs on 640 tokens (10 sequences)" in line and "about 12.0 s" in line and "MiB" in line
     assert "after the first pass" in describe_pass(cost, 3, 640, 10, rate=None)
 
 

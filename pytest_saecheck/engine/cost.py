@@ -170,6 +170,16 @@ def too_big(
     )
 
 
+def format_seconds(value: float) -> str:
+    """A duration for a person: ``"12.3 s"``, ``"4.5 min"``, ``"2.25 h"``, ``"1,234 h"`` (whole hours from 100)."""
+    if value < 60:
+        return f"{value:,.1f} s"
+    if value < 3600:
+        return f"{value / 60:,.1f} min"
+    hours = value / 3600
+    return f"{hours:,.2f} h" if hours < 100 else f"{hours:,.0f} h"
+
+
 def estimated_seconds(cost: PassCost, flops_per_second: float) -> float:
     """The time of a pass at a measured rate (FLOPs of this model per second, from a previous pass)."""
     return cost.flops / flops_per_second
@@ -281,7 +291,7 @@ def describe_pass(
     """One line saying what a pass will evaluate, with its memory and (given a measured rate) time estimate;
     ``progress`` (where the pass stands in its release) leads it."""
     time_part = (
-        f", about {estimated_seconds(cost, rate):,.0f} s at the rate measured so far"
+        f", about {format_seconds(estimated_seconds(cost, rate))} at the rate measured so far"
         if rate
         else ", time estimated after the first pass"
     )

@@ -222,6 +222,8 @@ def estimate_line(pass_flops: float, rates: Rates | None, cache: str = "on") -> 
     """The estimated time of a run whose planned passes cost ``pass_flops`` (cost-model FLOPs), at ``rates``
     (recorded, or calibrated just now; None: no rate), as the plan's summary prints it after ``time:``;
     ``cache`` (:func:`cache_state`) says why no record was used."""
+    from pytest_saecheck.engine.cost import format_seconds  # imports torch: only when a plan is made
+
     why = {
         "off": "pytest's cache is off (-p no:cacheprovider), so no run records or reads this machine's rates",
         "damaged": "the record of this machine's rates in .pytest_cache/v/saecheck/rates/ is unreadable and "
@@ -234,24 +236,15 @@ def estimate_line(pass_flops: float, rates: Rates | None, cache: str = "on") -> 
     rate = f"{rates.flops_per_second / 1e9:,.3g} GFLOP/s"
     if rates.measured == "calibrated":
         return (
-            f"release passes about {_seconds(passes)} at {rate}, a matrix-product rate measured now (passes also "
+            f"release passes about {format_seconds(passes)} at {rate}, a matrix-product rate measured now (passes also "
             f"normalise, score and move memory, so they run slower); imports, model loads and other tests are not "
             f"estimated: {why}"
         )
     if rates.other_seconds is None:
-        return f"release passes about {_seconds(passes)} at {rate} (this machine's passes, {rates.recorded})"
+        return f"release passes about {format_seconds(passes)} at {rate} (this machine's passes, {rates.recorded})"
     return (
-        f"about {_seconds(passes + rates.other_seconds)} (release passes {_seconds(passes)} at {rate}, this "
-        f"machine's rate recorded {rates.recorded}; {_seconds(rates.other_seconds)} for the rest: imports, model "
+        f"about {format_seconds(passes + rates.other_seconds)} (release passes {format_seconds(passes)} at {rate}, this "
+        f"machine's rate recorded {rates.recorded}; {format_seconds(rates.other_seconds)} for the rest: imports, model "
         f"and SAE loads, other tests, what the recorded run of {rates.n_tests} tests spent outside its release "
         "passes)"
     )
-
-
-def _seconds(value: float) -> str:
-    if value < 60:
-        return f"{value:,.1f} s"
-    if value < 3600:
-        return f"{value / 60:,.1f} min"
-    hours = value / 3600
-    return f"{hours:,.2f} h" if hours < 100 else f"{hours:,.0f} h"
